@@ -82,7 +82,7 @@ class Vocab:
     itos: tuple[str, ...]
 
     @classmethod
-    def from_words(cls, words: list[str]) -> "Vocab":
+    def from_words(cls, words: list[str]) -> Vocab:
         return cls((END, *sorted(set("".join(words)))))
 
     @property

@@ -23,6 +23,8 @@ class ModelConfig:
     n_hidden: int = 200  # H: hidden units in the batchnorm/tanh layer
     bn_eps: float = ops.BN_EPS  # batchnorm epsilon
     bn_momentum: float = 0.001  # running-statistics update rate (the lecture's 0.001)
+    batchnorm: bool = True  # False drops the batchnorm layer (to show what it protects against)
+    w1_scale: float = 1.0  # multiplier on W1's Kaiming init (large values saturate tanh on purpose)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_embd", "n_hidden"):
@@ -51,10 +53,10 @@ class Params:
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
 
-    def clone(self) -> "Params":
+    def clone(self) -> Params:
         return Params(*(t.clone() for t in self.tensors()))
 
-    def to(self, dtype: torch.dtype) -> "Params":
+    def to(self, dtype: torch.dtype) -> Params:
         return Params(*(t.to(dtype) for t in self.tensors()))
 
     def numel(self) -> int:
@@ -82,7 +84,7 @@ def init_params(cfg: ModelConfig, seed: int = 42, dtype: torch.dtype = torch.flo
     g = torch.Generator().manual_seed(seed)
     V, T, E, H = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_hidden
     C = torch.randn((V, E), generator=g)
-    W1 = torch.randn((T * E, H), generator=g) * (5 / 3) / (T * E) ** 0.5
+    W1 = torch.randn((T * E, H), generator=g) * (5 / 3) / (T * E) ** 0.5 * cfg.w1_scale
     b1 = torch.randn(H, generator=g) * 0.1
     W2 = torch.randn((H, V), generator=g) * 0.1
     b2 = torch.randn(V, generator=g) * 0.1
@@ -103,23 +105,28 @@ class Activations:
 
     X: Tensor  # (N, T) int64 context characters
     embcat: Tensor  # (N, T*E) concatenated embeddings
-    bnraw: Tensor  # (N, H) normalised pre-activations
-    bnvar_inv: Tensor  # (1, H) 1/sqrt(var + eps)
-    bnmeani: Tensor  # (1, H) batch mean (for running statistics)
-    bnvar: Tensor  # (1, H) batch n-1 variance (for running statistics)
+    bnraw: Tensor | None  # (N, H) normalised pre-activations (None without batchnorm)
+    bnvar_inv: Tensor | None  # (1, H) 1/sqrt(var + eps)
+    bnmeani: Tensor | None  # (1, H) batch mean (for running statistics)
+    bnvar: Tensor | None  # (1, H) batch n-1 variance (for running statistics)
     h: Tensor  # (N, H) tanh output
     logprobs: Tensor  # (N, V) log-softmax of the logits
     Y: Tensor  # (N,) int64 targets
 
 
-def forward(p: Params, X: Tensor, Y: Tensor) -> tuple[Tensor, Activations]:
-    """Training-mode forward (batch statistics). Returns (loss, activations)."""
+def forward(p: Params, X: Tensor, Y: Tensor, batchnorm: bool = True
+            ) -> tuple[Tensor, Activations]:
+    """Training-mode forward (batch statistics). Returns (loss, activations).
+    With batchnorm=False the layer is skipped (hpreact = hprebn; bngain/bnbias unused)."""
     N = X.shape[0]
     emb, _ = ops.embedding_forward(p.C, X)  # (N, T, E)
     embcat = emb.reshape(N, -1)  # (N, T*E)
     hprebn, _ = ops.linear_forward(embcat, p.W1, p.b1)  # (N, H)
-    hpreact, (bnraw, bnvar_inv, _), (bnmeani, bnvar) = ops.batchnorm_forward(
-        hprebn, p.bngain, p.bnbias)  # (N, H)
+    if batchnorm:
+        hpreact, (bnraw, bnvar_inv, _), (bnmeani, bnvar) = ops.batchnorm_forward(
+            hprebn, p.bngain, p.bnbias)  # (N, H)
+    else:
+        hpreact, bnraw, bnvar_inv, bnmeani, bnvar = hprebn, None, None, None, None
     h, _ = ops.tanh_forward(hpreact)  # (N, H)
     logits, _ = ops.linear_forward(h, p.W2, p.b2)  # (N, V)
     loss, (logprobs, _) = ops.cross_entropy_forward(logits, Y)  # ()
@@ -132,7 +139,11 @@ def backward(p: Params, a: Activations, dloss: float = 1.0) -> Params:
     dlogits = ops.cross_entropy_backward(dloss, (a.logprobs, a.Y))  # (N, V)
     dh, dW2, db2 = ops.linear_backward(dlogits, (a.h, p.W2))  # (N, H) (H, V) (V,)
     dhpreact = ops.tanh_backward(dh, (a.h,))  # (N, H)
-    dhprebn, dbngain, dbnbias = ops.batchnorm_backward(dhpreact, (a.bnraw, a.bnvar_inv, p.bngain))
+    if a.bnraw is not None:
+        dhprebn, dbngain, dbnbias = ops.batchnorm_backward(
+            dhpreact, (a.bnraw, a.bnvar_inv, p.bngain))  # (N, H) (1, H) (1, H)
+    else:  # no batchnorm: the gain and bias get no gradient
+        dhprebn, dbngain, dbnbias = dhpreact, torch.zeros_like(p.bngain), torch.zeros_like(p.bnbias)
     dembcat, dW1, db1 = ops.linear_backward(dhprebn, (a.embcat, p.W1))  # (N, T*E) (T*E, H) (H,)
     demb = dembcat.view(a.X.shape[0], a.X.shape[1], E)  # (N, T, E)
     dC = ops.embedding_backward(demb, (a.X, V))  # (V, E)
@@ -158,10 +169,12 @@ def hidden_preact(p: Params, X: Tensor) -> Tensor:
     return emb.reshape(X.shape[0], -1) @ p.W1 + p.b1  # (N, H)
 
 
-def logits_eval(p: Params, bn: BNStats, X: Tensor, eps: float = ops.BN_EPS) -> Tensor:
-    """Inference-mode forward with fixed batchnorm statistics. Returns logits (N, V)."""
-    hpreact = ops.batchnorm_inference(hidden_preact(p, X), p.bngain, p.bnbias, bn.mean, bn.var,
-                                      eps)  # (N, H)
+def logits_eval(p: Params, bn: BNStats | None, X: Tensor, eps: float = ops.BN_EPS) -> Tensor:
+    """Inference-mode forward with fixed batchnorm statistics (bn None: no batchnorm layer).
+    Returns logits (N, V)."""
+    hpreact = hidden_preact(p, X)  # (N, H)
+    if bn is not None:
+        hpreact = ops.batchnorm_inference(hpreact, p.bngain, p.bnbias, bn.mean, bn.var, eps)
     return torch.tanh(hpreact) @ p.W2 + p.b2  # (N, V)
 
 
@@ -180,7 +193,7 @@ def calibrate_bn(p: Params, X: Tensor, chunk: int = 32768) -> BNStats:
     return BNStats(mean.to(p.W1.dtype), var.to(p.W1.dtype))
 
 
-def evaluate(p: Params, bn: BNStats, X: Tensor, Y: Tensor, chunk: int = 32768) -> float:
+def evaluate(p: Params, bn: BNStats | None, X: Tensor, Y: Tensor, chunk: int = 32768) -> float:
     """Mean cross-entropy over a whole split, in chunks."""
     total = 0.0
     for i in range(0, X.shape[0], chunk):
@@ -190,7 +203,7 @@ def evaluate(p: Params, bn: BNStats, X: Tensor, Y: Tensor, chunk: int = 32768) -
     return total / X.shape[0]
 
 
-def sample(p: Params, bn: BNStats, block_size: int, n: int = 20, seed: int = 2147483657,
+def sample(p: Params, bn: BNStats | None, block_size: int, n: int = 20, seed: int = 2147483657,
            max_len: int = 64) -> list[list[int]]:
     """Draw n sequences of token ids (without the final '.') in parallel, one character at a time,
     each from the softmax of the inference-mode logits. Sequences stop at token 0 or max_len."""
