@@ -1,0 +1,188 @@
+"""The training loop: minibatch SGD with the lecture's step schedule, run in chunks of steps by an
+engine (the eager hand-written step below, or the fused native step in fast.py). No autograd, no
+printing: progress goes to a callback. Reference: Karpathy, "Building makemore Part 4".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from handgrad import model
+from handgrad.data import Splits
+from handgrad.model import BNStats, ModelConfig, Params
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+BN_STATS = ("calibrate", "running")
+ENGINES = ("auto", "fast", "eager")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200_000  # total SGD steps
+    batch_size: int = 32  # examples per step, drawn uniformly with replacement
+    lr: float = 0.1  # learning rate before lr_decay_step
+    lr_decay_step: int = 100_000  # the step from which lr_decayed is used
+    lr_decayed: float = 0.01  # learning rate from lr_decay_step on
+    seed: int = 42  # parameter init and batch sampling
+    split_seed: int = 42  # shuffle of the words before the 80/10/10 split
+    bn_stats: str = "calibrate"  # inference statistics: "calibrate" (whole train set) or "running"
+    engine: str = "auto"  # "auto" (fast, else eager with a warning), "fast" or "eager"
+    dtype: str = "float32"  # "float32" or "float64"
+    chunk_steps: int = 1000  # steps per engine call; progress and checkpoints happen between chunks
+    checkpoint_every: int = 10_000  # steps between checkpoints (a multiple of chunk_steps is exact)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "chunk_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (batchnorm's n-1), got {self.batch_size}")
+        if self.bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        for name in ("lr", "lr_decayed"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def lr_at(self, step: int) -> float:
+        """The lecture's schedule: lr, then lr_decayed from lr_decay_step on."""
+        return self.lr if step < self.lr_decay_step else self.lr_decayed
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient became NaN or infinite. `step` is the step index (within the chunk
+    when raised by an engine, absolute once train() re-raises it); `tensor` names the culprit."""
+
+    def __init__(self, step: int, tensor: str):
+        super().__init__(f"step {step}: {tensor} is not finite (NaN or inf)")
+        self.step, self.tensor = step, tensor
+
+
+# ---------------------------------------------------------------------------- the eager engine
+StepsFn = Callable[[Params, "BNStats | None", Tensor, Tensor, Tensor, Tensor, float, bool], Tensor]
+
+
+def eager_steps(p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
+                lrs: Tensor, momentum: float, batchnorm: bool) -> Tensor:
+    """Run K = len(idx) SGD steps in place with the hand-written backward of model.py.
+    idx (K, B) row indices into Xtr/Ytr; lrs (K,) per-step learning rates. Returns losses (K,)
+    float64, each the loss before its step's update. Raises NonFiniteError(k, name)."""
+    losses = torch.empty(idx.shape[0], dtype=torch.float64)  # (K,)
+    for k in range(idx.shape[0]):
+        ix = idx[k]  # (B,)
+        loss, acts = model.forward(p, Xtr[ix], Ytr[ix], batchnorm)
+        grads = model.backward(p, acts)
+        losses[k] = loss
+        if not torch.isfinite(losses[k]):
+            raise NonFiniteError(k, "loss")
+        finite = torch.stack([g.sum() for g in grads.tensors()]).isfinite()  # (7,) a NaN/inf poisons a sum
+        if not bool(finite.all()):
+            raise NonFiniteError(k, "d" + grads.items()[int((~finite).nonzero()[0])][0])
+        model.sgd_update(p, grads, float(lrs[k]))
+        if bn_running is not None:
+            model.update_running(bn_running, acts, momentum)
+    return losses
+
+
+def select_engine(mcfg: ModelConfig, tcfg: TrainConfig) -> tuple[StepsFn, str, str]:
+    """Pick the step engine: returns (steps_fn, name, warning). The warning is "" unless engine
+    "auto" had to fall back to the eager path; engine "fast" raises RuntimeError instead."""
+    if tcfg.engine == "eager":
+        return eager_steps, "eager", ""
+    from handgrad import fast  # the native step; may be unavailable (no compiler, ...)
+
+    fn, reason = fast.load_fast_steps(mcfg, tcfg.torch_dtype)
+    if fn is not None:
+        return fn, "fast", ""
+    if tcfg.engine == "fast":
+        raise RuntimeError(f"the fast engine is unavailable: {reason}")
+    return eager_steps, "eager", f"fast path unavailable ({reason}); using the eager path"
+
+
+# ---------------------------------------------------------------------------- the loop
+@dataclass
+class TrainState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    params: Params
+    bn_running: BNStats  # running mean / n-1 variance, updated every step
+    step: int  # steps done
+    generator: torch.Generator  # batch sampling; its state is saved in checkpoints
+    losses: Tensor  # (steps,) float64 per-step training loss (NaN beyond `step`)
+
+
+def new_state(mcfg: ModelConfig, tcfg: TrainConfig) -> TrainState:
+    dtype = tcfg.torch_dtype
+    gen = torch.Generator().manual_seed(tcfg.seed + 1)  # distinct from the init stream
+    return TrainState(model.init_params(mcfg, tcfg.seed, dtype), model.init_bn_stats(mcfg, dtype), 0,
+                      gen, torch.full((tcfg.steps,), float("nan"), dtype=torch.float64))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Passed to the callback after every chunk of steps."""
+
+    state: TrainState  # live state (read it, do not modify it)
+    total: int  # tcfg.steps
+    chunk_loss: float  # mean training loss over the chunk just run
+    lr: float  # learning rate of the last step
+    elapsed: float  # seconds spent in the training loop so far (this process)
+
+
+def train(splits: Splits, mcfg: ModelConfig, tcfg: TrainConfig, state: TrainState | None = None,
+          callback: Callable[[Progress], None] | None = None, steps_fn: StepsFn | None = None
+          ) -> TrainState:
+    """Train from `state` (or a fresh init) up to tcfg.steps, in chunks that end on multiples of
+    tcfg.chunk_steps, so a run resumed from any chunk boundary draws the same batches.
+    Runs under torch.no_grad(): nothing here builds an autograd graph."""
+    state = state or new_state(mcfg, tcfg)
+    steps_fn = steps_fn or select_engine(mcfg, tcfg)[0]
+    if state.losses.shape[0] < tcfg.steps:  # a resumed run may be extended
+        grown = torch.full((tcfg.steps,), float("nan"), dtype=torch.float64)
+        grown[: state.losses.shape[0]] = state.losses
+        state.losses = grown
+    Xtr, Ytr = splits.Xtr, splits.Ytr
+    n = Xtr.shape[0]
+    elapsed = 0.0
+    with torch.no_grad():
+        while state.step < tcfg.steps:
+            s = state.step
+            k = min(tcfg.chunk_steps - s % tcfg.chunk_steps, tcfg.steps - s)
+            t0 = time.perf_counter()
+            idx = torch.randint(0, n, (k, tcfg.batch_size), generator=state.generator)  # (K, B)
+            lrs = torch.tensor([tcfg.lr_at(i) for i in range(s, s + k)], dtype=torch.float64)  # (K,)
+            bn = state.bn_running if mcfg.batchnorm else None
+            try:
+                losses = steps_fn(state.params, bn, Xtr, Ytr, idx, lrs, mcfg.bn_momentum, mcfg.batchnorm)
+            except NonFiniteError as e:
+                raise NonFiniteError(s + e.step, e.tensor) from None
+            state.losses[s:s + k] = losses
+            state.step = s + k
+            elapsed += time.perf_counter() - t0
+            if callback is not None:
+                callback(Progress(state, tcfg.steps, float(losses.mean()), float(lrs[-1]), elapsed))
+    return state
+
+
+def inference_stats(state: TrainState, splits: Splits, mcfg: ModelConfig, tcfg: TrainConfig
+                    ) -> BNStats | None:
+    """The batchnorm statistics used after training: calibrated over the whole training set
+    (default: exact for the final weights, no momentum lag) or the running estimates."""
+    if not mcfg.batchnorm:
+        return None
+    with torch.no_grad():
+        if tcfg.bn_stats == "calibrate":
+            return model.calibrate_bn(state.params, splits.Xtr)
+    return state.bn_running
