@@ -1,0 +1,373 @@
+"""The `handgrad` command: parse flags, call the library, print, return an exit code.
+Thin by design (httpx `_main.py` style): tests call `main([...])`.
+
+Exit codes: 0 success, 1 a check or training failure, 2 bad input (a one-line message, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from handgrad import checkpoint, data, model, train
+from handgrad.checkpoint import Checkpoint, CheckpointError
+from handgrad.data import DataError
+from handgrad.model import ModelConfig
+from handgrad.train import NonFiniteError, TrainConfig
+
+
+class UsageError(ValueError):
+    """A bad flag value or combination; reported in one line with exit code 2."""
+
+
+def _err(msg: str) -> None:
+    print(f"handgrad: error: {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- shared helpers
+def load_splits(path: str | None, block_size: int, split_seed: int, vocab: data.Vocab | None = None,
+                warn=None) -> data.Splits:
+    """Read the data file (None: bundled names.txt) and build the splits."""
+    words = data.read_words(path or data.default_data_path())
+    if words.blank_lines and warn:
+        warn(f"{path or 'names.txt'}: skipped {words.blank_lines} blank line(s)")
+    if vocab is not None:
+        extra = sorted(set("".join(words.items)) - set(vocab.itos))
+        if extra:
+            raise DataError(f"{path}: characters {''.join(extra)!r} are not in the checkpoint's vocabulary "
+                            f"({''.join(vocab.itos)!r}); use the data the model was trained on")
+    return data.make_splits(words.items, block_size, split_seed, vocab)
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
+
+
+def _samples(ck: Checkpoint, n: int, seed: int) -> list[str]:
+    bn = ck.bn_inference if ck.model_config.batchnorm else None
+    with torch.no_grad():
+        ids = model.sample(ck.state.params, bn, ck.model_config.block_size, n=n, seed=seed)
+    return [ck.vocab.decode(s) for s in ids]
+
+
+# ---------------------------------------------------------------------------- train
+MODEL_FLAGS = {"n_embd": "--n-embd", "n_hidden": "--n-hidden", "block_size": "--block-size",
+               "batchnorm": "--no-batchnorm", "w1_scale": "--w1-scale"}
+TRAIN_FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "lr_decay_step": "--lr-decay-step",
+               "lr_decayed": "--lr-decayed", "seed": "--seed", "split_seed": "--split-seed",
+               "bn_stats": "--bn-stats", "dtype": "--dtype", "chunk_steps": "--chunk-steps"}
+
+
+def _add_train_parser(sub) -> None:
+    d, m = TrainConfig(), ModelConfig()
+    p = sub.add_parser("train", help="train the MLP with hand-written gradients",
+                       description="Train the makemore MLP with hand-written backward passes (no autograd), "
+                       "save checkpoints, then print train/val loss and samples. Defaults reproduce "
+                       "the lecture: 200,000 steps, batch 32, lr 0.1 then 0.01 from step 100,000.")
+    p.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names.txt)")
+    p.add_argument("--out", default="runs/mlp", help="checkpoint directory (default: %(default)s)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its flags are kept; "
+                   "--steps may extend it)")
+    g = p.add_argument_group("model")
+    g.add_argument("--n-embd", type=int, help=f"embedding size per character (default {m.n_embd})")
+    g.add_argument("--n-hidden", type=int, help=f"hidden units (default {m.n_hidden})")
+    g.add_argument("--block-size", type=int, help=f"context length in characters (default {m.block_size})")
+    g.add_argument("--no-batchnorm", dest="batchnorm", action="store_const", const=False,
+                   help="drop the batchnorm layer (for experiments)")
+    g.add_argument("--w1-scale", type=float, help="multiply W1's init by this (default 1; large values "
+                   "saturate tanh on purpose)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help=f"total SGD steps (default {d.steps})")
+    g.add_argument("--batch-size", type=int, help=f"examples per step (default {d.batch_size})")
+    g.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
+    g.add_argument("--lr-decay-step", type=int, help=f"step from which --lr-decayed is used "
+                   f"(default {d.lr_decay_step})")
+    g.add_argument("--lr-decayed", type=float, help=f"learning rate after the decay (default {d.lr_decayed})")
+    g.add_argument("--seed", type=int, help=f"seed for init and batch sampling (default {d.seed})")
+    g.add_argument("--split-seed", type=int,
+                   help=f"seed of the 80/10/10 word shuffle (default {d.split_seed})")
+    g.add_argument("--bn-stats", choices=train.BN_STATS, help="batchnorm statistics for inference: "
+                   "calibrate over the training set after training (default) or the running averages")
+    g.add_argument("--dtype", choices=tuple(train.DTYPES), help="float32 (default) or float64")
+    g.add_argument("--engine", choices=train.ENGINES, default="auto", help="auto: the fused native step, "
+                   "falling back to eager with a warning (default); fast; eager")
+    g.add_argument("--chunk-steps", type=int, help=f"steps per engine call (default {d.chunk_steps})")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="steps between checkpoints (default %(default)s)")
+    g = p.add_argument_group("output")
+    g.add_argument("--samples", type=int, default=10, help="names to sample at the end (default %(default)s)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar (for scripts)")
+    g.add_argument("--verify-autograd", type=int, metavar="STEPS", help="instead of training: run STEPS "
+                   "steps with the hand-written gradients and with autograd from the same init on the same "
+                   "batches, and print how far the two loss curves ever are apart")
+    p.set_defaults(func=_cmd_train)
+    # ---- diagnose: train flags (owned by diagnostics)
+    # ---- end diagnose: train flags
+
+
+def _configs_from_args(args) -> tuple[ModelConfig, TrainConfig]:
+    mvals = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    tvals = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    if args.steps is not None:
+        tvals["steps"] = args.steps
+    tvals["engine"], tvals["checkpoint_every"] = args.engine, args.checkpoint_every
+    try:
+        return ModelConfig(**mvals), TrainConfig(**tvals)
+    except ValueError as e:  # the configs validate their fields; name the flag, not the field
+        field = str(e).split()[0]
+        flag = {**MODEL_FLAGS, **TRAIN_FLAGS, "steps": "--steps",
+                "checkpoint_every": "--checkpoint-every"}.get(field, field)
+        raise UsageError(f"{flag}: {str(e)[len(field) + 1:]}") from None
+
+
+def _resume(args, warn) -> tuple[Checkpoint, data.Splits]:
+    ck = checkpoint.load(args.resume)
+    given = [flag for k, flag in {**MODEL_FLAGS, **TRAIN_FLAGS}.items() if getattr(args, k) is not None]
+    if given:
+        raise UsageError(f"{given[0]} cannot be changed when resuming; the run keeps the flags saved in "
+                         f"{args.resume} (only --steps, --engine, --out and output flags may be given)")
+    if args.data is not None and args.data != ck.data_path:
+        raise UsageError(f"--data {args.data} differs from the data the run was trained on ({ck.data_path})")
+    tc = ck.train_config
+    tvals = {"engine": args.engine, "checkpoint_every": args.checkpoint_every}
+    if args.steps is not None:
+        if args.steps < ck.state.step:
+            raise UsageError(f"--steps {args.steps} is below the checkpoint's step {ck.state.step}")
+        tvals["steps"] = args.steps
+    ck.train_config = dataclasses.replace(tc, **tvals)
+    splits = load_splits(ck.data_path, ck.model_config.block_size, tc.split_seed, ck.vocab, warn)
+    return ck, splits
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def _cmd_train(args) -> int:
+    if args.resume:
+        ck, splits = _resume(args, warn)
+        mcfg, tcfg, state = ck.model_config, ck.train_config, ck.state
+        out = Path(args.out) if args.out != "runs/mlp" else Path(args.resume)
+    else:
+        mcfg, tcfg = _configs_from_args(args)
+        splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn)
+        mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
+        state, out = None, Path(args.out)
+    if args.verify_autograd is not None:
+        return _verify(args, splits, mcfg, tcfg)
+
+    steps_fn, engine, fallback = train.select_engine(mcfg, tcfg)
+    if fallback:
+        warn(fallback)
+    data_path = str(Path(args.data).resolve()) if args.data and not args.resume else (
+        ck.data_path if args.resume else None)
+    state = state or train.new_state(mcfg, tcfg)
+    ckpt = Checkpoint(mcfg, tcfg, splits.vocab, data_path, state, None, {})
+    if not args.quiet:
+        print(f"training {state.params.numel():,} parameters on {splits.Xtr.shape[0]:,} examples "
+              f"({engine} engine, {tcfg.dtype}), from step {state.step:,} to {tcfg.steps:,}; "
+              f"checkpoints in {out}/", file=sys.stderr)
+    callbacks = []
+    if not args.quiet:
+        callbacks.append(_ProgressBar(tcfg.steps, state.step))
+    last_saved = [state.step]
+
+    def save_periodically(pr: train.Progress) -> None:
+        if pr.state.step - last_saved[0] >= tcfg.checkpoint_every or pr.state.step == tcfg.steps:
+            checkpoint.save(out, ckpt)
+            last_saved[0] = pr.state.step
+
+    callbacks.append(save_periodically)
+    # ---- diagnose: train callbacks (owned by diagnostics)
+    # ---- end diagnose: train callbacks
+
+    def callback(pr: train.Progress) -> None:
+        for cb in callbacks:
+            cb(pr)
+
+    t0 = time.perf_counter()
+    try:
+        state = train.train(splits, mcfg, tcfg, state, callback, steps_fn)
+    except NonFiniteError as e:
+        for cb in callbacks:
+            getattr(cb, "close", lambda: None)()
+        _err(f"training diverged at step {e.step}: {e.tensor} is NaN or infinite; the last good checkpoint "
+             f"(step {last_saved[0]}) is kept in {out}/. Try a smaller --lr or check the init.")
+        return 1
+    except KeyboardInterrupt:
+        for cb in callbacks:
+            getattr(cb, "close", lambda: None)()
+        _err(f"interrupted; the last checkpoint (step {last_saved[0]}) is in {out}/; "
+             f"continue with: handgrad train --resume {out}")
+        return 130
+    loop_time = time.perf_counter() - t0
+    for cb in callbacks:
+        getattr(cb, "close", lambda: None)()
+
+    ckpt.state = state
+    ckpt.bn_inference = train.inference_stats(state, splits, mcfg, tcfg)
+    with torch.no_grad():
+        results = {split: model.evaluate(state.params, ckpt.bn_inference, *splits.split(split))
+                   for split in ("train", "val")}
+    results["loop_seconds"] = loop_time
+    results["engine"] = engine
+    ckpt.results = results
+    checkpoint.save(out, ckpt)
+    # ---- diagnose: after training (owned by diagnostics)
+    # ---- end diagnose: after training
+    print(f"step {state.step}: train loss {results['train']:.4f}, val loss {results['val']:.4f} "
+          f"(batchnorm stats: {tcfg.bn_stats}; training loop {_fmt_time(loop_time)}, {engine} engine)")
+    if args.samples:
+        print("samples:")
+        for s in _samples(ckpt, args.samples, tcfg.seed + 10):
+            print(f"  {s}")
+    print(f"saved to {out}/  (handgrad sample --checkpoint {out}; handgrad eval --checkpoint {out})")
+    return 0
+
+
+class _ProgressBar:
+    """tqdm bar with step, loss, steps/s and time left (on stderr)."""
+
+    def __init__(self, total: int, start: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.last = start
+
+    def __call__(self, pr: train.Progress) -> None:
+        self.bar.set_postfix_str(f"loss {pr.chunk_loss:.4f} lr {pr.lr:g}", refresh=False)
+        self.bar.update(pr.state.step - self.last)
+        self.last = pr.state.step
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _verify(args, splits, mcfg, tcfg) -> int:
+    """Hand-written vs autograd training curves from the same init on the same batches."""
+    from handgrad import reference
+
+    steps = args.verify_autograd
+    if steps < 1:
+        raise UsageError(f"--verify-autograd {steps}: expected a positive number of steps")
+    tcfg = dataclasses.replace(tcfg, steps=steps)
+    steps_fn, engine, fallback = train.select_engine(mcfg, tcfg)
+    if fallback:
+        warn(fallback)
+    hand = train.train(splits, mcfg, tcfg, steps_fn=steps_fn).losses
+    ref = train.train(splits, mcfg, tcfg, steps_fn=reference.autograd_steps).losses
+    diff = (hand - ref).abs()  # (steps,)
+    tol = 1e-5 if tcfg.dtype == "float32" else 1e-12
+    worst = int(diff.argmax())
+    print(f"{steps} steps, {tcfg.dtype}, hand-written ({engine} engine) vs autograd, same init and batches")
+    print(f"{'step':>8} {'hand-written':>16} {'autograd':>16} {'|diff|':>10}")
+    for i in sorted({0, 1, steps // 4, steps // 2, worst, steps - 1}):
+        print(f"{i:>8} {hand[i].item():>16.10f} {ref[i].item():>16.10f} {diff[i].item():>10.2e}")
+    ok = bool(diff.max() <= tol)
+    print(f"max per-step |loss difference| {diff.max().item():.3e} at step {worst} "
+          f"(tolerance {tol:g}): {'AGREE' if ok else 'DISAGREE'}")
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------------- sample / eval
+def _load_finished(path: str) -> Checkpoint:
+    ck = checkpoint.load(path)
+    if ck.model_config.batchnorm and ck.bn_inference is None:
+        raise UsageError(f"{path}: training has not finished (step {ck.state.step} of "
+                         f"{ck.train_config.steps}); continue it with: handgrad train --resume {path}")
+    return ck
+
+
+def _cmd_sample(args) -> int:
+    if args.n < 1:
+        raise UsageError(f"-n {args.n}: expected a positive number of samples")
+    ck = _load_finished(args.checkpoint)
+    for s in _samples(ck, args.n, args.seed):
+        print(s)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    ck = _load_finished(args.checkpoint)
+    path = args.data if args.data is not None else ck.data_path
+    splits = load_splits(path, ck.model_config.block_size, ck.train_config.split_seed, ck.vocab)
+    print(f"checkpoint {args.checkpoint}: step {ck.state.step}, {ck.state.params.numel():,} parameters, "
+          f"batchnorm stats: {ck.train_config.bn_stats}")
+    with torch.no_grad():
+        for split in ("train", "val", "test"):
+            X, Y = splits.split(split)
+            loss = model.evaluate(ck.state.params, ck.bn_inference, X, Y)
+            print(f"{split:>5} loss {loss:.4f}  ({X.shape[0]:,} examples)")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from handgrad import check
+
+    report = check.run_lecture_check(train.DTYPES[args.dtype], args.seed)
+    print(report)
+    return 0 if report.passed else 1
+
+
+# ---- bench (owned by the fast path)
+# ---- end bench
+
+
+# ---- diagnose (owned by diagnostics)
+# ---- end diagnose
+
+
+# ---------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="handgrad", description="Train the makemore MLP with "
+                                     "hand-written gradients, and prove every gradient.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(sub)
+    p = sub.add_parser("sample", help="sample names from a trained checkpoint",
+                       description="Sample from a finished checkpoint, one item per line.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("-n", type=int, default=20, help="how many samples (default %(default)s)")
+    p.add_argument("--seed", type=int, default=2147483657, help="sampling seed (default %(default)s)")
+    p.set_defaults(func=_cmd_sample)
+    p = sub.add_parser("eval", help="train/val/test loss of a checkpoint",
+                       description="Evaluate a finished checkpoint on the train, val and test splits.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--data", help="data file (default: the one the model was trained on)")
+    p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("check", help="verify every gradient of the lecture's graph",
+                       description="Run the lecture's atomic graph (n_hidden 64, batch 32) on a seeded "
+                       "batch, compare all 26 hand-written gradients with autograd, the closed forms with "
+                       "the atomic chain, and everything with float64 finite differences. Exit 1 on failure.")
+    p.add_argument("--dtype", choices=tuple(train.DTYPES), default="float32",
+                   help="dtype of the comparison with autograd (default %(default)s)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of the init and the batch (default %(default)s)")
+    p.set_defaults(func=_cmd_check)
+    # ---- bench: parser (owned by the fast path)
+    # ---- end bench: parser
+    # ---- diagnose: parser (owned by diagnostics)
+    # ---- end diagnose: parser
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, CheckpointError, UsageError) as e:
+        _err(str(e))
+        return 2
+    except RuntimeError as e:
+        if "fast engine is unavailable" in str(e):
+            _err(str(e))
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
