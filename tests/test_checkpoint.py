@@ -1,0 +1,112 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from handgrad import checkpoint, train
+from handgrad.checkpoint import Checkpoint, CheckpointError
+from handgrad.model import ModelConfig
+from handgrad.train import TrainConfig
+
+
+def _run(splits, steps, **kw):
+    mcfg = ModelConfig(vocab_size=len(splits.vocab))
+    tcfg = TrainConfig(steps=steps, engine="eager", chunk_steps=100, **kw)
+    return mcfg, tcfg, train.train(splits, mcfg, tcfg)
+
+
+def test_save_then_load_round_trips_every_tensor(names_splits, tmp_path):
+    mcfg, tcfg, state = _run(names_splits, 200)
+    bn = train.inference_stats(state, names_splits, mcfg, tcfg)
+    checkpoint.save(tmp_path, Checkpoint(mcfg, tcfg, names_splits.vocab, None, state, bn, {"val": 2.5}))
+    ck = checkpoint.load(tmp_path)
+    assert (ck.model_config, ck.train_config, ck.vocab, ck.results) == (mcfg, tcfg, names_splits.vocab,
+                                                                        {"val": 2.5})
+    for a, b in zip(state.params.tensors(), ck.state.params.tensors()):
+        assert torch.equal(a, b)
+    assert torch.equal(ck.bn_inference.var, bn.var) and ck.state.step == 200
+    assert torch.equal(ck.state.generator.get_state(), state.generator.get_state())
+    assert len(list(tmp_path.glob("model-*.safetensors"))) == 1
+
+
+def test_resume_from_a_checkpoint_is_bit_identical(names_splits, tmp_path):
+    mcfg, tcfg, whole = _run(names_splits, 600)
+    _, tcfg_half, half = _run(names_splits, 300)
+    checkpoint.save(tmp_path, Checkpoint(mcfg, tcfg_half, names_splits.vocab, None, half, None, {}))
+    ck = checkpoint.load(tmp_path)
+    resumed = train.train(names_splits, mcfg, tcfg, ck.state)
+    assert all(torch.equal(a, b) for a, b in zip(whole.params.tensors(), resumed.params.tensors()))
+    assert torch.equal(whole.losses, resumed.losses)
+
+
+@pytest.fixture()
+def saved(names_splits, tmp_path):
+    mcfg, tcfg, state = _run(names_splits, 100)
+    checkpoint.save(tmp_path, Checkpoint(mcfg, tcfg, names_splits.vocab, None, state, None, {}))
+    return tmp_path
+
+
+def test_truncated_tensor_file_is_reported(saved):
+    f = next(saved.glob("model-*.safetensors"))
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(saved)
+
+
+def test_truncated_meta_json_is_reported(saved):
+    meta = saved / "meta.json"
+    meta.write_text(meta.read_text()[:50])
+    with pytest.raises(CheckpointError, match="truncated or corrupt JSON"):
+        checkpoint.load(saved)
+
+
+def test_mismatched_shape_is_reported(saved):
+    meta = json.loads((saved / "meta.json").read_text())
+    meta["model_config"]["n_hidden"] = 100
+    (saved / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"tensor W1 has shape \(30, 200\), the config expects \(30, 100\)"):
+        checkpoint.load(saved)
+
+
+def test_vocabulary_of_another_size_is_reported(saved):
+    meta = json.loads((saved / "meta.json").read_text())
+    meta["vocab"] = meta["vocab"][:-1]
+    (saved / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="vocabulary has 26 characters but vocab_size is 27"):
+        checkpoint.load(saved)
+
+
+def test_missing_directory_and_non_checkpoint_are_reported(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        checkpoint.load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="not a handgrad checkpoint"):
+        checkpoint.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_checkpoint_survives_kill_9_during_training_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "handgrad.cli", "train", "--steps", "1000000", "--engine", "eager",
+           "--chunk-steps", "50", "--checkpoint-every", "50", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # wait for a few checkpoints, so the kill lands among writes
+            meta = out / "meta.json"
+            if meta.exists() and json.loads(meta.read_text() or "{}").get("step", 0) >= 300:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    ck = checkpoint.load(out)  # complete and consistent whatever moment the kill hit
+    assert ck.state.step >= 300 and ck.state.step % 50 == 0
+    r = subprocess.run([sys.executable, "-m", "handgrad.cli", "train", "--resume", str(out), "--steps",
+                        str(ck.state.step + 100), "--engine", "eager", "--quiet", "--samples", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert checkpoint.load(out).state.step == ck.state.step + 100

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from handgrad.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--steps", "400", "--engine", "eager", "--quiet", "--out", str(out),
+                 "--samples", "3"]) == 0
+    return out
+
+
+def test_train_prints_losses_and_samples(trained, capsys):
+    out = trained.parent / "again"
+    assert main(["train", "--steps", "300", "--engine", "eager", "--quiet", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "train loss" in text and "val loss" in text and "samples:" in text
+    results = json.loads((out / "meta.json").read_text())["results"]
+    assert 2.0 < results["val"] < 3.2
+
+
+def test_sample_and_eval_read_a_checkpoint(trained, capsys):
+    assert main(["sample", "--checkpoint", str(trained), "-n", "7", "--seed", "3"]) == 0
+    names = capsys.readouterr().out.split()
+    assert 1 <= len(names) <= 7 and all(set(n) <= set("abcdefghijklmnopqrstuvwxyz") for n in names)
+    assert main(["eval", "--checkpoint", str(trained)]) == 0
+    text = capsys.readouterr().out
+    assert all(f"{s} loss" in text for s in ("train", "val", "test"))
+
+
+def test_verify_autograd_agrees_in_float64(capsys):
+    assert main(["train", "--verify-autograd", "50", "--dtype", "float64", "--engine", "eager"]) == 0
+    assert "AGREE" in capsys.readouterr().out
+
+
+def _one_line_error(capsys, argv, expected):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("handgrad: error:") and "\n" not in err and "Traceback" not in err
+    assert expected in err, err
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "no such file"), (b"", "no items"), (b"ab\n\xff\n", ":2: not valid UTF-8"),
+    (b"ab\ncd.e\n", ":2: item 'cd.e' contains '.'"),
+])
+def test_bad_data_exits_2_with_one_line(tmp_path, capsys, content, expected):
+    path = tmp_path / "d.txt"
+    if content is not None:
+        path.write_bytes(content)
+    _one_line_error(capsys, ["train", "--data", str(path), "--steps", "10", "--quiet", "--out",
+                             str(tmp_path / "o")], expected)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch-size", "1"], "--batch-size: must be at least 2"),
+    (["--lr", "0"], "--lr: must be positive"),
+    (["--n-hidden", "0"], "--n-hidden: must be a positive integer"),
+    (["--steps", "0"], "--steps: must be a positive integer"),
+])
+def test_bad_flag_values_exit_2_naming_the_flag(tmp_path, capsys, flags, expected):
+    _one_line_error(capsys, ["train", "--quiet", "--out", str(tmp_path / "o"), *flags], expected)
+
+
+def test_bad_checkpoints_exit_2(trained, tmp_path, capsys):
+    _one_line_error(capsys, ["sample", "--checkpoint", str(tmp_path / "none")], "no such checkpoint directory")
+    _one_line_error(capsys, ["train", "--resume", str(trained), "--n-hidden", "100"],
+                    "--n-hidden cannot be changed when resuming")
+    other = tmp_path / "other.txt"
+    other.write_text("zoë\n")
+    _one_line_error(capsys, ["eval", "--checkpoint", str(trained), "--data", str(other)],
+                    "not in the checkpoint's vocabulary")
