@@ -70,6 +70,7 @@ def test_bad_checkpoints_exit_2(trained, tmp_path, capsys):
     _one_line_error(capsys, ["sample", "--checkpoint", str(tmp_path / "none")], "no such checkpoint directory")
     _one_line_error(capsys, ["train", "--resume", str(trained), "--n-hidden", "100"],
                     "--n-hidden cannot be changed when resuming")
+    _one_line_error(capsys, ["train", "--out", str(trained), "--steps", "5"], "already holds a run")
     other = tmp_path / "other.txt"
     other.write_text("zoë\n")
     _one_line_error(capsys, ["eval", "--checkpoint", str(trained), "--data", str(other)],

@@ -73,6 +73,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--out", default="runs/mlp", help="checkpoint directory (default: %(default)s)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its flags are kept; "
                    "--steps may extend it)")
+    p.add_argument("--force", action="store_true", help="start a new run even if --out already holds one "
+                   "(it is replaced)")
     g = p.add_argument_group("model")
     g.add_argument("--n-embd", type=int, help=f"embedding size per character (default {m.n_embd})")
     g.add_argument("--n-hidden", type=int, help=f"hidden units (default {m.n_hidden})")
@@ -158,6 +160,9 @@ def _cmd_train(args) -> int:
         splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn)
         mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
         state, out = None, Path(args.out)
+        if (out / checkpoint.META).exists() and not args.force and args.verify_autograd is None:
+            raise UsageError(f"--out {out} already holds a run; continue it with --resume {out}, choose "
+                             "another --out, or add --force to replace it")
     if args.verify_autograd is not None:
         return _verify(args, splits, mcfg, tcfg)
 
