@@ -75,3 +75,10 @@ def test_bad_checkpoints_exit_2(trained, tmp_path, capsys):
     other.write_text("zoë\n")
     _one_line_error(capsys, ["eval", "--checkpoint", str(trained), "--data", str(other)],
                     "not in the checkpoint's vocabulary")
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "check"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "--" in capsys.readouterr().out

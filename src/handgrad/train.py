@@ -101,9 +101,12 @@ def select_engine(mcfg: ModelConfig, tcfg: TrainConfig) -> tuple[StepsFn, str, s
     "auto" had to fall back to the eager path; engine "fast" raises RuntimeError instead."""
     if tcfg.engine == "eager":
         return eager_steps, "eager", ""
-    from handgrad import fast  # the native step; may be unavailable (no compiler, ...)
-
-    fn, reason = fast.load_fast_steps(mcfg, tcfg.torch_dtype)
+    try:
+        from handgrad import fast  # the native step; may be unavailable (no compiler, ...)
+    except ImportError as e:
+        fn, reason = None, f"cannot import handgrad.fast: {e}"
+    else:
+        fn, reason = fast.load_fast_steps(mcfg, tcfg.torch_dtype)
     if fn is not None:
         return fn, "fast", ""
     if tcfg.engine == "fast":
