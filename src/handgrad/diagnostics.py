@@ -477,3 +477,45 @@ def load_history(path: str | Path) -> list[Snapshot]:
         out.append(Snapshot(s["step"], s["lr"], _num(s["loss"]), acts, grads, s["dead"], s["n_hidden"],
                             list(s["nonfinite"])))
     return out
+
+
+# ---------------------------------------------------------------------------- a whole report
+HISTORY_FILE = "diagnostics.json"
+
+
+@dataclass
+class Report:
+    warnings: list[DiagWarning]
+    checks: list[Check]
+    paths: list[Path]  # the PNGs and diagnostics.json written
+
+
+def write_report(out: str | Path, collector: Collector, params: Params, step: int,
+                 losses: Tensor | None = None, extra: dict | None = None) -> Report:
+    """Measure `params` at `step` (unless the history already ends there), run the sanity checks,
+    and write the PNGs and diagnostics.json into `out`."""
+    from handgrad import plots  # matplotlib is imported only when plots are drawn
+
+    if collector.last is None or not collector.history or collector.history[-1].step != step:
+        collector.record(params, step)
+    checks = collector.checks(params)
+    warnings = collector.warnings()
+    out = Path(out)
+    paths = plots.write_all(out, losses, collector.history, collector.last, collector.cfg,
+                            collector.tcfg.lr_decay_step)
+    extra = {"step": step, "failure": list(collector.failure) if collector.failure else None, **(extra or {})}
+    paths.append(write_json(out / HISTORY_FILE, summary(collector.history, checks, warnings, collector.cfg,
+                                                         extra)))
+    return Report(warnings, checks, paths)
+
+
+def from_checkpoint(ck, Xtr: Tensor, Ytr: Tensor, history_path: str | Path | None = None,
+                    cfg: DiagConfig = DiagConfig()) -> Collector:
+    """A collector for a saved run (ck: checkpoint.Checkpoint) whose history is the one saved by
+    training in `history_path` (if it exists), cut at the checkpoint's step."""
+    history = []
+    if history_path is not None and Path(history_path).is_file():
+        history = [s for s in load_history(history_path) if s.step <= ck.state.step]
+    chunk = ck.train_config.chunk_steps
+    cfg = dataclasses.replace(cfg, every=chunk * max(1, cfg.every // chunk))
+    return Collector(Xtr, Ytr, ck.model_config, ck.train_config, cfg, history)
