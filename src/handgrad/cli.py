@@ -109,6 +109,12 @@ def _add_train_parser(sub) -> None:
                    "batches, and print how far the two loss curves ever are apart")
     p.set_defaults(func=_cmd_train)
     # ---- diagnose: train flags (owned by diagnostics)
+    g = p.add_argument_group("diagnostics")
+    g.add_argument("--diagnostics", action="store_true", help="measure gradient health on a fixed probe "
+                   "during training (hand-written backward, no autograd); write PNGs and diagnostics.json "
+                   "into OUT/diagnostics/ and print warnings")
+    g.add_argument("--diag-every", type=int, metavar="N", help="steps between measurements, a multiple of "
+                   "--chunk-steps (default 1000; implies --diagnostics)")
     # ---- end diagnose: train flags
 
 
@@ -189,6 +195,10 @@ def _cmd_train(args) -> int:
 
     callbacks.append(save_periodically)
     # ---- diagnose: train callbacks (owned by diagnostics)
+    if args.diagnostics or args.diag_every is not None:
+        diag = _TrainDiagnostics(args, splits, mcfg, tcfg, state, out)
+        callbacks.append(diag)  # its close() writes the report, whatever way training ends
+        steps_fn = diag.collector.watch(steps_fn)  # records a NonFiniteError for the report
     # ---- end diagnose: train callbacks
 
     def callback(pr: train.Progress) -> None:
@@ -324,6 +334,77 @@ def _cmd_check(args) -> int:
 
 
 # ---- diagnose (owned by diagnostics)
+def _print_diagnostics(report, out: Path, file=None) -> None:
+    file = file or sys.stdout
+    for c in report.checks:
+        print(f"check {c}" + ("" if c.passed else f"; {c.detail}"), file=file)
+    for w in report.warnings:
+        print(f"warning: {w}", file=file)
+    if not report.warnings:
+        print("diagnostics: no warnings", file=file)
+    print(f"diagnostics written to {out}/ ({', '.join(p.name for p in report.paths)})", file=file)
+
+
+class _TrainDiagnostics:
+    """The train callback of --diagnostics: measures every --diag-every steps, saves the history
+    with each checkpoint, and on close() writes the PNGs and diagnostics.json and prints the warnings."""
+
+    def __init__(self, args, splits, mcfg, tcfg, state, out: Path):
+        from handgrad import diagnostics
+
+        every = args.diag_every if args.diag_every is not None else 1000
+        if every < 1 or every % tcfg.chunk_steps:
+            raise UsageError(f"--diag-every {every}: must be a positive multiple of --chunk-steps "
+                             f"({tcfg.chunk_steps})")
+        history = []
+        old = Path(args.resume or out) / "diagnostics" / diagnostics.HISTORY_FILE
+        if args.resume and old.is_file():
+            history = [s for s in diagnostics.load_history(old) if s.step <= state.step]
+        self.dg, self.state, self.out, self.quiet = diagnostics, state, out / "diagnostics", args.quiet
+        self.collector = diagnostics.Collector(splits.Xtr, splits.Ytr, mcfg, tcfg,
+                                               diagnostics.DiagConfig(every=every), history)
+        self.collector.record(state.params, state.step)
+        self.saved, self.every_save, self.closed = state.step, tcfg.checkpoint_every, False
+
+    def __call__(self, pr: train.Progress) -> None:
+        self.collector(pr)
+        if pr.state.step - self.saved >= self.every_save:  # keep the history with the checkpoints
+            c = self.collector
+            data = self.dg.summary(c.history, [], c.warnings(), c.cfg)
+            self.dg.write_json(self.out / self.dg.HISTORY_FILE, data)
+            self.saved = pr.state.step
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        report = self.dg.write_report(self.out, self.collector, self.state.params, self.state.step,
+                                      self.state.losses)
+        failed = [c for c in report.checks if not c.passed]
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        for c in failed:
+            print(f"warning: sanity check {c}; {c.detail}", file=sys.stderr)
+        if not self.quiet:
+            print(f"diagnostics: {len(report.warnings)} warning(s), {len(failed)} failed check(s); PNGs and "
+                  f"diagnostics.json in {self.out}/", file=sys.stderr)
+
+
+def _cmd_diagnose(args) -> int:
+    from handgrad import diagnostics
+
+    ck = checkpoint.load(args.checkpoint)
+    splits = load_splits(ck.data_path, ck.model_config.block_size, ck.train_config.split_seed, ck.vocab)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "diagnostics"
+    saved = Path(args.checkpoint) / "diagnostics" / diagnostics.HISTORY_FILE
+    collector = diagnostics.from_checkpoint(ck, splits.Xtr, splits.Ytr, saved)
+    print(f"checkpoint {args.checkpoint}: step {ck.state.step:,}; update-ratio history: "
+          f"{len(collector.history)} saved measurement(s)" + ("" if collector.history else
+                                                             " (train with --diagnostics to keep one)"))
+    report = diagnostics.write_report(out, collector, ck.state.params, ck.state.step, ck.state.losses,
+                                      extra={"checkpoint": str(args.checkpoint)})
+    _print_diagnostics(report, out)
+    return 0
 # ---- end diagnose
 
 
@@ -356,6 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- bench: parser (owned by the fast path)
     # ---- end bench: parser
     # ---- diagnose: parser (owned by diagnostics)
+    p = sub.add_parser("diagnose", help="gradient-health plots, sanity checks and warnings for a checkpoint",
+                       description="Measure a fixed probe batch at the checkpoint's parameters with the "
+                       "hand-written forward/backward; write loss, activation, gradient, update-ratio, "
+                       "saturation and dlogits PNGs plus diagnostics.json; print the lecture's sanity checks "
+                       "and one line per warning (layer and what to try).")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: DIR/diagnostics)")
+    p.set_defaults(func=_cmd_diagnose)
     # ---- end diagnose: parser
     return parser
 

@@ -282,8 +282,8 @@ class Check:
         return math.isfinite(self.value) and abs(self.value - self.expected) <= self.tolerance
 
     def __str__(self) -> str:
-        return (f"{'ok  ' if self.passed else 'FAIL'} {self.name}: {self.value:.4g} (expected "
-                f"{self.expected:.4g} +- {self.tolerance:.2g}); {self.detail}")
+        return (f"{'ok' if self.passed else 'FAIL'}: {self.name}: {self.value:.3g} (expected "
+                f"{self.expected:.4g} +- {self.tolerance:.2g})")
 
 
 def logit_maxes_backward(logits: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
