@@ -1,0 +1,78 @@
+"""How much the diagnostics collector adds to training time, as one ratio (with / without).
+
+Trains the default model for --steps steps twice per repeat, once plain and once with the
+diagnostics.Collector as callback (probe measured every --every steps, plus at step 0), same seed,
+same batches, same engine (the one train selects; --engine to force one). The ratio of the
+medians is printed. Writing the PNGs (once, at the end of a run) is timed separately.
+
+    .venv/bin/python benchmarks/diagnostics_overhead.py [--steps 20000] [--every 1000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from handgrad import data, diagnostics, train
+from handgrad.model import ModelConfig
+from handgrad.train import TrainConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20_000)
+    ap.add_argument("--every", type=int, default=1000, help="diagnostics interval (default %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engine", choices=train.ENGINES, default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    words = data.read_words(data.default_data_path())
+    splits = data.make_splits(words.items, 3, 42)
+    mcfg = ModelConfig(vocab_size=len(splits.vocab))
+    tcfg = TrainConfig(steps=args.steps, engine=args.engine)
+    steps_fn, engine, fallback = train.select_engine(mcfg, tcfg)
+    if fallback:
+        print(f"note: {fallback}", file=sys.stderr)
+
+    def plain() -> float:
+        t0 = time.perf_counter()
+        train.train(splits, mcfg, tcfg, steps_fn=steps_fn)
+        return time.perf_counter() - t0
+
+    def with_diagnostics() -> tuple[float, diagnostics.Collector, train.TrainState]:
+        t0 = time.perf_counter()
+        c = diagnostics.Collector(splits.Xtr, splits.Ytr, mcfg, tcfg, diagnostics.DiagConfig(every=args.every))
+        state = train.new_state(mcfg, tcfg)
+        c.record(state.params, 0)
+        state = train.train(splits, mcfg, tcfg, state, callback=c, steps_fn=steps_fn)
+        return time.perf_counter() - t0, c, state
+
+    train.train(splits, mcfg, TrainConfig(steps=1000, engine=args.engine), steps_fn=steps_fn)  # warm-up
+    without, with_ = [], []
+    for _ in range(args.repeats):  # interleaved, so drift in machine speed hits both alike
+        without.append(plain())
+        t, c, state = with_diagnostics()
+        with_.append(t)
+    a, b = statistics.median(without), statistics.median(with_)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        diagnostics.write_report(d, c, state.params, state.step, state.losses)
+        report_s = time.perf_counter() - t0
+    print(f"{args.steps:,} steps, {engine} engine, {torch.get_num_threads()} thread(s), diagnostics every "
+          f"{args.every} steps ({len(c.history)} probes of {c.X.shape[0]}x{c.X.shape[1]} examples)")
+    print(f"without diagnostics: median {a:.2f}s  {[round(x, 2) for x in without]}")
+    print(f"with diagnostics:    median {b:.2f}s  {[round(x, 2) for x in with_]}")
+    print(f"overhead ratio (with / without): {b / a:.3f}  ({(b / a - 1) * 100:+.1f}%)")
+    print(f"writing the report once (6 PNGs + diagnostics.json): {report_s:.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

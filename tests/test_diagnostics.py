@@ -1,0 +1,198 @@
+"""The diagnostics find real problems (short eager runs on the real data), stay quiet on the healthy
+default, run the lecture's sanity checks, and write valid PNGs and diagnostics.json."""
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from handgrad import cli, diagnostics, model, plots, train
+from handgrad.diagnostics import Collector, DiagConfig
+from handgrad.model import ModelConfig
+from handgrad.train import NonFiniteError, TrainConfig
+
+
+def _run(splits, steps=1000, every=250, mkw=None, **tkw):
+    """Train with the collector as callback (eager: deterministic); returns (collector, state)."""
+    mcfg = ModelConfig(vocab_size=len(splits.vocab), **(mkw or {}))
+    tcfg = TrainConfig(steps=steps, engine="eager", chunk_steps=every, **tkw)
+    c = Collector(splits.Xtr, splits.Ytr, mcfg, tcfg, DiagConfig(every=every))
+    state = train.new_state(mcfg, tcfg)
+    c.record(state.params, 0)
+    try:
+        train.train(splits, mcfg, tcfg, state, c, c.watch(train.eager_steps))
+    except NonFiniteError:
+        pass
+    return c, state
+
+
+def _kinds(c):
+    return {(w.kind, w.layer) for w in c.warnings()}
+
+
+# ---------------------------------------------------------------------------- broken configs are found
+def test_healthy_default_gives_no_warning(names_splits):
+    c, _ = _run(names_splits, steps=2000, every=500)
+    assert c.warnings() == []
+    assert len(c.history) == 5 and c.history[-1].dead == 0
+
+
+def test_large_w1_init_with_batchnorm_is_caught_as_vanishing_w1_updates(names_splits):
+    # batchnorm normalises W1's scale away in the forward pass (no saturation), but W1's gradient
+    # shrinks by the same factor while W1 grows: its updates are ~100x too small
+    c, _ = _run(names_splits, mkw={"w1_scale": 10.0})
+    kinds = _kinds(c)
+    assert ("vanishing_gradient", "W1") in kinds
+    assert ("update_ratio_low", "W1") in kinds
+    assert not any(k == "saturation" for k, _ in kinds)
+
+
+def test_large_w1_init_without_batchnorm_saturates_tanh(names_splits):
+    c, _ = _run(names_splits, mkw={"batchnorm": False, "w1_scale": 10.0})
+    kinds = _kinds(c)
+    assert ("saturation", "h (tanh)") in kinds
+    assert ("vanishing_gradient", "W1") in kinds
+    assert c.history[-1].acts["h"].saturated > 0.8
+    w = next(w for w in c.warnings() if w.kind == "saturation")
+    assert "h (tanh)" in str(w) and "batchnorm" in w.advice
+
+
+@pytest.mark.parametrize("lr", [50.0, 100.0])
+def test_exploding_learning_rate_is_caught(names_splits, lr):
+    c, _ = _run(names_splits, lr=lr)
+    kinds = _kinds(c)
+    assert ("update_ratio_high", "W2") in kinds
+    assert ("saturation", "h (tanh)") in kinds and ("dead_units", "h (tanh)") in kinds
+    assert "learning rate" in next(w for w in c.warnings() if w.kind == "update_ratio_high").advice
+
+
+def test_non_finite_training_is_reported_with_step_and_tensor(names_splits):
+    mcfg = ModelConfig(vocab_size=len(names_splits.vocab))
+    tcfg = TrainConfig(steps=100, engine="eager", chunk_steps=10)
+    c = Collector(names_splits.Xtr, names_splits.Ytr, mcfg, tcfg, DiagConfig(every=10))
+    state = train.new_state(mcfg, tcfg)
+    state.params.W2[3, 5] = math.inf
+    c.record(state.params, 0)
+    with pytest.raises(NonFiniteError):
+        train.train(names_splits, mcfg, tcfg, state, c, c.watch(train.eager_steps))
+    warnings = [w for w in c.warnings() if w.kind == "non_finite"]
+    assert {w.layer for w in warnings} >= {"loss", "W2"}
+    assert any(w.step == 0 for w in warnings) and "learning rate" in warnings[0].advice
+
+
+def test_a_single_bad_snapshot_is_noise_not_a_warning(names_splits):
+    c, _ = _run(names_splits, steps=500, every=100)
+    c.history[2].acts["h"].saturated = 0.9  # one probe out of six
+    assert c.warnings() == []
+    for s in c.history[2:5]:
+        s.acts["h"].saturated = 0.9
+    assert [w.kind for w in c.warnings()] == ["saturation"]
+
+
+def test_interval_must_be_a_multiple_of_chunk_steps(names_splits):
+    with pytest.raises(ValueError, match="multiple of chunk_steps"):
+        Collector(names_splits.Xtr, names_splits.Ytr, ModelConfig(), TrainConfig(chunk_steps=1000),
+                  DiagConfig(every=1500))
+
+
+def test_collecting_uses_no_autograd(names_splits):
+    mcfg, tcfg = ModelConfig(), TrainConfig(steps=10, engine="eager", chunk_steps=10)
+    c = Collector(names_splits.Xtr, names_splits.Ytr, mcfg, tcfg, DiagConfig(every=10))
+    p = model.init_params(mcfg)
+    previous = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # anything needing autograd would fail or build no graph
+    try:
+        c.record(p, 0)
+    finally:
+        torch.set_grad_enabled(previous)
+    assert not any(t.requires_grad for t in p.tensors())
+    assert all(math.isfinite(g.norm) for g in c.history[0].grads.values())
+
+
+# ---------------------------------------------------------------------------- the lecture's sanity checks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sanity_checks_pass_at_init_and_after_training(names_splits, dtype):
+    mcfg = ModelConfig()
+    X, Y = names_splits.Xtr[:32], names_splits.Ytr[:32]
+    trained = _run(names_splits, steps=300, every=100)[1].params.to(dtype)
+    for p in (model.init_params(mcfg, dtype=dtype), trained):
+        checks = diagnostics.sanity_checks(p, X, Y, True, init_loss=3.76)
+        assert all(c.passed for c in checks), [str(c) for c in checks]
+        assert checks[0].value <= diagnostics.TOL[dtype] / 32
+
+
+def test_gradient_into_logit_maxes_is_zero_and_op_by_op_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 27, generator=g, dtype=torch.float64) * 3
+    Y = torch.randint(0, 27, (16,), generator=g)
+    dnorm, dmax = diagnostics.logit_maxes_backward(logits, Y)
+    closed = (torch.softmax(logits, 1) - torch.nn.functional.one_hot(Y, 27)) / 16
+    assert dmax.shape == (16, 1) and dmax.abs().max() < 1e-15
+    assert (dnorm - closed).abs().max() < 1e-15
+
+
+def test_initial_loss_check_accepts_the_lecture_init_and_flags_a_confident_one():
+    assert diagnostics.check_initial_loss(3.76, 27).passed  # the lecture's H=200 init
+    assert diagnostics.check_initial_loss(math.log(27), 27).passed
+    assert not diagnostics.check_initial_loss(27.0, 27).passed  # Part 3's unscaled W2
+    assert not diagnostics.check_initial_loss(math.nan, 27).passed
+
+
+def test_collector_initial_loss_is_measured_at_the_seeded_init(names_splits):
+    c, state = _run(names_splits, steps=200, every=100)
+    init_check = c.checks(state.params)[-1]
+    assert init_check.passed and abs(init_check.value - c.history[0].loss) < 1e-9
+
+
+# ---------------------------------------------------------------------------- outputs
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_writes_valid_pngs_of_the_expected_size_and_json(names_splits, tmp_path):
+    c, state = _run(names_splits, steps=400, every=100)
+    report = diagnostics.write_report(tmp_path, c, state.params, state.step, state.losses)
+    names = {p.name for p in report.paths}
+    assert names == set(plots.SIZES) | {"diagnostics.json"}
+    for name, (w, h) in plots.SIZES.items():
+        assert _png_size(tmp_path / name) == (w * plots.DPI, h * plots.DPI)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+    data = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert data["format"] == diagnostics.FORMAT and data["warnings"] == []
+    assert len(data["history"]) == 5 and all(ch["passed"] for ch in data["checks"])
+    back = diagnostics.load_history(tmp_path / "diagnostics.json")
+    assert [s.step for s in back] == [0, 100, 200, 300, 400]
+    assert back[-1].grads["W1"].update_ratio == pytest.approx(c.history[-1].grads["W1"].update_ratio)
+
+
+def test_smoothed_loss_is_the_lectures_windowed_mean_of_log10():
+    losses = torch.tensor([10.0, 100.0, 1.0, 1000.0, float("nan")], dtype=torch.float64)
+    centres, means = plots.smooth_log10(losses, 2)
+    assert means.tolist() == pytest.approx([1.5, 1.5]) and centres.tolist() == [1.0, 3.0]
+
+
+def test_cli_train_with_diagnostics_then_diagnose(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--steps", "400", "--chunk-steps", "100", "--diag-every", "200", "--engine",
+                     "eager", "--out", str(out), "--quiet", "--samples", "0"]) == 0
+    saved = json.loads((out / "diagnostics" / "diagnostics.json").read_text())
+    assert [s["step"] for s in saved["history"]] == [0, 200, 400]
+    capsys.readouterr()
+    assert cli.main(["diagnose", "--checkpoint", str(out), "--out", str(tmp_path / "d")]) == 0
+    text = capsys.readouterr().out
+    assert "3 saved measurement(s)" in text and "no warnings" in text and "FAIL" not in text
+    assert (tmp_path / "d" / "update_ratios.png").is_file()
+
+
+def test_cli_prints_one_line_per_warning_naming_layer_and_advice(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--steps", "300", "--chunk-steps", "100", "--diag-every", "100", "--engine",
+                     "eager", "--no-batchnorm", "--w1-scale", "10", "--out", str(out), "--quiet",
+                     "--samples", "0"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("warning: h (tanh)")]
+    assert len(lines) == 1 and "try " in lines[0]
