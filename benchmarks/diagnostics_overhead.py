@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def with_diagnostics() -> tuple[float, diagnostics.Collector, train.TrainState]:
         t0 = time.perf_counter()
-        c = diagnostics.Collector(splits.Xtr, splits.Ytr, mcfg, tcfg, diagnostics.DiagConfig(every=args.every))
+        dcfg = diagnostics.DiagConfig(every=args.every)
+        c = diagnostics.Collector(splits.Xtr, splits.Ytr, mcfg, tcfg, dcfg)
         state = train.new_state(mcfg, tcfg)
         c.record(state.params, 0)
         state = train.train(splits, mcfg, tcfg, state, callback=c, steps_fn=steps_fn)
