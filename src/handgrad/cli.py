@@ -360,7 +360,7 @@ class _TrainDiagnostics:
         old = Path(args.resume or out) / "diagnostics" / diagnostics.HISTORY_FILE
         if args.resume and old.is_file():
             history = [s for s in diagnostics.load_history(old) if s.step <= state.step]
-        self.dg, self.state, self.out, self.quiet = diagnostics, state, out / "diagnostics", args.quiet
+        self.dg, self.state, self.out = diagnostics, state, out / "diagnostics"
         self.collector = diagnostics.Collector(splits.Xtr, splits.Ytr, mcfg, tcfg,
                                                diagnostics.DiagConfig(every=every), history)
         self.collector.record(state.params, state.step)
@@ -385,9 +385,8 @@ class _TrainDiagnostics:
             print(f"warning: {w}", file=sys.stderr)
         for c in failed:
             print(f"warning: sanity check {c}; {c.detail}", file=sys.stderr)
-        if not self.quiet:
-            print(f"diagnostics: {len(report.warnings)} warning(s), {len(failed)} failed check(s); PNGs and "
-                  f"diagnostics.json in {self.out}/", file=sys.stderr)
+        print(f"diagnostics: {len(report.warnings)} warning(s), {len(failed)} failed check(s); PNGs and "
+              f"diagnostics.json in {self.out}/", file=sys.stderr)
 
 
 def _cmd_diagnose(args) -> int:
