@@ -3,7 +3,8 @@
 Trains the default model for --steps steps twice per repeat, once plain and once with the
 diagnostics.Collector as callback (probe measured every --every steps, plus at step 0), same seed,
 same batches, same engine (the one train selects; --engine to force one). The ratio of the
-medians is printed. Writing the PNGs (once, at the end of a run) is timed separately.
+medians is printed, and the collector's own cost per measurement timed directly (less noisy).
+Writing the PNGs (once, at the end of a run) is timed separately.
 
     .venv/bin/python benchmarks/diagnostics_overhead.py [--steps 20000] [--every 1000] [--repeats 3]
 """
@@ -62,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         t, c, state = with_diagnostics()
         with_.append(t)
     a, b = statistics.median(without), statistics.median(with_)
+    probe = []  # the collector's own cost, timed directly (robust to machine noise between runs)
+    for _ in range(20):
+        t0 = time.perf_counter()
+        c.record(state.params, state.step)
+        probe.append(time.perf_counter() - t0)
+    probe_s = statistics.median(probe)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         diagnostics.write_report(d, c, state.params, state.step, state.losses)
@@ -71,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"without diagnostics: median {a:.2f}s  {[round(x, 2) for x in without]}")
     print(f"with diagnostics:    median {b:.2f}s  {[round(x, 2) for x in with_]}")
     print(f"overhead ratio (with / without): {b / a:.3f}  ({(b / a - 1) * 100:+.1f}%)")
+    share = probe_s / (a / args.steps * args.every)
+    print(f"one probe measurement: median {probe_s * 1e3:.1f} ms = {share:.1%} of the {args.every} plain "
+          "steps between two measurements")
     print(f"writing the report once (6 PNGs + diagnostics.json): {report_s:.2f}s")
     return 0
 
