@@ -196,3 +196,13 @@ def test_cli_prints_one_line_per_warning_naming_layer_and_advice(tmp_path, capsy
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("warning: h (tanh)")]
     assert len(lines) == 1 and "try " in lines[0]
+
+
+def test_resumed_training_continues_the_saved_history(tmp_path):
+    out = str(tmp_path / "run")
+    base = ["--engine", "eager", "--quiet", "--samples", "0", "--checkpoint-every", "200"]
+    assert cli.main(["train", "--steps", "400", "--chunk-steps", "100", "--diag-every", "200", "--out", out,
+                     *base]) == 0
+    assert cli.main(["train", "--resume", out, "--steps", "600", "--diag-every", "200", *base]) == 0
+    back = diagnostics.load_history(tmp_path / "run" / "diagnostics" / "diagnostics.json")
+    assert [s.step for s in back] == [0, 200, 400, 600]
