@@ -91,6 +91,14 @@ def test_a_single_bad_snapshot_is_noise_not_a_warning(names_splits):
     assert [w.kind for w in c.warnings()] == ["saturation"]
 
 
+def test_collecting_does_not_change_training(names_splits):
+    c, state = _run(names_splits, steps=300, every=100)
+    mcfg = ModelConfig(vocab_size=len(names_splits.vocab))
+    plain = train.train(names_splits, mcfg, TrainConfig(steps=300, engine="eager", chunk_steps=100))
+    assert torch.equal(state.losses, plain.losses)
+    assert all(torch.equal(a, b) for a, b in zip(state.params.tensors(), plain.params.tensors()))
+
+
 def test_interval_must_be_a_multiple_of_chunk_steps(names_splits):
     with pytest.raises(ValueError, match="multiple of chunk_steps"):
         Collector(names_splits.Xtr, names_splits.Ytr, ModelConfig(), TrainConfig(chunk_steps=1000),
