@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from handgrad import model
+from handgrad import model, ops
 from handgrad.model import ModelConfig, Params
 
 FORMAT = "handgrad-diagnostics"
@@ -132,9 +132,7 @@ def measure(p: Params, X: Tensor, Y: Tensor, batchnorm: bool, lr: float, step: i
             hpre.append(a.embcat @ p.W1 + p.b1)  # (B, H)
         hs.append(a.h)
         if k == 0:
-            dlogits = a.logprobs.exp()  # (B, V) softmax, recomputed from the saved log-probabilities
-            dlogits[torch.arange(a.Y.shape[0]), a.Y] -= 1.0
-            dlogits /= a.Y.shape[0]
+            dlogits = ops.cross_entropy_backward(1.0, (a.logprobs, a.Y))  # (B, V) as backward sees it
     hpreact, h = torch.cat(hpre), torch.cat(hs)  # (K*B, H)
     logits = h @ p.W2 + p.b2  # (K*B, V)
     grads = Params(*(t / K for t in gsum))
@@ -320,9 +318,7 @@ def sanity_checks(p: Params, X: Tensor, Y: Tensor, batchnorm: bool, init_loss: f
     B, V = X.shape[0], p.W2.shape[1]
     tol = TOL.get(p.W2.dtype, 1e-5) / B
     _, a = model.forward(p, X, Y, batchnorm)
-    dlogits = a.logprobs.exp()  # (B, V)  the closed form, as model.backward's cross-entropy does
-    dlogits[torch.arange(B), Y] -= 1.0
-    dlogits /= B
+    dlogits = ops.cross_entropy_backward(1.0, (a.logprobs, a.Y))  # (B, V)  the closed form training uses
     logits = a.h @ p.W2 + p.b2  # (B, V)  forward does not keep the logits; recompute them
     dnorm_logits, dlogit_maxes = logit_maxes_backward(logits, Y)
     if not torch.isfinite(dnorm_logits).all():
