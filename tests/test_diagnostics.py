@@ -99,6 +99,11 @@ def test_collecting_does_not_change_training(names_splits):
     assert all(torch.equal(a, b) for a, b in zip(state.params.tensors(), plain.params.tensors()))
 
 
+def test_a_run_broken_after_init_warns_even_with_few_snapshots(names_splits):
+    c, _ = _run(names_splits, steps=500, every=250, lr=50.0)  # snapshots at 0 (healthy), 250, 500
+    assert ("saturation", "h (tanh)") in _kinds(c) and ("dead_units", "h (tanh)") in _kinds(c)
+
+
 def test_interval_must_be_a_multiple_of_chunk_steps(names_splits):
     with pytest.raises(ValueError, match="multiple of chunk_steps"):
         Collector(names_splits.Xtr, names_splits.Ytr, ModelConfig(), TrainConfig(chunk_steps=1000),

@@ -41,7 +41,7 @@ class DiagConfig:
     ratio_high: float = -1.5
     max_layer_decades: float = 2.0  # warn when W1's grad:data ratio is this many decades off W2's
     max_growth_decades: float = 2.0  # warn when the gradient norm grows this many decades over the run
-    sustain: int = 3  # a condition must hold in this many consecutive snapshots (all, if fewer)
+    sustain: int = 3  # a condition must hold in this many consecutive snapshots (fewer in short histories)
 
     def __post_init__(self) -> None:
         for name in ("every", "probe_batches", "sustain"):
@@ -173,9 +173,10 @@ class DiagWarning:
 
 
 def _episode(history: list[Snapshot], bad, sustain: int) -> tuple[Snapshot, Snapshot] | None:
-    """The first and worst-placed snapshots of the first run of `sustain` consecutive snapshots
-    where bad(snapshot) holds (all of them, when the history is shorter). None if there is none."""
-    need = min(sustain, len(history))
+    """The first and last snapshots of the first run of `sustain` consecutive snapshots where
+    bad(snapshot) holds, or None. A short history needs fewer: at most all but one snapshot (a run
+    measured only at init and twice after it, broken after init, must still warn)."""
+    need = min(sustain, max(1, len(history) - 1))
     run = 0
     for i, s in enumerate(history):
         run = run + 1 if bad(s) else 0
