@@ -146,6 +146,17 @@ def test_gradient_into_logit_maxes_is_zero_and_op_by_op_matches_closed_form():
     assert (dnorm - closed).abs().max() < 1e-15
 
 
+def test_logit_maxes_chain_agrees_with_the_atomic_graph(names_splits):
+    from handgrad import atomic
+
+    p = model.init_params(ModelConfig(), dtype=torch.float64)
+    X, Y = names_splits.Xtr[:32], names_splits.Ytr[:32]
+    f = atomic.forward(p, X, Y)
+    g = atomic.backward(p, X, Y, f)
+    dnorm, dmax = diagnostics.logit_maxes_backward(f.logits, Y)
+    assert (dmax - g.dlogit_maxes).abs().max() < 1e-15 and (dnorm - g.dnorm_logits).abs().max() < 1e-15
+
+
 def test_initial_loss_check_accepts_the_lecture_init_and_flags_a_confident_one():
     assert diagnostics.check_initial_loss(3.76, 27).passed  # the lecture's H=200 init
     assert diagnostics.check_initial_loss(math.log(27), 27).passed
