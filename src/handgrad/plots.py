@@ -131,10 +131,11 @@ def update_ratios(history: list[Snapshot], path: str | Path, cfg: DiagConfig = D
         ax.plot(steps, ys, marker="o" if len(steps) < 30 else None, ms=3, label=name)
     ax.axhline(-3, color="black", ls="--", lw=1, label="guide: 1e-3")
     ax.axhspan(cfg.ratio_low, cfg.ratio_high, color="tab:green", alpha=0.08,
-               label=f"no-warning band [{cfg.ratio_low}, {cfg.ratio_high}]")
+               label=f"no-warning band\n[{cfg.ratio_low}, {cfg.ratio_high}]")
     ax.set(title="update:data ratio of the weights", xlabel="step", ylabel="log10(std(lr*grad) / std(param))")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # outside: never hides a curve
     ax.grid(alpha=0.3)
+    fig.tight_layout()
     return save_png(fig, path)
 
 
