@@ -1,0 +1,244 @@
+"""The fast path: the training step (forward, closed-form backward, SGD) fused into one small C++
+file (csrc/step.cpp) that runs many steps per call on preallocated padded buffers. Built at first
+use with the system compiler into a per-user cache, loaded with ctypes; no torch headers.
+The math is model.forward/backward + sgd_update (ops.py); tests/test_fast.py proves it.
+
+Environment: HANDGRAD_CC (the C++ compiler; default c++ or g++ on PATH), HANDGRAD_CACHE (the build
+cache; default $XDG_CACHE_HOME/handgrad or ~/.cache/handgrad).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from handgrad.model import BNStats, ModelConfig, Params
+
+SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", "-fno-rtti"]
+ABI_VERSION = 1
+GRAD_NAMES = ("loss", "dC", "dW1", "db1", "dW2", "db2", "dbngain", "dbnbias")  # status codes of hg_steps
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_error: str = ""
+
+
+class FastUnavailable(RuntimeError):
+    """The native step cannot be built or loaded here (the message says why, in one line)."""
+
+
+# ---------------------------------------------------------------------------- build and load
+def cache_dir() -> Path:
+    if os.environ.get("HANDGRAD_CACHE"):
+        return Path(os.environ["HANDGRAD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "handgrad"
+
+
+def _compiler() -> str:
+    cc = os.environ.get("HANDGRAD_CC")
+    if cc:
+        return cc
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise FastUnavailable("no C++ compiler found (install g++ or set HANDGRAD_CC)")
+
+
+def _cpu_id() -> str:
+    """-march=native binaries are CPU specific: the cache key includes the CPU's model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines()[:40] if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(keep) or platform.machine()
+
+
+def build(force: bool = False) -> Path:
+    """Compile csrc/step.cpp (if not cached) and return the shared library's path. The cache key is
+    a hash of the source, the flags, the compiler and the CPU; the file is written atomically."""
+    cc = _compiler()
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), cc.encode(), _cpu_id().encode(),
+                                     platform.python_version().encode()])).hexdigest()[:20]
+    out_dir = cache_dir()
+    target = out_dir / f"step-{key}.so"
+    if target.exists() and not force:
+        return target
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastUnavailable(f"cannot create the build cache {out_dir}: {e.strerror}") from None
+    fd, tmp = tempfile.mkstemp(prefix=".step-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        try:
+            r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                               timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise FastUnavailable(f"cannot run the C++ compiler {cc!r}: {e}") from None
+        if r.returncode != 0:
+            first = (r.stderr.strip().splitlines() or ["(no message)"])[0]
+            raise FastUnavailable(f"building {SOURCE.name} with {cc} failed: {first}")
+        os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64 = ctypes.c_void_p, ctypes.c_long
+    lib.hg_abi_version.restype = ctypes.c_int
+    lib.hg_workspace_bytes.restype = i64
+    lib.hg_workspace_bytes.argtypes = [p]
+    lib.hg_steps.restype = i64
+    lib.hg_steps.argtypes = [p] * 10 + [ctypes.c_double] + [p] * 6
+    if lib.hg_abi_version() != ABI_VERSION:
+        raise FastUnavailable("the cached native library has the wrong ABI version")
+    return lib
+
+
+def load_library() -> ctypes.CDLL:
+    """Build (once per process and source) and load the native step; raises FastUnavailable."""
+    global _lib, _lib_error
+    with _lock:
+        if _lib is not None:
+            return _lib
+        try:
+            path = build()
+            try:
+                _lib = _bind(ctypes.CDLL(str(path)))
+            except OSError as e:
+                raise FastUnavailable(f"cannot load {path}: {e}") from None
+        except FastUnavailable as e:
+            _lib_error = str(e)
+            raise
+        return _lib
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded library so the next load builds again (tests of the fallback)."""
+    global _lib, _lib_error
+    with _lock:
+        _lib, _lib_error = None, ""
+
+
+# ---------------------------------------------------------------------------- the steps function
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+def _dims(p: Params, B: int, T: int, K: int, tile: int) -> ctypes.Array:
+    V, E = p.C.shape
+    H = p.W1.shape[1]
+    return (ctypes.c_int * 7)(B, T, E, H, V, tile, K)
+
+
+def _run(lib: ctypes.CDLL, p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
+         lrs: Tensor, momentum: float, tile: int, grads_out: Tensor | None) -> tuple[Tensor, int]:
+    for name, t in p.items():
+        if t.dtype != torch.float32:
+            raise TypeError(f"fast path: {name} must be float32, got {t.dtype}")
+    X = Xtr.to(torch.int64).contiguous()  # (n, T)
+    Y = Ytr.to(torch.int64).contiguous()  # (n,)
+    ix = idx.to(torch.int64).contiguous()  # (K, B)
+    lr = lrs.to(torch.float64).contiguous()  # (K,)
+    K, B = ix.shape
+    if lr.shape[0] != K:
+        raise ValueError(f"lrs has {lr.shape[0]} entries for {K} steps")
+    if K and (int(ix.min()) < 0 or int(ix.max()) >= X.shape[0]):
+        raise IndexError("idx holds row indices outside Xtr")
+    V = p.C.shape[0]
+    if X.numel() and (int(X.min()) < 0 or int(X.max()) >= V or int(Y.min()) < 0 or int(Y.max()) >= V):
+        raise IndexError(f"Xtr/Ytr hold character ids outside [0, {V})")
+    bufs = [t if t.is_contiguous() else t.contiguous() for t in p.tensors()]
+    run = None
+    if bn_running is not None:
+        run = [t if t.is_contiguous() else t.contiguous() for t in (bn_running.mean, bn_running.var)]
+    losses = torch.empty(K, dtype=torch.float64)  # (K,)
+    status = lib.hg_steps(_dims(p, B, X.shape[1], K, tile), *(_ptr(t) for t in bufs),
+                          _ptr(run[0]) if run else None, _ptr(run[1]) if run else None, float(momentum),
+                          _ptr(X), _ptr(Y), _ptr(ix), _ptr(lr), _ptr(losses),
+                          _ptr(grads_out) if grads_out is not None else None)
+    for t, b in zip(p.tensors(), bufs):
+        if b is not t:
+            t.copy_(b)
+    if run:
+        for t, b in zip((bn_running.mean, bn_running.var), run):
+            if b is not t:
+                t.copy_(b)
+    if status in (-2, -3):
+        raise RuntimeError("fast path: " + ("unsupported dimensions" if status == -2 else "out of memory"))
+    return losses, int(status)
+
+
+def make_steps_fn(lib: ctypes.CDLL, tile: int = 0) -> Callable:
+    """The steps function of train.py's contract, running on the native library.
+    tile > 0 turns on activation checkpointing with that many rows per recompute tile."""
+    from handgrad.train import NonFiniteError  # train imports fast lazily; no cycle at import time
+
+    def fast_steps(p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
+                   lrs: Tensor, momentum: float, batchnorm: bool) -> Tensor:
+        """Run K = len(idx) SGD steps in place in native code (see train.eager_steps for the contract)."""
+        if not batchnorm:
+            raise ValueError("the fast path implements the batchnorm model only")
+        losses, status = _run(lib, p, bn_running, Xtr, Ytr, idx, lrs, momentum, tile, None)
+        if status >= 0:
+            raise NonFiniteError(status // 8, GRAD_NAMES[status % 8])
+        return losses
+
+    fast_steps.tile = tile  # type: ignore[attr-defined]
+    return fast_steps
+
+
+def load_fast_steps(cfg: ModelConfig, dtype: torch.dtype, tile: int = 0) -> tuple[Callable | None, str]:
+    """(steps_fn, "") when the fast path can run this configuration, else (None, one-line reason)."""
+    if dtype != torch.float32:
+        return None, f"the fast path is float32 only (got {str(dtype).replace('torch.', '')})"
+    if not cfg.batchnorm:
+        return None, "the fast path implements the batchnorm model only"
+    if cfg.vocab_size > 128:
+        return None, f"the fast path supports vocab_size <= 128 (got {cfg.vocab_size})"
+    try:
+        lib = load_library()
+    except FastUnavailable as e:
+        return None, str(e)
+    return make_steps_fn(lib, tile), ""
+
+
+def fast_grads(p: Params, X: Tensor, Y: Tensor, tile: int = 0) -> tuple[float, Params]:
+    """One step's loss and gradients from the native code, for the batch X (N, T), Y (N,);
+    p is not modified. Returns (loss, grads) with grads as a Params of gradients."""
+    lib = load_library()
+    V, E = p.C.shape
+    TE, H = p.W1.shape
+    sizes = [V * E, TE * H, H, H * V, V, H, H]
+    out = torch.zeros(sum(sizes), dtype=torch.float32)
+    idx = torch.arange(X.shape[0], dtype=torch.int64)[None]  # (1, N)
+    lrs = torch.zeros(1, dtype=torch.float64)  # (1,) unused: no update is made
+    losses, status = _run(lib, p.clone(), None, X, Y, idx, lrs, 0.0, tile, out)
+    parts = torch.split(out, sizes)
+    grads = Params(*(g.view(t.shape).clone() for g, t in zip(parts, p.tensors())))
+    return float(losses[0]), grads
+
+
+def workspace_bytes(cfg: ModelConfig, batch_size: int, tile: int = 0) -> int:
+    """Bytes the native step allocates for one call (padded parameters, gradients, activations)."""
+    lib = load_library()
+    dims = (ctypes.c_int * 7)(batch_size, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.vocab_size, tile, 1)
+    return int(lib.hg_workspace_bytes(dims))
