@@ -151,3 +151,49 @@ def test_atomic_backward_needs_no_autograd():
     with torch.inference_mode():
         grads = atomic.backward(p, X, Y, atomic.forward(p, X, Y))
     assert all(not g.requires_grad for _, g in grads.items())
+
+
+def replay_loss(p, X, Y, target, value):
+    """The atomic forward again, step by step, with the intermediate `target` replaced by `value`
+    and everything after it recomputed from it: its finite differences give d loss / d target."""
+    n = X.shape[0]
+    steps = [
+        ("emb", lambda e: p.C[X]),
+        ("embcat", lambda e: e["emb"].view(n, -1)),
+        ("hprebn", lambda e: e["embcat"] @ p.W1 + p.b1),
+        ("bnmeani", lambda e: 1 / n * e["hprebn"].sum(0, keepdim=True)),
+        ("bndiff", lambda e: e["hprebn"] - e["bnmeani"]),
+        ("bndiff2", lambda e: e["bndiff"] ** 2),
+        ("bnvar", lambda e: 1 / (n - 1) * e["bndiff2"].sum(0, keepdim=True)),
+        ("bnvar_inv", lambda e: (e["bnvar"] + ops.BN_EPS) ** -0.5),
+        ("bnraw", lambda e: e["bndiff"] * e["bnvar_inv"]),
+        ("hpreact", lambda e: p.bngain * e["bnraw"] + p.bnbias),
+        ("h", lambda e: torch.tanh(e["hpreact"])),
+        ("logits", lambda e: e["h"] @ p.W2 + p.b2),
+        ("logit_maxes", lambda e: e["logits"].max(1, keepdim=True).values),
+        ("norm_logits", lambda e: e["logits"] - e["logit_maxes"]),
+        ("counts", lambda e: e["norm_logits"].exp()),
+        ("counts_sum", lambda e: e["counts"].sum(1, keepdim=True)),
+        ("counts_sum_inv", lambda e: e["counts_sum"] ** -1),
+        ("probs", lambda e: e["counts"] * e["counts_sum_inv"]),
+        ("logprobs", lambda e: e["probs"].log()),
+    ]
+    env = {}
+    for name, fn in steps:
+        env[name] = value if name == target else fn(env)
+    return -env["logprobs"][torch.arange(n), Y].mean()
+
+
+@pytest.mark.parametrize("shape, seed", [(SHAPES[0], 0), (SHAPES[1], 1)])
+def test_every_atomic_intermediate_gradient_matches_finite_differences(shape, seed):
+    p, X, Y = problem(*shape, seed, torch.float64)
+    f = atomic.forward(p, X, Y)
+    grads = atomic.backward(p, X, Y, f)
+    assert torch.equal(replay_loss(p, X, Y, None, None), f.loss)  # the replay is the same forward
+    names = {name for name, _ in f.differentiable()}
+    for name, g in grads.items():
+        if name in names:
+            x = getattr(f, name).clone()
+            res = check.finite_differences(lambda: replay_loss(p, X, Y, name, x), x, g, name,  # noqa: B023
+                                           max_elements=128, seed=seed)
+            assert res.passed, (name, res.worst_ratio, res.diagnosis)
