@@ -326,3 +326,18 @@ def test_the_readme_example_script_runs_and_reports_pass(capsys, monkeypatch):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.count("PASSED") == 2 and "FAIL" not in out
+
+
+def test_a_backward_that_returns_none_for_an_input_fails_with_a_message():
+    def backward(dout, cache):
+        dx, dW, _ = ops.linear_backward(dout, cache)
+        return dx, dW, None
+    report = check.check_backward(ops.linear_forward, backward, linear_inputs())
+    assert not report.passed and "no gradient" in row(report, "b").diagnosis
+    assert "no gradient" in report.sections[1].rows[2].diagnosis
+
+
+def test_a_float32_rounding_difference_is_not_mistaken_for_a_wrong_formula():
+    r = randn(16, 16).float()
+    text = check.diagnose(r * (1 + 1e-6), r, tol=check.Tolerance(rtol=1e-9, atol=0.0))
+    assert "rounding" in text

@@ -121,6 +121,11 @@ def _values_diagnosis(m: Tensor, r: Tensor, tol: Tolerance, sizes: Mapping[str, 
         fit = float(((m.double() - k * r.double()).norm()) / max(float(m.double().norm()), 1e-300))
         if fit <= 1e-5 and abs(k - 1) > 1e-5:
             return _describe_scale(k, sizes)
+    scale = float(r.abs().max())
+    rel = float((m - r).abs().max()) / scale if scale > 0 else math.inf
+    if rel < 1e-4:
+        return (f"close (max relative error {rel:.1e}) but outside {tol}: probably a rounding-order "
+                "difference rather than a wrong formula (compare in float64, or loosen the tolerance)")
     if m.dim() >= 1 and m.shape[0] > 1:
         ok = (m - r).abs() <= tol.atol + tol.rtol * r.abs()  # (R, ...)
         bad = {i for i in range(m.shape[0]) if not bool(ok[i].all())}
@@ -208,6 +213,9 @@ def compare(name: str, manual: Tensor, reference: Tensor, tol: Tolerance | None 
     """The lecture's cmp, shape-strict: a gradient whose shape differs from its tensor's fails even
     when it would broadcast. `tol` defaults to AUTOGRAD_TOL for the reference's dtype."""
     tol = tol or autograd_tolerance(reference.dtype)
+    if not isinstance(manual, Tensor):
+        return Comparison(name, (), tuple(reference.shape), False, False, math.nan, math.nan, tol,
+                          f"no gradient: the backward returned {type(manual).__name__}, not a Tensor")
     manual, reference = manual.detach(), reference.detach()
     same = tuple(manual.shape) == tuple(reference.shape)
     if same or manual.numel() == reference.numel():
@@ -256,6 +264,9 @@ def finite_differences(fn: Callable[[], Tensor], x: Tensor, analytic: Tensor, na
     `index` feed the diagnosis (see diagnose)."""
     if x.dtype != torch.float64:
         raise TypeError(f"finite differences need a float64 tensor, got {x.dtype}")
+    if not isinstance(analytic, Tensor):
+        return FDResult(name, (), 0, x.numel(), 0, math.nan, math.inf, tol,
+                        f"no gradient: the backward returned {type(analytic).__name__}, not a Tensor")
     if tuple(analytic.shape) != tuple(x.shape):
         msg = _shape_diagnosis(analytic, torch.zeros_like(x), tol, sizes or {}, ())
         return FDResult(name, tuple(analytic.shape), 0, x.numel(), 0, math.nan, math.inf, tol, msg)
