@@ -574,9 +574,9 @@ def _lecture_fd(p: Params, X: Tensor, Y: Tensor, backward: Callable[..., atomic.
         return ops.cross_entropy_forward(logits, Y)[0]
     rows.append(finite_differences(loss_from_hprebn, hprebn, dhprebn, "hprebn (ops.batchnorm_backward)",
                                    seed=seed, sizes=sizes))
-    return Section(f"finite differences (float64, central, eps={FD_EPS:g}; pass |a-n| <= atol + rtol*|n| "
-                   f"with {FD_TOL}; tensors over {FD_MAX_ELEMENTS} elements: a seeded sample plus "
-                   f"{FD_DIRECTIONS} random directions)", rows)
+    return Section(f"finite differences, float64, no autograd (central, eps={FD_EPS:g}; pass |a-n| <= "
+                   f"atol + rtol*|n| with {FD_TOL})\ntensors over {FD_MAX_ELEMENTS} elements: a seeded "
+                   f"sample of {FD_MAX_ELEMENTS} plus {FD_DIRECTIONS} random unit directions", rows)
 
 
 def lecture_batch(seed: int, dtype: torch.dtype = torch.float32,
