@@ -1,8 +1,13 @@
 """Shared fixtures: the bundled names split once per session, and small random problems."""
 
 import pytest
+import torch
 
 from handgrad import data
+
+# The tests' tensors are tiny: one thread avoids contention on a shared 2-core machine (where two
+# threads made small ops hundreds of times slower), as the CLI's --threads 1 default does.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -104,6 +105,8 @@ def _add_train_parser(sub) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--samples", type=int, default=10, help="names to sample at the end (default %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bar (for scripts)")
+    g.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads (default %(default)s: the "
+                   "step's tensors are tiny, and more threads only add overhead)")
     g.add_argument("--verify-autograd", type=int, metavar="STEPS", help="instead of training: run STEPS "
                    "steps with the hand-written gradients and with autograd from the same init on the same "
                    "batches, and print how far the two loss curves ever are apart")
@@ -157,6 +160,9 @@ def warn(msg: str) -> None:
 
 
 def _cmd_train(args) -> int:
+    if args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: expected a positive number of threads")
+    torch.set_num_threads(args.threads)
     if args.resume:
         ck, splits = _resume(args, warn)
         mcfg, tcfg, state = ck.model_config, ck.train_config, ck.state
@@ -455,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, UsageError) as e:
         _err(str(e))
         return 2
+    except BrokenPipeError:  # `handgrad check | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except RuntimeError as e:
         if "fast engine is unavailable" in str(e):
             _err(str(e))
