@@ -143,10 +143,10 @@ def _ptr(t: Tensor) -> int:
     return t.data_ptr()
 
 
-def _dims(p: Params, B: int, T: int, K: int, tile: int) -> ctypes.Array:
+def _dims(p: Params, B: int, T: int, K: int, tile: int, n: int) -> ctypes.Array:
     V, E = p.C.shape
     H = p.W1.shape[1]
-    return (ctypes.c_int * 7)(B, T, E, H, V, tile, K)
+    return (ctypes.c_int * 8)(B, T, E, H, V, tile, K, n)
 
 
 def _run(lib: ctypes.CDLL, p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
@@ -161,17 +161,14 @@ def _run(lib: ctypes.CDLL, p: Params, bn_running: BNStats | None, Xtr: Tensor, Y
     K, B = ix.shape
     if lr.shape[0] != K:
         raise ValueError(f"lrs has {lr.shape[0]} entries for {K} steps")
-    if K and (int(ix.min()) < 0 or int(ix.max()) >= X.shape[0]):
-        raise IndexError("idx holds row indices outside Xtr")
-    V = p.C.shape[0]
-    if X.numel() and (int(X.min()) < 0 or int(X.max()) >= V or int(Y.min()) < 0 or int(Y.max()) >= V):
-        raise IndexError(f"Xtr/Ytr hold character ids outside [0, {V})")
+    if Y.shape[0] != X.shape[0]:
+        raise ValueError(f"Xtr has {X.shape[0]} rows but Ytr {Y.shape[0]}")
     bufs = [t if t.is_contiguous() else t.contiguous() for t in p.tensors()]
     run = None
     if bn_running is not None:
         run = [t if t.is_contiguous() else t.contiguous() for t in (bn_running.mean, bn_running.var)]
     losses = torch.empty(K, dtype=torch.float64)  # (K,)
-    status = lib.hg_steps(_dims(p, B, X.shape[1], K, tile), *(_ptr(t) for t in bufs),
+    status = lib.hg_steps(_dims(p, B, X.shape[1], K, tile, X.shape[0]), *(_ptr(t) for t in bufs),
                           _ptr(run[0]) if run else None, _ptr(run[1]) if run else None, float(momentum),
                           _ptr(X), _ptr(Y), _ptr(ix), _ptr(lr), _ptr(losses),
                           _ptr(grads_out) if grads_out is not None else None)
@@ -182,6 +179,9 @@ def _run(lib: ctypes.CDLL, p: Params, bn_running: BNStats | None, Xtr: Tensor, Y
         for t, b in zip((bn_running.mean, bn_running.var), run):
             if b is not t:
                 t.copy_(b)
+    if status == -4:
+        raise IndexError("fast path: idx holds a row outside Xtr, or Xtr/Ytr a character id outside the "
+                         "vocabulary (parameters hold the state before that step)")
     if status in (-2, -3):
         raise RuntimeError("fast path: " + ("unsupported dimensions" if status == -2 else "out of memory"))
     return losses, int(status)
@@ -240,5 +240,6 @@ def fast_grads(p: Params, X: Tensor, Y: Tensor, tile: int = 0) -> tuple[float, P
 def workspace_bytes(cfg: ModelConfig, batch_size: int, tile: int = 0) -> int:
     """Bytes the native step allocates for one call (padded parameters, gradients, activations)."""
     lib = load_library()
-    dims = (ctypes.c_int * 7)(batch_size, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.vocab_size, tile, 1)
+    dims = (ctypes.c_int * 8)(batch_size, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.vocab_size,
+                              tile, 1, 1)
     return int(lib.hg_workspace_bytes(dims))

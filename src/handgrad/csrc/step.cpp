@@ -294,6 +294,17 @@ static void scatter_dC(const Dims& d, const float* dembcat, const int64_t* X, co
     }
 }
 
+// idx rows inside [0, n), characters inside [0, V): checked per step on the rows it uses
+static bool indices_ok(const Dims& d, const int64_t* X, const int64_t* Y, const int64_t* ix, long n) {
+    for (int b = 0; b < d.B; ++b) {
+        int64_t r = ix[b];
+        if (r < 0 || r >= n || Y[r] < 0 || Y[r] >= d.V) return false;
+        for (int t = 0; t < d.T; ++t)
+            if (X[r * d.T + t] < 0 || X[r * d.T + t] >= d.V) return false;
+    }
+    return true;
+}
+
 static bool nonfinite(const float* p, long n) {
     v16 acc = vset1(0.0f);
     long i = 0;
@@ -445,19 +456,20 @@ long hg_workspace_bytes(const int* dims) {
     return (long)layout(d, a, nullptr, nullptr, nullptr) + 64;
 }
 
-// K SGD steps in place. dims = {B, T, E, H, V, tile (0: keep all activations), K}.
+// K SGD steps in place. dims = {B, T, E, H, V, tile (0: keep all activations), K, n rows of X}.
 // params: C (V,E) W1 (TE,H) b1 (H) W2 (H,V) b2 (V) gain (H) bias (H), contiguous float32.
 // run_mean/run_var (H) or null. X (n,T) Y (n) idx (K,B) int64; lrs (K) float64; losses (K) out.
 // grads_out (null, or K == 1: no update, the gradients written unpadded in the order above).
 // Returns -1 on success, k*8 + which (0 loss, 1 dC, 2 dW1, 3 db1, 4 dW2, 5 db2, 6 dbngain,
 // 7 dbnbias) at the first non-finite step k (parameters hold the state before that step), or
-// -2 (bad dims), -3 (out of memory).
+// -2 (bad dims), -3 (out of memory), -4 (an index out of range; parameters hold the state
+// before that step).
 long hg_steps(const int* dims, float* C, float* W1, float* b1, float* W2, float* b2, float* gain, float* bias,
               float* run_mean, float* run_var, double momentum, const int64_t* X, const int64_t* Y,
               const int64_t* idx, const double* lrs, double* losses, float* grads_out) {
     Dims d;
     if (!make_dims(dims, d)) return -2;
-    const long K = dims[6];
+    const long K = dims[6], nrows = dims[7];
     Arena a;
     size_t bytes = layout(d, a, nullptr, nullptr, nullptr) + 64;
     a.base = static_cast<char*>(aligned_alloc(64, (bytes + 63) / 64 * 64));
@@ -473,6 +485,7 @@ long hg_steps(const int* dims, float* C, float* W1, float* b1, float* W2, float*
     long status = -1;
     for (long k = 0; k < K; ++k) {
         const int64_t* ix = idx + k * d.B;
+        if (!indices_ok(d, X, Y, ix, nrows)) { status = -4; break; }
         double loss = forward_backward(d, n, g, s, X, Y, ix);
         losses[k] = loss;
         int bad = 0;
