@@ -336,6 +336,35 @@ def _cmd_check(args) -> int:
 
 
 # ---- bench (owned by the fast path)
+def _cmd_bench(args) -> int:
+    from handgrad import bench
+
+    for name in ("batch_size", "n_hidden", "steps", "threads"):
+        if getattr(args, name) < (2 if name == "batch_size" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer (batch size >= 2)")
+    progress = None if args.json else (lambda s: print(f"timing {s} ...", file=sys.stderr, flush=True))
+    result = bench.run_bench(batch_size=args.batch_size, n_hidden=args.n_hidden, steps=args.steps,
+                             threads=args.threads, large_batch=args.large_batch, compile=not args.no_compile,
+                             progress=progress)
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time one training step: fast, eager, autograd, GEMM floor",
+                       description="Time the training step of every engine in one process on the same data "
+                       "(median per step after warm-up) and report the ratio of each to the fast path, then "
+                       "examples per second at a large batch.")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default %(default)s)")
+    p.add_argument("--n-hidden", type=int, default=200, help="hidden units (default %(default)s)")
+    p.add_argument("--steps", type=int, default=5000, help="timed steps per engine (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s; the native "
+                   "step is single-threaded)")
+    p.add_argument("--large-batch", type=int, default=4096, help="batch of the examples/second table "
+                   "(0 skips it; default %(default)s)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_bench)
 # ---- end bench
 
 
@@ -440,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the init and the batch (default %(default)s)")
     p.set_defaults(func=_cmd_check)
     # ---- bench: parser (owned by the fast path)
+    _add_bench_parser(sub)
     # ---- end bench: parser
     # ---- diagnose: parser (owned by diagnostics)
     p = sub.add_parser("diagnose", help="gradient-health plots, sanity checks and warnings for a checkpoint",
