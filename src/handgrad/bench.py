@@ -46,22 +46,22 @@ class BenchResult:
         lines = [f"handgrad bench: batch {c['batch_size']}, n_hidden {c['n_hidden']}, n_embd {c['n_embd']}, "
                  f"block {c['block_size']}, vocab {c['vocab_size']}, {c['threads']} thread(s), "
                  f"median of {c['steps']} steps; {self.machine}",
-                 f"{'engine':<24} {'us/step':>9} {'x fast':>8}  what",
+                 f"{'engine':<27} {'us/step':>9} {'x fast':>8}  what",
                  "-" * 100]
         for r in self.rows:
             if r.us_per_step is None:
-                lines.append(f"{r.name:<24} {'-':>9} {'-':>8}  {r.note}")
+                lines.append(f"{r.name:<27} {'-':>9} {'-':>8}  {r.note}")
             else:
                 x = f"{r.us_per_step / fast_us:.2f}" if fast_us else "-"
-                lines.append(f"{r.name:<24} {r.us_per_step:>9.1f} {x:>8}  {r.note}")
+                lines.append(f"{r.name:<27} {r.us_per_step:>9.1f} {x:>8}  {r.note}")
         if self.large:
             lines += ["", f"large batch {self.large_batch}: examples per second",
-                      f"{'engine':<24} {'ex/s':>12} {'ms/step':>9}", "-" * 48]
+                      f"{'engine':<27} {'ex/s':>12} {'ms/step':>9}", "-" * 48]
             for r in self.large:
                 if r.us_per_step is None:
-                    lines.append(f"{r.name:<24} {'-':>12} {'-':>9}  {r.note}")
+                    lines.append(f"{r.name:<27} {'-':>12} {'-':>9}  {r.note}")
                 else:
-                    lines.append(f"{r.name:<24} {self.large_batch / r.us_per_step * 1e6:>12,.0f} "
+                    lines.append(f"{r.name:<27} {self.large_batch / r.us_per_step * 1e6:>12,.0f} "
                                  f"{r.us_per_step / 1e3:>9.2f}")
         return "\n".join(lines)
 
@@ -103,6 +103,24 @@ def _autograd_step_fn(p0: Params, Xtr: Tensor, Ytr: Tensor, lr: float) -> Callab
         return loss
 
     return step
+
+
+def _handwritten_step_fn(p0: Params, Xtr: Tensor, Ytr: Tensor, lr: float) -> Callable[[Tensor], Tensor]:
+    """One eager hand-written step (forward, backward, SGD) as a function, for torch.compile."""
+    p = p0.clone()
+
+    def step(ix: Tensor) -> Tensor:
+        with torch.no_grad():
+            loss, acts = model.forward(p, Xtr[ix], Ytr[ix])
+            model.sgd_update(p, model.backward(p, acts), lr)
+        return loss
+
+    return step
+
+
+def _unavailable(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+    return f"unavailable: {type(e).__name__}: {msg}"
 
 
 def _gemm_floor_fn(cfg: ModelConfig, B: int) -> Callable[[], None]:
@@ -191,8 +209,15 @@ def _engines(cfg: ModelConfig, splits: data.Splits, B: int, steps: int, compile_
             us = _time_steps(cstep, idx, warmup=50)
             rows.append(Row("autograd torch.compile", us, "the same step under torch.compile (default mode)"))
         except Exception as e:  # noqa: BLE001 - any compiler failure makes the row unavailable
-            msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-            rows.append(Row("autograd torch.compile", None, f"unavailable: {type(e).__name__}: {msg}"))
+            rows.append(Row("autograd torch.compile", None, _unavailable(e)))
+        progress("hand-written, torch.compile")
+        try:
+            hstep = torch.compile(_handwritten_step_fn(p0, Xtr, Ytr, lr))
+            us = _time_steps(hstep, idx, warmup=50)
+            rows.append(Row("hand-written torch.compile", us, "model.forward/backward/sgd_update under "
+                            "torch.compile (a candidate for the fast path)"))
+        except Exception as e:  # noqa: BLE001
+            rows.append(Row("hand-written torch.compile", None, _unavailable(e)))
     else:
         rows.append(Row("autograd torch.compile", None, "not run (--no-compile)"))
 
