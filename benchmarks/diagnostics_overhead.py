@@ -6,7 +6,7 @@ same batches, same engine (the one train selects; --engine to force one). The ra
 medians is printed, and the collector's own cost per measurement timed directly (less noisy).
 Writing the PNGs (once, at the end of a run) is timed separately.
 
-    .venv/bin/python benchmarks/diagnostics_overhead.py [--steps 20000] [--every 1000] [--repeats 3]
+    .venv/bin/python benchmarks/diagnostics_overhead.py [--steps 20000] [--every 5000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from handgrad.train import TrainConfig
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20_000)
-    ap.add_argument("--every", type=int, default=1000, help="diagnostics interval (default %(default)s)")
+    ap.add_argument("--every", type=int, default=diagnostics.DiagConfig().every,
+                    help="diagnostics interval (default %(default)s, the default of train --diagnostics)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engine", choices=train.ENGINES, default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

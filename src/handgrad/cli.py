@@ -117,7 +117,7 @@ def _add_train_parser(sub) -> None:
                    "during training (hand-written backward, no autograd); write PNGs and diagnostics.json "
                    "into OUT/diagnostics/ and print warnings")
     g.add_argument("--diag-every", type=int, metavar="N", help="steps between measurements, a multiple of "
-                   "--chunk-steps (default 1000; implies --diagnostics)")
+                   "--chunk-steps (default 5000; implies --diagnostics)")
     # ---- end diagnose: train flags
 
 
@@ -387,7 +387,7 @@ class _TrainDiagnostics:
     def __init__(self, args, splits, mcfg, tcfg, state, out: Path):
         from handgrad import diagnostics
 
-        every = args.diag_every if args.diag_every is not None else 1000
+        every = args.diag_every if args.diag_every is not None else diagnostics.DiagConfig().every
         if every < 1 or every % tcfg.chunk_steps:
             raise UsageError(f"--diag-every {every}: must be a positive multiple of --chunk-steps "
                              f"({tcfg.chunk_steps})")
