@@ -235,3 +235,15 @@ def test_missing_compiler_falls_back_to_eager_with_a_warning(tmp_path, monkeypat
 def test_auto_engine_selects_fast():
     steps_fn, name, warning = train.select_engine(ModelConfig(), TrainConfig())
     assert name == "fast" and warning == ""
+
+
+def test_unwritable_cache_falls_back(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("HANDGRAD_CACHE", str(blocker / "cache"))
+    fast._reset_for_tests()
+    try:
+        fn, reason = fast.load_fast_steps(ModelConfig(), torch.float32)
+        assert fn is None and "cache" in reason
+    finally:
+        fast._reset_for_tests()

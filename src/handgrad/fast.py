@@ -123,7 +123,10 @@ def load_library() -> ctypes.CDLL:
         if _lib is not None:
             return _lib
         try:
-            path = build()
+            try:
+                path = build()
+            except OSError as e:  # unreadable source, unwritable cache, ...
+                raise FastUnavailable(f"cannot build the native step: {e}") from None
             try:
                 _lib = _bind(ctypes.CDLL(str(path)))
             except OSError as e:
