@@ -316,8 +316,8 @@ static bool nonfinite(const float* p, long n) {
 }
 
 static void transpose(const float* src, long rows, long cols, long lds, float* dst, long ldd) {
-    for (long r = 0; r < rows; ++r)
-        for (long c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+    for (long c = 0; c < cols; ++c)  // contiguous writes, strided reads from L1: measured faster
+        for (long r = 0; r < rows; ++r) dst[c * ldd + r] = src[r * lds + c];
 }
 
 static void axpy(float* p, const float* g, long n, float lr) {
