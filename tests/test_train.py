@@ -90,3 +90,15 @@ def test_resumed_chunks_draw_the_same_batches_as_one_run(names_splits):
     rest = train.train(names_splits, mcfg, tcfg, half)
     assert torch.equal(whole.losses, rest.losses)
     assert all(torch.equal(a, b) for a, b in zip(whole.params.tensors(), rest.params.tensors()))
+
+
+def test_activation_checkpointing_trains_like_keeping_all_activations(names_splits):
+    fast = pytest.importorskip("handgrad.fast")
+    mcfg = ModelConfig(vocab_size=len(names_splits.vocab))
+    if fast.load_fast_steps(mcfg, torch.float32)[0] is None:
+        pytest.skip("the fast engine is unavailable here")
+    runs = [train.train(names_splits, mcfg, TrainConfig(steps=300, batch_size=256, engine="fast",
+                                                        recompute_tile=tile)) for tile in (0, 64)]
+    assert (runs[0].losses - runs[1].losses).abs().max().item() < 1e-4
+    assert train.select_engine(mcfg, TrainConfig(engine="eager", recompute_tile=64))[2].startswith(
+        "activation checkpointing")

@@ -61,7 +61,8 @@ MODEL_FLAGS = {"n_embd": "--n-embd", "n_hidden": "--n-hidden", "block_size": "--
                "batchnorm": "--no-batchnorm", "w1_scale": "--w1-scale"}
 TRAIN_FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "lr_decay_step": "--lr-decay-step",
                "lr_decayed": "--lr-decayed", "seed": "--seed", "split_seed": "--split-seed",
-               "bn_stats": "--bn-stats", "dtype": "--dtype", "chunk_steps": "--chunk-steps"}
+               "bn_stats": "--bn-stats", "dtype": "--dtype", "chunk_steps": "--chunk-steps",
+               "recompute_tile": "--recompute-tile"}
 
 
 def _add_train_parser(sub) -> None:
@@ -100,6 +101,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--engine", choices=train.ENGINES, default="auto", help="auto: the fused native step, "
                    "falling back to eager with a warning (default); fast; eager")
     g.add_argument("--chunk-steps", type=int, help=f"steps per engine call (default {d.chunk_steps})")
+    g.add_argument("--recompute-tile", type=int, metavar="ROWS", help="activation checkpointing (fast "
+                   "engine): keep only embcat and recompute the hidden activations in backward, ROWS rows "
+                   "at a time; saves memory at large --batch-size (default 0: keep all)")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="steps between checkpoints (default %(default)s)")
     g = p.add_argument_group("output")

@@ -35,11 +35,16 @@ class TrainConfig:
     dtype: str = "float32"  # "float32" or "float64"
     chunk_steps: int = 1000  # steps per engine call; progress and checkpoints happen between chunks
     checkpoint_every: int = 10_000  # steps between checkpoints (a multiple of chunk_steps is exact)
+    recompute_tile: int = 0  # activation checkpointing (fast engine): if > 0, keep only embcat and
+    # per-feature statistics, and recompute the rest in backward in tiles of this many rows
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "chunk_steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.recompute_tile < 0:
+            raise ValueError(f"recompute_tile must be 0 (off) or a positive number of rows, "
+                             f"got {self.recompute_tile}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (batchnorm's n-1), got {self.batch_size}")
         if self.bn_stats not in BN_STATS:
@@ -87,7 +92,7 @@ def eager_steps(p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor,
         losses[k] = loss
         if not torch.isfinite(losses[k]):
             raise NonFiniteError(k, "loss")
-        finite = torch.stack([g.sum() for g in grads.tensors()]).isfinite()  # (7,) a NaN/inf poisons a sum
+        finite = torch.stack([(g * 0).sum() for g in grads.tensors()]).isfinite()  # (7,) x*0 is NaN iff x is
         if not bool(finite.all()):
             raise NonFiniteError(k, "d" + grads.items()[int((~finite).nonzero()[0])][0])
         model.sgd_update(p, grads, float(lrs[k]))
@@ -100,13 +105,14 @@ def select_engine(mcfg: ModelConfig, tcfg: TrainConfig) -> tuple[StepsFn, str, s
     """Pick the step engine: returns (steps_fn, name, warning). The warning is "" unless engine
     "auto" had to fall back to the eager path; engine "fast" raises RuntimeError instead."""
     if tcfg.engine == "eager":
-        return eager_steps, "eager", ""
+        return eager_steps, "eager", ("activation checkpointing (recompute_tile) needs the fast engine; "
+                                      "ignored" if tcfg.recompute_tile else "")
     try:
         from handgrad import fast  # the native step; may be unavailable (no compiler, ...)
     except ImportError as e:
         fn, reason = None, f"cannot import handgrad.fast: {e}"
     else:
-        fn, reason = fast.load_fast_steps(mcfg, tcfg.torch_dtype)
+        fn, reason = fast.load_fast_steps(mcfg, tcfg.torch_dtype, tile=tcfg.recompute_tile)
     if fn is not None:
         return fn, "fast", ""
     if tcfg.engine == "fast":
