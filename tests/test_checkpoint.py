@@ -15,7 +15,7 @@ from handgrad.train import TrainConfig
 
 def _run(splits, steps, **kw):
     mcfg = ModelConfig(vocab_size=len(splits.vocab))
-    tcfg = TrainConfig(steps=steps, engine="eager", chunk_steps=100, **kw)
+    tcfg = TrainConfig(**{"steps": steps, "engine": "eager", "chunk_steps": 100, **kw})
     return mcfg, tcfg, train.train(splits, mcfg, tcfg)
 
 
@@ -33,9 +33,10 @@ def test_save_then_load_round_trips_every_tensor(names_splits, tmp_path):
     assert len(list(tmp_path.glob("model-*.safetensors"))) == 1
 
 
-def test_resume_from_a_checkpoint_is_bit_identical(names_splits, tmp_path):
-    mcfg, tcfg, whole = _run(names_splits, 600)
-    _, tcfg_half, half = _run(names_splits, 300)
+@pytest.mark.parametrize("engine", ["eager", "auto"])  # auto: the fast engine where it can be built
+def test_resume_from_a_checkpoint_is_bit_identical(names_splits, tmp_path, engine):
+    mcfg, tcfg, whole = _run(names_splits, 600, engine=engine)
+    _, tcfg_half, half = _run(names_splits, 300, engine=engine)
     checkpoint.save(tmp_path, Checkpoint(mcfg, tcfg_half, names_splits.vocab, None, half, None, {}))
     ck = checkpoint.load(tmp_path)
     resumed = train.train(names_splits, mcfg, tcfg, ck.state)
