@@ -32,7 +32,6 @@ GRAD_NAMES = ("loss", "dC", "dW1", "db1", "dW2", "db2", "dbngain", "dbnbias")  #
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
-_lib_error: str = ""
 
 
 class FastUnavailable(RuntimeError):
@@ -118,30 +117,26 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def load_library() -> ctypes.CDLL:
     """Build (once per process and source) and load the native step; raises FastUnavailable."""
-    global _lib, _lib_error
+    global _lib
     with _lock:
         if _lib is not None:
             return _lib
         try:
-            try:
-                path = build()
-            except OSError as e:  # unreadable source, unwritable cache, ...
-                raise FastUnavailable(f"cannot build the native step: {e}") from None
-            try:
-                _lib = _bind(ctypes.CDLL(str(path)))
-            except OSError as e:
-                raise FastUnavailable(f"cannot load {path}: {e}") from None
-        except FastUnavailable as e:
-            _lib_error = str(e)
-            raise
+            path = build()
+        except OSError as e:  # unreadable source, unwritable cache, ...
+            raise FastUnavailable(f"cannot build the native step: {e}") from None
+        try:
+            _lib = _bind(ctypes.CDLL(str(path)))
+        except OSError as e:
+            raise FastUnavailable(f"cannot load {path}: {e}") from None
         return _lib
 
 
 def _reset_for_tests() -> None:
     """Forget the loaded library so the next load builds again (tests of the fallback)."""
-    global _lib, _lib_error
+    global _lib
     with _lock:
-        _lib, _lib_error = None, ""
+        _lib = None
 
 
 # ---------------------------------------------------------------------------- the steps function
@@ -208,7 +203,6 @@ def make_steps_fn(lib: ctypes.CDLL, tile: int = 0) -> Callable:
             raise NonFiniteError(status // 8, GRAD_NAMES[status % 8])
         return losses
 
-    fast_steps.tile = tile  # type: ignore[attr-defined]
     return fast_steps
 
 
