@@ -4,12 +4,13 @@ instead of by hand. Checking code only (verification mode and tests); training n
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from torch import Tensor
 
-from handgrad import model
-from handgrad.model import Activations, BNStats, Params
-from handgrad.train import NonFiniteError
+from handgrad import model, train
+from handgrad.model import Activations, Params
 
 
 def autograd_grads(p: Params, X: Tensor, Y: Tensor, batchnorm: bool = True
@@ -20,21 +21,10 @@ def autograd_grads(p: Params, X: Tensor, Y: Tensor, batchnorm: bool = True
         loss, acts = model.forward(leaves, X, Y, batchnorm)
         grads = torch.autograd.grad(loss, leaves.tensors(), allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(p.tensors(), grads)]
-    return loss.detach(), Params(*grads), acts
+    detached = {f.name: None if getattr(acts, f.name) is None else getattr(acts, f.name).detach()
+                for f in fields(acts)}  # no graph escapes (the running statistics read these)
+    return loss.detach(), Params(*grads), Activations(**detached)
 
 
-def autograd_steps(p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
-                   lrs: Tensor, momentum: float, batchnorm: bool) -> Tensor:
-    """A drop-in for train.eager_steps whose gradients come from autograd."""
-    losses = torch.empty(idx.shape[0], dtype=torch.float64)  # (K,)
-    for k in range(idx.shape[0]):
-        ix = idx[k]  # (B,)
-        loss, grads, acts = autograd_grads(p, Xtr[ix], Ytr[ix], batchnorm)
-        losses[k] = loss
-        if not torch.isfinite(losses[k]):
-            raise NonFiniteError(k, "loss")
-        with torch.no_grad():
-            model.sgd_update(p, grads, float(lrs[k]))
-            if bn_running is not None:
-                model.update_running(bn_running, acts, momentum)
-    return losses
+# A drop-in for train.eager_steps: the same SGD loop, with gradients from autograd.
+autograd_steps = train.sgd_steps(autograd_grads)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from handgrad import model
 from handgrad.data import Splits
-from handgrad.model import BNStats, ModelConfig, Params
+from handgrad.model import Activations, BNStats, ModelConfig, Params
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 BN_STATS = ("calibrate", "running")
@@ -79,26 +79,43 @@ class NonFiniteError(RuntimeError):
 StepsFn = Callable[[Params, "BNStats | None", Tensor, Tensor, Tensor, Tensor, float, bool], Tensor]
 
 
-def eager_steps(p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
-                lrs: Tensor, momentum: float, batchnorm: bool) -> Tensor:
-    """Run K = len(idx) SGD steps in place with the hand-written backward of model.py.
-    idx (K, B) row indices into Xtr/Ytr; lrs (K,) per-step learning rates. Returns losses (K,)
-    float64, each the loss before its step's update. Raises NonFiniteError(k, name)."""
-    losses = torch.empty(idx.shape[0], dtype=torch.float64)  # (K,)
-    for k in range(idx.shape[0]):
-        ix = idx[k]  # (B,)
-        loss, acts = model.forward(p, Xtr[ix], Ytr[ix], batchnorm)
-        grads = model.backward(p, acts)
-        losses[k] = loss
-        if not torch.isfinite(losses[k]):
-            raise NonFiniteError(k, "loss")
-        finite = torch.stack([(g * 0).sum() for g in grads.tensors()]).isfinite()  # (7,) x*0 is NaN iff x is
-        if not bool(finite.all()):
-            raise NonFiniteError(k, "d" + grads.items()[int((~finite).nonzero()[0])][0])
-        model.sgd_update(p, grads, float(lrs[k]))
-        if bn_running is not None:
-            model.update_running(bn_running, acts, momentum)
-    return losses
+GradFn = Callable[[Params, Tensor, Tensor, bool], "tuple[Tensor, Params, Activations]"]
+
+
+def hand_grads(p: Params, X: Tensor, Y: Tensor, batchnorm: bool) -> tuple[Tensor, Params, Activations]:
+    """Loss, gradients and activations of one batch, with the hand-written backward of model.py."""
+    loss, acts = model.forward(p, X, Y, batchnorm)
+    return loss, model.backward(p, acts), acts
+
+
+def sgd_steps(grad_fn: GradFn) -> StepsFn:
+    """A step engine that takes its gradients from grad_fn (hand_grads here; the autograd
+    reference in reference.py uses the same loop, so the two differ only in their gradients)."""
+
+    def steps(p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
+              lrs: Tensor, momentum: float, batchnorm: bool) -> Tensor:
+        """Run K = len(idx) SGD steps in place. idx (K, B) row indices into Xtr/Ytr; lrs (K,)
+        per-step learning rates. Returns losses (K,) float64, each the loss before its step's
+        update. Raises NonFiniteError(k, name) at the first non-finite loss or gradient."""
+        losses = torch.empty(idx.shape[0], dtype=torch.float64)  # (K,)
+        for k in range(idx.shape[0]):
+            ix = idx[k]  # (B,)
+            loss, grads, acts = grad_fn(p, Xtr[ix], Ytr[ix], batchnorm)
+            losses[k] = loss
+            if not torch.isfinite(losses[k]):
+                raise NonFiniteError(k, "loss")
+            finite = torch.stack([(g * 0).sum() for g in grads.tensors()]).isfinite()  # (7,) x*0 NaN iff x is
+            if not bool(finite.all()):
+                raise NonFiniteError(k, "d" + grads.items()[int((~finite).nonzero()[0])][0])
+            model.sgd_update(p, grads, float(lrs[k]))
+            if bn_running is not None:
+                model.update_running(bn_running, acts, momentum)
+        return losses
+
+    return steps
+
+
+eager_steps = sgd_steps(hand_grads)  # the eager engine: PyTorch ops, hand-written gradients
 
 
 def select_engine(mcfg: ModelConfig, tcfg: TrainConfig) -> tuple[StepsFn, str, str]:
