@@ -59,7 +59,9 @@ def test_fast_grads_match_float64_reference(shape, tile):
     cfg, p, X, Y = _problem(*shape)
     B = shape[0]
     Xb, Yb = X[:B], Y[:B]
+    before = p.clone()
     loss, grads = fast.fast_grads(p, Xb, Yb, tile=tile)
+    assert all(torch.equal(a, b) for a, b in zip(p.tensors(), before.tensors())), "fast_grads modified p"
     with torch.no_grad():
         ref_loss, acts = model.forward(p.to(torch.float64), Xb, Yb)
         ref = model.backward(p.to(torch.float64), acts)
