@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from torch import Tensor
 
 from handgrad import model, ops
+from handgrad.checkpoint import atomic_write_bytes
 from handgrad.model import ModelConfig, Params
 
 FORMAT = "handgrad-diagnostics"
@@ -443,18 +442,10 @@ def summary(history: list[Snapshot], checks: list[Check], warnings: list[DiagWar
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    """Write atomically: a temporary file in the same directory, then os.replace."""
+    """Write atomically (checkpoint.atomic_write_bytes: temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, (json.dumps(data, indent=1, allow_nan=False) + "\n").encode("utf-8"))
     return path
 
 

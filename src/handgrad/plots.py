@@ -1,13 +1,12 @@
 """PNG plots of training health, drawn with matplotlib's Agg canvas (no screen, no pyplot state) and
-written atomically (temporary file + os.replace). The pictures are the lecture's: Karpathy,
+written atomically (checkpoint.atomic_write_bytes). The pictures are the lecture's: Karpathy,
 "Building makemore Part 3" (activation/gradient histograms, update:data ratios with the 1e-3 guide,
 `plt.imshow(h.abs() > 0.99, cmap='gray')`) and "Part 4" (`plt.imshow(dlogits, cmap='gray')`).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from handgrad.checkpoint import atomic_write_bytes
 from handgrad.diagnostics import WEIGHTS, DiagConfig, ProbeTensors, Snapshot
 
 DPI = 100
@@ -32,17 +32,12 @@ def _figure(name: str) -> Figure:
 
 
 def save_png(fig: Figure, path: str | Path) -> Path:
-    """Render to a temporary file in the target directory, then rename over `path`."""
+    """Render in memory, then write atomically (checkpoint.atomic_write_bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
