@@ -133,6 +133,24 @@ def test_finite_differences_random_directions_catch_an_error_outside_the_sample(
     g[7, 7] += 1.0  # a single wrong element, almost surely not in a 10-element sample
     res = check.finite_differences(lambda: (x**2).sum(), x, g, "x", max_elements=10, seed=3)
     assert not res.passed
+    assert "every sampled element agrees" in res.diagnosis and "outside the sample" in res.diagnosis
+    assert "rounding" not in res.diagnosis  # not mistaken for a tolerance problem
+
+
+def test_finite_differences_diagnose_wrong_sampled_elements():
+    x = randn(100, 100)
+    g = 2 * x
+    g[:50] *= 3  # half the rows wrong: some of a 10-element sample are
+    res = check.finite_differences(lambda: (x**2).sum(), x, g, "x", max_elements=10, seed=3)
+    assert not res.passed and res.diagnosis.startswith("wrong on ") and "of 10 sampled elements" in res.diagnosis
+
+
+def test_finite_differences_fail_and_diagnose_a_nan_gradient():
+    x = randn(5)
+    g = 2 * x
+    g[2] = float("nan")
+    res = check.finite_differences(lambda: (x**2).sum(), x, g, "x")
+    assert not res.passed and "NaN" in res.diagnosis
 
 
 def test_finite_differences_refuse_float32():

@@ -301,19 +301,25 @@ def finite_differences(fn: Callable[[], Tensor], x: Tensor, analytic: Tensor, na
     vs = [v / v.norm() for v in vs]  # unit directions, shaped like x
     with _one_thread():
         num = torch.tensor([diff_quotient(eps, int(i)) for i in picks]
-                           + [diff_quotient(eps * v, None) for v in vs], dtype=torch.float64)  # (k,)
-    ana = torch.cat([a[picks], *[(a * v.reshape(-1)).sum().reshape(1) for v in vs]])  # (k,)
+                           + [diff_quotient(eps * v, None) for v in vs], dtype=torch.float64)  # (k + dirs,)
+    ana = torch.cat([a[picks], *[(a * v.reshape(-1)).sum().reshape(1) for v in vs]])  # (k + dirs,)
     err = (ana - num).abs()
     ratio = err / (tol.atol + tol.rtol * num.abs())
     worst = float(ratio.max()) if ratio.numel() else 0.0
+    k = len(picks)
     diag = ""
-    if worst > 1.0 and len(picks) == n:  # every element checked: diagnose the whole tensor
-        diag = _values_diagnosis(ana[:n].reshape(x.shape), num[:n].reshape(x.shape), tol, sizes or {}, index)
-    elif worst > 1.0:
-        diag = _values_diagnosis(ana[:len(picks)], num[:len(picks)], tol, sizes or {}, ())
-        if diag.startswith("correct"):  # rows of a flat sample are single elements: say it plainly
-            diag = f"wrong on {int((ratio[:len(picks)] > 1).sum())} of {len(picks)} sampled elements"
-    return FDResult(name, tuple(x.shape), len(picks), n, dirs, float(err.max()), worst, tol, diag)
+    if not worst <= 1.0:  # failed (NaN fails too)
+        bad = ~(ratio <= 1.0)  # (k + dirs,)
+        if k == n:  # every element checked: diagnose the whole tensor
+            diag = _values_diagnosis(ana.reshape(x.shape), num.reshape(x.shape), tol, sizes or {}, index)
+        elif bad[:k].any():  # a sampled element is wrong: diagnose the sample
+            diag = _values_diagnosis(ana[:k], num[:k], tol, sizes or {}, ())
+            if diag.startswith("correct"):  # rows of a flat sample are single elements: say it plainly
+                diag = f"wrong on {int(bad[:k].sum())} of {k} sampled elements"
+        else:  # only the random directions see it
+            diag = (f"every sampled element agrees, but {int(bad[k:].sum())} of {dirs} random directions "
+                    "do not: an element outside the sample is wrong")
+    return FDResult(name, tuple(x.shape), k, n, dirs, float(err.max()), worst, tol, diag)
 
 
 # ---------------------------------------------------------------------------- the report
