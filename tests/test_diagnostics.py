@@ -80,6 +80,8 @@ def test_non_finite_training_is_reported_with_step_and_tensor(names_splits):
     warnings = [w for w in c.warnings() if w.kind == "non_finite"]
     assert {w.layer for w in warnings} >= {"loss", "W2"}
     assert any(w.step == 0 for w in warnings) and "learning rate" in warnings[0].advice
+    assert c.failure == (0, "loss")  # recorded by watch() from the NonFiniteError training raised
+    assert any(w.layer == "loss" and "stopped training" in w.message for w in warnings)
 
 
 def test_a_single_bad_snapshot_is_noise_not_a_warning(names_splits):
@@ -89,6 +91,23 @@ def test_a_single_bad_snapshot_is_noise_not_a_warning(names_splits):
     for s in c.history[2:5]:
         s.acts["h"].saturated = 0.9
     assert [w.kind for w in c.warnings()] == ["saturation"]
+
+
+def test_gradient_explosion_between_layers_and_over_time_is_caught(names_splits):
+    import copy
+
+    c, _ = _run(names_splits, steps=500, every=100)
+    assert c.warnings() == []
+    layers, growth = copy.deepcopy(c.history), copy.deepcopy(c.history)
+    for s in layers[2:5]:  # W1 receives 1000x the grad:data ratio of W2
+        s.grads["W1"].grad_data = s.grads["W2"].grad_data * 1e3
+    for s in growth[2:5]:  # every gradient 1000x larger than at init
+        for g in s.grads.values():
+            g.norm *= 1e3
+    assert {(w.kind, w.layer) for w in diagnostics.find_warnings(layers, c.cfg)} == {
+        ("exploding_gradient", "W1")}
+    assert {(w.kind, w.layer) for w in diagnostics.find_warnings(growth, c.cfg)} == {
+        ("exploding_gradient", "all parameters")}
 
 
 def test_collecting_does_not_change_training(names_splits):
@@ -134,6 +153,16 @@ def test_sanity_checks_pass_at_init_and_after_training(names_splits, dtype):
         checks = diagnostics.sanity_checks(p, X, Y, True, init_loss=3.76)
         assert all(c.passed for c in checks), [str(c) for c in checks]
         assert checks[0].value <= diagnostics.TOL[dtype] / 32
+
+
+def test_sanity_checks_fail_and_say_why_when_probs_underflow(names_splits):
+    p = model.init_params(ModelConfig())
+    p.W2 *= 1000  # logits hundreds apart: the target's probability underflows to 0
+    X, Y = names_splits.Xtr[:32], names_splits.Ytr[:32]
+    rows, maxes, chain, init = diagnostics.sanity_checks(p, X, Y, True, init_loss=3.76)
+    assert rows.passed  # the closed form has no division by probs
+    assert not maxes.passed and not chain.passed and "NaN" in maxes.detail and "NaN" in chain.detail
+    assert init.passed
 
 
 def test_gradient_into_logit_maxes_is_zero_and_op_by_op_matches_closed_form():
@@ -220,6 +249,13 @@ def test_cli_prints_one_line_per_warning_naming_layer_and_advice(tmp_path, capsy
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("warning: h (tanh)")]
     assert len(lines) == 1 and "try " in lines[0]
+
+
+@pytest.mark.parametrize("every", ["150", "0"])
+def test_cli_rejects_a_diagnostics_interval_off_the_chunk_grid(tmp_path, capsys, every):
+    assert cli.main(["train", "--steps", "300", "--chunk-steps", "100", "--diag-every", every, "--engine",
+                     "eager", "--out", str(tmp_path / "run"), "--quiet", "--samples", "0"]) == 2
+    assert f"--diag-every {every}" in capsys.readouterr().err
 
 
 def test_resumed_training_continues_the_saved_history(tmp_path):
