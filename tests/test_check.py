@@ -94,6 +94,44 @@ def test_diagnosis_points_at_rows_whose_index_repeats():
     assert "[2, 3]" in text
 
 
+def test_diagnosis_says_nan_and_fails_the_comparison():
+    r = randn(6, 4)
+    m = r.clone()
+    m[1, 1] = float("nan")
+    c = check.compare("x", m, r)
+    assert not c.passed and "NaN" in c.diagnosis
+
+
+def test_diagnosis_says_all_zeros():
+    r = randn(6, 4)
+    assert check.diagnose(torch.zeros_like(r), r).startswith("all zeros")
+
+
+def test_diagnosis_names_wrong_rows_without_a_repeated_index():
+    r = randn(6, 4)
+    m = r.clone()
+    m[2] += 1.0
+    m[4] *= 3.0
+    text = check.diagnose(m, r, index=[torch.tensor([0, 1, 1, 3])])  # 1 repeats, but rows 2 and 4 are wrong
+    assert text.startswith("correct on 4 of 6 rows, wrong on rows [2, 4]") and "each a row" not in text
+
+
+def test_diagnosis_of_a_pattern_free_difference_says_so():
+    assert check.diagnose(randn(6, 4, seed=1), randn(6, 4, seed=2)).startswith("values differ, with no simple")
+
+
+@pytest.mark.parametrize("got, want", [((4,), (6, 4)), ((3,), (2, 3))])
+def test_compare_fails_a_gradient_that_would_broadcast_to_a_larger_shape(got, want):
+    c = check.compare("x", randn(*got), randn(*want))
+    assert not c.passed and "would broadcast" in c.diagnosis and "exactly its tensor's shape" in c.diagnosis
+
+
+@pytest.mark.parametrize("got, want", [((6, 5), (6, 4)), ((5, 4), (4, 6))])
+def test_compare_fails_an_incompatible_shape_and_names_both_shapes(got, want):
+    c = check.compare("x", randn(*got), randn(*want))
+    assert not c.passed and c.diagnosis == f"shape {got} but the tensor is {want}"
+
+
 def test_diagnosis_of_agreeing_tensors_is_empty():
     r = randn(3, 3)
     assert check.diagnose(r.clone(), r) == ""
