@@ -331,10 +331,8 @@ static void axpy(float* p, const float* g, long n, float lr) {
 static double forward_backward(const Dims& d, const Net& n, Grads& g, Acts& s, const int64_t* X,
                                const int64_t* Y, const int64_t* ix) {
     const long Hp = d.Hp, Vp = d.Vp;
-    memset(g.dC, 0, sizeof(float) * d.V * d.E);
-    memset(g.dW1, 0, sizeof(float) * d.TE * Hp);
+    memset(g.dC, 0, sizeof(float) * d.V * d.E);  // accumulated into (scatter, column sums)
     memset(g.db1, 0, sizeof(float) * Hp);
-    memset(g.dW2, 0, sizeof(float) * d.H * Vp);
     memset(g.db2, 0, sizeof(float) * Vp);
     memset(g.dg, 0, sizeof(float) * Hp);
     memset(g.dbb, 0, sizeof(float) * Hp);
@@ -362,6 +360,9 @@ static double forward_backward(const Dims& d, const Net& n, Grads& g, Acts& s, c
     // whole batch; hprebn/bnraw/h/logits/dh are recomputed tile by tile (R rows) when needed.
     // Pass 1: batch statistics, merged per tile (Chan et al.); pass 2: loss, dW2, db2, dbngain,
     // dbnbias; pass 3 (needs the full dbngain/dbnbias): dhprebn, dW1, db1, dC.
+    // dW1 and dW2 accumulate over tiles here (the path above overwrites them: init mode 0).
+    memset(g.dW1, 0, sizeof(float) * d.TE * Hp);
+    memset(g.dW2, 0, sizeof(float) * d.H * Vp);
     float* m2 = s.tmp + Hp;
     memset(s.mean, 0, sizeof(float) * Hp);
     memset(m2, 0, sizeof(float) * Hp);
