@@ -47,7 +47,6 @@ GRAD_NAMES: tuple[str, ...] = (
     "logits", "h", "W2", "b2", "hpreact", "bngain", "bnbias", "bnraw", "bnvar_inv", "bnvar",
     "bndiff2", "bndiff", "bnmeani", "hprebn", "embcat", "W1", "b1", "emb", "C",
 )
-PARAM_NAMES: tuple[str, ...] = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
 
 
 # ---------------------------------------------------------------------------- forward
