@@ -52,13 +52,13 @@ def test_tolerances_are_defined_once_by_dtype_and_method():
 
 # ---------------------------------------------------------------------------- diagnosis by hand
 @pytest.mark.parametrize("k, words", [(32, "missing 1/n"), (1 / 32, "1/n"), (32 / 31, "n/(n-1)"),
-                                      (31 / 32, "Bessel"), (2.0, "factor 2"), (0.5, "missing a factor 2"),
+                                      (31 / 32, "Bessel"), (2.0, "factor 2"), (0.5, "a missing factor 2"),
                                       (-32, "sign flipped")])
 def test_diagnosis_names_common_constant_scales(k, words):
     r = randn(32, 5)
     text = check.diagnose(r * k, r, sizes={"n": 32})
     assert "scaled by a constant" in text
-    assert words.replace("missing a factor 2", "missing factor 2") in text
+    assert words in text
 
 
 def test_diagnosis_names_a_fraction_even_without_sizes():
@@ -208,10 +208,6 @@ def linear_inputs(N=6, D=4, O=3):
     return {"x": randn(N, D, seed=1), "W": randn(D, O, seed=2), "b": randn(O, seed=3)}
 
 
-def row(report, name):
-    return report.row(name)
-
-
 def test_a_right_backward_passes_against_autograd_and_finite_differences():
     report = check.check_backward(ops.linear_forward, ops.linear_backward, linear_inputs())
     assert report.passed, str(report)
@@ -224,9 +220,9 @@ def test_flipped_sign_is_flagged_and_named():
         return -dx, dW, db
     report = check.check_backward(ops.linear_forward, backward, linear_inputs())
     assert not report.passed
-    assert row(report, "x").diagnosis.startswith("sign flipped")
+    assert report.row("x").diagnosis.startswith("sign flipped")
     assert "sign flipped" in report.sections[1].rows[0].diagnosis  # finite differences agree
-    assert row(report, "W").passed and row(report, "b").passed
+    assert report.row("W").passed and report.row("b").passed
 
 
 def test_transposed_matmul_gradient_is_flagged_and_named():
@@ -234,7 +230,7 @@ def test_transposed_matmul_gradient_is_flagged_and_named():
         x, W = cache
         return dout @ W.T, dout.T @ x, dout.sum(0)  # dW transposed
     report = check.check_backward(ops.linear_forward, backward, linear_inputs())
-    assert not report.passed and "transposed" in row(report, "W").diagnosis
+    assert not report.passed and "transposed" in report.row("W").diagnosis
 
 
 def test_bias_summed_over_the_wrong_dimension_is_flagged_and_named():
@@ -242,7 +238,7 @@ def test_bias_summed_over_the_wrong_dimension_is_flagged_and_named():
         dx, dW, _ = ops.linear_backward(dout, cache)
         return dx, dW, dout.sum(1)
     report = check.check_backward(ops.linear_forward, backward, linear_inputs())
-    assert not report.passed and "wrong dimension" in row(report, "b").diagnosis
+    assert not report.passed and "wrong dimension" in report.row("b").diagnosis
 
 
 def test_missing_1_over_n_in_cross_entropy_is_flagged_and_named():
@@ -255,8 +251,8 @@ def test_missing_1_over_n_in_cross_entropy_is_flagged_and_named():
     report = check.check_backward(ops.cross_entropy_forward, backward, {"logits": randn(7, 5), "Y": Y},
                                   sizes={"n": 7})
     assert not report.passed
-    assert "scaled by a constant" in row(report, "logits").diagnosis
-    assert "missing 1/n" in row(report, "logits").diagnosis
+    assert "scaled by a constant" in report.row("logits").diagnosis
+    assert "missing 1/n" in report.row("logits").diagnosis
 
 
 def test_missing_keepdim_in_batchnorm_is_flagged_and_named():
@@ -266,8 +262,8 @@ def test_missing_keepdim_in_batchnorm_is_flagged_and_named():
     inputs = {"x": randn(8, 5), "bngain": 1 + 0.1 * randn(1, 5, seed=1), "bnbias": 0.1 * randn(1, 5, seed=2)}
     report = check.check_backward(ops.batchnorm_forward, backward, inputs)
     assert not report.passed
-    assert "keepdim" in row(report, "bngain").diagnosis and "the values agree" in row(report, "bngain").diagnosis
-    assert row(report, "x").passed
+    assert "keepdim" in report.row("bngain").diagnosis and "the values agree" in report.row("bngain").diagnosis
+    assert report.row("x").passed
 
 
 def test_batchnorm_dividing_by_n_minus_1_where_n_belongs_is_flagged_and_named():
@@ -280,7 +276,7 @@ def test_batchnorm_dividing_by_n_minus_1_where_n_belongs_is_flagged_and_named():
         return dx, dbngain, dbnbias
     inputs = {"x": randn(8, 5), "bngain": 1 + 0.1 * randn(1, 5, seed=1), "bnbias": 0.1 * randn(1, 5, seed=2)}
     report = check.check_backward(ops.batchnorm_forward, backward, inputs, sizes={"n": 8})
-    assert not report.passed and "n/(n-1)" in row(report, "x").diagnosis
+    assert not report.passed and "n/(n-1)" in report.row("x").diagnosis
 
 
 def test_atomic_chain_with_n_instead_of_bessels_n_minus_1_is_flagged_and_named():
@@ -313,7 +309,7 @@ def test_dC_that_overwrites_instead_of_accumulating_is_flagged_and_named():
     X = torch.tensor([[0, 1, 1], [2, 3, 1], [4, 4, 5]])  # 1 and 4 repeat; 0, 2, 3, 5 do not; 6 unused
     report = check.check_backward(ops.embedding_forward, backward, {"C": randn(7, 3), "X": X})
     assert not report.passed
-    diag = row(report, "C").diagnosis
+    diag = report.row("C").diagnosis
     assert "repeats" in diag and "overwritten instead of accumulated" in diag and "[1, 4]" in diag
     assert "overwritten instead of accumulated" in report.sections[1].rows[0].diagnosis  # and by FD
 
@@ -389,7 +385,7 @@ def test_a_backward_that_returns_none_for_an_input_fails_with_a_message():
         dx, dW, _ = ops.linear_backward(dout, cache)
         return dx, dW, None
     report = check.check_backward(ops.linear_forward, backward, linear_inputs())
-    assert not report.passed and "no gradient" in row(report, "b").diagnosis
+    assert not report.passed and "no gradient" in report.row("b").diagnosis
     assert "no gradient" in report.sections[1].rows[2].diagnosis
 
 
