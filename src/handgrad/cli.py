@@ -395,10 +395,8 @@ class _TrainDiagnostics:
         if every < 1 or every % tcfg.chunk_steps:
             raise UsageError(f"--diag-every {every}: must be a positive multiple of --chunk-steps "
                              f"({tcfg.chunk_steps})")
-        history = []
-        old = Path(args.resume or out) / "diagnostics" / diagnostics.HISTORY_FILE
-        if args.resume and old.is_file():
-            history = [s for s in diagnostics.load_history(old) if s.step <= state.step]
+        saved = Path(args.resume) / "diagnostics" / diagnostics.HISTORY_FILE if args.resume else None
+        history = diagnostics.history_until(saved, state.step)
         self.dg, self.state, self.out = diagnostics, state, out / "diagnostics"
         self.collector = diagnostics.Collector(splits.Xtr, splits.Ytr, mcfg, tcfg,
                                                diagnostics.DiagConfig(every=every), history)

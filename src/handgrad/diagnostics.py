@@ -180,7 +180,7 @@ def _episode(history: list[Snapshot], bad, sustain: int) -> tuple[Snapshot, Snap
     run = 0
     for i, s in enumerate(history):
         run = run + 1 if bad(s) else 0
-        if need and run >= need:
+        if run >= need:
             return history[i - run + 1], s
     return None
 
@@ -468,6 +468,13 @@ def load_history(path: str | Path) -> list[Snapshot]:
     return out
 
 
+def history_until(path: str | Path | None, step: int) -> list[Snapshot]:
+    """The snapshots up to `step` saved in the diagnostics.json at `path`; [] if there is none."""
+    if path is None or not Path(path).is_file():
+        return []
+    return [s for s in load_history(path) if s.step <= step]
+
+
 # ---------------------------------------------------------------------------- a whole report
 HISTORY_FILE = "diagnostics.json"
 
@@ -502,9 +509,7 @@ def from_checkpoint(ck, Xtr: Tensor, Ytr: Tensor, history_path: str | Path | Non
                     cfg: DiagConfig = DiagConfig()) -> Collector:
     """A collector for a saved run (ck: checkpoint.Checkpoint) whose history is the one saved by
     training in `history_path` (if it exists), cut at the checkpoint's step."""
-    history = []
-    if history_path is not None and Path(history_path).is_file():
-        history = [s for s in load_history(history_path) if s.step <= ck.state.step]
+    history = history_until(history_path, ck.state.step)
     chunk = ck.train_config.chunk_steps
     cfg = dataclasses.replace(cfg, every=chunk * max(1, cfg.every // chunk))
     return Collector(Xtr, Ytr, ck.model_config, ck.train_config, cfg, history)
