@@ -82,3 +82,18 @@ def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0 and "--" in capsys.readouterr().out
+
+
+def test_divergence_exits_1_naming_step_and_tensor(tmp_path, capsys):
+    out = tmp_path / "div"
+    code = main(["train", "--lr", "1e38", "--steps", "300", "--engine", "eager", "--chunk-steps", "10",
+                 "--checkpoint-every", "10", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "Traceback" not in err
+    assert "training diverged at step 1: loss is NaN or infinite" in err
+    assert "no checkpoint was written yet" in err and not (out / "meta.json").exists()
+
+
+def test_unavailable_fast_engine_exits_2(tmp_path, capsys):
+    _one_line_error(capsys, ["train", "--engine", "fast", "--dtype", "float64", "--steps", "5", "--quiet",
+                             "--out", str(tmp_path / "o")], "--engine fast: the fast engine is unavailable")

@@ -57,6 +57,7 @@ def _samples(ck: Checkpoint, n: int, seed: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- train
+DEFAULT_OUT = "runs/mlp"
 MODEL_FLAGS = {"n_embd": "--n-embd", "n_hidden": "--n-hidden", "block_size": "--block-size",
                "batchnorm": "--no-batchnorm", "w1_scale": "--w1-scale"}
 TRAIN_FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "lr_decay_step": "--lr-decay-step",
@@ -72,7 +73,7 @@ def _add_train_parser(sub) -> None:
                        "save checkpoints, then print train/val loss and samples. Defaults reproduce "
                        "the lecture: 200,000 steps, batch 32, lr 0.1 then 0.01 from step 100,000.")
     p.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names.txt)")
-    p.add_argument("--out", default="runs/mlp", help="checkpoint directory (default: %(default)s)")
+    p.add_argument("--out", help=f"checkpoint directory (default: {DEFAULT_OUT}, or the --resume DIR)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its flags are kept; "
                    "--steps may extend it)")
     p.add_argument("--force", action="store_true", help="start a new run even if --out already holds one "
@@ -169,13 +170,14 @@ def _cmd_train(args) -> int:
     torch.set_num_threads(args.threads)
     if args.resume:
         ck, splits = _resume(args, warn)
-        mcfg, tcfg, state = ck.model_config, ck.train_config, ck.state
-        out = Path(args.out) if args.out != "runs/mlp" else Path(args.resume)
+        mcfg, tcfg, state, data_path = ck.model_config, ck.train_config, ck.state, ck.data_path
+        out = Path(args.out or args.resume)
     else:
         mcfg, tcfg = _configs_from_args(args)
         splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn)
         mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
-        state, out = None, Path(args.out)
+        state, out = train.new_state(mcfg, tcfg), Path(args.out or DEFAULT_OUT)
+        data_path = str(Path(args.data).resolve()) if args.data else None  # None: the bundled names
         if (out / checkpoint.META).exists() and not args.force and args.verify_autograd is None:
             raise UsageError(f"--out {out} already holds a run; continue it with --resume {out}, choose "
                              "another --out, or add --force to replace it")
@@ -185,9 +187,6 @@ def _cmd_train(args) -> int:
     steps_fn, engine, fallback = train.select_engine(mcfg, tcfg)
     if fallback:
         warn(fallback)
-    data_path = str(Path(args.data).resolve()) if args.data and not args.resume else (
-        ck.data_path if args.resume else None)
-    state = state or train.new_state(mcfg, tcfg)
     ckpt = Checkpoint(mcfg, tcfg, splits.vocab, data_path, state, None, {})
     if not args.quiet:
         print(f"training {state.params.numel():,} parameters on {splits.Xtr.shape[0]:,} examples "
@@ -196,10 +195,10 @@ def _cmd_train(args) -> int:
     callbacks = []
     if not args.quiet:
         callbacks.append(_ProgressBar(tcfg.steps, state.step))
-    last_saved = [state.step]
+    last_saved = [state.step if args.resume else None]  # the step of the newest checkpoint on disk
 
     def save_periodically(pr: train.Progress) -> None:
-        if pr.state.step - last_saved[0] >= tcfg.checkpoint_every or pr.state.step == tcfg.steps:
+        if pr.state.step - (last_saved[0] or 0) >= tcfg.checkpoint_every or pr.state.step == tcfg.steps:
             checkpoint.save(out, ckpt)
             last_saved[0] = pr.state.step
 
@@ -215,24 +214,27 @@ def _cmd_train(args) -> int:
         for cb in callbacks:
             cb(pr)
 
+    def kept() -> str:
+        if last_saved[0] is None:
+            return f"no checkpoint was written yet (the first comes at step {tcfg.checkpoint_every})"
+        return f"the last good checkpoint (step {last_saved[0]}) is kept in {out}/"
+
     t0 = time.perf_counter()
     try:
-        state = train.train(splits, mcfg, tcfg, state, callback, steps_fn)
+        try:
+            state = train.train(splits, mcfg, tcfg, state, callback, steps_fn)
+        finally:
+            for cb in callbacks:  # the progress bar, and the diagnostics report (written however it ends)
+                getattr(cb, "close", lambda: None)()
     except NonFiniteError as e:
-        for cb in callbacks:
-            getattr(cb, "close", lambda: None)()
-        _err(f"training diverged at step {e.step}: {e.tensor} is NaN or infinite; the last good checkpoint "
-             f"(step {last_saved[0]}) is kept in {out}/. Try a smaller --lr or check the init.")
+        _err(f"training diverged at step {e.step}: {e.tensor} is NaN or infinite; {kept()}. "
+             "Try a smaller --lr or check the init.")
         return 1
     except KeyboardInterrupt:
-        for cb in callbacks:
-            getattr(cb, "close", lambda: None)()
-        _err(f"interrupted; the last checkpoint (step {last_saved[0]}) is in {out}/; "
-             f"continue with: handgrad train --resume {out}")
+        _err(f"interrupted; {kept()}" + (f"; continue with: handgrad train --resume {out}"
+                                          if last_saved[0] is not None else ""))
         return 130
     loop_time = time.perf_counter() - t0
-    for cb in callbacks:
-        getattr(cb, "close", lambda: None)()
 
     ckpt.state = state
     ckpt.bn_inference = train.inference_stats(state, splits, mcfg, tcfg)
@@ -246,7 +248,8 @@ def _cmd_train(args) -> int:
     # ---- diagnose: after training (owned by diagnostics)
     # ---- end diagnose: after training
     print(f"step {state.step}: train loss {results['train']:.4f}, val loss {results['val']:.4f} "
-          f"(batchnorm stats: {tcfg.bn_stats}; training loop {_fmt_time(loop_time)}, {engine} engine)")
+          f"(batchnorm stats: {tcfg.bn_stats if mcfg.batchnorm else 'no batchnorm'}; "
+          f"training loop {_fmt_time(loop_time)}, {engine} engine)")
     if args.samples:
         print("samples:")
         for s in _samples(ckpt, args.samples, tcfg.seed + 10):
@@ -490,17 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, CheckpointError, UsageError) as e:
+    except (DataError, CheckpointError, UsageError, train.EngineUnavailable) as e:
         _err(str(e))
         return 2
     except BrokenPipeError:  # `handgrad check | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except RuntimeError as e:
-        if "fast engine is unavailable" in str(e):
-            _err(str(e))
-            return 2
-        raise
 
 
 if __name__ == "__main__":

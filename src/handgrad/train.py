@@ -75,6 +75,10 @@ class NonFiniteError(RuntimeError):
         self.step, self.tensor = step, tensor
 
 
+class EngineUnavailable(RuntimeError):
+    """engine="fast" was asked for but cannot run here; the message says why (one line)."""
+
+
 # ---------------------------------------------------------------------------- the eager engine
 StepsFn = Callable[[Params, "BNStats | None", Tensor, Tensor, Tensor, Tensor, float, bool], Tensor]
 
@@ -120,7 +124,7 @@ eager_steps = sgd_steps(hand_grads)  # the eager engine: PyTorch ops, hand-writt
 
 def select_engine(mcfg: ModelConfig, tcfg: TrainConfig) -> tuple[StepsFn, str, str]:
     """Pick the step engine: returns (steps_fn, name, warning). The warning is "" unless engine
-    "auto" had to fall back to the eager path; engine "fast" raises RuntimeError instead."""
+    "auto" had to fall back to the eager path; engine "fast" raises EngineUnavailable instead."""
     if tcfg.engine == "eager":
         return eager_steps, "eager", ("activation checkpointing (recompute_tile) needs the fast engine; "
                                       "ignored" if tcfg.recompute_tile else "")
@@ -133,7 +137,8 @@ def select_engine(mcfg: ModelConfig, tcfg: TrainConfig) -> tuple[StepsFn, str, s
     if fn is not None:
         return fn, "fast", ""
     if tcfg.engine == "fast":
-        raise RuntimeError(f"the fast engine is unavailable: {reason}")
+        raise EngineUnavailable(f"--engine fast: the fast engine is unavailable ({reason}); "
+                                "use --engine auto or eager")
     return eager_steps, "eager", f"fast path unavailable ({reason}); using the eager path"
 
 
