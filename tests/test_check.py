@@ -338,6 +338,24 @@ def test_check_backward_compares_in_the_inputs_dtype_and_differences_in_float64(
     assert "float32" in report.sections[0].title and "float64" in report.sections[1].title
 
 
+def test_check_backward_checks_only_the_inputs_in_wrt():
+    report = check.check_backward(ops.linear_forward, lambda d, c: ops.linear_backward(d, c)[0],
+                                  linear_inputs(), wrt=["x"])
+    assert report.passed and [r.name for r in report.rows()] == ["x", "x"]
+
+
+def test_check_backward_wants_zeros_for_an_input_the_forward_does_not_use():
+    def forward(x, W, b):  # b unused: autograd has no gradient for it, the reference is zeros
+        return x @ W
+
+    def backward(dout, x, W, b):
+        return dout @ W.T, x.T @ dout, torch.zeros_like(b)
+    assert check.check_backward(forward, backward, linear_inputs()).passed
+    wrong = check.check_backward(forward, lambda d, x, W, b: (*backward(d, x, W, b)[:2], torch.ones_like(b)),
+                                 linear_inputs())
+    assert not wrong.passed and not wrong.row("b").passed and wrong.row("x").passed
+
+
 def test_check_backward_rejects_a_wrong_number_of_gradients():
     with pytest.raises(ValueError, match="2 gradients for 3 inputs"):
         check.check_backward(ops.linear_forward, lambda d, c: ops.linear_backward(d, c)[:2], linear_inputs())
