@@ -128,7 +128,7 @@ def test_checkpointing_gives_the_same_steps(tile):
     assert float((lf - lc).abs().max()) <= 1e-5
     for (name, a), b in zip(pc.items(), pf.tensors()):
         assert _rel(a, b) <= 1e-4, name
-    assert _rel(bc.var, bf.var) <= 1e-4
+    assert _rel(bc.var, bf.var) <= 1e-4 and _rel(bc.mean, bf.mean) <= 1e-4, "running statistics"
 
 
 def test_non_contiguous_params_are_updated_in_place():
@@ -171,6 +171,17 @@ def test_inf_gradient_with_finite_loss_is_named():
     assert "dC" in str(ef)
 
 
+def test_overflowing_dW1_with_finite_loss_and_dC_is_named():
+    """Batchnorm makes the loss invariant to W1's scale, but dW1 scales as 1/|W1| and dC as 1/|C|:
+    a huge C and a (subnormal) tiny W1 overflow dW1 alone, the second tensor in the check order."""
+    cfg, p, X, Y = _problem(16, 3, 4, 20, 9)
+    p.C.mul_(3e37)
+    p.W1.mul_(1e-41)
+    idx = torch.arange(16)[None]
+    (ef, ee), _ = _both_raise(cfg, p, X, Y, idx, torch.ones(1, dtype=torch.float64))
+    assert (ef.step, ef.tensor) == (ee.step, ee.tensor) == (0, "dW1")
+
+
 def test_divergence_raises_at_the_same_step_as_eager():
     cfg, p, X, Y = _problem(16, 3, 4, 20, 9)
     K = 200
@@ -197,12 +208,33 @@ def test_out_of_range_indices_raise_index_error():
         fn(p.clone(), None, X2, Y, idx[:1], torch.full((1,), 0.1, dtype=torch.float64), 0.001, True)
 
 
+def test_bad_arguments_raise_before_any_step():
+    cfg, p, X, Y = _problem(8, 2, 3, 10, 7)
+    fn, _ = fast.load_fast_steps(cfg, torch.float32)
+    idx = torch.zeros((2, 8), dtype=torch.long)
+    lr2 = torch.full((2,), 0.1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="lrs has 1 entries for 2 steps"):
+        fn(p.clone(), None, X, Y, idx, lr2[:1], 0.001, True)
+    with pytest.raises(ValueError, match="rows"):
+        fn(p.clone(), None, X, Y[:-1], idx, lr2, 0.001, True)
+    with pytest.raises(TypeError, match="float32"):
+        fn(p.to(torch.float64), None, X, Y, idx, lr2, 0.001, True)
+    with pytest.raises(ValueError, match="batchnorm"):
+        fn(p.clone(), None, X, Y, idx, lr2, 0.001, False)
+    q = p.clone()
+    with pytest.raises(RuntimeError, match="unsupported dimensions"):  # batchnorm's n-1 needs B >= 2
+        fn(q, None, X, Y, idx[:, :1], lr2, 0.001, True)
+    assert all(torch.equal(a, b) for a, b in zip(q.tensors(), p.tensors()))
+
+
 # ---------------------------------------------------------------------------- availability
 def test_unsupported_configs_give_a_reason():
     fn, reason = fast.load_fast_steps(ModelConfig(), torch.float64)
     assert fn is None and "float32" in reason
     fn, reason = fast.load_fast_steps(ModelConfig(batchnorm=False), torch.float32)
     assert fn is None and "batchnorm" in reason
+    fn, reason = fast.load_fast_steps(ModelConfig(vocab_size=129), torch.float32)
+    assert fn is None and "vocab_size <= 128" in reason
 
 
 def test_build_writes_one_library_atomically(tmp_path, monkeypatch):
