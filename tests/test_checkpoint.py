@@ -111,3 +111,17 @@ def test_checkpoint_survives_kill_9_during_training_and_resumes(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert checkpoint.load(out).state.step == ck.state.step + 100
+
+
+def test_other_format_version_and_dtype_are_reported(saved):
+    meta_path = saved / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="format version 99 is not supported"):
+        checkpoint.load(saved)
+    meta_path.write_text(json.dumps({**meta, "train_config": {**meta["train_config"], "dtype": "float64"}}))
+    with pytest.raises(CheckpointError, match="tensor C is torch.float32, expected torch.float64"):
+        checkpoint.load(saved)
+    meta_path.write_text(json.dumps({**meta, "model_config": {**meta["model_config"], "n_layers": 2}}))
+    with pytest.raises(CheckpointError, match=r"unknown ModelConfig fields \['n_layers'\]"):
+        checkpoint.load(saved)
