@@ -1,6 +1,6 @@
-"""The fast path (fast.py + csrc/step.cpp) against the eager hand-written reference of model.py:
-one-step gradients, per-step losses over hundreds of steps, running statistics, non-finite detection,
-activation checkpointing, the build cache and the fallback to the eager path."""
+"""The fast path (fast.py + csrc/step.cpp) against float64 autograd (one-step gradients) and the
+eager engine of train.py (per-step losses over hundreds of steps, running statistics, non-finite
+detection); activation checkpointing, argument errors, the build cache and the fallback to eager."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from handgrad import fast, model, train
+from handgrad import fast, model, reference, train
 from handgrad.model import ModelConfig
 from handgrad.train import NonFiniteError, TrainConfig
 
@@ -55,16 +55,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
 # ---------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("tile", [0, 3])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fast_grads_match_float64_reference(shape, tile):
+def test_fast_grads_match_float64_autograd(shape, tile):
     cfg, p, X, Y = _problem(*shape)
     B = shape[0]
     Xb, Yb = X[:B], Y[:B]
     before = p.clone()
     loss, grads = fast.fast_grads(p, Xb, Yb, tile=tile)
     assert all(torch.equal(a, b) for a, b in zip(p.tensors(), before.tensors())), "fast_grads modified p"
-    with torch.no_grad():
-        ref_loss, acts = model.forward(p.to(torch.float64), Xb, Yb)
-        ref = model.backward(p.to(torch.float64), acts)
+    ref_loss, ref, _ = reference.autograd_grads(p.to(torch.float64), Xb, Yb)  # float64 autograd
     assert abs(loss - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
     for (name, r), g in zip(ref.items(), grads.tensors()):
         assert g.shape == r.shape, name
@@ -78,9 +76,7 @@ def test_repeated_rows_accumulate_in_dC():
     X = torch.randint(0, 2, (8, 3), generator=torch.Generator().manual_seed(5))  # rows 0, 1 only
     assert any(len(set(r.tolist())) < 3 for r in X)  # some context repeats a row
     _, grads = fast.fast_grads(p, X, Y[:8])
-    with torch.no_grad():
-        _, acts = model.forward(p.to(torch.float64), X, Y[:8])
-        ref = model.backward(p.to(torch.float64), acts)
+    _, ref, _ = reference.autograd_grads(p.to(torch.float64), X, Y[:8])
     assert _rel(grads.C, ref.C) <= 1e-5
     assert float(grads.C[2:].abs().max()) == 0.0
 
