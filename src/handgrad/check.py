@@ -511,6 +511,17 @@ def _first_failure_note(rows: list[Comparison]) -> list[str]:
             "may only inherit its error"] if len(bad) > 1 else []
 
 
+def _closed_forms(p: Params, Y: Tensor, f: atomic.Intermediates, dhpreact: Tensor) -> tuple[Tensor, Tensor]:
+    """Exercises 2 and 3: dlogits from ops.cross_entropy_backward (loss seed 1) and dhprebn from
+    ops.batchnorm_backward fed the upstream dhpreact, on the atomic forward's own logits and hprebn."""
+    with torch.no_grad():
+        _, ce_cache = ops.cross_entropy_forward(f.logits, Y)
+        dlogits = ops.cross_entropy_backward(1.0, ce_cache)  # (N, V)
+        _, bn_cache, _ = ops.batchnorm_forward(f.hprebn, p.bngain, p.bnbias)
+        dhprebn, _, _ = ops.batchnorm_backward(dhpreact, bn_cache)  # (N, H)
+    return dlogits, dhprebn
+
+
 def check_lecture_graph(p: Params, X: Tensor, Y: Tensor,
                         backward: Callable[..., atomic.Grads] = atomic.backward,
                         fd: bool = True, seed: int = 0) -> Report:
@@ -533,11 +544,7 @@ def check_lecture_graph(p: Params, X: Tensor, Y: Tensor,
                           f"{sum(r.passed for r in rows)} of {len(rows)} pass", *_first_failure_note(rows)])
 
     # exercises 2 and 3: the closed forms, fed autograd's own upstream gradient
-    with torch.no_grad():
-        _, (logprobs, _) = ops.cross_entropy_forward(f.logits, Y)
-        dlogits = ops.cross_entropy_backward(1.0, (logprobs, Y))  # (N, V)
-        _, bn_cache, _ = ops.batchnorm_forward(f.hprebn, p.bngain, p.bnbias)
-        dhprebn, _, _ = ops.batchnorm_backward(ref["hpreact"], bn_cache)  # (N, H)
+    dlogits, dhprebn = _closed_forms(p, Y, f, ref["hpreact"])
     closed = Section("exercises 2 and 3: closed forms in ops.py vs autograd", [
         compare("logits (ops.cross_entropy_backward)", dlogits, ref["logits"], sizes=sizes),
         compare("hprebn (ops.batchnorm_backward)", dhprebn, ref["hprebn"], sizes=sizes)])
@@ -556,10 +563,7 @@ def _lecture_fd(p: Params, X: Tensor, Y: Tensor, backward: Callable[..., atomic.
     with torch.no_grad():
         f = atomic.forward(p64, X, Y)
         grads = backward(p64, X, Y, f)
-        _, (logprobs, _) = ops.cross_entropy_forward(f.logits, Y)
-        dlogits = ops.cross_entropy_backward(1.0, (logprobs, Y))  # (N, V)
-        _, bn_cache, _ = ops.batchnorm_forward(f.hprebn, p64.bngain, p64.bnbias)
-        dhprebn, _, _ = ops.batchnorm_backward(grads.dhpreact, bn_cache)  # (N, H)
+    dlogits, dhprebn = _closed_forms(p64, Y, f, grads.dhpreact)
     rows: list[Comparison | FDResult] = []
     for (name, t), (_, g) in zip(p64.items(), grads.params().items()):
         rows.append(finite_differences(lambda: atomic.forward(p64, X, Y).loss, t, g, name,
