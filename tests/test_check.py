@@ -314,6 +314,25 @@ def test_dC_that_overwrites_instead_of_accumulating_is_flagged_and_named():
     assert "overwritten instead of accumulated" in report.sections[1].rows[0].diagnosis  # and by FD
 
 
+@pytest.mark.parametrize("op, row_name, other", [
+    ("cross_entropy_backward", "logits (ops.cross_entropy_backward)", "hprebn (ops.batchnorm_backward)"),
+    ("batchnorm_backward", "hprebn (ops.batchnorm_backward)", "logits (ops.cross_entropy_backward)")])
+def test_lecture_check_fails_a_broken_closed_form_against_autograd_and_finite_differences(
+        monkeypatch, op, row_name, other):
+    real = getattr(ops, op)
+
+    def broken(dout, cache):
+        out = real(dout, cache)
+        return (2 * out[0], *out[1:]) if isinstance(out, tuple) else 2 * out
+    monkeypatch.setattr(ops, op, broken)
+    p, X, Y = check.lecture_batch(0, torch.float64)
+    report = check.check_lecture_graph(p, X, Y)
+    assert not report.row(row_name, 1).passed and not report.row(row_name, 2).passed
+    assert "stray factor 2" in report.row(row_name, 1).diagnosis
+    assert report.row(other, 1).passed and report.row(other, 2).passed
+    assert report.sections[0].passed  # the atomic chain does not use ops
+
+
 def test_broken_lecture_backward_fails_finite_differences_too():
     def backward(p, X, Y, f):
         g = atomic.backward(p, X, Y, f)
