@@ -498,17 +498,13 @@ long hg_steps(const int* dims, float* C, float* W1, float* b1, float* W2, float*
         else if (nonfinite(g.db2, d.Vp)) bad = 5 + 1;
         else if (nonfinite(g.dg, d.Hp)) bad = 6 + 1;
         else if (nonfinite(g.dbb, d.Hp)) bad = 7 + 1;
-        if (grads_out) {
-            float* o = grads_out;
-            copy_out(d, g.dC, g.dW1, g.db1, g.dW2, g.db2, g.dg, g.dbb, o, o + d.V * d.E,
-                     o + d.V * d.E + (long)d.TE * d.H, o + d.V * d.E + (long)d.TE * d.H + d.H,
-                     o + d.V * d.E + (long)d.TE * d.H + d.H + (long)d.H * d.V,
-                     o + d.V * d.E + (long)d.TE * d.H + d.H + (long)d.H * d.V + d.V,
-                     o + d.V * d.E + (long)d.TE * d.H + d.H + (long)d.H * d.V + d.V + d.H);
-            status = bad ? k * 8 + bad - 1 : -1;
-            break;
+        if (grads_out) {  // unpadded, one after the other in the order of the parameters
+            float *oC = grads_out, *oW1 = oC + (long)d.V * d.E, *ob1 = oW1 + (long)d.TE * d.H,
+                  *oW2 = ob1 + d.H, *ob2 = oW2 + (long)d.H * d.V, *og = ob2 + d.V, *obb = og + d.H;
+            copy_out(d, g.dC, g.dW1, g.db1, g.dW2, g.db2, g.dg, g.dbb, oC, oW1, ob1, oW2, ob2, og, obb);
         }
         if (bad) { status = k * 8 + bad - 1; break; }
+        if (grads_out) break;  // no update
         const float lr = (float)lrs[k];
         axpy(n.C, g.dC, (long)d.V * d.E, lr);
         axpy(n.W1, g.dW1, d.TE * d.Hp, lr);
