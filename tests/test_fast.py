@@ -135,6 +135,20 @@ def test_non_contiguous_params_are_updated_in_place():
     assert not pf.W1.is_contiguous() and _rel(pf.W1, pe.W1) <= 1e-4 and _rel(ref.W1, p.W1) == 0
 
 
+def test_non_contiguous_running_stats_are_updated_in_place():
+    cfg, p, X, Y = _problem(9, 2, 3, 10, 7)
+    fn, _ = fast.load_fast_steps(cfg, torch.float32)
+    idx = torch.randint(0, X.shape[0], (5, 9), generator=torch.Generator().manual_seed(2))  # (5, 9)
+    lrs = torch.full((5,), 0.1, dtype=torch.float64)
+    be = model.init_bn_stats(cfg)
+    bf = model.BNStats(*(t.t().repeat(1, 2)[:, 0][None] for t in (be.mean, be.var)))  # (1, H), stride 2
+    assert not bf.mean.is_contiguous() and torch.equal(bf.var, be.var)
+    with torch.no_grad():
+        fn(p.clone(), bf, X, Y, idx, lrs, 0.1, True)
+        train.eager_steps(p.clone(), be, X, Y, idx, lrs, 0.1, True)
+    assert _rel(bf.mean, be.mean) <= 1e-4 and _rel(bf.var, be.var) <= 1e-4
+
+
 # ---------------------------------------------------------------------------- non-finite values
 def _both_raise(cfg, p, X, Y, idx, lrs):
     fn, _ = fast.load_fast_steps(cfg, torch.float32)
