@@ -266,3 +266,20 @@ def test_resumed_training_continues_the_saved_history(tmp_path):
     assert cli.main(["train", "--resume", out, "--steps", "600", "--diag-every", "200", *base]) == 0
     back = diagnostics.load_history(tmp_path / "run" / "diagnostics" / "diagnostics.json")
     assert [s.step for s in back] == [0, 200, 400, 600]
+
+
+def test_corrupt_saved_history_gets_a_one_line_error_not_a_traceback(tmp_path, capsys):
+    from handgrad.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "200", "--chunk-steps", "100", "--diag-every", "100", "--engine",
+                 "eager", "--quiet", "--samples", "0", "--out", str(out)]) == 0
+    history = out / "diagnostics" / "diagnostics.json"
+    history.write_text(history.read_text()[:200])
+    capsys.readouterr()
+    assert main(["diagnose", "--checkpoint", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "truncated or corrupt diagnostics history" in err and "\n" not in err
+    history.write_text('{"format": "something else"}')
+    assert main(["diagnose", "--checkpoint", str(out)]) == 2
+    assert "not a handgrad diagnostics file" in capsys.readouterr().err

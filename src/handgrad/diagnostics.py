@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from handgrad import model, ops
-from handgrad.checkpoint import atomic_write_bytes
+from handgrad.checkpoint import CheckpointError, atomic_write_bytes
 from handgrad.model import ModelConfig, Params
 
 FORMAT = "handgrad-diagnostics"
@@ -454,17 +454,25 @@ def _num(x) -> float:
 
 
 def load_history(path: str | Path) -> list[Snapshot]:
-    """The history saved in a diagnostics.json (null values read back as NaN)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a handgrad diagnostics file")
-    out = []
-    for s in data["history"]:
-        acts = {k: ActStats(_num(v["mean"]), _num(v["std"]), v["saturated"]) for k, v in s["acts"].items()}
-        grads = {k: GradStats(*(_num(v[f.name]) for f in dataclasses.fields(GradStats)))
-                 for k, v in s["grads"].items()}
-        out.append(Snapshot(s["step"], s["lr"], _num(s["loss"]), acts, grads, s["dead"], s["n_hidden"],
-                            list(s["nonfinite"])))
+    """The history saved in a diagnostics.json (null values read back as NaN). A file that is not
+    one, or is truncated, raises CheckpointError with a one-line reason (it lives in the run's dir)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a handgrad diagnostics file")
+        out = []
+        for s in data["history"]:
+            acts = {k: ActStats(_num(v["mean"]), _num(v["std"]), v["saturated"])
+                    for k, v in s["acts"].items()}
+            grads = {k: GradStats(*(_num(v[f.name]) for f in dataclasses.fields(GradStats)))
+                     for k, v in s["grads"].items()}
+            out.append(Snapshot(s["step"], s["lr"], _num(s["loss"]), acts, grads, s["dead"], s["n_hidden"],
+                                list(s["nonfinite"])))
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: truncated or corrupt diagnostics history ({type(e).__name__}: {e}); "
+                              "delete it to start a new history") from None
     return out
 
 
