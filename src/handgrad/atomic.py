@@ -38,8 +38,61 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from handgrad.model import Params
 from handgrad.ops import BN_EPS
+
+
+# ---------------------------------------------------------------------------- the lecture's parameters
+@dataclass(frozen=True)
+class LectureConfig:
+    """The exercise graph's sizes (the lecture's notebook: n_hidden 64, batch 32)."""
+
+    vocab_size: int = 27  # V
+    block_size: int = 3  # T
+    n_embd: int = 10  # E
+    n_hidden: int = 64  # H
+
+
+@dataclass
+class Params:
+    """The lecture's 7 trainable tensors by their own names. The same class holds their gradients."""
+
+    C: Tensor  # (V, E) embedding table
+    W1: Tensor  # (T*E, H)
+    b1: Tensor  # (H,)  useless in front of batchnorm, kept as the lecture does ("for fun")
+    W2: Tensor  # (H, V)
+    b2: Tensor  # (V,)
+    bngain: Tensor  # (1, H)
+    bnbias: Tensor  # (1, H)
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def clone(self) -> Params:
+        return Params(*(t.clone() for t in self.tensors()))
+
+    def to(self, dtype: torch.dtype) -> Params:
+        return Params(*(t.to(dtype) for t in self.tensors()))
+
+
+def init_params(cfg: LectureConfig = LectureConfig(), seed: int = 42, dtype: torch.dtype = torch.float32
+                ) -> Params:
+    """The lecture's initialisation (deliberately non-zero b1/W2/b2 and noisy gain/bias, so a wrong
+    backward cannot hide behind zeros), drawn in float32 from a seeded generator, then cast. The
+    same numbers as models.build of an mlp with these sizes and seed."""
+    g = torch.Generator().manual_seed(seed)
+    V, T, E, H = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_hidden
+    C = torch.randn((V, E), generator=g)
+    W1 = torch.randn((T * E, H), generator=g) * (5 / 3) / (T * E) ** 0.5
+    b1 = torch.randn(H, generator=g) * 0.1
+    W2 = torch.randn((H, V), generator=g) * 0.1
+    b2 = torch.randn(V, generator=g) * 0.1
+    bngain = torch.randn((1, H), generator=g) * 0.1 + 1.0
+    bnbias = torch.randn((1, H), generator=g) * 0.1
+    return Params(C, W1, b1, W2, b2, bngain, bnbias).to(dtype)
+
 
 # The 26 tensors whose gradients the lecture compares, in its order (backward order).
 GRAD_NAMES: tuple[str, ...] = (

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from handgrad import atomic, ops
+from handgrad.atomic import LectureConfig, Params, init_params
 from handgrad.data import default_data_path, make_splits, read_words
-from handgrad.model import ModelConfig, Params, init_params
 
 
 # ---------------------------------------------------------------------------- tolerances
@@ -489,7 +489,7 @@ def check_backward(forward: Callable, backward: Callable,
 
 
 # ---------------------------------------------------------------------------- the lecture's graph
-LECTURE_CONFIG = ModelConfig(n_embd=10, n_hidden=64, block_size=3)  # the lecture's exercise setup
+LECTURE_CONFIG = LectureConfig(n_embd=10, n_hidden=64, block_size=3)  # the lecture's exercise setup
 LECTURE_BATCH = 32
 
 
@@ -586,7 +586,7 @@ def _lecture_fd(p: Params, X: Tensor, Y: Tensor, backward: Callable[..., atomic.
 
 
 def lecture_batch(seed: int, dtype: torch.dtype = torch.float32,
-                  cfg: ModelConfig = LECTURE_CONFIG, batch: int = LECTURE_BATCH
+                  cfg: LectureConfig = LECTURE_CONFIG, batch: int = LECTURE_BATCH
                   ) -> tuple[Params, Tensor, Tensor]:
     """The lecture's exercise setup: params from init_params(cfg, seed) (non-zero b1/W2/b2) and a
     batch drawn with a seeded torch.Generator from the train split of the bundled names."""

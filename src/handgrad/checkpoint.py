@@ -1,5 +1,5 @@
 """Checkpoints: tensors in safetensors (never pickle: loading runs no code) plus a JSON sidecar with
-the configs, vocabulary, step, RNG state location and versions. Writes are atomic: the tensors go
+the model's spec (its layers as JSON), the configs, vocabulary, step and versions. Writes are atomic: the tensors go
 to a new file, then meta.json is replaced in one rename and names that file, so a run killed at
 any moment leaves a complete, consistent checkpoint (the previous one or the new one).
 """
@@ -22,11 +22,12 @@ from safetensors.torch import save as st_save
 
 from handgrad import __version__
 from handgrad.data import Vocab
-from handgrad.model import BNStats, ModelConfig, Params, param_shapes
+from handgrad.layers import SpecError, from_spec, set_tensor
+from handgrad.models import ModelConfig
 from handgrad.train import TrainConfig, TrainState
 
 FORMAT = "handgrad-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META = "meta.json"
 
 
@@ -36,13 +37,20 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    model_config: ModelConfig
+    model_config: ModelConfig | None  # None for a model built in the user's own code
     train_config: TrainConfig
     vocab: Vocab
     data_path: str | None  # the training data file (None: the bundled names.txt)
     state: TrainState
-    bn_inference: BNStats | None  # statistics for inference, set once training has finished
+    inference: dict[str, Tensor] | None  # batchnorm statistics for inference, once training has finished
     results: dict  # final losses etc. (empty until training has finished)
+    block_size: int  # context length the model reads
+
+    def inference_model(self):
+        """The model with its inference statistics (calibrated or running) in place of the running ones."""
+        from handgrad.models import with_buffers
+
+        return with_buffers(self.state.model, self.inference or {})
 
 
 # ---------------------------------------------------------------------------- writing
@@ -70,11 +78,10 @@ def save(directory: str | Path, ckpt: Checkpoint) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     s = ckpt.state
-    tensors = {f"param.{name}": t.contiguous() for name, t in s.params.items()}
-    tensors["bn_running.mean"], tensors["bn_running.var"] = s.bn_running.mean, s.bn_running.var
-    if ckpt.bn_inference is not None:
-        tensors["bn_inference.mean"] = ckpt.bn_inference.mean
-        tensors["bn_inference.var"] = ckpt.bn_inference.var
+    tensors = {f"param.{name}": t.contiguous() for name, t in s.model.params().items()}
+    tensors.update({f"buffer.{name}": t.contiguous() for name, t in s.model.buffers().items()})
+    if ckpt.inference is not None:
+        tensors.update({f"inference.{name}": t.contiguous() for name, t in ckpt.inference.items()})
     tensors["rng_state"] = s.generator.get_state()
     tensors["losses"] = s.losses
     blob = st_save(tensors)
@@ -84,7 +91,9 @@ def save(directory: str | Path, ckpt: Checkpoint) -> Path:
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "tensors_file": name, "sha256": hashlib.sha256(blob).hexdigest(),
         "step": s.step,
-        "model_config": dataclasses.asdict(ckpt.model_config),
+        "model": s.model.spec(),
+        "model_config": None if ckpt.model_config is None else dataclasses.asdict(ckpt.model_config),
+        "block_size": ckpt.block_size,
         "train_config": dataclasses.asdict(ckpt.train_config),
         "vocab": list(ckpt.vocab.itos),
         "data_path": ckpt.data_path,
@@ -112,8 +121,10 @@ def _config(cls, values: dict, where: str):
         raise CheckpointError(f"{where}: invalid {cls.__name__}: {e}") from None
 
 
-def load(directory: str | Path) -> Checkpoint:
-    """Load and validate a checkpoint directory; raises CheckpointError with a one-line reason."""
+def load(directory: str | Path, layer_types: dict[str, type] | None = None) -> Checkpoint:
+    """Load and validate a checkpoint directory; raises CheckpointError with a one-line reason.
+    The model is rebuilt from its JSON spec with the built-in layer classes, plus `layer_types`
+    ({"Name": Class}) for layers of the user's own: nothing named in the file is imported or run."""
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"{d}: no such checkpoint directory")
@@ -130,14 +141,18 @@ def load(directory: str | Path) -> Checkpoint:
         raise CheckpointError(f"{meta_path}: format version {meta.get('format_version')} is not supported "
                               f"(this handgrad reads version {FORMAT_VERSION})")
     try:
-        mcfg = _config(ModelConfig, meta["model_config"], str(meta_path))
+        mcfg = None if meta["model_config"] is None else _config(ModelConfig, meta["model_config"], str(meta_path))
         tcfg = _config(TrainConfig, meta["train_config"], str(meta_path))
         vocab = Vocab(tuple(meta["vocab"]))
         tensors_path = d / meta["tensors_file"]
         step = int(meta["step"])
+        block_size = int(meta["block_size"])
+        model = from_spec(meta["model"], tcfg.torch_dtype, layer_types)
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{meta_path}: missing or malformed field {e}") from None
-    if len(vocab) != mcfg.vocab_size:
+    except SpecError as e:
+        raise CheckpointError(f"{meta_path}: model: {e}") from None
+    if mcfg is not None and len(vocab) != mcfg.vocab_size:
         raise CheckpointError(f"{meta_path}: vocabulary has {len(vocab)} characters but vocab_size "
                               f"is {mcfg.vocab_size}")
     try:
@@ -152,37 +167,33 @@ def load(directory: str | Path) -> Checkpoint:
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{tensors_path}: not a valid safetensors file ({e})") from None
 
-    dtype = tcfg.torch_dtype
-    expected = param_shapes(mcfg)
-    params = []
-    for name, shape in expected.items():
-        key = f"param.{name}"
-        if key not in t:
-            raise CheckpointError(f"{tensors_path}: tensor {name} is missing")
-        if tuple(t[key].shape) != shape:
-            raise CheckpointError(f"{tensors_path}: tensor {name} has shape {tuple(t[key].shape)}, "
-                                  f"the config expects {shape}")
-        if t[key].dtype != dtype:
-            raise CheckpointError(f"{tensors_path}: tensor {name} is {t[key].dtype}, expected {dtype}")
-        params.append(t[key])
-
-    def stats(prefix: str) -> BNStats | None:
-        if f"{prefix}.mean" not in t:
+    def take(prefix: str, expected: dict[str, Tensor], required: bool) -> dict[str, Tensor] | None:
+        """The tensors `prefix.NAME` for every NAME of `expected`, checked against its shape and dtype."""
+        if not required and not any(k.startswith(prefix + ".") for k in t):
             return None
-        for part in ("mean", "var"):
-            if tuple(t[f"{prefix}.{part}"].shape) != (1, mcfg.n_hidden):
-                raise CheckpointError(f"{tensors_path}: {prefix}.{part} has shape "
-                                      f"{tuple(t[f'{prefix}.{part}'].shape)}, expected (1, {mcfg.n_hidden})")
-        return BNStats(t[f"{prefix}.mean"], t[f"{prefix}.var"])
+        out = {}
+        for name, like in expected.items():
+            key = f"{prefix}.{name}"
+            if key not in t:
+                raise CheckpointError(f"{tensors_path}: tensor {key} is missing")
+            if t[key].shape != like.shape:
+                raise CheckpointError(f"{tensors_path}: tensor {key} has shape {tuple(t[key].shape)}, "
+                                      f"the model expects {tuple(like.shape)}")
+            if t[key].dtype != like.dtype:
+                raise CheckpointError(f"{tensors_path}: tensor {key} is {t[key].dtype}, expected {like.dtype}")
+            out[name] = t[key]
+        return out
 
-    bn_running = stats("bn_running")
-    if bn_running is None or "rng_state" not in t or "losses" not in t:
-        raise CheckpointError(f"{tensors_path}: incomplete (bn_running, rng_state or losses missing)")
+    for name, tensor in {**take("param", model.params(), True), **take("buffer", model.buffers(), True)}.items():
+        set_tensor(model, name, tensor)
+    inference = take("inference", model.buffers(), False)
+    if "rng_state" not in t or "losses" not in t:
+        raise CheckpointError(f"{tensors_path}: incomplete (rng_state or losses missing)")
     gen = torch.Generator()
     try:
         gen.set_state(t["rng_state"])
     except RuntimeError as e:
         raise CheckpointError(f"{tensors_path}: invalid RNG state ({e})") from None
-    state = TrainState(Params(*params), bn_running, step, gen, t["losses"])
-    return Checkpoint(mcfg, tcfg, vocab, meta.get("data_path"), state, stats("bn_inference"),
-                      meta.get("results") or {})
+    state = TrainState(model, step, gen, t["losses"])
+    return Checkpoint(mcfg, tcfg, vocab, meta.get("data_path"), state, inference,
+                      meta.get("results") or {}, block_size)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from handgrad import checkpoint, data, model, train
+from handgrad import checkpoint, data, models, train
 from handgrad.checkpoint import Checkpoint, CheckpointError
 from handgrad.data import DataError
-from handgrad.model import ModelConfig
+from handgrad.layers import numel
+from handgrad.models import ModelConfig
 from handgrad.train import NonFiniteError, TrainConfig
 
 
@@ -50,28 +51,28 @@ def _fmt_time(seconds: float) -> str:
 
 
 def _samples(ck: Checkpoint, n: int, seed: int) -> list[str]:
-    bn = ck.bn_inference if ck.model_config.batchnorm else None
     with torch.no_grad():
-        ids = model.sample(ck.state.params, bn, ck.model_config.block_size, n=n, seed=seed)
+        ids = models.sample(ck.inference_model(), ck.block_size, n=n, seed=seed)
     return [ck.vocab.decode(s) for s in ids]
 
 
 # ---------------------------------------------------------------------------- train
-DEFAULT_OUT = "runs/mlp"
+DEFAULT_OUT = "runs/{model}"
 MODEL_FLAGS = {"n_embd": "--n-embd", "n_hidden": "--n-hidden", "block_size": "--block-size",
-               "batchnorm": "--no-batchnorm", "w1_scale": "--w1-scale"}
+               "n_layers": "--n-layers", "batchnorm": "--no-batchnorm", "w1_scale": "--w1-scale"}
 TRAIN_FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "lr_decay_step": "--lr-decay-step",
                "lr_decayed": "--lr-decayed", "seed": "--seed", "split_seed": "--split-seed",
                "bn_stats": "--bn-stats", "dtype": "--dtype", "chunk_steps": "--chunk-steps",
-               "recompute_tile": "--recompute-tile"}
+               "recompute_tile": "--recompute-tile", "lecture_rng": "--lecture-rng"}
 
 
 def _add_train_parser(sub) -> None:
     d, m = TrainConfig(), ModelConfig()
-    p = sub.add_parser("train", help="train the MLP with hand-written gradients",
-                       description="Train the makemore MLP with hand-written backward passes (no autograd), "
+    p = sub.add_parser("train", help="train a model with hand-written gradients",
+                       description="Train a makemore model with hand-written backward passes (no autograd), "
                        "save checkpoints, then print train/val loss and samples. Defaults reproduce "
-                       "the lecture: 200,000 steps, batch 32, lr 0.1 then 0.01 from step 100,000.")
+                       "the lectures: 200,000 steps, batch 32, lr 0.1 then 0.01 from step 100,000 (mlp) "
+                       "or 150,000 (deep, wavenet).")
     p.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names.txt)")
     p.add_argument("--out", help=f"checkpoint directory (default: {DEFAULT_OUT}, or the --resume DIR)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its flags are kept; "
@@ -79,9 +80,15 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="start a new run even if --out already holds one "
                    "(it is replaced)")
     g = p.add_argument_group("model")
-    g.add_argument("--n-embd", type=int, help=f"embedding size per character (default {m.n_embd})")
-    g.add_argument("--n-hidden", type=int, help=f"hidden units (default {m.n_hidden})")
-    g.add_argument("--block-size", type=int, help=f"context length in characters (default {m.block_size})")
+    g.add_argument("--model", choices=models.MODELS, help="mlp: lecture 4's MLP (default); deep: makemore "
+                   "part 3's 5-layer batchnorm net; wavenet: makemore part 5's hierarchical net")
+    presets = "; ".join(f"{k}: {', '.join(f'{a}={b}' for a, b in v.items()) or 'the defaults'}"
+                        for k, v in models.PRESETS.items())
+    g.add_argument("--n-embd", type=int, help=f"embedding size per character (default {m.n_embd}; {presets})")
+    g.add_argument("--n-hidden", type=int, help=f"hidden units per layer (default {m.n_hidden})")
+    g.add_argument("--block-size", type=int, help=f"context length in characters (default {m.block_size}; "
+                   "a power of two for wavenet)")
+    g.add_argument("--n-layers", type=int, help="hidden blocks of the deep model (default 5)")
     g.add_argument("--no-batchnorm", dest="batchnorm", action="store_const", const=False,
                    help="drop the batchnorm layer (for experiments)")
     g.add_argument("--w1-scale", type=float, help="multiply W1's init by this (default 1; large values "
@@ -102,6 +109,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--engine", choices=train.ENGINES, default="auto", help="auto: the fused native step, "
                    "falling back to eager with a warning (default); fast; eager")
     g.add_argument("--chunk-steps", type=int, help=f"steps per engine call (default {d.chunk_steps})")
+    g.add_argument("--lecture-rng", action="store_const", const=True, help="draw the init and then the "
+                   "batches from one generator seeded --seed, as the lectures' torch.manual_seed does "
+                   "(with --model wavenet --seed 42 this reproduces makemore part 5's run)")
     g.add_argument("--recompute-tile", type=int, metavar="ROWS", help="activation checkpointing (fast "
                    "engine): keep only embcat and recompute the hidden activations in backward, ROWS rows "
                    "at a time; saves memory at large --batch-size (default 0: keep all)")
@@ -132,8 +142,11 @@ def _configs_from_args(args) -> tuple[ModelConfig, TrainConfig]:
     if args.steps is not None:
         tvals["steps"] = args.steps
     tvals["engine"], tvals["checkpoint_every"] = args.engine, args.checkpoint_every
+    name = args.model or "mlp"
+    if name == "wavenet" and "n_layers" in mvals:
+        raise UsageError("--n-layers: wavenet's depth follows --block-size (log2 of it); give --block-size")
     try:
-        return ModelConfig(**mvals), TrainConfig(**tvals)
+        return models.preset(name, **mvals), TrainConfig.for_model(name, **tvals)
     except ValueError as e:  # the configs validate their fields; name the flag, not the field
         field = str(e).split()[0]
         flag = {**MODEL_FLAGS, **TRAIN_FLAGS, "steps": "--steps",
@@ -143,7 +156,8 @@ def _configs_from_args(args) -> tuple[ModelConfig, TrainConfig]:
 
 def _resume(args, warn) -> tuple[Checkpoint, data.Splits]:
     ck = checkpoint.load(args.resume)
-    given = [flag for k, flag in {**MODEL_FLAGS, **TRAIN_FLAGS}.items() if getattr(args, k) is not None]
+    given = [flag for k, flag in {**MODEL_FLAGS, **TRAIN_FLAGS, "model": "--model"}.items()
+             if getattr(args, k) is not None]
     if given:
         raise UsageError(f"{given[0]} cannot be changed when resuming; the run keeps the flags saved in "
                          f"{args.resume} (only --steps, --engine, --out and output flags may be given)")
@@ -156,7 +170,7 @@ def _resume(args, warn) -> tuple[Checkpoint, data.Splits]:
             raise UsageError(f"--steps {args.steps} is below the checkpoint's step {ck.state.step}")
         tvals["steps"] = args.steps
     ck.train_config = dataclasses.replace(tc, **tvals)
-    splits = load_splits(ck.data_path, ck.model_config.block_size, tc.split_seed, ck.vocab, warn)
+    splits = load_splits(ck.data_path, ck.block_size, tc.split_seed, ck.vocab, warn)
     return ck, splits
 
 
@@ -171,12 +185,13 @@ def _cmd_train(args) -> int:
     if args.resume:
         ck, splits = _resume(args, warn)
         mcfg, tcfg, state, data_path = ck.model_config, ck.train_config, ck.state, ck.data_path
-        out = Path(args.out or args.resume)
+        out, block_size = Path(args.out or args.resume), ck.block_size
     else:
         mcfg, tcfg = _configs_from_args(args)
         splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn)
         mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
-        state, out = train.new_state(mcfg, tcfg), Path(args.out or DEFAULT_OUT)
+        state, out = train.new_state(mcfg, tcfg), Path(args.out or DEFAULT_OUT.format(model=mcfg.name))
+        block_size = mcfg.block_size
         data_path = str(Path(args.data).resolve()) if args.data else None  # None: the bundled names
         if (out / checkpoint.META).exists() and not args.force and args.verify_autograd is None:
             raise UsageError(f"--out {out} already holds a run; continue it with --resume {out}, choose "
@@ -184,12 +199,12 @@ def _cmd_train(args) -> int:
     if args.verify_autograd is not None:
         return _verify(args, splits, mcfg, tcfg)
 
-    steps_fn, engine, fallback = train.select_engine(mcfg, tcfg)
+    steps_fn, engine, fallback = train.select_engine(state.model, tcfg)
     if fallback:
         warn(fallback)
-    ckpt = Checkpoint(mcfg, tcfg, splits.vocab, data_path, state, None, {})
+    ckpt = Checkpoint(mcfg, tcfg, splits.vocab, data_path, state, None, {}, block_size)
     if not args.quiet:
-        print(f"training {state.params.numel():,} parameters on {splits.Xtr.shape[0]:,} examples "
+        print(f"training {mcfg.name if mcfg else 'a'} model, {numel(state.model):,} parameters on {splits.Xtr.shape[0]:,} examples "
               f"({engine} engine, {tcfg.dtype}), from step {state.step:,} to {tcfg.steps:,}; "
               f"checkpoints in {out}/", file=sys.stderr)
     callbacks = []
@@ -237,9 +252,9 @@ def _cmd_train(args) -> int:
     loop_time = time.perf_counter() - t0
 
     ckpt.state = state
-    ckpt.bn_inference = train.inference_stats(state, splits, mcfg, tcfg)
+    ckpt.inference = train.inference_buffers(state, splits, tcfg)
     with torch.no_grad():
-        results = {split: model.evaluate(state.params, ckpt.bn_inference, *splits.split(split))
+        results = {split: models.evaluate(ckpt.inference_model(), *splits.split(split))
                    for split in ("train", "val")}
     results["loop_seconds"] = loop_time
     results["engine"] = engine
@@ -247,8 +262,9 @@ def _cmd_train(args) -> int:
     checkpoint.save(out, ckpt)
     # ---- diagnose: after training (owned by diagnostics)
     # ---- end diagnose: after training
+    bn = tcfg.bn_stats if state.model.buffers() else "no batchnorm"
     print(f"step {state.step}: train loss {results['train']:.4f}, val loss {results['val']:.4f} "
-          f"(batchnorm stats: {tcfg.bn_stats if mcfg.batchnorm else 'no batchnorm'}; "
+          f"(batchnorm stats: {bn}; "
           f"training loop {_fmt_time(loop_time)}, {engine} engine)")
     if args.samples:
         print("samples:")
@@ -284,7 +300,7 @@ def _verify(args, splits, mcfg, tcfg) -> int:
     if steps < 1:
         raise UsageError(f"--verify-autograd {steps}: expected a positive number of steps")
     tcfg = dataclasses.replace(tcfg, steps=steps)
-    steps_fn, engine, fallback = train.select_engine(mcfg, tcfg)
+    steps_fn, engine, fallback = train.select_engine(train.new_state(mcfg, tcfg).model, tcfg)
     if fallback:
         warn(fallback)
     hand = train.train(splits, mcfg, tcfg, steps_fn=steps_fn).losses
@@ -292,7 +308,7 @@ def _verify(args, splits, mcfg, tcfg) -> int:
     diff = (hand - ref).abs()  # (steps,)
     tol = 1e-5 if tcfg.dtype == "float32" else 1e-12
     worst = int(diff.argmax())
-    print(f"{steps} steps, {tcfg.dtype}, hand-written ({engine} engine) vs autograd, same init and batches")
+    print(f"{steps} steps, {mcfg.name}, {tcfg.dtype}, hand-written ({engine} engine) vs autograd, same init and batches")
     print(f"{'step':>8} {'hand-written':>16} {'autograd':>16} {'|diff|':>10}")
     for i in sorted({0, 1, steps // 4, steps // 2, worst, steps - 1}):
         print(f"{i:>8} {hand[i].item():>16.10f} {ref[i].item():>16.10f} {diff[i].item():>10.2e}")
@@ -305,7 +321,7 @@ def _verify(args, splits, mcfg, tcfg) -> int:
 # ---------------------------------------------------------------------------- sample / eval
 def _load_finished(path: str) -> Checkpoint:
     ck = checkpoint.load(path)
-    if ck.model_config.batchnorm and ck.bn_inference is None:
+    if ck.state.model.buffers() and ck.inference is None:
         raise UsageError(f"{path}: training has not finished (step {ck.state.step} of "
                          f"{ck.train_config.steps}); continue it with: handgrad train --resume {path}")
     return ck
@@ -323,13 +339,14 @@ def _cmd_sample(args) -> int:
 def _cmd_eval(args) -> int:
     ck = _load_finished(args.checkpoint)
     path = args.data if args.data is not None else ck.data_path
-    splits = load_splits(path, ck.model_config.block_size, ck.train_config.split_seed, ck.vocab)
-    print(f"checkpoint {args.checkpoint}: step {ck.state.step}, {ck.state.params.numel():,} parameters, "
+    splits = load_splits(path, ck.block_size, ck.train_config.split_seed, ck.vocab)
+    print(f"checkpoint {args.checkpoint}: step {ck.state.step}, {numel(ck.state.model):,} parameters, "
           f"batchnorm stats: {ck.train_config.bn_stats}")
+    inference = ck.inference_model()
     with torch.no_grad():
         for split in ("train", "val", "test"):
             X, Y = splits.split(split)
-            loss = model.evaluate(ck.state.params, ck.bn_inference, X, Y)
+            loss = models.evaluate(inference, X, Y)
             print(f"{split:>5} loss {loss:.4f}  ({X.shape[0]:,} examples)")
     return 0
 
@@ -449,7 +466,7 @@ def _cmd_diagnose(args) -> int:
 
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="handgrad", description="Train the makemore MLP with "
+    parser = argparse.ArgumentParser(prog="handgrad", description="Train makemore models with "
                                      "hand-written gradients, and prove every gradient.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)

@@ -1,7 +1,8 @@
 """The fast path: the training step (forward, closed-form backward, SGD) fused into one small C++
 file (csrc/step.cpp) that runs many steps per call on preallocated padded buffers. Built at first
 use with the system compiler into a per-user cache, loaded with ctypes; no torch headers.
-The math is model.forward/backward + sgd_update (ops.py); tests/test_fast.py proves it.
+The math is the lecture MLP's layers (layers.py, ops.py) + SGD; tests/test_fast.py proves it.
+`plan(model)` recognises that layer pattern and maps its parameters onto the native step.
 
 Environment: HANDGRAD_CC (the C++ compiler; default c++ or g++ on PATH), HANDGRAD_CACHE (the build
 cache; default $XDG_CACHE_HOME/handgrad or ~/.cache/handgrad).
@@ -23,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from handgrad.model import BNStats, ModelConfig, Params
+from handgrad import ops
+from handgrad.atomic import Params
+from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Tanh
 
 SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", "-fno-rtti"]
@@ -32,6 +35,13 @@ GRAD_NAMES = ("loss", "dC", "dW1", "db1", "dW2", "db2", "dbngain", "dbnbias")  #
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+
+
+class BNStats:
+    """The running statistics the native step updates: (1, H) views of a BatchNorm1d's buffers."""
+
+    def __init__(self, mean: Tensor, var: Tensor):
+        self.mean, self.var = mean, var
 
 
 class FastUnavailable(RuntimeError):
@@ -188,32 +198,62 @@ def _run(lib: ctypes.CDLL, p: Params, bn_running: BNStats | None, Xtr: Tensor, Y
     return losses, int(status)
 
 
+# The lecture MLP's layer pattern, and the position of each of the native step's tensors in it.
+MLP_PATTERN = (Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh, Linear)
+MLP_NAMES = {"C": "0.weight", "W1": "2.weight", "b1": "2.bias", "W2": "5.weight", "b2": "5.bias",
+             "bngain": "3.weight", "bnbias": "3.bias"}
+
+
+def mlp_view(model) -> tuple[Params, BNStats, float] | str:
+    """The native step's view of a model with the lecture MLP's layers (sharing memory, so the
+    native updates land in the model), or the one-line reason it does not fit."""
+    layers = getattr(model, "layers", None)
+    kinds = tuple(type(layer) for layer in layers) if layers is not None else ()
+    if kinds != MLP_PATTERN:
+        names = ", ".join(type(layer).__name__ for layer in layers) if layers else type(model).__name__
+        return (f"the native step implements the lecture MLP (Embedding, FlattenConsecutive, Linear, "
+                f"BatchNorm1d, Tanh, Linear), not this model ({names})")
+    emb, flat, lin1, bn, _, lin2 = layers
+    if lin1.bias is None or lin2.bias is None:
+        return "the native step needs both Linear layers with a bias"
+    if bn.eps != ops.BN_EPS:
+        return f"the native step uses batchnorm eps {ops.BN_EPS:g} (this model: {bn.eps:g})"
+    V = emb.weight.shape[0]
+    if V > 128:
+        return f"the fast path supports vocab_size <= 128 (got {V})"
+    dtypes = {t.dtype for t in (*model.params().values(), *model.buffers().values())}
+    if dtypes != {torch.float32}:
+        return f"the fast path is float32 only (got {', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))})"
+    H = lin1.weight.shape[1]
+    p = Params(emb.weight, lin1.weight, lin1.bias, lin2.weight, lin2.bias, bn.weight.view(1, H), bn.bias.view(1, H))
+    return p, BNStats(bn.running_mean.view(1, H), bn.running_var.view(1, H)), bn.momentum
+
+
 def make_steps_fn(lib: ctypes.CDLL, tile: int = 0) -> Callable:
-    """The steps function of train.py's contract, running on the native library.
-    tile > 0 turns on activation checkpointing with that many rows per recompute tile."""
+    """The steps function of train.py's contract (model, Xtr, Ytr, idx, lrs) -> losses, running
+    on the native library. tile > 0 turns on activation checkpointing with that many rows per tile."""
     from handgrad.train import NonFiniteError  # train imports fast lazily; no cycle at import time
 
-    def fast_steps(p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
-                   lrs: Tensor, momentum: float, batchnorm: bool) -> Tensor:
+    def fast_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
         """Run K = len(idx) SGD steps in place in native code (see train.eager_steps for the contract)."""
-        if not batchnorm:
-            raise ValueError("the fast path implements the batchnorm model only")
-        losses, status = _run(lib, p, bn_running, Xtr, Ytr, idx, lrs, momentum, tile, None)
+        view = mlp_view(model)
+        if isinstance(view, str):
+            raise ValueError(view)
+        p, bn, momentum = view
+        losses, status = _run(lib, p, bn, Xtr, Ytr, idx, lrs, momentum, tile, None)
         if status >= 0:
-            raise NonFiniteError(status // 8, GRAD_NAMES[status % 8])
+            name = GRAD_NAMES[status % 8]
+            raise NonFiniteError(status // 8, name if name == "loss" else "d" + MLP_NAMES[name[1:]])
         return losses
 
     return fast_steps
 
 
-def load_fast_steps(cfg: ModelConfig, dtype: torch.dtype, tile: int = 0) -> tuple[Callable | None, str]:
-    """(steps_fn, "") when the fast path can run this configuration, else (None, one-line reason)."""
-    if dtype != torch.float32:
-        return None, f"the fast path is float32 only (got {str(dtype).replace('torch.', '')})"
-    if not cfg.batchnorm:
-        return None, "the fast path implements the batchnorm model only"
-    if cfg.vocab_size > 128:
-        return None, f"the fast path supports vocab_size <= 128 (got {cfg.vocab_size})"
+def plan(model, tile: int = 0) -> tuple[Callable | None, str]:
+    """(steps_fn, "") when the fast path can run this model, else (None, one-line reason)."""
+    view = mlp_view(model)
+    if isinstance(view, str):
+        return None, view
     try:
         lib = load_library()
     except FastUnavailable as e:
@@ -236,9 +276,8 @@ def fast_grads(p: Params, X: Tensor, Y: Tensor, tile: int = 0) -> tuple[float, P
     return float(losses[0]), grads
 
 
-def workspace_bytes(cfg: ModelConfig, batch_size: int, tile: int = 0) -> int:
+def workspace_bytes(p: Params, block_size: int, batch_size: int, tile: int = 0) -> int:
     """Bytes the native step allocates for one call (padded parameters, gradients, activations)."""
     lib = load_library()
-    dims = (ctypes.c_int * 8)(batch_size, cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.vocab_size,
-                              tile, 1, 1)
+    dims = _dims(p, batch_size, block_size, 1, tile, 1)
     return int(lib.hg_workspace_bytes(dims))

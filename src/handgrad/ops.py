@@ -1,8 +1,10 @@
-"""Stateless forward/backward pairs for the makemore MLP: the single home of the gradient math
-used for training. Reference: Karpathy, "Building makemore Part 4: Becoming a Backprop Ninja";
-the pairing style follows CS231n `layers.py` and llm.c `layernorm_forward`/`layernorm_backward`.
+"""Stateless forward/backward pairs: the single home of the gradient math used for training.
+References: Karpathy, "Building makemore Part 4: Becoming a Backprop Ninja" (the closed forms) and
+Part 5 (batchnorm and linear over leading dimensions, FlattenConsecutive); the pairing style follows
+CS231n `layers.py` and llm.c `layernorm_forward`/`layernorm_backward`.
 
-Shape legend: N batch, T block_size, E n_embd, H n_hidden, V vocab.
+Shape legend: N batch, T block_size, E n_embd, H n_hidden, V vocab, C channels (the last dim),
+`...` any number of leading dimensions.
 Every `*_forward` returns `(out, cache)`; every `*_backward(dout, cache)` unpacks the cache on its
 first line and returns one gradient per differentiable input, each with exactly its input's shape.
 """
@@ -35,68 +37,109 @@ def embedding_backward(demb: Tensor, cache: tuple) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- linear
-def linear_forward(x: Tensor, W: Tensor, b: Tensor) -> tuple[Tensor, tuple]:
-    """out = x @ W + b (b broadcast over rows)."""
-    out = x @ W + b  # (N, out_features)
-    return out, (x, W)
+def linear_forward(x: Tensor, W: Tensor, b: Tensor | None = None) -> tuple[Tensor, tuple]:
+    """out = x @ W + b over any leading dimensions (b broadcast; None: no bias)."""
+    out = x @ W  # (..., out_features)
+    if b is not None:
+        out = out + b
+    return out, (x, W, b is not None)
 
 
-def linear_backward(dout: Tensor, cache: tuple) -> tuple[Tensor, Tensor, Tensor]:
-    """dx = dout @ W^T, dW = x^T @ dout, db = sum of dout over the batch."""
-    x, W = cache
-    dx = dout @ W.T  # (N, in_features)
-    dW = x.T @ dout  # (in_features, out_features)
-    db = dout.sum(0)  # (out_features,)
+def linear_backward(dout: Tensor, cache: tuple) -> tuple[Tensor, Tensor, Tensor | None]:
+    """dx = dout @ W^T, dW = x^T @ dout and db = sum of dout, both summed over every leading
+    dimension (each row of every leading index is one use of W)."""
+    x, W, has_bias = cache
+    dx = dout @ W.T  # (..., in_features)
+    x2, dout2 = x.reshape(-1, x.shape[-1]), dout.reshape(-1, dout.shape[-1])  # views: (M, in) (M, out)
+    dW = x2.T @ dout2  # (in_features, out_features)
+    db = dout2.sum(0) if has_bias else None  # (out_features,)
     return dx, dW, db
 
 
 # ---------------------------------------------------------------------------- batchnorm
+def _batch_dims(x: Tensor) -> tuple[int, ...]:
+    """Batchnorm reduces over every dimension but the last (makemore part 5: (0,) or (0, 1))."""
+    return tuple(range(x.dim() - 1))
+
+
 def batchnorm_forward(
     x: Tensor, bngain: Tensor, bnbias: Tensor, eps: float = BN_EPS
 ) -> tuple[Tensor, tuple, tuple[Tensor, Tensor]]:
-    """Training-mode batchnorm over the batch dimension, with the lecture's Bessel-corrected
-    (n-1) variance. Returns (out, cache, (bnmeani, bnvar)); the batch statistics are returned
-    so a caller can track running statistics with the same variance convention."""
-    n = x.shape[0]
-    bnmeani = x.sum(0, keepdim=True) / n  # (1, H)
-    bndiff = x - bnmeani  # (N, H)
-    bnvar = (bndiff**2).sum(0, keepdim=True) / (n - 1)  # (1, H)  Bessel's n-1
-    bnvar_inv = (bnvar + eps) ** -0.5  # (1, H)
-    bnraw = bndiff * bnvar_inv  # (N, H)
-    out = bngain * bnraw + bnbias  # (N, H)
+    """Training-mode batchnorm over all dimensions but the last, with the lecture's Bessel-corrected
+    (n-1) variance, n the number of rows reduced. Returns (out, cache, (bnmeani, bnvar)); the batch
+    statistics are returned so a caller can track running statistics with the same convention."""
+    dims = _batch_dims(x)
+    n = x.numel() // x.shape[-1]
+    bnmeani = x.sum(dims, keepdim=True) / n  # (1, ..., C)
+    bndiff = x - bnmeani  # (..., C)
+    bnvar = (bndiff**2).sum(dims, keepdim=True) / (n - 1)  # (1, ..., C)  Bessel's n-1
+    bnvar_inv = (bnvar + eps) ** -0.5  # (1, ..., C)
+    bnraw = bndiff * bnvar_inv  # (..., C)
+    out = bngain * bnraw + bnbias  # (..., C)
     return out, (bnraw, bnvar_inv, bngain), (bnmeani, bnvar)
 
 
 def batchnorm_backward(dout: Tensor, cache: tuple) -> tuple[Tensor, Tensor, Tensor]:
-    """Closed-form batchnorm backward (the lecture's Exercise 3):
+    """Closed-form batchnorm backward (the lecture's Exercise 3), sums over every dimension but
+    the last:
 
         dx = gain * var_inv / n * (n * dout - sum(dout) - n/(n-1) * bnraw * sum(dout * bnraw))
 
-    The sums run over the batch; the n/(n-1) comes from the Bessel-corrected variance."""
+    The n/(n-1) comes from the Bessel-corrected variance. dbngain and dbnbias get bngain's shape."""
     bnraw, bnvar_inv, bngain = cache
-    n = dout.shape[0]
-    dbngain = (bnraw * dout).sum(0, keepdim=True)  # (1, H)
-    dbnbias = dout.sum(0, keepdim=True)  # (1, H)
-    dx = bngain * bnvar_inv / n * (n * dout - dbnbias - n / (n - 1) * bnraw * dbngain)  # (N, H)
-    return dx, dbngain, dbnbias
+    dims = _batch_dims(dout)
+    n = dout.numel() // dout.shape[-1]
+    dbngain = (bnraw * dout).sum(dims, keepdim=True)  # (1, ..., C)
+    dbnbias = dout.sum(dims, keepdim=True)  # (1, ..., C)
+    dx = bngain * bnvar_inv / n * (n * dout - dbnbias - n / (n - 1) * bnraw * dbngain)  # (..., C)
+    return dx, dbngain.reshape(bngain.shape), dbnbias.reshape(bngain.shape)
 
 
 def batchnorm_inference(x: Tensor, bngain: Tensor, bnbias: Tensor, bnmean: Tensor,
                         bnvar: Tensor, eps: float = BN_EPS) -> Tensor:
     """Batchnorm with fixed statistics (bnvar is the n-1 variance, as in training)."""
-    return bngain * (x - bnmean) * (bnvar + eps) ** -0.5 + bnbias  # (N, H)
+    return bngain * (x - bnmean) * (bnvar + eps) ** -0.5 + bnbias  # (..., C)
 
 
-# ---------------------------------------------------------------------------- tanh
+# ---------------------------------------------------------------------------- tanh, relu
 def tanh_forward(x: Tensor) -> tuple[Tensor, tuple]:
-    h = torch.tanh(x)  # (N, H)
+    h = torch.tanh(x)  # (..., H)
     return h, (h,)
 
 
 def tanh_backward(dh: Tensor, cache: tuple) -> Tensor:
     """d tanh(x)/dx = 1 - tanh(x)^2, computed from the saved output."""
     (h,) = cache
-    return (1.0 - h**2) * dh  # (N, H)
+    return (1.0 - h**2) * dh  # (..., H)
+
+
+def relu_forward(x: Tensor) -> tuple[Tensor, tuple]:
+    out = torch.relu(x)  # (..., H)
+    return out, (out,)
+
+
+def relu_backward(dout: Tensor, cache: tuple) -> Tensor:
+    """d relu(x)/dx = 1 where x > 0, else 0 (autograd's choice at x = 0); read from the output."""
+    (out,) = cache
+    return dout * (out > 0).to(dout.dtype)  # (..., H)
+
+
+# ---------------------------------------------------------------------------- flatten
+def flatten_consecutive_forward(x: Tensor, n: int) -> tuple[Tensor, tuple]:
+    """makemore part 5's FlattenConsecutive: concatenate each n consecutive positions,
+    (N, T, C) -> (N, T/n, C*n), and drop the middle dimension when it becomes 1. On contiguous
+    row-major memory this is a reinterpretation (a view), not a copy."""
+    N, T, C = x.shape
+    out = x.reshape(N, T // n, C * n)  # (N, T/n, C*n)
+    if out.shape[1] == 1:
+        out = out.squeeze(1)  # (N, C*n)
+    return out, (x.shape,)
+
+
+def flatten_consecutive_backward(dout: Tensor, cache: tuple) -> Tensor:
+    """A reshape moves no numbers: the gradient is dout viewed in the input's shape."""
+    (shape,) = cache
+    return dout.reshape(shape)  # (N, T, C)
 
 
 # ---------------------------------------------------------------------------- cross-entropy

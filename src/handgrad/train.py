@@ -1,6 +1,7 @@
-"""The training loop: minibatch SGD with the lecture's step schedule, run in chunks of steps by an
-engine (the eager hand-written step below, or the fused native step in fast.py). No autograd, no
-printing: progress goes to a callback. Reference: Karpathy, "Building makemore Part 4".
+"""The training loop for any model of layers: minibatch SGD with the lecture's step schedule, run
+in chunks of steps by an engine (the eager hand-written step below, or the fused native step in
+fast.py). No autograd, no printing: progress goes to a callback. Reference: Karpathy, "Building
+makemore Part 4" (and Parts 3 and 5 for the deeper models).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from handgrad import model
+from handgrad import models
 from handgrad.data import Splits
-from handgrad.model import Activations, BNStats, ModelConfig, Params
+from handgrad.models import ModelConfig, Step
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 BN_STATS = ("calibrate", "running")
@@ -37,6 +38,8 @@ class TrainConfig:
     checkpoint_every: int = 10_000  # steps between checkpoints (a multiple of chunk_steps is exact)
     recompute_tile: int = 0  # activation checkpointing (fast engine): if > 0, keep only embcat and
     # per-feature statistics, and recompute the rest in backward in tiles of this many rows
+    lecture_rng: bool = False  # one generator for init and batches (the lecture's torch.manual_seed(seed)
+    # before the init, then one randint per step); False: init from seed, batches from seed + 1
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "chunk_steps", "checkpoint_every"):
@@ -61,9 +64,22 @@ class TrainConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @classmethod
+    def for_model(cls, name: str, **overrides) -> TrainConfig:
+        """The model's training defaults (TRAIN_PRESETS) with `overrides` applied."""
+        return cls(**{**TRAIN_PRESETS.get(name, {}), **overrides})
+
     def lr_at(self, step: int) -> float:
         """The lecture's schedule: lr, then lr_decayed from lr_decay_step on."""
         return self.lr if step < self.lr_decay_step else self.lr_decayed
+
+
+# makemore parts 3 and 5 decay at 150k and evaluate with the running statistics (momentum 0.1).
+TRAIN_PRESETS: dict[str, dict] = {
+    "mlp": {},
+    "deep": {"lr_decay_step": 150_000, "bn_stats": "running"},
+    "wavenet": {"lr_decay_step": 150_000, "bn_stats": "running"},
+}
 
 
 class NonFiniteError(RuntimeError):
@@ -80,40 +96,44 @@ class EngineUnavailable(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- the eager engine
-StepsFn = Callable[[Params, "BNStats | None", Tensor, Tensor, Tensor, Tensor, float, bool], Tensor]
+# steps(model, Xtr, Ytr, idx (K, B), lrs (K,)) -> losses (K,) float64; updates model in place
+StepsFn = Callable[[object, Tensor, Tensor, Tensor, Tensor], Tensor]
+GradFn = Callable[[object, Tensor, Tensor], Step]
 
 
-GradFn = Callable[[Params, Tensor, Tensor, bool], "tuple[Tensor, Params, Activations]"]
+def hand_grads(model, X: Tensor, Y: Tensor) -> Step:
+    """Loss, gradients and caches of one batch, with the layers' hand-written backward passes."""
+    return models.loss_and_grads(model, X, Y)
 
 
-def hand_grads(p: Params, X: Tensor, Y: Tensor, batchnorm: bool) -> tuple[Tensor, Params, Activations]:
-    """Loss, gradients and activations of one batch, with the hand-written backward of model.py."""
-    loss, acts = model.forward(p, X, Y, batchnorm)
-    return loss, model.backward(p, acts), acts
+def first_non_finite(grads: dict[str, Tensor]) -> str | None:
+    """The name of the first gradient holding a NaN or inf, else None (x*0 is NaN iff x is not finite)."""
+    names = list(grads)
+    finite = torch.stack([(g * 0).sum() for g in grads.values()]).isfinite()  # (P,)
+    return None if bool(finite.all()) else names[int((~finite).nonzero()[0])]
 
 
 def sgd_steps(grad_fn: GradFn) -> StepsFn:
     """A step engine that takes its gradients from grad_fn (hand_grads here; the autograd
     reference in reference.py uses the same loop, so the two differ only in their gradients)."""
 
-    def steps(p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
-              lrs: Tensor, momentum: float, batchnorm: bool) -> Tensor:
+    def steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
         """Run K = len(idx) SGD steps in place. idx (K, B) row indices into Xtr/Ytr; lrs (K,)
         per-step learning rates. Returns losses (K,) float64, each the loss before its step's
         update. Raises NonFiniteError(k, name) at the first non-finite loss or gradient."""
         losses = torch.empty(idx.shape[0], dtype=torch.float64)  # (K,)
         for k in range(idx.shape[0]):
             ix = idx[k]  # (B,)
-            loss, grads, acts = grad_fn(p, Xtr[ix], Ytr[ix], batchnorm)
-            losses[k] = loss
+            step = grad_fn(model, Xtr[ix], Ytr[ix])
+            losses[k] = step.loss
             if not torch.isfinite(losses[k]):
                 raise NonFiniteError(k, "loss")
-            finite = torch.stack([(g * 0).sum() for g in grads.tensors()]).isfinite()  # (7,) x*0 NaN iff x is
-            if not bool(finite.all()):
-                raise NonFiniteError(k, "d" + grads.items()[int((~finite).nonzero()[0])][0])
-            model.sgd_update(p, grads, float(lrs[k]))
-            if bn_running is not None:
-                model.update_running(bn_running, acts, momentum)
+            bad = first_non_finite(step.grads)
+            if bad is not None:
+                raise NonFiniteError(k, "d" + bad)
+            models.sgd_update(model, step.grads, float(lrs[k]))
+            if hasattr(model, "update_buffers"):
+                model.update_buffers(step.caches)
         return losses
 
     return steps
@@ -122,7 +142,7 @@ def sgd_steps(grad_fn: GradFn) -> StepsFn:
 eager_steps = sgd_steps(hand_grads)  # the eager engine: PyTorch ops, hand-written gradients
 
 
-def select_engine(mcfg: ModelConfig, tcfg: TrainConfig) -> tuple[StepsFn, str, str]:
+def select_engine(model, tcfg: TrainConfig) -> tuple[StepsFn, str, str]:
     """Pick the step engine: returns (steps_fn, name, warning). The warning is "" unless engine
     "auto" had to fall back to the eager path; engine "fast" raises EngineUnavailable instead."""
     if tcfg.engine == "eager":
@@ -133,7 +153,7 @@ def select_engine(mcfg: ModelConfig, tcfg: TrainConfig) -> tuple[StepsFn, str, s
     except ImportError as e:
         fn, reason = None, f"cannot import handgrad.fast: {e}"
     else:
-        fn, reason = fast.load_fast_steps(mcfg, tcfg.torch_dtype, tile=tcfg.recompute_tile)
+        fn, reason = fast.plan(model, tile=tcfg.recompute_tile)
     if fn is not None:
         return fn, "fast", ""
     if tcfg.engine == "fast":
@@ -147,18 +167,24 @@ def select_engine(mcfg: ModelConfig, tcfg: TrainConfig) -> tuple[StepsFn, str, s
 class TrainState:
     """Everything needed to continue a run exactly where it stopped."""
 
-    params: Params
-    bn_running: BNStats  # running mean / n-1 variance, updated every step
+    model: object  # a Sequential (or any layer): parameters and running statistics, updated in place
     step: int  # steps done
     generator: torch.Generator  # batch sampling; its state is saved in checkpoints
     losses: Tensor  # (steps,) float64 per-step training loss (NaN beyond `step`)
 
 
 def new_state(mcfg: ModelConfig, tcfg: TrainConfig) -> TrainState:
-    dtype = tcfg.torch_dtype
-    gen = torch.Generator().manual_seed(tcfg.seed + 1)  # distinct from the init stream
-    return TrainState(model.init_params(mcfg, tcfg.seed, dtype), model.init_bn_stats(mcfg, dtype), 0,
-                      gen, torch.full((tcfg.steps,), float("nan"), dtype=torch.float64))
+    """A fresh model and batch generator. With lecture_rng the batches continue the init's stream."""
+    g = torch.Generator().manual_seed(tcfg.seed)
+    model = models.build(mcfg, g, tcfg.torch_dtype)
+    gen = g if tcfg.lecture_rng else torch.Generator().manual_seed(tcfg.seed + 1)
+    return state_for(model, tcfg, gen)
+
+
+def state_for(model, tcfg: TrainConfig, generator: torch.Generator | None = None) -> TrainState:
+    """A state that trains `model` (a user's own Sequential, say) from step 0."""
+    gen = generator or torch.Generator().manual_seed(tcfg.seed + 1)
+    return TrainState(model, 0, gen, torch.full((tcfg.steps,), float("nan"), dtype=torch.float64))
 
 
 @dataclass(frozen=True)
@@ -172,14 +198,17 @@ class Progress:
     elapsed: float  # seconds spent in the training loop so far (this process)
 
 
-def train(splits: Splits, mcfg: ModelConfig, tcfg: TrainConfig, state: TrainState | None = None,
+def train(splits: Splits, mcfg: ModelConfig | None, tcfg: TrainConfig, state: TrainState | None = None,
           callback: Callable[[Progress], None] | None = None, steps_fn: StepsFn | None = None
           ) -> TrainState:
-    """Train from `state` (or a fresh init) up to tcfg.steps, in chunks that end on multiples of
-    tcfg.chunk_steps, so a run resumed from any chunk boundary draws the same batches.
+    """Train from `state` (or a fresh model of mcfg) up to tcfg.steps, in chunks that end on
+    multiples of tcfg.chunk_steps, so a run resumed from any chunk boundary draws the same batches.
     Runs under torch.no_grad(): nothing here builds an autograd graph."""
-    state = state or new_state(mcfg, tcfg)
-    steps_fn = steps_fn or select_engine(mcfg, tcfg)[0]
+    if state is None:
+        if mcfg is None:
+            raise ValueError("train() needs a model config or a state (train.state_for(model, tcfg))")
+        state = new_state(mcfg, tcfg)
+    steps_fn = steps_fn or select_engine(state.model, tcfg)[0]
     if state.losses.shape[0] < tcfg.steps:  # a resumed run may be extended
         grown = torch.full((tcfg.steps,), float("nan"), dtype=torch.float64)
         grown[: state.losses.shape[0]] = state.losses
@@ -194,9 +223,8 @@ def train(splits: Splits, mcfg: ModelConfig, tcfg: TrainConfig, state: TrainStat
             t0 = time.perf_counter()
             idx = torch.randint(0, n, (k, tcfg.batch_size), generator=state.generator)  # (K, B)
             lrs = torch.tensor([tcfg.lr_at(i) for i in range(s, s + k)], dtype=torch.float64)  # (K,)
-            bn = state.bn_running if mcfg.batchnorm else None
             try:
-                losses = steps_fn(state.params, bn, Xtr, Ytr, idx, lrs, mcfg.bn_momentum, mcfg.batchnorm)
+                losses = steps_fn(state.model, Xtr, Ytr, idx, lrs)
             except NonFiniteError as e:
                 raise NonFiniteError(s + e.step, e.tensor) from None
             state.losses[s:s + k] = losses
@@ -207,13 +235,10 @@ def train(splits: Splits, mcfg: ModelConfig, tcfg: TrainConfig, state: TrainStat
     return state
 
 
-def inference_stats(state: TrainState, splits: Splits, mcfg: ModelConfig, tcfg: TrainConfig
-                    ) -> BNStats | None:
+def inference_buffers(state: TrainState, splits: Splits, tcfg: TrainConfig) -> dict[str, Tensor]:
     """The batchnorm statistics used after training: calibrated over the whole training set
-    (default: exact for the final weights, no momentum lag) or the running estimates."""
-    if not mcfg.batchnorm:
-        return None
+    (exact for the final weights, no momentum lag) or the running estimates."""
     with torch.no_grad():
-        if tcfg.bn_stats == "calibrate":
-            return model.calibrate_bn(state.params, splits.Xtr)
-    return state.bn_running
+        if tcfg.bn_stats == "calibrate" and hasattr(state.model, "layers"):
+            return models.calibrate(state.model, splits.Xtr)
+    return {k: v.clone() for k, v in state.model.buffers().items()}
