@@ -1,7 +1,8 @@
 """Checkpoints: tensors in safetensors (never pickle: loading runs no code) plus a JSON sidecar with
-the model's spec (its layers as JSON), the configs, vocabulary, step and versions. Writes are atomic: the tensors go
-to a new file, then meta.json is replaced in one rename and names that file, so a run killed at
-any moment leaves a complete, consistent checkpoint (the previous one or the new one).
+the model's spec (its layers as JSON), the configs, vocabulary, step and versions. Writes are
+atomic: the tensors go to a new file, then meta.json is replaced in one rename and names that
+file, so a run killed at any moment leaves a complete, consistent checkpoint (the previous one or
+the new one).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import Tensor
 
 from handgrad import __version__
 from handgrad.data import Vocab
@@ -141,7 +143,8 @@ def load(directory: str | Path, layer_types: dict[str, type] | None = None) -> C
         raise CheckpointError(f"{meta_path}: format version {meta.get('format_version')} is not supported "
                               f"(this handgrad reads version {FORMAT_VERSION})")
     try:
-        mcfg = None if meta["model_config"] is None else _config(ModelConfig, meta["model_config"], str(meta_path))
+        mvals = meta["model_config"]
+        mcfg = None if mvals is None else _config(ModelConfig, mvals, str(meta_path))
         tcfg = _config(TrainConfig, meta["train_config"], str(meta_path))
         vocab = Vocab(tuple(meta["vocab"]))
         tensors_path = d / meta["tensors_file"]
@@ -180,11 +183,13 @@ def load(directory: str | Path, layer_types: dict[str, type] | None = None) -> C
                 raise CheckpointError(f"{tensors_path}: tensor {key} has shape {tuple(t[key].shape)}, "
                                       f"the model expects {tuple(like.shape)}")
             if t[key].dtype != like.dtype:
-                raise CheckpointError(f"{tensors_path}: tensor {key} is {t[key].dtype}, expected {like.dtype}")
+                raise CheckpointError(f"{tensors_path}: tensor {key} is {t[key].dtype}, "
+                                      f"expected {like.dtype}")
             out[name] = t[key]
         return out
 
-    for name, tensor in {**take("param", model.params(), True), **take("buffer", model.buffers(), True)}.items():
+    stored = {**take("param", model.params(), True), **take("buffer", model.buffers(), True)}
+    for name, tensor in stored.items():
         set_tensor(model, name, tensor)
     inference = take("inference", model.buffers(), False)
     if "rng_state" not in t or "losses" not in t:

@@ -204,7 +204,8 @@ def _cmd_train(args) -> int:
         warn(fallback)
     ckpt = Checkpoint(mcfg, tcfg, splits.vocab, data_path, state, None, {}, block_size)
     if not args.quiet:
-        print(f"training {mcfg.name if mcfg else 'a'} model, {numel(state.model):,} parameters on {splits.Xtr.shape[0]:,} examples "
+        print(f"training {mcfg.name if mcfg else 'a'} model, {numel(state.model):,} parameters on "
+              f"{splits.Xtr.shape[0]:,} examples "
               f"({engine} engine, {tcfg.dtype}), from step {state.step:,} to {tcfg.steps:,}; "
               f"checkpoints in {out}/", file=sys.stderr)
     callbacks = []
@@ -308,7 +309,8 @@ def _verify(args, splits, mcfg, tcfg) -> int:
     diff = (hand - ref).abs()  # (steps,)
     tol = 1e-5 if tcfg.dtype == "float32" else 1e-12
     worst = int(diff.argmax())
-    print(f"{steps} steps, {mcfg.name}, {tcfg.dtype}, hand-written ({engine} engine) vs autograd, same init and batches")
+    print(f"{steps} steps, {mcfg.name}, {tcfg.dtype}, hand-written ({engine} engine) vs autograd, "
+          "same init and batches")
     print(f"{'step':>8} {'hand-written':>16} {'autograd':>16} {'|diff|':>10}")
     for i in sorted({0, 1, steps // 4, steps // 2, worst, steps - 1}):
         print(f"{i:>8} {hand[i].item():>16.10f} {ref[i].item():>16.10f} {diff[i].item():>10.2e}")

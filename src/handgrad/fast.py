@@ -223,9 +223,11 @@ def mlp_view(model) -> tuple[Params, BNStats, float] | str:
         return f"the fast path supports vocab_size <= 128 (got {V})"
     dtypes = {t.dtype for t in (*model.params().values(), *model.buffers().values())}
     if dtypes != {torch.float32}:
-        return f"the fast path is float32 only (got {', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))})"
+        got = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        return f"the fast path is float32 only (got {got})"
     H = lin1.weight.shape[1]
-    p = Params(emb.weight, lin1.weight, lin1.bias, lin2.weight, lin2.bias, bn.weight.view(1, H), bn.bias.view(1, H))
+    p = Params(emb.weight, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
+               bn.weight.view(1, H), bn.bias.view(1, H))
     return p, BNStats(bn.running_mean.view(1, H), bn.running_var.view(1, H)), bn.momentum
 
 

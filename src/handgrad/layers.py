@@ -141,7 +141,8 @@ class BatchNorm1d(_Base):
         self.running_var.mul_(1 - m).add_(bnvar.reshape(-1), alpha=m)
 
     def spec(self) -> dict:
-        return {"type": "BatchNorm1d", "dim": self.weight.shape[0], "eps": self.eps, "momentum": self.momentum}
+        return {"type": "BatchNorm1d", "dim": self.weight.shape[0], "eps": self.eps,
+                "momentum": self.momentum}
 
 
 class Tanh(_Base):
@@ -194,7 +195,8 @@ class Sequential(_Base):
 
     def __init__(self, layers: list):
         for i, layer in enumerate(layers):
-            missing = [m for m in ("params", "buffers", "forward", "backward") if not callable(getattr(layer, m, None))]
+            missing = [m for m in ("params", "buffers", "forward", "backward")
+                       if not callable(getattr(layer, m, None))]
             if missing:
                 raise TypeError(f"layer {i} ({type(layer).__name__}) lacks {', '.join(missing)}()")
         self.layers = list(layers)

@@ -86,7 +86,8 @@ def layers_for(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Sequenti
         return Sequential([Embedding(V, E, dtype), FlattenConsecutive(T), *_block(T * E, cfg, dtype, True),
                            Linear(H, V, dtype=dtype)])
     if cfg.name == "deep":  # part 3: no biases, a batchnorm after the output layer too
-        hidden = [layer for i in range(cfg.n_layers) for layer in _block(T * E if i == 0 else H, cfg, dtype, False)]
+        hidden = [layer for i in range(cfg.n_layers)
+                  for layer in _block(T * E if i == 0 else H, cfg, dtype, False)]
         last_bn = [BatchNorm1d(V, cfg.bn_eps, cfg.bn_momentum, dtype)] if cfg.batchnorm else []
         return Sequential([Embedding(V, E, dtype), FlattenConsecutive(T), *hidden,
                            Linear(H, V, bias=False, dtype=dtype), *last_bn])
@@ -224,7 +225,7 @@ def calibrate(model: Sequential, X: Tensor, chunk: int = 32768) -> dict[str, Ten
             continue
         head = Sequential(current.layers[:i])
 
-        def inputs():
+        def inputs(head=head):
             for j in range(0, X.shape[0], chunk):
                 x, _ = head.forward(X[j:j + chunk], training=False)
                 yield x.reshape(-1, x.shape[-1]).to(torch.float64)  # (rows, C)
