@@ -6,10 +6,10 @@ import time
 
 import pytest
 import torch
+from handgrad.model import ModelConfig
 
 from handgrad import checkpoint, train
 from handgrad.checkpoint import Checkpoint, CheckpointError
-from handgrad.model import ModelConfig
 from handgrad.train import TrainConfig
 
 

@@ -7,10 +7,10 @@ import struct
 
 import pytest
 import torch
+from handgrad.model import ModelConfig
 
 from handgrad import cli, diagnostics, model, plots, train
 from handgrad.diagnostics import Collector, DiagConfig
-from handgrad.model import ModelConfig
 from handgrad.train import NonFiniteError, TrainConfig
 
 

@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 import torch
+from handgrad.model import ModelConfig
 
 from handgrad import fast, model, reference, train
-from handgrad.model import ModelConfig
 from handgrad.train import NonFiniteError, TrainConfig
 
 
