@@ -398,7 +398,7 @@ def _add_bench_parser(sub) -> None:
 def _print_diagnostics(report, out: Path, file=None) -> None:
     file = file or sys.stdout
     for c in report.checks:
-        print(f"check {c}" + ("" if c.passed else f"; {c.detail}"), file=file)
+        print(f"check {c}" + (f"; {c.detail}" if c.failed else ""), file=file)
     for w in report.warnings:
         print(f"warning: {w}", file=file)
     if not report.warnings:
@@ -422,7 +422,7 @@ class _TrainDiagnostics:
         self.dg, self.state, self.out = diagnostics, state, out / "diagnostics"
         self.collector = diagnostics.Collector(splits.Xtr, splits.Ytr, mcfg, tcfg,
                                                diagnostics.DiagConfig(every=every), history)
-        self.collector.record(state.params, state.step)
+        self.collector.record(state.model, state.step)
         self.saved, self.every_save, self.closed = state.step, tcfg.checkpoint_every, False
 
     def __call__(self, pr: train.Progress) -> None:
@@ -437,9 +437,9 @@ class _TrainDiagnostics:
         if self.closed:
             return
         self.closed = True
-        report = self.dg.write_report(self.out, self.collector, self.state.params, self.state.step,
+        report = self.dg.write_report(self.out, self.collector, self.state.model, self.state.step,
                                       self.state.losses)
-        failed = [c for c in report.checks if not c.passed]
+        failed = [c for c in report.checks if c.failed]
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
         for c in failed:
@@ -452,14 +452,14 @@ def _cmd_diagnose(args) -> int:
     from handgrad import diagnostics
 
     ck = checkpoint.load(args.checkpoint)
-    splits = load_splits(ck.data_path, ck.model_config.block_size, ck.train_config.split_seed, ck.vocab)
+    splits = load_splits(ck.data_path, ck.block_size, ck.train_config.split_seed, ck.vocab)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "diagnostics"
     saved = Path(args.checkpoint) / "diagnostics" / diagnostics.HISTORY_FILE
     collector = diagnostics.from_checkpoint(ck, splits.Xtr, splits.Ytr, saved)
     print(f"checkpoint {args.checkpoint}: step {ck.state.step:,}; update-ratio history: "
           f"{len(collector.history)} saved measurement(s)" + ("" if collector.history else
                                                              " (train with --diagnostics to keep one)"))
-    report = diagnostics.write_report(out, collector, ck.state.params, ck.state.step, ck.state.losses,
+    report = diagnostics.write_report(out, collector, ck.state.model, ck.state.step, ck.state.losses,
                                       extra={"checkpoint": str(args.checkpoint)})
     _print_diagnostics(report, out)
     return 0
