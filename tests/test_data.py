@@ -1,4 +1,5 @@
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -161,6 +162,55 @@ def test_make_splits_of_nothing_and_unknown_split_names_are_refused():
         data.make_splits([], 3)
     with pytest.raises(ValueError, match="no split 'dev'; expected one of train, val, test"):
         data.make_splits(["ab"], 3).split("dev")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("model", ["mlp", "deep"])
+def test_tiny_data_trains_and_evaluates_with_empty_splits_reported_as_none(n, model):
+    """Batches are drawn with replacement, so a training split of one item (two examples) still
+    fills a batch of 32; evaluating an empty split gives None, not a crash or a NaN."""
+    from handgrad import models, train
+
+    torch.set_num_threads(1)
+    words = ["ab", "cde", "f", "ghij", "kl"][:n]
+    s = data.make_splits(words, 3, 42)
+    mcfg = models.ModelConfig(name=model, vocab_size=len(s.vocab), block_size=3, n_embd=4, n_hidden=8)
+    tcfg = train.TrainConfig.for_model(model, steps=6, batch_size=32, chunk_steps=3, engine="eager")
+    state = train.train(s, mcfg, tcfg)
+    assert state.step == 6 and torch.isfinite(state.losses).all()
+    inference = train.inference_buffers(state, s, tcfg)
+    assert all(torch.isfinite(v).all() for v in inference.values())
+    with torch.no_grad():
+        for name in data.SPLITS:
+            loss = models.evaluate(state.model, *s.split(name))
+            assert (loss is None) == s.is_empty(name)
+            assert loss is None or loss > 0
+
+
+@pytest.mark.slow
+def test_a_million_line_file_reads_and_builds_in_one_pass(tmp_path):
+    """Scale, not speed (no timing asserted): a 1M-line file is read and windowed without a
+    Python loop per character; every example count and a sample of windows are checked."""
+    g = torch.Generator().manual_seed(0)
+    letters = (torch.randint(0, 26, (6_000_000,), generator=g) + ord("a")).to(torch.uint8).numpy().tobytes().decode()
+    ends = torch.cumsum(torch.randint(1, 11, (1_000_000,), generator=g), 0).tolist()  # word lengths 1-10
+    words = [letters[a:b] for a, b in zip([0, *ends], ends)]
+    path = tmp_path / "big.txt"
+    path.write_text("\n".join(words) + "\n")
+    read = data.read_words(path)
+    assert read.items == words and read.blank_lines == 0
+    s = data.make_splits(read.items, 3, 42)
+    assert s.n_items == (800_000, 100_000, 100_000)
+    assert sum(s.sizes().values()) == sum(len(w) + 1 for w in words)
+    shuffled = list(words)
+    random.Random(42).shuffle(shuffled)
+    stoi = s.vocab.stoi
+    starts = [0, *itertools.accumulate(len(w) + 1 for w in shuffled[800_000:900_000])]  # val examples
+    for k in random.Random(0).sample(range(100_000), 20):  # the windows of the k-th word of the val split
+        w, start = shuffled[800_000 + k], starts[k]
+        ids = [0, 0, 0] + [stoi[c] for c in w] + [0]
+        assert s.Xdev[start:start + len(w) + 1].tolist() == [ids[i:i + 3] for i in range(len(w) + 1)]
+        assert s.Ydev[start:start + len(w) + 1].tolist() == ids[3:]
 
 
 # ---------------------------------------------------------------------------- reading files

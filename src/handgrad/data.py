@@ -4,7 +4,9 @@ datasets, and split them 80/10/10 as makemore does. Reference: Karpathy, makemor
 
 What a data file may hold (every refusal is a one-line DataError naming the file and line):
 - a regular file only, read once and at most MAX_DATA_BYTES; a directory, FIFO, device or socket
-  (`/dev/zero`, a pipe behind `/dev/stdin`) is refused before anything is read from it;
+  (`/dev/zero`, a pipe behind `/dev/stdin`) is refused before anything is read from it. /dev/stdin
+  redirected from a file (`--data /dev/stdin < names.txt`) is that file, and its real path is what
+  is recorded; a pipe is refused because eval and --resume must be able to read the data again;
 - UTF-8 text; a leading UTF-8 byte-order mark is dropped; UTF-16/32 (with or without a BOM) is refused;
 - one item per line, taken exactly as written (inner and outer spaces are characters of the item);
   '\\n' or '\\r\\n' ends a line; blank lines (empty, or only whitespace) are skipped and counted;
