@@ -97,6 +97,17 @@ KINK_PERSISTS = 0.5  # ... and is a kink when its one-sided derivatives still di
 # gradient fails at both steps.
 
 
+# Relative agreement of whole-run quantities between the hand-written and the autograd path, by dtype:
+# `--verify-autograd`'s per-step loss difference (issue 11: <= 1e-5 in float32, <= 1e-12 in float64) and
+# the diagnostics' sanity checks (relative to one dlogits entry, or to the largest gradient entry).
+RUN_TOL: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def run_tolerance(dtype: torch.dtype) -> float:
+    """RUN_TOL for this dtype (float32's for any other)."""
+    return RUN_TOL.get(dtype, RUN_TOL[torch.float32])
+
+
 def autograd_tolerance(dtype: torch.dtype, reference: Tensor | None = None,
                        measured: float = 0.0) -> Tolerance:
     """The tolerance against autograd for a tensor of this dtype: AUTOGRAD_SLACK times its level,
