@@ -373,9 +373,6 @@ def _consistent(meta: dict, where: str) -> None:
         raise CheckpointError(f"{where}: step {meta['step']} is beyond train_config.steps {tcfg.steps}")
     if meta["tensors_file"] not in meta.get("files", [meta["tensors_file"]]):
         raise CheckpointError(f"{where}: field 'files' does not list the tensors_file")
-    if meta["data_path"] is not None and meta.get("data_sha256") is None:
-        raise CheckpointError(f"{where}: field 'data_sha256' is missing (it identifies the data at "
-                              "data_path)")
     history = meta.get("lr_history")
     if history:
         starts = [h["from_step"] for h in history]

@@ -239,7 +239,7 @@ class RunLock:
             self.fd = None
 
     def __enter__(self) -> RunLock:
-        return self.acquire()
+        return self if self.fd is not None else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
