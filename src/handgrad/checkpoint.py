@@ -27,11 +27,11 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from handgrad import __version__, io
-from handgrad.data import END, Vocab
+from handgrad.data import Vocab, vocab_problem
 from handgrad.io import atomic_write_bytes  # noqa: F401  (diagnostics and plots write through it)
 from handgrad.layers import Embedding, SpecError, from_spec, set_tensor
 from handgrad.models import ModelConfig, layers_for
-from handgrad.train import TrainConfig, TrainState
+from handgrad.train import MAX_SEED, TrainConfig, TrainState
 
 FORMAT = "handgrad-checkpoint"
 FORMAT_VERSION = 2
@@ -42,11 +42,10 @@ MAX_META_BYTES = 64 << 20
 MAX_FILES = 64  # tensor files a meta.json may list as its run's own
 READ_ATTEMPTS = 5  # a writer may replace the checkpoint between reading meta.json and its tensor file
 
-# Inclusive ranges of the integer config fields, for meta.json and the command line's flags alike.
-SEED_MAX = 2**62  # seeds feed torch.Generator.manual_seed (seed + 1 and seed + 10 too)
+# Inclusive ranges of the integer config fields of meta.json (the seeds' as TrainConfig allows them).
 LIMITS: dict[str, tuple[int, int]] = {
-    "steps": (1, 10**12), "batch_size": (2, 1 << 40), "lr_decay_step": (0, 10**12), "seed": (0, SEED_MAX),
-    "split_seed": (0, SEED_MAX), "chunk_steps": (1, 10**12), "checkpoint_every": (1, 10**12),
+    "steps": (1, 10**12), "batch_size": (2, 1 << 40), "lr_decay_step": (0, 10**12), "seed": (0, MAX_SEED),
+    "split_seed": (0, MAX_SEED), "chunk_steps": (1, 10**12), "checkpoint_every": (1, 10**12),
     "recompute_tile": (0, 1 << 40), "vocab_size": (2, 1 << 20), "block_size": (1, 1 << 20),
     "n_embd": (1, 1 << 20), "n_hidden": (1, 1 << 20), "n_layers": (1, 1 << 20),
 }
@@ -361,8 +360,9 @@ def _read_meta(d: Path) -> bytes:
 def _consistent(meta: dict, where: str) -> None:
     """Cross-field rules: what one field says must agree with the others."""
     mcfg, tcfg, vocab = meta["model_config"], meta["train_config"], meta["vocab"]
-    if len(set(vocab)) != len(vocab) or vocab[0] != END:
-        raise CheckpointError(f"{where}: field 'vocab' must start with {END!r} and hold each character once")
+    problem = vocab_problem(vocab)
+    if problem is not None:
+        raise CheckpointError(f"{where}: field 'vocab' {problem}")
     if mcfg is not None and len(vocab) != mcfg.vocab_size:
         raise CheckpointError(f"{where}: vocabulary has {len(vocab)} characters but vocab_size "
                               f"is {mcfg.vocab_size}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from handgrad import checkpoint, data, io, models, train
+from handgrad import budget, checkpoint, data, io, models, train
+from handgrad.budget import BudgetError
 from handgrad.checkpoint import Checkpoint, CheckpointError
 from handgrad.data import DataError
 from handgrad.layers import numel
@@ -33,9 +35,12 @@ def _err(msg: str) -> None:
 
 # ---------------------------------------------------------------------------- shared helpers
 def load_splits(path: str | None, block_size: int, split_seed: int, vocab: data.Vocab | None = None,
-                warn=None) -> data.Splits:
-    """Read the data file (None: bundled names.txt) and build the splits."""
+                warn=None, fits=None) -> data.Splits:
+    """Read the data file (None: bundled names.txt) and build the splits. `fits(n_examples)` is
+    called before the examples are built, to refuse a run that cannot fit in memory."""
     words = data.read_words(path or data.default_data_path())
+    if fits is not None:
+        fits(sum(len(w) + 1 for w in words.items))
     if words.blank_lines and warn:
         warn(f"{path or 'names.txt'}: skipped {words.blank_lines} blank line(s)")
     if vocab is not None:
@@ -43,7 +48,15 @@ def load_splits(path: str | None, block_size: int, split_seed: int, vocab: data.
         if extra:
             raise DataError(f"{path}: characters {''.join(extra)!r} are not in the checkpoint's vocabulary "
                             f"({''.join(vocab.itos)!r}); use the data the model was trained on")
-    return data.make_splits(words.items, block_size, split_seed, vocab)
+    splits = data.make_splits(words.items, block_size, split_seed, vocab)
+    if splits.Xtr.shape[0] == 0:
+        raise DataError(f"{path or 'names.txt'}: {len(words.items)} item(s) leave no training examples "
+                        "after the 80/10/10 split; give at least 1 item for training")
+    return splits
+
+
+def _loss(value: float | None) -> str:
+    return "n/a (empty split)" if value is None else f"{value:.4f}"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -156,31 +169,41 @@ def _configs_from_args(args) -> tuple[ModelConfig, TrainConfig]:
 
 
 def run_data(ck: Checkpoint, ckdir: str, given: str | None) -> str | None:
-    """The data file to read for a saved run: the one the user names with --data, or the bundled
-    names (None) for a run trained on them. The data_path stored in meta.json is never opened (nor
-    printed): a checkpoint from elsewhere may name any file."""
+    """The data file to read for a saved run: the one the user names with --data; else the bundled
+    names (None) for a run trained on them; else the file meta.json records, used only while it still
+    holds exactly the run's data (its fingerprint matches data_sha256). A checkpoint from elsewhere
+    may name any file, so nothing read from that file is printed: every problem gives the same line."""
     if given is not None:
         return given
-    if ck.data_path is not None:
-        raise UsageError(f"{ckdir}: the run was trained on a data file of its own, not the bundled names; "
-                         "name it with --data FILE")
-    return None
+    if ck.data_path is None:
+        return None
+    try:
+        if ck.data_sha256 is not None and _data_identity(ck.data_path)[1] == ck.data_sha256:
+            return ck.data_path
+    except DataError:
+        pass
+    raise UsageError(f"{ckdir}: the run was trained on a data file of its own, and the file meta.json "
+                     "records is missing, changed or unreadable; name the run's data with --data FILE")
 
 
-def _fingerprint(path: str | None) -> str:
-    """checkpoint.data_fingerprint of the items in the data file at `path` (None: bundled names)."""
-    return checkpoint.data_fingerprint(data.read_words(path or data.default_data_path()).items)
+def _data_identity(path: str | None) -> tuple[str | None, str]:
+    """(the path to record in meta.json, checkpoint.data_fingerprint of the items) for the data at
+    `path`: None stands for the bundled names, also when they are named explicitly; a file is
+    recorded by its real path (/dev/stdin redirected from a file records that file)."""
+    words = data.read_words(path or data.default_data_path())
+    recorded = None if path is None or data.same_data(path, None) else (words.source or path)
+    return recorded, checkpoint.data_fingerprint(words.items)
 
 
-def _check_same_data(ck: Checkpoint, ckdir: str, path: str | None) -> str:
-    """The fingerprint of the data at `path` (None: bundled), which must be the run's training data
+def _check_same_data(ck: Checkpoint, ckdir: str, path: str | None) -> tuple[str | None, str]:
+    """_data_identity of the data at `path` (None: bundled), which must be the run's training data
     where the checkpoint records its fingerprint."""
-    fingerprint = _fingerprint(path)
+    recorded, fingerprint = _data_identity(path)
     if ck.data_sha256 is not None and fingerprint != ck.data_sha256:
-        what = f"--data {path}" if path is not None else "the bundled names.txt"
+        what = f"--data {data.show_path(path)}" if path is not None else "the bundled names.txt"
         raise UsageError(f"{what}: not the data the run in {ckdir} was trained on (its sha256 differs from "
                          "meta.json's data_sha256); give the run's own data file")
-    return fingerprint
+    return recorded, fingerprint
 
 
 def _resume(args, warn) -> tuple[Checkpoint, data.Splits]:
@@ -192,9 +215,7 @@ def _resume(args, warn) -> tuple[Checkpoint, data.Splits]:
                          f"{args.resume} (only --steps, --lr, --lr-decayed, --lr-decay-step, --engine, --out "
                          "and output flags may be given)")
     path = run_data(ck, args.resume, args.data)
-    ck.data_sha256 = _check_same_data(ck, args.resume, path)
-    if path is not None:
-        ck.data_path = str(Path(path).resolve())
+    ck.data_path, ck.data_sha256 = _check_same_data(ck, args.resume, path)
     tc = ck.train_config
     tvals = {"engine": args.engine, "checkpoint_every": args.checkpoint_every}
     tvals.update({k: getattr(args, k) for k in checkpoint.LR_FIELDS if getattr(args, k) is not None})
@@ -208,7 +229,9 @@ def _resume(args, warn) -> tuple[Checkpoint, data.Splits]:
         field = str(e).split()[0]
         raise UsageError(f"{TRAIN_FLAGS.get(field, field)}: {str(e)[len(field) + 1:]}") from None
     ck.lr_history = lr_history(ck.lr_history, ck.train_config, ck.state.step)
-    splits = load_splits(path, ck.block_size, tc.split_seed, ck.vocab, warn)
+    fits = None if ck.model_config is None else (
+        lambda n: budget.check_train(ck.model_config, ck.train_config, n))
+    splits = load_splits(path, ck.block_size, tc.split_seed, ck.vocab, warn, fits)
     return ck, splits
 
 
@@ -232,24 +255,28 @@ def warn(msg: str) -> None:
 def _cmd_train(args) -> int:
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads}: expected a positive number of threads")
+    if args.samples < 0:
+        raise UsageError(f"--samples {args.samples}: expected 0 (none) or a positive number of names")
     torch.set_num_threads(args.threads)
     if args.verify_autograd is not None:
         mcfg, tcfg = _configs_from_args(args)
-        splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn)
+        splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn,
+                             fits=lambda n: budget.check_train(mcfg, tcfg, n))
         return _verify(args, splits, dataclasses.replace(mcfg, vocab_size=len(splits.vocab)), tcfg)
     if args.resume:
         ck, splits = _resume(args, warn)
         out = Path(args.out or args.resume)
-    else:
+    else:  # the data is read and checked before any directory is created
         mcfg, tcfg = _configs_from_args(args)
+        splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn,
+                             fits=lambda n: budget.check_train(mcfg, tcfg, n))
+        mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
         out = Path(args.out or DEFAULT_OUT.format(model=mcfg.name))
     with _output_dir(out, args) as lock:
         if not args.resume:
-            splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn)
-            mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
-            data_path = str(Path(args.data).resolve()) if args.data else None  # None: the bundled names
+            data_path, fingerprint = _data_identity(args.data)  # data_path None: the bundled names
             ck = Checkpoint(mcfg, tcfg, splits.vocab, data_path, train.new_state(mcfg, tcfg), None, {},
-                            mcfg.block_size, _fingerprint(args.data), [checkpoint.lr_settings(tcfg, 0)])
+                            mcfg.block_size, fingerprint, [checkpoint.lr_settings(tcfg, 0)])
         return _train(args, ck, splits, out, lock)
 
 
@@ -357,7 +384,14 @@ def _train(args, ckpt: Checkpoint, splits: data.Splits, out: Path, lock: io.RunL
     # ---- diagnose: after training (owned by diagnostics)
     # ---- end diagnose: after training
     bn = tcfg.bn_stats if state.model.buffers() else "no batchnorm"
-    print(f"step {state.step}: train loss {results['train']:.4f}, val loss {results['val']:.4f} "
+    if results["val"] is None:
+        warn(f"the val split is empty ({len(splits.vocab)}-character data with too few items); "
+             "no val loss to report")
+    uniform = math.log(len(splits.vocab))  # the loss of guessing every character equally
+    if results["train"] > uniform + 1.0:
+        warn(f"the final train loss {results['train']:.4g} is far above {uniform:.2f}, the loss of a uniform "
+             f"guess: training did not learn; try a smaller --lr (this run: {tcfg.lr:g})")
+    print(f"step {state.step}: train loss {_loss(results['train'])}, val loss {_loss(results['val'])} "
           f"(batchnorm stats: {bn}; "
           f"training loop {_fmt_time(loop_time)}, {engine} engine)")
     if args.samples:
@@ -443,7 +477,13 @@ def _load_finished(path: str, allow_unfinished: bool = False) -> Checkpoint:
 def _cmd_sample(args) -> int:
     if args.n < 1:
         raise UsageError(f"-n {args.n}: expected a positive number of samples")
+    if not 0 <= args.seed <= train.MAX_SEED:
+        raise UsageError(f"--seed {args.seed}: expected an integer from 0 to {train.MAX_SEED}")
     ck = _load_finished(args.checkpoint, args.allow_unfinished)
+    model = ck.state.model
+    per_example = budget.model_sizes(ck.model_config)[1] if ck.model_config else 0
+    budget.check_samples(args.n, ck.block_size, len(ck.vocab), per_example,
+                         next(iter(model.params().values())).element_size())
     for s in _samples(ck, args.n, args.seed):
         print(s)
     return 0
@@ -460,7 +500,7 @@ def _cmd_eval(args) -> int:
         for split in ("train", "val", "test"):
             X, Y = splits.split(split)
             loss = models.evaluate(inference, X, Y)
-            print(f"{split:>5} loss {loss:.4f}  ({X.shape[0]:,} examples)")
+            print(f"{split:>5} loss {_loss(loss)}  ({X.shape[0]:,} examples)")
     return 0
 
 
@@ -644,12 +684,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (DataError, CheckpointError, UsageError, io.OutputError, train.EngineUnavailable) as e:
+    except (DataError, CheckpointError, UsageError, BudgetError, io.OutputError,
+            train.EngineUnavailable) as e:
         _err(str(e))
         return 2
+    except KeyboardInterrupt:  # while loading, evaluating or saving (the loop has its own message)
+        _err("interrupted; files are written atomically, so any checkpoint on disk is complete")
+        return 130
     except BrokenPipeError:  # `handgrad sample | head`: the reader has what it wanted; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error when stdout is flushed
         return 0
