@@ -63,9 +63,15 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
 
 
-def _samples(ck: Checkpoint, n: int, seed: int) -> list[str]:
-    with torch.no_grad():
-        ids = models.sample(ck.inference_model(), ck.block_size, n=n, seed=seed)
+def _samples(ck: Checkpoint, n: int, seed: int, where: str = "the model") -> list[str]:
+    try:
+        with torch.no_grad():
+            ids = models.sample(ck.inference_model(), ck.block_size, n=n, seed=seed)
+    except RuntimeError as e:  # torch.multinomial refuses NaN/inf probabilities
+        if "probability" not in str(e):
+            raise
+        raise CheckpointError(f"{where}: the model's output probabilities are not finite (its parameters "
+                              "overflow the softmax); it cannot be sampled") from None
     return [ck.vocab.decode(s) for s in ids]
 
 
@@ -484,7 +490,7 @@ def _cmd_sample(args) -> int:
     per_example = budget.model_sizes(ck.model_config)[1] if ck.model_config else 0
     budget.check_samples(args.n, ck.block_size, len(ck.vocab), per_example,
                          next(iter(model.params().values())).element_size())
-    for s in _samples(ck, args.n, args.seed):
+    for s in _samples(ck, args.n, args.seed, args.checkpoint):
         print(s)
     return 0
 
