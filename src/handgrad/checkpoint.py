@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import platform
 import re
 import secrets
@@ -472,14 +473,9 @@ def load(directory: str | Path, layer_types: dict[str, type] | None = None) -> C
     for attempt in range(READ_ATTEMPTS):
         raw = _read_meta(d)
         meta = parse_meta(raw, where)
-        _consistent(meta, where)
-        tcfg = meta["train_config"]
-        shapes = _build(meta, layer_types, where)
         tensors_path = d / meta["tensors_file"]
-        size = (2 * _nbytes({**shapes.params(), **shapes.buffers()}) + 8 * tcfg.steps
-                + 8192 + 1024 * (len(shapes.params()) + 2 * len(shapes.buffers())) + (1 << 16))
-        try:
-            blob = io.read_inside(d, meta["tensors_file"], size)
+        try:  # opened at once: a writer deletes the file after its next save, an open one stays readable
+            fd = io.open_inside(d, meta["tensors_file"])
             break
         except FileNotFoundError:
             if attempt + 1 < READ_ATTEMPTS and _read_meta(d) != raw:
@@ -487,6 +483,19 @@ def load(directory: str | Path, layer_types: dict[str, type] | None = None) -> C
             raise CheckpointError(f"{tensors_path}: missing (meta.json names it)") from None
         except io.UnsafeFileError as e:
             raise CheckpointError(str(e)) from None
+    try:
+        _consistent(meta, where)
+        tcfg = meta["train_config"]
+        shapes = _build(meta, layer_types, where)
+    except BaseException:
+        os.close(fd)
+        raise
+    size = (2 * _nbytes({**shapes.params(), **shapes.buffers()}) + 8 * tcfg.steps
+            + 8192 + 1024 * (len(shapes.params()) + 2 * len(shapes.buffers())) + (1 << 16))
+    try:
+        blob = io.read_fd(fd, tensors_path, size)
+    except io.UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
     if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
         raise CheckpointError(f"{tensors_path}: truncated or corrupt ({len(blob)} bytes, sha256 "
                               "does not match meta.json)")

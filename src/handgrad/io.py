@@ -16,6 +16,7 @@ from pathlib import Path
 TMP_SUFFIX = ".handgrad-tmp"
 TMP_RE = re.compile(r"\..+\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX))  # .NAME.RANDOM.handgrad-tmp
 LOCK_FILE = ".handgrad.lock"
+PROBE_BYTES = 4096  # what prepare_dir writes to prove an output directory takes data
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")  # one path component, no '/', not '..'
 
 
@@ -93,9 +94,16 @@ def remove_inside(directory: Path, name: str) -> bool:
 
 # ---------------------------------------------------------------------------- reading
 def read_inside(directory: Path, name: str, max_bytes: int) -> bytes:
-    """The bytes of the regular file `name` directly inside `directory`: `name` must be one plain
-    path component; a symlink, a device, a FIFO or a file over `max_bytes` is refused (the open
-    never blocks and never follows a link). Raises FileNotFoundError or UnsafeFileError."""
+    """The bytes of the regular file `name` directly inside `directory` (see open_inside), refused
+    over `max_bytes`. Raises FileNotFoundError or UnsafeFileError."""
+    return read_fd(open_inside(directory, name), Path(directory) / name, max_bytes)
+
+
+def open_inside(directory: Path, name: str) -> int:
+    """A read-only descriptor of the file `name` directly inside `directory`: `name` must be one
+    plain path component; a symlink is refused, and the open never blocks (a FIFO or device is
+    refused by read_fd). An open descriptor keeps the file readable even if a writer deletes it
+    afterwards. Raises FileNotFoundError or UnsafeFileError."""
     where = Path(directory) / name
     if not PLAIN_NAME.fullmatch(name):
         raise UnsafeFileError(f"{directory}: {name!r:.80} is not a plain file name inside the directory")
@@ -108,7 +116,7 @@ def read_inside(directory: Path, name: str, max_bytes: int) -> bytes:
     try:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd = os.open(name, flags, dir_fd=dir_fd)
+            return os.open(name, flags, dir_fd=dir_fd)
         except FileNotFoundError:
             raise
         except OSError as e:
@@ -118,7 +126,6 @@ def read_inside(directory: Path, name: str, max_bytes: int) -> bytes:
             raise UnsafeFileError(f"{where}: cannot open ({describe(e)})") from None
     finally:
         os.close(dir_fd)
-    return _read_fd(fd, where, max_bytes)
 
 
 def read_regular(path: Path, max_bytes: int) -> bytes:
@@ -130,10 +137,12 @@ def read_regular(path: Path, max_bytes: int) -> bytes:
         raise
     except OSError as e:
         raise UnsafeFileError(f"{path}: cannot open ({describe(e)})") from None
-    return _read_fd(fd, Path(path), max_bytes)
+    return read_fd(fd, Path(path), max_bytes)
 
 
-def _read_fd(fd: int, where: Path, max_bytes: int) -> bytes:
+def read_fd(fd: int, where: Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file open as `fd` (closed here), or UnsafeFileError for anything
+    else or for more than `max_bytes`."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -172,9 +181,15 @@ def prepare_dir(path: Path, flag: str) -> Path:
     if not path.is_dir():
         raise OutputError(f"{flag} {path}: is a file, expected a directory")
     probe = path / f".probe.{secrets.token_hex(8)}{TMP_SUFFIX}"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
-        probe.unlink()
+    try:  # a few KiB of data, not an empty file: a full disk or a file-size limit shows here
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(bytes(PROBE_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as e:
         raise OutputError(f"{flag} {path}: cannot write files there ({describe(e)})") from None
     return path
