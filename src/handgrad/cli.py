@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from handgrad import budget, checkpoint, data, models, train
+from handgrad import budget, checkpoint, data, io, models, train
 from handgrad.budget import BudgetError
 from handgrad.check import run_tolerance
 from handgrad.checkpoint import Checkpoint, CheckpointError
@@ -64,9 +64,15 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
 
 
-def _samples(ck: Checkpoint, n: int, seed: int) -> list[str]:
-    with torch.no_grad():
-        ids = models.sample(ck.inference_model(), ck.block_size, n=n, seed=seed)
+def _samples(ck: Checkpoint, n: int, seed: int, where: str = "the model") -> list[str]:
+    try:
+        with torch.no_grad():
+            ids = models.sample(ck.inference_model(), ck.block_size, n=n, seed=seed)
+    except RuntimeError as e:  # torch.multinomial refuses NaN/inf probabilities
+        if "probability" not in str(e):
+            raise
+        raise CheckpointError(f"{where}: the model's output probabilities are not finite (its parameters "
+                              "overflow the softmax); it cannot be sampled") from None
     return [ck.vocab.decode(s) for s in ids]
 
 
@@ -90,9 +96,10 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names.txt)")
     p.add_argument("--out", help=f"checkpoint directory (default: {DEFAULT_OUT}, or the --resume DIR)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its flags are kept; "
-                   "--steps may extend it)")
-    p.add_argument("--force", action="store_true", help="start a new run even if --out already holds one "
-                   "(it is replaced)")
+                   "--steps may extend it; --lr, --lr-decayed and --lr-decay-step may change the schedule "
+                   "from the checkpoint's step on, recorded in meta.json's lr_history)")
+    p.add_argument("--force", action="store_true", help="replace the run that --out already holds (a new "
+                   "run, or --resume DIR --out OTHER)")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=models.MODELS, help="mlp: lecture 4's MLP (default); deep: makemore "
                    "part 3's 5-layer batchnorm net; wavenet: makemore part 5's hierarchical net")
@@ -168,26 +175,84 @@ def _configs_from_args(args) -> tuple[ModelConfig, TrainConfig]:
         raise UsageError(f"{flag}: {str(e)[len(field) + 1:]}") from None
 
 
+def run_data(ck: Checkpoint, ckdir: str, given: str | None) -> str | None:
+    """The data file to read for a saved run: the one the user names with --data; else the bundled
+    names (None) for a run trained on them; else the file meta.json records, used only while it still
+    holds exactly the run's data (its fingerprint matches data_sha256). A checkpoint from elsewhere
+    may name any file, so nothing read from that file is printed: every problem gives the same line."""
+    if given is not None:
+        return given
+    if ck.data_path is None:
+        return None
+    try:
+        if ck.data_sha256 is not None and _data_identity(ck.data_path)[1] == ck.data_sha256:
+            return ck.data_path
+    except DataError:
+        pass
+    raise UsageError(f"{ckdir}: the run was trained on a data file of its own, and the file meta.json "
+                     "records is missing, changed or unreadable; name the run's data with --data FILE")
+
+
+def _data_identity(path: str | None) -> tuple[str | None, str]:
+    """(the path to record in meta.json, checkpoint.data_fingerprint of the items) for the data at
+    `path`: None stands for the bundled names, also when they are named explicitly; a file is
+    recorded by its real path (/dev/stdin redirected from a file records that file)."""
+    words = data.read_words(path or data.default_data_path())
+    recorded = None if path is None or data.same_data(path, None) else (words.source or path)
+    return recorded, checkpoint.data_fingerprint(words.items)
+
+
+def _check_same_data(ck: Checkpoint, ckdir: str, path: str | None) -> tuple[str | None, str]:
+    """_data_identity of the data at `path` (None: bundled), which must be the run's training data
+    where the checkpoint records its fingerprint."""
+    recorded, fingerprint = _data_identity(path)
+    if ck.data_sha256 is not None and fingerprint != ck.data_sha256:
+        what = f"--data {data.show_path(path)}" if path is not None else "the bundled names.txt"
+        raise UsageError(f"{what}: not the data the run in {ckdir} was trained on (its sha256 differs from "
+                         "meta.json's data_sha256); give the run's own data file")
+    return recorded, fingerprint
+
+
 def _resume(args, warn) -> tuple[Checkpoint, data.Splits]:
     ck = checkpoint.load(args.resume)
     given = [flag for k, flag in {**MODEL_FLAGS, **TRAIN_FLAGS, "model": "--model"}.items()
-             if getattr(args, k) is not None]
+             if getattr(args, k) is not None and k not in checkpoint.LR_FIELDS]
     if given:
         raise UsageError(f"{given[0]} cannot be changed when resuming; the run keeps the flags saved in "
-                         f"{args.resume} (only --steps, --engine, --out and output flags may be given)")
-    if args.data is not None and args.data != ck.data_path:
-        raise UsageError(f"--data {args.data} differs from the data the run was trained on ({ck.data_path})")
+                         f"{args.resume} (only --steps, --lr, --lr-decayed, --lr-decay-step, --engine, --out "
+                         "and output flags may be given)")
+    path = run_data(ck, args.resume, args.data)
+    ck.data_path, ck.data_sha256 = _check_same_data(ck, args.resume, path)
     tc = ck.train_config
     tvals = {"engine": args.engine, "checkpoint_every": args.checkpoint_every}
+    tvals.update({k: getattr(args, k) for k in checkpoint.LR_FIELDS if getattr(args, k) is not None})
     if args.steps is not None:
         if args.steps < ck.state.step:
             raise UsageError(f"--steps {args.steps} is below the checkpoint's step {ck.state.step}")
         tvals["steps"] = args.steps
-    ck.train_config = dataclasses.replace(tc, **tvals)
+    try:
+        ck.train_config = dataclasses.replace(tc, **tvals)
+    except ValueError as e:
+        field = str(e).split()[0]
+        raise UsageError(f"{TRAIN_FLAGS.get(field, field)}: {str(e)[len(field) + 1:]}") from None
+    ck.lr_history = lr_history(ck.lr_history, ck.train_config, ck.state.step)
     fits = None if ck.model_config is None else (
         lambda n: budget.check_train(ck.model_config, ck.train_config, n))
-    splits = load_splits(ck.data_path, ck.block_size, tc.split_seed, ck.vocab, warn, fits)
+    splits = load_splits(path, ck.block_size, tc.split_seed, ck.vocab, warn, fits)
     return ck, splits
+
+
+def lr_history(history: list[dict], tcfg: TrainConfig, step: int) -> list[dict]:
+    """The learning-rate settings in force from each step, with `tcfg`'s from `step` on (an entry
+    for the same step is replaced; unchanged settings add nothing)."""
+    history = list(history) or [checkpoint.lr_settings(tcfg, 0)]
+    new = checkpoint.lr_settings(tcfg, step)
+    last = history[-1]
+    if all(last[k] == new[k] for k in checkpoint.LR_FIELDS):
+        return history
+    if last["from_step"] == step:
+        return [*history[:-1], new]
+    return [*history, new]
 
 
 def warn(msg: str) -> None:
@@ -200,28 +265,62 @@ def _cmd_train(args) -> int:
     if args.samples < 0:
         raise UsageError(f"--samples {args.samples}: expected 0 (none) or a positive number of names")
     torch.set_num_threads(args.threads)
+    if args.verify_autograd is not None:
+        mcfg, tcfg = _configs_from_args(args)
+        splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn,
+                             fits=lambda n: budget.check_train(mcfg, tcfg, n))
+        return _verify(args, splits, dataclasses.replace(mcfg, vocab_size=len(splits.vocab)), tcfg)
     if args.resume:
         ck, splits = _resume(args, warn)
-        mcfg, tcfg, state, data_path = ck.model_config, ck.train_config, ck.state, ck.data_path
-        out, block_size = Path(args.out or args.resume), ck.block_size
-    else:
+        out = Path(args.out or args.resume)
+    else:  # the data is read and checked before any directory is created
         mcfg, tcfg = _configs_from_args(args)
         splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn,
                              fits=lambda n: budget.check_train(mcfg, tcfg, n))
         mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
-        state, out = train.new_state(mcfg, tcfg), Path(args.out or DEFAULT_OUT.format(model=mcfg.name))
-        block_size = mcfg.block_size
-        data_path = str(Path(args.data).resolve()) if args.data else None  # None: the bundled names
-        if (out / checkpoint.META).exists() and not args.force and args.verify_autograd is None:
-            raise UsageError(f"--out {out} already holds a run; continue it with --resume {out}, choose "
-                             "another --out, or add --force to replace it")
-    if args.verify_autograd is not None:
-        return _verify(args, splits, mcfg, tcfg)
+        out = Path(args.out or DEFAULT_OUT.format(model=mcfg.name))
+    with _output_dir(out, args) as lock:
+        if not args.resume:
+            data_path, fingerprint = _data_identity(args.data)  # data_path None: the bundled names
+            ck = Checkpoint(mcfg, tcfg, splits.vocab, data_path, train.new_state(mcfg, tcfg), None, {},
+                            mcfg.block_size, fingerprint, [checkpoint.lr_settings(tcfg, 0)])
+        return _train(args, ck, splits, out, lock)
 
+
+def _output_dir(out: Path, args) -> io.RunLock:
+    """The run directory, checked before any work is spent: created if needed and writable (else
+    OutputError, exit 2), locked against a second writer, cleared of temp files a killed run left,
+    and not holding another run unless --force (or it is the run being resumed)."""
+    io.prepare_dir(out, "--out")
+    lock = io.RunLock(out, "--out").acquire()
+    try:
+        io.clean_temp_files(out)
+        same = args.resume is not None and _same_dir(out, Path(args.resume))
+        if (out / checkpoint.META).exists() and not same and not args.force:
+            hint = f"continue it with --resume {out}, " if not args.resume else ""
+            raise UsageError(f"--out {out} already holds a run; {hint}choose another --out, or add --force "
+                             "to replace it")
+        if args.diagnostics or args.diag_every is not None:
+            io.output_subdir(out, "diagnostics")  # a real directory inside the run, not a symlink
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def _train(args, ckpt: Checkpoint, splits: data.Splits, out: Path, lock: io.RunLock) -> int:
+    """Train `ckpt`'s state to its train_config's steps, saving into `out` (locked by the caller)."""
+    mcfg, tcfg, state = ckpt.model_config, ckpt.train_config, ckpt.state
     steps_fn, engine, fallback = train.select_engine(state.model, tcfg)
     if fallback:
         warn(fallback)
-    ckpt = Checkpoint(mcfg, tcfg, splits.vocab, data_path, state, None, {}, block_size)
     if not args.quiet:
         print(f"training {mcfg.name if mcfg else 'a'} model, {numel(state.model):,} parameters on "
               f"{splits.Xtr.shape[0]:,} examples "
@@ -230,12 +329,14 @@ def _cmd_train(args) -> int:
     callbacks = []
     if not args.quiet:
         callbacks.append(_ProgressBar(tcfg.steps, state.step))
-    last_saved = [state.step if args.resume else None]  # the step of the newest checkpoint on disk
+    resumed_here = args.resume is not None and _same_dir(out, Path(args.resume))
+    last_saved = [state.step if resumed_here else None]  # the step of the newest checkpoint in `out`
+    since = [state.step]  # the step of the last save, or of the start
 
     def save_periodically(pr: train.Progress) -> None:
-        if pr.state.step - (last_saved[0] or 0) >= tcfg.checkpoint_every or pr.state.step == tcfg.steps:
-            checkpoint.save(out, ckpt)
-            last_saved[0] = pr.state.step
+        if pr.state.step - since[0] >= tcfg.checkpoint_every or pr.state.step == tcfg.steps:
+            _save(out, ckpt)
+            last_saved[0] = since[0] = pr.state.step
 
     callbacks.append(save_periodically)
     # ---- diagnose: train callbacks (owned by diagnostics)
@@ -269,6 +370,9 @@ def _cmd_train(args) -> int:
         _err(f"interrupted; {kept()}" + (f"; continue with: handgrad train --resume {out}"
                                           if last_saved[0] is not None else ""))
         return 130
+    except SaveError as e:
+        _err(f"{e}; {kept()}")
+        return 1
     loop_time = time.perf_counter() - t0
 
     ckpt.state = state
@@ -279,7 +383,11 @@ def _cmd_train(args) -> int:
     results["loop_seconds"] = loop_time
     results["engine"] = engine
     ckpt.results = results
-    checkpoint.save(out, ckpt)
+    try:
+        _save(out, ckpt)
+    except SaveError as e:
+        _err(f"{e}; {kept()}")
+        return 1
     # ---- diagnose: after training (owned by diagnostics)
     # ---- end diagnose: after training
     bn = tcfg.bn_stats if state.model.buffers() else "no batchnorm"
@@ -299,6 +407,18 @@ def _cmd_train(args) -> int:
             print(f"  {s}")
     print(f"saved to {out}/  (handgrad sample --checkpoint {out}; handgrad eval --checkpoint {out})")
     return 0
+
+
+class SaveError(Exception):
+    """A checkpoint that could not be written mid-run (disk full, directory removed...); exit 1."""
+
+
+def _save(out: Path, ckpt: Checkpoint) -> None:
+    try:
+        checkpoint.save(out, ckpt)
+    except OSError as e:
+        raise SaveError(f"cannot write the checkpoint of step {ckpt.state.step} to {out}/ "
+                        f"({io.describe(e)})") from None
 
 
 class _ProgressBar:
@@ -347,11 +467,17 @@ def _verify(args, splits, mcfg, tcfg) -> int:
 
 
 # ---------------------------------------------------------------------------- sample / eval
-def _load_finished(path: str) -> Checkpoint:
+def _load_finished(path: str, allow_unfinished: bool = False) -> Checkpoint:
+    """A finished checkpoint, or with `allow_unfinished` any checkpoint (batchnorm then uses its
+    running statistics, with a warning)."""
     ck = checkpoint.load(path)
     if ck.state.model.buffers() and ck.inference is None:
-        raise UsageError(f"{path}: training has not finished (step {ck.state.step} of "
-                         f"{ck.train_config.steps}); continue it with: handgrad train --resume {path}")
+        if not allow_unfinished:
+            raise UsageError(f"{path}: training has not finished (step {ck.state.step} of "
+                             f"{ck.train_config.steps}); continue it with: handgrad train --resume {path}, "
+                             "or add --allow-unfinished to use it as it is")
+        warn(f"{path}: unfinished run (step {ck.state.step} of {ck.train_config.steps}); batchnorm uses "
+             "its running statistics")
     return ck
 
 
@@ -360,19 +486,19 @@ def _cmd_sample(args) -> int:
         raise UsageError(f"-n {args.n}: expected a positive number of samples")
     if not 0 <= args.seed <= train.MAX_SEED:
         raise UsageError(f"--seed {args.seed}: expected an integer from 0 to {train.MAX_SEED}")
-    ck = _load_finished(args.checkpoint)
+    ck = _load_finished(args.checkpoint, args.allow_unfinished)
     model = ck.state.model
     per_example = budget.model_sizes(ck.model_config)[1] if ck.model_config else 0
     budget.check_samples(args.n, ck.block_size, len(ck.vocab), per_example,
                          next(iter(model.params().values())).element_size())
-    for s in _samples(ck, args.n, args.seed):
+    for s in _samples(ck, args.n, args.seed, args.checkpoint):
         print(s)
     return 0
 
 
 def _cmd_eval(args) -> int:
-    ck = _load_finished(args.checkpoint)
-    path = args.data if args.data is not None else ck.data_path
+    ck = _load_finished(args.checkpoint, args.allow_unfinished)
+    path = run_data(ck, args.checkpoint, args.data)
     splits = load_splits(path, ck.block_size, ck.train_config.split_seed, ck.vocab)
     print(f"checkpoint {args.checkpoint}: step {ck.state.step}, {numel(ck.state.model):,} parameters, "
           f"batchnorm stats: {ck.train_config.bn_stats}")
@@ -496,8 +622,11 @@ def _cmd_diagnose(args) -> int:
     from handgrad import diagnostics
 
     ck = checkpoint.load(args.checkpoint)
-    splits = load_splits(ck.data_path, ck.block_size, ck.train_config.split_seed, ck.vocab)
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "diagnostics"
+    splits = load_splits(run_data(ck, args.checkpoint, args.data), ck.block_size, ck.train_config.split_seed,
+                         ck.vocab)
+    # a directory the user names, or a real directory inside the checkpoint (never a symlink out of it)
+    out = io.prepare_dir(Path(args.out), "--out") if args.out else io.output_subdir(args.checkpoint,
+                                                                                     "diagnostics")
     saved = Path(args.checkpoint) / "diagnostics" / diagnostics.HISTORY_FILE
     collector = diagnostics.from_checkpoint(ck, splits.Xtr, splits.Ytr, saved)
     print(f"checkpoint {args.checkpoint}: step {ck.state.step:,}; update-ratio history: "
@@ -511,6 +640,10 @@ def _cmd_diagnose(args) -> int:
 
 
 # ---------------------------------------------------------------------------- main
+UNFINISHED_HELP = ("use a checkpoint whose training has not finished (batchnorm uses its running "
+                   "statistics)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="handgrad", description="Train makemore models with "
                                      "hand-written gradients, and prove every gradient.")
@@ -521,11 +654,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
     p.add_argument("-n", type=int, default=20, help="how many samples (default %(default)s)")
     p.add_argument("--seed", type=int, default=2147483657, help="sampling seed (default %(default)s)")
+    p.add_argument("--allow-unfinished", action="store_true", help=UNFINISHED_HELP)
     p.set_defaults(func=_cmd_sample)
     p = sub.add_parser("eval", help="train/val/test loss of a checkpoint",
                        description="Evaluate a finished checkpoint on the train, val and test splits.")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
-    p.add_argument("--data", help="data file (default: the one the model was trained on)")
+    p.add_argument("--data", help="data file (default: the bundled names.txt; required for a run trained "
+                   "on its own data file)")
+    p.add_argument("--allow-unfinished", action="store_true", help=UNFINISHED_HELP)
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("check", help="verify every gradient of the lecture's graph",
                        description="Run the lecture's atomic graph (n_hidden 64, batch 32) on a seeded "
@@ -547,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and one line per warning (layer and what to try).")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
     p.add_argument("--out", metavar="DIR", help="output directory (default: DIR/diagnostics)")
+    p.add_argument("--data", help="data file (default: the bundled names.txt; required for a run trained "
+                   "on its own data file)")
     p.set_defaults(func=_cmd_diagnose)
     # ---- end diagnose: parser
     return parser
@@ -556,15 +694,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (DataError, CheckpointError, UsageError, BudgetError, train.EngineUnavailable) as e:
+    except (DataError, CheckpointError, UsageError, BudgetError, io.OutputError,
+            train.EngineUnavailable) as e:
         _err(str(e))
         return 2
     except KeyboardInterrupt:  # while loading, evaluating or saving (the loop has its own message)
         _err("interrupted; files are written atomically, so any checkpoint on disk is complete")
         return 130
-    except BrokenPipeError:  # `handgrad check | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:  # `handgrad sample | head`: the reader has what it wanted; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error when stdout is flushed
+        return 0
 
 
 if __name__ == "__main__":
