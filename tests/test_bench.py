@@ -55,3 +55,20 @@ def test_cli_bench_rejects_bad_flags(capsys, argv, flag):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert flag in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpointing_table_keeps_fewer_bytes_with_a_tile():
+    """At batch 64 with tiles of 4 examples the native wavenet keeps far fewer activation bytes; both runs
+    are timed and the table prints both."""
+    r = bench.run_bench("wavenet", batch_size=64, n_hidden=20, steps=6, large_batch=0, tile=4)
+    (no_tile, tiled) = r.checkpointing
+    assert no_tile.name.endswith("no tile") and tiled.name.endswith("tile 4")
+    assert 0 < tiled.bytes < no_tile.bytes and tiled.us_per_step > 0 and no_tile.us_per_step > 0
+    assert "activation checkpointing" in r.table() and r.config["clock"] == "cpu"
+
+
+def test_fma_peak_is_measured_and_positive():
+    peak, how = bench.fma_peak()
+    nominal, _ = bench.nominal_fma_peak()
+    assert peak > 1e9 and "measured" in how
+    assert nominal == 0 or peak < 4 * nominal  # a measured peak far above the nominal one is a timing bug

@@ -497,3 +497,12 @@ def test_cli_verify_autograd_on_the_fast_engine_agrees_over_200_steps(name, caps
     assert rc == 0 and last.endswith("AGREE"), out
     worst = float(last.split("difference| ")[1].split()[0])
     assert 0 < worst <= 1e-5  # float32 rounding differs (a zero would mean the same code ran twice)
+
+
+def test_profile_phases_add_up_to_at_most_the_step():
+    m, X, Y = _model("wavenet", dict(n_hidden=20, block_size=8, n_embd=6))
+    idx = torch.randint(0, X.shape[0], (5, 16), generator=torch.Generator().manual_seed(0))  # (5, 16)
+    prof = fast.profile_program(m, X, Y, idx, torch.full((5,), 0.1, dtype=torch.float64))
+    assert set(prof) == set(fast.PROFILE_PHASES) and all(v >= 0 for v in prof.values())
+    parts = sum(v for k, v in prof.items() if k != "step")
+    assert prof["linear"] > 0 and prof["linear dx"] > 0 and 0 < parts <= prof["step"] * 1.001

@@ -155,6 +155,10 @@ def _bind_program(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.hg_program_bytes.argtypes = [p, p]
     lib.hg_program_steps.restype = ctypes.c_long
     lib.hg_program_steps.argtypes = [p] * 10
+    lib.hg_program_profile.restype = ctypes.c_int
+    lib.hg_program_profile.argtypes = [ctypes.c_int, p]
+    lib.hg_fma_loop.restype = ctypes.c_double
+    lib.hg_fma_loop.argtypes = [ctypes.c_long]
     if lib.hg_program_abi() != PROGRAM_ABI:
         raise FastUnavailable("the cached native program library has the wrong ABI version")
     return lib
@@ -485,6 +489,27 @@ def make_program_fn(lib: ctypes.CDLL, tile: int = 0) -> Callable:
         return losses
 
     return program_steps
+
+
+# The phases csrc/program.cpp's profile times, in its order; "step" is the whole step (all phases).
+PROFILE_PHASES = ("embedding", "linear", "batchnorm", "activation", "cross-entropy", "linear dW db",
+                  "linear dx", "batchnorm backward", "activation backward", "embedding backward",
+                  "sgd + transpose", "step")
+
+
+def profile_program(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor,
+                    tile: int = 0) -> dict[str, float]:
+    """Run the model's program for K = len(idx) steps (updating it) with the native per-phase timer on;
+    returns microseconds per step of each phase of PROFILE_PHASES (wall time, so a busy machine shows)."""
+    lib = load_program_library()
+    out = (ctypes.c_double * len(PROFILE_PHASES))()
+    lib.hg_program_profile(1, None)
+    try:
+        losses, status, _ = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None)
+    finally:
+        lib.hg_program_profile(0, out)
+    K = idx.shape[0]
+    return {name: out[i] / 1e3 / K for i, name in enumerate(PROFILE_PHASES)}
 
 
 # ---------------------------------------------------------------------------- planning

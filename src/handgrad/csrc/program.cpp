@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
@@ -130,6 +131,23 @@ static void gemm(int M, int N, int K, const float* A, long am, long ak, const fl
         nv += step;
     }
 }
+
+// ---------------------------------------------------------------------------- profile
+// Optional per-phase wall time (hg_program_profile): off by default, one branch per phase when off.
+enum Phase { P_EMBED, P_LINEAR, P_BN, P_ACT, P_LOSS, P_DW, P_DX, P_BN_B, P_ACT_B, P_EMBED_B, P_SGD, P_OTHER,
+             NPHASE };
+static int prof_on = 0;
+static double prof_ns[NPHASE];
+static inline double now_ns() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+struct Timed {  // adds the scope's wall time to its phase
+    int ph; double t0;
+    explicit Timed(int p) : ph(p), t0(prof_on ? now_ns() : 0.0) {}
+    ~Timed() { if (prof_on) prof_ns[ph] += now_ns() - t0; }
+};
 
 // ---------------------------------------------------------------------------- the program
 enum Kind { EMBED = 1, LINEAR = 2, BATCHNORM = 3, TANH = 4, RELU = 5, BN_TANH = 6 };
@@ -451,6 +469,7 @@ static void act_forward(const Prog& g, const Op& o, int ne) {
 // softmax cross-entropy fused: returns the summed loss of the rows and writes dlogits =
 // (softmax - onehot) / B into the gradient buffer (pads 0).
 static double cross_entropy(const Prog& g, const Tensor& t, const int32_t* y, int ne) {
+    Timed tm(P_LOSS);
     double total = 0.0;
     const float invB = 1.0f / (float)g.B;
     const int V = t.c;
@@ -493,9 +512,11 @@ static void linear_backward(const Prog& g, const Op& o, int ne, bool grads, bool
     const Param& W = g.p[o.p0];
     const int rows = (int)(ne * in.rpe);
     if (grads) {
+        Timed tm(P_DW);
         if (o.p1 >= 0) col_sum_add(out.g, out.ld, pad16(W.n1), rows, g.p[o.p1].grad);
         gemm((int)W.prow, (int)W.n1, rows, in.x, 1, in.ld, out.g, out.ld, W.grad, W.ld, nullptr, g.tiled ? 2 : 0);
     }
+    Timed tm(P_DX);
     if (need_dx) gemm(rows, (int)W.prow, (int)W.n1, out.g, out.ld, 1, W.wt, W.ldT, in.g, in.ld, nullptr, 0);
 }
 
@@ -568,10 +589,11 @@ static bool forward(const Prog& g, const int64_t* X, const int64_t* ix, int ne, 
     for (int i = 0; i < g.nop && i <= upto; ++i) {
         const Op& o = g.op[i];
         switch (o.kind) {
-            case EMBED: if (!embed_forward(g, o, X, ix, ne)) return false; break;
-            case LINEAR: linear_forward(g, o, ne); break;
-            case TANH: case RELU: act_forward(g, o, ne); break;
+            case EMBED: { Timed tm(P_EMBED); if (!embed_forward(g, o, X, ix, ne)) return false; break; }
+            case LINEAR: { Timed tm(P_LINEAR); linear_forward(g, o, ne); break; }
+            case TANH: case RELU: { Timed tm(P_ACT); act_forward(g, o, ne); break; }
             case BATCHNORM: case BN_TANH: {
+                Timed tm(P_BN);
                 const Tensor& in = g.t[o.in];
                 const long rows = ne * in.rpe;
                 if (i == upto && mode == ACCUM) {  // tile statistics into sum_g/sum_b (scratch), merged
@@ -600,10 +622,11 @@ static void backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne,
         const Op& o = g.op[i];
         const bool grads = i < hi;
         switch (o.kind) {
-            case EMBED: if (grads) embed_backward(g, o, X, ix, ne); break;
+            case EMBED: { Timed tm(P_EMBED_B); if (grads) embed_backward(g, o, X, ix, ne); break; }
             case LINEAR: linear_backward(g, o, ne, grads, i > 0); break;
-            case TANH: case RELU: act_backward(g, o, ne); break;
+            case TANH: case RELU: { Timed tm(P_ACT_B); act_backward(g, o, ne); break; }
             case BATCHNORM: case BN_TANH: {
+                Timed tm(P_BN_B);
                 const Tensor& in = g.t[o.in];
                 const long n = nB * in.rpe;
                 Param &gain = g.p[o.p0], &bias = g.p[o.p1];
@@ -716,6 +739,31 @@ extern "C" {
 
 int hg_program_abi() { return 1; }
 
+// The core's FMA throughput: `iters` rounds of 12 independent vector FMA chains (12 * 16 * 2 FLOP a
+// round), enough chains to cover the FMA latency on every pipe; the caller times it. Returns a sum
+// of the accumulators so nothing is optimised away.
+double hg_fma_loop(long iters) {
+    v16 acc[12];
+    for (int i = 0; i < 12; ++i) acc[i] = vset1(1.0f + i * 1e-3f);
+    const v16 a = vset1(0.999999f), c = vset1(1e-7f);
+    for (long n = 0; n < iters; ++n)
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; ++i) acc[i] = acc[i] * a + c;
+    double s = 0.0;
+    for (int i = 0; i < 12; ++i)
+        for (int l = 0; l < VW; ++l) s += acc[i][l];
+    return s;
+}
+
+// Per-phase profile: on != 0 starts it (zeroed); out (NPHASE doubles) receives the nanoseconds so far.
+// P_OTHER is the whole step (every phase included). Returns NPHASE.
+int hg_program_profile(int on, double* out) {
+    if (out) memcpy(out, prof_ns, sizeof prof_ns);
+    if (on && !prof_on) memset(prof_ns, 0, sizeof prof_ns);
+    prof_on = on;
+    return NPHASE;
+}
+
 // Bytes hg_program_steps allocates for this program (padded parameters, gradients, activations); 0 if
 // the descriptor is invalid.
 long hg_program_bytes(const int64_t* desc, const double* fdesc) { return (long)workspace(desc, fdesc); }
@@ -743,6 +791,7 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
     for (long k = 0; k < g.K; ++k) {
         const int64_t* ix = idx + k * g.B;
         double loss = 0.0;
+        Timed tstep(P_OTHER);
         if (!indices_ok(g, Y, ix, last.c) || !step(g, X, Y, ix, &loss)) { status = -4 - k; break; }
         losses[k] = loss;
         int bad = -1;
@@ -756,6 +805,7 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
         if (bad >= 0) { status = k * (g.np + 1) + bad; break; }
         if (grads_out) break;  // no update
         const float lr = (float)lrs[k];
+        Timed tm(P_SGD);
         for (int i = 0; i < g.np; ++i) sgd(g.p[i], lr);
         for (int i = 0; i < g.nop; ++i) {
             const Op& o = g.op[i];
