@@ -500,7 +500,7 @@ PROFILE_PHASES = ("embedding", "linear", "batchnorm", "activation", "cross-entro
 def profile_program(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor,
                     tile: int = 0) -> dict[str, float]:
     """Run the model's program for K = len(idx) steps (updating it) with the native per-phase timer on;
-    returns microseconds per step of each phase of PROFILE_PHASES (wall time, so a busy machine shows)."""
+    returns microseconds per step of each phase of PROFILE_PHASES (CPU time of the calling thread)."""
     lib = load_program_library()
     out = (ctypes.c_double * len(PROFILE_PHASES))()
     lib.hg_program_profile(1, None)
