@@ -506,3 +506,22 @@ def test_profile_phases_add_up_to_at_most_the_step():
     assert set(prof) == set(fast.PROFILE_PHASES) and all(v >= 0 for v in prof.values())
     parts = sum(v for k, v in prof.items() if k != "step")
     assert prof["linear"] > 0 and prof["linear dx"] > 0 and 0 < parts <= prof["step"] * 1.001
+
+
+def test_two_threads_give_bit_identical_steps_at_a_large_batch():
+    """At batch 256 wavenet's middle products exceed program.cpp's threshold and are split over two
+    threads; every element is summed in the same order, so losses and parameters are bit-identical."""
+    m, X, Y = _model("wavenet", dict(n_hidden=128, block_size=8, n_embd=24), n=600)
+    idx = torch.randint(0, X.shape[0], (3, 256), generator=torch.Generator().manual_seed(3))  # (3, 256)
+    lrs = torch.full((3,), 0.1, dtype=torch.float64)  # (3,)
+    lib = fast.load_program_library()
+    runs = []
+    for threads in (1, 2):
+        mt = _copy(m)
+        runs.append((fast.make_program_fn(lib, threads=threads)(mt, X, Y, idx, lrs), mt))
+    (l1, m1), (l2, m2) = runs
+    assert torch.equal(l1, l2) and bool(torch.isfinite(l1).all())
+    assert all(torch.equal(a, b) for a, b in zip(m1.params().values(), m2.params().values()))
+    name = next(iter(m.params()))
+    assert not torch.equal(m1.params()[name], m.params()[name])  # the steps did update the model
+    assert 2 * 256 * 256 * 128 >= fast.load_program_library().hg_program_par_min_macs()  # layer 2 is split

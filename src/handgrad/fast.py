@@ -32,9 +32,9 @@ from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, 
 
 SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
 PROGRAM_SOURCE = Path(__file__).parent / "csrc" / "program.cpp"
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", "-fno-rtti"]
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", "-fno-rtti", "-pthread"]
 ABI_VERSION = 1
-PROGRAM_ABI = 1
+PROGRAM_ABI = 2
 GRAD_NAMES = ("loss", "dC", "dW1", "db1", "dW2", "db2", "dbngain", "dbnbias")  # status codes of hg_steps
 
 _lock = threading.Lock()
@@ -157,6 +157,7 @@ def _bind_program(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.hg_program_steps.argtypes = [p] * 10
     lib.hg_program_profile.restype = ctypes.c_int
     lib.hg_program_profile.argtypes = [ctypes.c_int, p]
+    lib.hg_program_par_min_macs.restype = ctypes.c_double
     lib.hg_fma_loop.restype = ctypes.c_double
     lib.hg_fma_loop.argtypes = [ctypes.c_long]
     if lib.hg_program_abi() != PROGRAM_ABI:
@@ -333,8 +334,8 @@ class Program:
     params: tuple[str, ...]
     buffers: tuple[str, ...]  # running mean, running var per batchnorm
 
-    def desc(self, B: int, K: int, nrows: int, tile: int) -> Tensor:
-        return torch.tensor([B, self.T, K, nrows, tile, *self.counts, *self.body], dtype=torch.int64)
+    def desc(self, B: int, K: int, nrows: int, tile: int, threads: int = 1) -> Tensor:
+        return torch.tensor([B, self.T, K, nrows, tile, *self.counts, threads, *self.body], dtype=torch.int64)
 
 
 def program_reason(model) -> str:
@@ -433,7 +434,7 @@ def compile_program(model, T: int) -> Program:
 
 
 def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, tile: int,
-                 grads_out: Tensor | None) -> tuple[Tensor, int, Program]:
+                 grads_out: Tensor | None, threads: int = 1) -> tuple[Tensor, int, Program]:
     X = Xtr.to(torch.int64).contiguous()  # (n, T)
     Y = Ytr.to(torch.int64).contiguous()  # (n,)
     ix = idx.to(torch.int64).contiguous()  # (K, B)
@@ -455,7 +456,7 @@ def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
     np_ = len(prog.params)
     pp = (ctypes.c_void_p * max(np_, 1))(*(t.data_ptr() for t in bufs[:np_]))
     bp = (ctypes.c_void_p * max(len(prog.buffers), 1))(*(t.data_ptr() for t in bufs[np_:]))
-    desc = prog.desc(B, K, X.shape[0], tile)
+    desc = prog.desc(B, K, X.shape[0], tile, threads)
     fdesc = torch.tensor(prog.fdesc or (0.0,), dtype=torch.float64)
     losses = torch.empty(K, dtype=torch.float64)  # (K,)
     status = lib.hg_program_steps(desc.data_ptr(), fdesc.data_ptr(), pp, bp, X.data_ptr(), Y.data_ptr(),
@@ -472,9 +473,10 @@ def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
     return losses, int(status), prog
 
 
-def make_program_fn(lib: ctypes.CDLL, tile: int = 0) -> Callable:
+def make_program_fn(lib: ctypes.CDLL, tile: int = 0, threads: int = 1) -> Callable:
     """The steps function of train.py's contract running the model's program in native code. tile > 0
-    turns on activation checkpointing with that many examples per tile."""
+    turns on activation checkpointing with that many examples per tile; threads 2 splits the large
+    matrix products (program.cpp's PAR_MIN_MACS: a large batch) over two threads, bit-identically."""
     from handgrad.train import NonFiniteError
 
     def program_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
@@ -482,7 +484,7 @@ def make_program_fn(lib: ctypes.CDLL, tile: int = 0) -> Callable:
         reason = program_reason(model)
         if reason:
             raise ValueError(reason)
-        losses, status, prog = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None)
+        losses, status, prog = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None, threads)
         if status >= 0:
             k, r = divmod(status, len(prog.params) + 1)
             raise NonFiniteError(k, "loss" if r == 0 else "d" + prog.params[r - 1])
@@ -513,9 +515,10 @@ def profile_program(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor,
 
 
 # ---------------------------------------------------------------------------- planning
-def plan(model, tile: int = 0) -> tuple[Callable | None, str]:
+def plan(model, tile: int = 0, threads: int = 1) -> tuple[Callable | None, str]:
     """(steps_fn, "") when the fast path can run this model, else (None, one-line reason): the lecture
-    MLP's fused step, else the model's native program."""
+    MLP's fused step (one thread), else the model's native program (threads: 1 or 2, see
+    make_program_fn)."""
     view = mlp_view(model)
     if not isinstance(view, str):
         try:
@@ -529,7 +532,7 @@ def plan(model, tile: int = 0) -> tuple[Callable | None, str]:
         lib = load_program_library()
     except FastUnavailable as e:
         return None, str(e)
-    return make_program_fn(lib, tile), ""
+    return make_program_fn(lib, tile, threads), ""
 
 
 def fast_grads(model, X: Tensor, Y: Tensor, tile: int = 0) -> tuple[float, dict[str, Tensor]]:

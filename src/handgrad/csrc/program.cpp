@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <thread>
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
@@ -114,8 +115,24 @@ static void panel(int M, int K, const float* A, long am, long ak, const float* B
     }
 }
 
+static void gemm_kblock(int M, int N, int K, const float* A, long am, long ak, const float* B, long ldb,
+                        float* C, long ldc, const float* bias, int mode);
+
+// Long sums (dW = x^T dout at a large batch: K = rows) run in blocks of KC: each block's strips of A
+// and B stay in cache while every tile of C uses them, and C is reloaded between blocks, so every
+// element is still summed in the same order.
+static const int KC = 256;
+
 static void gemm(int M, int N, int K, const float* A, long am, long ak, const float* B, long ldb, float* C,
                  long ldc, const float* bias, int mode) {
+    for (int k0 = 0; k0 < K || k0 == 0; k0 += KC) {
+        const int kc = K - k0 < KC ? K - k0 : KC;
+        gemm_kblock(M, N, kc, A + k0 * ak, am, ak, B + k0 * ldb, ldb, C, ldc, bias, k0 == 0 ? mode : 2);
+    }
+}
+
+static void gemm_kblock(int M, int N, int K, const float* A, long am, long ak, const float* B, long ldb,
+                        float* C, long ldc, const float* bias, int mode) {
     const int NV = (N + VW - 1) / VW, tail = N - (NV - 1) * VW;
     for (int nv = 0; nv < NV;) {
         int left = NV - nv;
@@ -150,6 +167,24 @@ struct Timed {  // adds the scope's wall time to its phase
     ~Timed() { if (prof_on) prof_ns[ph] += now_ns() - t0; }
 };
 
+// Products of at least this many multiply-adds are split over two threads (when allowed): about
+// 100 us of one core, against the tens of microseconds that starting and joining a thread costs.
+static const double PAR_MIN_MACS = 8.0 * (1 << 20);
+
+// gemm, with C's rows split between this thread and one more when threads == 2 and the product is
+// large. Every element is summed in the same order either way, so the results are bit-identical.
+static void pgemm(int threads, int M, int N, int K, const float* A, long am, long ak, const float* B, long ldb,
+                  float* C, long ldc, const float* bias, int mode) {
+    if (threads < 2 || M < 12 || (double)M * N * K < PAR_MIN_MACS) {
+        gemm(M, N, K, A, am, ak, B, ldb, C, ldc, bias, mode);
+        return;
+    }
+    const int half = (M / 2 + 5) / 6 * 6;  // a multiple of the 6-row register tile
+    std::thread other([=] { gemm(M - half, N, K, A + half * am, am, ak, B, ldb, C + half * ldc, ldc, bias, mode); });
+    gemm(half, N, K, A, am, ak, B, ldb, C, ldc, bias, mode);
+    other.join();
+}
+
 // ---------------------------------------------------------------------------- the program
 enum Kind { EMBED = 1, LINEAR = 2, BATCHNORM = 3, TANH = 4, RELU = 5, BN_TANH = 6 };
 enum ParamKind { TABLE = 1, WEIGHT = 2, BIAS = 3, FEATURE = 4 };
@@ -183,6 +218,7 @@ struct Op {
 
 struct Prog {
     int B, T, K, R, nt, nop, np;
+    int threads;                 // 1, or 2: large matrix products are split over two threads
     long nrows;
     bool tiled;
     Tensor* t;
@@ -206,18 +242,19 @@ struct Arena {
 };
 
 // Descriptor layout (int64), written by fast.py:
-//   header: B, T, K, nrows, R (examples per tile; R >= B: no recomputation), nt, nop, np
+//   header: B, T, K, nrows, R (examples per tile; R >= B: no recomputation), nt, nop, np, threads
 //   nt tensors:  rpe, nseg, c, segstride, alias
 //   nop ops:     kind, in, out, p0, p1, bn (this batchnorm's index: eps/momentum in fdesc, buffers)
 //   np params:   kind, n0, n1, op (the op whose input layout the rows/features map onto)
 //   np entries:  the order in which gradients are checked
-static const int HDR = 8, TW = 5, OW = 6, PW = 4;
+static const int HDR = 9, TW = 5, OW = 6, PW = 4;
 
 static bool parse(const int64_t* d, const double* fd, float** params, float** bufs, Prog& g, Arena& a) {
     g.B = (int)d[0]; g.T = (int)d[1]; g.K = (int)d[2]; g.nrows = d[3];
     g.R = d[4] > 0 && d[4] < g.B ? (int)d[4] : g.B;
     g.tiled = g.R < g.B;
     g.nt = (int)d[5]; g.nop = (int)d[6]; g.np = (int)d[7];
+    g.threads = d[8] > 1 ? 2 : 1;
     if (g.B < 2 || g.T < 1 || g.K < 0 || g.nt < 1 || g.nop < 2 || g.np < 1 || g.nt > 4096 || g.nop > 4096
         || g.np > 4096)
         return false;
@@ -439,18 +476,33 @@ static void linear_forward(const Prog& g, const Op& o, int ne) {
     const Tensor &in = g.t[o.in], &out = g.t[o.out];
     const Param& W = g.p[o.p0];
     const float* bias = o.p1 >= 0 ? g.p[o.p1].w : nullptr;
-    gemm((int)(ne * in.rpe), (int)W.n1, (int)W.prow, in.x, in.ld, 1, W.w, W.ld, out.x, out.ld, bias, bias ? 1 : 0);
+    pgemm(g.threads, (int)(ne * in.rpe), (int)W.n1, (int)W.prow, in.x, in.ld, 1, W.w, W.ld, out.x, out.ld, bias, bias ? 1 : 0);
 }
 
 // per-column mean and M2 (sum of squared deviations) of rows x (rows, ld): two passes
+// Column loops run over chunks of RCH rows (one chunk of a few arrays stays in L2 while every
+// column visits it) with the running sums stored between chunks: each column is still summed row
+// after row, so a large batch gives the same floats as one pass would.
+static const long RCH = 64;
+
 static void col_mean_m2(const float* x, long rows, long ld, float* mean, float* m2) {
-    for (long j = 0; j < ld; j += VW) {
-        v16 s = vset1(0.0f);
-        for (long r = 0; r < rows; ++r) s += vload(x + r * ld + j);
-        v16 mu = s / (float)rows;
-        v16 q = vset1(0.0f);
-        for (long r = 0; r < rows; ++r) { v16 d = vload(x + r * ld + j) - mu; q += d * d; }
-        vstore(mean + j, mu); vstore(m2 + j, q);
+    for (long j = 0; j < ld; j += VW) vstore(m2 + j, vset1(0.0f));
+    for (long r0 = 0; r0 < rows; r0 += RCH) {  // m2 holds the column sums for now
+        const long r1 = rows - r0 < RCH ? rows : r0 + RCH;
+        for (long j = 0; j < ld; j += VW) {
+            v16 s = vload(m2 + j);
+            for (long r = r0; r < r1; ++r) s += vload(x + r * ld + j);
+            vstore(m2 + j, s);
+        }
+    }
+    for (long j = 0; j < ld; j += VW) { vstore(mean + j, vload(m2 + j) / (float)rows); vstore(m2 + j, vset1(0.0f)); }
+    for (long r0 = 0; r0 < rows; r0 += RCH) {
+        const long r1 = rows - r0 < RCH ? rows : r0 + RCH;
+        for (long j = 0; j < ld; j += VW) {
+            v16 mu = vload(mean + j), q = vload(m2 + j);
+            for (long r = r0; r < r1; ++r) { v16 d = vload(x + r * ld + j) - mu; q += d * d; }
+            vstore(m2 + j, q);
+        }
     }
 }
 
@@ -532,10 +584,13 @@ static double cross_entropy(const Prog& g, const Tensor& t, const int32_t* y, in
 
 // ---------------------------------------------------------------------------- backward ops
 static void col_sum_add(const float* x, long ld, long width, long rows, float* out) {
-    for (long j = 0; j < width; j += VW) {
-        v16 s = vload(out + j);
-        for (long r = 0; r < rows; ++r) s += vload(x + r * ld + j);
-        vstore(out + j, s);
+    for (long r0 = 0; r0 < rows; r0 += RCH) {
+        const long r1 = rows - r0 < RCH ? rows : r0 + RCH;
+        for (long j = 0; j < width; j += VW) {
+            v16 s = vload(out + j);
+            for (long r = r0; r < r1; ++r) s += vload(x + r * ld + j);
+            vstore(out + j, s);
+        }
     }
 }
 
@@ -547,10 +602,10 @@ static void linear_backward(const Prog& g, const Op& o, int ne, bool grads, bool
     if (grads) {
         Timed tm(P_DW);
         if (o.p1 >= 0) col_sum_add(out.g, out.ld, pad16(W.n1), rows, g.p[o.p1].grad);
-        gemm((int)W.prow, (int)W.n1, rows, in.x, 1, in.ld, out.g, out.ld, W.grad, W.ld, nullptr, g.tiled ? 2 : 0);
+        pgemm(g.threads, (int)W.prow, (int)W.n1, rows, in.x, 1, in.ld, out.g, out.ld, W.grad, W.ld, nullptr, g.tiled ? 2 : 0);
     }
     Timed tm(P_DX);
-    if (need_dx) gemm(rows, (int)W.prow, (int)W.n1, out.g, out.ld, 1, W.wt, W.ldT, in.g, in.ld, nullptr, 0);
+    if (need_dx) pgemm(g.threads, rows, (int)W.prow, (int)W.n1, out.g, out.ld, 1, W.wt, W.ldT, in.g, in.ld, nullptr, 0);
 }
 
 // dpre = dout (batchnorm) or (1 - h^2) * dout (tanh fused; in place); sums of dpre * bnraw and dpre
@@ -558,16 +613,19 @@ static void bn_back_sums(const Prog& g, const Op& o, int ne, float* sg, float* s
     const Tensor &in = g.t[o.in], &out = g.t[o.out];
     const long rows = ne * in.rpe, ld = in.ld;
     const bool th = o.kind == BN_TANH;
-    for (long j = 0; j < ld; j += VW) {
-        v16 a = vload(sg + j), b = vload(sb + j);
-        for (long r = 0; r < rows; ++r) {
-            long q = r * ld + j;
-            v16 dp = vload(out.g + q);
-            if (th) { v16 h = vload(out.x + q); dp = (1.0f - h * h) * dp; vstore(out.g + q, dp); }
-            a += vload(o.raw + q) * dp;
-            b += dp;
+    for (long r0 = 0; r0 < rows; r0 += RCH) {
+        const long r1 = rows - r0 < RCH ? rows : r0 + RCH;
+        for (long j = 0; j < ld; j += VW) {
+            v16 a = vload(sg + j), b = vload(sb + j);
+            for (long r = r0; r < r1; ++r) {
+                long q = r * ld + j;
+                v16 dp = vload(out.g + q);
+                if (th) { v16 h = vload(out.x + q); dp = (1.0f - h * h) * dp; vstore(out.g + q, dp); }
+                a += vload(o.raw + q) * dp;
+                b += dp;
+            }
+            vstore(sg + j, a); vstore(sb + j, b);
         }
-        vstore(sg + j, a); vstore(sb + j, b);
     }
 }
 
@@ -577,12 +635,15 @@ static void bn_back_dx(const Prog& g, const Op& o, int ne, long n) {
     const float* gain = g.p[o.p0].w;
     const long rows = ne * in.rpe, ld = in.ld;
     const float fn = (float)n;
-    for (long j = 0; j < ld; j += VW) {
-        v16 a = vload(gain + j) * vload(o.inv + j);
-        v16 mb = vload(o.sum_b + j) / fn, mg = vload(o.sum_g + j) / (fn - 1.0f);
-        for (long r = 0; r < rows; ++r) {
-            long q = r * ld + j;
-            vstore(in.g + q, a * (vload(out.g + q) - mb - vload(o.raw + q) * mg));
+    for (long r0 = 0; r0 < rows; r0 += RCH) {
+        const long r1 = rows - r0 < RCH ? rows : r0 + RCH;
+        for (long j = 0; j < ld; j += VW) {
+            v16 a = vload(gain + j) * vload(o.inv + j);
+            v16 mb = vload(o.sum_b + j) / fn, mg = vload(o.sum_g + j) / (fn - 1.0f);
+            for (long r = r0; r < r1; ++r) {
+                long q = r * ld + j;
+                vstore(in.g + q, a * (vload(out.g + q) - mb - vload(o.raw + q) * mg));
+            }
         }
     }
 }
@@ -770,7 +831,10 @@ static size_t workspace(const int64_t* d, const double* fd) {
 
 extern "C" {
 
-int hg_program_abi() { return 1; }
+int hg_program_abi() { return 2; }
+
+// The size (multiply-adds) from which a product is split over two threads when allowed.
+double hg_program_par_min_macs() { return PAR_MIN_MACS; }
 
 // The core's FMA throughput: `iters` rounds of 12 independent vector FMA chains (12 * 16 * 2 FLOP a
 // round), enough chains to cover the FMA latency on every pipe; the caller times it. Returns a sum
