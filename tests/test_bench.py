@@ -19,7 +19,11 @@ def test_run_bench_reports_every_engine(name):
         assert row in names
     assert all(row.us_per_step is None or row.us_per_step > 0 for row in r.rows)
     assert all(row.us_per_step is None or row.q25 <= row.us_per_step <= row.q75 for row in r.rows)
+    assert [t.name for t in r.threads_rows] == ["fast, 1 thread(s)", "fast, 2 thread(s)",
+                                                "autograd eager, 1 thread(s)", "autograd eager, 2 thread(s)"]
+    assert all(t.us_per_step > 0 for t in r.threads_rows)
     table = r.table()
+    assert "threads at batch 16" in table and "ratios (this run)" in table
     assert "x fast" in table and "x floor" in table and "examples per second" in table
     d = json.loads(r.to_json())
     assert d["config"]["model"] == name and d["config"]["batch_size"] == 8 and d["config"]["n_hidden"] == 20

@@ -372,14 +372,51 @@ def _checkpointing(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps:
     return rows
 
 
+def _threads(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, seed: int) -> list[Row]:
+    """Wall-clock ms per step at batch B of the fast engine and of autograd eager with 1 and 2 threads
+    (the native program splits only its large products; torch splits its ops)."""
+    Xtr, Ytr = splits.Xtr, splits.Ytr
+    g = torch.Generator().manual_seed(seed)
+    chunk = max(1, min(steps, 5))
+    nchunks = max(1, steps // chunk)
+    idx = torch.randint(0, Xtr.shape[0], (nchunks * chunk, B), generator=g)  # (steps, B)
+    lrs = torch.full((chunk,), 0.01, dtype=torch.float64)
+    old_clock, old_threads = _clock[0], torch.get_num_threads()
+    _clock[0] = time.perf_counter
+    rows = []
+    try:
+        for t in (1, 2):
+            model = models.build(mcfg, seed)
+            fn, reason = fast.plan(model, threads=t)
+            if fn is None:
+                rows.append(Row(f"fast, {t} thread(s)", None, f"unavailable: {reason}"))
+            else:
+                note = ("the MLP step runs on one thread" if not isinstance(fast.mlp_view(model), str) else
+                        "products of >= 8M multiply-adds split in two")
+                rows.append(_row(f"fast, {t} thread(s)", _time_each(
+                    lambda i, fn=fn, m=model: fn(m, Xtr, Ytr, idx[i * chunk:(i + 1) * chunk], lrs), nchunks,
+                    warmup=1, per=chunk), note if t == 2 else ""))
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            model = models.build(mcfg, seed)
+            rows.append(_row(f"autograd eager, {t} thread(s)", _time_each(
+                lambda i, m=model: reference.autograd_steps(m, Xtr, Ytr, idx[i * chunk:(i + 1) * chunk], lrs),
+                nchunks, warmup=1, per=chunk), "torch.set_num_threads"))
+    finally:
+        _clock[0] = old_clock
+        torch.set_num_threads(old_threads)
+    return rows
+
+
 def run_bench(model: str = "mlp", batch_size: int = 32, steps: int = 5000, threads: int = 1,
               large_batch: int = 4096, large_steps: int = 30, compile: bool = False, seed: int = 42,
               progress: Callable[[str], None] | None = None, clock: str | None = None, tile: int = 8,
-              **overrides) -> BenchResult:
+              measure_threads: bool = True, **overrides) -> BenchResult:
     """Time every engine on model `model` (its preset, with `overrides` such as n_hidden=...; median
     per step after warm-up, quartiles as the spread), then examples per second at large_batch (0: skip).
     torch runs on `threads` threads; the native program on one. clock: "cpu" (default with one thread)
-    or "wall" (CLOCKS). tile > 0 adds the activation checkpointing table (tile examples per tile)."""
+    or "wall" (CLOCKS). tile > 0 adds the activation checkpointing table (tile examples per tile);
+    measure_threads adds 1 vs 2 threads at large_batch (wall clock)."""
     clock = clock or ("cpu" if threads == 1 else "wall")
     _clock[0] = CLOCKS[clock][0]
     progress = progress or (lambda s: None)
@@ -399,6 +436,10 @@ def run_bench(model: str = "mlp", batch_size: int = 32, steps: int = 5000, threa
             if large_batch:
                 ckpt += _checkpointing(mcfg, splits, large_batch, large_steps, max(tile, large_batch // 16),
                                        seed, f"batch {large_batch}")
+        thread_rows = []
+        if large_batch and measure_threads:
+            progress(f"threads at batch {large_batch}")
+            thread_rows = _threads(mcfg, splits, large_batch, large_steps, seed)
         large = []
         if large_batch:
             progress(f"large batch {large_batch}")
@@ -414,4 +455,4 @@ def run_bench(model: str = "mlp", batch_size: int = 32, steps: int = 5000, threa
               "torch": torch.__version__, "clock": clock}
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
     peak, how = fma_peak()
-    return BenchResult(config, rows, large, large_batch, machine, flop, peak, how, ckpt)
+    return BenchResult(config, rows, large, large_batch, machine, flop, peak, how, ckpt, thread_rows)

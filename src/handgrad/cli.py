@@ -400,6 +400,9 @@ def _cmd_bench(args) -> int:
         if getattr(args, name) < (2 if name == "batch_size" else 1):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer"
                              + (" of at least 2 (batchnorm's n-1)" if name == "batch_size" else ""))
+    if args.recompute_tile < 0:
+        raise UsageError(f"--recompute-tile {args.recompute_tile}: expected 0 (skip the table) or a positive "
+                         "number of examples per tile")
     if args.large_batch < 0 or args.large_batch == 1:
         raise UsageError(f"--large-batch {args.large_batch}: expected 0 (skip) or at least 2")
     overrides = {k: getattr(args, k) for k in ("n_hidden", "n_embd", "block_size")
@@ -408,7 +411,8 @@ def _cmd_bench(args) -> int:
     try:
         result = bench.run_bench(model=args.model, batch_size=args.batch_size, steps=args.steps,
                                  threads=args.threads, large_batch=args.large_batch,
-                                 compile=not args.no_compile, progress=progress, **overrides)
+                                 compile=not args.no_compile, progress=progress, clock=args.clock,
+                                 tile=args.recompute_tile, **overrides)
     except ValueError as e:  # the model config validates its sizes
         field = str(e).split()[0]
         raise UsageError(f"--{field.replace('_', '-')}: {str(e)[len(field) + 1:]}") from None
@@ -432,6 +436,12 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--large-batch", type=int, default=4096, help="batch of the examples/second table "
                    "(0 skips it; default %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--recompute-tile", type=int, default=8, metavar="EXAMPLES",
+                   help="examples per tile of the activation checkpointing table (0 skips it; default "
+                   "%(default)s; at the large batch: max(this, large batch / 16))")
+    p.add_argument("--clock", choices=("cpu", "wall"),
+                   help="cpu: CPU time of the timing thread (default with one thread: other processes on a "
+                   "shared core do not count); wall: wall clock")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_bench)
 # ---- end bench
