@@ -76,3 +76,19 @@ def test_fma_peak_is_measured_and_positive():
     nominal, _ = bench.nominal_fma_peak()
     assert peak > 1e9 and "measured" in how
     assert nominal == 0 or peak < 4 * nominal  # a measured peak far above the nominal one is a timing bug
+
+
+def test_full_training_fast_and_eager_draw_the_same_batches():
+    """bench --full-train's run, shortened to 1000 steps: the fast and eager engines train the same
+    wavenet from the same init on the same batches, so their losses agree closely."""
+    f = bench.full_training("wavenet", "fast", steps=1000)
+    e = bench.full_training("wavenet", "eager", steps=1000)
+    assert f["steps"] == e["steps"] == 1000 and f["wall_s"] > 0 and f["cpu_s"] > 0
+    assert abs(f["last_1000_train_loss"] - e["last_1000_train_loss"]) < 1e-4
+    assert abs(f["val_loss"] - e["val_loss"]) < 1e-3 and f["val_loss"] < 3.0  # it learned (uniform: 3.3)
+
+
+def test_cli_full_train_rejects_too_few_steps(capsys):
+    assert main(["bench", "--model", "wavenet", "--full-train", "fast", "--full-steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "--full-steps 10" in err and len(err.strip().splitlines()) == 1

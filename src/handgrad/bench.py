@@ -456,3 +456,48 @@ def run_bench(model: str = "mlp", batch_size: int = 32, steps: int = 5000, threa
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
     peak, how = fma_peak()
     return BenchResult(config, rows, large, large_batch, machine, flop, peak, how, ckpt, thread_rows)
+
+
+# ---------------------------------------------------------------------------- a whole training run
+FULL_ENGINES = ("fast", "eager", "autograd")
+
+
+def full_training(model: str = "wavenet", engine: str = "fast", steps: int | None = None, seed: int = 42,
+                  progress: Callable[[int, int], None] | None = None) -> dict:
+    """Train `model` with its training preset (200k steps unless `steps`; names.txt, batch 32, one torch
+    thread) on one engine: "fast" (the native step), "eager" (hand-written, PyTorch ops) or "autograd"
+    (reference.autograd_steps), all drawing the same batches from the same init. Returns the training
+    loop's wall time and CPU time (seconds), the last 1000 steps' mean training loss and the train/val
+    losses with the inference statistics. progress(step, total) runs after every chunk."""
+    if engine not in FULL_ENGINES:
+        raise ValueError(f"engine must be one of {FULL_ENGINES}, got {engine!r}")
+    words = data.read_words(data.default_data_path())
+    probe = models.preset(model)
+    splits = data.make_splits(words.items, probe.block_size, seed)
+    mcfg = models.with_vocab(probe, len(splits.vocab))
+    tcfg = train.TrainConfig.for_model(model, seed=seed, split_seed=seed,
+                                       **({"steps": steps} if steps else {}))
+    state = train.new_state(mcfg, tcfg)
+    if engine == "fast":
+        steps_fn, reason = fast.plan(state.model)
+        if steps_fn is None:
+            raise RuntimeError(f"the fast engine is unavailable: {reason}")
+    else:
+        steps_fn = train.eager_steps if engine == "eager" else reference.autograd_steps
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cb = (lambda pr: progress(pr.state.step, pr.total)) if progress else None
+        w0, c0 = time.perf_counter(), time.thread_time()
+        state = train.train(splits, mcfg, tcfg, state, callback=cb, steps_fn=steps_fn)
+        wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
+        inference = models.with_buffers(state.model, train.inference_buffers(state, splits, tcfg))
+        with torch.no_grad():
+            losses = {split: models.evaluate(inference, *splits.split(split)) for split in ("train", "val")}
+    finally:
+        torch.set_num_threads(old)
+    return {"model": model, "engine": engine, "steps": tcfg.steps, "wall_s": wall, "cpu_s": cpu,
+            "us_per_step": wall / tcfg.steps * 1e6,
+            "last_1000_train_loss": float(state.losses[-1000:].mean()),
+            "train_loss": losses["train"], "val_loss": losses["val"]}
+
