@@ -3,7 +3,8 @@ steps per call on preallocated padded buffers. The lecture MLP has its own fused
 any other stack of known layers (deep, wavenet, a user's) is compiled into a program of ops that
 csrc/program.cpp runs. Both are built at first use with the system compiler into a per-user cache and
 loaded with ctypes; no torch headers. The math is ops.py's pairs + SGD; tests/test_fast.py proves it.
-`plan(model)` picks the MLP step, else the program, else says in one line why neither fits.
+`plan(model)` picks the MLP step, else the program, else says in one line why neither fits; the
+program may split its large products (a large batch) over two threads.
 
 Environment: HANDGRAD_CC (the C++ compiler; default c++ or g++ on PATH), HANDGRAD_CACHE (the build
 cache; default $XDG_CACHE_HOME/handgrad or ~/.cache/handgrad).

@@ -3,6 +3,8 @@
 // of the same memory and costs nothing), run for K SGD steps per call on preallocated float32 buffers:
 // forward, softmax cross-entropy, closed-form backward, SGD update, running statistics, non-finite
 // detection. The math is ops.py's pairs written out once; loaded with ctypes, no torch headers.
+// At a large batch the long sums are blocked for the cache and the large products may be split over
+// two threads; neither changes the order in which any element is summed.
 //
 // Every activation is a row-major matrix (rows, ld): all leading dims are rows, the last dim is the row.
 // A row holds nseg segments of c floats, segment s starting at s*segstride (nseg 1 unless flattened):
