@@ -19,7 +19,11 @@ def test_run_bench_reports_every_engine(name):
         assert row in names
     assert all(row.us_per_step is None or row.us_per_step > 0 for row in r.rows)
     assert all(row.us_per_step is None or row.q25 <= row.us_per_step <= row.q75 for row in r.rows)
+    assert [t.name for t in r.threads_rows] == ["fast, 1 thread(s)", "fast, 2 thread(s)",
+                                                "autograd eager, 1 thread(s)", "autograd eager, 2 thread(s)"]
+    assert all(t.us_per_step > 0 for t in r.threads_rows)
     table = r.table()
+    assert "threads at batch 16" in table and "ratios (this run)" in table
     assert "x fast" in table and "x floor" in table and "examples per second" in table
     d = json.loads(r.to_json())
     assert d["config"]["model"] == name and d["config"]["batch_size"] == 8 and d["config"]["n_hidden"] == 20
@@ -55,3 +59,36 @@ def test_cli_bench_rejects_bad_flags(capsys, argv, flag):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert flag in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpointing_table_keeps_fewer_bytes_with_a_tile():
+    """At batch 64 with tiles of 4 examples the native wavenet keeps far fewer activation bytes; both runs
+    are timed and the table prints both."""
+    r = bench.run_bench("wavenet", batch_size=64, n_hidden=20, steps=6, large_batch=0, tile=4)
+    (no_tile, tiled) = r.checkpointing
+    assert no_tile.name.endswith("no tile") and tiled.name.endswith("tile 4")
+    assert 0 < tiled.bytes < no_tile.bytes and tiled.us_per_step > 0 and no_tile.us_per_step > 0
+    assert "activation checkpointing" in r.table() and r.config["clock"] == "cpu"
+
+
+def test_fma_peak_is_measured_and_positive():
+    peak, how = bench.fma_peak()
+    nominal, _ = bench.nominal_fma_peak()
+    assert peak > 1e9 and "measured" in how
+    assert nominal == 0 or peak < 4 * nominal  # a measured peak far above the nominal one is a timing bug
+
+
+def test_full_training_fast_and_eager_draw_the_same_batches():
+    """bench --full-train's run, shortened to 1000 steps: the fast and eager engines train the same
+    wavenet from the same init on the same batches, so their losses agree closely."""
+    f = bench.full_training("wavenet", "fast", steps=1000)
+    e = bench.full_training("wavenet", "eager", steps=1000)
+    assert f["steps"] == e["steps"] == 1000 and f["wall_s"] > 0 and f["cpu_s"] > 0
+    assert abs(f["last_1000_train_loss"] - e["last_1000_train_loss"]) < 1e-4
+    assert abs(f["val_loss"] - e["val_loss"]) < 1e-3 and f["val_loss"] < 3.0  # it learned (uniform: 3.3)
+
+
+def test_cli_full_train_rejects_too_few_steps(capsys):
+    assert main(["bench", "--model", "wavenet", "--full-train", "fast", "--full-steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "--full-steps 10" in err and len(err.strip().splitlines()) == 1

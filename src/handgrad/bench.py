@@ -29,6 +29,7 @@ class Row:
     note: str = ""  # what exactly was timed, or why it is unavailable
     q25: float | None = None  # spread: first and third quartile of the timed samples (us per step)
     q75: float | None = None
+    bytes: int | None = None  # checkpointing rows: bytes the native program allocates for a step
 
 
 @dataclass
@@ -41,6 +42,8 @@ class BenchResult:
     gemm_flop: float = 0.0  # FLOP of the step's matrix products (2 per multiply-add), see gemm_shapes
     peak_flops: float = 0.0  # assumed FP32 FMA peak of one core (FLOP/s), see fma_peak
     peak_note: str = ""  # how peak_flops was computed
+    checkpointing: list[Row] = field(default_factory=list)  # fast with and without --recompute-tile
+    threads_rows: list[Row] = field(default_factory=list)  # at the large batch, 1 and 2 threads
 
     def us(self, name: str) -> float | None:
         return next((r.us_per_step for r in self.rows if r.name == name), None)
@@ -53,7 +56,8 @@ class BenchResult:
         c = self.config
         fast_us, floor_us = self.us("fast"), self.us(FLOOR)
         lines = [f"handgrad bench --model {c['model']}: batch {c['batch_size']}, {c['params']:,} parameters, "
-                 f"{c['threads']} thread(s), median of {c['steps']} steps; {self.machine}",
+                 f"{c['threads']} thread(s), median of {c['steps']} steps, {CLOCKS[c['clock']][1]}; "
+                 f"{self.machine}",
                  f"matrix products per step: {self.gemm_flop / 1e6:.2f} MFLOP; FMA peak "
                  f"{self.peak_flops / 1e9:.1f} GFLOP/s ({self.peak_note})",
                  f"{'engine':<27} {'us/step':>9} {'q25-q75':>15} {'x fast':>7} {'x floor':>8} {'GFLOP/s':>8} "
@@ -70,6 +74,32 @@ class BenchResult:
             pct = f"{100 * gflops * 1e9 / self.peak_flops:.0f}" if self.peak_flops else "-"
             lines.append(f"{r.name:<27} {r.us_per_step:>9.1f} {spread:>15} {x:>7} {xf:>8} {gflops:>8.1f} "
                          f"{pct:>6}  {r.note}")
+        floor_fast = self.ratio("fast", FLOOR)
+        auto_fast = self.ratio("autograd eager")
+        if floor_fast is not None and auto_fast is not None:
+            lines += ["", f"ratios (this run): native / GEMM floor = {floor_fast:.2f}, "
+                      f"autograd eager / native = {auto_fast:.2f}"]
+        if self.checkpointing:
+            lines += ["", "activation checkpointing (--recompute-tile, examples per tile): time, and the "
+                      "bytes the native step allocates (parameters, gradients, activations kept)",
+                      f"{'run':<24} {'us/step':>10} {'MiB':>9} {'time x':>7} {'mem x':>6}", "-" * 60]
+            base = {}
+            for r in self.checkpointing:
+                key = r.name.split(",")[0]
+                base.setdefault(key, r)
+                b = base[key]
+                us = f"{r.us_per_step:>10.1f}" if r.us_per_step is not None else f"{'-':>10}"
+                mib = f"{r.bytes / 2**20:>9.2f}" if r.bytes else f"{'-':>9}"
+                tx = (f"{r.us_per_step / b.us_per_step:>7.2f}" if r.us_per_step and b.us_per_step
+                      else f"{'-':>7}")
+                mx = f"{r.bytes / b.bytes:>6.2f}" if r.bytes and b.bytes else f"{'-':>6}"
+                lines.append(f"{r.name:<24} {us} {mib} {tx} {mx}  {r.note}")
+        if self.threads_rows:
+            lines += ["", f"threads at batch {self.large_batch} (wall clock, median ms per step)",
+                      f"{'engine':<40} {'ms/step':>9}", "-" * 52]
+            for r in self.threads_rows:
+                ms = f"{r.us_per_step / 1e3:>9.2f}" if r.us_per_step is not None else f"{'-':>9}"
+                lines.append(f"{r.name:<40} {ms}  {r.note}")
         if self.large:
             lines += ["", f"large batch {self.large_batch}: examples per second",
                       f"{'engine':<27} {'ex/s':>12} {'ms/step':>9}", "-" * 48]
@@ -89,6 +119,10 @@ class BenchResult:
 
 
 FLOOR = "GEMM floor (torch.mm)"
+# How a step is timed: this thread's CPU time does not count the time other processes take the core
+# (a shared machine), so it is the default with one thread; wall time counts every thread's work.
+CLOCKS = {"cpu": (time.thread_time, "CPU time of the timing thread"),
+          "wall": (time.perf_counter, "wall clock")}
 
 
 # ---------------------------------------------------------------------------- the model's GEMMs
@@ -146,6 +180,27 @@ FLOP_PER_CYCLE = (  # (vendor, cpu flag, FLOP/cycle, why)
 
 
 def fma_peak() -> tuple[float, str]:
+    """(FLOP/s, how): measured by the native FMA loop when it can be built (what this core really
+    reaches, turbo included), else the nominal estimate."""
+    nominal, how = nominal_fma_peak()
+    try:
+        lib = fast.load_program_library()
+    except fast.FastUnavailable:
+        return nominal, how
+    iters, flop_per_iter = 2_000_000, 12 * fast.VW * 2
+    best = 0.0
+    lib.hg_fma_loop(10_000)
+    for _ in range(5):
+        t0 = time.thread_time()
+        lib.hg_fma_loop(iters)
+        dt = time.thread_time() - t0
+        best = max(best, iters * flop_per_iter / dt if dt > 0 else 0.0)
+    note = (f"measured: 12 independent 16-float FMA chains x {iters:,} rounds, best of 5, thread CPU time; "
+            f"nominal {how}")
+    return best, note
+
+
+def nominal_fma_peak() -> tuple[float, str]:
     """(FLOP/s, how): nominal clock (cpu MHz, else the BogoMIPS/2 of a constant TSC) x FLOP/cycle."""
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -181,15 +236,19 @@ def _row(name: str, times: list[float], note: str) -> Row:
     return Row(name, med, note, q1, q3)
 
 
+_clock = [time.thread_time]  # set by run_bench from CLOCKS
+
+
 def _time_each(call: Callable[[int], object], n: int, warmup: int, per: int = 1) -> list[float]:
     """Microseconds per step of each of n calls (call(i) runs `per` steps), after warm-up calls."""
+    clock = _clock[0]
     for i in range(warmup):
         call(i)
     times = []
     for i in range(n):
-        t0 = time.perf_counter()
+        t0 = clock()
         call(i)
-        times.append((time.perf_counter() - t0) / per * 1e6)
+        times.append((clock() - t0) / per * 1e6)
     return times
 
 
@@ -246,7 +305,7 @@ def _engines(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, 
             fn(model, Xtr, Ytr, idx[j:j + chunk], lrs)
 
         rows.append(_row("fast", _time_each(run_chunk, nchunks, warmup=1, per=chunk),
-                         f"native program, {chunk} steps per call, median over calls"))
+                         f"native, {chunk} steps per call, median over {nchunks} calls"))
         model = fresh()
         n1 = min(steps, 500)
         one_step = lambda i: fn(model, Xtr, Ytr, idx[i % n1:i % n1 + 1], one)  # noqa: E731
@@ -287,12 +346,79 @@ def _engines(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, 
     return rows
 
 
+def _checkpointing(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, tile: int, seed: int,
+                   label: str) -> list[Row]:
+    """The fast engine at batch B without and with activation checkpointing (tile examples per tile):
+    median us per step (chunks of steps), and the bytes its native buffers take for one step."""
+    Xtr, Ytr = splits.Xtr, splits.Ytr
+    g = torch.Generator().manual_seed(seed)
+    chunk = max(1, min(steps, 20))
+    nchunks = max(1, steps // chunk)
+    idx = torch.randint(0, Xtr.shape[0], (nchunks * chunk, B), generator=g)  # (steps, B)
+    lrs = torch.full((chunk,), 0.01, dtype=torch.float64)
+    rows = []
+    for t in (0, tile):
+        model = models.build(mcfg, seed)
+        fn, reason = fast.plan(model, tile=t)
+        name = f"{label}, " + (f"tile {t}" if t else "no tile")
+        if fn is None:
+            rows.append(Row(name, None, f"unavailable: {reason}"))
+            continue
+        nbytes = fast.workspace_bytes(model, B, tile=t, T=Xtr.shape[1])
+        times = _time_each(lambda i, fn=fn, m=model: fn(m, Xtr, Ytr, idx[i * chunk:(i + 1) * chunk], lrs),
+                           nchunks, warmup=1, per=chunk)
+        rows.append(Row(name, *_quartiles(times)[:1], "recompute every activation tile by tile" if t else
+                        "every activation kept for backward", *_quartiles(times)[1:], nbytes))
+    return rows
+
+
+def _threads(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, seed: int) -> list[Row]:
+    """Wall-clock ms per step at batch B of the fast engine and of autograd eager with 1 and 2 threads
+    (the native program splits only its large products; torch splits its ops)."""
+    Xtr, Ytr = splits.Xtr, splits.Ytr
+    g = torch.Generator().manual_seed(seed)
+    chunk = max(1, min(steps, 5))
+    nchunks = max(1, steps // chunk)
+    idx = torch.randint(0, Xtr.shape[0], (nchunks * chunk, B), generator=g)  # (steps, B)
+    lrs = torch.full((chunk,), 0.01, dtype=torch.float64)
+    old_clock, old_threads = _clock[0], torch.get_num_threads()
+    _clock[0] = time.perf_counter
+    rows = []
+    try:
+        for t in (1, 2):
+            model = models.build(mcfg, seed)
+            fn, reason = fast.plan(model, threads=t)
+            if fn is None:
+                rows.append(Row(f"fast, {t} thread(s)", None, f"unavailable: {reason}"))
+            else:
+                note = ("the MLP step runs on one thread" if not isinstance(fast.mlp_view(model), str) else
+                        "products of >= 8M multiply-adds split in two")
+                rows.append(_row(f"fast, {t} thread(s)", _time_each(
+                    lambda i, fn=fn, m=model: fn(m, Xtr, Ytr, idx[i * chunk:(i + 1) * chunk], lrs), nchunks,
+                    warmup=1, per=chunk), note if t == 2 else ""))
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            model = models.build(mcfg, seed)
+            rows.append(_row(f"autograd eager, {t} thread(s)", _time_each(
+                lambda i, m=model: reference.autograd_steps(m, Xtr, Ytr, idx[i * chunk:(i + 1) * chunk], lrs),
+                nchunks, warmup=1, per=chunk), "torch.set_num_threads"))
+    finally:
+        _clock[0] = old_clock
+        torch.set_num_threads(old_threads)
+    return rows
+
+
 def run_bench(model: str = "mlp", batch_size: int = 32, steps: int = 5000, threads: int = 1,
               large_batch: int = 4096, large_steps: int = 30, compile: bool = False, seed: int = 42,
-              progress: Callable[[str], None] | None = None, **overrides) -> BenchResult:
+              progress: Callable[[str], None] | None = None, clock: str | None = None, tile: int = 8,
+              measure_threads: bool = True, **overrides) -> BenchResult:
     """Time every engine on model `model` (its preset, with `overrides` such as n_hidden=...; median
     per step after warm-up, quartiles as the spread), then examples per second at large_batch (0: skip).
-    torch runs on `threads` threads; the native program on one."""
+    torch runs on `threads` threads; the native program on one. clock: "cpu" (default with one thread)
+    or "wall" (CLOCKS). tile > 0 adds the activation checkpointing table (tile examples per tile);
+    measure_threads adds 1 vs 2 threads at large_batch (wall clock)."""
+    clock = clock or ("cpu" if threads == 1 else "wall")
+    _clock[0] = CLOCKS[clock][0]
     progress = progress or (lambda s: None)
     words = data.read_words(data.default_data_path())
     probe = models.preset(model, **overrides)
@@ -301,7 +427,19 @@ def run_bench(model: str = "mlp", batch_size: int = 32, steps: int = 5000, threa
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        rows = _engines(mcfg, splits, batch_size, steps, compile, seed, 1000, True, progress)
+        rows = _engines(mcfg, splits, batch_size, steps, compile, seed, 20, True, progress)
+        ckpt = []
+        if tile:
+            progress("activation checkpointing")
+            ckpt = _checkpointing(mcfg, splits, batch_size, min(steps, 1000), tile, seed,
+                                  f"batch {batch_size}")
+            if large_batch:
+                ckpt += _checkpointing(mcfg, splits, large_batch, large_steps, max(tile, large_batch // 16),
+                                       seed, f"batch {large_batch}")
+        thread_rows = []
+        if large_batch and measure_threads:
+            progress(f"threads at batch {large_batch}")
+            thread_rows = _threads(mcfg, splits, large_batch, large_steps, seed)
         large = []
         if large_batch:
             progress(f"large batch {large_batch}")
@@ -314,7 +452,52 @@ def run_bench(model: str = "mlp", batch_size: int = 32, steps: int = 5000, threa
     sizes = {k: getattr(mcfg, k) for k in models.config_fields()}
     config = {"model": model, "batch_size": batch_size, **sizes,
               "params": sum(t.numel() for t in m.params().values()), "steps": steps, "threads": threads,
-              "torch": torch.__version__}
+              "torch": torch.__version__, "clock": clock}
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
     peak, how = fma_peak()
-    return BenchResult(config, rows, large, large_batch, machine, flop, peak, how)
+    return BenchResult(config, rows, large, large_batch, machine, flop, peak, how, ckpt, thread_rows)
+
+
+# ---------------------------------------------------------------------------- a whole training run
+FULL_ENGINES = ("fast", "eager", "autograd")
+
+
+def full_training(model: str = "wavenet", engine: str = "fast", steps: int | None = None, seed: int = 42,
+                  progress: Callable[[int, int], None] | None = None) -> dict:
+    """Train `model` with its training preset (200k steps unless `steps`; names.txt, batch 32, one torch
+    thread) on one engine: "fast" (the native step), "eager" (hand-written, PyTorch ops) or "autograd"
+    (reference.autograd_steps), all drawing the same batches from the same init. Returns the training
+    loop's wall time and CPU time (seconds), the last 1000 steps' mean training loss and the train/val
+    losses with the inference statistics. progress(step, total) runs after every chunk."""
+    if engine not in FULL_ENGINES:
+        raise ValueError(f"engine must be one of {FULL_ENGINES}, got {engine!r}")
+    words = data.read_words(data.default_data_path())
+    probe = models.preset(model)
+    splits = data.make_splits(words.items, probe.block_size, seed)
+    mcfg = models.with_vocab(probe, len(splits.vocab))
+    tcfg = train.TrainConfig.for_model(model, seed=seed, split_seed=seed,
+                                       **({"steps": steps} if steps else {}))
+    state = train.new_state(mcfg, tcfg)
+    if engine == "fast":
+        steps_fn, reason = fast.plan(state.model)
+        if steps_fn is None:
+            raise RuntimeError(f"the fast engine is unavailable: {reason}")
+    else:
+        steps_fn = train.eager_steps if engine == "eager" else reference.autograd_steps
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cb = (lambda pr: progress(pr.state.step, pr.total)) if progress else None
+        w0, c0 = time.perf_counter(), time.thread_time()
+        state = train.train(splits, mcfg, tcfg, state, callback=cb, steps_fn=steps_fn)
+        wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
+        inference = models.with_buffers(state.model, train.inference_buffers(state, splits, tcfg))
+        with torch.no_grad():
+            losses = {split: models.evaluate(inference, *splits.split(split)) for split in ("train", "val")}
+    finally:
+        torch.set_num_threads(old)
+    return {"model": model, "engine": engine, "steps": tcfg.steps, "wall_s": wall, "cpu_s": cpu,
+            "us_per_step": wall / tcfg.steps * 1e6,
+            "last_1000_train_loss": float(state.losses[-1000:].mean()),
+            "train_loss": losses["train"], "val_loss": losses["val"]}
+

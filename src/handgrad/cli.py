@@ -527,19 +527,51 @@ def _cmd_bench(args) -> int:
         if getattr(args, name) < (2 if name == "batch_size" else 1):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer"
                              + (" of at least 2 (batchnorm's n-1)" if name == "batch_size" else ""))
+    if args.recompute_tile < 0:
+        raise UsageError(f"--recompute-tile {args.recompute_tile}: expected 0 (skip the table) or a positive "
+                         "number of examples per tile")
     if args.large_batch < 0 or args.large_batch == 1:
         raise UsageError(f"--large-batch {args.large_batch}: expected 0 (skip) or at least 2")
+    if args.full_train:
+        return _full_train(args, bench)
     overrides = {k: getattr(args, k) for k in ("n_hidden", "n_embd", "block_size")
                  if getattr(args, k) is not None}
     progress = None if args.json else (lambda s: print(f"timing {s} ...", file=sys.stderr, flush=True))
     try:
         result = bench.run_bench(model=args.model, batch_size=args.batch_size, steps=args.steps,
                                  threads=args.threads, large_batch=args.large_batch,
-                                 compile=not args.no_compile, progress=progress, **overrides)
+                                 compile=not args.no_compile, progress=progress, clock=args.clock,
+                                 tile=args.recompute_tile, **overrides)
     except ValueError as e:  # the model config validates its sizes
         field = str(e).split()[0]
         raise UsageError(f"--{field.replace('_', '-')}: {str(e)[len(field) + 1:]}") from None
     print(result.to_json() if args.json else result.table())
+    return 0
+
+
+def _full_train(args, bench) -> int:
+    """One whole training run of the model's preset on one engine, timed (bench --full-train)."""
+    if args.full_steps is not None and args.full_steps < 1000:
+        raise UsageError(f"--full-steps {args.full_steps}: expected at least 1000 (the last 1000 steps' "
+                         "loss is reported)")
+    import json
+
+    shown = [-1]
+
+    def progress(step: int, total: int) -> None:  # every 5%
+        if step * 20 // total != shown[0]:
+            shown[0] = step * 20 // total
+            print(f"step {step:,} of {total:,}", file=sys.stderr, flush=True)
+
+    r = bench.full_training(args.model, args.full_train, args.full_steps,
+                            progress=None if args.json else progress)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['model']}, {r['steps']:,} steps on the {r['engine']} engine, one thread: training loop "
+          f"{r['wall_s']:.1f} s wall ({r['cpu_s']:.1f} s CPU), {r['us_per_step']:.1f} us/step; "
+          f"last 1000 steps' train loss {r['last_1000_train_loss']:.4f}; train {_loss(r['train_loss'])}, "
+          f"val {_loss(r['val_loss'])}")
     return 0
 
 
@@ -559,6 +591,16 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--large-batch", type=int, default=4096, help="batch of the examples/second table "
                    "(0 skips it; default %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--recompute-tile", type=int, default=8, metavar="EXAMPLES",
+                   help="examples per tile of the activation checkpointing table (0 skips it; default "
+                   "%(default)s; at the large batch: max(this, large batch / 16))")
+    p.add_argument("--clock", choices=("cpu", "wall"),
+                   help="cpu: CPU time of the timing thread (default with one thread: other processes on a "
+                   "shared core do not count); wall: wall clock")
+    p.add_argument("--full-train", choices=("fast", "eager", "autograd"), metavar="ENGINE",
+                   help="instead: time one whole training run of the model's preset (200k steps) on ENGINE "
+                   "(fast, eager or autograd) and print its time and losses")
+    p.add_argument("--full-steps", type=int, help="steps of --full-train (default: the preset's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_bench)
 # ---- end bench

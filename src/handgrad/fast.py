@@ -1,8 +1,10 @@
-"""The fast path: the training step (forward, closed-form backward, SGD) fused into one small C++
-file (csrc/step.cpp) that runs many steps per call on preallocated padded buffers. Built at first
-use with the system compiler into a per-user cache, loaded with ctypes; no torch headers.
-The math is the lecture MLP's layers (layers.py, ops.py) + SGD; tests/test_fast.py proves it.
-`plan(model)` recognises that layer pattern and maps its parameters onto the native step.
+"""The fast path: the training step (forward, closed-form backward, SGD) in native code that runs many
+steps per call on preallocated padded buffers. The lecture MLP has its own fused step (csrc/step.cpp);
+any other stack of known layers (deep, wavenet, a user's) is compiled into a program of ops that
+csrc/program.cpp runs. Both are built at first use with the system compiler into a per-user cache and
+loaded with ctypes; no torch headers. The math is ops.py's pairs + SGD; tests/test_fast.py proves it.
+`plan(model)` picks the MLP step, else the program, else says in one line why neither fits; the
+program may split its large products (a large batch) over two threads.
 
 Environment: HANDGRAD_CC (the C++ compiler; default c++ or g++ on PATH), HANDGRAD_CACHE (the build
 cache; default $XDG_CACHE_HOME/handgrad or ~/.cache/handgrad).
@@ -19,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,15 +29,18 @@ from torch import Tensor
 
 from handgrad import ops
 from handgrad.atomic import Params
-from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Tanh
+from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, ReLU, Tanh
 
 SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", "-fno-rtti"]
+PROGRAM_SOURCE = Path(__file__).parent / "csrc" / "program.cpp"
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", "-fno-rtti", "-pthread"]
 ABI_VERSION = 1
+PROGRAM_ABI = 2
 GRAD_NAMES = ("loss", "dC", "dW1", "db1", "dW2", "db2", "dbngain", "dbnbias")  # status codes of hg_steps
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_prog_lib: ctypes.CDLL | None = None
 
 
 class BNStats:
@@ -77,27 +83,28 @@ def _cpu_id() -> str:
     return "\n".join(keep) or platform.machine()
 
 
-def build(force: bool = False) -> Path:
-    """Compile csrc/step.cpp (if not cached) and return the shared library's path. The cache key is
-    a hash of the source, the flags, the compiler and the CPU; the file is written atomically."""
+def build(force: bool = False, source: Path = SOURCE) -> Path:
+    """Compile `source` (csrc/step.cpp or program.cpp; if not cached) and return the shared library's
+    path. The cache key is a hash of the source, the flags, the compiler and the CPU; the file is
+    written atomically."""
     cc = _compiler()
-    src = SOURCE.read_bytes()
+    src = source.read_bytes()
     key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), cc.encode(), _cpu_id().encode(),
                                      platform.python_version().encode()])).hexdigest()[:20]
     out_dir = cache_dir()
-    target = out_dir / f"step-{key}.so"
+    target = out_dir / f"{source.stem}-{key}.so"
     if target.exists() and not force:
         return target
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FastUnavailable(f"cannot create the build cache {out_dir}: {e.strerror}") from None
-    fd, tmp = tempfile.mkstemp(prefix=".step-", suffix=".so", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
         for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):  # a compiler without -march=native
             try:
-                r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                r = subprocess.run([cc, *flags, "-o", tmp, str(source)], capture_output=True, text=True,
                                    timeout=120)
             except (OSError, subprocess.TimeoutExpired) as e:
                 raise FastUnavailable(f"cannot run the C++ compiler {cc!r}: {e}") from None
@@ -105,7 +112,7 @@ def build(force: bool = False) -> Path:
                 break
         if r.returncode != 0:
             first = (r.stderr.strip().splitlines() or ["(no message)"])[0]
-            raise FastUnavailable(f"building {SOURCE.name} with {cc} failed: {first}")
+            raise FastUnavailable(f"building {source.name} with {cc} failed: {first}")
         os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
     finally:
         if os.path.exists(tmp):
@@ -142,11 +149,46 @@ def load_library() -> ctypes.CDLL:
         return _lib
 
 
+def _bind_program(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p = ctypes.c_void_p
+    lib.hg_program_abi.restype = ctypes.c_int
+    lib.hg_program_bytes.restype = ctypes.c_long
+    lib.hg_program_bytes.argtypes = [p, p]
+    lib.hg_program_steps.restype = ctypes.c_long
+    lib.hg_program_steps.argtypes = [p] * 10
+    lib.hg_program_profile.restype = ctypes.c_int
+    lib.hg_program_profile.argtypes = [ctypes.c_int, p]
+    lib.hg_program_par_min_macs.restype = ctypes.c_double
+    lib.hg_fma_loop.restype = ctypes.c_double
+    lib.hg_fma_loop.argtypes = [ctypes.c_long]
+    if lib.hg_program_abi() != PROGRAM_ABI:
+        raise FastUnavailable("the cached native program library has the wrong ABI version")
+    return lib
+
+
+def load_program_library() -> ctypes.CDLL:
+    """Build (once per process and source) and load the native program; raises FastUnavailable."""
+    global _prog_lib
+    with _lock:
+        if _prog_lib is not None:
+            return _prog_lib
+        try:
+            path = build(source=PROGRAM_SOURCE)
+        except OSError as e:
+            raise FastUnavailable(f"cannot build the native program: {e}") from None
+        try:
+            _prog_lib = _bind_program(ctypes.CDLL(str(path)))
+        except OSError as e:
+            raise FastUnavailable(f"cannot load {path}: {e}") from None
+        return _prog_lib
+
+
 def _reset_for_tests() -> None:
-    """Forget the loaded library so the next load builds again (tests of the fallback)."""
-    global _lib
+    """Forget the loaded libraries so the next load builds again (tests of the fallback)."""
+    global _lib, _prog_lib
     with _lock:
         _lib = None
+        _prog_lib = None
 
 
 # ---------------------------------------------------------------------------- the steps function
@@ -251,16 +293,247 @@ def make_steps_fn(lib: ctypes.CDLL, tile: int = 0) -> Callable:
     return fast_steps
 
 
-def plan(model, tile: int = 0) -> tuple[Callable | None, str]:
-    """(steps_fn, "") when the fast path can run this model, else (None, one-line reason)."""
-    view = mlp_view(model)
-    if isinstance(view, str):
-        return None, view
+
+# ---------------------------------------------------------------------------- the program
+# Op and parameter kinds of csrc/program.cpp, as data.
+OP_KINDS = {"embed": 1, "linear": 2, "batchnorm": 3, "tanh": 4, "relu": 5, "bn_tanh": 6}
+PARAM_KINDS = {"table": 1, "weight": 2, "bias": 3, "feature": 4}
+PROGRAM_LAYERS = (Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh, ReLU)
+VW = 16  # floats per vector in program.cpp: Linear outputs are padded to a multiple of it
+
+
+def _pad16(n: int) -> int:
+    return (n + VW - 1) // VW * VW
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An activation as program.cpp sees it: rows_per_example rows of nseg segments of c floats,
+    segment s at s * segstride; alias >= 0 means it reinterprets that tensor's memory (flatten)."""
+
+    rpe: int
+    nseg: int
+    c: int
+    segstride: int
+    alias: int = -1
+
+    @property
+    def width(self) -> int:  # the logical last dimension
+        return self.nseg * self.c
+
+
+@dataclass(frozen=True)
+class Program:
+    """A model compiled for program.cpp for inputs with T positions per example: the descriptor's body
+    (tensors, ops, parameters, gradient check order; program.cpp's parse() documents the layout), the
+    batchnorms' eps and momentum, and the model's parameter and buffer names in the program's order."""
+
+    T: int
+    counts: tuple[int, int, int]  # tensors, ops, parameters
+    body: tuple[int, ...]
+    fdesc: tuple[float, ...]  # eps, momentum per batchnorm
+    params: tuple[str, ...]
+    buffers: tuple[str, ...]  # running mean, running var per batchnorm
+
+    def desc(self, B: int, K: int, nrows: int, tile: int, threads: int = 1) -> Tensor:
+        return torch.tensor([B, self.T, K, nrows, tile, *self.counts, threads, *self.body], dtype=torch.int64)
+
+
+def program_reason(model) -> str:
+    """"" when program.cpp knows every layer of the model and its dtypes and settings, else a one-line
+    reason (shapes are checked later by compile_program, which needs the input's T)."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return f"the native program runs a Sequential of layers, not {type(model).__name__}"
+    names = ", ".join(type(layer).__name__ for layer in layers)
+    unknown = [type(layer).__name__ for layer in layers if type(layer) not in PROGRAM_LAYERS]
+    if unknown:
+        return (f"the native program knows Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh and "
+                f"ReLU, not {', '.join(dict.fromkeys(unknown))} (model: {names})")
+    if not isinstance(layers[0], Embedding) or any(isinstance(x, Embedding) for x in layers[1:]):
+        return f"the native program needs one Embedding, as the first layer (model: {names})"
+    if not any(isinstance(x, Linear) for x in layers):
+        return f"the native program needs at least one Linear (model: {names})"
+    dtypes = {t.dtype for t in (*model.params().values(), *model.buffers().values())}
+    if dtypes != {torch.float32}:
+        got = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        return f"the fast path is float32 only (got {got})"
+    return ""
+
+
+def compile_program(model, T: int) -> Program:
+    """The program of a model whose layers program_reason accepts, for inputs (N, T); raises ValueError
+    (one line) when the shapes do not chain. BatchNorm1d followed by Tanh becomes one fused op;
+    FlattenConsecutive only reinterprets the memory of the tensor before it."""
+    layers = model.layers
+    tensors: list[Layout] = []
+    ops_: list[list[int]] = []  # kind, in, out, p0, p1, batchnorm index
+    params: list[tuple[int, int, int, int, str]] = []  # kind, n0, n1, op, name
+    fdesc: list[float] = []
+    buffers: list[str] = []
+
+    def param(kind: str, shape: tuple[int, ...], name: str) -> int:
+        n0, n1 = (1, shape[0]) if len(shape) == 1 else shape
+        params.append((PARAM_KINDS[kind], n0, n1, len(ops_), name))
+        return len(params) - 1
+
+    emb = layers[0]
+    E = emb.weight.shape[1]
+    # the embedding's rows are packed (E floats) when a Linear reads them, else padded (whole vectors)
+    first = next(x for x in layers[1:] if not isinstance(x, FlattenConsecutive)) if len(layers) > 1 else None
+    tensors.append(Layout(T, 1, E, E if isinstance(first, Linear) else _pad16(E)))
+    ops_.append([OP_KINDS["embed"], -1, 0, param("table", tuple(emb.weight.shape), "0.weight"), -1, -1])
+    rank3 = True  # (N, t, C) rather than (N, C)
+    i = 1
+    while i < len(layers):
+        layer, cur = layers[i], len(tensors) - 1
+        x = tensors[cur]
+        where = f"layer {i} ({type(layer).__name__})"
+        if isinstance(layer, FlattenConsecutive):
+            if not rank3 or x.rpe % layer.n:
+                raise ValueError(f"{where} needs (N, T, C) input with T divisible by {layer.n}, got "
+                                 f"{'T=' + str(x.rpe) if rank3 else '(N, C)'}")
+            tensors.append(Layout(x.rpe // layer.n, x.nseg * layer.n, x.c, x.segstride, cur))
+            rank3 = x.rpe // layer.n > 1  # (N, 1, C) is squeezed to (N, C)
+            i += 1
+            continue
+        if isinstance(layer, Linear):
+            fan_in, fan_out = layer.weight.shape
+            if fan_in != x.width:
+                raise ValueError(f"{where} has fan_in {fan_in} but its input has {x.width} features")
+            p0 = param("weight", (fan_in, fan_out), f"{i}.weight")
+            p1 = param("bias", (fan_out,), f"{i}.bias") if layer.bias is not None else -1
+            tensors.append(Layout(x.rpe, 1, fan_out, _pad16(fan_out)))
+            ops_.append([OP_KINDS["linear"], cur, cur + 1, p0, p1, -1])
+        elif isinstance(layer, BatchNorm1d):
+            if layer.weight.shape[0] != x.width:
+                raise ValueError(f"{where} has {layer.weight.shape[0]} features but its input {x.width}")
+            fused = i + 1 < len(layers) and isinstance(layers[i + 1], Tanh)
+            p0 = param("feature", tuple(layer.weight.shape), f"{i}.weight")
+            p1 = param("feature", tuple(layer.bias.shape), f"{i}.bias")
+            kind = "bn_tanh" if fused else "batchnorm"
+            ops_.append([OP_KINDS[kind], cur, cur + 1, p0, p1, len(fdesc) // 2])
+            tensors.append(Layout(x.rpe, x.nseg, x.c, x.segstride))
+            fdesc += [float(layer.eps), float(layer.momentum)]
+            buffers += [f"{i}.running_mean", f"{i}.running_var"]
+            i += 2 if fused else 1
+            continue
+        else:  # Tanh, ReLU
+            ops_.append([OP_KINDS["tanh" if isinstance(layer, Tanh) else "relu"], cur, cur + 1, -1, -1, -1])
+            tensors.append(Layout(x.rpe, x.nseg, x.c, x.segstride))
+        i += 1
+    out = tensors[-1]
+    if out.rpe != 1 or out.nseg != 1 or out.segstride % VW:
+        raise ValueError(f"the model's output must be logits (N, V), got {out.rpe} rows of {out.width} "
+                         "features per example")
+    # gradients are checked in the order backward produces them: last layer first, weight before bias
+    order = sorted(range(len(params)), key=lambda j: (-int(params[j][4].split(".")[0]), j))
+    body = [v for t in tensors for v in (t.rpe, t.nseg, t.c, t.segstride, t.alias)]
+    body += [v for o in ops_ for v in o] + [v for p in params for v in p[:4]] + order
+    return Program(T, (len(tensors), len(ops_), len(params)), tuple(body), tuple(fdesc),
+                   tuple(p[4] for p in params), tuple(buffers))
+
+
+def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, tile: int,
+                 grads_out: Tensor | None, threads: int = 1) -> tuple[Tensor, int, Program]:
+    X = Xtr.to(torch.int64).contiguous()  # (n, T)
+    Y = Ytr.to(torch.int64).contiguous()  # (n,)
+    ix = idx.to(torch.int64).contiguous()  # (K, B)
+    lr = lrs.to(torch.float64).contiguous()  # (K,)
+    K, B = ix.shape
+    if lr.shape[0] != K:
+        raise ValueError(f"lrs has {lr.shape[0]} entries for {K} steps")
+    if Y.shape[0] != X.shape[0]:
+        raise ValueError(f"Xtr has {X.shape[0]} rows but Ytr {Y.shape[0]}")
+    if X.dim() != 2:
+        raise ValueError(f"Xtr must be (n, T) character ids, got shape {tuple(X.shape)}")
+    prog = compile_program(model, X.shape[1])
+    named = {**model.params(), **model.buffers()}
+    for name in prog.params + prog.buffers:
+        if named[name].dtype != torch.float32:
+            raise TypeError(f"fast path: {name} must be float32, got {named[name].dtype}")
+    user = [named[n] for n in prog.params + prog.buffers]
+    bufs = [t if t.is_contiguous() else t.contiguous() for t in user]
+    np_ = len(prog.params)
+    pp = (ctypes.c_void_p * max(np_, 1))(*(t.data_ptr() for t in bufs[:np_]))
+    bp = (ctypes.c_void_p * max(len(prog.buffers), 1))(*(t.data_ptr() for t in bufs[np_:]))
+    desc = prog.desc(B, K, X.shape[0], tile, threads)
+    fdesc = torch.tensor(prog.fdesc or (0.0,), dtype=torch.float64)
+    losses = torch.empty(K, dtype=torch.float64)  # (K,)
+    status = lib.hg_program_steps(desc.data_ptr(), fdesc.data_ptr(), pp, bp, X.data_ptr(), Y.data_ptr(),
+                                  ix.data_ptr(), lr.data_ptr(), losses.data_ptr(),
+                                  grads_out.data_ptr() if grads_out is not None else None)
+    for t, b in zip(user, bufs):
+        if b is not t:
+            t.copy_(b)
+    if status <= -4:
+        raise IndexError(f"fast path: at step {-4 - status} idx holds a row outside Xtr, or Xtr/Ytr a "
+                         "character id outside the vocabulary (parameters hold the state before that step)")
+    if status in (-2, -3):
+        raise RuntimeError("fast path: " + ("unsupported dimensions" if status == -2 else "out of memory"))
+    return losses, int(status), prog
+
+
+def make_program_fn(lib: ctypes.CDLL, tile: int = 0, threads: int = 1) -> Callable:
+    """The steps function of train.py's contract running the model's program in native code. tile > 0
+    turns on activation checkpointing with that many examples per tile; threads 2 splits the large
+    matrix products (program.cpp's PAR_MIN_MACS: a large batch) over two threads, bit-identically."""
+    from handgrad.train import NonFiniteError
+
+    def program_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
+        """Run K = len(idx) SGD steps in place in native code (see train.eager_steps for the contract)."""
+        reason = program_reason(model)
+        if reason:
+            raise ValueError(reason)
+        losses, status, prog = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None, threads)
+        if status >= 0:
+            k, r = divmod(status, len(prog.params) + 1)
+            raise NonFiniteError(k, "loss" if r == 0 else "d" + prog.params[r - 1])
+        return losses
+
+    return program_steps
+
+
+# The phases csrc/program.cpp's profile times, in its order; "step" is the whole step (all phases).
+PROFILE_PHASES = ("embedding", "linear", "batchnorm", "activation", "cross-entropy", "linear dW db",
+                  "linear dx", "batchnorm backward", "activation backward", "embedding backward",
+                  "sgd + transpose", "step")
+
+
+def profile_program(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor,
+                    tile: int = 0) -> dict[str, float]:
+    """Run the model's program for K = len(idx) steps (updating it) with the native per-phase timer on;
+    returns microseconds per step of each phase of PROFILE_PHASES (CPU time of the calling thread)."""
+    lib = load_program_library()
+    out = (ctypes.c_double * len(PROFILE_PHASES))()
+    lib.hg_program_profile(1, None)
     try:
-        lib = load_library()
+        losses, status, _ = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None)
+    finally:
+        lib.hg_program_profile(0, out)
+    K = idx.shape[0]
+    return {name: out[i] / 1e3 / K for i, name in enumerate(PROFILE_PHASES)}
+
+
+# ---------------------------------------------------------------------------- planning
+def plan(model, tile: int = 0, threads: int = 1) -> tuple[Callable | None, str]:
+    """(steps_fn, "") when the fast path can run this model, else (None, one-line reason): the lecture
+    MLP's fused step (one thread), else the model's native program (threads: 1 or 2, see
+    make_program_fn)."""
+    view = mlp_view(model)
+    if not isinstance(view, str):
+        try:
+            return make_steps_fn(load_library(), tile), ""
+        except FastUnavailable as e:
+            return None, str(e)
+    reason = program_reason(model)
+    if reason:
+        return None, reason
+    try:
+        lib = load_program_library()
     except FastUnavailable as e:
         return None, str(e)
-    return make_steps_fn(lib, tile), ""
+    return make_program_fn(lib, tile, threads), ""
 
 
 def fast_grads(model, X: Tensor, Y: Tensor, tile: int = 0) -> tuple[float, dict[str, Tensor]]:
@@ -268,7 +541,7 @@ def fast_grads(model, X: Tensor, Y: Tensor, tile: int = 0) -> tuple[float, dict[
     model is not modified. Returns (loss, {parameter name: gradient})."""
     view = mlp_view(model)
     if isinstance(view, str):
-        raise ValueError(view)
+        return _program_grads(model, X, Y, tile)
     p, _, _ = view
     lib = load_library()
     sizes = [t.numel() for t in p.tensors()]
@@ -282,11 +555,33 @@ def fast_grads(model, X: Tensor, Y: Tensor, tile: int = 0) -> tuple[float, dict[
     return float(losses[0]), grads
 
 
-def workspace_bytes(model, batch_size: int, tile: int = 0) -> int:
-    """Bytes the native step allocates for one call (padded parameters, gradients, activations)."""
+def _program_grads(model, X: Tensor, Y: Tensor, tile: int) -> tuple[float, dict[str, Tensor]]:
+    reason = program_reason(model)
+    if reason:
+        raise ValueError(reason)
+    params = model.params()
+    sizes = [t.numel() for t in params.values()]
+    out = torch.zeros(sum(sizes), dtype=torch.float32)
+    idx = torch.arange(X.shape[0], dtype=torch.int64)[None]  # (1, N)
+    lrs = torch.zeros(1, dtype=torch.float64)  # (1,) unused: no update is made
+    losses, _, prog = _run_program(load_program_library(), model, X, Y, idx, lrs, tile, out)
+    sizes = [params[n].numel() for n in prog.params]
+    grads = {n: g.view(params[n].shape) for n, g in zip(prog.params, torch.split(out, sizes))}
+    return float(losses[0]), grads
+
+
+def workspace_bytes(model, batch_size: int, tile: int = 0, T: int | None = None) -> int:
+    """Bytes the native code allocates for one call (padded parameters, gradients, activations). The
+    program needs the input's T (positions per example)."""
     view = mlp_view(model)
     if isinstance(view, str):
-        raise ValueError(view)
+        reason = program_reason(model)
+        if reason or T is None:
+            raise ValueError(reason or "workspace_bytes of a program needs T")
+        prog = compile_program(model, T)
+        fdesc = torch.tensor(prog.fdesc or (0.0,), dtype=torch.float64)
+        desc = prog.desc(batch_size, 1, 1, tile)
+        return int(load_program_library().hg_program_bytes(desc.data_ptr(), fdesc.data_ptr()))
     p = view[0]
     lib = load_library()
     T = p.W1.shape[0] // p.C.shape[1]

@@ -161,7 +161,8 @@ def select_engine(model, tcfg: TrainConfig) -> tuple[StepsFn, str, str]:
     except ImportError as e:
         fn, reason = None, f"cannot import handgrad.fast: {e}"
     else:
-        fn, reason = fast.plan(model, tile=tcfg.recompute_tile)
+        # the native program uses a second thread for large products when torch may use two (--threads)
+        fn, reason = fast.plan(model, tile=tcfg.recompute_tile, threads=min(2, torch.get_num_threads()))
     if fn is not None:
         return fn, "fast", ""
     if tcfg.engine == "fast":
