@@ -478,6 +478,67 @@ def _cmd_diagnose(args) -> int:
 # ---- end diagnose
 
 
+# ---- dojo (owned by the dojo)
+def _cmd_dojo_list(args) -> int:
+    from handgrad.dojo import exercises
+
+    for ex in exercises.EXERCISES.values():
+        print(f"{ex.key}  {ex.slug:<14}  {ex.about}")
+    return 0
+
+
+def _cmd_dojo_start(args) -> int:
+    from handgrad.dojo import exercises
+
+    try:
+        path = exercises.start(args.exercise, args.dir)
+    except ValueError as e:
+        raise UsageError(f"dojo start {args.exercise}: {e}") from None
+    except FileExistsError:
+        ex = exercises.get(args.exercise)
+        raise UsageError(f"{Path(args.dir) / (ex.slug + '.py')} exists already and is never overwritten; "
+                         "grade it, or start in another --dir") from None
+    except OSError as e:
+        raise UsageError(f"--dir {args.dir}: {e.strerror or e}") from None
+    print(f"wrote {path}: fill in the gradients between '# >>>' and '# <<<', then run: "
+          f"handgrad dojo grade {path}")
+    return 0
+
+
+def _cmd_dojo_grade(args) -> int:
+    import json
+
+    from handgrad.dojo import grade
+
+    g = grade.grade_file(args.file, args.exercise, args.time_limit)
+    if g.problem:
+        _err(f"dojo grade {g.table().split(': ', 1)[0]}: {g.problem}")
+        return 2
+    print(json.dumps(g.to_json(), indent=1) if args.json else g.table())
+    return g.exit_code
+
+
+def _add_dojo_parser(sub) -> None:
+    p = sub.add_parser("dojo", help="the Backprop Ninja exercises: start one, fill it in, get it graded",
+                       description="The lecture's exercises as files you fill in, graded gradient by "
+                       "gradient, each with the correct upstream gradients fed in, with the mistake named.")
+    dsub = p.add_subparsers(dest="dojo_command", required=True, metavar="ACTION")
+    q = dsub.add_parser("list", help="the exercises")
+    q.set_defaults(func=_cmd_dojo_list)
+    q = dsub.add_parser("start", help="write an exercise's file (never overwrites)")
+    q.add_argument("exercise", help="its number or name (see `handgrad dojo list`)")
+    q.add_argument("--dir", default=".", help="where to write it (default: here)")
+    q.set_defaults(func=_cmd_dojo_start)
+    q = dsub.add_parser("grade", help="grade a file: exit 0 all right, 1 something wrong, 2 cannot grade")
+    q.add_argument("file", help="the exercise file")
+    q.add_argument("--exercise", help="grade it as this exercise (default: its '# handgrad dojo' line)")
+    q.add_argument("--time-limit", type=float, default=20.0,
+                   help="seconds for your code (default %(default)s)")
+    q.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    q.set_defaults(func=_cmd_dojo_grade)
+# ---- end dojo
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="handgrad", description="Train makemore models with "
@@ -517,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (default: DIR/diagnostics)")
     p.set_defaults(func=_cmd_diagnose)
     # ---- end diagnose: parser
+    _add_dojo_parser(sub)
     return parser
 
 

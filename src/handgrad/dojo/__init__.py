@@ -1,0 +1,8 @@
+"""The Backprop Ninja dojo: the lecture's exercises as files a learner fills in, graded gradient by
+gradient with the mistake named (Karpathy, "Building makemore Part 4: Becoming a Backprop Ninja").
+"""
+
+from handgrad.dojo.exercises import EXERCISES, start
+from handgrad.dojo.grade import Grade, grade_file
+
+__all__ = ["EXERCISES", "Grade", "grade_file", "start"]
