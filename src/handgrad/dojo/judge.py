@@ -234,9 +234,6 @@ def diagnose(
         words = ("sign flipped, and " + v.says) if neg else v.says
         if score < len(failing):
             words += f" (on the {' and '.join(p.name for p, _ in failing[:1])} probe)"
-        kind, where = _where(g, a0, p0, tol)
-        if where and v.kind not in (K.OVERWRITE,):
-            words += f"; {where}"
         return v.kind, v.key + ("-negated" if neg else ""), words
     ref = p0.refs[g]
     if tuple(a0.shape) != tuple(ref.shape):
