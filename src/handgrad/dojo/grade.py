@@ -32,6 +32,7 @@ class Grade:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problem: str = ""  # non-empty: could not grade (exit 2)
+    probes: list[str] = field(default_factory=list)  # the verdict probes, in words, for the legend
 
     @property
     def right(self) -> int:
@@ -46,14 +47,14 @@ class Grade:
     def summary(self) -> str:
         """The closing line: "18 of 26 right; next: dbnvar_inv"."""
         bad = [r for r in self.rows if not r.ok]
-        nxt = f"; next: {bad[0].name[1:]}" if bad else "; all done"
+        nxt = f"; next: {bad[0].target}" if bad else "; all done"
         return f"{self.right} of {len(self.rows)} right{nxt}"
 
     def table(self) -> str:
         if self.problem:
             return f"{self.file}: cannot grade: {self.problem}"
         w = max([len(r.name) for r in self.rows] + [8])
-        sw = max([len(_shape(r.shape)) for r in self.rows] + [5])
+        sw = max([len(_shape(r.shape)) for r in self.rows if r.grad] + [5])
         out = [
             f"{self.file}: {E.get(self.exercise).title}",
             f"{'gradient':<{w}}  {'shape':<{sw}}  {'verdict':<8}  {'exact':<5}  {'chain':<5}  line  "
@@ -71,18 +72,17 @@ class Grade:
             chain = "-" if r.chain is None else ("yes" if r.chain else "no")
             line = str(r.line) if r.line else "-"
             what = r.diagnosis
-            if r.ok:
+            if r.ok and r.grad:
                 what = "exact (bit for bit with autograd in float32)" if r.exact else "within tolerance"
             out.append(
-                f"{r.name:<{w}}  {_shape(r.shape):<{sw}}  {verdict:<8}  {exact:<5}  {chain:<5}  "
-                f"{line:<4}  {what}"
+                f"{r.name:<{w}}  {_shape(r.shape) if r.grad else '-':<{sw}}  {verdict:<8}  {exact:<5}  "
+                f"{chain:<5}  {line:<4}  {what}"
             )
         out += [f"note: {nt}" for nt in self.notes]
         out += [
             "",
-            "verdict: float64 probes (the lecture's batch with its own upstream gradients, random upstream "
-            "gradients, a batch of 24 after 40 training steps); exact: float32 bit for bit with autograd; "
-            "chain: your own chain end to end, nothing fed in",
+            "verdict: " + "; ".join(self.probes or ["float64 probes"]),
+            "exact: float32 bit for bit with autograd; chain: your own chain end to end, nothing fed in",
             self.summary(),
         ]
         return "\n".join(out)
@@ -199,23 +199,24 @@ def _grade_files(paths: list[str | Path], exercise: str | None, time_limit: floa
         from safetensors.torch import load_file
 
         with tempfile.TemporaryDirectory(prefix="dojo-") as tmp:
-            jobs, probes_of, inputs_of = [], {}, {}
+            jobs, probes_of, inputs_of, train_of = [], {}, {}, {}
             for i, path, ex in todo:
                 if ex.key not in probes_of:
                     probes_of[ex.key] = ex.probes()
                     inputs_of[ex.key] = os.path.join(tmp, f"in-{ex.key}.safetensors")
                     scalars = _write_probes(probes_of[ex.key], inputs_of[ex.key])
-                jobs.append(
-                    {
+                job = {
                         "file": str(path.resolve()),
-                        "kind": "graph",
+                        "kind": ex.kind,
                         "inputs": inputs_of[ex.key],
                         "outputs": os.path.join(tmp, f"out-{i}.safetensors"),
                         "scalars": scalars,
                         "grads": list(ex.graph.grads),
                         "probes": [{"name": p.name, "feed": p.feed} for p in probes_of[ex.key]],
-                    }
-                )
+                }
+                if ex.kind == "training":
+                    job.update(_training_job(tmp, train_of))
+                jobs.append(job)
             results = run_child({"jobs": jobs, "report": os.path.join(tmp, "report.json")}, time_limit)
             for k, (i, path, ex) in enumerate(todo):
                 res = results[k] if k < len(results) else results[-1]
@@ -225,12 +226,38 @@ def _grade_files(paths: list[str | Path], exercise: str | None, time_limit: floa
                     )
                     continue
                 done[i] = _judge(path, ex, probes_of[ex.key], load_file(jobs[k]["outputs"]), res)
+                if ex.kind == "training" and not done[i].problem:
+                    done[i].rows += _judge_training(load_file(jobs[k]["outputs"]), res, train_of)
     return [done[i] for i in range(len(paths))]
+
+
+def _training_job(tmp: str, cache: dict) -> dict:
+    """The training run's inputs (written once per grading) and its settings, for the child."""
+    from safetensors.torch import save_file
+
+    from handgrad.dojo import loop
+
+    if not cache:
+        cache["tensors"] = loop.training_inputs(E.TRAIN_STEPS, E.TRAIN_SEED)
+        cache["path"] = os.path.join(tmp, "train.safetensors")
+        save_file(cache["tensors"], cache["path"])
+    return {"train_inputs": cache["path"], "lr": E.TRAIN_LR}
+
+
+def _judge_training(outs: dict[str, Tensor], res: dict, cache: dict) -> list[Row]:
+    from handgrad.dojo import loop
+
+    if "ref" not in cache:
+        cache["ref"] = loop.reference_losses(cache["tensors"], E.TRAIN_LR)
+    mine = outs.get("train|losses", torch.zeros(0, dtype=torch.float64))
+    stop = res.get("training", {}).get("stop", "")
+    return loop.judge_training(mine, cache["ref"], stop, E.CURVE_STEPS)
 
 
 def _judge(path: Path, ex: E.Exercise, probes: list[Probe], outs: dict[str, Tensor], res: dict) -> Grade:
     rows = judge_graph(ex.graph, ex.table, probes, outs, res)
-    g = Grade(str(path), ex.key, rows, list(res.get("notes", [])))
+    about = [p.about for p in probes if p.verdict]
+    g = Grade(str(path), ex.key, rows, list(res.get("notes", [])), probes=about)
     bad = next((r for r in rows if r.status == "invalid"), None)
     if bad is not None:  # a NumPy array, a wrong dtype or device: cannot grade the file as it is
         where = f"line {bad.line}: " if bad.line else ""

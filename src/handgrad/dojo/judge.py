@@ -33,6 +33,12 @@ class Row:
     chain: bool | None = None  # end to end: the learner's own chain gives the right value here
     line: int | None = None
     max_rel: float = math.nan  # max |yours - right| / max |right| on the first failing probe
+    grad: bool = True  # a gradient d<name>; False: a behaviour ("loss curve"), named as it is
+
+    @property
+    def target(self) -> str:
+        """What the summary's "next:" names: the tensor (dbnvar_inv -> bnvar_inv), or the behaviour."""
+        return self.name[1:] if self.grad and self.name.startswith("d") else self.name
 
     @property
     def ok(self) -> bool:
@@ -52,6 +58,7 @@ class Row:
                 "chain",
                 "line",
                 "max_rel",
+                "grad",
             )
         }
 
@@ -295,6 +302,22 @@ def diagnose(
     )
 
 
+ERROR_WORDS = {
+    K.SHAPE: " (a .sum() without keepdim=True? a reduced tensor keeps its size-1 dimension to broadcast "
+    "back against the full one)",
+    K.TRANSPOSED: " (the operands of @ swapped, or a .T missing? dX = dout @ W.T, dW = X.T @ dout)",
+}
+
+
+def _error_kind(msg: str) -> str:
+    """The mistake behind an exception, where its message shows it: a broadcast or a matmul that failed."""
+    if "must match the size of tensor" in msg:
+        return K.SHAPE
+    if "shapes cannot be multiplied" in msg:
+        return K.TRANSPOSED
+    return K.OTHER
+
+
 # ---------------------------------------------------------------------------- rows
 def judge_graph(
     graph: Graph, table: dict, probes: list[Probe], outputs: dict[str, Tensor], meta: dict
@@ -318,7 +341,8 @@ def _judge_one(
         info = infos[p.name]
         if info.get("status") == "error":
             row.status, row.diagnosis, row.line = "error", info.get("msg", ""), info.get("line")
-            row.chain = False
+            row.kind, row.chain = _error_kind(row.diagnosis), False
+            row.diagnosis += ERROR_WORDS.get(row.kind, "")
             return row
         if info.get("status") == "notensor":
             row.status, row.diagnosis = "invalid", info.get("msg", "")

@@ -302,6 +302,12 @@ def run_job(job: dict) -> dict:
     meta: dict = {}
     if job["kind"] in ("graph", "training"):
         out, meta = run_graph_job(job, p, base)
+    if job["kind"] == "training":
+        from handgrad.dojo.loop import run_training
+
+        o2, m2 = run_training(job, p, base, _load(job["train_inputs"]))
+        out.update(o2)
+        meta.update(m2)
     if job.get("driver"):
         from handgrad.dojo import challenges  # noqa: F401  registers the drivers
 
