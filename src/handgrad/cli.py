@@ -549,6 +549,32 @@ def _cmd_dojo_grade(args) -> int:
     return g.exit_code
 
 
+def _cmd_dojo_hint(args) -> int:
+    from handgrad.dojo import hints
+
+    try:
+        level, what, text = hints.next_hint(args.file, args.name, args.exercise)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"dojo hint {args.file}: cannot read it ({e.__class__.__name__})") from None
+    except ValueError as e:
+        raise UsageError(f"dojo hint: {e}") from None
+    name = args.name if args.name.startswith("d") else "d" + args.name
+    print(f"hint {level} of {len(hints.LEVELS)} for {name}, {what}:\n{text}")
+    if level < len(hints.LEVELS):
+        print(f"(ask again for hint {level + 1}: handgrad dojo hint {args.file} {name})")
+    return 0
+
+
+def _cmd_dojo_solution(args) -> int:
+    from handgrad.dojo import hints
+
+    try:
+        print(hints.solution(args.exercise), end="")
+    except ValueError as e:
+        raise UsageError(f"dojo solution {args.exercise}: {e}") from None
+    return 0
+
+
 def _add_dojo_parser(sub) -> None:
     p = sub.add_parser("dojo", help="the Backprop Ninja exercises: start one, fill it in, get it graded",
                        description="The lecture's exercises as files you fill in, graded gradient by "
@@ -567,6 +593,14 @@ def _add_dojo_parser(sub) -> None:
                    help="seconds for your code (default %(default)s)")
     q.add_argument("--json", action="store_true", help="print JSON instead of the table")
     q.set_defaults(func=_cmd_dojo_grade)
+    q = dsub.add_parser("hint", help="the next of three hints for a gradient: rule, shapes, form")
+    q.add_argument("file", help="your exercise file (the count of hints is kept beside it)")
+    q.add_argument("name", help="the gradient, e.g. dprobs")
+    q.add_argument("--exercise", help="the exercise (default: the file's '# handgrad dojo' line)")
+    q.set_defaults(func=_cmd_dojo_hint)
+    q = dsub.add_parser("solution", help="print an exercise's reference backward")
+    q.add_argument("exercise", help="its number or name")
+    q.set_defaults(func=_cmd_dojo_solution)
 # ---- end dojo
 
 

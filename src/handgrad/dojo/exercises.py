@@ -242,7 +242,7 @@ EXERCISES: dict[str, Exercise] = {
         K.BN_TABLE,
         P.batchnorm_probes,
         _COMPACT_FORWARD,
-        {"hprebn": "(n, n_hidden)"},
+        {"hprebn": "(n, n_hidden)", "hpreact": "(n, n_hidden)"},
         _BN_SOLUTION,
         given=_BN_GIVEN,
     ),
