@@ -90,7 +90,7 @@ def test_blank_file_is_all_missing_with_its_lines(graded):
     assert g.exit_code == 1 and all(r.status == "missing" for r in g.rows)
     lines = [r.line for r in g.rows]
     assert lines == list(range(lines[0], lines[0] + 26))
-    assert g.summary() == "0 of 26 right; next: logprobs"
+    assert g.summary() == "0 of 26 right; next: dlogprobs"
 
 
 @pytest.mark.parametrize("mid, edits, wrong, kind", MISTAKES, ids=[m[0] for m in MISTAKES])
@@ -100,7 +100,7 @@ def test_mistake_is_flagged_once_and_named(graded, mid, edits, wrong, kind):
     bad = [r for r in g.rows if not r.ok]
     assert [r.name for r in bad] == [f"d{wrong}"], g.table()  # local grading: everything else right
     assert bad[0].kind == kind, bad[0].diagnosis
-    assert g.summary() == f"25 of 26 right; next: {wrong}"
+    assert g.summary() == f"25 of 26 right; next: d{wrong}"
 
 
 def test_learner_exception_reports_their_line(graded):

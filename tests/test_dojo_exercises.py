@@ -83,7 +83,7 @@ def test_reference_loss_curve_is_autograds(graded):
     assert curve.max_rel < 1e-10 and reached.max_rel < 1e-10
 
 
-@pytest.mark.parametrize("key, first", [("2", "logits"), ("3", "hprebn"), ("4", "logits")])
+@pytest.mark.parametrize("key, first", [("2", "dlogits"), ("3", "dhprebn"), ("4", "dlogits")])
 def test_blank_is_missing(graded, key, first):
     g = graded[f"blank{key}"]
     assert g.exit_code == 1 and all(r.status in ("missing", "wrong") for r in g.rows)
@@ -100,8 +100,7 @@ def test_mistake_is_flagged_and_named(graded, mid, key, edits, wrong, kind):
     bad = [r for r in g.rows if not r.ok]
     assert [r.name for r in bad] == wrong, g.table()
     assert bad[0].kind == kind, bad[0].diagnosis
-    target = wrong[0][1:] if wrong[0].startswith("d") else wrong[0]
-    assert g.summary() == f"{len(g.rows) - len(wrong)} of {len(g.rows)} right; next: {target}"
+    assert g.summary() == f"{len(g.rows) - len(wrong)} of {len(g.rows)} right; next: {wrong[0]}"
 
 
 def test_training_stops_on_a_wrong_shape(graded):

@@ -70,3 +70,96 @@ def test_solution_prints_the_reference(key, capsys):
     out = capsys.readouterr().out
     assert out == E.get(key).solution
     compile(out, "solution", "exec")
+
+
+# ---------------------------------------------------------------------------- the notebook
+def notebook_globals(edits: list[tuple[str, str]] = (), key: str = "1") -> dict:
+    """A namespace built as the lecture's notebook builds its globals: parameters that require grad,
+    the forward cell verbatim, loss.backward() with retain_grad, then the exercise's backward cell."""
+    import torch
+    import torch.nn.functional as F
+
+    from handgrad.dojo.setup import lecture_setup
+
+    ns: dict = {"torch": torch, "F": F}
+    C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb = lecture_setup()
+    parameters = [C, W1, b1, W2, b2, bngain, bnbias]
+    for p in parameters:
+        p.requires_grad = True
+    ns.update(C=C, W1=W1, b1=b1, W2=W2, b2=b2, bngain=bngain, bnbias=bnbias, parameters=parameters,
+              Xb=Xb, Yb=Yb, batch_size=32, n=32, n_embd=10, n_hidden=64, block_size=3, vocab_size=27)
+    exec(E._LECTURE_FORWARD, ns)  # noqa: S102  the lecture's forward cell
+    exec("for t in [logprobs, probs, counts, counts_sum, counts_sum_inv, norm_logits, logit_maxes, logits, h,"
+         " hpreact, bnraw, bnvar_inv, bnvar, bndiff2, bndiff, hprebn, bnmeani, embcat, emb]:\n"
+         "    t.retain_grad()\nloss.backward()\n", ns)  # noqa: S102
+    if key != "1":
+        exec(E.get("1").solution, ns)  # noqa: S102  exercise 1's cell (exercise 3 reads its dhpreact)
+    src = E.get(key).solution  # the exercise's cell, as the learner wrote it
+    for old, new in edits:
+        assert old in src, old
+        src = src.replace(old, new)
+    exec(src, ns)  # noqa: S102
+    return ns
+
+
+def test_notebook_reference_grades_all_right(capsys):
+    from handgrad import dojo
+
+    g = dojo.grade(1, notebook_globals())
+    out = capsys.readouterr().out
+    assert g.exit_code == 0 and all(r.ok and r.chain for r in g.rows), g.table()
+    assert out.rstrip().endswith("26 of 26 right; all done")
+    # as in the lecture's cmp: bit for bit with autograd down to db2; from dhpreact on, the rounding of
+    # (1 - h**2) * dh differs from autograd's and flows down the learner's own chain
+    assert [r.name for r in g.rows if r.exact] == [f"d{n}" for n in E.get("1").grads[:11]]
+
+
+def test_notebook_mistake_is_reported_once_where_it_is(capsys):
+    from handgrad import dojo
+    from handgrad.dojo import catalogue as K
+
+    ns = notebook_globals([("dprobs = (1.0 / probs) * dlogprobs", "dprobs = probs * dlogprobs")])
+    g = dojo.grade(1, ns, quiet=True)
+    assert capsys.readouterr().out == ""
+    bad = [r for r in g.rows if not r.ok]
+    assert [r.name for r in bad] == ["dprobs"] and bad[0].kind == K.INPUT_OUTPUT, g.table()
+    assert g.summary() == "25 of 26 right; next: dprobs"
+    assert [r.chain for r in g.rows[:3]] == [True, False, False]  # everything below it is off end to end
+    html = g._repr_html_()
+    assert html.count("<tr") == 27 and "#f8d0d0" in html and "25 of 26 right; next: dprobs" in html
+
+
+def test_notebook_bessel_and_missing_names():
+    from handgrad import dojo
+    from handgrad.dojo import catalogue as K
+
+    ns = notebook_globals([("dbndiff2 = (1.0 / (n - 1))", "dbndiff2 = (1.0 / n)")])
+    del ns["dC"]
+    ns["dW1"] = ns["dW1"].detach().numpy()
+    g = dojo.grade(1, ns, quiet=True)
+    rows = {r.name: r for r in g.rows}
+    assert rows["dbndiff2"].kind == K.BESSEL and rows["dC"].status == "missing"
+    assert rows["dW1"].status == "invalid" and "numpy" in rows["dW1"].diagnosis
+    assert [r.name for r in g.rows if not r.ok] == ["dbndiff2", "dW1", "dC"]
+
+
+@pytest.mark.parametrize("key, edits, kind", [
+    ("2", [], None),
+    ("2", [("dlogits[range(n), Yb] -= 1\n", "")], "softmax-minus-one"),
+    ("3", [], None),
+    ("3", [("n / (n - 1) * bnraw", "bnraw")], "bessel"),
+])
+def test_notebook_closed_forms(key, edits, kind):
+    from handgrad import dojo
+
+    g = dojo.grade(key, notebook_globals(edits, key), quiet=True)
+    assert len(g.rows) == 1
+    assert (g.rows[0].kind if kind else g.rows[0].status) == (kind or "ok"), g.table()
+
+
+def test_notebook_without_the_forward_says_what_is_missing(capsys):
+    from handgrad import dojo
+
+    g = dojo.grade(1, {"dprobs": None})
+    assert g.exit_code == 2 and "C is missing" in g.problem and "\n" not in g.problem
+    assert "cannot grade" in capsys.readouterr().out and "cannot grade" in g._repr_html_()

@@ -539,9 +539,9 @@ def _cmd_dojo_start(args) -> int:
 def _cmd_dojo_grade(args) -> int:
     import json
 
-    from handgrad.dojo import grade
+    from handgrad.dojo.grade import grade_file  # (handgrad.dojo.grade the name is the notebook's function)
 
-    g = grade.grade_file(args.file, args.exercise, args.time_limit)
+    g = grade_file(args.file, args.exercise, args.time_limit)
     if g.problem:
         _err(f"dojo grade {g.table().split(': ', 1)[0]}: {g.problem}")
         return 2

@@ -5,6 +5,7 @@ runs the learner's code. Exit status: 0 all right, 1 something wrong or missing,
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import subprocess
@@ -61,22 +62,9 @@ class Grade:
             "diagnosis",
         ]
         for r in self.rows:
-            verdict = {
-                "ok": "ok",
-                "wrong": "WRONG",
-                "missing": "missing",
-                "error": "ERROR",
-                "invalid": "INVALID",
-            }[r.status]
-            exact = "-" if r.exact is None else ("yes" if r.exact else "no")
-            chain = "-" if r.chain is None else ("yes" if r.chain else "no")
-            line = str(r.line) if r.line else "-"
-            what = r.diagnosis
-            if r.ok and r.grad:
-                what = "exact (bit for bit with autograd in float32)" if r.exact else "within tolerance"
+            name, shape, verdict, exact, chain, line, what = _cells(r)
             out.append(
-                f"{r.name:<{w}}  {_shape(r.shape) if r.grad else '-':<{sw}}  {verdict:<8}  {exact:<5}  "
-                f"{chain:<5}  {line:<4}  {what}"
+                f"{name:<{w}}  {shape:<{sw}}  {verdict:<8}  {exact:<5}  {chain:<5}  {line:<4}  {what}"
             )
         out += [f"note: {nt}" for nt in self.notes]
         out += [
@@ -86,6 +74,25 @@ class Grade:
             self.summary(),
         ]
         return "\n".join(out)
+
+    def _repr_html_(self) -> str:
+        """The table as HTML, each verdict coloured (Jupyter shows this for a cell's value)."""
+        if self.problem:
+            return f"<p><b>{_h(self.file)}: cannot grade:</b> {_h(self.problem)}</p>"
+        head = "".join(f"<th>{c}</th>" for c in ("gradient", "shape", "verdict", "exact", "chain", "line",
+                                                  "diagnosis"))
+        body = []
+        for r in self.rows:
+            cells = _cells(r)
+            colour = COLOURS.get(r.status, "#ffffff")
+            tds = "".join(f"<td style='text-align:left'>{_h(c)}</td>" for c in cells)
+            body.append(f"<tr style='background:{colour}'>{tds}</tr>")
+        notes = "".join(f"<p>note: {_h(nt)}</p>" for nt in self.notes)
+        return (
+            f"<p><b>{_h(self.file)}</b>: {_h(E.get(self.exercise).title)}</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}"
+            f"<p><small>verdict: {_h('; '.join(self.probes))}</small></p><p><b>{_h(self.summary())}</b></p>"
+        )
 
     def to_json(self) -> dict:
         return {
@@ -97,6 +104,31 @@ class Grade:
             "summary": "" if self.problem else self.summary(),
             "exit_code": self.exit_code,
         }
+
+
+VERDICTS = {"ok": "ok", "wrong": "WRONG", "missing": "missing", "error": "ERROR", "invalid": "INVALID"}
+COLOURS = {  # the verdict's background in HTML and in the graph picture
+    "ok": "#d8f0d8",
+    "wrong": "#f8d0d0",
+    "missing": "#eeeeee",
+    "error": "#f8e0b0",
+    "invalid": "#f8e0b0",
+}
+
+
+def _cells(r: Row) -> tuple[str, str, str, str, str, str, str]:
+    """One row of the table as text: name, shape, verdict, exact, chain, line, diagnosis."""
+    exact = "-" if r.exact is None else ("yes" if r.exact else "no")
+    chain = "-" if r.chain is None else ("yes" if r.chain else "no")
+    what = r.diagnosis
+    if r.ok and r.grad:
+        what = "exact (bit for bit with autograd in float32)" if r.exact else "within tolerance"
+    shape = _shape(r.shape) if r.grad else "-"
+    return r.name, shape, VERDICTS[r.status], exact, chain, str(r.line) if r.line else "-", what
+
+
+def _h(text: str) -> str:
+    return html.escape(str(text))
 
 
 def _shape(s: tuple[int, ...]) -> str:

@@ -37,8 +37,8 @@ class Row:
 
     @property
     def target(self) -> str:
-        """What the summary's "next:" names: the tensor (dbnvar_inv -> bnvar_inv), or the behaviour."""
-        return self.name[1:] if self.grad and self.name.startswith("d") else self.name
+        """What the summary's "next:" names: the gradient (dbnvar_inv), or the behaviour (loss curve)."""
+        return self.name
 
     @property
     def ok(self) -> bool:
@@ -67,14 +67,14 @@ def close(a: Tensor, b: Tensor, tol: Tolerance) -> bool:
     return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype and tol.holds(a, b)
 
 
-def _matches(a: Tensor, w: Tensor, ref: Tensor) -> bool:
+def _matches(a: Tensor, w: Tensor, ref: Tensor, rtol: float = MATCH_RTOL) -> bool:
     """a equals w up to float64 rounding, relative to the size of the numbers involved."""
     if tuple(a.shape) != tuple(w.shape) or not torch.isfinite(w).all():
         return False
     scale = max(
         float(w.abs().max()) if w.numel() else 0.0, float(ref.abs().max()) if ref.numel() else 0.0, 1e-30
     )
-    return bool(((a.double() - w.double()).abs() <= MATCH_RTOL * scale).all())
+    return bool(((a.double() - w.double()).abs() <= rtol * scale).all())
 
 
 def _rel(a: Tensor, ref: Tensor) -> float:
@@ -96,7 +96,7 @@ def _variants(graph: Graph, table: dict, g: str, p: Probe) -> list[K.Variant]:
 
 
 def _catalogue_match(
-    graph: Graph, table: dict, g: str, failing: list[tuple[Probe, Tensor]]
+    graph: Graph, table: dict, g: str, failing: list[tuple[Probe, Tensor]], rtol: float = MATCH_RTOL
 ) -> tuple[K.Variant, bool, int] | None:
     """The catalogue entry the answer equals on the most failing probes (or minus it)."""
     scores: dict[tuple[str, bool], int] = {}
@@ -110,12 +110,12 @@ def _catalogue_match(
                 w = v.fn(vals)
             except Exception:  # an entry that does not apply at this probe (shapes, say)
                 continue
-            if not isinstance(w, Tensor) or _matches(w, ref, ref):
+            if not isinstance(w, Tensor) or _matches(w, ref, ref, rtol):
                 continue  # not an answer, or the entry equals the right answer here: it tells nothing
             for neg in (False, True):
                 if neg and v.kind == K.SIGN:
                     continue
-                if _matches(a, -w if neg else w, ref):
+                if _matches(a, -w if neg else w, ref, rtol):
                     key = (v.key, neg)
                     if key not in scores:
                         order.append(key)
@@ -217,25 +217,32 @@ def _where(g: str, a: Tensor, p: Probe, tol: Tolerance) -> tuple[str, str]:
     return "", ""
 
 
-def _scale(a: Tensor, ref: Tensor, n: object) -> str:
+def _scale(a: Tensor, ref: Tensor, fit_tol: float = 1e-6) -> str:
     rr = float((ref.double() ** 2).sum())
     if rr <= 0:
         return ""
     k = float((a.double() * ref.double()).sum()) / rr
     fit = float((a.double() - k * ref.double()).norm()) / max(float(a.double().norm()), 1e-300)
-    if fit > 1e-6 or abs(k - 1) < 1e-6:
+    if fit > fit_tol or abs(k - 1) < fit_tol:
         return ""
     return f"your answer is {k:.6g} times the right one: a constant factor is wrong"
 
 
 def diagnose(
-    graph: Graph, table: dict, g: str, failing: list[tuple[Probe, Tensor]], passing: list[str]
+    graph: Graph,
+    table: dict,
+    g: str,
+    failing: list[tuple[Probe, Tensor]],
+    passing: list[str],
+    tol: Tolerance | None = None,
+    match_rtol: float = MATCH_RTOL,
 ) -> tuple[str, str, str]:
     """(kind, key, words) for a wrong gradient; `failing` holds (probe, the learner's value) where it
-    fails, `passing` the names of the probes where it is right."""
+    fails, `passing` the names of the probes where it is right. The defaults are for float64 answers;
+    float32 ones (a notebook's) pass a looser `tol` and `match_rtol`."""
     p0, a0 = failing[0]
-    tol = autograd_tolerance(torch.float64)
-    hit = _catalogue_match(graph, table, g, failing)
+    tol = autograd_tolerance(torch.float64) if tol is None else tol
+    hit = _catalogue_match(graph, table, g, failing, match_rtol)
     if hit is not None:
         v, neg, score = hit
         words = ("sign flipped, and " + v.says) if neg else v.says
@@ -258,6 +265,8 @@ def diagnose(
                     if a.numel() == ref.numel()
                 ],
                 passing,
+                tol,
+                match_rtol,
             )
             return kind, "shape+" + sub[1], words + "; besides, " + sub[2]
         return kind, "shape", words
@@ -289,7 +298,7 @@ def diagnose(
     kind, where = _where(g, a0, p0, tol)
     if where:
         return kind, "where", where
-    sc = _scale(a0, ref, p0.values.get("n"))
+    sc = _scale(a0, ref, max(1e-6, 10 * match_rtol))
     if sc:
         return K.SCALE, "scale", sc
     return (
