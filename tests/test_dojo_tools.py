@@ -163,3 +163,68 @@ def test_notebook_without_the_forward_says_what_is_missing(capsys):
     g = dojo.grade(1, {"dprobs": None})
     assert g.exit_code == 2 and "C is missing" in g.problem and "\n" not in g.problem
     assert "cannot grade" in capsys.readouterr().out and "cannot grade" in g._repr_html_()
+
+
+# ---------------------------------------------------------------------------- the picture
+def test_graph_picture_colours_each_tensor_by_its_grade(tmp_path, capsys):
+    import xml.etree.ElementTree as ET
+
+    from handgrad.dojo.grade import COLOURS
+
+    ex = E.get("1")
+    src = ex.solution.replace("dW2 = h.T @ dlogits", "dW2 = dlogits.T @ h")
+    src = src.replace("dbnvar = (-0.5 * (bnvar + 1e-5) ** -1.5) * dbnvar_inv", "dbnvar = None")
+    path = tmp_path / "ex1.py"
+    path.write_text(E.template(ex, src))
+    out = tmp_path / "pic" / "g.svg"
+    assert cli.main(["dojo", "grade", str(path), "--graph", str(out)]) == 2  # the folder does not exist
+    assert "does not exist" in capsys.readouterr().err
+    out.parent.mkdir()
+    assert cli.main(["dojo", "grade", str(path), "--graph", str(tmp_path / "g.png")]) == 2
+    assert cli.main(["dojo", "grade", str(path), "--graph", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert text.rstrip().endswith(f"graph: {out}") and "24 of 26 right; next: dW2" in text
+    assert sorted(p.name for p in out.parent.iterdir()) == ["g.svg"]  # written atomically: no temp left
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    root = ET.fromstring(out.read_text())
+    fills = {}
+    for g in root.findall("s:g", ns):
+        name = g.find("s:text", ns).text
+        fills[name] = g.find("s:rect", ns).get("fill")
+    assert len(fills) == 29  # 20 forward values and 9 inputs
+    assert fills["W2"] == COLOURS["wrong"] and fills["bnvar"] == COLOURS["missing"]
+    assert {k for k, v in fills.items() if v == COLOURS["ok"]} == set(ex.grads) - {"W2", "bnvar"}
+    assert {k for k, v in fills.items() if v not in COLOURS.values()} == {"Xb", "Yb", "loss"}
+    tip = next(g.find("s:title", ns).text for g in root.findall("s:g", ns) if g.find("s:text", ns).text == "W2")
+    assert "transposed" in tip
+
+
+# ---------------------------------------------------------------------------- exit codes on the command line
+@pytest.mark.parametrize("name, old, new, words", [
+    ("syntax", "dh = dlogits @ W2.T", "dh = dlogits @@ W2.T", "SyntaxError"),
+    ("loop", "dh = dlogits @ W2.T", "while True:\n    pass\ndh = dlogits @ W2.T", "time limit"),
+    ("numpy", "dh = dlogits @ W2.T", "dh = (dlogits @ W2.T).numpy()", "NumPy array"),
+    ("dtype", "dlogprobs = torch.zeros_like(logprobs)", "dlogprobs = torch.zeros((n, 27))", "float32 tensor"),
+])
+def test_cli_cannot_grade_is_one_line_exit_2(tmp_path, capsys, name, old, new, words):
+    ex = E.get("1")
+    path = tmp_path / f"{name}.py"
+    path.write_text(E.template(ex, ex.solution.replace(old, new)))
+    assert cli.main(["dojo", "grade", str(path), "--time-limit", "3"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1 and words in cap.err and str(path) in cap.err
+    assert "Traceback" not in cap.err
+
+
+@pytest.mark.parametrize("edit, code, last", [
+    (None, 0, "26 of 26 right; all done"),
+    (("dbnvar_inv = (bndiff * dbnraw).sum(0, keepdim=True)", "dbnvar_inv = None"), 1,
+     "25 of 26 right; next: dbnvar_inv"),
+])
+def test_cli_exit_code_and_last_line(tmp_path, capsys, edit, code, last):
+    ex = E.get("1")
+    src = ex.solution if edit is None else ex.solution.replace(*edit)
+    path = tmp_path / "ex1.py"
+    path.write_text(E.template(ex, src))
+    assert cli.main(["dojo", "grade", str(path)]) == code
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == last

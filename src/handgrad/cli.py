@@ -541,11 +541,24 @@ def _cmd_dojo_grade(args) -> int:
 
     from handgrad.dojo.grade import grade_file  # (handgrad.dojo.grade the name is the notebook's function)
 
+    if args.graph and not args.graph.endswith(".svg"):
+        raise UsageError(f"--graph {args.graph}: the picture is SVG; name the file something.svg")
+    if args.graph and not Path(args.graph).resolve().parent.is_dir():
+        raise UsageError(f"--graph {args.graph}: the folder {Path(args.graph).parent} does not exist")
     g = grade_file(args.file, args.exercise, args.time_limit)
     if g.problem:
         _err(f"dojo grade {g.table().split(': ', 1)[0]}: {g.problem}")
         return 2
     print(json.dumps(g.to_json(), indent=1) if args.json else g.table())
+    if args.graph:
+        from handgrad.dojo import picture
+
+        try:
+            picture.write(g, args.graph)
+        except OSError as e:
+            raise UsageError(f"--graph {args.graph}: {e.strerror or e}") from None
+        if not args.json:
+            print(f"graph: {args.graph}")
     return g.exit_code
 
 
@@ -592,6 +605,7 @@ def _add_dojo_parser(sub) -> None:
     q.add_argument("--time-limit", type=float, default=20.0,
                    help="seconds for your code (default %(default)s)")
     q.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    q.add_argument("--graph", metavar="OUT.svg", help="also draw the graph, each tensor coloured by grade")
     q.set_defaults(func=_cmd_dojo_grade)
     q = dsub.add_parser("hint", help="the next of three hints for a gradient: rule, shapes, form")
     q.add_argument("file", help="your exercise file (the count of hints is kept beside it)")
