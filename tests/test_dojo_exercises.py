@@ -11,6 +11,7 @@ from handgrad.dojo import exercises as E
 from handgrad.dojo.grade import grade_files
 
 CE, BN, TR = "dlogits /= n\n", "n / (n - 1) * bnraw", "dbngain = (bnraw * dhpreact).sum(0, keepdim=True)"
+CE_ALL = "dlogits = F.softmax(logits, 1)\ndlogits[range(n), Yb] -= 1\ndlogits /= n\n"
 
 # (id, exercise, edits of the reference as (old, new), the wrong rows, the kind the first must be named)
 MISTAKES = [
@@ -22,6 +23,13 @@ MISTAKES = [
     ("ce-hard-coded", "2", [(CE, "dlogits /= 32\n")], ["dlogits"], K.HARDCODED),
     ("ce-keepdim", "2", [("dlogits = F.softmax(logits, 1)\n",
                           "counts = logits.exp()\ndlogits = counts / counts.sum(1)\n")], ["dlogits"], K.SHAPE),
+    ("ce-one-hot-classes", "2", [(CE_ALL, "dlogits = (F.softmax(logits, 1) - F.one_hot(Yb)) / n\n")], ["dlogits"],
+     K.SHAPE),
+    ("ce-minus-one-assigned", "2", [("dlogits[range(n), Yb] -= 1", "dlogits[range(n), Yb] = -1")], ["dlogits"],
+     K.SOFTMAX_MINUS_ONE),
+    ("ce-sum-all", "2", [("dlogits = F.softmax(logits, 1)\n", "dlogits = logits.exp() / logits.exp().sum()\n")],
+     ["dlogits"], K.WRONG_DIM),
+    ("ce-no-mean-keepdim", "2", [(CE, "dlogits = dlogits.mean(0, keepdim=True)\n")], ["dlogits"], K.SHAPE),
     ("bn-bessel-n", "3", [(BN, "bnraw")], ["dhprebn"], K.BESSEL),
     ("bn-bessel-whole", "3", [("bnvar_inv / n *", "bnvar_inv / (n - 1) *")], ["dhprebn"], K.BESSEL),
     ("bn-no-eps", "3", [("bngain * bnvar_inv", "bngain * bnvar**-0.5")], ["dhprebn"], K.EPS_LEFT_OUT),
@@ -29,6 +37,13 @@ MISTAKES = [
     ("bn-sum-dim1", "3", [(" - dhpreact.sum(0)", " - dhpreact.sum(1, keepdim=True)")], ["dhprebn"], K.WRONG_DIM),
     ("bn-no-gain", "3", [("bngain * bnvar_inv", "bnvar_inv")], ["dhprebn"], K.WRONG_FACTOR),
     ("bn-var-sign", "3", [(f" - {BN}", f" + {BN}")], ["dhprebn"], K.SIGN),
+    ("bn-bessel-reversed", "3", [(BN, "(n - 1) / n * bnraw")], ["dhprebn"], K.BESSEL),
+    ("bn-var-dim1", "3", [("(dhpreact * bnraw).sum(0)", "(dhpreact * bnraw).sum(1, keepdim=True)")], ["dhprebn"],
+     K.WRONG_DIM),
+    ("bn-no-1/n", "3", [("bnvar_inv / n *", "bnvar_inv *")], ["dhprebn"], K.SCALE_N),
+    ("bn-hard-coded", "3", [(BN, "n / (32 - 1) * bnraw")], ["dhprebn"], K.HARDCODED),
+    ("bn-bndiff", "3", [(BN + " * (dhpreact * bnraw)", "n / (n - 1) * bndiff * (dhpreact * bndiff)")], ["dhprebn"],
+     K.WRONG_FACTOR),
     ("tr-no-mean", "4", [(CE, "")], ["dlogits", "loss curve", "loss reached"], K.SCALE_N),
     ("tr-tanh", "4", [("(1.0 - h**2)", "(1.0 - h)")], ["dhpreact", "loss curve", "loss reached"], K.TANH),
     ("tr-keepdim", "4", [(TR, TR.replace(", keepdim=True", ""))], ["dbngain", "loss curve", "loss reached"],
@@ -62,7 +77,7 @@ def graded(tmp_path_factory):
     files["tr-diverges"] = _edit("4", [("dW2 = h.T @ dlogits", "dW2 = -1e4 * (h.T @ dlogits)")])
     paths = []
     for name, text in files.items():
-        p = d / f"{name}.py"
+        p = d / f"{name.replace('/', '_')}.py"
         p.write_text(text)
         paths.append(p)
     return dict(zip(files, grade_files(paths)))

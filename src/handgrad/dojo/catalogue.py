@@ -85,6 +85,14 @@ def _last_wins(C: Tensor, X: Tensor, demb: Tensor) -> Tensor:
     return dC
 
 
+def _arange(x: Tensor) -> Tensor:
+    return torch.arange(x.shape[0], device=x.device)
+
+
+def _minus_one(x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), -1.0, dtype=x.dtype, device=x.device)
+
+
 def _softmax(x: Tensor) -> Tensor:
     return F.softmax(x, 1)
 
@@ -104,6 +112,8 @@ def _bn_closed(
     mean_term: bool = True,
     var_term: bool = True,
     scale: float | None = None,
+    mean_dims: tuple[int, ...] = (0,),
+    var_dims: tuple[int, ...] = (0,),
 ) -> Tensor:
     """The closed-form batchnorm backward with one part changed (the variants of exercise 3)."""
     n = v.n
@@ -113,9 +123,9 @@ def _bn_closed(
     s = 1 / n if scale is None else scale
     out = n * d
     if mean_term:
-        out = out - d.sum(0, keepdim=True)
+        out = out - d.sum(mean_dims, keepdim=True)
     if var_term:
-        out = out - b * raw * (d * raw).sum(0, keepdim=True)
+        out = out - b * raw * (d * raw).sum(var_dims, keepdim=True)
     return (v.bngain if gain else 1.0) * inv * s * out
 
 
@@ -498,6 +508,20 @@ CE_TABLE: dict[str, tuple[Variant, ...]] = {
             lambda v: (_softmax(v.logits) - onehot(v.Yb, v.logits)) / (v.n - 1),
         ),
         Variant(
+            "minus-one-assigned",
+            SOFTMAX_MINUS_ONE,
+            "the target entries set to -1 (= -1) instead of having 1 subtracted (-= 1): at the target "
+            "the gradient is softmax - 1",
+            lambda v: _softmax(v.logits).index_put((_arange(v.logits), v.Yb), _minus_one(v.logits)) / v.n,
+        ),
+        Variant(
+            "softmax-sum-all",
+            WRONG_DIM,
+            "the softmax normalised by the sum over the whole batch: each row is normalised by its own "
+            "sum, .sum(1, keepdim=True)",
+            lambda v: (v.logits.exp() / v.logits.exp().sum() - onehot(v.Yb, v.logits)) / v.n,
+        ),
+        Variant(
             "sigmoid",
             OTHER,
             "sigmoid(logits) where softmax was meant",
@@ -575,17 +599,27 @@ BN_TABLE: dict[str, tuple[Variant, ...]] = {
         Variant(
             "mean-sum-dim1",
             WRONG_DIM,
-            "dhpreact summed over dim 1: the batch statistics run over dim 0",
-            lambda v: (
-                v.bngain
-                * v.bnvar_inv
-                / v.n
-                * (
-                    v.n * v.dhpreact
-                    - v.dhpreact.sum(1, keepdim=True)
-                    - v.n / (v.n - 1) * v.bnraw * (v.dhpreact * v.bnraw).sum(0, keepdim=True)
-                )
-            ),
+            "dhpreact.sum(1) in the mean term: the batch statistics run over dim 0 (the rows), .sum(0)",
+            lambda v: _bn_closed(v, v.dhpreact, mean_dims=(1,)),
+        ),
+        Variant(
+            "var-sum-dim1",
+            WRONG_DIM,
+            "(dhpreact * bnraw).sum(1) in the variance term: the batch statistics run over dim 0, .sum(0)",
+            lambda v: _bn_closed(v, v.dhpreact, var_dims=(1,)),
+        ),
+        Variant(
+            "mean-sum-all",
+            WRONG_DIM,
+            "dhpreact.sum() over everything in the mean term: each column has its own mean, .sum(0)",
+            lambda v: _bn_closed(v, v.dhpreact, mean_dims=(0, 1)),
+        ),
+        Variant(
+            "var-sum-all",
+            WRONG_DIM,
+            "(dhpreact * bnraw).sum() over everything in the variance term: each column has its own "
+            "variance, .sum(0)",
+            lambda v: _bn_closed(v, v.dhpreact, var_dims=(0, 1)),
         ),
         Variant(
             "var-sign",
@@ -679,22 +713,24 @@ TABLES: dict[str, dict[str, tuple[Variant, ...]]] = {
 
 
 # ---------------------------------------------------------------------------- generic entries
-def _size_names(n: int) -> list[tuple[float, str, str]]:
-    """(factor, kind, words) for the constants a gradient is wrongly scaled by, n the batch size."""
+def _size_names(n: int) -> list[tuple[str, float, str, str]]:
+    """(key, factor, kind, words) for the constants a gradient is wrongly scaled by, n the batch size
+    (the key names the factor in n, so one mistake has one key at every batch size)."""
     return [
-        (n, SCALE_N, "n times too large: a 1/n is missing (the mean over the batch?)"),
-        (1 / n, SCALE_N, "n times too small: an extra 1/n (divided by n once too often?)"),
+        ("n", n, SCALE_N, "n times too large: a 1/n is missing (the mean over the batch?)"),
+        ("1/n", 1 / n, SCALE_N, "n times too small: an extra 1/n (divided by n once too often?)"),
         (
+            "n/(n-1)",
             n / (n - 1),
             BESSEL,
             "n/(n-1) times too large: divides by n-1 where n was meant (Bessel's n-1 belongs "
             "only to the variance)",
         ),
-        ((n - 1) / n, BESSEL, "(n-1)/n times too small: divides by n where Bessel's n-1 was meant"),
-        (n - 1, SCALE_N, "n-1 times too large: a 1/(n-1) is missing"),
-        (1 / (n - 1), SCALE_N, "n-1 times too small: an extra 1/(n-1)"),
-        (2.0, POWER, "2 times too large: a stray factor 2"),
-        (0.5, POWER, "half the right value: a missing factor 2 (as in d(x**2)/dx = 2x)"),
+        ("(n-1)/n", (n - 1) / n, BESSEL, "(n-1)/n times too small: divides by n where Bessel's n-1 is meant"),
+        ("n-1", n - 1, SCALE_N, "n-1 times too large: a 1/(n-1) is missing"),
+        ("1/(n-1)", 1 / (n - 1), SCALE_N, "n-1 times too small: an extra 1/(n-1)"),
+        ("2", 2.0, POWER, "2 times too large: a stray factor 2"),
+        ("1/2", 0.5, POWER, "half the right value: a missing factor 2 (as in d(x**2)/dx = 2x)"),
     ]
 
 
@@ -760,8 +796,8 @@ def generic(
         )
     n = values.get("n")
     if isinstance(n, int) and n > 2:
-        for k, kind, words in _size_names(n):
-            out.append(Variant(f"scale-{k:.6g}", kind, words, lambda v, k=k: v.ref * k))
+        for key, k, kind, words in _size_names(n):
+            out.append(Variant(f"scale-{key}", kind, words, lambda v, k=k: v.ref * k))
     return out
 
 

@@ -311,20 +311,47 @@ def diagnose(
     )
 
 
-ERROR_WORDS = {
-    K.SHAPE: " (a .sum() without keepdim=True? a reduced tensor keeps its size-1 dimension to broadcast "
-    "back against the full one)",
-    K.TRANSPOSED: " (the operands of @ swapped, or a .T missing? dX = dout @ W.T, dW = X.T @ dout)",
-}
+# What an exception on a learner's line shows, as rules: (words in the message, words in the line,
+# words the line must lack, the kind, what to say). The first rule that fits names the mistake.
+ERROR_RULES: tuple[tuple[str, str, str, str, str], ...] = (
+    (
+        "must match the size",
+        "one_hot(",
+        "num_classes",
+        K.SHAPE,
+        "F.one_hot(Yb) without num_classes has max(Yb) + 1 columns; pass num_classes=vocab_size",
+    ),
+    (
+        "must match the size",
+        ".sum(",
+        "keepdim",
+        K.SHAPE,
+        "a .sum() without keepdim=True? a reduced tensor keeps its size-1 dimension to broadcast back "
+        "against the full one",
+    ),
+    (
+        "must match the size",
+        "",
+        "",
+        K.SHAPE,
+        "the shapes on this line do not broadcast: compare them with the shapes in the blanks' comments",
+    ),
+    (
+        "shapes cannot be multiplied",
+        "",
+        "",
+        K.TRANSPOSED,
+        "the operands of @ swapped, or a .T missing? dX = dout @ W.T, dW = X.T @ dout",
+    ),
+)
 
 
-def _error_kind(msg: str) -> str:
-    """The mistake behind an exception, where its message shows it: a broadcast or a matmul that failed."""
-    if "must match the size of tensor" in msg:
-        return K.SHAPE
-    if "shapes cannot be multiplied" in msg:
-        return K.TRANSPOSED
-    return K.OTHER
+def _error_kind(msg: str, code: str) -> tuple[str, str]:
+    """(kind, words) for the mistake behind an exception, where its message and line show it."""
+    for in_msg, in_code, not_in_code, kind, words in ERROR_RULES:
+        if in_msg in msg and in_code in code and not (not_in_code and not_in_code in code):
+            return kind, f" ({words})"
+    return K.OTHER, ""
 
 
 # ---------------------------------------------------------------------------- rows
@@ -350,8 +377,9 @@ def _judge_one(
         info = infos[p.name]
         if info.get("status") == "error":
             row.status, row.diagnosis, row.line = "error", info.get("msg", ""), info.get("line")
-            row.kind, row.chain = _error_kind(row.diagnosis), False
-            row.diagnosis += ERROR_WORDS.get(row.kind, "")
+            row.chain = False
+            row.kind, words = _error_kind(row.diagnosis, info.get("code", ""))
+            row.diagnosis += words
             return row
         if info.get("status") == "notensor":
             row.status, row.diagnosis = "invalid", info.get("msg", "")

@@ -232,7 +232,8 @@ def run_region(
 
 def _record(g: str, value: object, meta: dict, out: dict, line: int) -> None:
     if "error" in meta[g]:
-        meta[g].update(status="error", line=meta[g]["error"]["line"], msg=meta[g]["error"]["msg"])
+        err = meta[g]["error"]
+        meta[g].update(status="error", line=err["line"], msg=err["msg"], code=err.get("code", ""))
         return
     d = describe(value)
     d["line"] = line
