@@ -108,7 +108,7 @@ def test_notebook_reference_grades_all_right(capsys):
     g = dojo.grade(1, notebook_globals())
     out = capsys.readouterr().out
     assert g.exit_code == 0 and all(r.ok and r.chain for r in g.rows), g.table()
-    assert out.rstrip().endswith("26 of 26 right; all done")
+    assert out.rstrip().endswith("26 of 26 right; all done") and g.notes == []
     # as in the lecture's cmp: bit for bit with autograd down to db2; from dhpreact on, the rounding of
     # (1 - h**2) * dh differs from autograd's and flows down the learner's own chain
     assert [r.name for r in g.rows if r.exact] == [f"d{n}" for n in E.get("1").grads[:11]]
@@ -130,6 +130,8 @@ def test_notebook_mistake_is_reported_once_where_it_is(capsys):
 
 
 def test_notebook_bessel_and_missing_names():
+    import torch
+
     from handgrad import dojo
     from handgrad.dojo import catalogue as K
 
@@ -140,7 +142,10 @@ def test_notebook_bessel_and_missing_names():
     rows = {r.name: r for r in g.rows}
     assert rows["dbndiff2"].kind == K.BESSEL and rows["dC"].status == "missing"
     assert rows["dW1"].status == "invalid" and "numpy" in rows["dW1"].diagnosis
-    assert [r.name for r in g.rows if not r.ok] == ["dbndiff2", "dW1", "dC"]
+    assert [r.name for r in g.rows if not r.ok] == ["dbndiff2", "dW1", "dC"] and g.notes == []
+    with torch.no_grad():
+        ns["W2"] += 0.1  # a parameter changed after the forward cell ran
+    assert "logits is not the forward pass" in dojo.grade(1, ns, quiet=True).notes[0]
 
 
 @pytest.mark.parametrize("key, edits, kind", [
@@ -163,6 +168,8 @@ def test_notebook_without_the_forward_says_what_is_missing(capsys):
     g = dojo.grade(1, {"dprobs": None})
     assert g.exit_code == 2 and "C is missing" in g.problem and "\n" not in g.problem
     assert "cannot grade" in capsys.readouterr().out and "cannot grade" in g._repr_html_()
+    g = dojo.grade(4, notebook_globals(), quiet=True)  # graded by its training run: from a file
+    assert g.exit_code == 2 and "dojo start 4" in g.problem
 
 
 # ---------------------------------------------------------------------------- the picture

@@ -20,6 +20,7 @@ from handgrad.dojo.probes import Probe
 
 INPUTS = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias", "Xb", "Yb")  # the notebook's names
 NB_RTOL = 1e-5  # a float32 answer: max |yours - right| within this of max |right| (the lecture's cmp)
+CHECKED = ("hprebn", "logits", "loss")  # the notebook's own forward values, held against the recomputed
 NB_MATCH_RTOL = 2e-5  # equals a catalogue entry, float32 rounding allowed
 
 
@@ -85,10 +86,16 @@ def grade(exercise: int | str, namespace: Mapping[str, object], *, quiet: bool =
         "your notebook's own values, each gradient held against its step given your upstream gradients "
         f"(float64, to {NB_RTOL:g} of its largest entry: your values are float32)"
     ])
-    try:
-        g.rows, g.notes = _rows(ex, namespace)
-    except NotebookError as e:
-        g.problem = str(e)
+    if ex.kind == "training":  # after the loop the parameters are a step past the gradients it holds
+        g.problem = (
+            f"exercise {ex.key} is graded by its training run, from a file: handgrad dojo start {ex.key}, "
+            f"then handgrad dojo grade {ex.slug}.py"
+        )
+    else:
+        try:
+            g.rows, g.notes = _rows(ex, namespace)
+        except NotebookError as e:
+            g.problem = str(e)
     if not quiet:
         print(g.table())
     return g
@@ -132,7 +139,16 @@ def _rows(ex: E.Exercise, ns: Mapping[str, object]) -> tuple[list[Row], list[str
     probe = Probe("notebook", "your notebook's values", dict(vals), feeds, refs, loc)
     if ex.graph.seed != "loss":
         probe.values[f"d{ex.graph.seed}"] = feeds[ex.graph.seed]
-    notes = []
+    notes = [
+        f"your {k} is not the forward pass of your parameters and batch (the grade uses the lecture's "
+        "forward, recomputed): run the forward cell again after changing them"
+        for k in CHECKED
+        if isinstance(ns.get(k), Tensor)
+        and not (
+            tuple(ns[k].shape) == tuple(vals[k].shape)
+            and torch.allclose(ns[k].detach().double().cpu(), vals[k], rtol=1e-4, atol=1e-5)
+        )
+    ]
     rows = []
     for g in ex.grads:
         st, a, words = mine[g]
@@ -155,6 +171,4 @@ def _rows(ex: E.Exercise, ns: Mapping[str, object]) -> tuple[list[Row], list[str
         row.kind, row.key, row.diagnosis = diagnose(
             ex.graph, ex.table, g, [(probe, a)], [], tol=tol, match_rtol=NB_MATCH_RTOL
         )
-    if ex.kind == "training":
-        notes.append("the training run is graded from the file: handgrad dojo start 4, then grade it")
     return rows, notes
