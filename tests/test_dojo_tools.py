@@ -50,6 +50,20 @@ def test_hint_levels_are_counted_beside_the_file(tmp_path, capsys):
     assert json.loads(counter.read_text()) == {"dprobs": 3, "dcounts": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ex1_atomic.hints.json", "ex1_atomic.py"]  # no temp
     assert H.used(path) == {"dprobs": 3, "dcounts": 1}
+    from handgrad.dojo.grade import grade_file
+
+    assert "hints used: dcounts (1 of 3), dprobs (3 of 3)" in grade_file(path).notes
+
+
+def test_notebook_hints_count_in_the_session():
+    from handgrad import dojo
+
+    first = dojo.hint(3, "dhprebn")
+    assert first.startswith("hint 1 of 3 for dhprebn") and "three ways" in first
+    assert dojo.hint(3, "hprebn").startswith("hint 2 of 3")
+    assert "bngain * bnvar_inv / n" in dojo.hint(3, "dhprebn", level=3)
+    with pytest.raises(ValueError, match="no gradient"):
+        dojo.hint(3, "dprobs")
 
 
 def test_hint_and_solution_refuse_bad_input_in_one_line(tmp_path, capsys):

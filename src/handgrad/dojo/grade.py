@@ -288,8 +288,14 @@ def _judge_training(outs: dict[str, Tensor], res: dict, cache: dict) -> list[Row
 
 def _judge(path: Path, ex: E.Exercise, probes: list[Probe], outs: dict[str, Tensor], res: dict) -> Grade:
     rows = judge_graph(ex.graph, ex.table, probes, outs, res)
+    from handgrad.dojo.hints import LEVELS, used
+
     about = [p.about for p in probes if p.verdict]
     g = Grade(str(path), ex.key, rows, list(res.get("notes", [])), probes=about)
+    shown = used(path)
+    if shown:
+        counts = ", ".join(f"{k} ({v} of {len(LEVELS)})" for k, v in sorted(shown.items()))
+        g.notes.append(f"hints used: {counts}")
     bad = next((r for r in rows if r.status == "invalid"), None)
     if bad is not None:  # a NumPy array, a wrong dtype or device: cannot grade the file as it is
         where = f"line {bad.line}: " if bad.line else ""

@@ -155,6 +155,30 @@ def used(path: str | Path) -> dict[str, int]:
     return {k: int(v) for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
 
 
+def _resolve(ex: E.Exercise, name: str) -> str:
+    g = name[1:] if name.startswith("d") and name[1:] in ex.grads else name
+    if g not in ex.grads:
+        raise ValueError(
+            f"exercise {ex.key} has no gradient {name!r}; it has: {', '.join('d' + x for x in ex.grads)}"
+        )
+    return g
+
+
+_SESSION: dict[tuple[str, str], int] = {}  # hints shown in this Python session (a notebook has no file)
+
+
+def hint(exercise: int | str, name: str, level: int | None = None) -> str:
+    """For a notebook: the next hint for gradient `name` of an exercise (or hint `level`, 1-3)."""
+    ex = E.get(str(exercise))
+    g = _resolve(ex, name)
+    if level is None:
+        level = min(_SESSION.get((ex.key, g), 0) + 1, len(LEVELS))
+    if not 1 <= level <= len(LEVELS):
+        raise ValueError(f"level {level}: there are hints 1 to {len(LEVELS)}")
+    _SESSION[(ex.key, g)] = max(level, _SESSION.get((ex.key, g), 0))
+    return f"hint {level} of {len(LEVELS)} for d{g}, {LEVELS[level - 1]}:\n{hint_text(ex, g, level)}"
+
+
 def next_hint(path: str | Path, name: str, exercise: str | None = None) -> tuple[int, str, str]:
     """(level, what it is, the hint) for gradient `name` (dprobs or probs) of the learner's file, one
     level further each call, up to 3; the count is saved beside the file. ValueError: a wrong name or
@@ -165,11 +189,7 @@ def next_hint(path: str | Path, name: str, exercise: str | None = None) -> tuple
     if key is None:
         raise ValueError(f"{path}: no '# handgrad dojo: exercise K' line; pass --exercise")
     ex = E.get(key)
-    g = name[1:] if name.startswith("d") and name[1:] in ex.grads else name
-    if g not in ex.grads:
-        raise ValueError(
-            f"exercise {ex.key} has no gradient {name!r}; it has: {', '.join('d' + x for x in ex.grads)}"
-        )
+    g = _resolve(ex, name)
     counts = used(path)
     level = min(counts.get(f"d{g}", 0) + 1, len(LEVELS))
     counts[f"d{g}"] = level
