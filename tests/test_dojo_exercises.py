@@ -74,6 +74,7 @@ def graded(tmp_path_factory):
         files[f"reference{k}"] = E.template(ex, ex.solution)
         files[f"blank{k}"] = E.template(ex)
     files |= {m[0]: _edit(m[1], m[2]) for m in MISTAKES}
+    files["ce-float32"] = _edit("2", [("dlogits = F.softmax(logits, 1)", "dlogits = (F.softmax(logits, 1) + 1e3) - 1e3")])
     files["tr-diverges"] = _edit("4", [("dW2 = h.T @ dlogits", "dW2 = -1e4 * (h.T @ dlogits)")])
     paths = []
     for name, text in files.items():
@@ -127,3 +128,9 @@ def test_diverging_training_is_named(graded):
     g = graded["tr-diverges"]
     assert [r.name for r in g.rows if not r.ok] == ["dW2", "loss curve", "loss reached"]
     assert g.rows[-1].kind == K.NONFINITE or "higher" in g.rows[-1].diagnosis
+
+
+def test_right_in_float64_but_unstable_in_float32_is_wrong(graded):
+    (row,) = graded["ce-float32"].rows
+    assert row.status == "wrong" and row.key == "float32" and "float32" in row.diagnosis
+    assert 1e-5 < row.max_rel < 1e-3

@@ -16,6 +16,7 @@ from handgrad.dojo import catalogue as K
 from handgrad.dojo.graph import Graph
 from handgrad.dojo.probes import Probe
 
+F32_RTOL = 1e-5  # float32: max |yours - autograd's| within this of autograd's largest entry
 MATCH_RTOL = 1e-8  # an answer "equals" a catalogue entry: float64 rounding sits ~1e7 below this
 
 
@@ -419,6 +420,17 @@ def _judge_one(
     if ch is not None:
         a = outputs.get(f"{ch.name}|{g}")
         row.chain = bool(a is not None and close(a, ch.refs[g], tol))
+    if not failing and ex is not None and not row.exact:
+        a = outputs.get(f"{ex.name}|{g}")
+        rel = _rel(a, ex.refs[g]) if a is not None else math.inf
+        if not rel <= F32_RTOL:  # right in float64, but float32 loses it: a numerically unstable form
+            row.status, row.kind, row.key, row.max_rel = "wrong", K.OTHER, "float32", rel
+            row.diagnosis = (
+                f"right in float64 but off by {rel:.2g} of its largest entry in float32 (autograd's float32 "
+                "is within 1e-5): a numerically unstable form (exp without subtracting the max? a "
+                "difference of large, nearly equal terms?)"
+            )
+            return row
     if not failing:
         row.status = "ok"
         return row
