@@ -46,6 +46,8 @@ MISTAKES = [
     ("hard-coded", [("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0 / 32")], "logprobs",
      K.HARDCODED),
     ("other-factor", [("dbnraw = bngain * dhpreact", "dbnraw = bnraw * dhpreact")], "bnraw", K.WRONG_FACTOR),
+    ("columns", [("dW1 = embcat.T @ dhprebn", "dW1 = embcat.T @ dhprebn\ndW1[:, :8] = 0")], "W1", K.ROWS),
+    ("rows", [("dh = dlogits @ W2.T", "dh = dlogits @ W2.T\ndh[:3] *= 2")], "h", K.ROWS),
 ]
 
 
@@ -101,6 +103,13 @@ def test_mistake_is_flagged_once_and_named(graded, mid, edits, wrong, kind):
     assert [r.name for r in bad] == [f"d{wrong}"], g.table()  # local grading: everything else right
     assert bad[0].kind == kind, bad[0].diagnosis
     assert g.summary() == f"25 of 26 right; next: d{wrong}"
+
+
+@pytest.mark.parametrize("mid, words", [("columns", "wrong only in columns 0, 1, 2, 3, 4, 5, 6, 7 of 64"),
+                                         ("rows", "wrong only on rows 0, 1, 2 of")])
+def test_a_mistake_on_some_rows_or_columns_says_which(graded, mid, words):
+    (row,) = [r for r in graded[mid].rows if not r.ok]
+    assert words in row.diagnosis
 
 
 def test_learner_exception_reports_their_line(graded):

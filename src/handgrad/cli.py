@@ -513,8 +513,9 @@ def _cmd_diagnose(args) -> int:
 def _cmd_dojo_list(args) -> int:
     from handgrad.dojo import exercises
 
+    w = max(len(ex.slug) for ex in exercises.EXERCISES.values())
     for ex in exercises.EXERCISES.values():
-        print(f"{ex.key}  {ex.slug:<14}  {ex.about}")
+        print(f"{ex.key}  {ex.slug:<{w}}  {ex.about}")
     return 0
 
 
