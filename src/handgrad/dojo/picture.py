@@ -15,6 +15,7 @@ from handgrad.dojo.grade import COLOURS, VERDICTS, Grade
 from handgrad.dojo.graph import Graph
 
 ROW_H, COL_W, NODE_W, NODE_H, MARGIN, TOP = 64, 170, 140, 40, 40, 90  # px
+NOTE_CHARS = 90  # the longest diagnosis written beside the graph (the full one is the node's tooltip)
 PLAIN = "#ffffff"  # a tensor with no graded gradient (the batch, the loss)
 STROKE = {"ok": "#2e7d32", "wrong": "#c62828", "missing": "#9e9e9e", "error": "#e65100", "invalid": "#e65100"}
 
@@ -44,7 +45,9 @@ def svg(grade: Grade) -> str:
     pos = layout(graph)
     ncols = 1 + max(c for _, c in pos.values())
     nrows = 1 + max(r for r, _ in pos.values())
-    width = 2 * MARGIN + ncols * COL_W + 120  # room on the right for the bent skip edges
+    said = [n for n in pos if n in rows and rows[n].status in ("wrong", "error", "invalid")]
+    notes_x = MARGIN + (ncols - 1) * COL_W + NODE_W + 24  # right of every node: what is wrong, in words
+    width = notes_x + (NOTE_CHARS * 7 + MARGIN if said else MARGIN)
     height = TOP + nrows * ROW_H + MARGIN
 
     def xy(name: str) -> tuple[float, float]:
@@ -97,6 +100,14 @@ def svg(grade: Grade) -> str:
             + (f'<text x="{cx}" y="{cy + 13}" text-anchor="middle" font-size="10">d{_h(name)}: {label}</text>'
                if label else "")
             + "</g>"
+        )
+    for name in said:  # the diagnosis beside the chain, level with its tensor
+        r = rows[name]
+        _, cy = xy(name)
+        words = f"d{name}: {r.diagnosis}"
+        words = words if len(words) <= NOTE_CHARS else words[: NOTE_CHARS - 3] + "..."
+        out.append(
+            f'<text x="{notes_x}" y="{cy + 4}" font-size="11" fill="{STROKE[r.status]}">{_h(words)}</text>'
         )
     out.append("</svg>")
     return "\n".join(out) + "\n"
