@@ -218,6 +218,8 @@ def test_graph_picture_colours_each_tensor_by_its_grade(tmp_path, capsys):
     assert {k for k, v in fills.items() if v not in COLOURS.values()} == {"Xb", "Yb", "loss"}
     tip = next(g.find("s:title", ns).text for g in root.findall("s:g", ns) if g.find("s:text", ns).text == "W2")
     assert "transposed" in tip
+    beside = [t.text for t in root.findall("s:text", ns) if (t.text or "").startswith("dW2: ")]
+    assert len(beside) == 1 and "transposed" in beside[0]  # written beside the graph, not only as a tooltip
 
 
 # ---------------------------------------------------------------------------- exit codes on the command line
