@@ -51,6 +51,24 @@ MISTAKES = [
 ]
 
 
+# Right answers written differently from the reference (another order, another form of the same maths,
+# index_add_ for the loop, einsum): no false alarm at the float64 verdict's tolerance.
+RIGHT_VARIANTS = [
+    ("dprobs = (1.0 / probs) * dlogprobs", "dprobs = dlogprobs / probs"),
+    ("dcounts_sum_inv = (counts * dprobs).sum(1, keepdim=True)", "dcounts_sum_inv = (dprobs * counts).sum(1, keepdim=True)"),
+    ("dcounts_sum = (-counts_sum**-2) * dcounts_sum_inv", "dcounts_sum = -dcounts_sum_inv / counts_sum**2"),
+    ("dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1]) * dlogit_maxes",
+     "dlogits[range(n), logits.argmax(1)] += dlogit_maxes.view(-1)"),
+    ("dhpreact = (1.0 - h**2) * dh", "dhpreact = (1 - torch.tanh(hpreact) ** 2) * dh"),
+    ("dbnvar = (-0.5 * (bnvar + 1e-5) ** -1.5) * dbnvar_inv", "dbnvar = -0.5 * bnvar_inv**3 * dbnvar_inv"),
+    ("dbndiff2 = (1.0 / (n - 1)) * torch.ones_like(bndiff2) * dbnvar",
+     "dbndiff2 = torch.ones_like(bndiff2) * dbnvar / (n - 1)"),
+    ("dhprebn += 1.0 / n * (torch.ones_like(hprebn) * dbnmeani)", "dhprebn += dbnmeani / n"),
+    ("dW1 = embcat.T @ dhprebn", "dW1 = torch.einsum('ni,nj->ij', embcat, dhprebn)"),
+    (LOOP, "dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), demb.view(-1, n_embd))\n"),
+]
+
+
 def _edit(edits: list[tuple[str, str]]) -> str:
     src = EX1.solution
     for old, new in edits:
@@ -65,6 +83,7 @@ def graded(tmp_path_factory):
     d = tmp_path_factory.mktemp("dojo")
     files = {"reference": E.template(EX1, EX1.solution), "blank": E.template(EX1)}
     files |= {m[0]: _edit(m[1]) for m in MISTAKES}
+    files["right-variants"] = _edit(RIGHT_VARIANTS)
     files["error"] = _edit([("dh = dlogits @ W2.T", "dh = dlogits @ W2")])
     files["numpy"] = _edit([("dh = dlogits @ W2.T", "dh = (dlogits @ W2.T).numpy()")])
     files["dtype"] = _edit([("dlogprobs = torch.zeros_like(logprobs)", "dlogprobs = torch.zeros((n, 27))")])
@@ -85,6 +104,11 @@ def test_reference_passes_every_gradient(graded):
     # the lecture's (1 - h**2) * dh rounds twice: float32 bit-exactness fails there and only there
     assert [r.name for r in g.rows if not r.exact] == ["dhpreact"]
     assert g.summary() == "26 of 26 right; all done"
+
+
+def test_right_answers_written_differently_pass(graded):
+    g = graded["right-variants"]
+    assert g.exit_code == 0 and all(r.ok and r.chain for r in g.rows), g.table()
 
 
 def test_blank_file_is_all_missing_with_its_lines(graded):
