@@ -681,6 +681,116 @@ def _cmd_diagnose(args) -> int:
 # ---- end diagnose
 
 
+# ---- dojo (owned by the dojo)
+def _cmd_dojo_list(args) -> int:
+    from handgrad.dojo import exercises
+
+    w = max(len(ex.slug) for ex in exercises.EXERCISES.values())
+    for ex in exercises.EXERCISES.values():
+        print(f"{ex.key}  {ex.slug:<{w}}  {ex.about}")
+    return 0
+
+
+def _cmd_dojo_start(args) -> int:
+    from handgrad.dojo import exercises
+
+    try:
+        path = exercises.start(args.exercise, args.dir)
+    except ValueError as e:
+        raise UsageError(f"dojo start {args.exercise}: {e}") from None
+    except FileExistsError:
+        ex = exercises.get(args.exercise)
+        raise UsageError(f"{Path(args.dir) / (ex.slug + '.py')} exists already and is never overwritten; "
+                         "grade it, or start in another --dir") from None
+    except OSError as e:
+        raise UsageError(f"--dir {args.dir}: {e.strerror or e}") from None
+    print(f"wrote {path}: fill in the gradients between '# >>>' and '# <<<', then run: "
+          f"handgrad dojo grade {path}")
+    return 0
+
+
+def _cmd_dojo_grade(args) -> int:
+    import json
+
+    from handgrad.dojo.grade import grade_file  # (handgrad.dojo.grade the name is the notebook's function)
+
+    if args.graph and not args.graph.endswith(".svg"):
+        raise UsageError(f"--graph {args.graph}: the picture is SVG; name the file something.svg")
+    if args.graph and not Path(args.graph).resolve().parent.is_dir():
+        raise UsageError(f"--graph {args.graph}: the folder {Path(args.graph).parent} does not exist")
+    g = grade_file(args.file, args.exercise, args.time_limit)
+    if g.problem:
+        _err(f"dojo grade {g.table().split(': ', 1)[0]}: {g.problem}")
+        return 2
+    print(json.dumps(g.to_json(), indent=1) if args.json else g.table())
+    if args.graph:
+        from handgrad.dojo import picture
+
+        try:
+            picture.write(g, args.graph)
+        except OSError as e:
+            raise UsageError(f"--graph {args.graph}: {e.strerror or e}") from None
+        if not args.json:
+            print(f"graph: {args.graph}")
+    return g.exit_code
+
+
+def _cmd_dojo_hint(args) -> int:
+    from handgrad.dojo import hints
+
+    try:
+        level, what, text = hints.next_hint(args.file, args.name, args.exercise)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"dojo hint {args.file}: cannot read it ({e.__class__.__name__})") from None
+    except ValueError as e:
+        raise UsageError(f"dojo hint: {e}") from None
+    name = args.name if args.name.startswith("d") else "d" + args.name
+    print(f"hint {level} of {len(hints.LEVELS)} for {name}, {what}:\n{text}")
+    if level < len(hints.LEVELS):
+        print(f"(ask again for hint {level + 1}: handgrad dojo hint {args.file} {name})")
+    return 0
+
+
+def _cmd_dojo_solution(args) -> int:
+    from handgrad.dojo import hints
+
+    try:
+        print(hints.solution(args.exercise), end="")
+    except ValueError as e:
+        raise UsageError(f"dojo solution {args.exercise}: {e}") from None
+    return 0
+
+
+def _add_dojo_parser(sub) -> None:
+    p = sub.add_parser("dojo", help="the Backprop Ninja exercises: start one, fill it in, get it graded",
+                       description="The lecture's exercises as files you fill in, graded gradient by "
+                       "gradient, each with the correct upstream gradients fed in, with the mistake named.")
+    dsub = p.add_subparsers(dest="dojo_command", required=True, metavar="ACTION")
+    q = dsub.add_parser("list", help="the exercises")
+    q.set_defaults(func=_cmd_dojo_list)
+    q = dsub.add_parser("start", help="write an exercise's file (never overwrites)")
+    q.add_argument("exercise", help="its number or name (see `handgrad dojo list`)")
+    q.add_argument("--dir", default=".", help="where to write it (default: here)")
+    q.set_defaults(func=_cmd_dojo_start)
+    q = dsub.add_parser("grade", help="grade a file: exit 0 all right, 1 something wrong, 2 cannot grade")
+    q.add_argument("file", help="the exercise file")
+    q.add_argument("--exercise", help="grade it as this exercise (default: its '# handgrad dojo' line)")
+    q.add_argument("--time-limit", type=float, default=20.0,
+                   help="seconds for your code (default %(default)s)")
+    q.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    q.add_argument("--graph", metavar="OUT.svg", help="also draw the graph, each tensor coloured by grade")
+    q.set_defaults(func=_cmd_dojo_grade)
+    q = dsub.add_parser("hint", help="the next of three hints for a gradient: rule, shapes, form")
+    q.add_argument("file", help="your exercise file (the count of hints is kept beside it)")
+    q.add_argument("name", help="the gradient, e.g. dprobs")
+    q.add_argument("--exercise", help="the exercise (default: the file's '# handgrad dojo' line)")
+    q.set_defaults(func=_cmd_dojo_hint)
+    q = dsub.add_parser("solution", help="print an exercise's reference backward")
+    q.add_argument("exercise", help="its number or name")
+    q.set_defaults(func=_cmd_dojo_solution)
+# ---- end dojo
+
+
 # ---------------------------------------------------------------------------- main
 UNFINISHED_HELP = ("use a checkpoint whose training has not finished (batchnorm uses its running "
                    "statistics)")
@@ -729,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "on its own data file)")
     p.set_defaults(func=_cmd_diagnose)
     # ---- end diagnose: parser
+    _add_dojo_parser(sub)
     return parser
 
 
