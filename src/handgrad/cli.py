@@ -515,12 +515,14 @@ def _cmd_dojo_list(args) -> int:
 
     for ex in exercises.EXERCISES.values():
         print(f"{ex.key}  {ex.slug:<14}  {ex.about}")
-    return 0
+    return _dojo_challenge("list", args)
 
 
 def _cmd_dojo_start(args) -> int:
     from handgrad.dojo import exercises
 
+    if (rc := _dojo_challenge("start", args)) is not None:
+        return rc
     try:
         path = exercises.start(args.exercise, args.dir)
     except ValueError as e:
@@ -541,6 +543,8 @@ def _cmd_dojo_grade(args) -> int:
 
     from handgrad.dojo import grade
 
+    if (rc := _dojo_challenge("grade", args)) is not None:
+        return rc
     g = grade.grade_file(args.file, args.exercise, args.time_limit)
     if g.problem:
         _err(f"dojo grade {g.table().split(': ', 1)[0]}: {g.problem}")
@@ -567,6 +571,39 @@ def _add_dojo_parser(sub) -> None:
                    help="seconds for your code (default %(default)s)")
     q.add_argument("--json", action="store_true", help="print JSON instead of the table")
     q.set_defaults(func=_cmd_dojo_grade)
+    _add_dojo_challenge_parsers(dsub)
+
+
+# ---- dojo challenges (owned by dojo/challenges): the handlers above ask it first; None: not a challenge
+def _dojo_challenge(action: str, args) -> int | None:
+    from handgrad.dojo import challenges
+
+    return challenges.cli(action, args, print, _err)
+
+
+def _cmd_dojo_hint(args) -> int:
+    if (rc := _dojo_challenge("hint", args)) is not None:
+        return rc
+    raise UsageError(f"dojo hint {args.file}: not a challenge file (the exercises' hints are not here yet)")
+
+
+def _cmd_dojo_solution(args) -> int:
+    if (rc := _dojo_challenge("solution", args)) is not None:
+        return rc
+    raise UsageError(f"dojo solution {args.exercise}: not a challenge (see `handgrad dojo list`)")
+
+
+def _add_dojo_challenge_parsers(dsub) -> None:
+    q = dsub.add_parser("hint", help="a hint for one row of a file: 1 the rule, 2 the shapes, 3 the form")
+    q.add_argument("file", help="the challenge file")
+    q.add_argument("name", help="the row, e.g. dW")
+    q.add_argument("--level", type=int, choices=(1, 2, 3), default=1,
+                   help="how much to give away (3 gives the answer; default %(default)s)")
+    q.set_defaults(func=_cmd_dojo_hint)
+    q = dsub.add_parser("solution", help="print a challenge's reference solution")
+    q.add_argument("exercise", help="the challenge (see `handgrad dojo list`)")
+    q.set_defaults(func=_cmd_dojo_solution)
+# ---- end dojo challenges
 # ---- end dojo
 
 

@@ -1,0 +1,134 @@
+"""The dojo's coding challenges: every reference solution passes, a fresh file is all missing, each
+planted mistake is flagged on its row (and only there) with the mistake named; files that cannot be
+graded say why in one line (exit 2); list/start/grade/hint/solution work from the CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from handgrad import cli
+from handgrad.dojo import catalogue as K
+from handgrad.dojo import challenges as C
+from handgrad.dojo.challenges.core import render
+
+# (id, challenge, edits of the reference as (old, new) pairs, the wrong rows, the kind the first is named)
+MISTAKES = [
+    ("lt-1-a", "linear-tanh", [("dz = (1 - a**2) * da", "dz = (1 - a) * da")], ["dz"], K.TANH),
+    ("lt-at-input", "linear-tanh", [("dz = (1 - a**2) * da", "dz = (1 - z**2) * da")], ["dz"], K.INPUT_OUTPUT),
+    ("lt-no-upstream", "linear-tanh", [("dz = (1 - a**2) * da", "dz = 1 - a**2")], ["dz"], K.NO_UPSTREAM),
+    ("lt-sign", "linear-tanh", [("dz = (1 - a**2) * da", "dz = (a**2 - 1) * da")], ["dz"], K.SIGN),
+    ("lt-dW-transposed", "linear-tanh", [("dW = x.T @ dz", "dW = dz.T @ x")], ["dW"], K.TRANSPOSED),
+    ("lt-dx-transposed", "linear-tanh", [("dx = dz @ W.T", "dx = (dz @ W.T).T")], ["dx"], K.TRANSPOSED),
+    ("lt-db-no-sum", "linear-tanh", [("db = dz.sum(0)", "db = dz")], ["db"], K.SHAPE),
+    ("lt-db-keepdim", "linear-tanh", [("db = dz.sum(0)", "db = dz.sum(0, keepdim=True)")], ["db"], K.SHAPE),
+    ("lt-db-dim1", "linear-tanh", [("db = dz.sum(0)", "db = dz.sum(1)")], ["db"], K.WRONG_DIM),
+    ("lt-dW-mean", "linear-tanh", [("dW = x.T @ dz", "dW = x.T @ dz / x.shape[0]")], ["dW"], K.SCALE_N),
+]
+
+
+def _edit(key: str, edits: list[tuple[str, str]]) -> str:
+    c = C.get(key)
+    src = render(c, c.solution)
+    for old, new in edits:
+        assert old in src, old
+        src = src.replace(old, new)
+    return src
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Every file of this module graded in one child process: {id: ChallengeGrade}."""
+    d = tmp_path_factory.mktemp("challenges")
+    files = {}
+    for c in C.CHALLENGES.values():
+        files[f"ref-{c.key}"] = render(c, c.solution)
+        files[f"blank-{c.key}"] = render(c)
+    files |= {m[0]: _edit(m[1], m[2]) for m in MISTAKES}
+    files["error"] = _edit("linear-tanh", [("dx = dz @ W.T", "dx = dz @ W")])
+    files["numpy"] = _edit("linear-tanh", [("dW = x.T @ dz", "dW = (x.T @ dz).numpy()")])
+    files["syntax"] = _edit("linear-tanh", [("dW = x.T @ dz", "dW = x.T @@ dz")])
+    paths = []
+    for name, text in files.items():
+        p = d / f"{name}.py"
+        p.write_text(text)
+        paths.append(p)
+    return dict(zip(files, C.grade_files(paths)))
+
+
+@pytest.mark.parametrize("key", list(C.CHALLENGES))
+def test_reference_solution_passes(graded, key):
+    g = graded[f"ref-{key}"]
+    assert g.problem == "" and g.exit_code == 0, g.table()
+    assert g.summary() == f"{len(g.rows)} of {len(g.rows)} right; all done"
+
+
+@pytest.mark.parametrize("key", list(C.CHALLENGES))
+def test_fresh_file_is_all_missing(graded, key):
+    g = graded[f"blank-{key}"]
+    assert g.exit_code == 1, g.table()
+    assert all(r.status == "missing" and r.line for r in g.rows), g.table()
+
+
+@pytest.mark.parametrize("mid, key, edits, wrong, kind", MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_mistake_is_flagged_where_it_is_and_named(graded, mid, key, edits, wrong, kind):
+    g = graded[mid]
+    assert g.exit_code == 1, g.table()
+    assert [r.name for r in g.rows if not r.ok] == wrong, g.table()
+    bad = next(r for r in g.rows if not r.ok)
+    assert bad.kind == kind, bad.diagnosis
+    assert bad.diagnosis and "matches none" not in bad.diagnosis
+
+
+def test_learner_exception_reports_their_line(graded):
+    g = graded["error"]
+    bad = [r for r in g.rows if not r.ok]
+    assert {r.name for r in bad} == {"dx", "dW", "db"} and all(r.status == "error" for r in bad)
+    src = _edit("linear-tanh", [("dx = dz @ W.T", "dx = dz @ W")]).splitlines()
+    assert src[bad[0].line - 1].strip() == "dx = dz @ W"
+    assert bad[0].diagnosis.startswith(f"line {bad[0].line}: RuntimeError")
+
+
+@pytest.mark.parametrize("name, words", [("numpy", "NumPy array"), ("syntax", "SyntaxError")])
+def test_cannot_grade_says_why_in_one_line(graded, name, words):
+    g = graded[name]
+    assert g.exit_code == 2 and words in g.problem and "\n" not in g.problem
+
+
+def test_infinite_loop_is_stopped_with_one_line_exit_2(tmp_path, capsys):
+    p = tmp_path / "loop.py"
+    p.write_text(_edit("linear-tanh", [("dW = x.T @ dz", "while True:\n        pass")]))
+    assert cli.main(["dojo", "grade", str(p), "--time-limit", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "time limit" in err and "\n" not in err
+
+
+def test_cli_list_start_grade_hint_solution(tmp_path, capsys):
+    assert cli.main(["dojo", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(c.key in out for c in C.CHALLENGES.values()) and "ex1_atomic" in out
+    for c in C.CHALLENGES.values():
+        assert cli.main(["dojo", "start", c.key, "--dir", str(tmp_path)]) == 0
+    path = tmp_path / "ch_linear_tanh.py"
+    path.write_text(path.read_text() + "# my work\n")
+    assert cli.main(["dojo", "start", "a", "--dir", str(tmp_path)]) == 2  # never overwrites
+    assert path.read_text().endswith("# my work\n")
+    capsys.readouterr()
+    assert cli.main(["dojo", "grade", str(path)]) == 1
+    assert "0 of 4 right; next: dz" in capsys.readouterr().out
+    for level in (1, 2):
+        assert cli.main(["dojo", "hint", str(path), "db", "--level", str(level)]) == 0
+        assert "dz.sum(0)" not in capsys.readouterr().out  # not given away before the last hint
+    assert cli.main(["dojo", "hint", str(path), "db", "--level", "3"]) == 0
+    assert "dz.sum(0)" in capsys.readouterr().out
+    assert cli.main(["dojo", "hint", str(path), "dQ"]) == 2
+    assert cli.main(["dojo", "solution", "linear-tanh"]) == 0
+    sol = tmp_path / "sol.py"
+    sol.write_text(capsys.readouterr().out)
+    assert cli.main(["dojo", "grade", str(sol)]) == 0
+
+
+def test_every_hint_hides_the_answer_until_the_last():
+    for c in C.CHALLENGES.values():
+        for s in c.specs:
+            assert len(s.hints) == 3 and all(s.hints)
+            assert s.hints[2] not in s.hints[0] + s.hints[1], (c.key, s.name)
