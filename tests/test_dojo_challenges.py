@@ -11,6 +11,10 @@ from handgrad.dojo import catalogue as K
 from handgrad.dojo import challenges as C
 from handgrad.dojo.challenges.core import render
 
+CE = "dlogits = dloss * (F.softmax(logits, 1) - F.one_hot(Y, logits.shape[1]).to(logits.dtype)) / n"
+EMB = ("dC = torch.zeros_like(C)  # (V, E)\n    dC.index_add_(0, X.reshape(-1), demb.reshape(-1, C.shape[1]))  "
+       "# accumulates repeated indices")
+
 # (id, challenge, edits of the reference as (old, new) pairs, the wrong rows, the kind the first is named)
 MISTAKES = [
     ("lt-1-a", "linear-tanh", [("dz = (1 - a**2) * da", "dz = (1 - a) * da")], ["dz"], K.TANH),
@@ -23,6 +27,20 @@ MISTAKES = [
     ("lt-db-keepdim", "linear-tanh", [("db = dz.sum(0)", "db = dz.sum(0, keepdim=True)")], ["db"], K.SHAPE),
     ("lt-db-dim1", "linear-tanh", [("db = dz.sum(0)", "db = dz.sum(1)")], ["db"], K.WRONG_DIM),
     ("lt-dW-mean", "linear-tanh", [("dW = x.T @ dz", "dW = x.T @ dz / x.shape[0]")], ["dW"], K.SCALE_N),
+    ("ce-no-minus-one", "cross-entropy", [(CE, "dlogits = dloss * F.softmax(logits, 1) / n")], ["dlogits"],
+     K.SOFTMAX_MINUS_ONE),
+    ("ce-no-1/n", "cross-entropy", [(CE, CE.replace(") / n", ")"))], ["dlogits"], K.SCALE_N),
+    ("ce-dim0", "cross-entropy", [(CE, CE.replace("softmax(logits, 1)", "softmax(logits, 0)"))], ["dlogits"],
+     K.WRONG_DIM),
+    ("ce-no-dloss", "cross-entropy", [(CE, CE.replace("dloss * ", ""))], ["dlogits"], K.NO_UPSTREAM),
+    ("ce-sign", "cross-entropy", [(CE, CE.replace("dloss *", "-dloss *"))], ["dlogits"], K.SIGN),
+    ("ce-overflow", "cross-entropy", [(CE, "p = logits.exp() / logits.exp().sum(1, keepdim=True)\n    "
+                                       + CE.replace("F.softmax(logits, 1)", "p"))], ["dlogits"], K.NONFINITE),
+    ("emb-assign", "embedding", [(EMB, "dC = torch.zeros_like(C)\n    dC[X] = demb")], ["dC"], K.OVERWRITE),
+    ("emb-plus-eq", "embedding", [(EMB, "dC = torch.zeros_like(C)\n    dC[X] += demb")], ["dC"], K.OVERWRITE),
+    ("emb-loop-assign", "embedding", [(EMB, "dC = torch.zeros_like(C)\n    for k in range(X.shape[0]):\n"
+                                       "        for j in range(X.shape[1]):\n            dC[X[k, j]] = demb[k, j]")],
+     ["dC"], K.OVERWRITE),
 ]
 
 
@@ -49,7 +67,7 @@ def graded(tmp_path_factory):
     files["syntax"] = _edit("linear-tanh", [("dW = x.T @ dz", "dW = x.T @@ dz")])
     paths = []
     for name, text in files.items():
-        p = d / f"{name}.py"
+        p = d / f"{name.replace('/', '_')}.py"
         p.write_text(text)
         paths.append(p)
     return dict(zip(files, C.grade_files(paths)))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from handgrad.dojo import runner
-from handgrad.dojo.challenges import linear_tanh
+from handgrad.dojo.challenges import cross_entropy, embedding, linear_tanh
 from handgrad.dojo.challenges.core import MARK, Challenge, blank_lines, drive_job, judge, render
 from handgrad.dojo.grade import TIME_LIMIT, Grade, run_child
 
@@ -23,6 +23,8 @@ CHALLENGES: dict[str, Challenge] = {
     c.key: c
     for c in (
         linear_tanh.CHALLENGE,
+        cross_entropy.CHALLENGE,
+        embedding.CHALLENGE,
     )
 }
 # The child process calls the learner's code through this driver; the runner runs as __main__

@@ -299,7 +299,7 @@ def judge_tensor(ch: Challenge, spec: Spec, probes: list[CProbe], outs: dict[str
         row.max_rel = _rel(failing[0][1], failing[0][0].refs[spec.name])
         row.kind, row.key, row.diagnosis = diagnose(ch, spec, failing)
         if len(failing) < len(probes) and "probe" not in row.diagnosis:
-            row.diagnosis += f" (wrong on: {', '.join(p.about for p, _ in failing)})"
+            row.diagnosis += f" (wrong on: {'; '.join(p.about for p, _ in failing)})"
     return row
 
 
