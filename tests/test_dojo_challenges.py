@@ -9,16 +9,30 @@ import pytest
 from handgrad import cli
 from handgrad.dojo import catalogue as K
 from handgrad.dojo import challenges as C
+from handgrad.dojo.challenges import batchnorm as B
 from handgrad.dojo.challenges.core import render
 
 CE = "dlogits = dloss * (F.softmax(logits, 1) - F.one_hot(Y, logits.shape[1]).to(logits.dtype)) / n"
-EMB = ("dC = torch.zeros_like(C)  # (V, E)\n    dC.index_add_(0, X.reshape(-1), demb.reshape(-1, C.shape[1]))  "
-       "# accumulates repeated indices")
+EMB = (
+    "dC = torch.zeros_like(C)  # (V, E)\n    dC.index_add_(0, X.reshape(-1), demb.reshape(-1, C.shape[1]))  "
+    "# accumulates repeated indices"
+)
+
+BN_UPDATE = (
+    "        self.running_mean = (1 - m) * self.running_mean + m * xmean[0]\n"
+    "            self.running_var = (1 - m) * self.running_var + m * xvar[0]\n"
+)
 
 # (id, challenge, edits of the reference as (old, new) pairs, the wrong rows, the kind the first is named)
 MISTAKES = [
     ("lt-1-a", "linear-tanh", [("dz = (1 - a**2) * da", "dz = (1 - a) * da")], ["dz"], K.TANH),
-    ("lt-at-input", "linear-tanh", [("dz = (1 - a**2) * da", "dz = (1 - z**2) * da")], ["dz"], K.INPUT_OUTPUT),
+    (
+        "lt-at-input",
+        "linear-tanh",
+        [("dz = (1 - a**2) * da", "dz = (1 - z**2) * da")],
+        ["dz"],
+        K.INPUT_OUTPUT,
+    ),
     ("lt-no-upstream", "linear-tanh", [("dz = (1 - a**2) * da", "dz = 1 - a**2")], ["dz"], K.NO_UPSTREAM),
     ("lt-sign", "linear-tanh", [("dz = (1 - a**2) * da", "dz = (a**2 - 1) * da")], ["dz"], K.SIGN),
     ("lt-dW-transposed", "linear-tanh", [("dW = x.T @ dz", "dW = dz.T @ x")], ["dW"], K.TRANSPOSED),
@@ -27,20 +41,118 @@ MISTAKES = [
     ("lt-db-keepdim", "linear-tanh", [("db = dz.sum(0)", "db = dz.sum(0, keepdim=True)")], ["db"], K.SHAPE),
     ("lt-db-dim1", "linear-tanh", [("db = dz.sum(0)", "db = dz.sum(1)")], ["db"], K.WRONG_DIM),
     ("lt-dW-mean", "linear-tanh", [("dW = x.T @ dz", "dW = x.T @ dz / x.shape[0]")], ["dW"], K.SCALE_N),
-    ("ce-no-minus-one", "cross-entropy", [(CE, "dlogits = dloss * F.softmax(logits, 1) / n")], ["dlogits"],
-     K.SOFTMAX_MINUS_ONE),
+    (
+        "ce-no-minus-one",
+        "cross-entropy",
+        [(CE, "dlogits = dloss * F.softmax(logits, 1) / n")],
+        ["dlogits"],
+        K.SOFTMAX_MINUS_ONE,
+    ),
     ("ce-no-1/n", "cross-entropy", [(CE, CE.replace(") / n", ")"))], ["dlogits"], K.SCALE_N),
-    ("ce-dim0", "cross-entropy", [(CE, CE.replace("softmax(logits, 1)", "softmax(logits, 0)"))], ["dlogits"],
-     K.WRONG_DIM),
+    (
+        "ce-dim0",
+        "cross-entropy",
+        [(CE, CE.replace("softmax(logits, 1)", "softmax(logits, 0)"))],
+        ["dlogits"],
+        K.WRONG_DIM,
+    ),
     ("ce-no-dloss", "cross-entropy", [(CE, CE.replace("dloss * ", ""))], ["dlogits"], K.NO_UPSTREAM),
     ("ce-sign", "cross-entropy", [(CE, CE.replace("dloss *", "-dloss *"))], ["dlogits"], K.SIGN),
-    ("ce-overflow", "cross-entropy", [(CE, "p = logits.exp() / logits.exp().sum(1, keepdim=True)\n    "
-                                       + CE.replace("F.softmax(logits, 1)", "p"))], ["dlogits"], K.NONFINITE),
+    (
+        "ce-overflow",
+        "cross-entropy",
+        [
+            (
+                CE,
+                "p = logits.exp() / logits.exp().sum(1, keepdim=True)\n    "
+                + CE.replace("F.softmax(logits, 1)", "p"),
+            )
+        ],
+        ["dlogits"],
+        K.NONFINITE,
+    ),
     ("emb-assign", "embedding", [(EMB, "dC = torch.zeros_like(C)\n    dC[X] = demb")], ["dC"], K.OVERWRITE),
     ("emb-plus-eq", "embedding", [(EMB, "dC = torch.zeros_like(C)\n    dC[X] += demb")], ["dC"], K.OVERWRITE),
-    ("emb-loop-assign", "embedding", [(EMB, "dC = torch.zeros_like(C)\n    for k in range(X.shape[0]):\n"
-                                       "        for j in range(X.shape[1]):\n            dC[X[k, j]] = demb[k, j]")],
-     ["dC"], K.OVERWRITE),
+    (
+        "emb-loop-assign",
+        "embedding",
+        [
+            (
+                EMB,
+                "dC = torch.zeros_like(C)\n    for k in range(X.shape[0]):\n"
+                "        for j in range(X.shape[1]):\n            dC[X[k, j]] = demb[k, j]",
+            )
+        ],
+        ["dC"],
+        K.OVERWRITE,
+    ),
+    (
+        "bn-biased",
+        "batchnorm",
+        [("xvar = x.var(0, keepdim=True)", "xvar = x.var(0, keepdim=True, unbiased=False)")],
+        ["out(train)", "running_var"],
+        K.BESSEL,
+    ),
+    (
+        "bn-no-eps",
+        "batchnorm",
+        [("(xvar + self.eps) ** -0.5", "xvar ** -0.5")],
+        ["out(train)", "out(eval)"],
+        K.EPS_LEFT_OUT,
+    ),
+    ("bn-not-updated", "batchnorm", [(BN_UPDATE, "")], ["running_mean", "running_var"], B.NOT_UPDATED),
+    (
+        "bn-momentum",
+        "batchnorm",
+        [("(1 - m) * self.running_mean + m * xmean[0]", "m * self.running_mean + (1 - m) * xmean[0]")],
+        ["running_mean"],
+        B.MOMENTUM,
+    ),
+    (
+        "bn-eval-batch",
+        "batchnorm",
+        [
+            (
+                "xmean = self.running_mean\n            xvar = self.running_var",
+                "xmean = x.mean(0, keepdim=True)\n            xvar = x.var(0, keepdim=True)",
+            )
+        ],
+        ["out(eval)"],
+        B.BATCH_IN_EVAL,
+    ),
+    (
+        "bn-eval-updates",
+        "batchnorm",
+        [
+            (
+                "    xvar = self.running_var\n",
+                "    xvar = self.running_var\n"
+                "            self.running_mean = 0.9 * self.running_mean + 0.1 * x.mean(0)\n",
+            )
+        ],
+        ["stats(eval)"],
+        B.UPDATED_IN_EVAL,
+    ),
+    ("bn-dx-bessel", "batchnorm", [("n / (n - 1) * xhat", "xhat")], ["dx"], K.BESSEL),
+    (
+        "bn-dx-direct",
+        "batchnorm",
+        [
+            (
+                "dx = self.gamma * var_inv / n * (n * dout - dbeta - n / (n - 1) * xhat * dgamma)",
+                "dx = self.gamma * var_inv * dout",
+            )
+        ],
+        ["dx"],
+        K.MISSING_BRANCH,
+    ),
+    (
+        "bn-dgamma",
+        "batchnorm",
+        [("dgamma = (xhat * dout).sum(0)", "dgamma = dout.sum(0)")],
+        ["dgamma", "dx"],
+        K.WRONG_FACTOR,
+    ),
 ]
 
 

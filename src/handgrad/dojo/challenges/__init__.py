@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from handgrad.dojo import runner
-from handgrad.dojo.challenges import cross_entropy, embedding, linear_tanh
+from handgrad.dojo.challenges import batchnorm, cross_entropy, embedding, linear_tanh
 from handgrad.dojo.challenges.core import MARK, Challenge, blank_lines, drive_job, judge, render
 from handgrad.dojo.grade import TIME_LIMIT, Grade, run_child
 
@@ -24,6 +24,7 @@ CHALLENGES: dict[str, Challenge] = {
     for c in (
         linear_tanh.CHALLENGE,
         cross_entropy.CHALLENGE,
+        batchnorm.CHALLENGE,
         embedding.CHALLENGE,
     )
 }
