@@ -10,6 +10,7 @@ from handgrad import cli
 from handgrad.dojo import catalogue as K
 from handgrad.dojo import challenges as C
 from handgrad.dojo.challenges import batchnorm as B
+from handgrad.dojo.challenges import gradcheck as G
 from handgrad.dojo.challenges.core import render
 
 CE = "dlogits = dloss * (F.softmax(logits, 1) - F.one_hot(Y, logits.shape[1]).to(logits.dtype)) / n"
@@ -18,6 +19,11 @@ EMB = (
     "# accumulates repeated indices"
 )
 
+GC_SHAPE = (
+    "    if not isinstance(analytic, torch.Tensor) or analytic.shape != x.shape:\n"
+    "        return False  # a broadcast would hide a wrong shape\n"
+)
+GC_RULE = "verdict = bool(((analytic - numeric).abs() <= atol + rtol * numeric.abs()).all())"
 BN_UPDATE = (
     "        self.running_mean = (1 - m) * self.running_mean + m * xmean[0]\n"
     "            self.running_var = (1 - m) * self.running_var + m * xvar[0]\n"
@@ -153,6 +159,35 @@ MISTAKES = [
         ["dgamma", "dx"],
         K.WRONG_FACTOR,
     ),
+    (
+        "gc-no-shape-check",
+        "gradcheck",
+        [(GC_SHAPE, "")],
+        ["rejects shape (1, n)", "rejects broadcast (1,)"],
+        K.SHAPE,
+    ),
+    (
+        "gc-mean",
+        "gradcheck",
+        [(GC_RULE, "verdict = bool((analytic - numeric).abs().mean() <= 1e-3)")],
+        ["rejects one element"],
+        K.ROWS,
+    ),
+    (
+        "gc-loose",
+        "gradcheck",
+        [("rtol * numeric.abs()", "0.05 * numeric.abs()")],
+        ["rejects one element", "rejects 3% off"],
+        K.ROWS,
+    ),
+    (
+        "gc-exact",
+        "gradcheck",
+        [("atol + rtol * numeric.abs()", "0")],
+        ["accepts right (sin)", "accepts right (matrix)"],
+        G.TOO_STRICT,
+    ),
+    ("gc-no-restore", "gradcheck", [("\n        flat[k] = old  # restore x", "")], ["x unchanged"], K.OTHER),
 ]
 
 

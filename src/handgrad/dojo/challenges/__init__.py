@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from handgrad.dojo import runner
-from handgrad.dojo.challenges import batchnorm, cross_entropy, embedding, linear_tanh
+from handgrad.dojo.challenges import batchnorm, cross_entropy, embedding, gradcheck, linear_tanh
 from handgrad.dojo.challenges.core import MARK, Challenge, blank_lines, drive_job, judge, render
 from handgrad.dojo.grade import TIME_LIMIT, Grade, run_child
 
@@ -25,6 +25,7 @@ CHALLENGES: dict[str, Challenge] = {
         linear_tanh.CHALLENGE,
         cross_entropy.CHALLENGE,
         batchnorm.CHALLENGE,
+        gradcheck.CHALLENGE,
         embedding.CHALLENGE,
     )
 }
