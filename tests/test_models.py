@@ -123,6 +123,27 @@ def test_sampling_is_seeded_and_ends_with_the_end_token():
     assert all(0 not in s and all(0 < i < 27 for i in s) for s in a)
 
 
+def _sample_every_row(model, block_size, n, seed, max_len=64):
+    """Reference: every row through the model at every step, finished or not."""
+    g = torch.Generator().manual_seed(seed)
+    context, rows = torch.zeros((n, block_size), dtype=torch.long), [[] for _ in range(n)]
+    for _ in range(max_len):
+        probs = torch.softmax(models.logits_eval(model, context).to(torch.float64), dim=1)
+        ix = torch.multinomial(probs, num_samples=1, generator=g)
+        for r, i in zip(rows, ix[:, 0].tolist()):
+            r.append(i)
+        context = torch.cat([context[:, 1:], ix], dim=1)
+    return [r[:r.index(0)] if 0 in r else r for r in rows]
+
+
+@pytest.mark.parametrize("name", ["mlp", "wavenet"])
+def test_sampling_only_unfinished_rows_draws_what_running_every_row_draws(name):
+    cfg = models.preset(name, n_hidden=16)
+    model = models.build(cfg, 3, F64)
+    assert models.sample(model, cfg.block_size, n=200, seed=4, max_len=12) == \
+        _sample_every_row(model, cfg.block_size, 200, 4, max_len=12)
+
+
 def test_deep_init_scales_hidden_weights_and_last_gain():
     model = models.build(models.preset("deep"), 0)
     linears = [layer for layer in model.layers if isinstance(layer, Linear)]

@@ -18,6 +18,7 @@ import torch
 
 from handgrad import budget, checkpoint, data, models, train
 from handgrad.budget import BudgetError
+from handgrad.check import run_tolerance
 from handgrad.checkpoint import Checkpoint, CheckpointError
 from handgrad.data import DataError
 from handgrad.layers import numel
@@ -332,7 +333,7 @@ def _verify(args, splits, mcfg, tcfg) -> int:
     hand = train.train(splits, mcfg, tcfg, steps_fn=steps_fn).losses
     ref = train.train(splits, mcfg, tcfg, steps_fn=reference.autograd_steps).losses
     diff = (hand - ref).abs()  # (steps,)
-    tol = 1e-5 if tcfg.dtype == "float32" else 1e-12
+    tol = run_tolerance(tcfg.torch_dtype)
     worst = int(diff.argmax())
     print(f"{steps} steps, {mcfg.name}, {tcfg.dtype}, hand-written ({engine} engine) vs autograd, "
           "same init and batches")

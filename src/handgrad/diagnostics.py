@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from handgrad import models, ops
+from handgrad.check import RUN_TOL, run_tolerance
 from handgrad.checkpoint import CheckpointError, atomic_write_bytes
 from handgrad.layers import Sequential, Tanh
 
@@ -378,8 +379,8 @@ def _apply(rule: Rule, history: list[Snapshot], cfg: DiagConfig) -> list[DiagWar
 
 
 # ---------------------------------------------------------------------------- sanity checks
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # relative to the scale 1/B of a dlogits entry
-ATOMIC_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # relative to the largest gradient entry (as TOL)
+TOL = RUN_TOL  # relative to the scale 1/B of a dlogits entry (one home: check.RUN_TOL)
+ATOMIC_TOL = RUN_TOL  # relative to the largest gradient entry
 INIT_LOSS_TOL = 0.25  # relative: |loss0 - log V| <= 0.25 log V (see check_initial_loss)
 
 
@@ -488,7 +489,7 @@ def check_atomic_graph(model, X: Tensor, Y: Tensor) -> Check:
             worst, where = diff, f"d{lecture} ({name})"
     dtype = closed[MLP_NAMES["W1"]].dtype
     nan = "" if math.isfinite(worst) else "; NaN: the op-by-op chain divides by probs, which underflowed to 0"
-    return Check(ATOMIC_CHECK, worst / scale if scale > 0 else worst, 0.0, ATOMIC_TOL.get(dtype, 1e-5),
+    return Check(ATOMIC_CHECK, worst / scale if scale > 0 else worst, 0.0, run_tolerance(dtype),
                  f"max |op-by-op - closed| over the 7 parameter gradients (worst: {where}) / the largest "
                  f"gradient entry ({scale:.2g}); {dtype} rounding level is ~1e-7 (float32), ~1e-16 (float64)"
                  f"{nan}")
@@ -507,8 +508,8 @@ def sanity_checks(model, X: Tensor, Y: Tensor, init_loss: float | None) -> list[
     chain = "" if torch.isfinite(dnorm_logits).all() else (
         "; NaN: the op-by-op chain divides by probs, which underflowed to 0 for a confidently wrong "
         "prediction (the closed form has no such division)")
-    tol = TOL.get(logits.dtype, 1e-5) / B
-    scale = f"tolerance {TOL.get(logits.dtype, 1e-5):g} x 1/B, the size of one dlogits entry ({logits.dtype})"
+    tol = run_tolerance(logits.dtype) / B
+    scale = f"tolerance {run_tolerance(logits.dtype):g} x 1/B, the size of one dlogits entry ({logits.dtype})"
     initial = (check_initial_loss(init_loss, V) if init_loss is not None else
                not_applicable("initial loss close to -log(1/V)", "n/a: the run's initial loss is not known "
                               "(no measurement at step 0 and no model config to rebuild the init from)"))

@@ -216,7 +216,8 @@ def evaluate(model, X: Tensor, Y: Tensor, chunk: int = 32768) -> float | None:
 def calibrate(model: Sequential, X: Tensor, chunk: int = 32768) -> dict[str, Tensor]:
     """The lecture's calibration, layer by layer: each batchnorm's mean and n-1 variance of its input
     over the whole training set, with the batchnorms before it already calibrated (each one's
-    statistics depend on those before it). Sums in float64, two passes, in chunks to bound memory.
+    statistics depend on those before it). In float64, one pass per batchnorm in chunks to bound
+    memory, each chunk's mean and squared deviations merged exactly into the running ones.
     Returns the calibrated buffers by name; the model itself is not changed."""
     stats: dict[str, Tensor] = {}
     current = model
@@ -225,14 +226,17 @@ def calibrate(model: Sequential, X: Tensor, chunk: int = 32768) -> dict[str, Ten
             continue
         head = Sequential(current.layers[:i])
 
-        def inputs(head=head):
-            for j in range(0, X.shape[0], chunk):
-                x, _ = head.forward(X[j:j + chunk], training=False)
-                yield x.reshape(-1, x.shape[-1]).to(torch.float64)  # (rows, C)
-
-        n = sum(x.shape[0] for x in inputs())
-        mean = sum(x.sum(0) for x in inputs()) / n  # (C,)
-        var = sum(((x - mean) ** 2).sum(0) for x in inputs()) / max(n - 1, 1)  # (C,) Bessel's n-1
+        n, mean, m2 = 0, 0.0, 0.0  # rows so far, their mean (C,) and sum of squared deviations (C,)
+        for j in range(0, X.shape[0], chunk):  # one pass, chunks merged exactly (Chan et al., 1979)
+            x, _ = head.forward(X[j:j + chunk], training=False)
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (rows, C)
+            var_b, mean_b = torch.var_mean(x, dim=0, correction=0)  # (C,), (C,)
+            n_b = x.shape[0]
+            delta = mean_b - mean
+            m2 = m2 + var_b * n_b + delta**2 * (n * n_b / (n + n_b))
+            mean = mean + delta * (n_b / (n + n_b))
+            n += n_b
+        var = m2 / max(n - 1, 1)  # (C,) Bessel's n-1
         dtype = layer.running_mean.dtype
         stats[f"{i}.running_mean"], stats[f"{i}.running_var"] = mean.to(dtype), var.to(dtype)
         current = with_buffers(current, {f"{i}.running_mean": stats[f"{i}.running_mean"],
@@ -249,7 +253,11 @@ def sample(model, block_size: int, n: int = 20, seed: int = 2147483657, max_len:
     drawn = torch.zeros((n, max_len), dtype=torch.long)  # (n, max_len)
     alive = torch.ones(n, dtype=torch.bool)  # (n,)
     for t in range(max_len):
-        probs = torch.softmax(logits_eval(model, context).to(torch.float64), dim=1)  # (n, V)
+        live = alive.nonzero()[:, 0]  # (n_alive,) only unfinished sequences are run through the model
+        logits = logits_eval(model, context[live]).to(torch.float64)  # (n_alive, V)
+        probs = torch.zeros((n, logits.shape[1]), dtype=torch.float64)  # (n, V)
+        probs[:, 0] = 1.0  # finished rows draw '.', which is ignored; every row draws, as before
+        probs[live] = torch.softmax(logits, dim=1)
         ix = torch.multinomial(probs, num_samples=1, generator=g)  # (n, 1)
         drawn[:, t] = ix[:, 0]
         alive &= ix[:, 0] != 0

@@ -97,8 +97,10 @@ def batchnorm_backward(dout: Tensor, cache: tuple) -> tuple[Tensor, Tensor, Tens
 
 def batchnorm_inference(x: Tensor, bngain: Tensor, bnbias: Tensor, bnmean: Tensor,
                         bnvar: Tensor, eps: float = BN_EPS) -> Tensor:
-    """Batchnorm with fixed statistics (bnvar is the n-1 variance, as in training)."""
-    return bngain * (x - bnmean) * (bnvar + eps) ** -0.5 + bnbias  # (..., C)
+    """Batchnorm with fixed statistics (bnvar is the n-1 variance, as in training):
+    bngain * (x - bnmean) * (bnvar + eps)**-0.5 + bnbias, in place on one new tensor."""
+    out = x - bnmean  # (..., C)
+    return out.mul_(bngain).mul_((bnvar + eps) ** -0.5).add_(bnbias)  # (..., C)
 
 
 # ---------------------------------------------------------------------------- tanh, relu
