@@ -10,6 +10,7 @@ from handgrad import cli
 from handgrad.dojo import catalogue as K
 from handgrad.dojo import challenges as C
 from handgrad.dojo.challenges import batchnorm as B
+from handgrad.dojo.challenges import checkpoint as CK
 from handgrad.dojo.challenges import gradcheck as G
 from handgrad.dojo.challenges.core import render
 
@@ -28,6 +29,14 @@ BN_UPDATE = (
     "        self.running_mean = (1 - m) * self.running_mean + m * xmean[0]\n"
     "            self.running_var = (1 - m) * self.running_var + m * xvar[0]\n"
 )
+
+CK_STORE = "        if l % every == 0:\n            stash[l] = h  # the checkpoint: block l's input\n"
+CK_FWD = CK_STORE + "        h = block_forward(h, W)\n"
+CK_RECOMPUTE = (
+    "hs = [stash[s]]  # recompute the segment's activations from its checkpoint\n"
+    "        for l in range(s, e):\n            hs.append(block_forward(hs[-1], Ws[l]))\n"
+)
+CK_BWD = "        for l in reversed(range(s, e)):\n            dh, dWs[l] = block_backward(dh,"
 
 # (id, challenge, edits of the reference as (old, new) pairs, the wrong rows, the kind the first is named)
 MISTAKES = [
@@ -188,6 +197,82 @@ MISTAKES = [
         G.TOO_STRICT,
     ),
     ("gc-no-restore", "gradcheck", [("\n        flat[k] = old  # restore x", "")], ["x unchanged"], K.OTHER),
+    (
+        "ck-store-all",
+        "checkpoint",
+        [(CK_STORE, "        stash[l] = h\n"), ("    out = h\n", "    stash[len(Ws)] = h\n    out = h\n"),
+         (CK_RECOMPUTE, "hs = [stash[k] for k in range(s, e + 1)]\n")],
+        ["stored"],
+        CK.STORES_ALL,
+    ),
+    (
+        "ck-store-stacked",
+        "checkpoint",
+        [("    h = x\n", "    h = x\n    acts = [x]\n"), (CK_STORE, ""),
+         ("    out = h\n", "        acts.append(h)\n    stash['all'] = torch.stack(acts)\n    out = h\n"),
+         (CK_RECOMPUTE, "hs = list(stash['all'][s:e + 1])\n")],
+        ["stored"],
+        CK.STORES_ALL,
+    ),
+    (
+        "ck-after-block",
+        "checkpoint",
+        [(CK_FWD, "        h = block_forward(h, W)\n" + CK_STORE)],
+        ["dx", "dW"],
+        CK.WRONG_CHECKPOINT,
+    ),
+    (
+        "ck-overwritten",
+        "checkpoint",
+        [(CK_STORE, "        stash[l // every * every] = h\n")],
+        ["dx", "dW"],
+        CK.WRONG_CHECKPOINT,
+    ),
+    (
+        "ck-next-segment",
+        "checkpoint",
+        [("hs = [stash[s]]", "hs = [stash[s + every] if s + every in stash else stash[s]]")],
+        ["dx", "dW"],
+        CK.WRONG_CHECKPOINT,
+    ),
+    (
+        "ck-stale",
+        "checkpoint",
+        [("    h = x\n", "    global ACTS\n    ACTS = [x]\n    h = x\n"),
+         ("    out = h\n", "        ACTS.append(h)\n    out = h\n"),
+         (CK_RECOMPUTE, "hs = ACTS[s:e + 1]  # kept from forward\n")],
+        ["dx", "dW"],
+        CK.NOT_RECOMPUTED,
+    ),
+    (
+        "ck-recompute-unchained",
+        "checkpoint",
+        [("hs.append(block_forward(hs[-1], Ws[l]))", "hs.append(block_forward(hs[0], Ws[l]))")],
+        ["dx", "dW"],
+        CK.NOT_RECOMPUTED,
+    ),
+    (
+        "ck-segments-not-chained",
+        "checkpoint",
+        [(CK_BWD, "        dh = dout\n" + CK_BWD)],
+        ["dx", "dW"],
+        CK.NOT_CHAINED,
+    ),
+    (
+        "ck-blocks-not-chained",
+        "checkpoint",
+        [(CK_BWD, "        g = dh\n" + CK_BWD.replace("block_backward(dh,", "block_backward(g,"))],
+        ["dx", "dW"],
+        CK.NOT_CHAINED,
+    ),
+    (
+        "ck-from-x",
+        "checkpoint",
+        [(CK_RECOMPUTE, CK_RECOMPUTE.replace("stash[s]", "stash[0]").replace("range(s, e)", "range(0, e)")
+          + "        hs = hs[s:]\n")],
+        ["recompute"],
+        CK.RECOMPUTES_TOO_MUCH,
+    ),
 ]
 
 
@@ -297,3 +382,17 @@ def test_every_hint_hides_the_answer_until_the_last():
         for s in c.specs:
             assert len(s.hints) == 3 and all(s.hints)
             assert s.hints[2] not in s.hints[0] + s.hints[1], (c.key, s.name)
+
+
+def test_checkpoint_memory_row_reports_what_was_kept(graded):
+    """The memory row of the reference says what one probe kept; storing every activation fails it
+    with the elements kept against the checkpoints'; a wrong dW names the blocks that are wrong."""
+    ref = next(r for r in graded["ref-checkpoint"].rows if r.name == "stored")
+    assert ref.ok and "kept 3 tensors, 60 elements (checkpoints: 3, 60; every activation: 6, 120)" in ref.diagnosis
+    bad = next(r for r in graded["ck-store-all"].rows if r.name == "stored")
+    assert bad.status == "wrong" and "kept 7 tensors, 140 elements" in bad.diagnosis, bad.diagnosis
+    assert "no memory saved" in bad.diagnosis
+    dW = next(r for r in graded["ck-segments-not-chained"].rows if r.name == "dW")
+    assert "wrong on blocks 0, 1, 2, 3 of 6 (right: 4, 5)" in dW.diagnosis, dW.diagnosis
+    calls = next(r for r in graded["ck-from-x"].rows if r.name == "recompute")
+    assert "in backward" in calls.diagnosis and "from x" in calls.diagnosis, calls.diagnosis

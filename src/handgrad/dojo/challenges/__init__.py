@@ -15,7 +15,14 @@ import torch
 from torch import Tensor
 
 from handgrad.dojo import runner
-from handgrad.dojo.challenges import batchnorm, cross_entropy, embedding, gradcheck, linear_tanh
+from handgrad.dojo.challenges import (
+    batchnorm,
+    checkpoint,
+    cross_entropy,
+    embedding,
+    gradcheck,
+    linear_tanh,
+)
 from handgrad.dojo.challenges.core import MARK, Challenge, blank_lines, drive_job, judge, render
 from handgrad.dojo.grade import TIME_LIMIT, Grade, run_child
 
@@ -27,6 +34,7 @@ CHALLENGES: dict[str, Challenge] = {
         batchnorm.CHALLENGE,
         gradcheck.CHALLENGE,
         embedding.CHALLENGE,
+        checkpoint.CHALLENGE,
     )
 }
 # The child process calls the learner's code through this driver; the runner runs as __main__
