@@ -5,6 +5,7 @@ graded say why in one line (exit 2); list/start/grade/hint/solution work from th
 from __future__ import annotations
 
 import pytest
+import torch
 
 from handgrad import cli
 from handgrad.dojo import catalogue as K
@@ -396,3 +397,56 @@ def test_checkpoint_memory_row_reports_what_was_kept(graded):
     assert "wrong on blocks 0, 1, 2, 3 of 6 (right: 4, 5)" in dW.diagnosis, dW.diagnosis
     calls = next(r for r in graded["ck-from-x"].rows if r.name == "recompute")
     assert "in backward" in calls.diagnosis and "from x" in calls.diagnosis, calls.diagnosis
+
+
+def _ck_loss(x, Ws, dout):
+    h = x
+    for W in Ws:
+        h = CK.block_forward(h, W)
+    return (h * dout).sum()
+
+
+@pytest.mark.parametrize("probe", range(4))
+def test_checkpoint_reference_gradients_match_autograd_and_finite_differences(probe):
+    """The grader's checkpointed backward (every probe's L and every) against autograd and float64
+    central differences of (out * dout).sum()."""
+    p = CK.probes()[probe]
+    i = p.inputs
+    dx, dW = p.refs["dx"], p.refs["dW"]
+    x, Ws = i["x"].clone().requires_grad_(), i["Ws"].clone().requires_grad_()
+    _ck_loss(x, Ws, i["dout"]).backward()
+    assert torch.allclose(dx, x.grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(dW, Ws.grad, rtol=1e-10, atol=1e-12)
+    eps = 1e-6
+    x, Ws = i["x"].clone(), i["Ws"].clone()
+    for t, g in ((x, dx), (Ws, dW)):
+        flat, num = t.view(-1), torch.zeros_like(g).view(-1)
+        for k in range(flat.numel()):
+            old = flat[k].item()
+            flat[k] = old + eps
+            fp = _ck_loss(x, Ws, i["dout"]).item()
+            flat[k] = old - eps
+            fm = _ck_loss(x, Ws, i["dout"]).item()
+            flat[k] = old
+            num[k] = (fp - fm) / (2 * eps)
+        assert torch.allclose(g.reshape(-1), num, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_every_variant_is_a_real_mistake():
+    """Each planted variant differs from the right gradients on some probe (none can match a right answer)."""
+    ps = CK.probes()
+    for row in ("dx", "dW"):
+        for v in CK.VARIANTS[row]:
+            assert any(not torch.allclose(v.fn(p.inputs, p.refs), p.refs[row]) for p in ps), (row, v.key)
+
+
+def test_checkpoint_stash_keeps_tensors_only(tmp_path):
+    """A list put in the stash is the learner's error, reported at their line."""
+    src = _edit("checkpoint", [("stash[l] = h  # the checkpoint", "stash[l] = [h]  # the checkpoint")])
+    p = tmp_path / "ck_list.py"
+    p.write_text(src)
+    g = C.grade_file(p)
+    assert g.exit_code == 1
+    bad = [r for r in g.rows if not r.ok]
+    assert {r.status for r in bad} == {"error"} and "stash keeps tensors" in bad[0].diagnosis
+    assert "stash[l] = [h]" in src.splitlines()[bad[0].line - 1], g.table()
