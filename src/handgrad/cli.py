@@ -688,12 +688,14 @@ def _cmd_dojo_list(args) -> int:
     w = max(len(ex.slug) for ex in exercises.EXERCISES.values())
     for ex in exercises.EXERCISES.values():
         print(f"{ex.key}  {ex.slug:<{w}}  {ex.about}")
-    return 0
+    return _dojo_challenge("list", args)
 
 
 def _cmd_dojo_start(args) -> int:
     from handgrad.dojo import exercises
 
+    if (rc := _dojo_challenge("start", args)) is not None:
+        return rc
     try:
         path = exercises.start(args.exercise, args.dir)
     except ValueError as e:
@@ -718,6 +720,8 @@ def _cmd_dojo_grade(args) -> int:
         raise UsageError(f"--graph {args.graph}: the picture is SVG; name the file something.svg")
     if args.graph and not Path(args.graph).resolve().parent.is_dir():
         raise UsageError(f"--graph {args.graph}: the folder {Path(args.graph).parent} does not exist")
+    if (rc := _dojo_challenge("grade", args)) is not None:
+        return rc
     g = grade_file(args.file, args.exercise, args.time_limit)
     if g.problem:
         _err(f"dojo grade {g.table().split(': ', 1)[0]}: {g.problem}")
@@ -738,6 +742,8 @@ def _cmd_dojo_grade(args) -> int:
 def _cmd_dojo_hint(args) -> int:
     from handgrad.dojo import hints
 
+    if (rc := _dojo_challenge("hint", args)) is not None:
+        return rc
     try:
         level, what, text = hints.next_hint(args.file, args.name, args.exercise)
     except (OSError, UnicodeDecodeError) as e:
@@ -754,6 +760,8 @@ def _cmd_dojo_hint(args) -> int:
 def _cmd_dojo_solution(args) -> int:
     from handgrad.dojo import hints
 
+    if (rc := _dojo_challenge("solution", args)) is not None:
+        return rc
     try:
         print(hints.solution(args.exercise), end="")
     except ValueError as e:
@@ -780,14 +788,26 @@ def _add_dojo_parser(sub) -> None:
     q.add_argument("--json", action="store_true", help="print JSON instead of the table")
     q.add_argument("--graph", metavar="OUT.svg", help="also draw the graph, each tensor coloured by grade")
     q.set_defaults(func=_cmd_dojo_grade)
-    q = dsub.add_parser("hint", help="the next of three hints for a gradient: rule, shapes, form")
-    q.add_argument("file", help="your exercise file (the count of hints is kept beside it)")
-    q.add_argument("name", help="the gradient, e.g. dprobs")
+    q = dsub.add_parser("hint", help="the next of three hints for a gradient: the rule, the shapes, the form")
+    q.add_argument("file", help="your exercise or challenge file (the count of hints is kept beside it)")
+    q.add_argument("name", help="the gradient or row, e.g. dprobs")
     q.add_argument("--exercise", help="the exercise (default: the file's '# handgrad dojo' line)")
+    q.add_argument("--level", type=int, choices=(1, 2, 3),
+                   help="challenges: how much to give away (3 gives the answer; default 1)")
     q.set_defaults(func=_cmd_dojo_hint)
-    q = dsub.add_parser("solution", help="print an exercise's reference backward")
-    q.add_argument("exercise", help="its number or name")
+    q = dsub.add_parser("solution", help="print an exercise's or a challenge's reference")
+    q.add_argument("exercise", help="its number or name (see `handgrad dojo list`)")
     q.set_defaults(func=_cmd_dojo_solution)
+
+
+# ---- dojo challenges (owned by dojo/challenges): the handlers above ask it first; None: not a challenge
+def _dojo_challenge(action: str, args) -> int | None:
+    from handgrad.dojo import challenges
+
+    if action == "hint" and getattr(args, "level", None) is None:
+        args.level = 1
+    return challenges.cli(action, args, print, _err)
+# ---- end dojo challenges
 # ---- end dojo
 
 
