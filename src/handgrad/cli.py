@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from handgrad import checkpoint, data, models, train
+from handgrad import checkpoint, data, distributed, models, train
 from handgrad.checkpoint import Checkpoint, CheckpointError
 from handgrad.data import DataError
 from handgrad.layers import numel
@@ -115,6 +115,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--recompute-tile", type=int, metavar="ROWS", help="activation checkpointing (fast "
                    "engine): keep only embcat and recompute the hidden activations in backward, ROWS rows "
                    "at a time; saves memory at large --batch-size (default 0: keep all)")
+    g.add_argument("--nproc", type=int, metavar="N", help="data-parallel training in N local processes (gloo "
+                   "on 127.0.0.1, synchronized batchnorm); under torchrun leave it out")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="steps between checkpoints (default %(default)s)")
     g = p.add_argument_group("output")
@@ -199,7 +201,13 @@ def _cmd_train(args) -> int:
     if args.verify_autograd is not None:
         return _verify(args, splits, mcfg, tcfg)
 
-    steps_fn, engine, fallback = train.select_engine(state.model, tcfg)
+    rank = distributed.for_train(args, tcfg, state, splits)  # --nproc N, or one rank under torchrun
+    if isinstance(rank, int):
+        return rank
+    if rank is not None and not rank.is_main:
+        return rank.follow(splits, mcfg, tcfg, state)  # ranks > 0 train silently; rank 0 prints and saves
+    steps_fn, engine, fallback = ((rank.steps_fn, rank.engine, rank.warning) if rank is not None
+                                  else train.select_engine(state.model, tcfg))
     if fallback:
         warn(fallback)
     ckpt = Checkpoint(mcfg, tcfg, splits.vocab, data_path, state, None, {}, block_size)
@@ -250,6 +258,9 @@ def _cmd_train(args) -> int:
         _err(f"interrupted; {kept()}" + (f"; continue with: handgrad train --resume {out}"
                                           if last_saved[0] is not None else ""))
         return 130
+    except distributed.PeerLost as e:
+        _err(f"{e}; {kept()}" + (f"; continue with: handgrad train --resume {out}" if last_saved[0] else ""))
+        return 1
     loop_time = time.perf_counter() - t0
 
     ckpt.state = state
@@ -510,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc passes to its ranks
     try:
         return args.func(args)
     except (DataError, CheckpointError, UsageError, train.EngineUnavailable) as e:
