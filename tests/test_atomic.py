@@ -7,8 +7,7 @@ import platform
 import pytest
 import torch
 
-from handgrad import atomic, check, model, ops
-from handgrad.model import ModelConfig
+from handgrad import atomic, check, layers, models, ops
 
 SHAPES = [(32, 3, 10, 64, 27), (7, 2, 3, 5, 4), (50, 4, 6, 33, 11)]  # N, T, E, H, V
 # closed form vs the atomic chain: the same maths in another order, so a few ulps apart
@@ -17,7 +16,7 @@ CLOSED_FORM_TOL = pytest.mark.parametrize("dtype, tol", [(torch.float32, dict(rt
 
 
 def problem(N, T, E, H, V, seed, dtype):
-    p = model.init_params(ModelConfig(vocab_size=V, block_size=T, n_embd=E, n_hidden=H), seed, dtype)
+    p = atomic.init_params(atomic.LectureConfig(vocab_size=V, block_size=T, n_embd=E, n_hidden=H), seed, dtype)
     g = torch.Generator().manual_seed(seed)
     X = torch.randint(0, V, (N, T), generator=g)
     X[1] = X[0]  # a repeated context: dC must accumulate
@@ -42,9 +41,24 @@ def test_intermediates_are_a_dataclass_with_the_lectures_names():
     assert [f.name for f in dataclasses.fields(atomic.Grads)] == ["d" + n for n in atomic.GRAD_NAMES]
 
 
+MLP_NAMES = {"C": "0.weight", "W1": "2.weight", "b1": "2.bias", "bngain": "3.weight", "bnbias": "3.bias",
+             "W2": "5.weight", "b2": "5.bias"}
+
+
+def mlp_of(p: atomic.Params):
+    """The layer-library mlp holding the lecture's 7 tensors (gain and bias as (H,))."""
+    V, E = p.C.shape
+    TE, H = p.W1.shape
+    model = models.layers_for(models.preset("mlp", vocab_size=V, block_size=TE // E, n_embd=E, n_hidden=H),
+                              p.C.dtype)
+    for lecture_name, name in MLP_NAMES.items():
+        layers.set_tensor(model, name, getattr(p, lecture_name).reshape(model.params()[name].shape).clone())
+    return model
+
+
 def test_atomic_loss_equals_the_models_loss():
     p, X, Y = problem(32, 3, 10, 64, 27, 0, torch.float64)
-    loss, _ = model.forward(p, X, Y)
+    loss = models.loss_and_grads(mlp_of(p), X, Y).loss
     assert atomic.forward(p, X, Y).loss.item() == pytest.approx(loss.item(), rel=1e-14)
 
 
@@ -94,7 +108,7 @@ def test_lecture_check_float64_passes_with_finite_differences_for_every_param_an
     report = check.run_lecture_check(torch.float64, 7)
     assert report.passed
     fd = report.sections[2].rows
-    assert [r.name for r in fd][:7] == [f.name for f in dataclasses.fields(model.Params)]
+    assert [r.name for r in fd][:7] == [f.name for f in dataclasses.fields(atomic.Params)]
     assert len(fd) == 9 and all(isinstance(r, check.FDResult) and r.passed for r in fd)
     assert max(r.rel_err for s in report.sections[:2] for r in s.rows) <= 1e-10
 
@@ -141,9 +155,9 @@ def test_closed_form_batchnorm_backward_equals_the_atomic_chain(shape, dtype, to
 def test_atomic_parameter_gradients_equal_the_models_closed_form_backward(shape):
     p, X, Y = problem(*shape, 2, torch.float64)
     grads = atomic.backward(p, X, Y, atomic.forward(p, X, Y)).params()
-    _, acts = model.forward(p, X, Y)
-    for (name, mine), theirs in zip(grads.items(), model.backward(p, acts).tensors()):
-        assert mine.shape == theirs.shape, name
+    closed = models.loss_and_grads(mlp_of(p), X, Y).grads
+    for name, mine in grads.items():
+        theirs = closed[MLP_NAMES[name]].reshape(mine.shape)
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-13, msg=name)
 
 

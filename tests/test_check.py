@@ -227,7 +227,7 @@ def test_flipped_sign_is_flagged_and_named():
 
 def test_transposed_matmul_gradient_is_flagged_and_named():
     def backward(dout, cache):
-        x, W = cache
+        x, W, _ = cache
         return dout @ W.T, dout.T @ x, dout.sum(0)  # dW transposed
     report = check.check_backward(ops.linear_forward, backward, linear_inputs())
     assert not report.passed and "transposed" in report.row("W").diagnosis

@@ -59,7 +59,7 @@ def test_bad_data_exits_2_with_one_line(tmp_path, capsys, content, expected):
 @pytest.mark.parametrize("flags, expected", [
     (["--batch-size", "1"], "--batch-size: must be at least 2"),
     (["--lr", "0"], "--lr: must be positive"),
-    (["--n-hidden", "0"], "--n-hidden: must be a positive integer"),
+    (["--n-hidden", "0"], "--n-hidden: must be an integer from 1 to"),
     (["--steps", "0"], "--steps: must be a positive integer"),
 ])
 def test_bad_flag_values_exit_2_naming_the_flag(tmp_path, capsys, flags, expected):

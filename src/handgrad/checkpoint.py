@@ -25,7 +25,7 @@ from torch import Tensor
 from handgrad import __version__
 from handgrad.data import Vocab
 from handgrad.layers import SpecError, from_spec, set_tensor
-from handgrad.models import ModelConfig
+from handgrad.models import ModelConfig, layers_for
 from handgrad.train import TrainConfig, TrainState
 
 FORMAT = "handgrad-checkpoint"
@@ -158,6 +158,9 @@ def load(directory: str | Path, layer_types: dict[str, type] | None = None) -> C
     if mcfg is not None and len(vocab) != mcfg.vocab_size:
         raise CheckpointError(f"{meta_path}: vocabulary has {len(vocab)} characters but vocab_size "
                               f"is {mcfg.vocab_size}")
+    if mcfg is not None and layers_for(mcfg).spec() != model.spec():
+        raise CheckpointError(f"{meta_path}: model_config ({mcfg.name}) does not describe the stored "
+                              "model spec; one of the two was edited")
     try:
         blob = tensors_path.read_bytes()
     except OSError:

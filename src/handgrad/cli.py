@@ -376,27 +376,39 @@ def _cmd_check(args) -> int:
 def _cmd_bench(args) -> int:
     from handgrad import bench
 
-    for name in ("batch_size", "n_hidden", "steps", "threads"):
+    for name in ("batch_size", "steps", "threads"):
         if getattr(args, name) < (2 if name == "batch_size" else 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer (batch size >= 2)")
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer"
+                             + (" of at least 2 (batchnorm's n-1)" if name == "batch_size" else ""))
+    if args.large_batch < 0 or args.large_batch == 1:
+        raise UsageError(f"--large-batch {args.large_batch}: expected 0 (skip) or at least 2")
+    overrides = {k: getattr(args, k) for k in ("n_hidden", "n_embd", "block_size")
+                 if getattr(args, k) is not None}
     progress = None if args.json else (lambda s: print(f"timing {s} ...", file=sys.stderr, flush=True))
-    result = bench.run_bench(batch_size=args.batch_size, n_hidden=args.n_hidden, steps=args.steps,
-                             threads=args.threads, large_batch=args.large_batch, compile=not args.no_compile,
-                             progress=progress)
+    try:
+        result = bench.run_bench(model=args.model, batch_size=args.batch_size, steps=args.steps,
+                                 threads=args.threads, large_batch=args.large_batch,
+                                 compile=not args.no_compile, progress=progress, **overrides)
+    except ValueError as e:  # the model config validates its sizes
+        field = str(e).split()[0]
+        raise UsageError(f"--{field.replace('_', '-')}: {str(e)[len(field) + 1:]}") from None
     print(result.to_json() if args.json else result.table())
     return 0
 
 
 def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="time one training step: fast, eager, autograd, GEMM floor",
-                       description="Time the training step of every engine in one process on the same data "
-                       "(median per step after warm-up) and report the ratio of each to the fast path, then "
-                       "examples per second at a large batch.")
+                       description="Time the training step of every engine on one model in one process "
+                       "on the same data (median per step after warm-up, quartiles as the spread) and report "
+                       "the ratio of each to the fast path and to the GEMM floor (the step's matrix "
+                       "products alone), then examples per second at a large batch.")
+    p.add_argument("--model", choices=models.MODELS, default="mlp", help="model preset (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step (default %(default)s)")
-    p.add_argument("--n-hidden", type=int, default=200, help="hidden units (default %(default)s)")
+    p.add_argument("--n-hidden", type=int, help="hidden units (default: the model's preset)")
+    p.add_argument("--n-embd", type=int, help="embedding size (default: the model's preset)")
+    p.add_argument("--block-size", type=int, help="context length (default: the model's preset)")
     p.add_argument("--steps", type=int, default=5000, help="timed steps per engine (default %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s; the native "
-                   "step is single-threaded)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     p.add_argument("--large-batch", type=int, default=4096, help="batch of the examples/second table "
                    "(0 skips it; default %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
@@ -409,7 +421,7 @@ def _add_bench_parser(sub) -> None:
 def _print_diagnostics(report, out: Path, file=None) -> None:
     file = file or sys.stdout
     for c in report.checks:
-        print(f"check {c}" + ("" if c.passed else f"; {c.detail}"), file=file)
+        print(f"check {c}" + (f"; {c.detail}" if c.failed else ""), file=file)
     for w in report.warnings:
         print(f"warning: {w}", file=file)
     if not report.warnings:
@@ -433,7 +445,7 @@ class _TrainDiagnostics:
         self.dg, self.state, self.out = diagnostics, state, out / "diagnostics"
         self.collector = diagnostics.Collector(splits.Xtr, splits.Ytr, mcfg, tcfg,
                                                diagnostics.DiagConfig(every=every), history)
-        self.collector.record(state.params, state.step)
+        self.collector.record(state.model, state.step)
         self.saved, self.every_save, self.closed = state.step, tcfg.checkpoint_every, False
 
     def __call__(self, pr: train.Progress) -> None:
@@ -448,9 +460,9 @@ class _TrainDiagnostics:
         if self.closed:
             return
         self.closed = True
-        report = self.dg.write_report(self.out, self.collector, self.state.params, self.state.step,
+        report = self.dg.write_report(self.out, self.collector, self.state.model, self.state.step,
                                       self.state.losses)
-        failed = [c for c in report.checks if not c.passed]
+        failed = [c for c in report.checks if c.failed]
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
         for c in failed:
@@ -463,14 +475,14 @@ def _cmd_diagnose(args) -> int:
     from handgrad import diagnostics
 
     ck = checkpoint.load(args.checkpoint)
-    splits = load_splits(ck.data_path, ck.model_config.block_size, ck.train_config.split_seed, ck.vocab)
+    splits = load_splits(ck.data_path, ck.block_size, ck.train_config.split_seed, ck.vocab)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "diagnostics"
     saved = Path(args.checkpoint) / "diagnostics" / diagnostics.HISTORY_FILE
     collector = diagnostics.from_checkpoint(ck, splits.Xtr, splits.Ytr, saved)
     print(f"checkpoint {args.checkpoint}: step {ck.state.step:,}; update-ratio history: "
           f"{len(collector.history)} saved measurement(s)" + ("" if collector.history else
                                                              " (train with --diagnostics to keep one)"))
-    report = diagnostics.write_report(out, collector, ck.state.params, ck.state.step, ck.state.losses,
+    report = diagnostics.write_report(out, collector, ck.state.model, ck.state.step, ck.state.losses,
                                       extra={"checkpoint": str(args.checkpoint)})
     _print_diagnostics(report, out)
     return 0

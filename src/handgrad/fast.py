@@ -263,23 +263,31 @@ def plan(model, tile: int = 0) -> tuple[Callable | None, str]:
     return make_steps_fn(lib, tile), ""
 
 
-def fast_grads(p: Params, X: Tensor, Y: Tensor, tile: int = 0) -> tuple[float, Params]:
-    """One step's loss and gradients from the native code, for the batch X (N, T), Y (N,);
-    p is not modified. Returns (loss, grads) with grads as a Params of gradients."""
+def fast_grads(model, X: Tensor, Y: Tensor, tile: int = 0) -> tuple[float, dict[str, Tensor]]:
+    """One step's loss and gradients from the native code, for the batch X (N, T), Y (N,); the
+    model is not modified. Returns (loss, {parameter name: gradient})."""
+    view = mlp_view(model)
+    if isinstance(view, str):
+        raise ValueError(view)
+    p, _, _ = view
     lib = load_library()
-    V, E = p.C.shape
-    TE, H = p.W1.shape
-    sizes = [V * E, TE * H, H, H * V, V, H, H]
+    sizes = [t.numel() for t in p.tensors()]
     out = torch.zeros(sum(sizes), dtype=torch.float32)
     idx = torch.arange(X.shape[0], dtype=torch.int64)[None]  # (1, N)
     lrs = torch.zeros(1, dtype=torch.float64)  # (1,) unused: no update is made
     losses, _ = _run(lib, p, None, X, Y, idx, lrs, 0.0, tile, out)  # with grads_out p is only read
-    grads = Params(*(g.view(t.shape) for g, t in zip(torch.split(out, sizes), p.tensors())))
+    params = model.params()
+    grads = {MLP_NAMES[f]: g.view(params[MLP_NAMES[f]].shape)
+             for (f, _), g in zip(p.items(), torch.split(out, sizes))}
     return float(losses[0]), grads
 
 
-def workspace_bytes(p: Params, block_size: int, batch_size: int, tile: int = 0) -> int:
+def workspace_bytes(model, batch_size: int, tile: int = 0) -> int:
     """Bytes the native step allocates for one call (padded parameters, gradients, activations)."""
+    view = mlp_view(model)
+    if isinstance(view, str):
+        raise ValueError(view)
+    p = view[0]
     lib = load_library()
-    dims = _dims(p, batch_size, block_size, 1, tile, 1)
-    return int(lib.hg_workspace_bytes(dims))
+    T = p.W1.shape[0] // p.C.shape[1]
+    return int(lib.hg_workspace_bytes(_dims(p, batch_size, T, 1, tile, 1)))

@@ -1,12 +1,14 @@
-"""PNG plots of training health, drawn with matplotlib's Agg canvas (no screen, no pyplot state) and
-written atomically (checkpoint.atomic_write_bytes). The pictures are the lecture's: Karpathy,
-"Building makemore Part 3" (activation/gradient histograms, update:data ratios with the 1e-3 guide,
+"""PNG plots of training health for any model of layers, drawn with matplotlib's Agg canvas (no screen,
+no pyplot state) and written atomically (checkpoint.atomic_write_bytes). The pictures are the lecture's:
+Karpathy, "Building makemore Part 3" (per-layer histograms of the Tanh outputs and their gradients with
+mean/std/saturation in the legend, the 2-D weights' gradients, update:data ratios with the 1e-3 guide,
 `plt.imshow(h.abs() > 0.99, cmap='gray')`) and "Part 4" (`plt.imshow(dlogits, cmap='gray')`).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import torch
@@ -15,14 +17,16 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from handgrad.checkpoint import atomic_write_bytes
-from handgrad.diagnostics import WEIGHTS, DiagConfig, ProbeTensors, Snapshot
+from handgrad.diagnostics import DiagConfig, ProbeTensors, Snapshot, weight_label
 
 DPI = 100
 DEFAULT = DiagConfig()
 SIZES = {  # file name -> figure size in inches (pixels = inches * DPI)
-    "loss.png": (8, 5), "activations.png": (10, 4), "gradients.png": (12, 6),
-    "update_ratios.png": (8, 5), "saturation.png": (10, 6), "dlogits.png": (6, 7),
+    "loss.png": (8, 5), "activations.png": (11, 5), "gradients.png": (11, 5),
+    "weight_gradients.png": (13, 5), "update_ratios.png": (11, 5), "saturation.png": (12, 7),
+    "dlogits.png": (6, 7),
 }
+SATURATION_ROWS = 256  # probe rows shown per Tanh layer in saturation.png
 
 
 def _figure(name: str) -> Figure:
@@ -39,6 +43,29 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     fig.savefig(buf, format="png", dpi=DPI)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def _finite(t: Tensor) -> Tensor:
+    v = t.double().flatten()
+    return v[torch.isfinite(v)]
+
+
+def _density(ax, t: Tensor, label: str, bins: int = 80) -> None:
+    """Part 3's curve: `hy, hx = torch.histogram(t, density=True); plt.plot(hx[:-1], hy)`."""
+    v = _finite(t)
+    if v.numel() == 0 or v.min() == v.max():  # nothing to spread over bins (all NaN, or constant)
+        ax.plot([], [], label=label + " (no spread)")
+        return
+    hy, hx = torch.histogram(v, bins=bins, density=True)
+    ax.plot(((hx[:-1] + hx[1:]) / 2).numpy(), hy.numpy(), label=label)
+
+
+def _legend(ax, n: int) -> None:
+    """Inside for a few entries, to the right of the axes for many (a legend must not hide a curve)."""
+    if n <= 3:
+        ax.legend(fontsize=8, loc="upper right")
+    else:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
 
 
 # ---------------------------------------------------------------------------- the plots
@@ -72,79 +99,115 @@ def loss_curve(losses: Tensor, path: str | Path, lr_decay_step: int | None = Non
     return save_png(fig, path)
 
 
+def _no_tanh(ax) -> None:
+    ax.text(0.5, 0.5, "this model has no Tanh layer", ha="center", va="center", transform=ax.transAxes)
+
+
 def activation_histograms(probe: ProbeTensors, snap: Snapshot, path: str | Path,
                           saturated: float = 0.97) -> Path:
-    """Histograms of the tanh input (hpreact) and output (h) on the probe, with mean/std/saturation."""
+    """Part 3's activation distribution: the output of every Tanh layer on the probe, one curve
+    per layer, with its mean, std and saturated share in the legend."""
     fig = _figure("activations.png")
-    for i, (name, t) in enumerate((("hpreact (tanh input)", probe.hpreact), ("h (tanh output)", probe.h))):
-        ax = fig.add_subplot(1, 2, i + 1)
-        v = t.double().flatten()
-        v = v[torch.isfinite(v)]
-        ax.hist(v.numpy(), bins=100, color="tab:blue")
-        st = snap.acts["hpreact" if i == 0 else "h"]
-        extra = f", saturated {st.saturated:.1%}" if st.saturated is not None else ""
-        ax.set(title=f"{name}\nmean {st.mean:+.2f}, std {st.std:.2f}{extra}", xlabel="value",
-               ylabel="count")
-        if i == 1:
-            for x in (-saturated, saturated):
-                ax.axvline(x, color="tab:red", ls=":", lw=1)
-    fig.suptitle(f"activations at step {snap.step:,} ({probe.h.shape[0]} probe examples)")
+    ax = fig.add_subplot()
+    tanh = snap.tanh_layers()
+    for st in tanh:
+        _density(ax, probe.outputs[st.index], f"{st.label}: mean {st.mean:+.2f}, std {st.std:.2f}, "
+                 f"saturated {st.saturated:.1%}")
+    for x in (-saturated, saturated):
+        ax.axvline(x, color="tab:red", ls=":", lw=1)
+    if tanh:
+        _legend(ax, len(tanh))
+    else:
+        _no_tanh(ax)
+    ax.set(title=f"activation distribution: Tanh outputs at step {snap.step:,} (red: |h| = {saturated}, "
+           "saturated beyond)", xlabel="tanh output h", ylabel="density")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_png(fig, path)
 
 
 def gradient_histograms(probe: ProbeTensors, snap: Snapshot, path: str | Path) -> Path:
-    """One histogram per parameter gradient (the probe gradient), with mean, std and norm."""
+    """Part 3's gradient distribution: d loss / d output of every Tanh layer, one curve per layer.
+    Similar curves across layers: the gradient neither vanishes nor explodes on its way down."""
     fig = _figure("gradients.png")
-    items = [(n, g) for n, g in probe.grads.items() if n in snap.grads]
-    cols = 4
-    for i, (name, g) in enumerate(items):
-        ax = fig.add_subplot((len(items) + cols - 1) // cols, cols, i + 1)
-        v = g.double().flatten()
-        v = v[torch.isfinite(v)]
-        ax.hist(v.numpy(), bins=50, color="tab:orange")
-        st = snap.grads[name]
-        note = " (~0: batchnorm cancels b1)" if name == "b1" and "bngain" in snap.grads else ""
-        ax.set_title(f"d{name} {tuple(g.shape)}{note}\nmean {st.mean:+.1e} std {st.std:.1e}\n"
-                     f"norm {st.norm:.2e}", fontsize=8)
-        ax.set_xlabel("gradient value", fontsize=8)
-        ax.set_ylabel("count", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.suptitle(f"parameter gradients at step {snap.step:,} (mean over the probe batches)")
+    ax = fig.add_subplot()
+    tanh = snap.tanh_layers()
+    for st in tanh:
+        _density(ax, probe.doutputs[st.index], f"{st.label}: mean {st.grad_mean:+.2e}, std {st.grad_std:.2e}")
+    if tanh:
+        _legend(ax, len(tanh))
+    else:
+        _no_tanh(ax)
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
+    ax.set(title=f"gradient distribution at the Tanh outputs, step {snap.step:,}", xlabel="d loss / d h",
+           ylabel="density")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def weight_gradient_histograms(probe: ProbeTensors, snap: Snapshot, path: str | Path) -> Path:
+    """Part 3's weight gradient distribution: the probe gradient of every 2-D parameter, with its
+    shape, mean, std and grad:data ratio (std(grad) / std(weight))."""
+    fig = _figure("weight_gradients.png")
+    ax = fig.add_subplot()
+    names = snap.weights()
+    for name in names:
+        g = snap.grads[name]
+        _density(ax, probe.grads[name], f"{weight_label(name, g.kind)} {tuple(g.shape)}: mean {g.mean:+.1e}, "
+                 f"std {g.std:.1e}, grad:data {g.grad_data:.1e}")
+    _legend(ax, len(names))
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
+    ax.set(title=f"weight gradient distribution (2-D parameters) at step {snap.step:,}",
+           xlabel="gradient value", ylabel="density")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_png(fig, path)
 
 
 def update_ratios(history: list[Snapshot], path: str | Path, cfg: DiagConfig = DEFAULT) -> Path:
-    """log10 of std(lr * grad) / std(param) over time for the weight matrices, with the lecture's
+    """log10 of std(lr * grad) / std(param) over time for every 2-D parameter, with the lecture's
     -3 guide and the warning band."""
     fig = _figure("update_ratios.png")
     ax = fig.add_subplot()
     steps = [s.step for s in history]
-    for name in WEIGHTS:
-        ys = [s.grads[name].update_ratio if name in s.grads else float("nan") for s in history]
-        ax.plot(steps, ys, marker="o" if len(steps) < 30 else None, ms=3, label=name)
+    names = list(dict.fromkeys(n for s in history for n in s.weights()))
+    for name in names:
+        ys = [s.grads[name].update_ratio if name in s.grads else math.nan for s in history]
+        kind = next(s.grads[name].kind for s in history if name in s.grads)
+        ax.plot(steps, ys, marker="o" if len(steps) < 30 else None, ms=3, label=weight_label(name, kind))
     ax.axhline(-3, color="black", ls="--", lw=1, label="guide: 1e-3")
     ax.axhspan(cfg.ratio_low, cfg.ratio_high, color="tab:green", alpha=0.08,
                label=f"no-warning band\n[{cfg.ratio_low}, {cfg.ratio_high}]")
-    ax.set(title="update:data ratio of the weights", xlabel="step", ylabel="log10(std(lr*grad) / std(param))")
+    ax.set(title="update:data ratio of the 2-D parameters", xlabel="step",
+           ylabel="log10(std(lr*grad) / std(param))")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # outside: never hides a curve
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_png(fig, path)
 
 
-def saturation_map(h: Tensor, path: str | Path, saturated: float = 0.97, step: int | None = None) -> Path:
-    """White where |h| > saturated (examples x hidden units), as the lecture's
+def saturation_map(probe: ProbeTensors, snap: Snapshot, path: str | Path, saturated: float = 0.97) -> Path:
+    """One panel per Tanh layer, white where |h| > saturated (probe rows x units), as the lecture's
     `plt.imshow(h.abs() > 0.99, cmap='gray')`; an all-white column is a dead unit."""
     fig = _figure("saturation.png")
-    ax = fig.add_subplot()
-    sat = (h.abs() > saturated).double()  # (N, H)
-    dead = int(sat.all(0).sum())
-    ax.imshow(sat.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
-    at = f" at step {step:,}" if step is not None else ""
-    ax.set(title=f"tanh saturation{at}: white where |h| > {saturated} ({sat.mean().item():.1%} of entries; "
-           f"{dead} dead units = all-white columns)", xlabel="hidden unit", ylabel="probe example")
+    tanh = snap.tanh_layers()
+    cols = min(3, max(1, len(tanh)))
+    rows = max(1, math.ceil(len(tanh) / cols))
+    for i, st in enumerate(tanh):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        h = probe.outputs[st.index]  # (rows, H)
+        sat = (h[:SATURATION_ROWS].abs() > saturated).double()  # (R, H)
+        ax.imshow(sat.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        ax.set_title(f"{st.label}: {st.saturated:.1%} saturated, {st.dead} of {st.units} dead", fontsize=9)
+        ax.set_xlabel("unit", fontsize=8)
+        ax.set_ylabel(f"probe row (first {sat.shape[0]} of {h.shape[0]})", fontsize=8)
+        ax.tick_params(labelsize=7)
+    if not tanh:
+        _no_tanh(fig.add_subplot())
+    fig.suptitle(f"tanh saturation at step {snap.step:,}: white where |h| > {saturated}; an all-white "
+                 "column is a dead unit")
+    fig.tight_layout()
     return save_png(fig, path)
 
 
@@ -173,7 +236,8 @@ def write_all(out: str | Path, losses: Tensor | None, history: list[Snapshot], p
         paths.append(loss_curve(losses, out / "loss.png", lr_decay_step))
     paths += [activation_histograms(probe, snap, out / "activations.png", cfg.saturated),
               gradient_histograms(probe, snap, out / "gradients.png"),
+              weight_gradient_histograms(probe, snap, out / "weight_gradients.png"),
               update_ratios(history, out / "update_ratios.png", cfg),
-              saturation_map(probe.h, out / "saturation.png", cfg.saturated, snap.step),
+              saturation_map(probe, snap, out / "saturation.png", cfg.saturated),
               dlogits_image(probe.dlogits, out / "dlogits.png", snap.step)]
     return paths

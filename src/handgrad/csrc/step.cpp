@@ -490,14 +490,15 @@ long hg_steps(const int* dims, float* C, float* W1, float* b1, float* W2, float*
         double loss = forward_backward(d, n, g, s, X, Y, ix);
         losses[k] = loss;
         int bad = 0;
+        // checked in the order backward produces them (Sequential.backward: last layer first)
         if (!std::isfinite(loss)) bad = 0 + 1;
-        else if (nonfinite(g.dC, (long)d.V * d.E)) bad = 1 + 1;
-        else if (nonfinite(g.dW1, d.TE * d.Hp)) bad = 2 + 1;
-        else if (nonfinite(g.db1, d.Hp)) bad = 3 + 1;
         else if (nonfinite(g.dW2, d.H * d.Vp)) bad = 4 + 1;
         else if (nonfinite(g.db2, d.Vp)) bad = 5 + 1;
         else if (nonfinite(g.dg, d.Hp)) bad = 6 + 1;
         else if (nonfinite(g.dbb, d.Hp)) bad = 7 + 1;
+        else if (nonfinite(g.dW1, d.TE * d.Hp)) bad = 2 + 1;
+        else if (nonfinite(g.db1, d.Hp)) bad = 3 + 1;
+        else if (nonfinite(g.dC, (long)d.V * d.E)) bad = 1 + 1;
         if (grads_out) {  // unpadded, one after the other in the order of the parameters
             float *oC = grads_out, *oW1 = oC + (long)d.V * d.E, *ob1 = oW1 + (long)d.TE * d.H,
                   *oW2 = ob1 + d.H, *ob2 = oW2 + (long)d.H * d.V, *og = ob2 + d.V, *obb = og + d.H;
