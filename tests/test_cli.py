@@ -58,7 +58,15 @@ def test_bad_data_exits_2_with_one_line(tmp_path, capsys, content, expected):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--batch-size", "1"], "--batch-size: must be at least 2"),
-    (["--lr", "0"], "--lr: must be positive"),
+    (["--lr", "0"], "--lr: must be a positive finite number"),
+    (["--lr", "inf"], "--lr: must be a positive finite number"),
+    (["--seed", str(2**63)], "--seed: must be an integer from 0 to"),
+    (["--seed", "-1"], "--seed: must be an integer from 0 to"),
+    (["--steps", str(10**9)], "--steps: must be at most"),
+    (["--samples", "-1"], "--samples -1: expected 0"),
+    (["--batch-size", str(10**9)], "--batch-size: this run would need about"),
+    (["--model", "deep", "--n-hidden", str(10**5)], "--n-hidden: this run would need about"),
+    (["--block-size", str(10**5)], "--block-size: this run would need about"),
     (["--n-hidden", "0"], "--n-hidden: must be an integer from 1 to"),
     (["--steps", "0"], "--steps: must be a positive integer"),
 ])
@@ -97,3 +105,40 @@ def test_divergence_exits_1_naming_step_and_tensor(tmp_path, capsys):
 def test_unavailable_fast_engine_exits_2(tmp_path, capsys):
     _one_line_error(capsys, ["train", "--engine", "fast", "--dtype", "float64", "--steps", "5", "--quiet",
                              "--out", str(tmp_path / "o")], "--engine fast: the fast engine is unavailable")
+
+
+def test_a_learning_rate_that_never_diverges_but_never_learns_warns(tmp_path, capsys):
+    code = main(["train", "--lr", "50", "--steps", "300", "--samples", "0", "--quiet",
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 0 and "training did not learn; try a smaller --lr (this run: 50)" in err
+
+
+def test_a_sane_run_does_not_warn(trained, capsys):
+    assert "did not learn" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_items", [1, 2, 3])
+def test_tiny_data_trains_and_evaluates_saying_what_is_empty(tmp_path, capsys, n_items):
+    path = tmp_path / "tiny.txt"
+    path.write_text("\n".join(["emma", "olivia", "ava"][:n_items]) + "\n")
+    out = tmp_path / "o"
+    assert main(["train", "--data", str(path), "--steps", "20", "--samples", "2", "--quiet",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "val loss n/a (empty split)" in captured.out and "the val split is empty" in captured.err
+    assert main(["eval", "--checkpoint", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "val loss n/a (empty split)" in text and "train loss n/a" not in text
+
+
+def test_sigint_while_loading_is_one_line_exit_130(tmp_path, capsys, monkeypatch):
+    from handgrad import data
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "read_words", interrupted)
+    code = main(["train", "--steps", "5", "--quiet", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and "\n" not in err and err.startswith("handgrad: error: interrupted")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from handgrad import checkpoint, data, distributed, models, train
+from handgrad import budget, checkpoint, data, distributed, models, train
+from handgrad.budget import BudgetError
 from handgrad.checkpoint import Checkpoint, CheckpointError
 from handgrad.data import DataError
 from handgrad.layers import numel
@@ -33,9 +35,12 @@ def _err(msg: str) -> None:
 
 # ---------------------------------------------------------------------------- shared helpers
 def load_splits(path: str | None, block_size: int, split_seed: int, vocab: data.Vocab | None = None,
-                warn=None) -> data.Splits:
-    """Read the data file (None: bundled names.txt) and build the splits."""
+                warn=None, fits=None) -> data.Splits:
+    """Read the data file (None: bundled names.txt) and build the splits. `fits(n_examples)` is
+    called before the examples are built, to refuse a run that cannot fit in memory."""
     words = data.read_words(path or data.default_data_path())
+    if fits is not None:
+        fits(sum(len(w) + 1 for w in words.items))
     if words.blank_lines and warn:
         warn(f"{path or 'names.txt'}: skipped {words.blank_lines} blank line(s)")
     if vocab is not None:
@@ -43,7 +48,15 @@ def load_splits(path: str | None, block_size: int, split_seed: int, vocab: data.
         if extra:
             raise DataError(f"{path}: characters {''.join(extra)!r} are not in the checkpoint's vocabulary "
                             f"({''.join(vocab.itos)!r}); use the data the model was trained on")
-    return data.make_splits(words.items, block_size, split_seed, vocab)
+    splits = data.make_splits(words.items, block_size, split_seed, vocab)
+    if splits.Xtr.shape[0] == 0:
+        raise DataError(f"{path or 'names.txt'}: {len(words.items)} item(s) leave no training examples "
+                        "after the 80/10/10 split; give at least 1 item for training")
+    return splits
+
+
+def _loss(value: float | None) -> str:
+    return "n/a (empty split)" if value is None else f"{value:.4f}"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -172,7 +185,9 @@ def _resume(args, warn) -> tuple[Checkpoint, data.Splits]:
             raise UsageError(f"--steps {args.steps} is below the checkpoint's step {ck.state.step}")
         tvals["steps"] = args.steps
     ck.train_config = dataclasses.replace(tc, **tvals)
-    splits = load_splits(ck.data_path, ck.block_size, tc.split_seed, ck.vocab, warn)
+    fits = None if ck.model_config is None else (
+        lambda n: budget.check_train(ck.model_config, ck.train_config, n))
+    splits = load_splits(ck.data_path, ck.block_size, tc.split_seed, ck.vocab, warn, fits)
     return ck, splits
 
 
@@ -183,6 +198,8 @@ def warn(msg: str) -> None:
 def _cmd_train(args) -> int:
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads}: expected a positive number of threads")
+    if args.samples < 0:
+        raise UsageError(f"--samples {args.samples}: expected 0 (none) or a positive number of names")
     torch.set_num_threads(args.threads)
     if args.resume:
         ck, splits = _resume(args, warn)
@@ -190,7 +207,8 @@ def _cmd_train(args) -> int:
         out, block_size = Path(args.out or args.resume), ck.block_size
     else:
         mcfg, tcfg = _configs_from_args(args)
-        splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn)
+        splits = load_splits(args.data, mcfg.block_size, tcfg.split_seed, warn=warn,
+                             fits=lambda n: budget.check_train(mcfg, tcfg, n))
         mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
         state, out = train.new_state(mcfg, tcfg), Path(args.out or DEFAULT_OUT.format(model=mcfg.name))
         block_size = mcfg.block_size
@@ -275,7 +293,14 @@ def _cmd_train(args) -> int:
     # ---- diagnose: after training (owned by diagnostics)
     # ---- end diagnose: after training
     bn = tcfg.bn_stats if state.model.buffers() else "no batchnorm"
-    print(f"step {state.step}: train loss {results['train']:.4f}, val loss {results['val']:.4f} "
+    if results["val"] is None:
+        warn(f"the val split is empty ({len(splits.vocab)}-character data with too few items); "
+             "no val loss to report")
+    uniform = math.log(len(splits.vocab))  # the loss of guessing every character equally
+    if results["train"] > uniform + 1.0:
+        warn(f"the final train loss {results['train']:.4g} is far above {uniform:.2f}, the loss of a uniform "
+             f"guess: training did not learn; try a smaller --lr (this run: {tcfg.lr:g})")
+    print(f"step {state.step}: train loss {_loss(results['train'])}, val loss {_loss(results['val'])} "
           f"(batchnorm stats: {bn}; "
           f"training loop {_fmt_time(loop_time)}, {engine} engine)")
     if args.samples:
@@ -343,7 +368,13 @@ def _load_finished(path: str) -> Checkpoint:
 def _cmd_sample(args) -> int:
     if args.n < 1:
         raise UsageError(f"-n {args.n}: expected a positive number of samples")
+    if not 0 <= args.seed <= train.MAX_SEED:
+        raise UsageError(f"--seed {args.seed}: expected an integer from 0 to {train.MAX_SEED}")
     ck = _load_finished(args.checkpoint)
+    model = ck.state.model
+    per_example = budget.model_sizes(ck.model_config)[1] if ck.model_config else 0
+    budget.check_samples(args.n, ck.block_size, len(ck.vocab), per_example,
+                         next(iter(model.params().values())).element_size())
     for s in _samples(ck, args.n, args.seed):
         print(s)
     return 0
@@ -360,7 +391,7 @@ def _cmd_eval(args) -> int:
         for split in ("train", "val", "test"):
             X, Y = splits.split(split)
             loss = models.evaluate(inference, X, Y)
-            print(f"{split:>5} loss {loss:.4f}  ({X.shape[0]:,} examples)")
+            print(f"{split:>5} loss {_loss(loss)}  ({X.shape[0]:,} examples)")
     return 0
 
 
@@ -532,13 +563,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc passes to its ranks
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc passes to its ranks
         return args.func(args)
-    except (DataError, CheckpointError, UsageError, train.EngineUnavailable) as e:
+    except (DataError, CheckpointError, UsageError, BudgetError, train.EngineUnavailable) as e:
         _err(str(e))
         return 2
+    except KeyboardInterrupt:  # while loading, evaluating or saving (the loop has its own message)
+        _err("interrupted; files are written atomically, so any checkpoint on disk is complete")
+        return 130
     except BrokenPipeError:  # `handgrad check | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -6,6 +6,7 @@ makemore Part 4" (and Parts 3 and 5 for the deeper models).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from handgrad.models import ModelConfig, Step
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 BN_STATS = ("calibrate", "running")
 ENGINES = ("auto", "fast", "eager")
+MAX_SEED = 2**63 - 1 - 16  # torch seeds are int64
+MAX_STEPS = 10**8  # the loss curve keeps one float64 per step (800 MB at the limit)
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,13 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         for name in ("lr", "lr_decayed"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)}")
+        for name in ("seed", "split_seed"):  # seed + 1 and seed + 10 are used too: keep them in int64
+            if not 0 <= getattr(self, name) <= MAX_SEED:
+                raise ValueError(f"{name} must be an integer from 0 to {MAX_SEED}, got {getattr(self, name)}")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps must be at most {MAX_STEPS:,}, got {self.steps:,}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
