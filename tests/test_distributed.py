@@ -248,8 +248,10 @@ def _train(name, dtype, steps, comm=None, batch=32, lr=0.1, block_size=None):
 
 
 # (model, dtype, steps, per-step loss tolerance) for every model in both dtypes (deep: 6 batchnorms,
-# wavenet: 3 over (N, T, C)); HANDGRAD_DIST_STEPS=1000 runs the issue's 1000 steps of each
-STEPS = int(os.environ.get("HANDGRAD_DIST_STEPS", "40"))
+# wavenet: 3 over (N, T, C)). CI runs 20 steps; the issue's 1000-step comparison is a run done once,
+# with the numbers printed (docs/scale.md records them):
+#   HANDGRAD_DIST_STEPS=1000 PYTHONPATH=src python -m pytest tests/test_distributed.py -k take_the -s
+STEPS = int(os.environ.get("HANDGRAD_DIST_STEPS", "20"))
 RUNS = [(name, dtype, STEPS, {"float32": 1e-5, "float64": 1e-12}[dtype])
         for name in ("mlp", "deep", "wavenet") for dtype in ("float32", "float64")]
 
@@ -273,13 +275,21 @@ def two_ranks():
     return distributed.spawn(_dp_worker, 2, RUNS, timeout=120)
 
 
+def _max_step_diff(got, one, run, ranks) -> float:
+    """The largest per-step loss difference, printed for the record (seen with pytest -s)."""
+    diff = (got["losses"] - one["losses"]).abs().max().item()
+    name, dtype, steps, tol = run
+    print(f"\n{name} {dtype} {steps} steps, {ranks} ranks vs 1 process: max |loss diff| {diff:.3g} (<= {tol:g})")
+    return diff
+
+
 @pytest.mark.parametrize("run", range(len(RUNS)), ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in RUNS])
 def test_2_ranks_take_the_single_process_step_with_the_same_global_batch(single_process, two_ranks, run):
     tol = RUNS[run][3]
     one = single_process[run]
     for rank in two_ranks:
         got = rank["runs"][run]
-        diff = (got["losses"] - one["losses"]).abs().max().item()
+        diff = _max_step_diff(got, one, RUNS[run], 2)
         assert diff <= tol, f"max per-step loss difference {diff:.3g} > {tol:g}"
         assert torch.isfinite(got["losses"]).all()
     # the replicas never drift apart: one summed buffer, the same update on every rank
@@ -303,18 +313,26 @@ def test_one_gradient_all_reduce_per_step_and_two_collectives_per_batchnorm(two_
     assert calls["batchnorm forward"] >= bn_calls and calls["batchnorm backward"] >= bn_calls
 
 
-def _dp4_worker(comm):
-    return [_train("mlp", dtype, STEPS, comm) for dtype in ("float32", "float64")]
+def _dp4_worker(comm, runs):
+    return [_train(name, dtype, steps, comm, block_size=8 if name == "wavenet" else None)
+            for name, dtype, steps, _ in runs]
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return distributed.spawn(_dp4_worker, 4, RUNS, timeout=300)
 
 
 @pytest.mark.slow
-def test_4_ranks_take_the_single_process_step(single_process):
-    four = distributed.spawn(_dp4_worker, 4, timeout=300)
-    for got, one, tol in zip(four[0], single_process[:2], (1e-5, 1e-12)):
-        diff = (got["losses"] - one["losses"]).abs().max().item()
+@pytest.mark.parametrize("run", range(len(RUNS)), ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in RUNS])
+def test_4_ranks_take_the_single_process_step(single_process, four_ranks, run):
+    tol = RUNS[run][3]
+    one = single_process[run]
+    for got in (r[run] for r in four_ranks):
+        diff = _max_step_diff(got, one, RUNS[run], 4)
         assert diff <= tol, f"max per-step loss difference {diff:.3g} > {tol:g}"
-    for got in four[1:]:
-        assert all(torch.equal(got[1]["params"][k], four[0][1]["params"][k]) for k in got[1]["params"])
+    for got in four_ranks[1:]:
+        assert all(torch.equal(got[run]["params"][k], four_ranks[0][run]["params"][k]) for k in got[run]["params"])
 
 
 # ---------------------------------------------------------------------------- the command
@@ -330,7 +348,7 @@ RUN_FLAGS = ["--n-hidden", "64", "--dtype", "float64", "--chunk-steps", "100", "
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "whole"
-    p = _handgrad("train", "--nproc", "2", "--steps", "1500", "--out", str(out), *RUN_FLAGS)
+    p = _handgrad("train", "--nproc", "2", "--steps", "800", "--out", str(out), *RUN_FLAGS)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr
     return out
@@ -338,8 +356,8 @@ def uninterrupted(tmp_path_factory):
 
 def test_nproc_2_trains_the_single_process_model(uninterrupted, tmp_path, capsys):
     ck = checkpoint.load(uninterrupted)
-    assert ck.results["engine"] == "2-rank data-parallel eager (gloo)" and ck.state.step == 1500
-    assert main(["train", "--steps", "1500", "--engine", "eager", "--out", str(tmp_path / "one"), *RUN_FLAGS]) == 0
+    assert ck.results["engine"] == "2-rank data-parallel eager (gloo)" and ck.state.step == 800
+    assert main(["train", "--steps", "800", "--engine", "eager", "--out", str(tmp_path / "one"), *RUN_FLAGS]) == 0
     one = checkpoint.load(tmp_path / "one")
     assert (ck.state.losses - one.state.losses).abs().max().item() <= 1e-12
     assert abs(ck.results["val"] - one.results["val"]) <= 1e-12
@@ -371,8 +389,8 @@ def _wait_for_checkpoint(out: Path, step: int, p, limit: float = 120) -> None:
 @pytest.mark.slow
 def test_kill_9_of_a_rank_leaves_a_checkpoint_that_resumes_to_the_same_result(uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    p = _handgrad("train", "--nproc", "2", "--steps", "1500", "--out", str(out), *RUN_FLAGS)
-    _wait_for_checkpoint(out, 300, p)
+    p = _handgrad("train", "--nproc", "2", "--steps", "800", "--out", str(out), *RUN_FLAGS)
+    _wait_for_checkpoint(out, 200, p)
     os.kill(_rank_pids(p.pid)[1], signal.SIGKILL)
     t0 = time.monotonic()
     _, stderr = p.communicate(timeout=120)
@@ -381,7 +399,7 @@ def test_kill_9_of_a_rank_leaves_a_checkpoint_that_resumes_to_the_same_result(un
     assert stderr.strip().splitlines()[-1] == "handgrad: error: rank 1 was killed by SIGKILL; the other rank stopped"
     assert "rank 0: the " in stderr and "--resume" in stderr
     saved = checkpoint.load(out)  # intact: sha256 and shapes verified
-    assert 300 <= saved.state.step < 1500 and not saved.results
+    assert 200 <= saved.state.step < 800 and not saved.results
     whole = checkpoint.load(uninterrupted)
     # resume on 2 ranks: bit-identical; on 1 process (another rank count): the same to 1e-12
     for nproc, exact in (("2", True), ("1", False)):
@@ -401,7 +419,7 @@ def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
     out = tmp_path / "hung"
     p = _handgrad("train", "--nproc", "2", "--steps", "100000", "--out", str(out), *RUN_FLAGS,
                   env={distributed.TIMEOUT_ENV: "3"})
-    _wait_for_checkpoint(out, 200, p)
+    _wait_for_checkpoint(out, 100, p)
     hung = _rank_pids(p.pid)[1]
     os.kill(hung, signal.SIGSTOP)
     t0 = time.monotonic()
@@ -412,4 +430,4 @@ def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("handgrad: error: rank 1 stopped responding (rank 0 gave up waiting for it)"), last
     assert "Timed out" in stderr
-    assert checkpoint.load(out).state.step >= 200
+    assert checkpoint.load(out).state.step >= 100
