@@ -9,6 +9,7 @@ Shape legend: N rows of this rank's slice, n rows of the global batch, C channel
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import hashlib
@@ -137,7 +138,14 @@ def init(env: RankEnv, device: str = "cpu", timeout: float | None = None) -> Com
     except (RuntimeError, ValueError) as e:
         raise PeerLost(f"rank {env.rank}: could not join the {env.world_size} ranks at {env.master} "
                        f"within {time.perf_counter() - t0:.0f}s ({_first_line(e)})") from None
+    atexit.register(leave)  # a process that exits inside the group can abort in gloo's threads
     return Comm(env.rank, env.world_size, None, timeout)
+
+
+def leave() -> None:
+    """Leave the process group (local: no collective), so the interpreter exits with its threads joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------- synchronized batchnorm
@@ -352,7 +360,10 @@ def _spawned(fn, rank: int, world: int, port: int, timeout: float, threads: int,
 def spawn(fn: Callable, nproc: int, *args, timeout: float = 60.0, threads: int = 1) -> list:
     """Run fn(comm, *args) in nproc new local processes (gloo over 127.0.0.1) and return each rank's
     result (tensors, numbers, lists, dicts), in rank order. fn must be importable (module level).
-    Raises RuntimeError with the failing rank's traceback."""
+    Waits as long as the ranks run (a hung collective fails after `timeout` inside them); raises
+    RuntimeError with the failing rank's traceback, or naming a rank that died without one."""
+    import queue
+
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -364,8 +375,15 @@ def spawn(fn: Callable, nproc: int, *args, timeout: float = 60.0, threads: int =
         p.start()
     out: dict[int, object] = {}
     try:
-        for _ in range(nproc):
-            rank, ok, payload = results.get(timeout=timeout + 120)
+        while len(out) < nproc:
+            try:
+                rank, ok, payload = results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} {_describe(procs[dead[0]].exitcode)} without a "
+                                       "result") from None
+                continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")
             out[rank] = torch.load(io.BytesIO(payload), weights_only=True)
