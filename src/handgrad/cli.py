@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from handgrad import budget, checkpoint, data, io, models, train
+from handgrad import budget, checkpoint, data, distributed, io, models, train
 from handgrad.budget import BudgetError
 from handgrad.check import run_tolerance
 from handgrad.checkpoint import Checkpoint, CheckpointError
@@ -136,6 +136,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--recompute-tile", type=int, metavar="ROWS", help="activation checkpointing (fast "
                    "engine): keep only embcat and recompute the hidden activations in backward, ROWS rows "
                    "at a time; saves memory at large --batch-size (default 0: keep all)")
+    g.add_argument("--nproc", type=int, metavar="N", help="data-parallel training in N local processes (gloo "
+                   "on 127.0.0.1, synchronized batchnorm); under torchrun leave it out")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="steps between checkpoints (default %(default)s)")
     g = p.add_argument_group("output")
@@ -279,12 +281,21 @@ def _cmd_train(args) -> int:
                              fits=lambda n: budget.check_train(mcfg, tcfg, n))
         mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
         out = Path(args.out or DEFAULT_OUT.format(model=mcfg.name))
+    if not args.resume:
+        data_path, fingerprint = _data_identity(args.data)  # data_path None: the bundled names
+        ck = Checkpoint(mcfg, tcfg, splits.vocab, data_path, train.new_state(mcfg, tcfg), None, {},
+                        mcfg.block_size, fingerprint, [checkpoint.lr_settings(tcfg, 0)])
+    def check_out() -> None:  # --nproc N: --out is checked once, before any rank starts
+        with _output_dir(out, args):
+            pass
+
+    rank = distributed.for_train(args, ck.train_config, ck.state, splits, check_out)  # --nproc, torchrun
+    if isinstance(rank, int):
+        return rank
+    if rank is not None and not rank.is_main:  # ranks > 0 train silently; rank 0 prints and saves
+        return rank.follow(splits, ck.model_config, ck.train_config, ck.state)
     with _output_dir(out, args) as lock:
-        if not args.resume:
-            data_path, fingerprint = _data_identity(args.data)  # data_path None: the bundled names
-            ck = Checkpoint(mcfg, tcfg, splits.vocab, data_path, train.new_state(mcfg, tcfg), None, {},
-                            mcfg.block_size, fingerprint, [checkpoint.lr_settings(tcfg, 0)])
-        return _train(args, ck, splits, out, lock)
+        return _train(args, ck, splits, out, lock, rank)
 
 
 def _output_dir(out: Path, args) -> io.RunLock:
@@ -315,10 +326,13 @@ def _same_dir(a: Path, b: Path) -> bool:
         return False
 
 
-def _train(args, ckpt: Checkpoint, splits: data.Splits, out: Path, lock: io.RunLock) -> int:
-    """Train `ckpt`'s state to its train_config's steps, saving into `out` (locked by the caller)."""
+def _train(args, ckpt: Checkpoint, splits: data.Splits, out: Path, lock: io.RunLock,
+           rank: distributed.Rank | None = None) -> int:
+    """Train `ckpt`'s state to its train_config's steps, saving into `out` (locked by the caller);
+    `rank`: this process is rank 0 of a data-parallel group."""
     mcfg, tcfg, state = ckpt.model_config, ckpt.train_config, ckpt.state
-    steps_fn, engine, fallback = train.select_engine(state.model, tcfg)
+    steps_fn, engine, fallback = ((rank.steps_fn, rank.engine, rank.warning) if rank is not None
+                                  else train.select_engine(state.model, tcfg))
     if fallback:
         warn(fallback)
     if not args.quiet:
@@ -372,6 +386,9 @@ def _train(args, ckpt: Checkpoint, splits: data.Splits, out: Path, lock: io.RunL
         return 130
     except SaveError as e:
         _err(f"{e}; {kept()}")
+        return 1
+    except distributed.PeerLost as e:
+        _err(f"{e}; {kept()}" + (f"; continue with: handgrad train --resume {out}" if last_saved[0] else ""))
         return 1
     loop_time = time.perf_counter() - t0
 
@@ -866,6 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc passes to its ranks
         return args.func(args)
     except (DataError, CheckpointError, UsageError, BudgetError, io.OutputError,
             train.EngineUnavailable) as e:

@@ -1,0 +1,570 @@
+"""Data-parallel training on torch.distributed (gloo on CPU, NCCL for CUDA tensors; torchrun or
+`handgrad train --nproc N` to launch) with every gradient still written by hand, synchronized
+batchnorm included. References: Ioffe & Szegedy 2015 (batchnorm), the lecture's closed-form backward,
+Chan, Golub & LeVeque 1979 (combining per-rank means and squared deviations), Li et al. 2020
+("PyTorch Distributed": one flat all-reduce instead of one per tensor).
+
+Shape legend: N rows of this rank's slice, n rows of the global batch, C channels, R ranks.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from handgrad import models, train
+from handgrad.layers import BatchNorm1d, Sequential
+from handgrad.train import NonFiniteError, StepsFn, TrainConfig, TrainState
+
+TIMEOUT_ENV = "HANDGRAD_DIST_TIMEOUT"  # seconds a collective may wait for a peer before giving up
+DEFAULT_TIMEOUT = 60.0
+LAUNCHED_ENV = "HANDGRAD_NPROC"  # set by --nproc in the processes it starts (they see --nproc too)
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # the model's device type -> torch.distributed backend
+
+
+class PeerLost(RuntimeError):
+    """A collective failed: another rank died, hung past the timeout, or never joined. One line."""
+
+
+class DistUsageError(ValueError):
+    """Flags that cannot run on several ranks; the message is one line for the user."""
+
+
+# ---------------------------------------------------------------------------- the process group
+@dataclass(frozen=True)
+class RankEnv:
+    """The env:// rendezvous variables that torchrun (or --nproc) sets for each process."""
+
+    rank: int  # RANK: this process among all, 0 .. world_size-1
+    world_size: int  # WORLD_SIZE: processes in the job, over every machine
+    local_rank: int  # LOCAL_RANK: this process on its machine
+    master: str  # MASTER_ADDR:MASTER_PORT, where rank 0 hosts the rendezvous store
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> RankEnv | None:
+        """The variables of `env` (default os.environ), or None when RANK/WORLD_SIZE are not set."""
+        env = os.environ if env is None else env
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            return None
+        try:
+            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+            local = int(env.get("LOCAL_RANK", rank))
+        except ValueError:
+            raise DistUsageError(f"RANK={env['RANK']!r} / WORLD_SIZE={env['WORLD_SIZE']!r}: expected "
+                                 "integers (as torchrun sets them)") from None
+        if not 0 <= rank < world:
+            raise DistUsageError(f"RANK={rank} is outside 0 .. WORLD_SIZE-1 = {world - 1}")
+        return cls(rank, world, local, f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}")
+
+
+def timeout_seconds(env: dict | None = None) -> float:
+    env = os.environ if env is None else env
+    raw = env.get(TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise DistUsageError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class Comm:
+    """The collectives of one process group, timed per purpose, with a failure (a dead or hung
+    peer) raised as PeerLost naming this rank and the collective."""
+
+    def __init__(self, rank: int, world: int, group=None, timeout: float = DEFAULT_TIMEOUT):
+        self.rank, self.world, self.group, self.timeout = rank, world, group, timeout
+        self.seconds: dict[str, float] = defaultdict(float)  # purpose -> time spent (incl. waiting)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _run(self, what: str, fn: Callable[[], None]) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except RuntimeError as e:  # gloo: "Connection closed by peer", "Timed out waiting ..."
+            waited = time.perf_counter() - t0
+            raise PeerLost(f"rank {self.rank}: the {what} collective failed after {waited:.1f}s "
+                           f"({_first_line(e)}); another rank died or stopped responding") from None
+        self.seconds[what] += time.perf_counter() - t0
+        self.calls[what] += 1
+
+    def all_reduce_(self, t: Tensor, what: str) -> Tensor:
+        """Sum `t` over every rank, in place (gloo has no average: callers scale before the sum)."""
+        self._run(what, lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group))
+        return t
+
+    def all_gather(self, t: Tensor, what: str) -> Tensor:
+        """Every rank's `t`, stacked in rank order: (R, *t.shape), the same on every rank."""
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        self._run(what, lambda: dist.all_gather(out, t.contiguous(), group=self.group))
+        return torch.stack(out)  # (R, ...)
+
+
+def init(env: RankEnv, device: str = "cpu", timeout: float | None = None) -> Comm:
+    """Join the process group of `env` (env:// rendezvous) with the device's backend."""
+    timeout = timeout_seconds() if timeout is None else timeout
+    t0 = time.perf_counter()
+    try:
+        dist.init_process_group(BACKENDS[device], init_method="env://", rank=env.rank,
+                                world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError) as e:
+        raise PeerLost(f"rank {env.rank}: could not join the {env.world_size} ranks at {env.master} "
+                       f"within {time.perf_counter() - t0:.0f}s ({_first_line(e)})") from None
+    atexit.register(leave)  # a process that exits inside the group can abort in gloo's threads
+    return Comm(env.rank, env.world_size, None, timeout)
+
+
+def leave() -> None:
+    """Leave the process group (local: no collective), so the interpreter exits with its threads joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- synchronized batchnorm
+def combine_moments(stats: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The mean and Bessel (n-1) variance of the union of R slices from each slice's row count,
+    mean and sum of squared deviations (rows of `stats`: [N_r, mean_r (C), M2_r (C)]). Chan et al.:
+    M2 = sum_r M2_r + sum_r N_r (mean_r - mean)^2, no cancellation as in sum(x^2) - n mean^2.
+    Every rank combines the same gathered rows in rank order, so all get the same bits."""
+    C = (stats.shape[1] - 1) // 2
+    counts, means, m2s = stats[:, :1], stats[:, 1:1 + C], stats[:, 1 + C:]  # (R, 1) (R, C) (R, C)
+    n = int(round(float(counts.sum())))
+    mean = (counts * means).sum(0) / n  # (C,)
+    m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)  # (C,)
+    return mean, m2 / (n - 1), n  # Bessel's n-1 over the global batch
+
+
+def sync_batchnorm_forward(x: Tensor, bngain: Tensor, bnbias: Tensor, eps: float, comm: Comm
+                           ) -> tuple[Tensor, tuple, tuple[Tensor, Tensor]]:
+    """Training-mode batchnorm whose statistics are over the rows of every rank (one all-gather of
+    [N, mean, M2] per call); the normalisation itself is local. Returns ops.batchnorm_forward's
+    (out, cache, (bnmeani, bnvar)) with the global row count n added to the cache."""
+    dims = tuple(range(x.dim() - 1))
+    C = x.shape[-1]
+    N = x.numel() // C
+    local_mean = x.sum(dims) / max(N, 1)  # (C,)
+    local_m2 = ((x - local_mean) ** 2).sum(dims)  # (C,)
+    mine = torch.cat([torch.full((1,), float(N), dtype=x.dtype, device=x.device), local_mean, local_m2])
+    mean, var, n = combine_moments(comm.all_gather(mine, "batchnorm forward"))  # (C,) (C,)
+    keep = (1,) * (x.dim() - 1) + (C,)
+    bnmeani = mean.reshape(keep)  # (1, ..., C)
+    bnvar = var.reshape(keep)  # (1, ..., C)
+    bndiff = x - bnmeani  # (..., C)
+    bnvar_inv = (bnvar + eps) ** -0.5  # (1, ..., C)
+    bnraw = bndiff * bnvar_inv  # (..., C)
+    out = bngain * bnraw + bnbias  # (..., C)
+    return out, (bnraw, bnvar_inv, bngain, n), (bnmeani, bnvar)
+
+
+def sync_batchnorm_backward(dout: Tensor, cache: tuple, comm: Comm) -> tuple[Tensor, Tensor, Tensor]:
+    """The closed form with the global n and the global sums (one all-reduce of [sum(dout),
+    sum(dout * bnraw)]):
+
+        dx = gain * var_inv / n * (n * dout - sum(dout) - n/(n-1) * bnraw * sum(dout * bnraw))
+
+    so this rank's rows of dx are the rows of the single-process dx on the whole batch. The returned
+    dbngain and dbnbias are this rank's share (its local sums): the data-parallel all-reduce of the
+    gradients adds the shares, as for every other parameter."""
+    bnraw, bnvar_inv, bngain, n = cache
+    dims = tuple(range(dout.dim() - 1))
+    C = dout.shape[-1]
+    dbngain = (bnraw * dout).sum(dims)  # (C,) this rank's share
+    dbnbias = dout.sum(dims)  # (C,)
+    sums = comm.all_reduce_(torch.cat([dbnbias, dbngain]), "batchnorm backward")  # (2C,) over all ranks
+    dbnbias_all, dbngain_all = sums[:C], sums[C:]  # (C,) (C,)
+    dx = bngain * bnvar_inv / n * (n * dout - dbnbias_all - n / (n - 1) * bnraw * dbngain_all)  # (..., C)
+    return dx, dbngain.reshape(bngain.shape), dbnbias.reshape(bngain.shape)
+
+
+class SyncBatchNorm1d(BatchNorm1d):
+    """BatchNorm1d whose training statistics and backward sums are over the global batch of every
+    rank of `comm`. Eval mode, running statistics and spec() are BatchNorm1d's, so a checkpoint of a
+    synchronized model is a plain one (and resumes on any number of ranks)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, dtype: torch.dtype = torch.float32,
+                 comm: Comm | None = None):
+        super().__init__(dim, eps, momentum, dtype)
+        self.comm = comm
+
+    @classmethod
+    def sharing(cls, bn: BatchNorm1d, comm: Comm) -> SyncBatchNorm1d:
+        """A synchronized layer over the same tensors as `bn` (in-place updates reach both)."""
+        sync = cls.__new__(cls)
+        sync.__dict__.update(bn.__dict__)
+        sync.comm = comm
+        return sync
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, object]:
+        if not training:
+            return super().forward(x, training)
+        out, cache, stats = sync_batchnorm_forward(x, self.weight, self.bias, self.eps, self.comm)
+        return out, (cache, stats)
+
+    def backward(self, dout: Tensor, cache) -> tuple[Tensor, dict[str, Tensor]]:
+        if cache is None:
+            raise ValueError("SyncBatchNorm1d.backward needs a training-mode forward (eval has no cache)")
+        bn_cache, _ = cache
+        dx, dbngain, dbnbias = sync_batchnorm_backward(dout, bn_cache, self.comm)
+        return dx, {"weight": dbngain, "bias": dbnbias}
+
+
+def synchronized(model, comm: Comm):
+    """A view of `model` whose BatchNorm1d layers are SyncBatchNorm1d over `comm`, sharing every
+    tensor with `model` (nested Sequentials included); other layers are the same objects."""
+    if isinstance(model, Sequential):
+        return Sequential([synchronized(layer, comm) for layer in model.layers])
+    if isinstance(model, BatchNorm1d) and not isinstance(model, SyncBatchNorm1d):
+        return SyncBatchNorm1d.sharing(model, comm)
+    return model
+
+
+# ---------------------------------------------------------------------------- the data-parallel step
+def shard(B: int, world: int, rank: int) -> slice:
+    """Rank r's columns of a global batch of B: [r*B/R, (r+1)*B/R)."""
+    if B % world:
+        raise DistUsageError(f"--batch-size {B} is not divisible by {world} ranks; use a multiple of {world} "
+                             f"(each rank takes batch-size/{world} rows)")
+    b = B // world
+    return slice(rank * b, (rank + 1) * b)
+
+
+def data_parallel_steps(comm: Comm) -> StepsFn:
+    """train.StepsFn for one rank: each of the K steps takes this rank's slice of the global batch
+    (every rank draws the same idx from the same generator), runs the hand-written forward/backward
+    of the synchronized model with the loss seeded as (local rows / global rows), so the summed
+    gradients are the gradients of the global mean loss, and all-reduces [loss, every gradient] in
+    one flat buffer. The buffer is the same on every rank after the sum, so the non-finite check and
+    the SGD update agree everywhere and the replicas stay bit-identical."""
+
+    def steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
+        K, B = idx.shape
+        cols = shard(B, comm.world, comm.rank)
+        seed = (cols.stop - cols.start) / B  # local rows / global rows: scale, then SUM
+        synced = synchronized(model, comm)
+        params = model.params()
+        names, sizes = list(params), [t.numel() for t in params.values()]
+        dtype = next(iter(params.values())).dtype
+        flat = torch.empty(1 + sum(sizes), dtype=dtype)  # [loss share, every gradient]
+        losses = torch.empty(K, dtype=torch.float64)  # (K,)
+        for k in range(K):
+            ix = idx[k, cols]  # (B/R,)
+            step = models.loss_and_grads(synced, Xtr[ix], Ytr[ix], dloss=seed)
+            torch.cat([(step.loss * seed).reshape(1), *(step.grads[n].reshape(-1) for n in names)], out=flat)
+            comm.all_reduce_(flat, "gradients")
+            if not bool(torch.isfinite(flat).all()):
+                raise NonFiniteError(k, _first_bad(flat, names, sizes))
+            losses[k] = flat[0]
+            grads = {n: g.view(params[n].shape) for n, g in zip(names, flat[1:].split(sizes))}
+            models.sgd_update(model, grads, float(lrs[k]))
+            synced.update_buffers(step.caches)
+        return losses
+
+    return steps
+
+
+def _first_bad(flat: Tensor, names: list[str], sizes: list[int]) -> str:
+    if not torch.isfinite(flat[0]):
+        return "loss"
+    bad = {n: g for n, g in zip(names, flat[1:].split(sizes))}
+    return "d" + (train.first_non_finite(bad) or names[0])
+
+
+# ---------------------------------------------------------------------------- agreement at the start
+def fingerprints(state: TrainState, tcfg: TrainConfig, Xtr: Tensor, Ytr: Tensor) -> dict[str, int]:
+    """Hashes of what every rank must share (a rank resumed from another copy of the checkpoint, or
+    reading other data, would silently train another model)."""
+
+    def h(*parts) -> int:
+        m = hashlib.sha256()
+        for p in parts:
+            m.update(p.contiguous().cpu().numpy().tobytes() if isinstance(p, Tensor) else repr(p).encode())
+        return int.from_bytes(m.digest()[:8], "little", signed=True)
+
+    tensors = {**state.model.params(), **state.model.buffers()}
+    config = json.dumps({k: v for k, v in dataclasses.asdict(tcfg).items() if k != "checkpoint_every"},
+                        sort_keys=True)
+    return {"the model (parameters and batchnorm statistics)": h(*tensors.keys(), *tensors.values()),
+            "the step and batch generator": h(state.step, state.generator.get_state()),
+            "the training data": h(Xtr, Ytr),
+            "the training flags": h(config)}
+
+
+def check_same(comm: Comm, state: TrainState, tcfg: TrainConfig, Xtr: Tensor, Ytr: Tensor) -> None:
+    """Raise DistUsageError (on every rank) naming the first rank whose state differs from rank 0's."""
+    prints = fingerprints(state, tcfg, Xtr, Ytr)
+    table = comm.all_gather(torch.tensor(list(prints.values()), dtype=torch.int64), "start")  # (R, 4)
+    for r in range(1, comm.world):
+        for what, mine, theirs in zip(prints, table[0].tolist(), table[r].tolist()):
+            if mine != theirs:
+                raise DistUsageError(f"rank {r}: {what} differs from rank 0's; every rank needs the same "
+                                     "--data, flags and --resume checkpoint")
+
+
+# ---------------------------------------------------------------------------- running local ranks
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """The env:// variables of local rank `rank` of `world`, on the loopback address."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+            "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+
+
+def _spawned(fn, rank: int, world: int, port: int, timeout: float, threads: int, results, args) -> None:
+    torch.set_num_threads(threads)
+    os.environ.update(rank_env(rank, world, port))
+    try:
+        comm = init(RankEnv(rank, world, rank, f"127.0.0.1:{port}"), timeout=timeout)
+        out = fn(comm, *args)
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        results.put((rank, True, buf.getvalue()))
+    except BaseException:  # reported to the parent, which raises it
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable, nproc: int, *args, timeout: float = 60.0, threads: int = 1) -> list:
+    """Run fn(comm, *args) in nproc new local processes (gloo over 127.0.0.1) and return each rank's
+    result (tensors, numbers, lists, dicts), in rank order. fn must be importable (module level).
+    Waits as long as the ranks run (a hung collective fails after `timeout` inside them); raises
+    RuntimeError with the failing rank's traceback, or naming a rank that died without one."""
+    import queue
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_spawned, args=(fn, r, nproc, port, timeout, threads, results, args))
+             for r in range(nproc)]
+    for p in procs:
+        p.start()
+    out: dict[int, object] = {}
+    try:
+        while len(out) < nproc:
+            try:
+                rank, ok, payload = results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} {_describe(procs[dead[0]].exitcode)} without a "
+                                       "result") from None
+                continue
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            out[rank] = torch.load(io.BytesIO(payload), weights_only=True)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(nproc)]
+
+
+# ---------------------------------------------------------------------------- supervising --nproc
+@dataclass(frozen=True)
+class Outcome:
+    code: int  # the exit code for the launcher
+    message: str  # one line for the user ("" when every rank finished or all failed alike)
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def supervise(procs: list, grace: float, poll: float = 0.05) -> Outcome:
+    """Wait for every rank. After the first failure, the others have `grace` seconds to stop on
+    their own (a dead peer breaks their next collective at once, a hung one after the timeout);
+    those still running are then interrupted (SIGINT), and killed 2 s later, and named."""
+    codes: dict[int, int] = {}
+    first: tuple[int, float] | None = None  # (rank, time) of the first failure
+    stopped: list[int] = []  # ranks that had to be stopped
+    interrupted_at = None
+    while len(codes) < len(procs):
+        for r, p in enumerate(procs):
+            if r not in codes and p.poll() is not None:
+                codes[r] = p.returncode
+                if p.returncode != 0 and first is None:
+                    first = (r, time.monotonic())
+        if first is not None and len(codes) < len(procs):
+            waited = time.monotonic() - first[1]
+            if interrupted_at is None and waited > grace:
+                stopped = [r for r in range(len(procs)) if r not in codes]
+                for r in stopped:
+                    procs[r].send_signal(signal.SIGINT)
+                interrupted_at = time.monotonic()
+            elif interrupted_at is not None and time.monotonic() - interrupted_at > 2.0:
+                for r in stopped:
+                    if r not in codes:
+                        procs[r].kill()
+        time.sleep(poll)
+    if first is None:
+        return Outcome(0, "")
+    bad, _ = first
+    failed = {r: c for r, c in codes.items() if c != 0}
+    exit_code = codes[bad] if codes[bad] > 0 else 1
+    if not stopped and codes[bad] > 0 and len(set(failed.values())) == 1 and len(failed) == len(procs):
+        return Outcome(exit_code, "")  # every rank failed alike (bad input, divergence): rank 0 said why
+    if stopped:
+        waiting = ", ".join(str(r) for r in sorted(failed) if r not in stopped)
+        return Outcome(exit_code, f"rank {', '.join(map(str, stopped))} stopped responding (rank {waiting} "
+                                  f"gave up waiting for it); stopped it {grace:.0f}s later")
+    rest = sorted(r for r in codes if r != bad)
+    msg = (f"rank {bad} {_describe(codes[bad])}; "
+           + (f"the other rank{'s' if len(rest) > 1 else ''} stopped" if all(codes[r] != 0 for r in rest)
+              else "rank(s) " + ", ".join(str(r) for r in rest if codes[r] == 0) + " had already finished"))
+    return Outcome(exit_code, msg)
+
+
+def launch(argv: list[str], nproc: int, timeout: float) -> int:
+    """`handgrad train --nproc N`: run `python -m handgrad ARGV` as N local ranks (gloo on
+    127.0.0.1, a free port) and supervise them. Returns the exit code."""
+    port = free_port()
+    base = {**os.environ, LAUNCHED_ENV: str(nproc), TIMEOUT_ENV: str(timeout)}
+    cmd = [sys.executable, "-m", "handgrad", *argv]
+    procs = [subprocess.Popen(cmd, env={**base, **rank_env(r, nproc, port)}) for r in range(nproc)]
+    try:
+        outcome = supervise(procs, grace=timeout)
+    except KeyboardInterrupt:  # the terminal sent SIGINT to the ranks too; let them save and stop
+        for p in procs:
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        return 130
+    if outcome.message:
+        print(f"handgrad: error: {outcome.message}", file=sys.stderr)
+    return outcome.code
+
+
+# ---------------------------------------------------------------------------- the train command
+@dataclass
+class Rank:
+    """One rank of a data-parallel `handgrad train`: what cli._cmd_train needs to run it."""
+
+    comm: Comm
+    steps_fn: StepsFn
+    engine: str  # for the header and results: "2-rank data-parallel eager"
+    warning: str  # "" or one line for rank 0 to print
+
+    @property
+    def is_main(self) -> bool:
+        return self.comm.is_main
+
+    def follow(self, splits, mcfg, tcfg: TrainConfig, state: TrainState) -> int:
+        """Train as a rank other than 0: no progress, no checkpoints, no output but a lost peer."""
+        try:
+            train.train(splits, mcfg, tcfg, state, None, self.steps_fn)
+        except PeerLost as e:
+            print(f"handgrad: error: {e}", file=sys.stderr)
+            return 1
+        except NonFiniteError:  # rank 0 reports it; every rank sees the same summed buffer
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        return 0
+
+
+def _refusals(args, tcfg: TrainConfig, world: int) -> str:
+    """The first flag that cannot run on `world` ranks, as one line ("" when none)."""
+    rules = [  # (refused?, why): rules as data
+        (tcfg.engine == "fast", f"--engine fast is the single-process native step; {world} ranks run the "
+                                "eager hand-written step (leave out --engine or give eager)"),
+        (bool(getattr(args, "diagnostics", False) or getattr(args, "diag_every", None) is not None),
+         "--diagnostics measures one process; leave out --nproc (or run without torchrun)"),
+    ]
+    for refused, why in rules:
+        if refused:
+            return why
+    try:
+        shard(tcfg.batch_size, world, 0)
+    except DistUsageError as e:
+        return str(e)
+    return ""
+
+
+def for_train(args, tcfg: TrainConfig, state: TrainState, splits, before_launch=None) -> Rank | int | None:
+    """The `handgrad train` hook. None: an ordinary single process. An int: the exit code (after
+    `--nproc N` ran and supervised N ranks, or a refusal printed by rank 0). A Rank: this process is
+    one of several (started by --nproc or torchrun) and has joined the group. `before_launch()` runs
+    in the --nproc process once the flags are accepted, before any rank starts (to check --out)."""
+    nproc = getattr(args, "nproc", None)
+
+    def refuse(msg: str, code: int = 2) -> int:
+        if env is None or env.rank == 0 or code != 2:  # bad input: one line, not one per rank
+            print(f"handgrad: error: {msg}", file=sys.stderr)
+        return code
+
+    env = None
+    try:
+        env = RankEnv.from_env()
+        timeout = timeout_seconds()
+    except DistUsageError as e:
+        return refuse(str(e))
+    launched = env is not None and os.environ.get(LAUNCHED_ENV) == str(nproc)
+    if nproc is not None and env is not None and not launched:
+        return refuse("--nproc starts its own processes; under torchrun (RANK and WORLD_SIZE are set) "
+                      "leave it out")
+    if nproc is not None and nproc < 1:
+        return refuse(f"--nproc {nproc}: expected a positive number of processes")
+    world = nproc if nproc is not None else env.world_size if env is not None else 1
+    if world == 1:
+        return None
+    why = _refusals(args, tcfg, world)
+    if why:
+        return refuse(why)
+    if not launched and env is None:
+        if before_launch is not None:
+            before_launch()
+        return launch(getattr(args, "argv", None) or sys.argv[1:], nproc, timeout)
+    device = next(iter(state.model.params().values())).device.type
+    try:
+        comm = init(env, device, timeout)
+        check_same(comm, state, tcfg, splits.Xtr, splits.Ytr)
+    except PeerLost as e:
+        return refuse(str(e), 1)
+    except DistUsageError as e:
+        return refuse(str(e))
+    warning = ("activation checkpointing (--recompute-tile) needs the single-process fast engine; ignored"
+               if tcfg.recompute_tile else "")
+    return Rank(comm, data_parallel_steps(comm), f"{world}-rank data-parallel eager ({BACKENDS[device]})",
+                warning)

@@ -1,0 +1,302 @@
+"""`python -m handgrad.distributed_bench`: examples/s of N data-parallel processes against one across batch
+sizes, where each step's time goes (compute, batchnorm collectives, the gradient all-reduce), and one
+all-reduce alone from 1 float to millions, fitted to the latency + bytes/bandwidth model (Hockney 1994;
+ring all-reduce: Patarasuk & Yuan 2009). docs/scale.md reads the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from handgrad import checkpoint, data, distributed, models, train
+from handgrad.distributed import Comm
+from handgrad.layers import numel
+
+DEFAULT_BATCHES = tuple(2 ** k for k in range(5, 17))  # 32 .. 65,536
+ALLREDUCE_SIZES = tuple(4 ** k for k in range(0, 11))  # 1 .. 1,048,576 floats, plus the model's gradient
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class BenchUsageError(ValueError):
+    """A bad flag; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "mlp"
+    nproc: int = 2
+    batches: tuple[int, ...] = DEFAULT_BATCHES
+    seconds: float = 0.4  # timed seconds per batch size and process count (at least MIN_STEPS steps)
+    dtype: str = "float32"
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.model not in models.MODELS:
+            raise BenchUsageError(f"--model {self.model}: expected one of {', '.join(models.MODELS)}")
+        if self.nproc < 2:
+            raise BenchUsageError(f"--nproc {self.nproc}: expected 2 or more processes to compare with one")
+        for B in self.batches:
+            if B < 2 * self.nproc or B % self.nproc:
+                raise BenchUsageError(f"--batches: {B} is not a multiple of --nproc {self.nproc} with at "
+                                      "least 2 rows per process (batchnorm needs 2)")
+        if not self.seconds > 0:
+            raise BenchUsageError(f"--seconds {self.seconds}: expected a positive number")
+        if self.dtype not in DTYPES:
+            raise BenchUsageError(f"--dtype {self.dtype}: expected float32 or float64")
+
+
+MIN_STEPS, MAX_STEPS = 3, 2000
+
+
+@dataclass
+class Point:
+    """One batch size: a step of one process against a step of nproc processes (seconds per step)."""
+
+    batch: int
+    steps: int  # timed steps (after one untimed)
+    one: float  # one process, eager hand-written step
+    many: float  # nproc processes: the slowest rank's wall time per step
+    gradients: float  # of `many`: the one flat gradient all-reduce (incl. waiting for the slowest rank)
+    batchnorm: float  # of `many`: the batchnorm forward all-gathers and backward all-reduces
+    loss_diff: float  # max per-step |loss(nproc) - loss(one)|: both ran the same steps
+
+    @property
+    def compute(self) -> float:
+        return self.many - self.gradients - self.batchnorm
+
+    @property
+    def speedup(self) -> float:
+        return self.one / self.many
+
+
+@dataclass
+class Fit:
+    """t(bytes) = latency + bytes / bandwidth, least squares over the measured sizes."""
+
+    latency: float  # seconds
+    bandwidth: float  # bytes per second
+
+    def predict(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass
+class BenchResult:
+    config: dict
+    params: int  # floats in the gradient buffer (+1 for the loss)
+    points: list[Point]
+    allreduce: dict[int, float]  # floats -> median seconds of one all-reduce among nproc processes
+    fit: Fit
+    machine: str
+
+    def table(self) -> str:
+        c, R = self.config, self.config["nproc"]
+        lines = [f"python -m handgrad.distributed_bench: {c['model']} ({self.params:,} floats all-reduced "
+                 f"per step, {c['dtype']}), {R} processes vs 1, gloo on 127.0.0.1, 1 thread each",
+                 self.machine,
+                 f"{'batch':>7} {'steps':>5} {'1 proc ex/s':>12} {f'{R} proc ex/s':>12} {'speedup':>7} "
+                 f"{'1 proc ms':>9} {f'{R} proc ms':>9} {'compute':>8} {'bn comm':>8} {'grad AR':>8} "
+                 f"{'comm %':>6} {'max|dloss|':>10}"]
+        for p in self.points:
+            comm = p.gradients + p.batchnorm
+            lines.append(f"{p.batch:>7} {p.steps:>5} {p.batch / p.one:>12,.0f} {p.batch / p.many:>12,.0f} "
+                         f"{p.speedup:>6.2f}x {p.one * 1e3:>9.3f} {p.many * 1e3:>9.3f} "
+                         f"{p.compute * 1e3:>8.3f} {p.batchnorm * 1e3:>8.3f} {p.gradients * 1e3:>8.3f} "
+                         f"{100 * comm / p.many:>5.0f}% {p.loss_diff:>10.2g}")
+        win = next((p.batch for p in self.points if p.speedup > 1), None)
+        lines.append(f"{R} processes first beat 1 at batch {win}" if win else
+                     f"{R} processes never beat 1 here")
+        lines.append(f"all-reduce (sum) alone among {R} processes, median:")
+        size = _itemsize(c)
+        for n, t in sorted(self.allreduce.items()):
+            tag = "  <- the model's gradient buffer" if n == self.params else ""
+            model = self.fit.predict(n * size)
+            lines.append(f"  {n:>9,} floats {n * size / 1e3:>10.1f} kB {t * 1e6:>10.1f} us   "
+                         f"(model: {model * 1e6:>9.1f} us){tag}")
+        lines.append(f"fit t = latency + bytes/bandwidth: latency {self.fit.latency * 1e6:.1f} us, bandwidth "
+                     f"{self.fit.bandwidth / 1e9:.2f} GB/s")
+        return "\n".join(lines)
+
+
+def _itemsize(config: dict) -> int:
+    return torch.empty(0, dtype=DTYPES[config["dtype"]]).element_size()
+
+
+# ---------------------------------------------------------------------------- what is timed
+@functools.cache
+def _splits(block_size: int) -> data.Splits:
+    return data.make_splits(data.read_words(data.default_data_path()).items, block_size, seed=42)
+
+
+def _problem(cfg: BenchConfig):
+    """The bundled names at the model's block size, and a fresh model (same init in every process)."""
+    mcfg = models.preset(cfg.model)
+    splits = _splits(mcfg.block_size)
+    mcfg = models.with_vocab(mcfg, len(splits.vocab))
+    return splits, models.build(mcfg, cfg.seed, DTYPES[cfg.dtype])
+
+
+def _batches(cfg: BenchConfig, n: int, B: int, K: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(cfg.seed + B)
+    idx = torch.randint(0, n, (K + 1, B), generator=g)  # (K+1, B): one untimed step, then K
+    return idx, torch.full((K + 1,), 0.01, dtype=torch.float64)  # a small lr: no batch size diverges
+
+
+def _timed(steps_fn, model, splits, idx: Tensor, lrs: Tensor, before=lambda: None) -> tuple[float, Tensor]:
+    """Seconds per step over idx[1:] after one untimed step idx[:1]; and every step's loss."""
+    with torch.no_grad():
+        first = steps_fn(model, splits.Xtr, splits.Ytr, idx[:1], lrs[:1])
+        before()
+        t0 = time.perf_counter()
+        rest = steps_fn(model, splits.Xtr, splits.Ytr, idx[1:], lrs[1:])
+        return (time.perf_counter() - t0) / (idx.shape[0] - 1), torch.cat([first, rest])
+
+
+def _steps_for(seconds_per_step: float, budget: float) -> int:
+    return max(MIN_STEPS, min(MAX_STEPS, math.ceil(budget / max(seconds_per_step, 1e-7))))
+
+
+def time_one_process(cfg: BenchConfig) -> list[tuple[int, int, float, Tensor]]:
+    """(batch, steps, seconds per step, losses) of the single-process eager step at each batch size;
+    the step count fills cfg.seconds, probed with 2 steps first."""
+    splits, model = _problem(cfg)
+    out = []
+    for B in cfg.batches:
+        probe, _ = _timed(train.eager_steps, model, splits, *_batches(cfg, splits.Xtr.shape[0], B, 2))
+        K = _steps_for(probe, cfg.seconds)
+        _, model = _problem(cfg)  # every batch size starts from the same init, as the ranks do
+        t, losses = _timed(train.eager_steps, model, splits, *_batches(cfg, splits.Xtr.shape[0], B, K))
+        out.append((B, K, t, losses))
+    return out
+
+
+def _barrier(comm: Comm) -> None:
+    comm.all_reduce_(torch.zeros(1), "barrier")
+
+
+def _rank_worker(comm: Comm, cfg: BenchConfig, plan: list[tuple[int, int]], sizes: list[int]) -> dict:
+    """On every rank: the data-parallel step at each (batch, steps) of the plan, timed with the
+    collectives' share; then one all-reduce of each size in `sizes`, timed alone."""
+    splits, _ = _problem(cfg)
+    steps_fn = distributed.data_parallel_steps(comm)
+    points = []
+    for B, K in plan:
+        _, model = _problem(cfg)
+        idx, lrs = _batches(cfg, splits.Xtr.shape[0], B, K)
+
+        def reset():
+            _barrier(comm)
+            comm.seconds.clear()
+
+        t, losses = _timed(steps_fn, model, splits, idx, lrs, reset)
+        bn = comm.seconds["batchnorm forward"] + comm.seconds["batchnorm backward"]
+        points.append({"batch": B, "seconds": t, "losses": losses, "gradients": comm.seconds["gradients"] / K,
+                       "batchnorm": bn / K})
+    allreduce = {}
+    dtype = DTYPES[cfg.dtype]
+    for n in sizes:
+        buf = torch.zeros(n, dtype=dtype)
+        reps = max(5, min(200, int(2e6 // max(n, 1))))  # fewer repetitions of the large sizes
+        times = []
+        for _ in range(reps + 3):
+            _barrier(comm)
+            t0 = time.perf_counter()
+            comm.all_reduce_(buf, "alone")
+            times.append(time.perf_counter() - t0)
+        allreduce[n] = statistics.median(times[3:])
+    return {"points": points, "allreduce": allreduce}
+
+
+def fit_latency_bandwidth(measured: dict[int, float], itemsize: int) -> Fit:
+    """Least squares of t = a + b * bytes over the measured sizes in relative error (weights 1/t^2,
+    so 1 float counts as much as a million): a is the latency, 1/b the bandwidth."""
+    xs = [n * itemsize for n in measured]
+    ys = list(measured.values())
+    ws = [1 / y ** 2 for y in ys]
+    sw = sum(ws)
+    mx, my = sum(w * x for w, x in zip(ws, xs)) / sw, sum(w * y for w, y in zip(ws, ys)) / sw
+    sxy = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys))
+    b = sxy / sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+    b = max(b, 1e-15)  # seconds per byte; noise must not make bandwidth negative
+    return Fit(max(my - b * mx, 0.0), 1 / b)
+
+
+def run(cfg: BenchConfig, sizes: tuple[int, ...] = ALLREDUCE_SIZES) -> BenchResult:
+    torch.set_num_threads(1)
+    one = time_one_process(cfg)
+    _, model = _problem(cfg)
+    params = numel(model) + 1  # the flat buffer: [loss, every gradient]
+    all_sizes = sorted({*sizes, params})
+    ranks = distributed.spawn(_rank_worker, cfg.nproc, cfg, [(B, K) for B, K, _, _ in one], all_sizes,
+                              timeout=120)
+    points = []
+    for (B, K, t1, losses1), *per_rank in zip(one, *(r["points"] for r in ranks)):
+        slowest = max(per_rank, key=lambda p: p["seconds"])
+        diff = max(float((p["losses"] - losses1).abs().max()) for p in per_rank)
+        points.append(Point(B, K, t1, slowest["seconds"], slowest["gradients"], slowest["batchnorm"], diff))
+    allreduce = {n: max(r["allreduce"][n] for r in ranks) for n in all_sizes}
+    config = asdict(cfg)
+    fit = fit_latency_bandwidth(allreduce, _itemsize(config))
+    machine = f"{platform.machine()}, {torch.get_num_threads()} thread, torch {torch.__version__}"
+    return BenchResult(config, params, points, allreduce, fit, machine)
+
+
+# ---------------------------------------------------------------------------- the command
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers such as 32,1024,16384"
+                                         ) from None
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(prog="python -m handgrad.distributed_bench",
+                                description="examples/s of N data-parallel processes vs 1; the all-reduce")
+    p.add_argument("--model", default=d.model, help=f"mlp, deep or wavenet (default {d.model})")
+    p.add_argument("--nproc", type=int, default=d.nproc,
+                   help=f"processes to compare with one (default {d.nproc})")
+    p.add_argument("--batches", type=_positive_ints, default=d.batches,
+                   help="comma-separated global batch sizes (default 32,64,...,65536)")
+    p.add_argument("--seconds", type=float, default=d.seconds,
+                   help=f"timed seconds per batch size and process count (default {d.seconds})")
+    p.add_argument("--dtype", default=d.dtype, help="float32 (default) or float64")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = BenchConfig(args.model, args.nproc, args.batches, args.seconds, args.dtype)
+    except BenchUsageError as e:
+        print(f"handgrad.distributed_bench: error: {e}", file=sys.stderr)
+        return 2
+    result = run(cfg)
+    print(result.table())
+    if args.json:
+        record = {"config": result.config, "params": result.params, "machine": result.machine,
+                  "points": [{**asdict(p), "compute": p.compute, "speedup": p.speedup}
+                             for p in result.points],
+                  "allreduce_seconds": {str(n): t for n, t in result.allreduce.items()},
+                  "fit": asdict(result.fit)}
+        checkpoint.atomic_write_bytes(Path(args.json), (json.dumps(record, indent=1) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""Data-parallel training (handgrad.distributed): synchronized batchnorm against the single-process
+BatchNorm1d on the concatenated batch, autograd and finite differences; N ranks against one process
+step for step; the --nproc launcher, its refusals, a killed and a hung rank. Ranks are real processes
+talking gloo over 127.0.0.1 only."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from handgrad import checkpoint, data, distributed, models, ops, train
+from handgrad.check import FD_EPS, FD_TOL, autograd_tolerance
+from handgrad.cli import main
+from handgrad.distributed import DistUsageError, RankEnv, SyncBatchNorm1d
+from handgrad.layers import BatchNorm1d
+from handgrad.train import NonFiniteError, TrainConfig
+
+PY = sys.executable
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _holds(manual, reference):
+    """Within the checker's tolerance against autograd for the reference's dtype and magnitude."""
+    return autograd_tolerance(reference.dtype, reference).holds(manual, reference)
+
+
+# ---------------------------------------------------------------------------- one process
+@pytest.mark.parametrize("sizes, C, offset", [([3, 5], 4, 0.0), ([1, 7, 2], 3, 1e3), ([16, 16], 5, -2.0)])
+def test_combined_moments_equal_the_two_pass_statistics_of_the_whole_batch(sizes, C, offset):
+    g = torch.Generator().manual_seed(sum(sizes))
+    x = torch.randn((sum(sizes), C), generator=g, dtype=torch.float64) * 2 + offset  # (n, C)
+    rows = []
+    for part in x.split(sizes):
+        mean = part.mean(0)
+        rows.append(torch.cat([torch.tensor([float(part.shape[0])], dtype=torch.float64), mean,
+                               ((part - mean) ** 2).sum(0)]))
+    mean, var, n = distributed.combine_moments(torch.stack(rows))
+    _, _, (bnmeani, bnvar) = ops.batchnorm_forward(x, torch.ones(C, dtype=x.dtype), torch.zeros(C, dtype=x.dtype))
+    assert n == sum(sizes)
+    assert _holds(mean, bnmeani.reshape(-1))
+    assert _holds(var, bnvar.reshape(-1))
+
+
+def test_a_batch_the_ranks_do_not_divide_is_refused_in_one_line():
+    assert distributed.shard(32, 4, 3) == slice(24, 32)
+    with pytest.raises(DistUsageError, match=r"^--batch-size 30 is not divisible by 4 ranks; use a multiple of 4"):
+        distributed.shard(30, 4, 0)
+
+
+def test_rank_env_reads_torchrun_variables_and_refuses_bad_ones():
+    assert RankEnv.from_env({}) is None
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    assert RankEnv.from_env(env) == RankEnv(3, 4, 1, "10.0.0.1:29500")
+    with pytest.raises(DistUsageError, match="RANK=4 is outside"):
+        RankEnv.from_env({**env, "RANK": "4"})
+    with pytest.raises(DistUsageError, match="expected integers"):
+        RankEnv.from_env({**env, "WORLD_SIZE": "two"})
+    with pytest.raises(DistUsageError, match="HANDGRAD_DIST_TIMEOUT='0'"):
+        distributed.timeout_seconds({distributed.TIMEOUT_ENV: "0"})
+
+
+def _sleepers(*seconds):
+    return [subprocess.Popen([PY, "-c", f"import time, sys; time.sleep({s}); sys.exit({c})"])
+            for s, c in seconds]
+
+
+def test_supervisor_names_a_killed_rank_and_stops_within_the_grace_period():
+    procs = _sleepers((0.2, 0), (30, 0))  # rank 1 is killed; rank 0 had finished
+    time.sleep(0.5)
+    procs[1].kill()
+    outcome = distributed.supervise(procs, grace=1.0)
+    assert outcome.code == 1 and outcome.message == "rank 1 was killed by SIGKILL; rank(s) 0 had already finished"
+
+
+def test_supervisor_stops_and_names_a_hung_rank():
+    procs = _sleepers((0.2, 1), (60, 0))  # rank 0 gave up (timeout); rank 1 never answers
+    t0 = time.monotonic()
+    outcome = distributed.supervise(procs, grace=1.0)
+    assert time.monotonic() - t0 < 10 and procs[1].returncode is not None
+    assert outcome.code == 1 and outcome.message.startswith("rank 1 stopped responding (rank 0 gave up")
+
+
+def test_supervisor_stays_quiet_when_every_rank_failed_alike():
+    assert distributed.supervise(_sleepers((0.1, 2), (0.3, 2)), grace=5.0) == distributed.Outcome(2, "")
+    assert distributed.supervise(_sleepers((0.1, 0), (0.2, 0)), grace=5.0) == distributed.Outcome(0, "")
+
+
+def _one_line_error(capsys, argv, expected):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("handgrad: error:") and "\n" not in err, err
+    assert expected in err, err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--nproc", "3"], "--batch-size 32 is not divisible by 3 ranks; use a multiple of 3"),
+    (["--nproc", "2", "--engine", "fast"], "--engine fast is the single-process native step"),
+    (["--nproc", "2", "--diagnostics"], "--diagnostics measures one process"),
+    (["--nproc", "0"], "--nproc 0: expected a positive number"),
+])
+def test_flags_that_cannot_run_on_several_ranks_exit_2_before_starting_any(tmp_path, capsys, flags, expected):
+    _one_line_error(capsys, ["train", "--steps", "10", "--quiet", "--out", str(tmp_path / "o"), *flags], expected)
+    assert not (tmp_path / "o").exists()
+
+
+def test_nproc_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
+    for k, v in distributed.rank_env(0, 2, 1).items():
+        monkeypatch.setenv(k, v)
+    _one_line_error(capsys, ["train", "--nproc", "2", "--steps", "10", "--quiet", "--out", str(tmp_path / "o")],
+                    "--nproc starts its own processes; under torchrun")
+
+
+# ---------------------------------------------------------------------------- synchronized batchnorm
+# (shape of the whole batch, rows per rank, seed): 2-D and 3-D (wavenet's (N, T, C)), equal and unequal
+SYNC_BN_CASES = [((8, 4), (3, 5), 0), ((6, 5), (3, 3), 1), ((4, 2, 3), (1, 3), 2), ((10, 3), (5, 5), 3)]
+FD_ELEMENTS = 6  # elements of x checked by finite differences per case (all of gain and bias)
+
+
+def _bn_problem(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[-1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 1.7 + 0.3  # non-trivial mean and scale
+    dout = torch.randn(shape, generator=g, dtype=torch.float64)
+    gain = torch.randn(C, generator=g, dtype=torch.float64) * 0.4 + 1.0
+    bias = torch.randn(C, generator=g, dtype=torch.float64) * 0.2
+    return x, dout, gain, bias
+
+
+def _syncbn_worker(comm, cases):
+    out = []
+    for shape, rows, seed in cases:
+        x, dout, gain, bias = _bn_problem(shape, seed)
+        lo = sum(rows[:comm.rank])
+        mine = slice(lo, lo + rows[comm.rank])
+        bn = SyncBatchNorm1d(shape[-1], dtype=torch.float64, comm=comm)
+        bn.weight.copy_(gain)
+        bn.bias.copy_(bias)
+        y, cache = bn.forward(x[mine])
+        dx, grads = bn.backward(dout[mine], cache)
+
+        def loss(xs=None, bn=bn, x=x, dout=dout, mine=mine):  # global sum(y * dout) over every rank
+            y, _ = bn.forward(x[mine] if xs is None else xs)
+            return comm.all_reduce_((y * dout[mine]).sum().reshape(1), "fd")[0]
+
+        fd = {"x": [], "weight": [], "bias": []}
+        g = torch.Generator().manual_seed(100 + seed)
+        picks = torch.randint(0, x.numel(), (FD_ELEMENTS,), generator=g).tolist()
+        for flat in picks:  # every rank evaluates; only the owner of the row perturbs it
+            row = flat // (x.numel() // x.shape[0])
+            vals = []
+            for sign in (1, -1):
+                xs = x.clone()
+                if mine.start <= row < mine.stop:
+                    xs.view(-1)[flat] += sign * FD_EPS
+                vals.append(loss(xs[mine]))
+            fd["x"].append([flat, float((vals[0] - vals[1]) / (2 * FD_EPS))])
+        for name in ("weight", "bias"):
+            t = getattr(bn, name)
+            for c in range(t.numel()):
+                vals = []
+                for sign in (1, -1):
+                    t[c] += sign * FD_EPS
+                    vals.append(loss())
+                    t[c] -= sign * FD_EPS
+                fd[name].append(float((vals[0] - vals[1]) / (2 * FD_EPS)))
+        out.append({"y": y, "dx": dx, "dweight": grads["weight"], "dbias": grads["bias"],
+                    "mean": cache[1][0], "var": cache[1][1], "fd": fd})
+    return out
+
+
+@pytest.fixture(scope="module")
+def syncbn_ranks():
+    return distributed.spawn(_syncbn_worker, 2, SYNC_BN_CASES)
+
+
+@pytest.mark.parametrize("case", range(len(SYNC_BN_CASES)))
+def test_sync_batchnorm_over_2_ranks_equals_batchnorm1d_on_the_concatenated_batch(syncbn_ranks, case):
+    shape, rows, seed = SYNC_BN_CASES[case]
+    x, dout, gain, bias = _bn_problem(shape, seed)
+    bn = BatchNorm1d(shape[-1], dtype=torch.float64)
+    bn.weight.copy_(gain)
+    bn.bias.copy_(bias)
+    y, cache = bn.forward(x)
+    dx, grads = bn.backward(dout, cache)
+    r0, r1 = syncbn_ranks[0][case], syncbn_ranks[1][case]
+    assert r0["y"].shape[0] == rows[0] and r1["y"].shape[0] == rows[1]
+    assert _holds(torch.cat([r0["y"], r1["y"]]), y)
+    assert _holds(torch.cat([r0["dx"], r1["dx"]]), dx)
+    # each rank's dgain/dbias is its share; the data-parallel all-reduce sums the shares
+    assert _holds(r0["dweight"] + r1["dweight"], grads["weight"])
+    assert _holds(r0["dbias"] + r1["dbias"], grads["bias"])
+    # the statistics (for the running averages) are the global ones, bit-identical on both ranks
+    assert torch.equal(r0["mean"], r1["mean"]) and torch.equal(r0["var"], r1["var"])
+    assert _holds(r0["var"], cache[1][1])
+
+
+@pytest.mark.parametrize("case", range(len(SYNC_BN_CASES)))
+def test_sync_batchnorm_backward_matches_autograd_and_finite_differences(syncbn_ranks, case):
+    shape, _, seed = SYNC_BN_CASES[case]
+    x, dout, gain, bias = _bn_problem(shape, seed)
+    leaves = [t.clone().requires_grad_(True) for t in (x, gain, bias)]
+    y, _, _ = ops.batchnorm_forward(*leaves)
+    ax, again, abias = torch.autograd.grad((y * dout).sum(), leaves)
+    r0, r1 = syncbn_ranks[0][case], syncbn_ranks[1][case]
+    dx = torch.cat([r0["dx"], r1["dx"]])
+    dgain, dbias = r0["dweight"] + r1["dweight"], r0["dbias"] + r1["dbias"]
+    assert _holds(dx, ax) and _holds(dgain, again) and _holds(dbias, abias)
+    fd = r0["fd"]
+    assert fd == r1["fd"]  # every rank saw the same global loss
+    for flat, numeric in fd["x"]:
+        assert FD_TOL.holds(dx.reshape(-1)[flat], torch.tensor(numeric, dtype=torch.float64)), (flat, numeric)
+    assert FD_TOL.holds(dgain, torch.tensor(fd["weight"], dtype=torch.float64))
+    assert FD_TOL.holds(dbias, torch.tensor(fd["bias"], dtype=torch.float64))
+
+
+def test_a_wrong_global_count_would_be_caught():
+    """The checks above can fail: the per-rank n (what N independent batchnorms would use) gives
+    another dx than the single-process batchnorm on the concatenated batch."""
+    x, dout, gain, bias = _bn_problem((8, 4), 0)
+    _, cache, _ = ops.batchnorm_forward(x, gain, bias)
+    dx_all, _, _ = ops.batchnorm_backward(dout, cache)
+    _, c0, _ = ops.batchnorm_forward(x[:3], gain, bias)
+    dx_local, _, _ = ops.batchnorm_backward(dout[:3], c0)
+    assert not _holds(dx_local, dx_all[:3])
+
+
+# ---------------------------------------------------------------------------- N ranks vs one process
+def _splits():
+    words = data.read_words(data.default_data_path())
+    return data.make_splits(words.items, block_size=3, seed=42)
+
+
+def _train(name, dtype, steps, comm=None, batch=32, lr=0.1, block_size=None):
+    splits = _splits() if block_size is None else data.make_splits(
+        data.read_words(data.default_data_path()).items, block_size=block_size, seed=42)
+    mcfg = models.preset(name, vocab_size=len(splits.vocab), **({"block_size": block_size} if block_size else {}))
+    tcfg = TrainConfig.for_model(name, steps=steps, batch_size=batch, lr=lr, dtype=dtype, engine="eager",
+                                 chunk_steps=250)
+    steps_fn = None if comm is None else distributed.data_parallel_steps(comm)
+    try:
+        state = train.train(splits, mcfg, tcfg, None, None, steps_fn)
+    except NonFiniteError as e:
+        return {"error": [e.step, e.tensor]}
+    return {"losses": state.losses, "params": state.model.params(), "buffers": state.model.buffers()}
+
+
+# (model, dtype, steps, per-step loss tolerance) for every model in both dtypes (deep: 6 batchnorms,
+# wavenet: 3 over (N, T, C)). CI runs 20 steps; the issue's 1000-step comparison is a run done once,
+# with the numbers printed (docs/scale.md records them):
+#   HANDGRAD_DIST_STEPS=1000 PYTHONPATH=src python -m pytest tests/test_distributed.py -k take_the -s
+STEPS = int(os.environ.get("HANDGRAD_DIST_STEPS", "20"))
+RUNS = [(name, dtype, STEPS, {"float32": 1e-5, "float64": 1e-12}[dtype])
+        for name in ("mlp", "deep", "wavenet") for dtype in ("float32", "float64")]
+
+
+def _dp_worker(comm, runs):
+    out = [_train(name, dtype, steps, comm, block_size=8 if name == "wavenet" else None)
+           for name, dtype, steps, _ in runs]
+    out.append(_train("mlp", "float32", 20, comm, lr=1e30))  # diverges: every rank must stop alike
+    comm_seconds = dict(comm.seconds), dict(comm.calls)
+    return {"runs": out, "comm": comm_seconds}
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    runs = [_train(name, dtype, steps, block_size=8 if name == "wavenet" else None) for name, dtype, steps, _ in RUNS]
+    return runs + [_train("mlp", "float32", 20, lr=1e30)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return distributed.spawn(_dp_worker, 2, RUNS, timeout=120)
+
+
+def _max_step_diff(got, one, run, ranks) -> float:
+    """The largest per-step loss difference, printed for the record (seen with pytest -s)."""
+    diff = (got["losses"] - one["losses"]).abs().max().item()
+    name, dtype, steps, tol = run
+    print(f"\n{name} {dtype} {steps} steps, {ranks} ranks vs 1 process: max |loss diff| {diff:.3g} (<= {tol:g})")
+    return diff
+
+
+@pytest.mark.parametrize("run", range(len(RUNS)), ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in RUNS])
+def test_2_ranks_take_the_single_process_step_with_the_same_global_batch(single_process, two_ranks, run):
+    tol = RUNS[run][3]
+    one = single_process[run]
+    for rank in two_ranks:
+        got = rank["runs"][run]
+        diff = _max_step_diff(got, one, RUNS[run], 2)
+        assert diff <= tol, f"max per-step loss difference {diff:.3g} > {tol:g}"
+        assert torch.isfinite(got["losses"]).all()
+    # the replicas never drift apart: one summed buffer, the same update on every rank
+    a, b = (r["runs"][run] for r in two_ranks)
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    assert all(torch.equal(a["buffers"][k], b["buffers"][k]) for k in a["buffers"])
+
+
+def test_2_ranks_stop_at_the_same_non_finite_step_as_one_process(single_process, two_ranks):
+    expected = single_process[-1]["error"]
+    assert [r["runs"][-1]["error"] for r in two_ranks] == [expected, expected]
+
+
+def test_one_gradient_all_reduce_per_step_and_two_collectives_per_batchnorm(two_ranks):
+    seconds, calls = two_ranks[0]["comm"]
+    steps = sum(r[2] for r in RUNS)  # + the diverging run's steps up to its failure
+    bns = {"mlp": 1, "deep": 6, "wavenet": 3}
+    bn_calls = sum(r[2] * bns[r[0]] for r in RUNS)
+    diverged_at = two_ranks[0]["runs"][-1]["error"][0] + 1
+    assert calls["gradients"] == steps + diverged_at - 1 or calls["gradients"] == steps + diverged_at
+    assert calls["batchnorm forward"] >= bn_calls and calls["batchnorm backward"] >= bn_calls
+
+
+def _dp4_worker(comm, runs):
+    return [_train(name, dtype, steps, comm, block_size=8 if name == "wavenet" else None)
+            for name, dtype, steps, _ in runs]
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return distributed.spawn(_dp4_worker, 4, RUNS, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", range(len(RUNS)), ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in RUNS])
+def test_4_ranks_take_the_single_process_step(single_process, four_ranks, run):
+    tol = RUNS[run][3]
+    one = single_process[run]
+    for got in (r[run] for r in four_ranks):
+        diff = _max_step_diff(got, one, RUNS[run], 4)
+        assert diff <= tol, f"max per-step loss difference {diff:.3g} > {tol:g}"
+    for got in four_ranks[1:]:
+        assert all(torch.equal(got[run]["params"][k], four_ranks[0][run]["params"][k]) for k in got[run]["params"])
+
+
+# ---------------------------------------------------------------------------- the command
+def _handgrad(*argv, env=None, **kw):
+    return subprocess.Popen([PY, "-m", "handgrad", *argv], env={**os.environ, "PYTHONPATH": SRC, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+RUN_FLAGS = ["--n-hidden", "64", "--dtype", "float64", "--chunk-steps", "100", "--checkpoint-every", "100",
+             "--quiet", "--samples", "0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "whole"
+    p = _handgrad("train", "--nproc", "2", "--steps", "800", "--out", str(out), *RUN_FLAGS)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    return out
+
+
+def test_nproc_2_trains_the_single_process_model(uninterrupted, tmp_path, capsys):
+    ck = checkpoint.load(uninterrupted)
+    assert ck.results["engine"] == "2-rank data-parallel eager (gloo)" and ck.state.step == 800
+    assert main(["train", "--steps", "800", "--engine", "eager", "--out", str(tmp_path / "one"), *RUN_FLAGS]) == 0
+    one = checkpoint.load(tmp_path / "one")
+    assert (ck.state.losses - one.state.losses).abs().max().item() <= 1e-12
+    assert abs(ck.results["val"] - one.results["val"]) <= 1e-12
+
+
+def _rank_pids(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the processes --nproc started (children of the launcher)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    ranks = {}
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next(int(e[5:]) for e in environ if e.startswith(b"RANK="))
+        ranks[rank] = pid
+    return ranks
+
+
+def _wait_for_checkpoint(out: Path, step: int, p, limit: float = 120) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit and p.poll() is None:
+        try:
+            if json.loads((out / "meta.json").read_text())["step"] >= step:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step {step} within {limit}s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim, resume_nproc", [(1, "1"), (0, "2")])  # (0: the rank that writes checkpoints)
+def test_kill_9_of_a_rank_leaves_a_checkpoint_that_resumes_to_the_same_result(uninterrupted, tmp_path, victim,
+                                                                             resume_nproc):
+    out = tmp_path / "killed"
+    p = _handgrad("train", "--nproc", "2", "--steps", "800", "--out", str(out), *RUN_FLAGS)
+    _wait_for_checkpoint(out, 200, p)
+    os.kill(_rank_pids(p.pid)[victim], signal.SIGKILL)
+    t0 = time.monotonic()
+    _, stderr = p.communicate(timeout=120)
+    assert time.monotonic() - t0 < 30
+    assert p.returncode == 1 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last == f"handgrad: error: rank {victim} was killed by SIGKILL; the other rank stopped", stderr
+    survivor = 1 - victim
+    assert f"rank {survivor}: the " in stderr and "collective failed" in stderr, stderr
+    if victim == 1:  # rank 0 lives to name the checkpoint to resume from
+        assert "--resume" in stderr
+    saved = checkpoint.load(out)  # intact: sha256 and shapes verified
+    assert 200 <= saved.state.step < 800 and not saved.results
+    whole = checkpoint.load(uninterrupted)
+    # resume on 2 ranks: bit-identical; on 1 process (another rank count): the same to 1e-12
+    again = tmp_path / "again"
+    r = _handgrad("train", "--resume", str(out), "--out", str(again), "--nproc", resume_nproc, "--engine", "eager",
+                  "--quiet", "--samples", "0")
+    _, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err
+    got = checkpoint.load(again)
+    diff = (got.state.losses - whole.state.losses).abs().max().item()
+    assert (diff == 0) if resume_nproc == "2" else diff <= 1e-12, diff
+    assert abs(got.results["val"] - whole.results["val"]) <= 1e-12
+
+
+@pytest.mark.slow
+def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
+    out = tmp_path / "hung"
+    p = _handgrad("train", "--nproc", "2", "--steps", "100000", "--out", str(out), *RUN_FLAGS,
+                  env={distributed.TIMEOUT_ENV: "3"})
+    _wait_for_checkpoint(out, 100, p)
+    hung = _rank_pids(p.pid)[1]
+    os.kill(hung, signal.SIGSTOP)
+    t0 = time.monotonic()
+    _, stderr = p.communicate(timeout=60)
+    took = time.monotonic() - t0
+    assert p.returncode == 1 and "Traceback" not in stderr, stderr
+    assert took < 3 + 3 + 2 + 5, took  # timeout, grace, SIGINT->SIGKILL, slack
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("handgrad: error: rank 1 stopped responding (rank 0 gave up waiting for it)"), last
+    assert "Timed out" in stderr
+    assert checkpoint.load(out).state.step >= 100

@@ -1,0 +1,68 @@
+"""The data-parallel benchmark (handgrad.distributed_bench): the latency/bandwidth fit, its refusals, and a
+small real run whose 2 processes take the single process's steps and whose time adds up."""
+
+import json
+
+import pytest
+
+from handgrad import distributed_bench
+from handgrad.distributed_bench import BenchConfig, BenchUsageError, fit_latency_bandwidth
+
+
+@pytest.mark.parametrize("latency, bandwidth", [(400e-6, 2e9), (30e-6, 50e9), (1e-3, 1e8)])
+def test_the_fit_recovers_latency_and_bandwidth_of_exact_times(latency, bandwidth):
+    sizes = [1, 16, 1024, 65536, 1 << 20]
+    fit = fit_latency_bandwidth({n: latency + 4 * n / bandwidth for n in sizes}, itemsize=4)
+    assert fit.latency == pytest.approx(latency, rel=1e-6)
+    assert fit.bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    assert fit.predict(4000) == pytest.approx(latency + 4000 / bandwidth, rel=1e-6)
+
+
+def test_the_fit_weighs_small_sizes_as_much_as_large_ones():
+    """An unweighted fit would let the 1 MB point's noise swamp the latency; relative error does not."""
+    times = {1: 400e-6, 4: 400e-6, 64: 401e-6, 1 << 20: 400e-6 + 4 * (1 << 20) / 1e9 * 1.3}
+    fit = fit_latency_bandwidth(times, itemsize=4)
+    assert fit.latency == pytest.approx(400e-6, rel=0.02)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--batches", "32,33"], "--batches: 33 is not a multiple of --nproc 2"),
+    (["--nproc", "1"], "--nproc 1: expected 2 or more"),
+    (["--model", "gpt"], "--model gpt: expected one of mlp, deep, wavenet"),
+    (["--seconds", "0"], "--seconds 0.0: expected a positive number"),
+])
+def test_bad_flags_exit_2_in_one_line(capsys, argv, expected):
+    assert distributed_bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("handgrad.distributed_bench: error: ") and expected in err, err
+
+
+def test_a_batch_list_that_is_not_numbers_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        distributed_bench.main(["--batches", "32,lots"])
+    assert e.value.code == 2 and "expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_a_small_run_measures_the_same_steps_and_its_time_adds_up(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert distributed_bench.main(["--batches", "32,256", "--seconds", "0.02", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert [p["batch"] for p in record["points"]] == [32, 256]
+    for p in record["points"]:
+        assert p["steps"] >= distributed_bench.MIN_STEPS
+        assert p["loss_diff"] <= 1e-5  # the 2 processes took the single process's steps
+        assert 0 < p["gradients"] and 0 < p["batchnorm"] and p["gradients"] + p["batchnorm"] < p["many"]
+        assert p["compute"] == pytest.approx(p["many"] - p["gradients"] - p["batchnorm"])
+        assert p["speedup"] == pytest.approx(p["one"] / p["many"])
+    sizes = {int(n) for n in record["allreduce_seconds"]}
+    assert {1, record["params"]} <= sizes and record["params"] == 12298  # mlp: 12,297 parameters + the loss
+    assert all(t > 0 for t in record["allreduce_seconds"].values())
+    assert record["fit"]["latency"] >= 0 and record["fit"]["bandwidth"] > 0
+    assert "<- the model's gradient buffer" in table and f"{32:>7}" in table
+
+
+def test_the_default_sweep_spans_32_to_65536_in_powers_of_two():
+    assert BenchConfig().batches == tuple(2 ** k for k in range(5, 17))
+    with pytest.raises(BenchUsageError):
+        BenchConfig(batches=(2,))  # one row per process: batchnorm's n-1 would be 0
