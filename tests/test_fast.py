@@ -525,3 +525,27 @@ def test_two_threads_give_bit_identical_steps_at_a_large_batch():
     name = next(iter(m.params()))
     assert not torch.equal(m1.params()[name], m.params()[name])  # the steps did update the model
     assert 2 * 256 * 256 * 128 >= fast.load_program_library().hg_program_par_min_macs()  # layer 2 is split
+
+
+def test_a_corrupt_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    """A truncated .so in the cache (a killed copy, a full disk) would crash dlopen with SIGBUS or
+    fail to load on every run; build() checks the cached bytes against the sha256 it wrote."""
+    import subprocess
+    import sys
+
+    try:
+        fast._compiler()
+    except fast.FastUnavailable:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("HANDGRAD_CACHE", str(tmp_path))
+    path = fast.build()
+    size = path.stat().st_size
+    assert fast._cached_ok(path)
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    assert not fast._cached_ok(path)
+    assert fast.build() == path and path.stat().st_size == size and fast._cached_ok(path)
+    probe = f"import ctypes; ctypes.CDLL({str(path)!r}).hg_abi_version()"
+    assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
+    fast._digest_path(path).unlink()  # a cache from before the digests: rebuilt once, then trusted
+    assert not fast._cached_ok(path) and fast.build() == path and fast._cached_ok(path)

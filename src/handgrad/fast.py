@@ -93,7 +93,7 @@ def build(force: bool = False, source: Path = SOURCE) -> Path:
                                      platform.python_version().encode()])).hexdigest()[:20]
     out_dir = cache_dir()
     target = out_dir / f"{source.stem}-{key}.so"
-    if target.exists() and not force:
+    if not force and _cached_ok(target):
         return target
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,11 +113,39 @@ def build(force: bool = False, source: Path = SOURCE) -> Path:
         if r.returncode != 0:
             first = (r.stderr.strip().splitlines() or ["(no message)"])[0]
             raise FastUnavailable(f"building {source.name} with {cc} failed: {first}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # a library anyone may read and run, as the umask allows
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
+        _write_digest(target, digest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _digest_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _cached_ok(target: Path) -> bool:
+    """Whether the cached library holds the bytes build() wrote (their sha256 is in a file written
+    after it). A truncated or overwritten .so would fail to load every time, or crash dlopen with
+    SIGBUS, so anything else is rebuilt."""
+    try:
+        want = _digest_path(target).read_text().strip()
+        return hashlib.sha256(target.read_bytes()).hexdigest() == want
+    except OSError:
+        return False
+
+
+def _write_digest(target: Path, digest: str) -> None:
+    """The library's sha256 beside it, written atomically after the library itself."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".sha256", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(digest + "\n")
+    os.replace(tmp, _digest_path(target))
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -192,7 +192,7 @@ def cli(action: str, args, out, err) -> int | None:
     """`handgrad dojo ACTION` for a challenge; None when `args` names no challenge (an exercise's)."""
     if action == "list":
         for c in CHALLENGES.values():
-            out(f"{c.letter}  {c.key:<14}  {c.about}")
+            out(f"{c.letter}  {c.key:<17}  {c.about}")
         return 0
     if action == "start":
         c = find(args.exercise)
