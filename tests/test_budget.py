@@ -46,3 +46,22 @@ def test_check_samples_says_how_many_would_fit():
     budget.check_samples(100, 3, 27, 300, 4, available=1 << 30)
     with pytest.raises(BudgetError, match=r"^-n 100000000: .* at most about [0-9,]+$"):
         budget.check_samples(10**8, 3, 27, 300, 4, available=1 << 30)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("mlp", {}), ("mlp", {"n_hidden": 3, "n_embd": 50, "block_size": 7}), ("deep", {}),
+    ("deep", {"n_layers": 9, "n_hidden": 7}), ("wavenet", {}), ("wavenet", {"block_size": 16, "n_embd": 200}),
+    ("wavenet", {"block_size": 2, "n_hidden": 3}), ("mlp", {"vocab_size": 300}),
+])
+def test_the_quick_bounds_are_upper_bounds_of_the_exact_sizes(name, overrides):
+    cfg = models.preset(name, **{"vocab_size": 27, **overrides})
+    exact, bound = budget.model_sizes(cfg), budget.size_bounds(cfg)
+    assert bound[0] >= exact[0] and bound[1] >= exact[1]
+
+
+def test_a_run_the_bounds_refuse_is_decided_by_the_exact_sizes():
+    cfg, tcfg = models.preset("mlp", vocab_size=27), TrainConfig(batch_size=1 << 16)
+    exact = budget.train_plan(cfg, tcfg, 1000).total
+    bound = budget.train_plan(cfg, tcfg, 1000, budget.size_bounds(cfg)).total
+    assert bound > exact
+    budget.check_train(cfg, tcfg, 1000, available=int((exact + bound) / 2 / budget.HEADROOM))

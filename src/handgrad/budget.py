@@ -69,6 +69,19 @@ def model_sizes(mcfg: ModelConfig) -> tuple[int, int]:
     return n_params, (per[1] - per[0]) // 2
 
 
+def size_bounds(mcfg: ModelConfig) -> tuple[int, int]:
+    """Upper bounds of model_sizes(mcfg) for the presets, from the config alone (no torch work: the
+    first meta-device ops import ~1.7 s of PyTorch). With W = max(n_embd, n_hidden): the first
+    Linear has at most T*W*H weights, each later one at most 2*W*H (wavenet's pairs), the output
+    H*V, plus the embedding V*E and per-layer vectors; each of the L + 2 stages caches at most a few
+    T*max(W, V) values per example. tests/test_budget.py holds them against model_sizes."""
+    V, T, E, H, L = mcfg.vocab_size, mcfg.block_size, mcfg.n_embd, mcfg.n_hidden, mcfg.n_layers
+    W = max(E, H)
+    n_params = V * E + T * W * H + L * 2 * W * H + H * V + 4 * H * (L + 1) + 4 * V
+    per_example = 8 * (L + 2) * T * max(W, V)
+    return n_params, per_example
+
+
 @dataclass(frozen=True)
 class Plan:
     """Bytes a training run will hold at its peak, by the flag that sets each part."""
@@ -92,10 +105,12 @@ def dataset_bytes(n_examples: int, block_size: int) -> int:
     return n_examples * (block_size + 1) * 8 * 9
 
 
-def train_plan(mcfg: ModelConfig, tcfg: TrainConfig, n_examples: int) -> Plan:
-    """Peak bytes of a training run of these configs on n_examples (context, target) pairs."""
+def train_plan(mcfg: ModelConfig, tcfg: TrainConfig, n_examples: int,
+               sizes: tuple[int, int] | None = None) -> Plan:
+    """Peak bytes of a training run of these configs on n_examples (context, target) pairs, from
+    `sizes` (parameters, cached activations per example; default: model_sizes(mcfg))."""
     dtype_bytes = torch.finfo(tcfg.torch_dtype).bits // 8
-    n_params, per_example = model_sizes(mcfg)
+    n_params, per_example = sizes if sizes is not None else model_sizes(mcfg)
     return Plan({
         "--n-hidden": PARAM_COPIES * n_params * dtype_bytes,
         "--batch-size": ACTIVATION_COPIES * per_example * tcfg.batch_size * dtype_bytes
@@ -106,9 +121,13 @@ def train_plan(mcfg: ModelConfig, tcfg: TrainConfig, n_examples: int) -> Plan:
 
 
 def check_train(mcfg: ModelConfig, tcfg: TrainConfig, n_examples: int, available: int | None = None) -> Plan:
-    """Raise BudgetError naming the flag that takes the most memory if the run cannot fit."""
-    plan = train_plan(mcfg, tcfg, n_examples)
+    """Raise BudgetError naming the flag that takes the most memory if the run cannot fit. The
+    exact sizes are worked out only when the quick upper bounds do not already fit."""
     limit = HEADROOM * (available if available is not None else machine_bytes())
+    plan = train_plan(mcfg, tcfg, n_examples, size_bounds(mcfg))
+    if plan.total <= limit:
+        return plan
+    plan = train_plan(mcfg, tcfg, n_examples)
     if plan.total > limit:
         flag = plan.largest()
         raise BudgetError(f"{flag}: this run would need about {gib(plan.total)} ({gib(plan.parts[flag])} "

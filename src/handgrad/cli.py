@@ -505,9 +505,13 @@ def _cmd_sample(args) -> int:
         raise UsageError(f"--seed {args.seed}: expected an integer from 0 to {train.MAX_SEED}")
     ck = _load_finished(args.checkpoint, args.allow_unfinished)
     model = ck.state.model
-    per_example = budget.model_sizes(ck.model_config)[1] if ck.model_config else 0
-    budget.check_samples(args.n, ck.block_size, len(ck.vocab), per_example,
-                         next(iter(model.params().values())).element_size())
+    dtype_bytes = next(iter(model.params().values())).element_size()
+    try:  # the quick upper bound first; the exact size (slower to work out) only when that fails
+        bound = budget.size_bounds(ck.model_config)[1] if ck.model_config else 0
+        budget.check_samples(args.n, ck.block_size, len(ck.vocab), bound, dtype_bytes)
+    except BudgetError:
+        per_example = budget.model_sizes(ck.model_config)[1]
+        budget.check_samples(args.n, ck.block_size, len(ck.vocab), per_example, dtype_bytes)
     for s in _samples(ck, args.n, args.seed, args.checkpoint):
         print(s)
     return 0
