@@ -39,8 +39,7 @@ PROGRAM_ABI = 2
 GRAD_NAMES = ("loss", "dC", "dW1", "db1", "dW2", "db2", "dbngain", "dbnbias")  # status codes of hg_steps
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_prog_lib: ctypes.CDLL | None = None
+_loaded: dict[Path, ctypes.CDLL] = {}  # source -> its library, bound (once per process)
 
 
 class BNStats:
@@ -160,21 +159,25 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def load_library() -> ctypes.CDLL:
-    """Build (once per process and source) and load the native step; raises FastUnavailable."""
-    global _lib
+def _load(source: Path, bind: Callable[[ctypes.CDLL], ctypes.CDLL], what: str) -> ctypes.CDLL:
+    """Build (once per process and source) and load `source`'s library; raises FastUnavailable."""
     with _lock:
-        if _lib is not None:
-            return _lib
+        if source in _loaded:
+            return _loaded[source]
         try:
-            path = build()
+            path = build(source=source)
         except OSError as e:  # unreadable source, unwritable cache, ...
-            raise FastUnavailable(f"cannot build the native step: {e}") from None
+            raise FastUnavailable(f"cannot build {what}: {e}") from None
         try:
-            _lib = _bind(ctypes.CDLL(str(path)))
+            _loaded[source] = bind(ctypes.CDLL(str(path)))
         except OSError as e:
             raise FastUnavailable(f"cannot load {path}: {e}") from None
-        return _lib
+        return _loaded[source]
+
+
+def load_library() -> ctypes.CDLL:
+    """The lecture MLP's fused native step (csrc/step.cpp); raises FastUnavailable."""
+    return _load(SOURCE, _bind, "the native step")
 
 
 def _bind_program(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -195,28 +198,14 @@ def _bind_program(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def load_program_library() -> ctypes.CDLL:
-    """Build (once per process and source) and load the native program; raises FastUnavailable."""
-    global _prog_lib
-    with _lock:
-        if _prog_lib is not None:
-            return _prog_lib
-        try:
-            path = build(source=PROGRAM_SOURCE)
-        except OSError as e:
-            raise FastUnavailable(f"cannot build the native program: {e}") from None
-        try:
-            _prog_lib = _bind_program(ctypes.CDLL(str(path)))
-        except OSError as e:
-            raise FastUnavailable(f"cannot load {path}: {e}") from None
-        return _prog_lib
+    """The native program engine (csrc/program.cpp); raises FastUnavailable."""
+    return _load(PROGRAM_SOURCE, _bind_program, "the native program")
 
 
 def _reset_for_tests() -> None:
     """Forget the loaded libraries so the next load builds again (tests of the fallback)."""
-    global _lib, _prog_lib
     with _lock:
-        _lib = None
-        _prog_lib = None
+        _loaded.clear()
 
 
 # ---------------------------------------------------------------------------- the steps function
