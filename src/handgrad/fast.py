@@ -84,10 +84,10 @@ def _cpu_id() -> str:
 
 def build(force: bool = False, source: Path = SOURCE) -> Path:
     """Compile `source` (csrc/step.cpp or program.cpp; if not cached) and return the shared library's
-    path. The cache key is a hash of the source, the flags, the compiler and the CPU; the file is
-    written atomically."""
+    path. The cache key is a hash of the source and the headers beside it, the flags, the compiler and
+    the CPU; the file is written atomically, with its sha256 beside it."""
     cc = _compiler()
-    src = source.read_bytes()
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # + vec.h
     key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), cc.encode(), _cpu_id().encode(),
                                      platform.python_version().encode()])).hexdigest()[:20]
     out_dir = cache_dir()
