@@ -142,3 +142,21 @@ def test_sigint_while_loading_is_one_line_exit_130(tmp_path, capsys, monkeypatch
     code = main(["train", "--steps", "5", "--quiet", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 130 and "\n" not in err and err.startswith("handgrad: error: interrupted")
+
+
+@pytest.mark.parametrize("model", ["mlp", "deep", "wavenet"])
+def test_check_a_model_passes_and_a_wrong_backward_fails(model, capsys, monkeypatch):
+    assert main(["check", "--model", model, "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"{model} at its init" in out and "PASSED" in out
+    from handgrad import ops
+
+    monkeypatch.setattr(ops, "tanh_backward", lambda dh, cache: (1.0 - cache[0]) * dh)  # 1 - h for 1 - h**2
+    assert main(["check", "--model", model, "--batch-size", "8", "--dtype", "float64"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_check_a_checkpoint_where_it_stopped(trained, capsys):
+    assert main(["check", "--checkpoint", str(trained), "--batch-size", "8"]) == 0
+    assert f"checkpoint {trained} at step" in capsys.readouterr().out
+    _one_line_error(capsys, ["check", "--checkpoint", str(trained), "--model", "mlp"], "give one")

@@ -535,9 +535,38 @@ def _cmd_eval(args) -> int:
 def _cmd_check(args) -> int:
     from handgrad import check
 
-    report = check.run_lecture_check(train.DTYPES[args.dtype], args.seed)
+    if not 0 <= args.seed <= train.MAX_SEED:
+        raise UsageError(f"--seed {args.seed}: expected an integer from 0 to {train.MAX_SEED}")
+    if args.batch_size < 2:
+        raise UsageError(f"--batch-size {args.batch_size}: expected at least 2 (batchnorm's n-1)")
+    if args.model is None and args.checkpoint is None:
+        report = check.run_lecture_check(train.DTYPES[args.dtype], args.seed)
+    else:
+        model, X, Y, what = _model_to_check(args)
+        report = check.check_model(model, X, Y, seed=args.seed, title=what)
     print(report)
     return 0 if report.passed else 1
+
+
+def _model_to_check(args):
+    """(model, X (B, T), Y (B,), title) for `check --model` (a fresh init in --dtype) or
+    `check --checkpoint` (the trained parameters, in their dtype), on a seeded batch of its data."""
+    if args.checkpoint is not None:
+        if args.model is not None:
+            raise UsageError("--model and --checkpoint: give one (a checkpoint knows its model)")
+        ck = checkpoint.load(args.checkpoint)
+        path = run_data(ck, args.checkpoint, args.data)
+        splits = load_splits(path, ck.block_size, ck.train_config.split_seed, ck.vocab)
+        model, what = ck.state.model, f"checkpoint {args.checkpoint} at step {ck.state.step}"
+    else:
+        splits = load_splits(args.data, models.preset(args.model).block_size, 42)
+        cfg = models.preset(args.model, vocab_size=len(splits.vocab))
+        model = models.build(cfg, args.seed, train.DTYPES[args.dtype])
+        what = f"{args.model} at its init (seed {args.seed}, {args.dtype})"
+    g = torch.Generator().manual_seed(args.seed)
+    ix = torch.randint(0, splits.Xtr.shape[0], (args.batch_size,), generator=g)
+    title = f"{what}: every parameter gradient on a batch of {args.batch_size}"
+    return model, splits.Xtr[ix], splits.Ytr[ix], title
 
 
 # ---- bench (owned by the fast path)
@@ -864,6 +893,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the comparison with autograd (default %(default)s)")
     p.add_argument("--seed", type=int, default=42,
                    help="seed of the init and the batch (default %(default)s)")
+    p.add_argument("--model", choices=models.MODELS,
+                   help="instead: check every parameter gradient of this model (check_model) at its init")
+    p.add_argument("--checkpoint", metavar="DIR", help="instead: check a saved model's gradients where it is")
+    p.add_argument("--data", help="names file of the --model/--checkpoint batch (default: the run's, or the "
+                   "bundled names)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch of --model/--checkpoint (default 32)")
     p.set_defaults(func=_cmd_check)
     # ---- bench: parser (owned by the fast path)
     _add_bench_parser(sub)
