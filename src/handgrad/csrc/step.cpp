@@ -274,45 +274,6 @@ static bool nonfinite(const float* p, long n) {
     return t != t;
 }
 
-// A 16 x 16 block in registers transposed by swapping off-diagonal sub-blocks of size 8, 4, 2, 1
-// between rows i and i + b (each swap exchanges one bit of the row index with that of the column):
-// 64 two-register shuffles per 256 floats.
-template <int b>
-static inline void swap_blocks(v16* r) {
-    const vi16 lo = {0 & b ? 16 + 0 - b : 0, 1 & b ? 16 + 1 - b : 1, 2 & b ? 16 + 2 - b : 2,
-                     3 & b ? 16 + 3 - b : 3, 4 & b ? 16 + 4 - b : 4, 5 & b ? 16 + 5 - b : 5,
-                     6 & b ? 16 + 6 - b : 6, 7 & b ? 16 + 7 - b : 7, 8 & b ? 16 + 8 - b : 8,
-                     9 & b ? 16 + 9 - b : 9, 10 & b ? 16 + 10 - b : 10, 11 & b ? 16 + 11 - b : 11,
-                     12 & b ? 16 + 12 - b : 12, 13 & b ? 16 + 13 - b : 13, 14 & b ? 16 + 14 - b : 14,
-                     15 & b ? 16 + 15 - b : 15};
-    const vi16 hi = {0 & b ? 16 : b, 1 & b ? 17 : 1 + b, 2 & b ? 18 : 2 + b, 3 & b ? 19 : 3 + b,
-                     4 & b ? 20 : 4 + b, 5 & b ? 21 : 5 + b, 6 & b ? 22 : 6 + b, 7 & b ? 23 : 7 + b,
-                     8 & b ? 24 : 8 + b, 9 & b ? 25 : 9 + b, 10 & b ? 26 : 10 + b, 11 & b ? 27 : 11 + b,
-                     12 & b ? 28 : 12 + b, 13 & b ? 29 : 13 + b, 14 & b ? 30 : 14 + b, 15 & b ? 31 : 15 + b};
-#pragma GCC unroll 16
-    for (int i = 0; i < VW; ++i) {
-        if (i & b) continue;
-        v16 x = r[i], y = r[i + b];
-        r[i] = __builtin_shuffle(x, y, lo);
-        r[i + b] = __builtin_shuffle(x, y, hi);
-    }
-}
-
-// dst (cols, ldd) = src^T over a rows x cols block, 16 x 16 at a time: src rows are readable to
-// pad16(cols) and dst rows writable to pad16(rows) (ldd >= pad16(rows)); pads come out zero.
-static void transpose(const float* src, long rows, long cols, long lds, float* dst, long ldd) {
-    for (long kb = 0; kb < rows; kb += VW) {
-        const long kn = rows - kb < VW ? rows - kb : VW;
-        for (long nb = 0; nb < cols; nb += VW) {
-            v16 r[VW];
-            for (int i = 0; i < VW; ++i) r[i] = i < kn ? vload(src + (kb + i) * lds + nb) : vset1(0.0f);
-            swap_blocks<8>(r); swap_blocks<4>(r); swap_blocks<2>(r); swap_blocks<1>(r);
-            const long nn = cols - nb < VW ? cols - nb : VW;
-            for (int j = 0; j < nn; ++j) vstore(dst + (nb + j) * ldd + kb, r[j]);
-        }
-    }
-}
-
 static void axpy(float* p, const float* g, long n, float lr) {
     long i = 0;
     v16 l = vset1(lr);
