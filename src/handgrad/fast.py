@@ -219,20 +219,25 @@ def _dims(p: Params, B: int, T: int, K: int, tile: int, n: int) -> ctypes.Array:
     return (ctypes.c_int * 8)(B, T, E, H, V, tile, K, n)
 
 
+def _step_inputs(Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The arrays a native call reads: X (n, T), Y (n,), idx (K, B) as contiguous int64, lrs (K,) as
+    contiguous float64; ValueError when their lengths disagree."""
+    X, Y = Xtr.to(torch.int64).contiguous(), Ytr.to(torch.int64).contiguous()
+    ix, lr = idx.to(torch.int64).contiguous(), lrs.to(torch.float64).contiguous()
+    if lr.shape[0] != ix.shape[0]:
+        raise ValueError(f"lrs has {lr.shape[0]} entries for {ix.shape[0]} steps")
+    if Y.shape[0] != X.shape[0]:
+        raise ValueError(f"Xtr has {X.shape[0]} rows but Ytr {Y.shape[0]}")
+    return X, Y, ix, lr
+
+
 def _run(lib: ctypes.CDLL, p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
          lrs: Tensor, momentum: float, tile: int, grads_out: Tensor | None) -> tuple[Tensor, int]:
     for name, t in p.items():
         if t.dtype != torch.float32:
             raise TypeError(f"fast path: {name} must be float32, got {t.dtype}")
-    X = Xtr.to(torch.int64).contiguous()  # (n, T)
-    Y = Ytr.to(torch.int64).contiguous()  # (n,)
-    ix = idx.to(torch.int64).contiguous()  # (K, B)
-    lr = lrs.to(torch.float64).contiguous()  # (K,)
+    X, Y, ix, lr = _step_inputs(Xtr, Ytr, idx, lrs)
     K, B = ix.shape
-    if lr.shape[0] != K:
-        raise ValueError(f"lrs has {lr.shape[0]} entries for {K} steps")
-    if Y.shape[0] != X.shape[0]:
-        raise ValueError(f"Xtr has {X.shape[0]} rows but Ytr {Y.shape[0]}")
     bufs = [t if t.is_contiguous() else t.contiguous() for t in p.tensors()]
     run = None
     if bn_running is not None:
@@ -453,15 +458,8 @@ def compile_program(model, T: int) -> Program:
 
 def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, tile: int,
                  grads_out: Tensor | None, threads: int = 1) -> tuple[Tensor, int, Program]:
-    X = Xtr.to(torch.int64).contiguous()  # (n, T)
-    Y = Ytr.to(torch.int64).contiguous()  # (n,)
-    ix = idx.to(torch.int64).contiguous()  # (K, B)
-    lr = lrs.to(torch.float64).contiguous()  # (K,)
+    X, Y, ix, lr = _step_inputs(Xtr, Ytr, idx, lrs)
     K, B = ix.shape
-    if lr.shape[0] != K:
-        raise ValueError(f"lrs has {lr.shape[0]} entries for {K} steps")
-    if Y.shape[0] != X.shape[0]:
-        raise ValueError(f"Xtr has {X.shape[0]} rows but Ytr {Y.shape[0]}")
     if X.dim() != 2:
         raise ValueError(f"Xtr must be (n, T) character ids, got shape {tuple(X.shape)}")
     prog = compile_program(model, X.shape[1])
