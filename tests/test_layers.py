@@ -20,6 +20,7 @@ from handgrad.layers import (
     from_spec,
     set_tensor,
 )
+from user_layers import Scale
 
 F64 = torch.float64
 
@@ -212,31 +213,8 @@ def test_a_bad_spec_is_refused_in_one_line(spec, words):
     assert "\n" not in str(e.value)
 
 
-class Scale:
-    """A user's own layer: out = x * s (one parameter per feature)."""
-
-    def __init__(self, dim: int, dtype: torch.dtype = torch.float32):
-        self.s = torch.full((dim,), 1.5, dtype=dtype)
-
-    def params(self):
-        return {"s": self.s}
-
-    def buffers(self):
-        return {}
-
-    def forward(self, x, training=True):
-        return x * self.s, (x,)
-
-    def backward(self, dout, cache):
-        (x,) = cache
-        return dout * self.s, {"s": (dout * x).reshape(-1, x.shape[-1]).sum(0)}
-
-    def spec(self):
-        return {"type": "Scale", "dim": self.s.shape[0]}
-
-
 def test_a_users_own_layer_plugs_into_sequential_and_specs():
-    model = Sequential([Embedding(5, 3), FlattenConsecutive(2), Scale(6), Linear(6, 5)])
+    model = Sequential([Embedding(5, 3), FlattenConsecutive(2), Scale(6, 1.5), Linear(6, 5)])
     assert "2.s" in model.params()
     with pytest.raises(SpecError, match="layer_types"):
         from_spec(model.spec())

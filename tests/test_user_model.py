@@ -7,29 +7,7 @@ import torch
 from handgrad import checkpoint, layers, models, train
 from handgrad.checkpoint import Checkpoint, CheckpointError
 from handgrad.train import TrainConfig
-
-
-class Scale:
-    """out = x * s, one learnable scale per feature (a user's layer: forward, backward, named params)."""
-
-    def __init__(self, dim: int, dtype: torch.dtype = torch.float32):
-        self.s = torch.full((dim,), 0.8, dtype=dtype)
-
-    def params(self):
-        return {"s": self.s}
-
-    def buffers(self):
-        return {}
-
-    def forward(self, x, training=True):
-        return x * self.s, (x,)
-
-    def backward(self, dout, cache):
-        (x,) = cache
-        return dout * self.s, {"s": (dout * x).reshape(-1, x.shape[-1]).sum(0)}
-
-    def spec(self):
-        return {"type": "Scale", "dim": self.s.shape[0]}
+from user_layers import Scale
 
 
 def _model():
