@@ -160,3 +160,17 @@ def test_check_a_checkpoint_where_it_stopped(trained, capsys):
     assert main(["check", "--checkpoint", str(trained), "--batch-size", "8"]) == 0
     assert f"checkpoint {trained} at step" in capsys.readouterr().out
     _one_line_error(capsys, ["check", "--checkpoint", str(trained), "--model", "mlp"], "give one")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["check", "--model", "mlp", "--batch-size", "1"], "--batch-size 1: expected at least 2"),
+    (["check", "--seed", "-1"], "--seed -1: expected an integer from 0"),
+    (["check", "--model", "deep", "--data", "/no/such/names.txt"], "no such file"),
+])
+def test_check_refuses_bad_flags_in_one_line(capsys, argv, expected):
+    _one_line_error(capsys, argv, expected)
+
+
+def test_sampling_more_names_than_memory_holds_is_refused_before_drawing(trained, capsys):
+    _one_line_error(capsys, ["sample", "--checkpoint", str(trained), "-n", str(10**12)],
+                    f"-n {10**12}: drawing that many samples at once needs about")
