@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from handgrad import checkpoint, data, distributed, models, ops, train
+from handgrad import checkpoint, data, distributed, fast, models, ops, train
 from handgrad.check import FD_EPS, FD_TOL, autograd_tolerance
 from handgrad.cli import main
 from handgrad.distributed import DistUsageError, RankEnv, SyncBatchNorm1d
@@ -100,7 +101,8 @@ def _one_line_error(capsys, argv, expected):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--nproc", "3"], "--batch-size 32 is not divisible by 3 ranks; use a multiple of 3"),
-    (["--nproc", "2", "--engine", "fast"], "--engine fast is the single-process native step"),
+    (["--nproc", "2", "--engine", "fast", "--dtype", "float64"],
+     "--engine fast: the native program cannot run here (the fast path is float32 only"),
     (["--nproc", "2", "--diagnostics"], "--diagnostics measures one process"),
     (["--nproc", "0"], "--nproc 0: expected a positive number"),
 ])
@@ -236,13 +238,21 @@ def _splits():
     return data.make_splits(words.items, block_size=3, seed=42)
 
 
-def _train(name, dtype, steps, comm=None, batch=32, lr=0.1, block_size=None):
+def _train(name, dtype, steps, comm=None, batch=32, lr=0.1, block_size=None, engine="eager", tile=0):
+    """A run of `steps`; engine "fast": in one process the single-process fast engine (the fused
+    lecture step for mlp, the native program for the others), on ranks the native data-parallel
+    program (a different code path from the one it is compared with)."""
     splits = _splits() if block_size is None else data.make_splits(
         data.read_words(data.default_data_path()).items, block_size=block_size, seed=42)
     mcfg = models.preset(name, vocab_size=len(splits.vocab), **({"block_size": block_size} if block_size else {}))
-    tcfg = TrainConfig.for_model(name, steps=steps, batch_size=batch, lr=lr, dtype=dtype, engine="eager",
-                                 chunk_steps=250)
-    steps_fn = None if comm is None else distributed.data_parallel_steps(comm)
+    tcfg = TrainConfig.for_model(name, steps=steps, batch_size=batch, lr=lr, dtype=dtype, engine=engine,
+                                 chunk_steps=250, recompute_tile=tile)
+    if comm is None:
+        steps_fn = None  # train.select_engine
+    elif engine == "fast":
+        steps_fn = distributed.native_data_parallel_steps(comm, fast.load_program_library(), tile)
+    else:
+        steps_fn = distributed.data_parallel_steps(comm)
     try:
         state = train.train(splits, mcfg, tcfg, None, None, steps_fn)
     except NonFiniteError as e:
@@ -255,13 +265,36 @@ def _train(name, dtype, steps, comm=None, batch=32, lr=0.1, block_size=None):
 # with the numbers printed (docs/scale.md records them):
 #   HANDGRAD_DIST_STEPS=1000 PYTHONPATH=src python -m pytest tests/test_distributed.py -k take_the -s
 STEPS = int(os.environ.get("HANDGRAD_DIST_STEPS", "20"))
-RUNS = [(name, dtype, STEPS, {"float32": 1e-5, "float64": 1e-12}[dtype])
-        for name in ("mlp", "deep", "wavenet") for dtype in ("float32", "float64")]
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    dtype: str
+    engine: str = "eager"
+    tile: int = 0  # activation checkpointing (fast engine): examples per tile on each rank
+    steps: int = STEPS
+
+    @property
+    def tol(self) -> float:  # the issue's per-step loss tolerance
+        return {"float32": 1e-5, "float64": 1e-12}[self.dtype]
+
+    def __str__(self) -> str:
+        return f"{self.name}-{self.dtype}-{self.engine}{f'-tile{self.tile}' if self.tile else ''}-{self.steps}"
+
+    def train(self, comm=None):
+        return _train(self.name, self.dtype, self.steps, comm, block_size=8 if self.name == "wavenet" else None,
+                      engine=self.engine, tile=self.tile)
+
+
+# eager: every model in both dtypes; fast (float32 only): every model, and tiles of 8 of a rank's 16
+RUNS = ([Run(name, dtype) for name in ("mlp", "deep", "wavenet") for dtype in ("float32", "float64")]
+        + [Run(name, "float32", "fast") for name in ("mlp", "deep", "wavenet")]
+        + [Run("deep", "float32", "fast", tile=8), Run("wavenet", "float32", "fast", tile=8)])
 
 
 def _dp_worker(comm, runs):
-    out = [_train(name, dtype, steps, comm, block_size=8 if name == "wavenet" else None)
-           for name, dtype, steps, _ in runs]
+    out = [run.train(comm) for run in runs]
     out.append(_train("mlp", "float32", 20, comm, lr=1e30))  # diverges: every rank must stop alike
     comm_seconds = dict(comm.seconds), dict(comm.calls)
     return {"runs": out, "comm": comm_seconds}
@@ -269,7 +302,7 @@ def _dp_worker(comm, runs):
 
 @pytest.fixture(scope="module")
 def single_process():
-    runs = [_train(name, dtype, steps, block_size=8 if name == "wavenet" else None) for name, dtype, steps, _ in RUNS]
+    runs = [run.train() for run in RUNS]
     return runs + [_train("mlp", "float32", 20, lr=1e30)]
 
 
@@ -281,14 +314,13 @@ def two_ranks():
 def _max_step_diff(got, one, run, ranks) -> float:
     """The largest per-step loss difference, printed for the record (seen with pytest -s)."""
     diff = (got["losses"] - one["losses"]).abs().max().item()
-    name, dtype, steps, tol = run
-    print(f"\n{name} {dtype} {steps} steps, {ranks} ranks vs 1 process: max |loss diff| {diff:.3g} (<= {tol:g})")
+    print(f"\n{run}: {ranks} ranks vs 1 process: max |loss diff| {diff:.3g} (<= {run.tol:g})")
     return diff
 
 
-@pytest.mark.parametrize("run", range(len(RUNS)), ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in RUNS])
+@pytest.mark.parametrize("run", range(len(RUNS)), ids=[str(r) for r in RUNS])
 def test_2_ranks_take_the_single_process_step_with_the_same_global_batch(single_process, two_ranks, run):
-    tol = RUNS[run][3]
+    tol = RUNS[run].tol
     one = single_process[run]
     for rank in two_ranks:
         got = rank["runs"][run]
@@ -308,17 +340,16 @@ def test_2_ranks_stop_at_the_same_non_finite_step_as_one_process(single_process,
 
 def test_one_gradient_all_reduce_per_step_and_two_collectives_per_batchnorm(two_ranks):
     seconds, calls = two_ranks[0]["comm"]
-    steps = sum(r[2] for r in RUNS)  # + the diverging run's steps up to its failure
+    steps = sum(r.steps for r in RUNS)  # + the diverging run's steps up to its failure
     bns = {"mlp": 1, "deep": 6, "wavenet": 3}
-    bn_calls = sum(r[2] * bns[r[0]] for r in RUNS)
+    bn_calls = sum(r.steps * bns[r.name] for r in RUNS)
     diverged_at = two_ranks[0]["runs"][-1]["error"][0] + 1
     assert calls["gradients"] == steps + diverged_at - 1 or calls["gradients"] == steps + diverged_at
     assert calls["batchnorm forward"] >= bn_calls and calls["batchnorm backward"] >= bn_calls
 
 
 def _dp4_worker(comm, runs):
-    return [_train(name, dtype, steps, comm, block_size=8 if name == "wavenet" else None)
-            for name, dtype, steps, _ in runs]
+    return [run.train(comm) for run in runs]
 
 
 @pytest.fixture(scope="module")
@@ -327,9 +358,9 @@ def four_ranks():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", range(len(RUNS)), ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in RUNS])
+@pytest.mark.parametrize("run", range(len(RUNS)), ids=[str(r) for r in RUNS])
 def test_4_ranks_take_the_single_process_step(single_process, four_ranks, run):
-    tol = RUNS[run][3]
+    tol = RUNS[run].tol
     one = single_process[run]
     for got in (r[run] for r in four_ranks):
         diff = _max_step_diff(got, one, RUNS[run], 4)

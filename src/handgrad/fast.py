@@ -35,7 +35,7 @@ SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
 PROGRAM_SOURCE = Path(__file__).parent / "csrc" / "program.cpp"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", "-fno-rtti", "-pthread"]
 ABI_VERSION = 1
-PROGRAM_ABI = 2
+PROGRAM_ABI = 3
 GRAD_NAMES = ("loss", "dC", "dW1", "db1", "dW2", "db2", "dbngain", "dbnbias")  # status codes of hg_steps
 
 _lock = threading.Lock()
@@ -180,13 +180,35 @@ def load_library() -> ctypes.CDLL:
     return _load(SOURCE, _bind, "the native step")
 
 
+# program.cpp's data-parallel hook, int sync(int what, float* a, float* b, long n, long rows): the
+# collectives of a step, made in Python (handgrad.distributed) while the native step waits.
+SYNC_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                           ctypes.c_long)
+SYNC_STATS, SYNC_SUMS, SYNC_GRADS = 0, 1, 2  # program.cpp's SyncWhat
+NO_SYNC = ctypes.cast(None, SYNC_FN)  # the null hook: one process
+
+
+class SyncFailed(RuntimeError):
+    """The data-parallel hook returned non-zero (a collective failed): the step stopped at step k,
+    the parameters hold the state before it; the hook keeps the reason."""
+
+    def __init__(self, k: int):
+        super().__init__(f"fast path: a collective failed at step {k}")
+        self.k = k
+
+
+def floats_at(address: int, n: int) -> Tensor:
+    """The n float32 at a native address as a tensor sharing that memory (no copy)."""
+    return torch.frombuffer((ctypes.c_float * n).from_address(address), dtype=torch.float32)
+
+
 def _bind_program(lib: ctypes.CDLL) -> ctypes.CDLL:
     p = ctypes.c_void_p
     lib.hg_program_abi.restype = ctypes.c_int
     lib.hg_program_bytes.restype = ctypes.c_long
     lib.hg_program_bytes.argtypes = [p, p]
     lib.hg_program_steps.restype = ctypes.c_long
-    lib.hg_program_steps.argtypes = [p] * 10
+    lib.hg_program_steps.argtypes = [p] * 10 + [SYNC_FN]
     lib.hg_program_profile.restype = ctypes.c_int
     lib.hg_program_profile.argtypes = [ctypes.c_int, p]
     lib.hg_program_par_min_macs.restype = ctypes.c_double
@@ -357,8 +379,12 @@ class Program:
     params: tuple[str, ...]
     buffers: tuple[str, ...]  # running mean, running var per batchnorm
 
-    def desc(self, B: int, K: int, nrows: int, tile: int, threads: int = 1) -> Tensor:
-        return torch.tensor([B, self.T, K, nrows, tile, *self.counts, threads, *self.body], dtype=torch.int64)
+    def desc(self, B: int, K: int, nrows: int, tile: int, threads: int = 1, global_batch: int | None = None
+             ) -> Tensor:
+        """B examples per step in this process, of a global batch of global_batch (default B)."""
+        BG = B if global_batch is None else global_batch
+        return torch.tensor([B, self.T, K, nrows, tile, *self.counts, threads, BG, *self.body],
+                            dtype=torch.int64)
 
 
 def program_reason(model) -> str:
@@ -457,7 +483,8 @@ def compile_program(model, T: int) -> Program:
 
 
 def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, tile: int,
-                 grads_out: Tensor | None, threads: int = 1) -> tuple[Tensor, int, Program]:
+                 grads_out: Tensor | None, threads: int = 1, sync=None, global_batch: int | None = None
+                 ) -> tuple[Tensor, int, Program]:
     X, Y, ix, lr = _step_inputs(Xtr, Ytr, idx, lrs)
     K, B = ix.shape
     if X.dim() != 2:
@@ -472,35 +499,43 @@ def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
     np_ = len(prog.params)
     pp = (ctypes.c_void_p * max(np_, 1))(*(t.data_ptr() for t in bufs[:np_]))
     bp = (ctypes.c_void_p * max(len(prog.buffers), 1))(*(t.data_ptr() for t in bufs[np_:]))
-    desc = prog.desc(B, K, X.shape[0], tile, threads)
+    desc = prog.desc(B, K, X.shape[0], tile, threads, global_batch)
     fdesc = torch.tensor(prog.fdesc or (0.0,), dtype=torch.float64)
     losses = torch.empty(K, dtype=torch.float64)  # (K,)
     status = lib.hg_program_steps(desc.data_ptr(), fdesc.data_ptr(), pp, bp, X.data_ptr(), Y.data_ptr(),
                                   ix.data_ptr(), lr.data_ptr(), losses.data_ptr(),
-                                  grads_out.data_ptr() if grads_out is not None else None)
+                                  grads_out.data_ptr() if grads_out is not None else None,
+                                  NO_SYNC if sync is None else sync)
     for t, b in zip(user, bufs):
         if b is not t:
             t.copy_(b)
     if status <= -4:
-        raise IndexError(f"fast path: at step {-4 - status} idx holds a row outside Xtr, or Xtr/Ytr a "
+        k, collective = divmod(-4 - status, 2)
+        if collective:
+            raise SyncFailed(k)
+        raise IndexError(f"fast path: at step {k} idx holds a row outside Xtr, or Xtr/Ytr a "
                          "character id outside the vocabulary (parameters hold the state before that step)")
     if status in (-2, -3):
         raise RuntimeError("fast path: " + ("unsupported dimensions" if status == -2 else "out of memory"))
     return losses, int(status), prog
 
 
-def make_program_fn(lib: ctypes.CDLL, tile: int = 0, threads: int = 1) -> Callable:
+def make_program_fn(lib: ctypes.CDLL, tile: int = 0, threads: int = 1, sync=None) -> Callable:
     """The steps function of train.py's contract running the model's program in native code. tile > 0
     turns on activation checkpointing with that many examples per tile; threads 2 splits the large
-    matrix products (program.cpp's PAR_MIN_MACS: a large batch) over two threads, bit-identically."""
+    matrix products (program.cpp's PAR_MIN_MACS: a large batch) over two threads, bit-identically.
+    sync (a SYNC_FN) makes it one rank of a data-parallel step: idx holds this rank's columns of each
+    global batch of global_batch examples (handgrad.distributed.native_data_parallel_steps)."""
     from handgrad.train import NonFiniteError
 
-    def program_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
+    def program_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor,
+                      global_batch: int | None = None) -> Tensor:
         """Run K = len(idx) SGD steps in place in native code (see train.eager_steps for the contract)."""
         reason = program_reason(model)
         if reason:
             raise ValueError(reason)
-        losses, status, prog = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None, threads)
+        losses, status, prog = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None, threads, sync,
+                                            global_batch)
         if status >= 0:
             k, r = divmod(status, len(prog.params) + 1)
             raise NonFiniteError(k, "loss" if r == 0 else "d" + prog.params[r - 1])

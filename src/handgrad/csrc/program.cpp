@@ -175,8 +175,20 @@ struct Op {
     float *sum_g, *sum_b;        // (ld,) backward sums: sum dout*bnraw (dbngain) and sum dout (dbnbias)
 };
 
+// Data-parallel hook (null in one process): the collectives of a step, made by the caller (fast.py,
+// over torch.distributed) so that a rank computes the single-process step of the global batch.
+//   SYNC_STATS: a, b = this rank's per-column mean and M2 over `rows` rows (n floats each); on return
+//               the mean and M2 over every rank's rows (Chan et al.'s merge).
+//   SYNC_SUMS:  a, b = this rank's batchnorm backward sums (n floats each), summed over the ranks.
+//   SYNC_GRADS: a = [loss share, every gradient] (n floats), summed over the ranks; b null.
+// Returns 0, or non-zero when a collective failed (the step stops; the caller raises its error).
+enum SyncWhat { SYNC_STATS = 0, SYNC_SUMS = 1, SYNC_GRADS = 2 };
+typedef int (*SyncFn)(int what, float* a, float* b, long n, long rows);
+
 struct Prog {
     int B, T, K, R, nt, nop, np;
+    int BG;                      // examples of the global batch (B in one process; B * ranks data-parallel)
+    SyncFn sync;                 // null in one process
     int threads;                 // 1, or 2: large matrix products are split over two threads
     long nrows;
     bool tiled;
@@ -201,12 +213,13 @@ struct Arena {
 };
 
 // Descriptor layout (int64), written by fast.py:
-//   header: B, T, K, nrows, R (examples per tile; R >= B: no recomputation), nt, nop, np, threads
+//   header: B, T, K, nrows, R (examples per tile; R >= B: no recomputation), nt, nop, np, threads,
+//           BG (examples of the global batch, >= B: the mean loss and batchnorm are over BG examples)
 //   nt tensors:  rpe, nseg, c, segstride, alias
 //   nop ops:     kind, in, out, p0, p1, bn (this batchnorm's index: eps/momentum in fdesc, buffers)
 //   np params:   kind, n0, n1, op (the op whose input layout the rows/features map onto)
 //   np entries:  the order in which gradients are checked
-static const int HDR = 9, TW = 5, OW = 6, PW = 4;
+static const int HDR = 10, TW = 5, OW = 6, PW = 4;
 
 static bool parse(const int64_t* d, const double* fd, float** params, float** bufs, Prog& g, Arena& a) {
     g.B = (int)d[0]; g.T = (int)d[1]; g.K = (int)d[2]; g.nrows = d[3];
@@ -214,7 +227,9 @@ static bool parse(const int64_t* d, const double* fd, float** params, float** bu
     g.tiled = g.R < g.B;
     g.nt = (int)d[5]; g.nop = (int)d[6]; g.np = (int)d[7];
     g.threads = d[8] > 1 ? 2 : 1;
-    if (g.B < 2 || g.T < 1 || g.K < 0 || g.nt < 1 || g.nop < 2 || g.np < 1 || g.nt > 4096 || g.nop > 4096
+    g.BG = d[9] >= d[0] && d[9] <= (1L << 30) ? (int)d[9] : -1;
+    g.sync = nullptr;
+    if (g.B < 1 || g.BG < 2 || g.T < 1 || g.K < 0 || g.nt < 1 || g.nop < 2 || g.np < 1 || g.nt > 4096 || g.nop > 4096
         || g.np > 4096)
         return false;
     const int64_t* td = d + HDR;
@@ -477,11 +492,11 @@ static void act_forward(const Prog& g, const Op& o, int ne) {
 }
 
 // softmax cross-entropy fused: returns the summed loss of the rows and writes dlogits =
-// (softmax - onehot) / B into the gradient buffer (pads 0).
+// (softmax - onehot) / BG into the gradient buffer (pads 0): the mean is over the global batch.
 static double cross_entropy(const Prog& g, const Tensor& t, const int32_t* y, int ne) {
     Timed tm(P_LOSS);
     double total = 0.0;
-    const float invB = 1.0f / (float)g.B;
+    const float invB = 1.0f / (float)g.BG;
     const int V = t.c;
     const int nv = (V + VW - 1) / VW, tail = V - (nv - 1) * VW;
     for (int b = 0; b < ne; ++b) {
@@ -601,14 +616,17 @@ static void embed_backward(const Prog& g, const Op& o, const int64_t* X, const i
 // normalises; ACCUM merges this tile's statistics and stops the pass; APPLY uses the stored ones.
 enum BNMode { INLINE, ACCUM, APPLY };
 
+// What a step can stop on (besides non-finite values, checked after it).
+enum StepStatus { OK = 0, BAD_INDEX = 1, SYNC_FAILED = 2 };
+
 // Forward over ops [0, upto) on one tile; at op `upto` (a batchnorm, when upto < nop) the tile's
-// statistics are merged. Returns false for an index out of range.
-static bool forward(const Prog& g, const int64_t* X, const int64_t* ix, int ne, int upto, BNMode mode,
-                    long seen) {
+// statistics are merged. INLINE statistics are over the global batch when data-parallel (g.sync).
+static StepStatus forward(const Prog& g, const int64_t* X, const int64_t* ix, int ne, int upto, BNMode mode,
+                          long seen) {
     for (int i = 0; i < g.nop && i <= upto; ++i) {
         const Op& o = g.op[i];
         switch (o.kind) {
-            case EMBED: { Timed tm(P_EMBED); if (!embed_forward(g, o, X, ix, ne)) return false; break; }
+            case EMBED: { Timed tm(P_EMBED); if (!embed_forward(g, o, X, ix, ne)) return BAD_INDEX; break; }
             case LINEAR: { Timed tm(P_LINEAR); linear_forward(g, o, ne); break; }
             case TANH: case RELU: { Timed tm(P_ACT); act_forward(g, o, ne); break; }
             case BATCHNORM: case BN_TANH: {
@@ -618,25 +636,27 @@ static bool forward(const Prog& g, const int64_t* X, const int64_t* ix, int ne, 
                 if (i == upto && mode == ACCUM) {  // tile statistics into sum_g/sum_b (scratch), merged
                     col_mean_m2(in.x, rows, in.ld, o.sum_g, o.sum_b);
                     merge_stats(o, in.ld, o.sum_g, o.sum_b, seen * in.rpe, rows);
-                    return true;
+                    return OK;
                 }
                 if (mode == INLINE) {
                     col_mean_m2(in.x, rows, in.ld, o.mean, o.m2);
-                    finish_stats(o, in.ld, rows);
+                    if (g.sync && g.sync(SYNC_STATS, o.mean, o.m2, in.ld, rows)) return SYNC_FAILED;
+                    finish_stats(o, in.ld, (long)g.BG * in.rpe);
                 }
                 bn_apply(g, o, ne);
                 break;
             }
         }
     }
-    return true;
+    return OK;
 }
 
 // Backward from the loss down to op `lo` (inclusive). Parameter gradients are accumulated only for
 // ops in [lo, hi); a batchnorm at hi is passed through with its stored sums; the batchnorm at lo (when
-// accumulating, tiled) only adds its sums and stops. INLINE (one tile = the batch) does it all at once.
-static void backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne, int lo, int hi, BNMode mode) {
-    const long nB = g.B;
+// accumulating, tiled) only adds its sums and stops. INLINE (one tile = the batch) does it all at once,
+// the sums over the global batch when data-parallel. false: a collective failed.
+static bool backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne, int lo, int hi, BNMode mode) {
+    const long nB = g.BG;
     for (int i = g.nop - 1; i >= lo; --i) {
         const Op& o = g.op[i];
         const bool grads = i < hi;
@@ -653,12 +673,13 @@ static void backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne,
                     memset(o.sum_g, 0, sizeof(float) * in.ld);
                     memset(o.sum_b, 0, sizeof(float) * in.ld);
                     bn_back_sums(g, o, ne, o.sum_g, o.sum_b);
-                    memcpy(gain.grad, o.sum_g, sizeof(float) * in.ld);
+                    memcpy(gain.grad, o.sum_g, sizeof(float) * in.ld);  // this rank's share
                     memcpy(bias.grad, o.sum_b, sizeof(float) * in.ld);
+                    if (g.sync && g.sync(SYNC_SUMS, o.sum_g, o.sum_b, in.ld, 0)) return false;
                     bn_back_dx(g, o, ne, n);
                 } else if (i == lo && mode == ACCUM) {
                     bn_back_sums(g, o, ne, gain.grad, bias.grad);  // dbngain, dbnbias accumulate
-                    return;
+                    return true;
                 } else {
                     if (o.kind == BN_TANH) {  // recompute dpre in place (the sums are already known)
                         const Tensor& out = g.t[o.out];
@@ -674,6 +695,7 @@ static void backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne,
             }
         }
     }
+    return true;
 }
 
 static bool indices_ok(const Prog& g, const int64_t* Y, const int64_t* ix, long V) {
@@ -684,8 +706,9 @@ static bool indices_ok(const Prog& g, const int64_t* Y, const int64_t* ix, long 
     return true;
 }
 
-// One step's mean loss, gradients in the params' grad buffers. false: an index out of range.
-static bool step(const Prog& g, const int64_t* X, const int64_t* Y, const int64_t* ix, double* loss) {
+// One step's mean loss (this rank's share: its rows' losses over BG), gradients in the params' grad
+// buffers (this rank's shares when data-parallel).
+static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const int64_t* ix, double* loss) {
     const Tensor& last = g.t[g.op[g.nop - 1].out];
     // The embedding gradient is scattered (+=); biases of Linear and dW over tiles accumulate.
     for (int i = 0; i < g.np; ++i)
@@ -693,10 +716,10 @@ static bool step(const Prog& g, const int64_t* X, const int64_t* Y, const int64_
             memset(g.p[i].grad, 0, sizeof(float) * g.p[i].prow * g.p[i].ld);
     if (!g.tiled) {
         for (int b = 0; b < g.B; ++b) g.y[b] = (int32_t)Y[ix[b]];
-        if (!forward(g, X, ix, g.B, g.nop, INLINE, 0)) return false;
-        *loss = cross_entropy(g, last, g.y, g.B) / g.B;
-        backward(g, X, ix, g.B, 0, g.nop, INLINE);
-        return true;
+        StepStatus st = forward(g, X, ix, g.B, g.nop, INLINE, 0);
+        if (st != OK) return st;
+        *loss = cross_entropy(g, last, g.y, g.B) / g.BG;
+        return backward(g, X, ix, g.B, 0, g.nop, INLINE) ? OK : SYNC_FAILED;
     }
     // Activation checkpointing: only per-feature statistics and sums are kept for the whole batch;
     // every activation is recomputed tile by tile (R examples) from the indices. One pass per
@@ -706,7 +729,7 @@ static bool step(const Prog& g, const int64_t* X, const int64_t* Y, const int64_
     int bns[64], nbn = 0;
     for (int i = 0; i < g.nop; ++i)
         if (g.op[i].kind == BATCHNORM || g.op[i].kind == BN_TANH) {
-            if (nbn == 64) return false;
+            if (nbn == 64) return BAD_INDEX;  // parse() allows at most 4096 ops; fast.py fewer than 64 batchnorms
             bns[nbn++] = i;
         }
     for (int l = 0; l < nbn; ++l) {
@@ -716,9 +739,12 @@ static bool step(const Prog& g, const int64_t* X, const int64_t* Y, const int64_
         memset(o.m2, 0, sizeof(float) * ld);
         for (int e0 = 0; e0 < g.B; e0 += g.R) {
             int ne = g.B - e0 < g.R ? g.B - e0 : g.R;
-            if (!forward(g, X, ix + e0, ne, bns[l], ACCUM, e0)) return false;
+            StepStatus st = forward(g, X, ix + e0, ne, bns[l], ACCUM, e0);
+            if (st != OK) return st;
         }
-        finish_stats(o, ld, (long)g.B * g.t[o.in].rpe);
+        const long rows = (long)g.B * g.t[o.in].rpe;
+        if (g.sync && g.sync(SYNC_STATS, o.mean, o.m2, ld, rows)) return SYNC_FAILED;
+        finish_stats(o, ld, (long)g.BG * g.t[o.in].rpe);
     }
     int hi = g.nop;
     double total = 0.0;
@@ -730,17 +756,36 @@ static bool step(const Prog& g, const int64_t* X, const int64_t* Y, const int64_
             forward(g, X, ix + e0, ne, g.nop, APPLY, 0);
             double s = cross_entropy(g, last, g.y, ne);
             if (l == nbn) total += s;
-            backward(g, X, ix + e0, ne, lo, hi, l > 0 ? ACCUM : APPLY);
+            backward(g, X, ix + e0, ne, lo, hi, l > 0 ? ACCUM : APPLY);  // no collective when tiled
         }
         if (l > 0) {  // the batchnorm at lo now has its full sums: its gradients, and what dx needs
             const Op& o = g.op[lo];
             const long ld = g.t[o.in].ld;
             memcpy(o.sum_g, g.p[o.p0].grad, sizeof(float) * ld);
             memcpy(o.sum_b, g.p[o.p1].grad, sizeof(float) * ld);
+            if (g.sync && g.sync(SYNC_SUMS, o.sum_g, o.sum_b, ld, 0)) return SYNC_FAILED;
         }
         hi = lo;
     }
-    *loss = total / g.B;
+    *loss = total / g.BG;
+    return OK;
+}
+
+// Data-parallel: [loss share, every gradient] summed over the ranks in one collective (flat: 1 + the
+// logical elements of every parameter), written back into the padded gradient buffers.
+static bool sync_grads(const Prog& g, double* loss, float* flat, long n) {
+    flat[0] = (float)*loss;
+    float* o = flat + 1;
+    for (int i = 0; i < g.np; ++i) { copy_out(g.p[i], g.p[i].grad, o); o += g.p[i].n0 * g.p[i].n1; }
+    if (g.sync(SYNC_GRADS, flat, nullptr, n, 0)) return false;
+    *loss = flat[0];
+    o = flat + 1;
+    for (int i = 0; i < g.np; ++i) {
+        const Param& p = g.p[i];
+        for (long r = 0; r < p.n0; ++r)
+            for (long j = 0; j < p.n1; ++j) p.grad[place(p, r, j)] = o[r * p.n1 + j];
+        o += p.n0 * p.n1;
+    }
     return true;
 }
 
@@ -756,7 +801,7 @@ static size_t workspace(const int64_t* d, const double* fd) {
 
 extern "C" {
 
-int hg_program_abi() { return 2; }
+int hg_program_abi() { return 3; }
 
 // The size (multiply-adds) from which a product is split over two threads when allowed.
 double hg_program_par_min_macs() { return PAR_MIN_MACS; }
@@ -794,11 +839,15 @@ long hg_program_bytes(const int64_t* desc, const double* fdesc) { return (long)w
 // float32 of its logical shape; bufs[2j], bufs[2j+1]: running mean and variance of batchnorm j (or null).
 // X (nrows, T) Y (nrows) idx (K, B) int64; lrs (K) float64; losses (K) out. grads_out: null, or (K == 1)
 // no update and every parameter's gradient written unpadded, one after the other.
+// sync: null in one process; data-parallel, the collectives (SyncFn above): idx then holds this rank's
+// B examples of each step's global batch of BG, and the losses are the global mean losses.
 // Returns -1 on success; at the first non-finite step k: k * (np + 1) + 0 for the loss, + 1 + i for
 // the i-th parameter's gradient (in the check order), parameters holding the state before that step;
-// -2 bad descriptor; -3 out of memory; -4 - k: an index out of range at step k (the state before it).
+// -2 bad descriptor; -3 out of memory; -4 - 2k: an index out of range at step k (the state before it);
+// -5 - 2k: a collective failed at step k (the state before it).
 long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, float** bufs, const int64_t* X,
-                      const int64_t* Y, const int64_t* idx, const double* lrs, double* losses, float* grads_out) {
+                      const int64_t* Y, const int64_t* idx, const double* lrs, double* losses, float* grads_out,
+                      SyncFn sync) {
     size_t bytes = workspace(desc, fdesc);
     if (!bytes) return -2;
     Arena a;
@@ -807,6 +856,11 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
     if (!a.base || !alloc_meta(desc, g)) { free(a.base); free_meta(g); return -3; }
     memset(a.base, 0, bytes);
     parse(desc, fdesc, params, bufs, g, a);
+    g.sync = sync;
+    long nflat = 1;
+    for (int i = 0; i < g.np; ++i) nflat += g.p[i].n0 * g.p[i].n1;
+    float* flat = sync ? static_cast<float*>(malloc(sizeof(float) * nflat)) : nullptr;
+    if (sync && !flat) { free(a.base); free_meta(g); return -3; }
     for (int i = 0; i < g.np; ++i) copy_in(g.p[i]);
     const Tensor& last = g.t[g.op[g.nop - 1].out];
     long status = -1;
@@ -814,7 +868,10 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
         const int64_t* ix = idx + k * g.B;
         double loss = 0.0;
         Timed tstep(P_OTHER);
-        if (!indices_ok(g, Y, ix, last.c) || !step(g, X, Y, ix, &loss)) { status = -4 - k; break; }
+        if (!indices_ok(g, Y, ix, last.c)) { status = -4 - 2 * k; break; }
+        StepStatus st = step(g, X, Y, ix, &loss);
+        if (st == OK && sync && !sync_grads(g, &loss, flat, nflat)) st = SYNC_FAILED;
+        if (st != OK) { status = (st == BAD_INDEX ? -4 : -5) - 2 * k; break; }
         losses[k] = loss;
         int bad = -1;
         if (!std::isfinite(loss)) bad = 0;
@@ -843,6 +900,7 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
     }
     if (!grads_out)
         for (int i = 0; i < g.np; ++i) copy_out(g.p[i], g.p[i].w, g.p[i].user);
+    free(flat);
     free(a.base);
     free_meta(g);
     return status;
