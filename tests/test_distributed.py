@@ -33,7 +33,7 @@ def _holds(manual, reference):
 
 # ---------------------------------------------------------------------------- one process
 @pytest.mark.parametrize("sizes, C, offset", [([3, 5], 4, 0.0), ([1, 7, 2], 3, 1e3), ([16, 16], 5, -2.0)])
-def test_combined_moments_equal_the_two_pass_statistics_of_the_whole_batch(sizes, C, offset):
+def test_merged_moments_equal_the_two_pass_statistics_of_the_whole_batch(sizes, C, offset):
     g = torch.Generator().manual_seed(sum(sizes))
     x = torch.randn((sum(sizes), C), generator=g, dtype=torch.float64) * 2 + offset  # (n, C)
     rows = []
@@ -41,7 +41,8 @@ def test_combined_moments_equal_the_two_pass_statistics_of_the_whole_batch(sizes
         mean = part.mean(0)
         rows.append(torch.cat([torch.tensor([float(part.shape[0])], dtype=torch.float64), mean,
                                ((part - mean) ** 2).sum(0)]))
-    mean, var, n = distributed.combine_moments(torch.stack(rows))
+    mean, m2, n = distributed.merge_moments(torch.stack(rows))
+    var = m2 / (n - 1)
     _, _, (bnmeani, bnvar) = ops.batchnorm_forward(x, torch.ones(C, dtype=x.dtype), torch.zeros(C, dtype=x.dtype))
     assert n == sum(sizes)
     assert _holds(mean, bnmeani.reshape(-1))
@@ -230,6 +231,65 @@ def test_a_wrong_global_count_would_be_caught():
     _, c0, _ = ops.batchnorm_forward(x[:3], gain, bias)
     dx_local, _, _ = ops.batchnorm_backward(dout[:3], c0)
     assert not _holds(dx_local, dx_all[:3])
+
+
+# ---------------------------------------------------------------------------- the native program's hook
+class _OneRank(distributed.Comm):
+    """A world of one without a process group: a sum or a gather over one rank is its input. `fail`
+    raises that exception from the n-th collective (counting from 0) instead."""
+
+    def __init__(self, fail: BaseException | None = None, at: int = 0):
+        super().__init__(0, 1)
+        self.fail, self.at, self.seen = fail, at, 0
+
+    def _run(self, what, fn):
+        if self.fail is not None and self.seen == self.at:
+            raise self.fail
+        self.seen += 1
+        self.calls[what] += 1
+
+    def all_gather(self, t, what):
+        self._run(what, None)
+        return t.contiguous()[None]  # (1, ...)
+
+
+def _native_problem(name):
+    block = 8 if name == "wavenet" else 3
+    splits = data.make_splits(data.read_words(data.default_data_path()).items, block_size=block, seed=42)
+    mcfg = models.preset(name, vocab_size=len(splits.vocab), block_size=block)
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, splits.Xtr.shape[0], (6, 32), generator=g)  # (K, B)
+    return splits, models.build(mcfg, 3, torch.float32), idx, torch.full((6,), 0.1, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name, tile, bns", [("mlp", 0, 1), ("deep", 0, 6), ("wavenet", 0, 3), ("deep", 8, 6)])
+def test_the_native_hook_on_one_rank_is_the_plain_program(name, tile, bns):
+    """Every collective the program asks for arrives (3 kinds, in the expected numbers) and, over one
+    rank, changes nothing but rounding: the losses and parameters of the plain program."""
+    lib = fast.load_program_library()
+    splits, model, idx, lrs = _native_problem(name)
+    plain = models.build(models.preset(name, vocab_size=len(splits.vocab), block_size=splits.Xtr.shape[1]), 3,
+                         torch.float32)
+    one = _OneRank()
+    with torch.no_grad():
+        got = distributed.native_data_parallel_steps(one, lib, tile)(model, splits.Xtr, splits.Ytr, idx, lrs)
+        want = fast.make_program_fn(lib, tile)(plain, splits.Xtr, splits.Ytr, idx, lrs)
+    assert (got - want).abs().max() <= 1e-6
+    assert all((model.params()[k] - v).abs().max() <= 1e-6 for k, v in plain.params().items())
+    K = idx.shape[0]
+    assert dict(one.calls) == {"batchnorm forward": K * bns, "batchnorm backward": K * bns, "gradients": K}
+
+
+@pytest.mark.parametrize("error, at", [(distributed.PeerLost("rank 0: the gradients collective failed"), 2),
+                                       (KeyboardInterrupt(), 1)])
+def test_a_failed_collective_in_the_native_step_is_raised_and_keeps_the_state_before_that_step(error, at):
+    lib = fast.load_program_library()
+    splits, model, idx, lrs = _native_problem("mlp")
+    before = {k: v.clone() for k, v in model.params().items()}
+    with pytest.raises(type(error)) as e, torch.no_grad():  # step 0: stats (0), sums (1), gradients (2)
+        distributed.native_data_parallel_steps(_OneRank(error, at), lib)(model, splits.Xtr, splits.Ytr, idx, lrs)
+    assert e.value is error
+    assert all(torch.equal(model.params()[k], v) for k, v in before.items())
 
 
 # ---------------------------------------------------------------------------- N ranks vs one process

@@ -30,6 +30,9 @@ def test_the_fit_weighs_small_sizes_as_much_as_large_ones():
     (["--nproc", "1"], "--nproc 1: expected 2 or more"),
     (["--model", "gpt"], "--model gpt: expected one of mlp, deep, wavenet"),
     (["--seconds", "0"], "--seconds 0.0: expected a positive number"),
+    (["--engine", "jit"], "--engine jit: expected fast or eager"),
+    (["--dtype", "float64"], "--engine fast runs float32 only; give --engine eager for --dtype float64"),
+    (["--repeat", "0"], "--repeat 0: expected 1 or more"),
 ])
 def test_bad_flags_exit_2_in_one_line(capsys, argv, expected):
     assert distributed_bench.main(argv) == 2
@@ -43,11 +46,14 @@ def test_a_batch_list_that_is_not_numbers_is_an_argparse_error(capsys):
     assert e.value.code == 2 and "expected comma-separated integers" in capsys.readouterr().err
 
 
-def test_a_small_run_measures_the_same_steps_and_its_time_adds_up(tmp_path, capsys):
+@pytest.mark.parametrize("engine, repeat", [("fast", 2), ("eager", 1)])
+def test_a_small_run_measures_the_same_steps_and_its_time_adds_up(tmp_path, capsys, engine, repeat):
     out = tmp_path / "bench.json"
-    assert distributed_bench.main(["--batches", "32,256", "--seconds", "0.02", "--json", str(out)]) == 0
+    assert distributed_bench.main(["--batches", "32,256", "--seconds", "0.02", "--json", str(out),
+                                   "--engine", engine, "--repeat", str(repeat)]) == 0
     table = capsys.readouterr().out
     record = json.loads(out.read_text())
+    assert record["config"]["engine"] == engine and record["config"]["repeat"] == repeat
     assert [p["batch"] for p in record["points"]] == [32, 256]
     for p in record["points"]:
         assert p["steps"] >= distributed_bench.MIN_STEPS

@@ -189,10 +189,11 @@ def merge_moments(stats: Tensor) -> tuple[Tensor, Tensor, int]:
     return mean, m2, n
 
 
-def combine_moments(stats: Tensor) -> tuple[Tensor, Tensor, int]:
-    """merge_moments with the Bessel (n-1) variance of the global batch in place of M2."""
-    mean, m2, n = merge_moments(stats)
-    return mean, m2 / (n - 1), n
+def global_moments(comm: Comm, rows: int, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor, int]:
+    """merge_moments over every rank from this rank's row count, mean (C,) and M2 (C,): one all-gather
+    of [rows, mean, M2]."""
+    mine = torch.cat([torch.full((1,), float(rows), dtype=mean.dtype, device=mean.device), mean, m2])
+    return merge_moments(comm.all_gather(mine, "batchnorm forward"))  # (2C+1,) per rank
 
 
 def sync_batchnorm_forward(x: Tensor, bngain: Tensor, bnbias: Tensor, eps: float, comm: Comm
@@ -205,8 +206,8 @@ def sync_batchnorm_forward(x: Tensor, bngain: Tensor, bnbias: Tensor, eps: float
     N = x.numel() // C
     local_mean = x.sum(dims) / max(N, 1)  # (C,)
     local_m2 = ((x - local_mean) ** 2).sum(dims)  # (C,)
-    mine = torch.cat([torch.full((1,), float(N), dtype=x.dtype, device=x.device), local_mean, local_m2])
-    mean, var, n = combine_moments(comm.all_gather(mine, "batchnorm forward"))  # (C,) (C,)
+    mean, m2, n = global_moments(comm, N, local_mean, local_m2)  # (C,) (C,)
+    var = m2 / (n - 1)  # Bessel's n-1 over the global batch
     keep = (1,) * (x.dim() - 1) + (C,)
     bnmeani = mean.reshape(keep)  # (1, ..., C)
     bnvar = var.reshape(keep)  # (1, ..., C)
@@ -340,8 +341,7 @@ class NativeCollectives:
         try:
             if what == fast.SYNC_STATS:
                 mean, m2 = fast.floats_at(a, n), fast.floats_at(b, n)  # (C,) (C,) this rank's
-                mine = torch.cat([torch.full((1,), float(rows)), mean, m2])  # (2C+1,)
-                merged_mean, merged_m2, _ = merge_moments(self.comm.all_gather(mine, "batchnorm forward"))
+                merged_mean, merged_m2, _ = global_moments(self.comm, rows, mean, m2)
                 mean.copy_(merged_mean)
                 m2.copy_(merged_m2)
             elif what == fast.SYNC_SUMS:

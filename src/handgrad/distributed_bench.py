@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from handgrad import checkpoint, data, distributed, models, train
+from handgrad import checkpoint, data, distributed, fast, models, train
 from handgrad.distributed import Comm
 from handgrad.layers import numel
 
 DEFAULT_BATCHES = tuple(2 ** k for k in range(5, 17))  # 32 .. 65,536
 ALLREDUCE_SIZES = tuple(4 ** k for k in range(0, 11))  # 1 .. 1,048,576 floats, plus the model's gradient
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ENGINES = ("fast", "eager")
 
 
 class BenchUsageError(ValueError):
@@ -41,6 +42,8 @@ class BenchConfig:
     seconds: float = 0.4  # timed seconds per batch size and process count (at least MIN_STEPS steps)
     dtype: str = "float32"
     seed: int = 42
+    engine: str = "fast"  # fast: one process's fast engine vs the ranks' native program; eager: both eager
+    repeat: int = 1  # alternate one process and nproc processes this many times; medians are reported
 
     def __post_init__(self) -> None:
         if self.model not in models.MODELS:
@@ -55,6 +58,13 @@ class BenchConfig:
             raise BenchUsageError(f"--seconds {self.seconds}: expected a positive number")
         if self.dtype not in DTYPES:
             raise BenchUsageError(f"--dtype {self.dtype}: expected float32 or float64")
+        if self.engine not in ENGINES:
+            raise BenchUsageError(f"--engine {self.engine}: expected fast or eager")
+        if self.engine == "fast" and self.dtype != "float32":
+            raise BenchUsageError(f"--engine fast runs float32 only; give --engine eager for --dtype "
+                                  f"{self.dtype}")
+        if self.repeat < 1:
+            raise BenchUsageError(f"--repeat {self.repeat}: expected 1 or more")
 
 
 MIN_STEPS, MAX_STEPS = 3, 2000
@@ -66,7 +76,7 @@ class Point:
 
     batch: int
     steps: int  # timed steps (after one untimed)
-    one: float  # one process, eager hand-written step
+    one: float  # one process: the single-process fast engine (or the eager step with --engine eager)
     many: float  # nproc processes: the slowest rank's wall time per step
     gradients: float  # of `many`: the one flat gradient all-reduce (incl. waiting for the slowest rank)
     batchnorm: float  # of `many`: the batchnorm forward all-gathers and backward all-reduces
@@ -103,8 +113,11 @@ class BenchResult:
 
     def table(self) -> str:
         c, R = self.config, self.config["nproc"]
+        engines = ("1 process: the fast engine, ranks: the native program" if c["engine"] == "fast"
+                   else "both eager")
         lines = [f"python -m handgrad.distributed_bench: {c['model']} ({self.params:,} floats all-reduced "
-                 f"per step, {c['dtype']}), {R} processes vs 1, gloo on 127.0.0.1, 1 thread each",
+                 f"per step, {c['dtype']}), {R} processes vs 1 ({engines}), gloo on 127.0.0.1, 1 thread each"
+                 + (f", median of {c['repeat']} alternating runs" if c["repeat"] > 1 else ""),
                  self.machine,
                  f"{'batch':>7} {'steps':>5} {'1 proc ex/s':>12} {f'{R} proc ex/s':>12} {'speedup':>7} "
                  f"{'1 proc ms':>9} {f'{R} proc ms':>9} {'compute':>8} {'bn comm':>8} {'grad AR':>8} "
@@ -168,16 +181,31 @@ def _steps_for(seconds_per_step: float, budget: float) -> int:
     return max(MIN_STEPS, min(MAX_STEPS, math.ceil(budget / max(seconds_per_step, 1e-7))))
 
 
-def time_one_process(cfg: BenchConfig) -> list[tuple[int, int, float, Tensor]]:
-    """(batch, steps, seconds per step, losses) of the single-process eager step at each batch size;
-    the step count fills cfg.seconds, probed with 2 steps first."""
+def _one_process_steps(cfg: BenchConfig, model):
+    """The single-process step a user gets: train.select_engine's (the fused lecture step for mlp,
+    the native program for the others), or the eager step."""
+    if cfg.engine == "eager":
+        return train.eager_steps
+    return train.select_engine(model, train.TrainConfig(engine="fast"))[0]
+
+
+def plan_steps(cfg: BenchConfig) -> list[int]:
+    """The timed steps at each batch size: enough to fill cfg.seconds, probed with 2 steps."""
     splits, model = _problem(cfg)
+    steps_fn = _one_process_steps(cfg, model)
+    n = splits.Xtr.shape[0]
+    return [_steps_for(_timed(steps_fn, model, splits, *_batches(cfg, n, B, 2))[0], cfg.seconds)
+            for B in cfg.batches]
+
+
+def time_one_process(cfg: BenchConfig, steps: list[int]) -> list[tuple[int, int, float, Tensor]]:
+    """(batch, steps, seconds per step, losses) of the single-process step at each batch size."""
+    splits, model = _problem(cfg)
+    steps_fn = _one_process_steps(cfg, model)
     out = []
-    for B in cfg.batches:
-        probe, _ = _timed(train.eager_steps, model, splits, *_batches(cfg, splits.Xtr.shape[0], B, 2))
-        K = _steps_for(probe, cfg.seconds)
+    for B, K in zip(cfg.batches, steps):
         _, model = _problem(cfg)  # every batch size starts from the same init, as the ranks do
-        t, losses = _timed(train.eager_steps, model, splits, *_batches(cfg, splits.Xtr.shape[0], B, K))
+        t, losses = _timed(steps_fn, model, splits, *_batches(cfg, splits.Xtr.shape[0], B, K))
         out.append((B, K, t, losses))
     return out
 
@@ -190,7 +218,8 @@ def _rank_worker(comm: Comm, cfg: BenchConfig, plan: list[tuple[int, int]], size
     """On every rank: the data-parallel step at each (batch, steps) of the plan, timed with the
     collectives' share; then one all-reduce of each size in `sizes`, timed alone."""
     splits, _ = _problem(cfg)
-    steps_fn = distributed.data_parallel_steps(comm)
+    steps_fn = (distributed.data_parallel_steps(comm) if cfg.engine == "eager" else
+                distributed.native_data_parallel_steps(comm, fast.load_program_library()))
     points = []
     for B, K in plan:
         _, model = _problem(cfg)
@@ -199,6 +228,7 @@ def _rank_worker(comm: Comm, cfg: BenchConfig, plan: list[tuple[int, int]], size
         def reset():
             _barrier(comm)
             comm.seconds.clear()
+            comm.calls.clear()
 
         t, losses = _timed(steps_fn, model, splits, idx, lrs, reset)
         bn = comm.seconds["batchnorm forward"] + comm.seconds["batchnorm backward"]
@@ -233,20 +263,31 @@ def fit_latency_bandwidth(measured: dict[int, float], itemsize: int) -> Fit:
     return Fit(max(my - b * mx, 0.0), 1 / b)
 
 
+def _median_point(samples: list[Point]) -> Point:
+    """The run with the median speedup (its own numbers, so compute + comm still add up)."""
+    return sorted(samples, key=lambda p: p.speedup)[len(samples) // 2]
+
+
 def run(cfg: BenchConfig, sizes: tuple[int, ...] = ALLREDUCE_SIZES) -> BenchResult:
     torch.set_num_threads(1)
-    one = time_one_process(cfg)
+    steps = plan_steps(cfg)
     _, model = _problem(cfg)
     params = numel(model) + 1  # the flat buffer: [loss, every gradient]
     all_sizes = sorted({*sizes, params})
-    ranks = distributed.spawn(_rank_worker, cfg.nproc, cfg, [(B, K) for B, K, _, _ in one], all_sizes,
-                              timeout=120)
-    points = []
-    for (B, K, t1, losses1), *per_rank in zip(one, *(r["points"] for r in ranks)):
-        slowest = max(per_rank, key=lambda p: p["seconds"])
-        diff = max(float((p["losses"] - losses1).abs().max()) for p in per_rank)
-        points.append(Point(B, K, t1, slowest["seconds"], slowest["gradients"], slowest["batchnorm"], diff))
-    allreduce = {n: max(r["allreduce"][n] for r in ranks) for n in all_sizes}
+    samples: list[list[Point]] = [[] for _ in cfg.batches]
+    allreduce_runs = []
+    for _ in range(cfg.repeat):  # alternate, so a noisy minute falls on both sides
+        one = time_one_process(cfg, steps)
+        ranks = distributed.spawn(_rank_worker, cfg.nproc, cfg, list(zip(cfg.batches, steps)), all_sizes,
+                                  timeout=300)
+        for j, ((B, K, t1, losses1), *per_rank) in enumerate(zip(one, *(r["points"] for r in ranks))):
+            slowest = max(per_rank, key=lambda p: p["seconds"])
+            diff = max(float((p["losses"] - losses1).abs().max()) for p in per_rank)
+            samples[j].append(Point(B, K, t1, slowest["seconds"], slowest["gradients"], slowest["batchnorm"],
+                                    diff))
+        allreduce_runs.append({n: max(r["allreduce"][n] for r in ranks) for n in all_sizes})
+    points = [_median_point(s) for s in samples]
+    allreduce = {n: statistics.median(a[n] for a in allreduce_runs) for n in all_sizes}
     config = asdict(cfg)
     fit = fit_latency_bandwidth(allreduce, _itemsize(config))
     machine = f"{platform.machine()}, {torch.get_num_threads()} thread, torch {torch.__version__}"
@@ -275,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=d.seconds,
                    help=f"timed seconds per batch size and process count (default {d.seconds})")
     p.add_argument("--dtype", default=d.dtype, help="float32 (default) or float64")
+    p.add_argument("--engine", default=d.engine,
+                   help="fast (default): one process on the fast engine vs ranks on the native program; "
+                        "eager: both eager")
+    p.add_argument("--repeat", type=int, default=d.repeat,
+                   help="alternate one process and the ranks this many times and report the median run")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
     return p
 
@@ -282,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = BenchConfig(args.model, args.nproc, args.batches, args.seconds, args.dtype)
+        cfg = BenchConfig(args.model, args.nproc, args.batches, args.seconds, args.dtype, engine=args.engine,
+                          repeat=args.repeat)
     except BenchUsageError as e:
         print(f"handgrad.distributed_bench: error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@
 // forward, softmax cross-entropy, closed-form backward, SGD update, running statistics, non-finite
 // detection. The math is ops.py's pairs written out once; loaded with ctypes, no torch headers.
 // At a large batch the long sums are blocked for the cache and the large products may be split over
-// two threads; neither changes the order in which any element is summed.
+// two threads; neither changes the order in which any element is summed. Data-parallel, each rank runs
+// its rows of the global batch and a hook (SyncFn) makes the step's collectives (handgrad.distributed).
 //
 // Every activation is a row-major matrix (rows, ld): all leading dims are rows, the last dim is the row.
 // A row holds nseg segments of c floats, segment s starting at s*segstride (nseg 1 unless flattened):
