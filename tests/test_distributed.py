@@ -248,9 +248,9 @@ class _OneRank(distributed.Comm):
         self.seen += 1
         self.calls[what] += 1
 
-    def all_gather(self, t, what):
+    def all_gather_into(self, out, t, what):
         self._run(what, None)
-        return t.contiguous()[None]  # (1, ...)
+        return out.copy_(t)  # (1 * n,)
 
 
 def _native_problem(name):

@@ -148,6 +148,12 @@ class Comm:
         self._run(what, lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
         return t
 
+    def all_gather_into(self, out: Tensor, t: Tensor, what: str) -> Tensor:
+        """Every rank's `t` (n,) into `out` (R * n,), in rank order (no stacking: views of out)."""
+        parts = list(out.view(self.world, -1).unbind(0))  # R views (n,)
+        self._run(what, lambda: dist.all_gather(parts, t, group=self.group, async_op=True))
+        return out
+
     def all_gather(self, t: Tensor, what: str) -> Tensor:
         """Every rank's `t`, stacked in rank order: (R, *t.shape), the same on every rank."""
         out = [torch.empty_like(t) for _ in range(self.world)]
@@ -325,32 +331,28 @@ def data_parallel_steps(comm: Comm) -> StepsFn:
 
 
 class NativeCollectives:
-    """The Python side of program.cpp's data-parallel hook (fast.SYNC_FN): the same three collectives
-    as the eager step, on the native step's own buffers (no copies but the batchnorm pair):
-    SYNC_STATS all-gathers [rows, mean, M2] and merges them (merge_moments), SYNC_SUMS all-reduces
-    the batchnorm backward sums, SYNC_GRADS the flat [loss share, every gradient]. An exception
-    (PeerLost, KeyboardInterrupt) cannot cross the C frames: it is kept, the hook returns 1, the
-    native step stops, and `reraise` raises it in the caller."""
+    """The Python side of program.cpp's data-parallel hook (fast.SYNC_FN), which only moves floats (the
+    native step does the maths): SYNC_STATS all-gathers each rank's batchnorm mean|M2 (program.cpp
+    merges them in rank order, Chan et al.), SYNC_SUMS all-reduces the batchnorm backward sums,
+    SYNC_GRADS the flat [loss share, every gradient]; on the native step's own buffers, no copies.
+    An exception (PeerLost, KeyboardInterrupt) cannot cross the C frames: it is kept, the hook returns
+    1, the native step stops, and `reraise` raises it in the caller."""
+
+    WHAT = {fast.SYNC_STATS: "batchnorm forward", fast.SYNC_SUMS: "batchnorm backward",
+            fast.SYNC_GRADS: "gradients"}  # the purposes Comm times, as for the eager step
 
     def __init__(self, comm: Comm):
         self.comm = comm
         self.error: BaseException | None = None
         self.fn = fast.SYNC_FN(self._call)  # kept alive as long as this object
 
-    def _call(self, what: int, a: int, b: int, n: int, rows: int) -> int:
+    def _call(self, what: int, buf: int, n: int, out: int) -> int:
         try:
+            mine = fast.floats_at(buf, n)  # (n,)
             if what == fast.SYNC_STATS:
-                mean, m2 = fast.floats_at(a, n), fast.floats_at(b, n)  # (C,) (C,) this rank's
-                merged_mean, merged_m2, _ = global_moments(self.comm, rows, mean, m2)
-                mean.copy_(merged_mean)
-                m2.copy_(merged_m2)
-            elif what == fast.SYNC_SUMS:
-                sum_g, sum_b = fast.floats_at(a, n), fast.floats_at(b, n)  # (C,) (C,)
-                both = self.comm.all_reduce_(torch.cat([sum_b, sum_g]), "batchnorm backward")  # (2C,)
-                sum_b.copy_(both[:n])
-                sum_g.copy_(both[n:])
+                self.comm.all_gather_into(fast.floats_at(out, self.comm.world * n), mine, self.WHAT[what])
             else:
-                self.comm.all_reduce_(fast.floats_at(a, n), "gradients")  # [loss, every gradient]
+                self.comm.all_reduce_(mine, self.WHAT[what])
             return 0
         except BaseException as e:  # noqa: BLE001 - handed to reraise(), never lost
             self.error = e
@@ -374,7 +376,7 @@ def native_data_parallel_steps(comm: Comm, lib, tile: int = 0, threads: int = 1)
         B = idx.shape[1]
         cols = shard(B, comm.world, comm.rank)
         try:
-            return run(model, Xtr, Ytr, idx[:, cols], lrs, global_batch=B)
+            return run(model, Xtr, Ytr, idx[:, cols], lrs, ranks=comm.world)
         except fast.SyncFailed:
             hook.reraise()
 

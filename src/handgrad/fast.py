@@ -180,10 +180,10 @@ def load_library() -> ctypes.CDLL:
     return _load(SOURCE, _bind, "the native step")
 
 
-# program.cpp's data-parallel hook, int sync(int what, float* a, float* b, long n, long rows): the
-# collectives of a step, made in Python (handgrad.distributed) while the native step waits.
-SYNC_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-                           ctypes.c_long)
+# program.cpp's data-parallel hook, int sync(int what, float* buf, long n, float* out): the collectives
+# of a step (an all-gather of buf into out, or an all-reduce of buf in place), made in Python
+# (handgrad.distributed) while the native step waits.
+SYNC_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p)
 SYNC_STATS, SYNC_SUMS, SYNC_GRADS = 0, 1, 2  # program.cpp's SyncWhat
 NO_SYNC = ctypes.cast(None, SYNC_FN)  # the null hook: one process
 
@@ -379,11 +379,9 @@ class Program:
     params: tuple[str, ...]
     buffers: tuple[str, ...]  # running mean, running var per batchnorm
 
-    def desc(self, B: int, K: int, nrows: int, tile: int, threads: int = 1, global_batch: int | None = None
-             ) -> Tensor:
-        """B examples per step in this process, of a global batch of global_batch (default B)."""
-        BG = B if global_batch is None else global_batch
-        return torch.tensor([B, self.T, K, nrows, tile, *self.counts, threads, BG, *self.body],
+    def desc(self, B: int, K: int, nrows: int, tile: int, threads: int = 1, ranks: int = 1) -> Tensor:
+        """B examples per step in this process, of a global batch of B * ranks (data-parallel)."""
+        return torch.tensor([B, self.T, K, nrows, tile, *self.counts, threads, ranks, *self.body],
                             dtype=torch.int64)
 
 
@@ -483,7 +481,7 @@ def compile_program(model, T: int) -> Program:
 
 
 def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, tile: int,
-                 grads_out: Tensor | None, threads: int = 1, sync=None, global_batch: int | None = None
+                 grads_out: Tensor | None, threads: int = 1, sync=None, ranks: int = 1
                  ) -> tuple[Tensor, int, Program]:
     X, Y, ix, lr = _step_inputs(Xtr, Ytr, idx, lrs)
     K, B = ix.shape
@@ -499,7 +497,7 @@ def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
     np_ = len(prog.params)
     pp = (ctypes.c_void_p * max(np_, 1))(*(t.data_ptr() for t in bufs[:np_]))
     bp = (ctypes.c_void_p * max(len(prog.buffers), 1))(*(t.data_ptr() for t in bufs[np_:]))
-    desc = prog.desc(B, K, X.shape[0], tile, threads, global_batch)
+    desc = prog.desc(B, K, X.shape[0], tile, threads, ranks)
     fdesc = torch.tensor(prog.fdesc or (0.0,), dtype=torch.float64)
     losses = torch.empty(K, dtype=torch.float64)  # (K,)
     status = lib.hg_program_steps(desc.data_ptr(), fdesc.data_ptr(), pp, bp, X.data_ptr(), Y.data_ptr(),
@@ -524,18 +522,16 @@ def make_program_fn(lib: ctypes.CDLL, tile: int = 0, threads: int = 1, sync=None
     """The steps function of train.py's contract running the model's program in native code. tile > 0
     turns on activation checkpointing with that many examples per tile; threads 2 splits the large
     matrix products (program.cpp's PAR_MIN_MACS: a large batch) over two threads, bit-identically.
-    sync (a SYNC_FN) makes it one rank of a data-parallel step: idx holds this rank's columns of each
-    global batch of global_batch examples (handgrad.distributed.native_data_parallel_steps)."""
+    sync (a SYNC_FN) makes it one rank of `ranks` in a data-parallel step: idx holds this rank's
+    columns of each global batch (handgrad.distributed.native_data_parallel_steps)."""
     from handgrad.train import NonFiniteError
 
-    def program_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor,
-                      global_batch: int | None = None) -> Tensor:
+    def program_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, ranks: int = 1) -> Tensor:
         """Run K = len(idx) SGD steps in place in native code (see train.eager_steps for the contract)."""
         reason = program_reason(model)
         if reason:
             raise ValueError(reason)
-        losses, status, prog = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None, threads, sync,
-                                            global_batch)
+        losses, status, prog = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None, threads, sync, ranks)
         if status >= 0:
             k, r = divmod(status, len(prog.params) + 1)
             raise NonFiniteError(k, "loss" if r == 0 else "d" + prog.params[r - 1])

@@ -17,6 +17,7 @@
 // no intrinsics, so -march=native picks the instructions. exp and tanh are vectorised Cephes-style
 // polynomials (about 1-2 ulp); no -ffast-math, so NaN/inf propagate and are detected.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -176,20 +177,21 @@ struct Op {
     float *sum_g, *sum_b;        // (ld,) backward sums: sum dout*bnraw (dbngain) and sum dout (dbnbias)
 };
 
-// Data-parallel hook (null in one process): the collectives of a step, made by the caller (fast.py,
-// over torch.distributed) so that a rank computes the single-process step of the global batch.
-//   SYNC_STATS: a, b = this rank's per-column mean and M2 over `rows` rows (n floats each); on return
-//               the mean and M2 over every rank's rows (Chan et al.'s merge).
-//   SYNC_SUMS:  a, b = this rank's batchnorm backward sums (n floats each), summed over the ranks.
-//   SYNC_GRADS: a = [loss share, every gradient] (n floats), summed over the ranks; b null.
+// Data-parallel hook (null in one process): the collectives of a step among `ranks` processes, made
+// by the caller (handgrad.distributed, over torch.distributed). It only moves floats; the maths stays
+// here. buf holds n floats:
+//   SYNC_STATS: all-gather: out (ranks, n) receives every rank's buf in rank order (batchnorm mean|M2);
+//   SYNC_SUMS:  all-reduce (sum) in place, out null (batchnorm backward sums);
+//   SYNC_GRADS: all-reduce (sum) in place, out null ([loss share, every gradient]).
 // Returns 0, or non-zero when a collective failed (the step stops; the caller raises its error).
 enum SyncWhat { SYNC_STATS = 0, SYNC_SUMS = 1, SYNC_GRADS = 2 };
-typedef int (*SyncFn)(int what, float* a, float* b, long n, long rows);
+typedef int (*SyncFn)(int what, float* buf, long n, float* out);
 
 struct Prog {
     int B, T, K, R, nt, nop, np;
-    int BG;                      // examples of the global batch (B in one process; B * ranks data-parallel)
+    int ranks, BG;               // processes, examples of the global batch (B * ranks: every rank has B)
     SyncFn sync;                 // null in one process
+    float* gathered;             // (ranks, 2 * ld) of the widest batchnorm: every rank's mean|M2
     int threads;                 // 1, or 2: large matrix products are split over two threads
     long nrows;
     bool tiled;
@@ -215,7 +217,8 @@ struct Arena {
 
 // Descriptor layout (int64), written by fast.py:
 //   header: B, T, K, nrows, R (examples per tile; R >= B: no recomputation), nt, nop, np, threads,
-//           BG (examples of the global batch, >= B: the mean loss and batchnorm are over BG examples)
+//           ranks (data-parallel processes, each with B examples: the mean loss and batchnorm are over
+//           the global batch of B * ranks)
 //   nt tensors:  rpe, nseg, c, segstride, alias
 //   nop ops:     kind, in, out, p0, p1, bn (this batchnorm's index: eps/momentum in fdesc, buffers)
 //   np params:   kind, n0, n1, op (the op whose input layout the rows/features map onto)
@@ -228,8 +231,10 @@ static bool parse(const int64_t* d, const double* fd, float** params, float** bu
     g.tiled = g.R < g.B;
     g.nt = (int)d[5]; g.nop = (int)d[6]; g.np = (int)d[7];
     g.threads = d[8] > 1 ? 2 : 1;
-    g.BG = d[9] >= d[0] && d[9] <= (1L << 30) ? (int)d[9] : -1;
+    g.ranks = d[9] >= 1 && d[9] <= 65536 ? (int)d[9] : 0;
+    g.BG = d[0] * d[9] <= (1L << 30) ? g.B * g.ranks : 0;
     g.sync = nullptr;
+    g.gathered = nullptr;
     if (g.B < 1 || g.BG < 2 || g.T < 1 || g.K < 0 || g.nt < 1 || g.nop < 2 || g.np < 1 || g.nt > 4096 || g.nop > 4096
         || g.np > 4096)
         return false;
@@ -282,8 +287,9 @@ static bool parse(const int64_t* d, const double* fd, float** params, float** bu
             if (g.op[j].kind == LINEAR && dst == src) inplace = true;
         }
         o.raw = inplace ? in.x : a.take(R * in.rpe * in.ld);
-        o.mean = a.take(in.ld); o.var = a.take(in.ld); o.inv = a.take(in.ld); o.m2 = a.take(in.ld);
-        o.sum_g = a.take(in.ld); o.sum_b = a.take(in.ld);
+        o.mean = a.take(2 * in.ld); o.m2 = o.mean + in.ld;  // one buffer each: one collective each
+        o.var = a.take(in.ld); o.inv = a.take(in.ld);
+        o.sum_g = a.take(2 * in.ld); o.sum_b = o.sum_g + in.ld;
     }
     const Tensor& last = g.t[g.op[g.nop - 1].out];
     if (last.rpe != 1 || last.nseg != 1 || last.ld % VW) return false;  // logits (B, V)
@@ -467,6 +473,18 @@ static void merge_stats(const Op& o, long ld, const float* tm, const float* tq, 
     }
 }
 
+// Data-parallel: this rank's mean|M2 over its `rows` rows (every rank has as many) -> those of every
+// rank's rows: all-gathered, then merged in rank order (so every rank gets the same floats).
+static bool sync_stats(const Prog& g, const Op& o, long ld, long rows) {
+    if (g.sync(SYNC_STATS, o.mean, 2 * ld, g.gathered)) return false;
+    memcpy(o.mean, g.gathered, sizeof(float) * 2 * ld);  // rank 0's mean and M2
+    for (int r = 1; r < g.ranks; ++r) {
+        const float* q = g.gathered + r * 2 * ld;
+        merge_stats(o, ld, q, q + ld, r * rows, rows);
+    }
+    return true;
+}
+
 // bnraw = (x - mean) * inv; then out = gain * bnraw + bias, or h = tanh(gain * bnraw + bias)
 static void bn_apply(const Prog& g, const Op& o, int ne) {
     const Tensor &in = g.t[o.in], &out = g.t[o.out];
@@ -641,7 +659,7 @@ static StepStatus forward(const Prog& g, const int64_t* X, const int64_t* ix, in
                 }
                 if (mode == INLINE) {
                     col_mean_m2(in.x, rows, in.ld, o.mean, o.m2);
-                    if (g.sync && g.sync(SYNC_STATS, o.mean, o.m2, in.ld, rows)) return SYNC_FAILED;
+                    if (g.sync && !sync_stats(g, o, in.ld, rows)) return SYNC_FAILED;
                     finish_stats(o, in.ld, (long)g.BG * in.rpe);
                 }
                 bn_apply(g, o, ne);
@@ -676,7 +694,7 @@ static bool backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne,
                     bn_back_sums(g, o, ne, o.sum_g, o.sum_b);
                     memcpy(gain.grad, o.sum_g, sizeof(float) * in.ld);  // this rank's share
                     memcpy(bias.grad, o.sum_b, sizeof(float) * in.ld);
-                    if (g.sync && g.sync(SYNC_SUMS, o.sum_g, o.sum_b, in.ld, 0)) return false;
+                    if (g.sync && g.sync(SYNC_SUMS, o.sum_g, 2 * in.ld, nullptr)) return false;
                     bn_back_dx(g, o, ne, n);
                 } else if (i == lo && mode == ACCUM) {
                     bn_back_sums(g, o, ne, gain.grad, bias.grad);  // dbngain, dbnbias accumulate
@@ -744,7 +762,7 @@ static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const 
             if (st != OK) return st;
         }
         const long rows = (long)g.B * g.t[o.in].rpe;
-        if (g.sync && g.sync(SYNC_STATS, o.mean, o.m2, ld, rows)) return SYNC_FAILED;
+        if (g.sync && !sync_stats(g, o, ld, rows)) return SYNC_FAILED;
         finish_stats(o, ld, (long)g.BG * g.t[o.in].rpe);
     }
     int hi = g.nop;
@@ -764,7 +782,7 @@ static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const 
             const long ld = g.t[o.in].ld;
             memcpy(o.sum_g, g.p[o.p0].grad, sizeof(float) * ld);
             memcpy(o.sum_b, g.p[o.p1].grad, sizeof(float) * ld);
-            if (g.sync && g.sync(SYNC_SUMS, o.sum_g, o.sum_b, ld, 0)) return SYNC_FAILED;
+            if (g.sync && g.sync(SYNC_SUMS, o.sum_g, 2 * ld, nullptr)) return SYNC_FAILED;
         }
         hi = lo;
     }
@@ -778,7 +796,7 @@ static bool sync_grads(const Prog& g, double* loss, float* flat, long n) {
     flat[0] = (float)*loss;
     float* o = flat + 1;
     for (int i = 0; i < g.np; ++i) { copy_out(g.p[i], g.p[i].grad, o); o += g.p[i].n0 * g.p[i].n1; }
-    if (g.sync(SYNC_GRADS, flat, nullptr, n, 0)) return false;
+    if (g.sync(SYNC_GRADS, flat, n, nullptr)) return false;
     *loss = flat[0];
     o = flat + 1;
     for (int i = 0; i < g.np; ++i) {
@@ -841,7 +859,7 @@ long hg_program_bytes(const int64_t* desc, const double* fdesc) { return (long)w
 // X (nrows, T) Y (nrows) idx (K, B) int64; lrs (K) float64; losses (K) out. grads_out: null, or (K == 1)
 // no update and every parameter's gradient written unpadded, one after the other.
 // sync: null in one process; data-parallel, the collectives (SyncFn above): idx then holds this rank's
-// B examples of each step's global batch of BG, and the losses are the global mean losses.
+// B examples of each step's global batch of B * ranks, and the losses are the global mean losses.
 // Returns -1 on success; at the first non-finite step k: k * (np + 1) + 0 for the loss, + 1 + i for
 // the i-th parameter's gradient (in the check order), parameters holding the state before that step;
 // -2 bad descriptor; -3 out of memory; -4 - 2k: an index out of range at step k (the state before it);
@@ -858,10 +876,13 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
     memset(a.base, 0, bytes);
     parse(desc, fdesc, params, bufs, g, a);
     g.sync = sync;
-    long nflat = 1;
+    long nflat = 1, widest = 0;
     for (int i = 0; i < g.np; ++i) nflat += g.p[i].n0 * g.p[i].n1;
+    for (int i = 0; i < g.nop; ++i)
+        if (g.op[i].kind == BATCHNORM || g.op[i].kind == BN_TANH) widest = std::max(widest, g.t[g.op[i].in].ld);
     float* flat = sync ? static_cast<float*>(malloc(sizeof(float) * nflat)) : nullptr;
-    if (sync && !flat) { free(a.base); free_meta(g); return -3; }
+    g.gathered = sync ? static_cast<float*>(malloc(sizeof(float) * (g.ranks * 2 * widest + 1))) : nullptr;
+    if (sync && (!flat || !g.gathered)) { free(flat); free(g.gathered); free(a.base); free_meta(g); return -3; }
     for (int i = 0; i < g.np; ++i) copy_in(g.p[i]);
     const Tensor& last = g.t[g.op[g.nop - 1].out];
     long status = -1;
@@ -902,6 +923,7 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
     if (!grads_out)
         for (int i = 0; i < g.np; ++i) copy_out(g.p[i], g.p[i].w, g.p[i].user);
     free(flat);
+    free(g.gathered);
     free(a.base);
     free_meta(g);
     return status;
