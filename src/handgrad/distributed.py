@@ -128,25 +128,46 @@ class Comm:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _run(self, what: str, fn: Callable[[], object]) -> None:
+    def _lost(self, what: str, t0: float, e: BaseException) -> PeerLost:
+        waited = time.perf_counter() - t0
+        return PeerLost(f"rank {self.rank}: the {what} collective failed after {waited:.1f}s "
+                        f"({_first_line(e)}); another rank died or stopped responding")
+
+    def start(self, what: str, fn: Callable[[], object]) -> tuple[str, object]:
+        """Issue fn(), an async_op collective (it runs on gloo's threads); finish() waits for it."""
         t0 = time.perf_counter()
         try:
-            work = fn()  # an async_op collective: runs on gloo's threads
+            work = fn()
+        except RuntimeError as e:  # gloo: "Connection closed by peer", ...
+            raise self._lost(what, t0, e) from None
+        self.seconds[what] += time.perf_counter() - t0
+        return what, work
+
+    def finish(self, pending: tuple[str, object]) -> None:
+        what, work = pending
+        t0 = time.perf_counter()
+        try:
             if self.poll:
                 while not work.is_completed():  # completes with an error too (peer lost, timeout)
                     os.sched_yield()
             work.wait()
         except RuntimeError as e:  # gloo: "Connection closed by peer", "Timed out waiting ..."
-            waited = time.perf_counter() - t0
-            raise PeerLost(f"rank {self.rank}: the {what} collective failed after {waited:.1f}s "
-                           f"({_first_line(e)}); another rank died or stopped responding") from None
+            raise self._lost(what, t0, e) from None
         self.seconds[what] += time.perf_counter() - t0
         self.calls[what] += 1
 
+    def _run(self, what: str, fn: Callable[[], object]) -> None:
+        self.finish(self.start(what, fn))
+
     def all_reduce_(self, t: Tensor, what: str) -> Tensor:
         """Sum `t` over every rank, in place (gloo has no average: callers scale before the sum)."""
-        self._run(what, lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+        self.finish(self.start_all_reduce_(t, what))
         return t
+
+    def start_all_reduce_(self, t: Tensor, what: str) -> tuple[str, object]:
+        """all_reduce_ started: `t` holds the sum once finish() of the returned value returns."""
+        return self.start(what, lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group,
+                                                        async_op=True))
 
     def all_gather_into(self, out: Tensor, t: Tensor, what: str) -> Tensor:
         """Every rank's `t` (n,) into `out` (R * n,), in rank order (no stacking: views of out)."""
@@ -333,8 +354,9 @@ def data_parallel_steps(comm: Comm) -> StepsFn:
 class NativeCollectives:
     """The Python side of program.cpp's data-parallel hook (fast.SYNC_FN), which only moves floats (the
     native step does the maths): SYNC_STATS all-gathers each rank's batchnorm mean|M2 (program.cpp
-    merges them in rank order, Chan et al.), SYNC_SUMS all-reduces the batchnorm backward sums,
-    SYNC_GRADS the flat [loss share, every gradient]; on the native step's own buffers, no copies.
+    merges them in rank order, Chan et al.), SYNC_SUMS starts the all-reduce of the batchnorm backward
+    sums (SYNC_WAIT finishes it: the step computes a dW meanwhile), SYNC_GRADS all-reduces the flat
+    [loss share, every gradient]; on the native step's own buffers, no copies.
     An exception (PeerLost, KeyboardInterrupt) cannot cross the C frames: it is kept, the hook returns
     1, the native step stops, and `reraise` raises it in the caller."""
 
@@ -344,13 +366,20 @@ class NativeCollectives:
     def __init__(self, comm: Comm):
         self.comm = comm
         self.error: BaseException | None = None
+        self.pending = None  # the started SYNC_SUMS
         self.fn = fast.SYNC_FN(self._call)  # kept alive as long as this object
 
     def _call(self, what: int, buf: int, n: int, out: int) -> int:
         try:
+            if what == fast.SYNC_WAIT:
+                pending, self.pending = self.pending, None
+                self.comm.finish(pending)
+                return 0
             mine = fast.floats_at(buf, n)  # (n,)
             if what == fast.SYNC_STATS:
                 self.comm.all_gather_into(fast.floats_at(out, self.comm.world * n), mine, self.WHAT[what])
+            elif what == fast.SYNC_SUMS:
+                self.pending = self.comm.start_all_reduce_(mine, self.WHAT[what])
             else:
                 self.comm.all_reduce_(mine, self.WHAT[what])
             return 0

@@ -184,7 +184,7 @@ def load_library() -> ctypes.CDLL:
 # of a step (an all-gather of buf into out, or an all-reduce of buf in place), made in Python
 # (handgrad.distributed) while the native step waits.
 SYNC_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p)
-SYNC_STATS, SYNC_SUMS, SYNC_GRADS = 0, 1, 2  # program.cpp's SyncWhat
+SYNC_STATS, SYNC_SUMS, SYNC_GRADS, SYNC_WAIT = 0, 1, 2, 3  # program.cpp's SyncWhat
 NO_SYNC = ctypes.cast(None, SYNC_FN)  # the null hook: one process
 
 

@@ -181,10 +181,11 @@ struct Op {
 // by the caller (handgrad.distributed, over torch.distributed). It only moves floats; the maths stays
 // here. buf holds n floats:
 //   SYNC_STATS: all-gather: out (ranks, n) receives every rank's buf in rank order (batchnorm mean|M2);
-//   SYNC_SUMS:  all-reduce (sum) in place, out null (batchnorm backward sums);
+//   SYNC_SUMS:  all-reduce (sum) in place, out null (batchnorm backward sums), *started* only: the
+//               step computes what does not need the sums, then SYNC_WAIT (buf null) waits for it;
 //   SYNC_GRADS: all-reduce (sum) in place, out null ([loss share, every gradient]).
 // Returns 0, or non-zero when a collective failed (the step stops; the caller raises its error).
-enum SyncWhat { SYNC_STATS = 0, SYNC_SUMS = 1, SYNC_GRADS = 2 };
+enum SyncWhat { SYNC_STATS = 0, SYNC_SUMS = 1, SYNC_GRADS = 2, SYNC_WAIT = 3 };
 typedef int (*SyncFn)(int what, float* buf, long n, float* out);
 
 struct Prog {
@@ -670,18 +671,29 @@ static StepStatus forward(const Prog& g, const int64_t* X, const int64_t* ix, in
     return OK;
 }
 
+static bool is_batchnorm(const Op& o) { return o.kind == BATCHNORM || o.kind == BN_TANH; }
+
 // Backward from the loss down to op `lo` (inclusive). Parameter gradients are accumulated only for
 // ops in [lo, hi); a batchnorm at hi is passed through with its stored sums; the batchnorm at lo (when
 // accumulating, tiled) only adds its sums and stops. INLINE (one tile = the batch) does it all at once,
-// the sums over the global batch when data-parallel. false: a collective failed.
+// the sums over the global batch when data-parallel: the dW and db of the Linear above a batchnorm
+// (which do not need its sums) are computed while the sums travel. false: a collective failed.
 static bool backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne, int lo, int hi, BNMode mode) {
     const long nB = g.BG;
+    int pending = -1;  // a Linear whose dW, db wait for the batchnorm below it (data-parallel)
     for (int i = g.nop - 1; i >= lo; --i) {
         const Op& o = g.op[i];
         const bool grads = i < hi;
         switch (o.kind) {
             case EMBED: { Timed tm(P_EMBED_B); if (grads) embed_backward(g, o, X, ix, ne); break; }
-            case LINEAR: linear_backward(g, o, ne, grads, i > 0); break;
+            case LINEAR:
+                if (g.sync && mode == INLINE && grads && i > 0 && is_batchnorm(g.op[i - 1])) {
+                    linear_backward(g, o, ne, false, true);  // dx now
+                    pending = i;
+                } else {
+                    linear_backward(g, o, ne, grads, i > 0);
+                }
+                break;
             case TANH: case RELU: { Timed tm(P_ACT_B); act_backward(g, o, ne); break; }
             case BATCHNORM: case BN_TANH: {
                 Timed tm(P_BN_B);
@@ -694,7 +706,12 @@ static bool backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne,
                     bn_back_sums(g, o, ne, o.sum_g, o.sum_b);
                     memcpy(gain.grad, o.sum_g, sizeof(float) * in.ld);  // this rank's share
                     memcpy(bias.grad, o.sum_b, sizeof(float) * in.ld);
-                    if (g.sync && g.sync(SYNC_SUMS, o.sum_g, 2 * in.ld, nullptr)) return false;
+                    if (g.sync) {
+                        if (g.sync(SYNC_SUMS, o.sum_g, 2 * in.ld, nullptr)) return false;  // started
+                        if (pending >= 0) linear_backward(g, g.op[pending], ne, true, false);
+                        pending = -1;
+                        if (g.sync(SYNC_WAIT, nullptr, 0, nullptr)) return false;
+                    }
                     bn_back_dx(g, o, ne, n);
                 } else if (i == lo && mode == ACCUM) {
                     bn_back_sums(g, o, ne, gain.grad, bias.grad);  // dbngain, dbnbias accumulate
@@ -782,7 +799,8 @@ static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const 
             const long ld = g.t[o.in].ld;
             memcpy(o.sum_g, g.p[o.p0].grad, sizeof(float) * ld);
             memcpy(o.sum_b, g.p[o.p1].grad, sizeof(float) * ld);
-            if (g.sync && g.sync(SYNC_SUMS, o.sum_g, 2 * ld, nullptr)) return SYNC_FAILED;
+            if (g.sync && (g.sync(SYNC_SUMS, o.sum_g, 2 * ld, nullptr) || g.sync(SYNC_WAIT, nullptr, 0, nullptr)))
+                return SYNC_FAILED;
         }
         hi = lo;
     }
