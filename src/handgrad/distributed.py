@@ -402,10 +402,9 @@ def native_data_parallel_steps(comm: Comm, lib, tile: int = 0, threads: int = 1)
     run = fast.make_program_fn(lib, tile, threads, sync=hook.fn)
 
     def steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
-        B = idx.shape[1]
-        cols = shard(B, comm.world, comm.rank)
-        try:
-            return run(model, Xtr, Ytr, idx[:, cols], lrs, ranks=comm.world)
+        shard(idx.shape[1], comm.world, comm.rank)  # refuses a batch the ranks do not divide
+        try:  # the native step takes its columns of idx, and counts the whole batch (program.cpp)
+            return run(model, Xtr, Ytr, idx, lrs, ranks=comm.world, rank=comm.rank)
         except fast.SyncFailed:
             hook.reraise()
 

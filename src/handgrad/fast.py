@@ -379,9 +379,11 @@ class Program:
     params: tuple[str, ...]
     buffers: tuple[str, ...]  # running mean, running var per batchnorm
 
-    def desc(self, B: int, K: int, nrows: int, tile: int, threads: int = 1, ranks: int = 1) -> Tensor:
-        """B examples per step in this process, of a global batch of B * ranks (data-parallel)."""
-        return torch.tensor([B, self.T, K, nrows, tile, *self.counts, threads, ranks, *self.body],
+    def desc(self, B: int, K: int, nrows: int, tile: int, threads: int = 1, ranks: int = 1, rank: int = 0
+             ) -> Tensor:
+        """B examples per step in this process, of a global batch of B * ranks (data-parallel: this
+        process is `rank` and takes the columns rank*B .. rank*B + B-1 of idx)."""
+        return torch.tensor([B, self.T, K, nrows, tile, *self.counts, threads, ranks, rank, *self.body],
                             dtype=torch.int64)
 
 
@@ -481,10 +483,13 @@ def compile_program(model, T: int) -> Program:
 
 
 def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, tile: int,
-                 grads_out: Tensor | None, threads: int = 1, sync=None, ranks: int = 1
+                 grads_out: Tensor | None, threads: int = 1, sync=None, ranks: int = 1, rank: int = 0
                  ) -> tuple[Tensor, int, Program]:
     X, Y, ix, lr = _step_inputs(Xtr, Ytr, idx, lrs)
-    K, B = ix.shape
+    K, BG = ix.shape
+    if BG % ranks:
+        raise ValueError(f"a global batch of {BG} does not split over {ranks} ranks")
+    B = BG // ranks
     if X.dim() != 2:
         raise ValueError(f"Xtr must be (n, T) character ids, got shape {tuple(X.shape)}")
     prog = compile_program(model, X.shape[1])
@@ -497,7 +502,7 @@ def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
     np_ = len(prog.params)
     pp = (ctypes.c_void_p * max(np_, 1))(*(t.data_ptr() for t in bufs[:np_]))
     bp = (ctypes.c_void_p * max(len(prog.buffers), 1))(*(t.data_ptr() for t in bufs[np_:]))
-    desc = prog.desc(B, K, X.shape[0], tile, threads, ranks)
+    desc = prog.desc(B, K, X.shape[0], tile, threads, ranks, rank)
     fdesc = torch.tensor(prog.fdesc or (0.0,), dtype=torch.float64)
     losses = torch.empty(K, dtype=torch.float64)  # (K,)
     status = lib.hg_program_steps(desc.data_ptr(), fdesc.data_ptr(), pp, bp, X.data_ptr(), Y.data_ptr(),
@@ -522,16 +527,18 @@ def make_program_fn(lib: ctypes.CDLL, tile: int = 0, threads: int = 1, sync=None
     """The steps function of train.py's contract running the model's program in native code. tile > 0
     turns on activation checkpointing with that many examples per tile; threads 2 splits the large
     matrix products (program.cpp's PAR_MIN_MACS: a large batch) over two threads, bit-identically.
-    sync (a SYNC_FN) makes it one rank of `ranks` in a data-parallel step: idx holds this rank's
-    columns of each global batch (handgrad.distributed.native_data_parallel_steps)."""
+    sync (a SYNC_FN) makes it rank `rank` of `ranks` in a data-parallel step: idx holds each step's
+    global batch, of which it takes its columns (handgrad.distributed.native_data_parallel_steps)."""
     from handgrad.train import NonFiniteError
 
-    def program_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, ranks: int = 1) -> Tensor:
+    def program_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, ranks: int = 1,
+                      rank: int = 0) -> Tensor:
         """Run K = len(idx) SGD steps in place in native code (see train.eager_steps for the contract)."""
         reason = program_reason(model)
         if reason:
             raise ValueError(reason)
-        losses, status, prog = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None, threads, sync, ranks)
+        losses, status, prog = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None, threads, sync, ranks,
+                                            rank)
         if status >= 0:
             k, r = divmod(status, len(prog.params) + 1)
             raise NonFiniteError(k, "loss" if r == 0 else "d" + prog.params[r - 1])

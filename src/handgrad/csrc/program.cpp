@@ -188,11 +188,14 @@ struct Op {
 enum SyncWhat { SYNC_STATS = 0, SYNC_SUMS = 1, SYNC_GRADS = 2, SYNC_WAIT = 3 };
 typedef int (*SyncFn)(int what, float* buf, long n, float* out);
 
+static bool is_batchnorm(const Op& o) { return o.kind == BATCHNORM || o.kind == BN_TANH; }
+
 struct Prog {
     int B, T, K, R, nt, nop, np;
-    int ranks, BG;               // processes, examples of the global batch (B * ranks: every rank has B)
+    int ranks, rank, BG;         // processes, this one, examples of the global batch (B * ranks)
     SyncFn sync;                 // null in one process
     float* gathered;             // (ranks, 2 * ld) of the widest batchnorm: every rank's mean|M2
+    struct Counted* counted;     // data-parallel: the first batchnorm's statistics from counts, or null
     int threads;                 // 1, or 2: large matrix products are split over two threads
     long nrows;
     bool tiled;
@@ -218,13 +221,13 @@ struct Arena {
 
 // Descriptor layout (int64), written by fast.py:
 //   header: B, T, K, nrows, R (examples per tile; R >= B: no recomputation), nt, nop, np, threads,
-//           ranks (data-parallel processes, each with B examples: the mean loss and batchnorm are over
-//           the global batch of B * ranks)
+//           ranks, rank (data-parallel processes, each with B examples of the global batch of B * ranks:
+//           idx holds the global batch, this process takes columns rank*B .. rank*B + B-1)
 //   nt tensors:  rpe, nseg, c, segstride, alias
 //   nop ops:     kind, in, out, p0, p1, bn (this batchnorm's index: eps/momentum in fdesc, buffers)
 //   np params:   kind, n0, n1, op (the op whose input layout the rows/features map onto)
 //   np entries:  the order in which gradients are checked
-static const int HDR = 10, TW = 5, OW = 6, PW = 4;
+static const int HDR = 11, TW = 5, OW = 6, PW = 4;
 
 static bool parse(const int64_t* d, const double* fd, float** params, float** bufs, Prog& g, Arena& a) {
     g.B = (int)d[0]; g.T = (int)d[1]; g.K = (int)d[2]; g.nrows = d[3];
@@ -233,9 +236,12 @@ static bool parse(const int64_t* d, const double* fd, float** params, float** bu
     g.nt = (int)d[5]; g.nop = (int)d[6]; g.np = (int)d[7];
     g.threads = d[8] > 1 ? 2 : 1;
     g.ranks = d[9] >= 1 && d[9] <= 65536 ? (int)d[9] : 0;
+    g.rank = d[10] >= 0 && d[10] < g.ranks ? (int)d[10] : 0;
     g.BG = d[0] * d[9] <= (1L << 30) ? g.B * g.ranks : 0;
+    if (d[10] != g.rank) return false;
     g.sync = nullptr;
     g.gathered = nullptr;
+    g.counted = nullptr;
     if (g.B < 1 || g.BG < 2 || g.T < 1 || g.K < 0 || g.nt < 1 || g.nop < 2 || g.np < 1 || g.nt > 4096 || g.nop > 4096
         || g.np > 4096)
         return false;
@@ -486,6 +492,100 @@ static bool sync_stats(const Prog& g, const Op& o, long ld, long rows) {
     return true;
 }
 
+// ---------------------------------------------------------------------------- the first batchnorm, counted
+// Data-parallel, the batchnorm at op 2 whose input is a Linear (op 1) of embedding rows (op 0, through
+// flattens: every preset) needs no collective for its statistics. Every rank knows the whole global
+// batch's indices, and the Linear is affine in its input rows x (D = nseg * E features, segment s of
+// row r of example i being C[X[i, r*nseg + s]]), so over the N rows of the global batch
+//     mean(x W + b) = mean(x) W + b,        M2(x W)_j = W_j^T M2(x) W_j,
+// and mean(x), M2(x) (D x D) follow from counts of characters per segment and of pairs per two
+// segments of a row: sum x_(s,e) = sum_v cnt_s[v] C[v,e], sum x_(s,e) x_(s',e') = sum_(v,v')
+// pair_(s,s')[v,v'] C[v,e] C[v',e']. In double: M2 = sum x x^T - N mean mean^T loses nothing there.
+struct Counted {
+    long V, E, nseg, rpe, D;
+    int32_t *cnt, *pair;         // (nseg, V), (nseg, nseg, V, V): s < s' used
+    double *mu, *M, *Q;          // (D), (D, D), (V, E) scratch
+};
+
+static const long COUNTED_MAX = 1L << 22;  // pair counts; a larger vocabulary or row uses the collective
+
+// Whether op 2 is such a batchnorm (and its counts fit); the sizes in c.
+static bool counted_shape(const Prog& g, Counted& c) {
+    if (g.nop < 3 || g.op[0].kind != EMBED || g.op[1].kind != LINEAR || !is_batchnorm(g.op[2])) return false;
+    int src = g.op[1].in;
+    while (g.t[src].alias >= 0) src = g.t[src].alias;
+    const Tensor& x = g.t[g.op[1].in];
+    const Param& C = g.p[g.op[0].p0];
+    if (src != g.op[0].out || x.c != C.n1 || x.rpe * x.nseg != g.T) return false;
+    c.V = C.n0; c.E = C.n1; c.nseg = x.nseg; c.rpe = x.rpe; c.D = c.nseg * c.E;
+    return c.nseg * c.nseg * c.V * c.V <= COUNTED_MAX;
+}
+
+// The counts of the global batch gix (BG examples); false for a character outside the vocabulary.
+static bool count_rows(const Prog& g, Counted& c, const int64_t* X, const int64_t* gix) {
+    const long V = c.V, S = c.nseg;
+    memset(c.cnt, 0, sizeof(int32_t) * S * V);
+    memset(c.pair, 0, sizeof(int32_t) * S * S * V * V);
+    for (long b = 0; b < g.BG; ++b)
+        for (long r = 0; r < c.rpe; ++r) {
+            const int64_t* p = X + gix[b] * g.T + r * S;  // the row's nseg characters
+            for (long s = 0; s < S; ++s) {
+                if (p[s] < 0 || p[s] >= V) return false;
+                c.cnt[s * V + p[s]]++;
+                for (long t = s + 1; t < S; ++t) c.pair[((s * S + t) * V + p[s]) * V + p[t]]++;
+            }
+        }
+    return true;
+}
+
+// mean and M2 of the batchnorm's input over the global batch, from the counts (see above).
+static void counted_stats(const Prog& g, Counted& c, const Op& bn) {
+    const Param& C = g.p[g.op[0].p0];
+    const Op& lin = g.op[1];
+    const Param& W = g.p[lin.p0];
+    const long V = c.V, E = c.E, S = c.nseg, D = c.D;
+    const double N = (double)g.BG * c.rpe;
+    for (long s = 0; s < S; ++s)
+        for (long e = 0; e < E; ++e) {
+            double m = 0.0;
+            for (long v = 0; v < V; ++v) m += c.cnt[s * V + v] * (double)C.w[v * E + e];
+            c.mu[s * E + e] = m / N;
+        }
+    for (long s = 0; s < S; ++s)
+        for (long t = s; t < S; ++t) {
+            // Q (V, E) = pair_(s,t) C (or diag(cnt_s) C when t == s); block (s, t) = C^T Q
+            for (long v = 0; v < V; ++v)
+                for (long e = 0; e < E; ++e) {
+                    double q = 0.0;
+                    if (t == s) q = c.cnt[s * V + v] * (double)C.w[v * E + e];
+                    else
+                        for (long w = 0; w < V; ++w) q += c.pair[((s * S + t) * V + v) * V + w] * (double)C.w[w * E + e];
+                    c.Q[v * E + e] = q;
+                }
+            for (long e = 0; e < E; ++e)
+                for (long f = 0; f < E; ++f) {
+                    double m = 0.0;
+                    for (long v = 0; v < V; ++v) m += (double)C.w[v * E + e] * c.Q[v * E + f];
+                    m -= N * c.mu[s * E + e] * c.mu[t * E + f];
+                    c.M[(s * E + e) * D + t * E + f] = m;
+                    c.M[(t * E + f) * D + s * E + e] = m;
+                }
+        }
+    const float* b = lin.p1 >= 0 ? g.p[lin.p1].w : nullptr;
+    for (long j = 0; j < W.n1; ++j) {
+        double mean = b ? (double)b[j] : 0.0, m2 = 0.0;
+        for (long k = 0; k < D; ++k) {
+            const double wk = W.w[W.map(k) * W.ld + j];
+            mean += c.mu[k] * wk;
+            double row = 0.0;
+            for (long l = 0; l < D; ++l) row += c.M[k * D + l] * (double)W.w[W.map(l) * W.ld + j];
+            m2 += wk * row;
+        }
+        bn.mean[j] = (float)mean;
+        bn.m2[j] = (float)(m2 > 0.0 ? m2 : 0.0);
+    }
+}
+
 // bnraw = (x - mean) * inv; then out = gain * bnraw + bias, or h = tanh(gain * bnraw + bias)
 static void bn_apply(const Prog& g, const Op& o, int ne) {
     const Tensor &in = g.t[o.in], &out = g.t[o.out];
@@ -658,7 +758,10 @@ static StepStatus forward(const Prog& g, const int64_t* X, const int64_t* ix, in
                     merge_stats(o, in.ld, o.sum_g, o.sum_b, seen * in.rpe, rows);
                     return OK;
                 }
-                if (mode == INLINE) {
+                if (mode == INLINE && i == 2 && g.counted) {
+                    counted_stats(g, *g.counted, o);  // data-parallel, no collective
+                    finish_stats(o, in.ld, (long)g.BG * in.rpe);
+                } else if (mode == INLINE) {
                     col_mean_m2(in.x, rows, in.ld, o.mean, o.m2);
                     if (g.sync && !sync_stats(g, o, in.ld, rows)) return SYNC_FAILED;
                     finish_stats(o, in.ld, (long)g.BG * in.rpe);
@@ -670,8 +773,6 @@ static StepStatus forward(const Prog& g, const int64_t* X, const int64_t* ix, in
     }
     return OK;
 }
-
-static bool is_batchnorm(const Op& o) { return o.kind == BATCHNORM || o.kind == BN_TANH; }
 
 // Backward from the loss down to op `lo` (inclusive). Parameter gradients are accumulated only for
 // ops in [lo, hi); a batchnorm at hi is passed through with its stored sums; the batchnorm at lo (when
@@ -743,8 +844,9 @@ static bool indices_ok(const Prog& g, const int64_t* Y, const int64_t* ix, long 
 }
 
 // One step's mean loss (this rank's share: its rows' losses over BG), gradients in the params' grad
-// buffers (this rank's shares when data-parallel).
-static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const int64_t* ix, double* loss) {
+// buffers (this rank's shares when data-parallel). gix: the global batch (ix is this rank's part).
+static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const int64_t* ix, const int64_t* gix,
+                       double* loss) {
     const Tensor& last = g.t[g.op[g.nop - 1].out];
     // The embedding gradient is scattered (+=); biases of Linear and dW over tiles accumulate.
     for (int i = 0; i < g.np; ++i)
@@ -752,6 +854,7 @@ static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const 
             memset(g.p[i].grad, 0, sizeof(float) * g.p[i].prow * g.p[i].ld);
     if (!g.tiled) {
         for (int b = 0; b < g.B; ++b) g.y[b] = (int32_t)Y[ix[b]];
+        if (g.counted && !count_rows(g, *g.counted, X, gix)) return BAD_INDEX;
         StepStatus st = forward(g, X, ix, g.B, g.nop, INLINE, 0);
         if (st != OK) return st;
         *loss = cross_entropy(g, last, g.y, g.B) / g.BG;
@@ -876,8 +979,8 @@ long hg_program_bytes(const int64_t* desc, const double* fdesc) { return (long)w
 // float32 of its logical shape; bufs[2j], bufs[2j+1]: running mean and variance of batchnorm j (or null).
 // X (nrows, T) Y (nrows) idx (K, B) int64; lrs (K) float64; losses (K) out. grads_out: null, or (K == 1)
 // no update and every parameter's gradient written unpadded, one after the other.
-// sync: null in one process; data-parallel, the collectives (SyncFn above): idx then holds this rank's
-// B examples of each step's global batch of B * ranks, and the losses are the global mean losses.
+// sync: null in one process; data-parallel, the collectives (SyncFn above): idx then holds each step's
+// global batch of B * ranks (this process takes its columns), and the losses are the global mean losses.
 // Returns -1 on success; at the first non-finite step k: k * (np + 1) + 0 for the loss, + 1 + i for
 // the i-th parameter's gradient (in the check order), parameters holding the state before that step;
 // -2 bad descriptor; -3 out of memory; -4 - 2k: an index out of range at step k (the state before it);
@@ -901,15 +1004,28 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
     float* flat = sync ? static_cast<float*>(malloc(sizeof(float) * nflat)) : nullptr;
     g.gathered = sync ? static_cast<float*>(malloc(sizeof(float) * (g.ranks * 2 * widest + 1))) : nullptr;
     if (sync && (!flat || !g.gathered)) { free(flat); free(g.gathered); free(a.base); free_meta(g); return -3; }
+    Counted counted{};
+    if (sync && !g.tiled && counted_shape(g, counted)) {
+        const long S = counted.nseg, V = counted.V, D = counted.D;
+        counted.cnt = static_cast<int32_t*>(malloc(sizeof(int32_t) * S * V));
+        counted.pair = static_cast<int32_t*>(malloc(sizeof(int32_t) * S * S * V * V));
+        counted.mu = static_cast<double*>(malloc(sizeof(double) * (D + D * D + V * counted.E)));
+        if (counted.cnt && counted.pair && counted.mu) {
+            counted.M = counted.mu + D;
+            counted.Q = counted.M + D * D;
+            g.counted = &counted;
+        }
+    }
     for (int i = 0; i < g.np; ++i) copy_in(g.p[i]);
     const Tensor& last = g.t[g.op[g.nop - 1].out];
     long status = -1;
     for (long k = 0; k < g.K; ++k) {
-        const int64_t* ix = idx + k * g.B;
+        const int64_t* gix = idx + k * g.BG;  // the global batch; this process's part:
+        const int64_t* ix = gix + (long)g.rank * g.B;
         double loss = 0.0;
         Timed tstep(P_OTHER);
         if (!indices_ok(g, Y, ix, last.c)) { status = -4 - 2 * k; break; }
-        StepStatus st = step(g, X, Y, ix, &loss);
+        StepStatus st = step(g, X, Y, ix, gix, &loss);
         if (st == OK && sync && !sync_grads(g, &loss, flat, nflat)) st = SYNC_FAILED;
         if (st != OK) { status = (st == BAD_INDEX ? -4 : -5) - 2 * k; break; }
         losses[k] = loss;
@@ -942,6 +1058,9 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
         for (int i = 0; i < g.np; ++i) copy_out(g.p[i], g.p[i].w, g.p[i].user);
     free(flat);
     free(g.gathered);
+    free(counted.cnt);
+    free(counted.pair);
+    free(counted.mu);
     free(a.base);
     free_meta(g);
     return status;
