@@ -54,6 +54,12 @@ def test_a_small_run_measures_the_same_steps_and_its_time_adds_up(tmp_path, caps
     table = capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["config"]["engine"] == engine and record["config"]["repeat"] == repeat
+    runs = record["speedups_of_each_run"]
+    if repeat > 1:  # every run's speedup is kept; the reported point is one of them
+        assert [len(r) for r in runs] == [repeat, repeat]
+        assert all(p["speedup"] in r for p, r in zip(record["points"], runs))
+    else:
+        assert runs is None
     assert [p["batch"] for p in record["points"]] == [32, 256]
     for p in record["points"]:
         assert p["steps"] >= distributed_bench.MIN_STEPS

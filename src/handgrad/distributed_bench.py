@@ -110,6 +110,7 @@ class BenchResult:
     allreduce: dict[int, float]  # floats -> median seconds of one all-reduce among nproc processes
     fit: Fit
     machine: str
+    speedups: list[list[float]] | None = None  # per batch size, every run's speedup (with --repeat)
 
     def table(self) -> str:
         c, R = self.config, self.config["nproc"]
@@ -121,13 +122,14 @@ class BenchResult:
                  self.machine,
                  f"{'batch':>7} {'steps':>5} {'1 proc ex/s':>12} {f'{R} proc ex/s':>12} {'speedup':>7} "
                  f"{'1 proc ms':>9} {f'{R} proc ms':>9} {'compute':>8} {'bn comm':>8} {'grad AR':>8} "
-                 f"{'comm %':>6} {'max|dloss|':>10}"]
-        for p in self.points:
+                 f"{'comm %':>6} {'max|dloss|':>10}" + ("  speedup of each run" if self.speedups else "")]
+        for j, p in enumerate(self.points):
             comm = p.gradients + p.batchnorm
+            runs = "  " + " ".join(f"{x:.2f}" for x in sorted(self.speedups[j])) if self.speedups else ""
             lines.append(f"{p.batch:>7} {p.steps:>5} {p.batch / p.one:>12,.0f} {p.batch / p.many:>12,.0f} "
                          f"{p.speedup:>6.2f}x {p.one * 1e3:>9.3f} {p.many * 1e3:>9.3f} "
                          f"{p.compute * 1e3:>8.3f} {p.batchnorm * 1e3:>8.3f} {p.gradients * 1e3:>8.3f} "
-                         f"{100 * comm / p.many:>5.0f}% {p.loss_diff:>10.2g}")
+                         f"{100 * comm / p.many:>5.0f}% {p.loss_diff:>10.2g}{runs}")
         win = next((p.batch for p in self.points if p.speedup > 1), None)
         lines.append(f"{R} processes first beat 1 at batch {win}" if win else
                      f"{R} processes never beat 1 here")
@@ -210,6 +212,11 @@ def time_one_process(cfg: BenchConfig, steps: list[int]) -> list[tuple[int, int,
     return out
 
 
+def _one_process_worker(comm: Comm, cfg: BenchConfig, steps: list[int]) -> list:
+    """time_one_process in a fresh process of its own, as each rank is (a world of one: no collective)."""
+    return time_one_process(cfg, steps)
+
+
 def _barrier(comm: Comm) -> None:
     comm.all_reduce_(torch.zeros(1), "barrier")
 
@@ -277,7 +284,7 @@ def run(cfg: BenchConfig, sizes: tuple[int, ...] = ALLREDUCE_SIZES) -> BenchResu
     samples: list[list[Point]] = [[] for _ in cfg.batches]
     allreduce_runs = []
     for _ in range(cfg.repeat):  # alternate, so a noisy minute falls on both sides
-        one = time_one_process(cfg, steps)
+        (one,) = distributed.spawn(_one_process_worker, 1, cfg, steps, timeout=300)
         ranks = distributed.spawn(_rank_worker, cfg.nproc, cfg, list(zip(cfg.batches, steps)), all_sizes,
                                   timeout=300)
         for j, ((B, K, t1, losses1), *per_rank) in enumerate(zip(one, *(r["points"] for r in ranks))):
@@ -291,7 +298,8 @@ def run(cfg: BenchConfig, sizes: tuple[int, ...] = ALLREDUCE_SIZES) -> BenchResu
     config = asdict(cfg)
     fit = fit_latency_bandwidth(allreduce, _itemsize(config))
     machine = f"{platform.machine()}, {torch.get_num_threads()} thread, torch {torch.__version__}"
-    return BenchResult(config, params, points, allreduce, fit, machine)
+    speedups = [[p.speedup for p in s] for s in samples] if cfg.repeat > 1 else None
+    return BenchResult(config, params, points, allreduce, fit, machine, speedups)
 
 
 # ---------------------------------------------------------------------------- the command
@@ -340,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                   "points": [{**asdict(p), "compute": p.compute, "speedup": p.speedup}
                              for p in result.points],
                   "allreduce_seconds": {str(n): t for n, t in result.allreduce.items()},
-                  "fit": asdict(result.fit)}
+                  "fit": asdict(result.fit), "speedups_of_each_run": result.speedups}
         checkpoint.atomic_write_bytes(Path(args.json), (json.dumps(record, indent=1) + "\n").encode())
     return 0
 
