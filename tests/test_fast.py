@@ -374,6 +374,29 @@ def test_program_grads_match_float64_autograd(case, tile, seed):
         assert _rel(grads[k], r) <= 2e-5, f"d{k}: relative error {_rel(grads[k], r):.2e}"
 
 
+@pytest.mark.parametrize("tile", [0, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_program_biases_in_front_of_a_batchnorm(tile, seed):
+    """A Linear with a bias right below a batchnorm (the lecture's b1): its db is summed in the
+    batchnorm's dx pass. The batchnorm removes any shift, so that db is 0 up to rounding; every other
+    gradient matches float64 autograd, with activation checkpointing too (db summed once per step)."""
+    g = torch.Generator().manual_seed(seed)
+    m = Sequential([Embedding(13, 5), FlattenConsecutive(3), Linear(15, 20), BatchNorm1d(20), Tanh(),
+                    Linear(20, 17), BatchNorm1d(17), ReLU(), Linear(17, 13)])
+    for t in m.params().values():
+        t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (1.0 if t.dim() == 1 else 0.0))
+    X, Y = torch.randint(0, 13, (40, 3), generator=g), torch.randint(0, 13, (40,), generator=g)
+    loss, grads = fast.fast_grads(m, X[:24], Y[:24], tile=tile)
+    ref = reference.autograd_grads(models.cast(_copy(m), torch.float64), X[:24], Y[:24])
+    assert abs(loss - float(ref.loss)) <= 1e-5 * abs(float(ref.loss))
+    scale = max(float(r.abs().max()) for r in ref.grads.values())
+    for k, r in ref.grads.items():
+        if k in ("2.bias", "5.bias"):  # in front of a batchnorm: zero in exact arithmetic
+            assert float(r.abs().max()) <= 1e-12 * scale and float(grads[k].abs().max()) <= 1e-6 * scale, k
+        else:
+            assert _rel(grads[k], r) <= 2e-5, f"d{k}: relative error {_rel(grads[k], r):.2e}"
+
+
 @pytest.mark.parametrize("case", [0, 2, 3])
 def test_program_losses_and_running_statistics_match_eager_over_200_steps(case):
     name, overrides, B = PROGRAM_CASES[case]

@@ -175,6 +175,8 @@ struct Op {
     float* raw;                  // BATCHNORM/BN_TANH: bnraw (rows of the input's ld); may be the input itself
     float *mean, *var, *inv, *m2;  // (ld,) batch statistics; m2 merges tiles
     float *sum_g, *sum_b;        // (ld,) backward sums: sum dout*bnraw (dbngain) and sum dout (dbnbias)
+    float* db_below;             // BATCHNORM/BN_TANH: the bias gradient of the Linear below, summed with dx
+    bool db_above;               // LINEAR: its bias gradient is summed by the batchnorm above it
 };
 
 // Data-parallel hook (null in one process): the collectives of a step among `ranks` processes, made
@@ -275,6 +277,8 @@ static bool parse(const int64_t* d, const double* fd, float** params, float** bu
         if ((i == 0) != (o.kind == EMBED) || (o.kind != EMBED && o.in < 0)) return false;  // indices first
         o.run_mean = o.run_var = nullptr;
         o.raw = nullptr;
+        o.db_below = nullptr;
+        o.db_above = false;
         const bool bnorm = o.kind == BATCHNORM || o.kind == BN_TANH;
         if ((o.kind == EMBED || o.kind == LINEAR || bnorm) && o.p0 < 0) return false;
         if (bnorm && o.p1 < 0) return false;
@@ -343,6 +347,22 @@ static bool parse(const int64_t* d, const double* fd, float** params, float** bu
     for (int i = 0; i < g.np; ++i) {
         if (cd[i] < 0 || cd[i] >= g.np) return false;
         g.check[i] = (int)cd[i];
+    }
+    // An elementwise op (batchnorm, tanh, relu) writes its input's gradient over its output's, in place
+    // (one buffer streamed instead of two), unless another tensor reinterprets that input's memory.
+    for (int i = 1; i < g.nop; ++i) {
+        const Op& o = g.op[i];
+        if (o.kind == LINEAR || g.t[o.in].alias >= 0) continue;
+        bool viewed = false;
+        for (int j = 0; j < g.nt; ++j) viewed = viewed || g.t[j].alias == o.in;
+        if (!viewed) g.t[o.in].g = g.t[o.out].g;
+    }
+    for (int i = 1; i < g.nop; ++i) {  // a Linear with a bias right below a batchnorm: db summed with dx
+        Op &o = g.op[i], &below = g.op[i - 1];
+        if (is_batchnorm(o) && below.kind == LINEAR && below.p1 >= 0 && below.out == o.in) {
+            o.db_below = g.p[below.p1].grad;
+            below.db_above = true;
+        }
     }
     return true;
 }
@@ -661,7 +681,7 @@ static void linear_backward(const Prog& g, const Op& o, int ne, bool grads, bool
     const int rows = (int)(ne * in.rpe);
     if (grads) {
         Timed tm(P_DW);
-        if (o.p1 >= 0) col_sum_add(out.g, out.ld, pad16(W.n1), rows, g.p[o.p1].grad);
+        if (o.p1 >= 0 && !o.db_above) col_sum_add(out.g, out.ld, pad16(W.n1), rows, g.p[o.p1].grad);
         pgemm(g.threads, (int)W.prow, (int)W.n1, rows, in.x, 1, in.ld, out.g, out.ld, W.grad, W.ld, nullptr, g.tiled ? 2 : 0);
     }
     Timed tm(P_DX);
@@ -689,8 +709,10 @@ static void bn_back_sums(const Prog& g, const Op& o, int ne, float* sg, float* s
     }
 }
 
-// closed-form batchnorm backward over n rows (all tiles): dx = gain*inv*(dpre - sum_b/n - bnraw*sum_g/(n-1))
-static void bn_back_dx(const Prog& g, const Op& o, int ne, long n) {
+// closed-form batchnorm backward over n rows (all tiles): dx = gain*inv*(dpre - sum_b/n - bnraw*sum_g/(n-1));
+// db (the Linear below's bias gradient, or null) += column sums of dx in the same pass (row after row:
+// col_sum_add's order)
+static void bn_back_dx(const Prog& g, const Op& o, int ne, long n, float* db_below) {
     const Tensor &in = g.t[o.in], &out = g.t[o.out];
     const float* gain = g.p[o.p0].w;
     const long rows = ne * in.rpe, ld = in.ld;
@@ -700,10 +722,14 @@ static void bn_back_dx(const Prog& g, const Op& o, int ne, long n) {
         for (long j = 0; j < ld; j += VW) {
             v16 a = vload(gain + j) * vload(o.inv + j);
             v16 mb = vload(o.sum_b + j) / fn, mg = vload(o.sum_g + j) / (fn - 1.0f);
+            v16 db = db_below ? vload(db_below + j) : vset1(0.0f);
             for (long r = r0; r < r1; ++r) {
                 long q = r * ld + j;
-                vstore(in.g + q, a * (vload(out.g + q) - mb - vload(o.raw + q) * mg));
+                v16 dx = a * (vload(out.g + q) - mb - vload(o.raw + q) * mg);
+                vstore(in.g + q, dx);
+                db += dx;
             }
+            if (db_below) vstore(db_below + j, db);
         }
     }
 }
@@ -813,7 +839,7 @@ static bool backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne,
                         pending = -1;
                         if (g.sync(SYNC_WAIT, nullptr, 0, nullptr)) return false;
                     }
-                    bn_back_dx(g, o, ne, n);
+                    bn_back_dx(g, o, ne, n, i - 1 >= lo && i - 1 < hi ? o.db_below : nullptr);
                 } else if (i == lo && mode == ACCUM) {
                     bn_back_sums(g, o, ne, gain.grad, bias.grad);  // dbngain, dbnbias accumulate
                     return true;
@@ -826,7 +852,7 @@ static bool backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne,
                             vstore(out.g + q, (1.0f - h * h) * vload(out.g + q));
                         }
                     }
-                    bn_back_dx(g, o, ne, n);
+                    bn_back_dx(g, o, ne, n, i - 1 >= lo && i - 1 < hi ? o.db_below : nullptr);
                 }
                 break;
             }
