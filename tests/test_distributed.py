@@ -556,6 +556,46 @@ def test_kill_9_of_a_rank_leaves_a_checkpoint_that_resumes_to_the_same_result(un
     assert abs(got.results["val"] - whole.results["val"]) <= 1e-12
 
 
+NATIVE_FLAGS = ["--n-hidden", "64", "--chunk-steps", "100", "--checkpoint-every", "100", "--quiet", "--samples",
+                "0", "--batch-size", "64"]  # float32: the ranks run the native program
+
+
+@pytest.mark.slow
+def test_nproc_2_on_the_native_engine_trains_the_single_process_model_and_survives_kill_9(tmp_path):
+    """`handgrad train --nproc 2` in float32 runs the native program on each rank (counted first
+    batchnorm, overlapped sums, the hook): the losses of one process on the fast engine to 1e-5; a
+    kill -9 of rank 1 leaves a checkpoint that resumes, on 2 ranks, to the same bits."""
+    whole, one, killed, again = (tmp_path / d for d in ("whole", "one", "killed", "again"))
+    p = _handgrad("train", "--nproc", "2", "--steps", "600", "--out", str(whole), *NATIVE_FLAGS)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    dp = checkpoint.load(whole)
+    assert dp.results["engine"] == "2-rank data-parallel fast (gloo)" and dp.state.step == 600
+    r = _handgrad("train", "--steps", "600", "--out", str(one), *NATIVE_FLAGS)
+    _, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err
+    single = checkpoint.load(one)
+    assert single.results["engine"] == "fast"
+    assert (dp.state.losses - single.state.losses).abs().max().item() <= 1e-5
+    assert abs(dp.results["val"] - single.results["val"]) <= 1e-5
+
+    p = _handgrad("train", "--nproc", "2", "--steps", "600", "--out", str(killed), *NATIVE_FLAGS)
+    _wait_for_checkpoint(killed, 200, p)
+    os.kill(_rank_pids(p.pid)[1], signal.SIGKILL)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == ("handgrad: error: rank 1 was killed by SIGKILL; the other rank "
+                                               "stopped"), stderr
+    assert "rank 0: the " in stderr and "collective failed" in stderr and "--resume" in stderr, stderr
+    assert 200 <= checkpoint.load(killed).state.step < 600
+    r = _handgrad("train", "--resume", str(killed), "--out", str(again), "--nproc", "2", "--quiet", "--samples", "0")
+    _, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err
+    got = checkpoint.load(again)
+    assert torch.equal(got.state.losses, dp.state.losses)
+    assert got.results["val"] == dp.results["val"]
+
+
 @pytest.mark.slow
 def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
     out = tmp_path / "hung"
