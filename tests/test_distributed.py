@@ -3,6 +3,7 @@ BatchNorm1d on the concatenated batch, autograd and finite differences; N ranks 
 step for step; the --nproc launcher, its refusals, a killed and a hung rank. Ranks are real processes
 talking gloo over 127.0.0.1 only."""
 
+import copy
 import json
 import os
 import signal
@@ -234,26 +235,18 @@ def test_a_wrong_global_count_would_be_caught():
 
 
 # ---------------------------------------------------------------------------- the native program's hook
-class _OneRank(distributed.Comm):
-    """A world of one without a process group: a sum or a gather over one rank is its input. `fail`
-    raises that exception from the n-th collective (counting from 0) instead."""
+class _OneRank(distributed.WorldOfOne):
+    """distributed.WorldOfOne whose n-th collective (counting from 0) raises `fail` instead."""
 
     def __init__(self, fail: BaseException | None = None, at: int = 0):
-        super().__init__(0, 1)
+        super().__init__()
         self.fail, self.at, self.seen = fail, at, 0
 
-    def start(self, what, fn):  # fn, a torch.distributed call, is never made
+    def start(self, what, fn):
         if self.fail is not None and self.seen == self.at:
             raise self.fail
         self.seen += 1
-        return what, None
-
-    def finish(self, pending):
-        self.calls[pending[0]] += 1
-
-    def all_gather_into(self, out, t, what):
-        self._run(what, None)
-        return out.copy_(t)  # (1 * n,)
+        return super().start(what, fn)
 
 
 def _native_problem(name):
@@ -311,8 +304,65 @@ def test_the_native_hook_on_one_rank_is_the_plain_program(name, tile, bns, count
     assert (got - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max()))
     assert all(torch.allclose(model.params()[k], v, rtol=1e-5, atol=1e-6) for k, v in plain.params().items())
     K = idx.shape[0]
-    want_calls = {"batchnorm forward": K * (bns - counted), "batchnorm backward": K * bns, "gradients": K}
+    # counted: the first batchnorm's statistics and backward sums need no collective of their own
+    want_calls = {"batchnorm forward": K * (bns - counted), "batchnorm backward": K * (bns - counted),
+                  "gradients": K}
     assert dict(one.calls) == {k: v for k, v in want_calls.items() if v}
+
+
+def _deferred_case(name, seed):
+    """(model, X, Y) whose first batchnorm the native hook counts and defers: presets at small sizes
+    (1 to 4 rows per example), and a Linear with a bias in front of it, every parameter random."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "bias":
+        model = Sequential([Embedding(13, 5), FlattenConsecutive(3), Linear(15, 20), BatchNorm1d(20), Tanh(),
+                            Linear(20, 17), BatchNorm1d(17), Linear(17, 13)])
+        for t in model.params().values():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (1.0 if t.dim() == 1 else 0.0))
+        V, T = 13, 3
+    else:
+        over = {"mlp": dict(n_hidden=40, block_size=3, n_embd=4, vocab_size=11),
+                "deep": dict(n_hidden=20, n_layers=3, block_size=4, n_embd=5, vocab_size=11),
+                "wavenet": dict(n_hidden=17, block_size=8, n_embd=6, vocab_size=11)}[name]
+        cfg = models.preset(name, **over)
+        model, V, T = models.build(cfg, seed), cfg.vocab_size, cfg.block_size
+        for t in model.params().values():  # non-trivial: gains and biases away from 1 and 0
+            if t.dim() == 1:
+                t.add_(torch.randn(t.shape, generator=g) * 0.3)
+    return model, torch.randint(0, V, (48, T), generator=g), torch.randint(0, V, (48,), generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", ["mlp", "deep", "wavenet", "bias"])
+def test_the_deferred_first_batchnorm_backward_matches_float64_autograd(name, seed):
+    """program.cpp's deferred backward of the first batchnorm (the rows' part before the gradient
+    all-reduce, the terms that need the global sums from the counts after it): every gradient of one
+    step through the hook (a world of one) against float64 autograd on the same batch. A bias in
+    front of a batchnorm (the mlp's b1) has a zero gradient in exact arithmetic."""
+    from handgrad import reference
+    model, X, Y = _deferred_case(name, seed)
+    ref = reference.autograd_grads(models.cast(copy.deepcopy(model), torch.float64), X, Y)
+    params = model.params()
+    out = torch.zeros(sum(t.numel() for t in params.values()))
+    one = _OneRank()
+    hook = distributed.NativeCollectives(one)
+    with torch.no_grad():
+        losses, status, prog = fast._run_program(fast.load_program_library(), model, X, Y,
+                                                 torch.arange(X.shape[0])[None], torch.zeros(1, dtype=torch.float64),
+                                                 0, out, sync=hook.fn)
+    later = sum(isinstance(layer, BatchNorm1d) for layer in model.layers) - 1  # the first one: no collective
+    assert status == -1 and dict(one.calls) == {"gradients": 1, **({"batchnorm forward": later,
+                                                                     "batchnorm backward": later} if later else {})}
+    assert abs(float(losses[0]) - float(ref.loss)) <= 1e-5 * float(ref.loss)
+    grads = dict(zip(prog.params, out.split([params[n].numel() for n in prog.params])))
+    scale = max(float(r.abs().max()) for r in ref.grads.values())
+    for k, r in ref.grads.items():
+        got = grads[k].view(r.shape).double()
+        if k in {"mlp": ("2.bias",), "bias": ("2.bias", "5.bias")}.get(name, ()):  # in front of a batchnorm
+            assert float(r.abs().max()) <= 1e-12 * scale and float(got.abs().max()) <= 1e-6 * scale, k
+            continue
+        err = float((got - r).abs().max()) / float(r.abs().max())
+        assert err <= 2e-5, f"d{k}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("error, at", [(distributed.PeerLost("rank 0: the gradients collective failed"), 1),
@@ -321,7 +371,7 @@ def test_a_failed_collective_in_the_native_step_is_raised_and_keeps_the_state_be
     lib = fast.load_program_library()
     splits, model, idx, lrs = _native_problem("mlp")
     _, before, _, _ = _native_problem("mlp")
-    done = at // 2  # per step: the batchnorm sums, then the gradients (the statistics are counted)
+    done = at  # per step one collective: the gradients (the first batchnorm's are counted and deferred)
     with torch.no_grad():
         fast.make_program_fn(lib)(before, splits.Xtr, splits.Ytr, idx[:done], lrs[:done])
         with pytest.raises(type(error)) as e:
@@ -437,14 +487,15 @@ def test_2_ranks_stop_at_the_same_non_finite_step_as_one_process(single_process,
     assert [r["runs"][-1]["error"] for r in two_ranks] == [expected, expected]
 
 
-def test_one_gradient_all_reduce_per_step_and_two_collectives_per_batchnorm(two_ranks):
+def test_one_gradient_all_reduce_per_step_and_two_collectives_per_later_batchnorm(two_ranks):
     """Per step: one gradient all-reduce, and per batchnorm one all-reduce of its backward sums and one
-    all-gather of its statistics, except the native step's first batchnorm (counted, no collective)."""
+    all-gather of its statistics, except the native step's first batchnorm (counted and deferred to the
+    gradient all-reduce: no collective of its own)."""
     seconds, calls = two_ranks[0]["comm"]
     steps = sum(r.steps for r in RUNS)  # + the diverging (eager) run's steps up to its failure
     bns = {"mlp": 1, "deep": 6, "wavenet": 3}
-    backward = sum(r.steps * bns[r.name] for r in RUNS)
     forward = sum(r.steps * (bns[r.name] - (r.engine == "fast" and not r.tile)) for r in RUNS)
+    backward = forward
     diverged_at = two_ranks[0]["runs"][-1]["error"][0] + 1
     assert calls["gradients"] - steps in (diverged_at - 1, diverged_at)
     assert calls["batchnorm forward"] - forward in (diverged_at - 1, diverged_at)

@@ -182,6 +182,25 @@ class Comm:
         return torch.stack(out)  # (R, ...)
 
 
+class WorldOfOne(Comm):
+    """The collectives of a single process without a process group: a sum or a gather over one rank is
+    its input, so nothing is called. With it a single process runs the data-parallel native step
+    (program.cpp's counted and deferred first batchnorm) and counts the collectives it would make."""
+
+    def __init__(self):
+        super().__init__(0, 1)
+
+    def start(self, what: str, fn: Callable[[], object]) -> tuple[str, object]:  # fn is never called
+        return what, None
+
+    def finish(self, pending: tuple[str, object]) -> None:
+        self.calls[pending[0]] += 1
+
+    def all_gather_into(self, out: Tensor, t: Tensor, what: str) -> Tensor:
+        self._run(what, lambda: None)
+        return out.copy_(t)  # (1 * n,)
+
+
 def init(env: RankEnv, device: str = "cpu", timeout: float | None = None) -> Comm:
     """Join the process group of `env` (env:// rendezvous) with the device's backend."""
     timeout = timeout_seconds() if timeout is None else timeout

@@ -525,6 +525,8 @@ struct Counted {
     long V, E, nseg, rpe, D;
     int32_t *cnt, *pair;         // (nseg, V), (nseg, nseg, V, V): s < s' used
     double *mu, *M, *Q;          // (D), (D, D), (V, E) scratch
+    double *K, *y, *u, *beta, *gamma, *db;  // the deferred backward (below): (D, D), (D), (D), (n1) x 3
+    float* WaT;                  // (n1, ldT): W^T with row j scaled by gain_j * inv_j
 };
 
 static const long COUNTED_MAX = 1L << 22;  // pair counts; a larger vocabulary or row uses the collective
@@ -536,7 +538,7 @@ static bool counted_shape(const Prog& g, Counted& c) {
     while (g.t[src].alias >= 0) src = g.t[src].alias;
     const Tensor& x = g.t[g.op[1].in];
     const Param& C = g.p[g.op[0].p0];
-    if (src != g.op[0].out || x.c != C.n1 || x.rpe * x.nseg != g.T) return false;
+    if (src != g.op[0].out || g.op[2].in != g.op[1].out || x.c != C.n1 || x.rpe * x.nseg != g.T) return false;
     c.V = C.n0; c.E = C.n1; c.nseg = x.nseg; c.rpe = x.rpe; c.D = c.nseg * c.E;
     return c.nseg * c.nseg * c.V * c.V <= COUNTED_MAX;
 }
@@ -604,6 +606,112 @@ static void counted_stats(const Prog& g, Counted& c, const Op& bn) {
         bn.mean[j] = (float)mean;
         bn.m2[j] = (float)(m2 > 0.0 ? m2 : 0.0);
     }
+}
+
+// ---------------------------------------------------------------------------- the first batchnorm's backward, deferred
+// Data-parallel with counted statistics, the first batchnorm's backward sums need no collective of their
+// own either: they are dbngain and dbnbias, which travel in the gradient all-reduce anyway, and what is
+// left of the backward below them (dx of the batchnorm, dW and db of the first Linear, dC) is linear in
+// this rank's dpre plus terms that need only the global sums and the counts. With the global sums
+// sg = sum dpre*bnraw, sb = sum dpre over N rows, a = gain*inv, and the closed form (bnraw_i =
+// ((x_i - mu) W + r) * inv, r = mu W + b - mean: zero up to rounding, mu the float mean of the rows x):
+//     dx_i = a*dpre_i - beta - ((x_i - mu) W) * gamma,   gamma = a*inv*sg/(N-1),  beta = a*sb/N + gamma*r,
+// so, with P = sum_i (x_i - mu)^T dpre_i (each rank's rows, summed by the all-reduce), d = mean - mu
+// (double minus float: the rows' exact mean sum_i (x_i - mu) = N d) and M2(x) from the counts,
+//     db = sum_i dx_i = -N gamma * (r + d W)
+//     dW = a*P - N d beta^T - (M2 + N d d^T) W * gamma + mu db^T
+//     dC[v] (segment s) = sum over the rows holding v there of dx_i W^T = (a*dpre_i) W^T (each rank's
+//         rows, scattered and all-reduced) + cnt_s[v] u - (S_sv - cnt_s[v] mu) K, u = -W beta,
+//         K = W diag(gamma) W^T, S_sv = sum of those rows x_i (from the pair counts)
+// (Ioffe & Szegedy 2015 for the batchnorm backward; the rest is its linearity.) The mlp's step then has
+// one collective: the gradients.
+
+// Before the all-reduce, on this rank's rows: dW <- P (the rows x centred in place: nothing reads them
+// after this), dx <- (a*dpre) W^T into the embedding's gradient and scattered into dC; db stays 0.
+static void deferred_local(const Prog& g, Counted& c, const int64_t* X, const int64_t* ix, int ne) {
+    const Op &bn = g.op[2], &lin = g.op[1];
+    const Tensor &in = g.t[lin.in], &mid = g.t[bn.out];
+    const Param& W = g.p[lin.p0];
+    const float* gain = g.p[bn.p0].w;
+    const long rows = (long)ne * in.rpe;
+    {
+        Timed tm(P_DW);
+        for (long r = 0; r < rows; ++r)
+            for (long k = 0; k < c.D; ++k) in.x[r * in.ld + W.map(k)] -= (float)c.mu[k];
+        pgemm(g.threads, (int)W.prow, (int)W.n1, (int)rows, in.x, 1, in.ld, mid.g, mid.ld, W.grad, W.ld, nullptr, 0);
+    }
+    Timed tm(P_DX);
+    for (long j = 0; j < W.n1; ++j) {
+        const float a = gain[j] * bn.inv[j];
+        for (long k = 0; k < W.ldT; ++k) c.WaT[j * W.ldT + k] = a * W.wt[j * W.ldT + k];
+    }
+    pgemm(g.threads, (int)rows, (int)W.prow, (int)W.n1, mid.g, mid.ld, 1, c.WaT, W.ldT, in.g, in.ld, nullptr, 0);
+}
+
+// After the all-reduce: gain.grad and bias.grad hold the global sg and sb, W.grad the global P, dC the
+// global scattered (a*dpre) W^T; the terms above that need the global sums are added (in double).
+static void deferred_finish(const Prog& g, Counted& c) {
+    const Op &bn = g.op[2], &lin = g.op[1];
+    const Param &W = g.p[lin.p0], &C = g.p[g.op[0].p0], &gain = g.p[bn.p0], &bias = g.p[bn.p1];
+    const float* b = lin.p1 >= 0 ? g.p[lin.p1].w : nullptr;
+    const long V = c.V, E = c.E, S = c.nseg, D = c.D, n1 = W.n1;
+    const double N = (double)g.BG * c.rpe;
+    auto w = [&](long k, long j) { return (double)W.w[W.map(k) * W.ld + j]; };
+    for (long j = 0; j < n1; ++j) {
+        const long f = gain.map(j);
+        const double a = (double)(gain.w[f] * bn.inv[j]), inv = bn.inv[j];
+        double r = (b ? (double)b[j] : 0.0) - (double)bn.mean[j], dw = 0.0;
+        for (long k = 0; k < D; ++k) {
+            r += (double)(float)c.mu[k] * w(k, j);
+            dw += (c.mu[k] - (double)(float)c.mu[k]) * w(k, j);
+        }
+        c.gamma[j] = a * inv * (double)gain.grad[f] / (N - 1.0);
+        c.beta[j] = a * (double)bias.grad[bias.map(j)] / N + c.gamma[j] * r;
+        c.db[j] = -N * c.gamma[j] * (r + dw);  // dw: d W
+        if (lin.p1 >= 0) g.p[lin.p1].grad[j] = (float)c.db[j];
+        // dW column j
+        for (long k = 0; k < D; ++k) {
+            const double d = c.mu[k] - (double)(float)c.mu[k];
+            double mw = 0.0;
+            for (long l = 0; l < D; ++l) {
+                const double dl = c.mu[l] - (double)(float)c.mu[l];
+                mw += (c.M[k * D + l] + N * d * dl) * w(l, j);
+            }
+            float* p = W.grad + W.map(k) * W.ld + j;
+            *p = (float)(a * (double)*p - N * d * c.beta[j] - mw * c.gamma[j] + (double)(float)c.mu[k] * c.db[j]);
+        }
+    }
+    for (long k = 0; k < D; ++k) {  // u = -W beta, K = W diag(gamma) W^T
+        double s = 0.0;
+        for (long j = 0; j < n1; ++j) s -= w(k, j) * c.beta[j];
+        c.u[k] = s;
+        for (long l = 0; l <= k; ++l) {
+            double q = 0.0;
+            for (long j = 0; j < n1; ++j) q += w(k, j) * c.gamma[j] * w(l, j);
+            c.K[k * D + l] = c.K[l * D + k] = q;
+        }
+    }
+    for (long s = 0; s < S; ++s)
+        for (long v = 0; v < V; ++v) {
+            const double n = c.cnt[s * V + v];
+            if (n == 0.0) continue;  // no row holds v in segment s
+            for (long t = 0; t < S; ++t)  // y = S_sv - n mu: the rows' sum, centred
+                for (long e = 0; e < E; ++e) {
+                    double q = 0.0;
+                    if (t == s) q = n * (double)C.w[v * E + e];
+                    else if (t > s)
+                        for (long x = 0; x < V; ++x) q += c.pair[((s * S + t) * V + v) * V + x] * (double)C.w[x * E + e];
+                    else
+                        for (long x = 0; x < V; ++x) q += c.pair[((t * S + s) * V + x) * V + v] * (double)C.w[x * E + e];
+                    c.y[t * E + e] = q - n * (double)(float)c.mu[t * E + e];
+                }
+            for (long e = 0; e < E; ++e) {
+                const long k = s * E + e;
+                double q = n * c.u[k];
+                for (long l = 0; l < D; ++l) q -= c.y[l] * c.K[l * D + k];
+                C.grad[v * C.ld + e] += (float)q;
+            }
+        }
 }
 
 // bnraw = (x - mean) * inv; then out = gain * bnraw + bias, or h = tanh(gain * bnraw + bias)
@@ -833,6 +941,13 @@ static bool backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne,
                     bn_back_sums(g, o, ne, o.sum_g, o.sum_b);
                     memcpy(gain.grad, o.sum_g, sizeof(float) * in.ld);  // this rank's share
                     memcpy(bias.grad, o.sum_b, sizeof(float) * in.ld);
+                    if (i == 2 && g.counted) {  // the rest waits for the gradient all-reduce (above)
+                        if (pending >= 0) linear_backward(g, g.op[pending], ne, true, false);
+                        deferred_local(g, *g.counted, X, ix, ne);
+                        Timed te(P_EMBED_B);
+                        embed_backward(g, g.op[0], X, ix, ne);
+                        return true;
+                    }
                     if (g.sync) {
                         if (g.sync(SYNC_SUMS, o.sum_g, 2 * in.ld, nullptr)) return false;  // started
                         if (pending >= 0) linear_backward(g, g.op[pending], ne, true, false);
@@ -1035,10 +1150,18 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
         const long S = counted.nseg, V = counted.V, D = counted.D;
         counted.cnt = static_cast<int32_t*>(malloc(sizeof(int32_t) * S * V));
         counted.pair = static_cast<int32_t*>(malloc(sizeof(int32_t) * S * S * V * V));
-        counted.mu = static_cast<double*>(malloc(sizeof(double) * (D + D * D + V * counted.E)));
-        if (counted.cnt && counted.pair && counted.mu) {
+        const Param& W = g.p[g.op[1].p0];
+        counted.mu = static_cast<double*>(malloc(sizeof(double) * (2 * D * D + 3 * D + V * counted.E + 3 * W.n1)));
+        counted.WaT = static_cast<float*>(aligned_alloc(64, (sizeof(float) * (W.n1 * W.ldT + VW) + 63) / 64 * 64));
+        if (counted.cnt && counted.pair && counted.mu && counted.WaT) {
             counted.M = counted.mu + D;
             counted.Q = counted.M + D * D;
+            counted.K = counted.Q + V * counted.E;
+            counted.y = counted.K + D * D;
+            counted.u = counted.y + D;
+            counted.beta = counted.u + D;
+            counted.gamma = counted.beta + W.n1;
+            counted.db = counted.gamma + W.n1;
             g.counted = &counted;
         }
     }
@@ -1053,6 +1176,7 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
         if (!indices_ok(g, Y, ix, last.c)) { status = -4 - 2 * k; break; }
         StepStatus st = step(g, X, Y, ix, gix, &loss);
         if (st == OK && sync && !sync_grads(g, &loss, flat, nflat)) st = SYNC_FAILED;
+        if (st == OK && g.counted) deferred_finish(g, *g.counted);
         if (st != OK) { status = (st == BAD_INDEX ? -4 : -5) - 2 * k; break; }
         losses[k] = loss;
         int bad = -1;
@@ -1087,6 +1211,7 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
     free(counted.cnt);
     free(counted.pair);
     free(counted.mu);
+    free(counted.WaT);
     free(a.base);
     free_meta(g);
     return status;
