@@ -64,7 +64,10 @@ def test_a_small_run_measures_the_same_steps_and_its_time_adds_up(tmp_path, caps
     for p in record["points"]:
         assert p["steps"] >= distributed_bench.MIN_STEPS
         assert p["loss_diff"] <= 1e-5  # the 2 processes took the single process's steps
-        assert 0 < p["gradients"] and 0 < p["batchnorm"] and p["gradients"] + p["batchnorm"] < p["many"]
+        assert p["one_step"] in (("engine", "1 rank") if engine == "fast" else ("eager",))
+        assert 0 < p["gradients"] and p["gradients"] + p["batchnorm"] < p["many"]
+        # the mlp's native step has one collective (its batchnorm is counted and deferred); eager three
+        assert p["batchnorm"] == 0 if engine == "fast" else p["batchnorm"] > 0
         assert p["compute"] == pytest.approx(p["many"] - p["gradients"] - p["batchnorm"])
         assert p["speedup"] == pytest.approx(p["one"] / p["many"])
     sizes = {int(n) for n in record["allreduce_seconds"]}
