@@ -525,8 +525,9 @@ struct Counted {
     long V, E, nseg, rpe, D;
     int32_t *cnt, *pair;         // (nseg, V), (nseg, nseg, V, V): s < s' used
     double *mu, *M, *Q;          // (D), (D, D), (V, E) scratch
-    double *K, *y, *u, *beta, *gamma, *db;  // the deferred backward (below): (D, D), (D), (D), (n1) x 3
-    float* WaT;                  // (n1, ldT): W^T with row j scaled by gain_j * inv_j
+    double *Wd, *MW;             // (D, n1): the first Linear's weight (logical rows) and M W, this step
+    double *K, *y, *u, *beta, *gamma;  // the deferred backward (below): (D, D), (D), (D), (n1), (n1)
+    float* WaT;                  // (n1, ldT): W^T with row j scaled by gain_j * inv_j; then (ld) scratch
 };
 
 static const long COUNTED_MAX = 1L << 22;  // pair counts; a larger vocabulary or row uses the collective
@@ -594,14 +595,23 @@ static void counted_stats(const Prog& g, Counted& c, const Op& bn) {
                 }
         }
     const float* b = lin.p1 >= 0 ? g.p[lin.p1].w : nullptr;
-    for (long j = 0; j < W.n1; ++j) {
+    const long n1 = W.n1;
+    for (long k = 0; k < D; ++k)
+        for (long j = 0; j < n1; ++j) c.Wd[k * n1 + j] = W.w[W.map(k) * W.ld + j];
+    for (long k = 0; k < D; ++k) {  // MW = M Wd
+        double* row = c.MW + k * n1;
+        for (long j = 0; j < n1; ++j) row[j] = 0.0;
+        for (long l = 0; l < D; ++l) {
+            const double m = c.M[k * D + l];
+            const double* w = c.Wd + l * n1;
+            for (long j = 0; j < n1; ++j) row[j] += m * w[j];
+        }
+    }
+    for (long j = 0; j < n1; ++j) {
         double mean = b ? (double)b[j] : 0.0, m2 = 0.0;
         for (long k = 0; k < D; ++k) {
-            const double wk = W.w[W.map(k) * W.ld + j];
-            mean += c.mu[k] * wk;
-            double row = 0.0;
-            for (long l = 0; l < D; ++l) row += c.M[k * D + l] * (double)W.w[W.map(l) * W.ld + j];
-            m2 += wk * row;
+            mean += c.mu[k] * c.Wd[k * n1 + j];
+            m2 += c.Wd[k * n1 + j] * c.MW[k * n1 + j];
         }
         bn.mean[j] = (float)mean;
         bn.m2[j] = (float)(m2 > 0.0 ? m2 : 0.0);
@@ -636,8 +646,11 @@ static void deferred_local(const Prog& g, Counted& c, const int64_t* X, const in
     const long rows = (long)ne * in.rpe;
     {
         Timed tm(P_DW);
+        float* mu = c.WaT + W.n1 * W.ldT;  // (ld) the mean in the rows' layout, pads 0
+        for (long k = 0; k < in.ld; ++k) mu[k] = 0.0f;
+        for (long k = 0; k < c.D; ++k) mu[W.map(k)] = (float)c.mu[k];
         for (long r = 0; r < rows; ++r)
-            for (long k = 0; k < c.D; ++k) in.x[r * in.ld + W.map(k)] -= (float)c.mu[k];
+            for (long k = 0; k < in.ld; ++k) in.x[r * in.ld + k] -= mu[k];
         pgemm(g.threads, (int)W.prow, (int)W.n1, (int)rows, in.x, 1, in.ld, mid.g, mid.ld, W.grad, W.ld, nullptr, 0);
     }
     Timed tm(P_DX);
@@ -656,38 +669,37 @@ static void deferred_finish(const Prog& g, Counted& c) {
     const float* b = lin.p1 >= 0 ? g.p[lin.p1].w : nullptr;
     const long V = c.V, E = c.E, S = c.nseg, D = c.D, n1 = W.n1;
     const double N = (double)g.BG * c.rpe;
-    auto w = [&](long k, long j) { return (double)W.w[W.map(k) * W.ld + j]; };
+    double* d = c.y;  // (D) mean - mu: the double mean minus the float one the rows were centred by
+    for (long k = 0; k < D; ++k) d[k] = c.mu[k] - (double)(float)c.mu[k];
     for (long j = 0; j < n1; ++j) {
         const long f = gain.map(j);
         const double a = (double)(gain.w[f] * bn.inv[j]), inv = bn.inv[j];
-        double r = (b ? (double)b[j] : 0.0) - (double)bn.mean[j], dw = 0.0;
+        double r = (b ? (double)b[j] : 0.0) - (double)bn.mean[j], dw = 0.0;  // r: mu W + b - mean
         for (long k = 0; k < D; ++k) {
-            r += (double)(float)c.mu[k] * w(k, j);
-            dw += (c.mu[k] - (double)(float)c.mu[k]) * w(k, j);
+            r += (double)(float)c.mu[k] * c.Wd[k * n1 + j];
+            dw += d[k] * c.Wd[k * n1 + j];
         }
-        c.gamma[j] = a * inv * (double)gain.grad[f] / (N - 1.0);
-        c.beta[j] = a * (double)bias.grad[bias.map(j)] / N + c.gamma[j] * r;
-        c.db[j] = -N * c.gamma[j] * (r + dw);  // dw: d W
-        if (lin.p1 >= 0) g.p[lin.p1].grad[j] = (float)c.db[j];
-        // dW column j
-        for (long k = 0; k < D; ++k) {
-            const double d = c.mu[k] - (double)(float)c.mu[k];
-            double mw = 0.0;
-            for (long l = 0; l < D; ++l) {
-                const double dl = c.mu[l] - (double)(float)c.mu[l];
-                mw += (c.M[k * D + l] + N * d * dl) * w(l, j);
-            }
+        const double gamma = a * inv * (double)gain.grad[f] / (N - 1.0);
+        const double beta = a * (double)bias.grad[bias.map(j)] / N + gamma * r;
+        const double db = -N * gamma * (r + dw);
+        c.gamma[j] = gamma;
+        c.beta[j] = beta;
+        if (lin.p1 >= 0) g.p[lin.p1].grad[j] = (float)db;
+        for (long k = 0; k < D; ++k) {  // dW column j; (M2 + N d d^T) W = MW + N d (d W)
             float* p = W.grad + W.map(k) * W.ld + j;
-            *p = (float)(a * (double)*p - N * d * c.beta[j] - mw * c.gamma[j] + (double)(float)c.mu[k] * c.db[j]);
+            const double mw = c.MW[k * n1 + j] + N * d[k] * dw;
+            *p = (float)(a * (double)*p - N * d[k] * beta - mw * gamma + (double)(float)c.mu[k] * db);
         }
     }
     for (long k = 0; k < D; ++k) {  // u = -W beta, K = W diag(gamma) W^T
+        const double* wk = c.Wd + k * n1;
         double s = 0.0;
-        for (long j = 0; j < n1; ++j) s -= w(k, j) * c.beta[j];
+        for (long j = 0; j < n1; ++j) s -= wk[j] * c.beta[j];
         c.u[k] = s;
         for (long l = 0; l <= k; ++l) {
+            const double* wl = c.Wd + l * n1;
             double q = 0.0;
-            for (long j = 0; j < n1; ++j) q += w(k, j) * c.gamma[j] * w(l, j);
+            for (long j = 0; j < n1; ++j) q += wk[j] * c.gamma[j] * wl[j];
             c.K[k * D + l] = c.K[l * D + k] = q;
         }
     }
@@ -1151,8 +1163,10 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
         counted.cnt = static_cast<int32_t*>(malloc(sizeof(int32_t) * S * V));
         counted.pair = static_cast<int32_t*>(malloc(sizeof(int32_t) * S * S * V * V));
         const Param& W = g.p[g.op[1].p0];
-        counted.mu = static_cast<double*>(malloc(sizeof(double) * (2 * D * D + 3 * D + V * counted.E + 3 * W.n1)));
-        counted.WaT = static_cast<float*>(aligned_alloc(64, (sizeof(float) * (W.n1 * W.ldT + VW) + 63) / 64 * 64));
+        const long ld = g.t[g.op[1].in].ld;
+        counted.mu = static_cast<double*>(malloc(sizeof(double) * (2 * D * D + 3 * D + V * counted.E + 2 * W.n1
+                                                                   + 2 * D * W.n1)));
+        counted.WaT = static_cast<float*>(aligned_alloc(64, (sizeof(float) * (W.n1 * W.ldT + ld + VW) + 63) / 64 * 64));
         if (counted.cnt && counted.pair && counted.mu && counted.WaT) {
             counted.M = counted.mu + D;
             counted.Q = counted.M + D * D;
@@ -1161,7 +1175,8 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
             counted.u = counted.y + D;
             counted.beta = counted.u + D;
             counted.gamma = counted.beta + W.n1;
-            counted.db = counted.gamma + W.n1;
+            counted.Wd = counted.gamma + W.n1;
+            counted.MW = counted.Wd + D * W.n1;
             g.counted = &counted;
         }
     }
