@@ -273,8 +273,9 @@ def _custom(V, T, E, bn_first, seed=5):
 
 
 # (model, tile, batchnorms, counted): the first batchnorm's statistics need no collective (counted from
-# the global batch's characters) when it follows the first Linear and nothing is tiled
-HOOK_CASES = [("mlp", 0, 1, True), ("deep", 0, 6, True), ("wavenet", 0, 3, True), ("deep", 8, 6, False),
+# the global batch's characters) when it follows the first Linear, tiled or not
+HOOK_CASES = [("mlp", 0, 1, True), ("deep", 0, 6, True), ("wavenet", 0, 3, True), ("deep", 8, 6, True),
+              ("mlp", 8, 1, True),
               ("custom-bn-first", 0, 2, True), ("custom-bn-later", 0, 1, False),
               ("custom-large-vocab", 0, 2, False)]
 
@@ -332,13 +333,15 @@ def _deferred_case(name, seed):
     return model, torch.randint(0, V, (48, T), generator=g), torch.randint(0, V, (48,), generator=g)
 
 
+@pytest.mark.parametrize("tile", [0, 16])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("name", ["mlp", "deep", "wavenet", "bias"])
-def test_the_deferred_first_batchnorm_backward_matches_float64_autograd(name, seed):
+def test_the_deferred_first_batchnorm_backward_matches_float64_autograd(name, seed, tile):
     """program.cpp's deferred backward of the first batchnorm (the rows' part before the gradient
     all-reduce, the terms that need the global sums from the counts after it): every gradient of one
     step through the hook (a world of one) against float64 autograd on the same batch. A bias in
-    front of a batchnorm (the mlp's b1) has a zero gradient in exact arithmetic."""
+    front of a batchnorm (the mlp's b1) has a zero gradient in exact arithmetic. tile 16: activation
+    checkpointing, 3 tiles of the 48 examples (the deferred part summed tile by tile)."""
     from handgrad import reference
     model, X, Y = _deferred_case(name, seed)
     ref = reference.autograd_grads(models.cast(copy.deepcopy(model), torch.float64), X, Y)
@@ -349,7 +352,7 @@ def test_the_deferred_first_batchnorm_backward_matches_float64_autograd(name, se
     with torch.no_grad():
         losses, status, prog = fast._run_program(fast.load_program_library(), model, X, Y,
                                                  torch.arange(X.shape[0])[None], torch.zeros(1, dtype=torch.float64),
-                                                 0, out, sync=hook.fn)
+                                                 tile, out, sync=hook.fn)
     later = sum(isinstance(layer, BatchNorm1d) for layer in model.layers) - 1  # the first one: no collective
     assert status == -1 and dict(one.calls) == {"gradients": 1, **({"batchnorm forward": later,
                                                                      "batchnorm backward": later} if later else {})}
@@ -494,7 +497,7 @@ def test_one_gradient_all_reduce_per_step_and_two_collectives_per_later_batchnor
     seconds, calls = two_ranks[0]["comm"]
     steps = sum(r.steps for r in RUNS)  # + the diverging (eager) run's steps up to its failure
     bns = {"mlp": 1, "deep": 6, "wavenet": 3}
-    forward = sum(r.steps * (bns[r.name] - (r.engine == "fast" and not r.tile)) for r in RUNS)
+    forward = sum(r.steps * (bns[r.name] - (r.engine == "fast")) for r in RUNS)
     backward = forward
     diverged_at = two_ranks[0]["runs"][-1]["error"][0] + 1
     assert calls["gradients"] - steps in (diverged_at - 1, diverged_at)

@@ -33,6 +33,9 @@ def test_the_fit_weighs_small_sizes_as_much_as_large_ones():
     (["--engine", "jit"], "--engine jit: expected fast or eager"),
     (["--dtype", "float64"], "--engine fast runs float32 only; give --engine eager for --dtype float64"),
     (["--repeat", "0"], "--repeat 0: expected 1 or more"),
+    (["--tile", "-8"], "--tile -8: expected 0 (no tiles) or a number of examples per tile"),
+    (["--tile", "64", "--engine", "eager"], "--tile 64: expected 0 (no tiles) or a number of examples per tile, "
+                                            "with --engine fast"),
 ])
 def test_bad_flags_exit_2_in_one_line(capsys, argv, expected):
     assert distributed_bench.main(argv) == 2
@@ -46,11 +49,11 @@ def test_a_batch_list_that_is_not_numbers_is_an_argparse_error(capsys):
     assert e.value.code == 2 and "expected comma-separated integers" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("engine, repeat", [("fast", 2), ("eager", 1)])
-def test_a_small_run_measures_the_same_steps_and_its_time_adds_up(tmp_path, capsys, engine, repeat):
+@pytest.mark.parametrize("engine, repeat, tile", [("fast", 2, 0), ("eager", 1, 0), ("fast", 1, 16)])
+def test_a_small_run_measures_the_same_steps_and_its_time_adds_up(tmp_path, capsys, engine, repeat, tile):
     out = tmp_path / "bench.json"
     assert distributed_bench.main(["--batches", "32,256", "--seconds", "0.02", "--json", str(out),
-                                   "--engine", engine, "--repeat", str(repeat)]) == 0
+                                   "--engine", engine, "--repeat", str(repeat), "--tile", str(tile)]) == 0
     table = capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["config"]["engine"] == engine and record["config"]["repeat"] == repeat
@@ -64,7 +67,8 @@ def test_a_small_run_measures_the_same_steps_and_its_time_adds_up(tmp_path, caps
     for p in record["points"]:
         assert p["steps"] >= distributed_bench.MIN_STEPS
         assert p["loss_diff"] <= 1e-5  # the 2 processes took the single process's steps
-        assert p["one_step"] in (("engine", "1 rank") if engine == "fast" else ("eager",))
+        assert p["one_step"] in ({"engine", "1 rank"} | ({"1 rank tiled"} if tile else set())
+                                 if engine == "fast" else {"eager"})
         assert 0 < p["gradients"] and p["gradients"] + p["batchnorm"] < p["many"]
         # the mlp's native step has one collective (its batchnorm is counted and deferred); eager three
         assert p["batchnorm"] == 0 if engine == "fast" else p["batchnorm"] > 0

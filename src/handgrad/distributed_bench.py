@@ -44,6 +44,7 @@ class BenchConfig:
     seed: int = 42
     engine: str = "fast"  # fast: the ranks' native program vs one process's best native step; eager: both eager
     repeat: int = 1  # alternate one process and nproc processes this many times; medians are reported
+    tile: int = 0  # examples per tile of the native program (activation checkpointing), 0: none
 
     def __post_init__(self) -> None:
         if self.model not in models.MODELS:
@@ -65,6 +66,9 @@ class BenchConfig:
                                   f"{self.dtype}")
         if self.repeat < 1:
             raise BenchUsageError(f"--repeat {self.repeat}: expected 1 or more")
+        if self.tile < 0 or (self.tile and self.engine != "fast"):
+            raise BenchUsageError(f"--tile {self.tile}: expected 0 (no tiles) or a number of examples per tile, "
+                                  "with --engine fast")
 
 
 MIN_STEPS, MAX_STEPS = 3, 2000
@@ -115,8 +119,9 @@ class BenchResult:
 
     def table(self) -> str:
         c, R = self.config, self.config["nproc"]
-        engines = ("1 process: the faster of its fast engine and the native program as 1 rank, ranks: the "
-                   "native program" if c["engine"] == "fast" else "both eager")
+        tiles = f", tiles of {c['tile']} examples" if c.get("tile") else ""
+        engines = (f"1 process: the fastest of its fast engine and the native program as 1 rank{tiles and ' (untiled or tiled)'}, "
+                   f"ranks: the native program{tiles}" if c["engine"] == "fast" else "both eager")
         lines = [f"python -m handgrad.distributed_bench: {c['model']} ({self.params:,} floats all-reduced "
                  f"per step, {c['dtype']}), {R} processes vs 1 ({engines}), gloo on 127.0.0.1, 1 thread each"
                  + (f", median of {c['repeat']} alternating runs" if c["repeat"] > 1 else ""),
@@ -189,12 +194,16 @@ def one_process_steps(cfg: BenchConfig, model) -> dict[str, object]:
     """The single-process steps to compare with, by name; at each batch size the faster one counts.
     --engine eager: the eager step. fast: the step a user gets (train.select_engine's: the fused
     lecture step for mlp, the native program for the others), and the ranks' native program as one rank
-    (distributed.WorldOfOne: the first batchnorm counted and deferred, no collective), which a single
-    process can run too: the ranks must beat the better of the two."""
+    (distributed.WorldOfOne: the first batchnorm counted and deferred, no collective), untiled and with
+    the ranks' --tile, which a single process can run too: the ranks must beat the best of them."""
     if cfg.engine == "eager":
         return {"eager": train.eager_steps}
-    return {"engine": train.select_engine(model, train.TrainConfig(engine="fast"))[0],
-            "1 rank": distributed.native_data_parallel_steps(distributed.WorldOfOne(), fast.load_program_library())}
+    lib = fast.load_program_library()
+    steps = {"engine": train.select_engine(model, train.TrainConfig(engine="fast"))[0],
+             "1 rank": distributed.native_data_parallel_steps(distributed.WorldOfOne(), lib)}
+    if cfg.tile:
+        steps["1 rank tiled"] = distributed.native_data_parallel_steps(distributed.WorldOfOne(), lib, cfg.tile)
+    return steps
 
 
 def plan_steps(cfg: BenchConfig) -> list[int]:
@@ -237,7 +246,7 @@ def _rank_worker(comm: Comm, cfg: BenchConfig, plan: list[tuple[int, int]], size
     collectives' share; then one all-reduce of each size in `sizes`, timed alone."""
     splits, _ = _problem(cfg)
     steps_fn = (distributed.data_parallel_steps(comm) if cfg.engine == "eager" else
-                distributed.native_data_parallel_steps(comm, fast.load_program_library()))
+                distributed.native_data_parallel_steps(comm, fast.load_program_library(), cfg.tile))
     points = []
     for B, K in plan:
         _, model = _problem(cfg)
@@ -340,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "fast engine and the native program as one rank; eager: both eager")
     p.add_argument("--repeat", type=int, default=d.repeat,
                    help="alternate one process and the ranks this many times and report the median run")
+    p.add_argument("--tile", type=int, default=d.tile,
+                   help="examples per tile of the ranks' native program (activation checkpointing: the mlp's "
+                        "step is then one pass over tiles that stay in cache); the single process is timed "
+                        "with it too (default 0: no tiles)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
     return p
 
@@ -348,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = BenchConfig(args.model, args.nproc, args.batches, args.seconds, args.dtype, engine=args.engine,
-                          repeat=args.repeat)
+                          repeat=args.repeat, tile=args.tile)
     except BenchUsageError as e:
         print(f"handgrad.distributed_bench: error: {e}", file=sys.stderr)
         return 2

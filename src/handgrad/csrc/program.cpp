@@ -636,8 +636,9 @@ static void counted_stats(const Prog& g, Counted& c, const Op& bn) {
 // (Ioffe & Szegedy 2015 for the batchnorm backward; the rest is its linearity.) The mlp's step then has
 // one collective: the gradients.
 
-// Before the all-reduce, on this rank's rows: dW <- P (the rows x centred in place: nothing reads them
-// after this), dx <- (a*dpre) W^T into the embedding's gradient and scattered into dC; db stays 0.
+// Before the all-reduce, on this rank's rows (or a tile of them): dW <- P (+= over tiles; the rows x
+// centred in place: nothing reads them after this), dx <- (a*dpre) W^T into the embedding's gradient and
+// scattered into dC; db stays 0.
 static void deferred_local(const Prog& g, Counted& c, const int64_t* X, const int64_t* ix, int ne) {
     const Op &bn = g.op[2], &lin = g.op[1];
     const Tensor &in = g.t[lin.in], &mid = g.t[bn.out];
@@ -651,7 +652,8 @@ static void deferred_local(const Prog& g, Counted& c, const int64_t* X, const in
         for (long k = 0; k < c.D; ++k) mu[W.map(k)] = (float)c.mu[k];
         for (long r = 0; r < rows; ++r)
             for (long k = 0; k < in.ld; ++k) in.x[r * in.ld + k] -= mu[k];
-        pgemm(g.threads, (int)W.prow, (int)W.n1, (int)rows, in.x, 1, in.ld, mid.g, mid.ld, W.grad, W.ld, nullptr, 0);
+        pgemm(g.threads, (int)W.prow, (int)W.n1, (int)rows, in.x, 1, in.ld, mid.g, mid.ld, W.grad, W.ld, nullptr,
+              g.tiled ? 2 : 0);  // tiles add up
     }
     Timed tm(P_DX);
     for (long j = 0; j < W.n1; ++j) {
@@ -969,6 +971,11 @@ static bool backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne,
                     bn_back_dx(g, o, ne, n, i - 1 >= lo && i - 1 < hi ? o.db_below : nullptr);
                 } else if (i == lo && mode == ACCUM) {
                     bn_back_sums(g, o, ne, gain.grad, bias.grad);  // dbngain, dbnbias accumulate
+                    if (i == 2 && g.counted) {  // deferred: this tile's part of what lies below
+                        deferred_local(g, *g.counted, X, ix, ne);
+                        Timed te(P_EMBED_B);
+                        embed_backward(g, g.op[0], X, ix, ne);
+                    }
                     return true;
                 } else {
                     if (o.kind == BN_TANH) {  // recompute dpre in place (the sums are already known)
@@ -1024,7 +1031,16 @@ static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const 
             if (nbn == 64) return BAD_INDEX;  // parse() allows at most 4096 ops; fast.py fewer than 64 batchnorms
             bns[nbn++] = i;
         }
-    for (int l = 0; l < nbn; ++l) {
+    // Counted (data-parallel), the first batchnorm's statistics come from the counts and its backward is
+    // deferred: no statistics pass for it and no last pass below it (for the mlp: one pass in all).
+    const int first = g.counted ? 1 : 0;
+    if (g.counted) {
+        if (!count_rows(g, *g.counted, X, gix)) return BAD_INDEX;
+        const Op& o = g.op[bns[0]];
+        counted_stats(g, *g.counted, o);
+        finish_stats(o, g.t[o.in].ld, (long)g.BG * g.t[o.in].rpe);
+    }
+    for (int l = first; l < nbn; ++l) {
         const Op& o = g.op[bns[l]];
         const long ld = g.t[o.in].ld;
         memset(o.mean, 0, sizeof(float) * ld);
@@ -1040,7 +1056,7 @@ static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const 
     }
     int hi = g.nop;
     double total = 0.0;
-    for (int l = nbn; l >= 0; --l) {
+    for (int l = nbn; l >= first; --l) {
         int lo = l > 0 ? bns[l - 1] : 0;
         for (int e0 = 0; e0 < g.B; e0 += g.R) {
             int ne = g.B - e0 < g.R ? g.B - e0 : g.R;
@@ -1050,7 +1066,7 @@ static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const 
             if (l == nbn) total += s;
             backward(g, X, ix + e0, ne, lo, hi, l > 0 ? ACCUM : APPLY);  // no collective when tiled
         }
-        if (l > 0) {  // the batchnorm at lo now has its full sums: its gradients, and what dx needs
+        if (l > first) {  // the batchnorm at lo now has its full sums: its gradients, and what dx needs
             const Op& o = g.op[lo];
             const long ld = g.t[o.in].ld;
             memcpy(o.sum_g, g.p[o.p0].grad, sizeof(float) * ld);
@@ -1158,7 +1174,7 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
     g.gathered = sync ? static_cast<float*>(malloc(sizeof(float) * (g.ranks * 2 * widest + 1))) : nullptr;
     if (sync && (!flat || !g.gathered)) { free(flat); free(g.gathered); free(a.base); free_meta(g); return -3; }
     Counted counted{};
-    if (sync && !g.tiled && counted_shape(g, counted)) {
+    if (sync && counted_shape(g, counted)) {
         const long S = counted.nseg, V = counted.V, D = counted.D;
         counted.cnt = static_cast<int32_t*>(malloc(sizeof(int32_t) * S * V));
         counted.pair = static_cast<int32_t*>(malloc(sizeof(int32_t) * S * S * V * V));
