@@ -524,6 +524,7 @@ static bool sync_stats(const Prog& g, const Op& o, long ld, long rows) {
 struct Counted {
     long V, E, nseg, rpe, D;
     int32_t *cnt, *pair;         // (nseg, V), (nseg, nseg, V, V): s < s' used
+    uint8_t* X8;                 // (nrows, T) X in bytes (V <= 254; 255: outside the vocabulary), or null
     double *mu, *M, *Q;          // (D), (D, D), (V, E) scratch
     double *Wd, *MW;             // (D, n1): the first Linear's weight (logical rows) and M W, this step
     double *K, *y, *u, *beta, *gamma;  // the deferred backward (below): (D, D), (D), (D), (n1), (n1)
@@ -545,20 +546,27 @@ static bool counted_shape(const Prog& g, Counted& c) {
 }
 
 // The counts of the global batch gix (BG examples); false for a character outside the vocabulary.
-static bool count_rows(const Prog& g, Counted& c, const int64_t* X, const int64_t* gix) {
+// Every rank reads every example of the global batch here, at random rows of X: from the byte copy X8
+// when there is one (8x smaller than X, it stays in the cache).
+template <typename Id>
+static bool count_ids(const Prog& g, Counted& c, const Id* X, const int64_t* gix) {
     const long V = c.V, S = c.nseg;
     memset(c.cnt, 0, sizeof(int32_t) * S * V);
     memset(c.pair, 0, sizeof(int32_t) * S * S * V * V);
     for (long b = 0; b < g.BG; ++b)
         for (long r = 0; r < c.rpe; ++r) {
-            const int64_t* p = X + gix[b] * g.T + r * S;  // the row's nseg characters
+            const Id* p = X + gix[b] * g.T + r * S;  // the row's nseg characters
             for (long s = 0; s < S; ++s) {
-                if (p[s] < 0 || p[s] >= V) return false;
+                if (p[s] < 0 || (long)p[s] >= V) return false;
                 c.cnt[s * V + p[s]]++;
                 for (long t = s + 1; t < S; ++t) c.pair[((s * S + t) * V + p[s]) * V + p[t]]++;
             }
         }
     return true;
+}
+
+static bool count_rows(const Prog& g, Counted& c, const int64_t* X, const int64_t* gix) {
+    return c.X8 ? count_ids(g, c, c.X8, gix) : count_ids(g, c, X, gix);
 }
 
 // mean and M2 of the batchnorm's input over the global batch, from the counts (see above).
@@ -1183,7 +1191,12 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
         counted.mu = static_cast<double*>(malloc(sizeof(double) * (2 * D * D + 3 * D + V * counted.E + 2 * W.n1
                                                                    + 2 * D * W.n1)));
         counted.WaT = static_cast<float*>(aligned_alloc(64, (sizeof(float) * (W.n1 * W.ldT + ld + VW) + 63) / 64 * 64));
-        if (counted.cnt && counted.pair && counted.mu && counted.WaT) {
+        if (V <= 254) {  // X in bytes, 255 for a value outside the vocabulary (count_rows refuses it)
+            counted.X8 = static_cast<uint8_t*>(malloc(g.nrows * g.T));
+            for (long i = 0; counted.X8 && i < g.nrows * g.T; ++i)
+                counted.X8[i] = X[i] >= 0 && X[i] < V ? (uint8_t)X[i] : 255;
+        }
+        if (counted.cnt && counted.pair && counted.mu && counted.WaT && (V > 254 || counted.X8)) {
             counted.M = counted.mu + D;
             counted.Q = counted.M + D * D;
             counted.K = counted.Q + V * counted.E;
@@ -1243,6 +1256,7 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
     free(counted.pair);
     free(counted.mu);
     free(counted.WaT);
+    free(counted.X8);
     free(a.base);
     free_meta(g);
     return status;
