@@ -647,7 +647,7 @@ static void counted_stats(const Prog& g, Counted& c, const Op& bn) {
 // Before the all-reduce, on this rank's rows (or a tile of them): dW <- P (+= over tiles; the rows x
 // centred in place: nothing reads them after this), dx <- (a*dpre) W^T into the embedding's gradient and
 // scattered into dC; db stays 0.
-static void deferred_local(const Prog& g, Counted& c, const int64_t* X, const int64_t* ix, int ne) {
+static void deferred_local(const Prog& g, Counted& c, int ne) {
     const Op &bn = g.op[2], &lin = g.op[1];
     const Tensor &in = g.t[lin.in], &mid = g.t[bn.out];
     const Param& W = g.p[lin.p0];
@@ -683,8 +683,8 @@ static void deferred_finish(const Prog& g, Counted& c) {
     for (long k = 0; k < D; ++k) d[k] = c.mu[k] - (double)(float)c.mu[k];
     for (long j = 0; j < n1; ++j) {
         const long f = gain.map(j);
-        const double a = (double)(gain.w[f] * bn.inv[j]), inv = bn.inv[j];
-        double r = (b ? (double)b[j] : 0.0) - (double)bn.mean[j], dw = 0.0;  // r: mu W + b - mean
+        const double a = (double)(gain.w[f] * bn.inv[f]), inv = bn.inv[f];
+        double r = (b ? (double)b[j] : 0.0) - (double)bn.mean[f], dw = 0.0;  // r: mu W + b - mean
         for (long k = 0; k < D; ++k) {
             r += (double)(float)c.mu[k] * c.Wd[k * n1 + j];
             dw += d[k] * c.Wd[k * n1 + j];
@@ -965,7 +965,7 @@ static bool backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne,
                     memcpy(bias.grad, o.sum_b, sizeof(float) * in.ld);
                     if (i == 2 && g.counted) {  // the rest waits for the gradient all-reduce (above)
                         if (pending >= 0) linear_backward(g, g.op[pending], ne, true, false);
-                        deferred_local(g, *g.counted, X, ix, ne);
+                        deferred_local(g, *g.counted, ne);
                         Timed te(P_EMBED_B);
                         embed_backward(g, g.op[0], X, ix, ne);
                         return true;
@@ -980,7 +980,7 @@ static bool backward(const Prog& g, const int64_t* X, const int64_t* ix, int ne,
                 } else if (i == lo && mode == ACCUM) {
                     bn_back_sums(g, o, ne, gain.grad, bias.grad);  // dbngain, dbnbias accumulate
                     if (i == 2 && g.counted) {  // deferred: this tile's part of what lies below
-                        deferred_local(g, *g.counted, X, ix, ne);
+                        deferred_local(g, *g.counted, ne);
                         Timed te(P_EMBED_B);
                         embed_backward(g, g.op[0], X, ix, ne);
                     }
