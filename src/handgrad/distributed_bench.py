@@ -120,8 +120,9 @@ class BenchResult:
     def table(self) -> str:
         c, R = self.config, self.config["nproc"]
         tiles = f", tiles of {c['tile']} examples" if c.get("tile") else ""
-        engines = (f"1 process: the fastest of its fast engine and the native program as 1 rank{tiles and ' (untiled or tiled)'}, "
-                   f"ranks: the native program{tiles}" if c["engine"] == "fast" else "both eager")
+        one = "the native program as 1 rank" + (" (untiled or tiled)" if tiles else "")
+        engines = (f"1 process: the fastest of its fast engine and {one}, ranks: the native program{tiles}"
+                   if c["engine"] == "fast" else "both eager")
         lines = [f"python -m handgrad.distributed_bench: {c['model']} ({self.params:,} floats all-reduced "
                  f"per step, {c['dtype']}), {R} processes vs 1 ({engines}), gloo on 127.0.0.1, 1 thread each"
                  + (f", median of {c['repeat']} alternating runs" if c["repeat"] > 1 else ""),
