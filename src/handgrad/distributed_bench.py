@@ -42,7 +42,7 @@ class BenchConfig:
     seconds: float = 0.4  # timed seconds per batch size and process count (at least MIN_STEPS steps)
     dtype: str = "float32"
     seed: int = 42
-    engine: str = "fast"  # fast: the ranks' native program vs one process's best native step; eager: both eager
+    engine: str = "fast"  # fast: the ranks' native program vs one process's best native step; eager: eager
     repeat: int = 1  # alternate one process and nproc processes this many times; medians are reported
     tile: int = 0  # examples per tile of the native program (activation checkpointing), 0: none
 
@@ -67,8 +67,8 @@ class BenchConfig:
         if self.repeat < 1:
             raise BenchUsageError(f"--repeat {self.repeat}: expected 1 or more")
         if self.tile < 0 or (self.tile and self.engine != "fast"):
-            raise BenchUsageError(f"--tile {self.tile}: expected 0 (no tiles) or a number of examples per tile, "
-                                  "with --engine fast")
+            raise BenchUsageError(f"--tile {self.tile}: expected 0 (no tiles) or a number of examples per "
+                                  "tile, with --engine fast")
 
 
 MIN_STEPS, MAX_STEPS = 3, 2000
@@ -200,10 +200,11 @@ def one_process_steps(cfg: BenchConfig, model) -> dict[str, object]:
     if cfg.engine == "eager":
         return {"eager": train.eager_steps}
     lib = fast.load_program_library()
-    steps = {"engine": train.select_engine(model, train.TrainConfig(engine="fast"))[0],
-             "1 rank": distributed.native_data_parallel_steps(distributed.WorldOfOne(), lib)}
+    as_one_rank = functools.partial(distributed.native_data_parallel_steps, distributed.WorldOfOne(), lib)
+    engine = train.select_engine(model, train.TrainConfig(engine="fast"))[0]
+    steps = {"engine": engine, "1 rank": as_one_rank()}
     if cfg.tile:
-        steps["1 rank tiled"] = distributed.native_data_parallel_steps(distributed.WorldOfOne(), lib, cfg.tile)
+        steps["1 rank tiled"] = as_one_rank(cfg.tile)
     return steps
 
 
