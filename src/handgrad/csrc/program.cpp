@@ -528,7 +528,8 @@ struct Counted {
     double *mu, *M, *Q;          // (D), (D, D), (V, E) scratch
     double *Wd, *MW;             // (D, n1): the first Linear's weight (logical rows) and M W, this step
     double *K, *y, *u, *beta, *gamma;  // the deferred backward (below): (D, D), (D), (D), (n1), (n1)
-    float* WaT;                  // (n1, ldT): W^T with row j scaled by gain_j * inv_j; then (ld) scratch
+    float* WaT;                  // (n1, ldT): W^T with row j scaled by gain_j * inv_j, this step
+    float* xmu;                  // (ld): the float mean of the rows x in their layout (pads 0), this step
 };
 
 static const long COUNTED_MAX = 1L << 22;  // pair counts; a larger vocabulary or row uses the collective
@@ -626,6 +627,23 @@ static void counted_stats(const Prog& g, Counted& c, const Op& bn) {
     }
 }
 
+// The first batchnorm's statistics from the counts (its mean, var, inv), and what the deferred backward
+// (below) reads at every tile of this step: the rows' mean in their layout, W^T scaled by gain * inv.
+static void counted_first_bn(const Prog& g, Counted& c, const Op& bn) {
+    const Tensor& in = g.t[bn.in];
+    const Param& W = g.p[g.op[1].p0];
+    const float* gain = g.p[bn.p0].w;
+    counted_stats(g, c, bn);
+    finish_stats(bn, in.ld, (long)g.BG * in.rpe);
+    const Tensor& x = g.t[g.op[1].in];
+    for (long k = 0; k < x.ld; ++k) c.xmu[k] = 0.0f;
+    for (long k = 0; k < c.D; ++k) c.xmu[W.map(k)] = (float)c.mu[k];
+    for (long j = 0; j < W.n1; ++j) {
+        const float a = gain[j] * bn.inv[j];
+        for (long k = 0; k < W.ldT; ++k) c.WaT[j * W.ldT + k] = a * W.wt[j * W.ldT + k];
+    }
+}
+
 // ---------------------------------------------------------------------------- the first batchnorm's backward, deferred
 // Data-parallel with counted statistics, the first batchnorm's backward sums need no collective of their
 // own either: they are dbngain and dbnbias, which travel in the gradient all-reduce anyway, and what is
@@ -651,23 +669,15 @@ static void deferred_local(const Prog& g, Counted& c, int ne) {
     const Op &bn = g.op[2], &lin = g.op[1];
     const Tensor &in = g.t[lin.in], &mid = g.t[bn.out];
     const Param& W = g.p[lin.p0];
-    const float* gain = g.p[bn.p0].w;
     const long rows = (long)ne * in.rpe;
     {
         Timed tm(P_DW);
-        float* mu = c.WaT + W.n1 * W.ldT;  // (ld) the mean in the rows' layout, pads 0
-        for (long k = 0; k < in.ld; ++k) mu[k] = 0.0f;
-        for (long k = 0; k < c.D; ++k) mu[W.map(k)] = (float)c.mu[k];
         for (long r = 0; r < rows; ++r)
-            for (long k = 0; k < in.ld; ++k) in.x[r * in.ld + k] -= mu[k];
+            for (long k = 0; k < in.ld; ++k) in.x[r * in.ld + k] -= c.xmu[k];
         pgemm(g.threads, (int)W.prow, (int)W.n1, (int)rows, in.x, 1, in.ld, mid.g, mid.ld, W.grad, W.ld, nullptr,
               g.tiled ? 2 : 0);  // tiles add up
     }
     Timed tm(P_DX);
-    for (long j = 0; j < W.n1; ++j) {
-        const float a = gain[j] * bn.inv[j];
-        for (long k = 0; k < W.ldT; ++k) c.WaT[j * W.ldT + k] = a * W.wt[j * W.ldT + k];
-    }
     pgemm(g.threads, (int)rows, (int)W.prow, (int)W.n1, mid.g, mid.ld, 1, c.WaT, W.ldT, in.g, in.ld, nullptr, 0);
 }
 
@@ -915,8 +925,7 @@ static StepStatus forward(const Prog& g, const int64_t* X, const int64_t* ix, in
                     return OK;
                 }
                 if (mode == INLINE && i == 2 && g.counted) {
-                    counted_stats(g, *g.counted, o);  // data-parallel, no collective
-                    finish_stats(o, in.ld, (long)g.BG * in.rpe);
+                    counted_first_bn(g, *g.counted, o);  // data-parallel, no collective
                 } else if (mode == INLINE) {
                     col_mean_m2(in.x, rows, in.ld, o.mean, o.m2);
                     if (g.sync && !sync_stats(g, o, in.ld, rows)) return SYNC_FAILED;
@@ -1044,9 +1053,7 @@ static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const 
     const int first = g.counted ? 1 : 0;
     if (g.counted) {
         if (!count_rows(g, *g.counted, X, gix)) return BAD_INDEX;
-        const Op& o = g.op[bns[0]];
-        counted_stats(g, *g.counted, o);
-        finish_stats(o, g.t[o.in].ld, (long)g.BG * g.t[o.in].rpe);
+        counted_first_bn(g, *g.counted, g.op[bns[0]]);
     }
     for (int l = first; l < nbn; ++l) {
         const Op& o = g.op[bns[l]];
@@ -1190,13 +1197,14 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
         const long ld = g.t[g.op[1].in].ld;
         counted.mu = static_cast<double*>(malloc(sizeof(double) * (2 * D * D + 3 * D + V * counted.E + 2 * W.n1
                                                                    + 2 * D * W.n1)));
-        counted.WaT = static_cast<float*>(aligned_alloc(64, (sizeof(float) * (W.n1 * W.ldT + ld + VW) + 63) / 64 * 64));
+        counted.WaT = static_cast<float*>(aligned_alloc(64, (sizeof(float) * (W.n1 * W.ldT + VW) + 63) / 64 * 64));
+        counted.xmu = static_cast<float*>(malloc(sizeof(float) * ld));
         if (V <= 254) {  // X in bytes, 255 for a value outside the vocabulary (count_rows refuses it)
             counted.X8 = static_cast<uint8_t*>(malloc(g.nrows * g.T));
             for (long i = 0; counted.X8 && i < g.nrows * g.T; ++i)
                 counted.X8[i] = X[i] >= 0 && X[i] < V ? (uint8_t)X[i] : 255;
         }
-        if (counted.cnt && counted.pair && counted.mu && counted.WaT && (V > 254 || counted.X8)) {
+        if (counted.cnt && counted.pair && counted.mu && counted.WaT && counted.xmu && (V > 254 || counted.X8)) {
             counted.M = counted.mu + D;
             counted.Q = counted.M + D * D;
             counted.K = counted.Q + V * counted.E;
@@ -1256,6 +1264,7 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
     free(counted.pair);
     free(counted.mu);
     free(counted.WaT);
+    free(counted.xmu);
     free(counted.X8);
     free(a.base);
     free_meta(g);
