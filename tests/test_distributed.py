@@ -368,6 +368,30 @@ def test_the_deferred_first_batchnorm_backward_matches_float64_autograd(name, se
         assert err <= 2e-5, f"d{k}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("bad", [-1, 27, 300])
+@pytest.mark.parametrize("tile", [0, 8])
+def test_a_character_outside_the_vocabulary_in_another_ranks_rows_stops_every_rank_at_that_step(tile, bad):
+    """Every rank counts the whole global batch (the first batchnorm, counted), so a bad character in
+    rank 1's rows of step 2 stops rank 0 at step 2 too, before any collective of that step (else rank 0
+    would wait in the all-reduce for a rank that stopped): IndexError naming the step, the state
+    before it kept, untiled and tiled. Rank 0 of 2 of the mlp runs here alone (WorldOfOne sums over
+    one rank, so the losses are not the 2-rank ones; the mlp's one batchnorm makes no other
+    collective)."""
+    lib = fast.load_program_library()
+    splits, model, idx, lrs = _native_problem("mlp")
+    _, before, _, _ = _native_problem("mlp")
+    X = splits.Xtr.clone()
+    X[idx[2, 20], 1] = bad  # idx (6, 32): columns 16.. are rank 1's
+    one = distributed.WorldOfOne()
+    run = fast.make_program_fn(lib, tile, sync=distributed.NativeCollectives(one).fn)
+    with torch.no_grad():
+        run(before, X, splits.Ytr, idx[:2], lrs[:2], ranks=2, rank=0)
+        with pytest.raises(IndexError, match="at step 2"):
+            run(model, X, splits.Ytr, idx, lrs, ranks=2, rank=0)
+    assert one.calls["gradients"] == 4  # 2 steps each time; none at step 2
+    assert all(torch.equal(model.params()[k], v) for k, v in before.params().items())
+
+
 @pytest.mark.parametrize("error, at", [(distributed.PeerLost("rank 0: the gradients collective failed"), 1),
                                        (KeyboardInterrupt(), 0), (KeyboardInterrupt(), 3)])
 def test_a_failed_collective_in_the_native_step_is_raised_and_keeps_the_state_before_that_step(error, at):
