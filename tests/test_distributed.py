@@ -691,3 +691,18 @@ def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
     assert last.startswith("handgrad: error: rank 1 stopped responding (rank 0 gave up waiting for it)"), last
     assert "Timed out" in stderr
     assert checkpoint.load(out).state.step >= 100
+
+
+@pytest.mark.parametrize("dtype, engine, tile, want, warns", [
+    (torch.float32, "auto", 8, "fast", []),
+    (torch.float64, "auto", 0, "eager", ["fast path unavailable"]),
+    (torch.float64, "auto", 8, "eager", ["fast path unavailable", "--recompute-tile"]),
+    (torch.float32, "eager", 8, "eager", ["--recompute-tile"]),
+])
+def test_a_rank_runs_the_native_program_where_one_process_would_and_says_why_not(dtype, engine, tile, want,
+                                                                                   warns):
+    model = models.build(models.preset("mlp"), 0, dtype)
+    tcfg = TrainConfig(engine=engine, recompute_tile=tile)
+    steps_fn, name, warning = distributed.select_engine(distributed.WorldOfOne(), model, tcfg)
+    assert name == want and callable(steps_fn) and "\n" not in warning
+    assert [w for w in warns if w in warning] == warns and (warning == "") == (not warns)

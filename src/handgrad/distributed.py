@@ -730,7 +730,7 @@ def select_engine(comm: Comm, model, tcfg: TrainConfig) -> tuple[StepsFn, str, s
     reason = native_reason(model, tcfg)
     if not reason:
         return native_data_parallel_steps(comm, fast.load_program_library(), tcfg.recompute_tile), "fast", ""
-    warning = "" if tcfg.engine == "eager" else f"fast path unavailable ({reason}); using the eager path"
+    warnings = [] if tcfg.engine == "eager" else [f"fast path unavailable ({reason}); using the eager path"]
     if tcfg.recompute_tile:
-        warning = "activation checkpointing (--recompute-tile) needs the fast engine; ignored"
-    return data_parallel_steps(comm), "eager", warning
+        warnings.append("activation checkpointing (--recompute-tile) needs the fast engine; ignored")
+    return data_parallel_steps(comm), "eager", "; ".join(warnings)
