@@ -333,15 +333,17 @@ def _deferred_case(name, seed):
     return model, torch.randint(0, V, (48, T), generator=g), torch.randint(0, V, (48,), generator=g)
 
 
+@pytest.mark.parametrize("via", ["hook", "one process"])
 @pytest.mark.parametrize("tile", [0, 16])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("name", ["mlp", "deep", "wavenet", "bias"])
-def test_the_deferred_first_batchnorm_backward_matches_float64_autograd(name, seed, tile):
+def test_the_deferred_first_batchnorm_backward_matches_float64_autograd(name, seed, tile, via):
     """program.cpp's deferred backward of the first batchnorm (the rows' part before the gradient
     all-reduce, the terms that need the global sums from the counts after it): every gradient of one
-    step through the hook (a world of one) against float64 autograd on the same batch. A bias in
-    front of a batchnorm (the mlp's b1) has a zero gradient in exact arithmetic. tile 16: activation
-    checkpointing, 3 tiles of the 48 examples (the deferred part summed tile by tile)."""
+    step, through the hook (a world of one) and in one process asked to count (no hook: what
+    handgrad train runs for the mlp at large batches), against float64 autograd on the same batch. A
+    bias in front of a batchnorm (the mlp's b1) has a zero gradient in exact arithmetic. tile 16:
+    activation checkpointing, 3 tiles of the 48 examples (the deferred part summed tile by tile)."""
     from handgrad import reference
     model, X, Y = _deferred_case(name, seed)
     ref = reference.autograd_grads(models.cast(copy.deepcopy(model), torch.float64), X, Y)
@@ -352,10 +354,11 @@ def test_the_deferred_first_batchnorm_backward_matches_float64_autograd(name, se
     with torch.no_grad():
         losses, status, prog = fast._run_program(fast.load_program_library(), model, X, Y,
                                                  torch.arange(X.shape[0])[None], torch.zeros(1, dtype=torch.float64),
-                                                 tile, out, sync=hook.fn)
+                                                 tile, out, sync=hook.fn if via == "hook" else None,
+                                                 count=via != "hook")
     later = sum(isinstance(layer, BatchNorm1d) for layer in model.layers) - 1  # the first one: no collective
-    assert status == -1 and dict(one.calls) == {"gradients": 1, **({"batchnorm forward": later,
-                                                                     "batchnorm backward": later} if later else {})}
+    calls = {"gradients": 1, **({"batchnorm forward": later, "batchnorm backward": later} if later else {})}
+    assert status == -1 and dict(one.calls) == (calls if via == "hook" else {})
     assert abs(float(losses[0]) - float(ref.loss)) <= 1e-5 * float(ref.loss)
     grads = dict(zip(prog.params, out.split([params[n].numel() for n in prog.params])))
     scale = max(float(r.abs().max()) for r in ref.grads.values())
@@ -706,3 +709,41 @@ def test_a_rank_runs_the_native_program_where_one_process_would_and_says_why_not
     steps_fn, name, warning = distributed.select_engine(distributed.WorldOfOne(), model, tcfg)
     assert name == want and callable(steps_fn) and "\n" not in warning
     assert [w for w in warns if w in warning] == warns and (warning == "") == (not warns)
+
+
+@pytest.mark.parametrize("tile", [0, 16])
+@pytest.mark.parametrize("name", ["mlp", "deep", "wavenet"])
+def test_one_process_asked_to_count_runs_the_ranks_counted_step(name, tile):
+    """fast's count=True in one process is the data-parallel step's counted and deferred first batchnorm
+    (the same bits as through the hook of a world of one), not the plain program's (its statistics from
+    the rows: other roundings), for 3 SGD steps."""
+    model, X, Y = _deferred_case(name, 0)
+    idx = torch.randint(0, X.shape[0], (3, 24), generator=torch.Generator().manual_seed(1))
+    lrs = torch.full((3,), 0.1, dtype=torch.float64)
+    lib = fast.load_program_library()
+    runs = {"hook": distributed.native_data_parallel_steps(distributed.WorldOfOne(), lib, tile),
+            "count": fast.make_program_fn(lib, tile, count=True), "plain": fast.make_program_fn(lib, tile)}
+    after = {}
+    for what, steps in runs.items():
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            steps(m, X, Y, idx, lrs)
+        after[what] = torch.cat([t.flatten() for t in m.params().values()])
+    assert torch.equal(after["count"], after["hook"])
+    assert not torch.equal(after["count"], after["plain"])
+    assert torch.allclose(after["count"], after["plain"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name, world, batch, want", [
+    ("mlp", 1, fast.COUNTED_ROWS, fast.CACHE_TILE), ("mlp", 2, fast.COUNTED_ROWS, 0),
+    ("mlp", 2, 2 * fast.COUNTED_ROWS, fast.CACHE_TILE), ("mlp", 1, 32, 0), ("deep", 1, 10 ** 5, 0)])
+def test_a_rank_runs_the_mlp_in_cache_tiles_from_counted_rows_per_rank(monkeypatch, model_name, world, batch,
+                                                                        want):
+    """distributed.select_engine tiles the mlp's native program (fast.CACHE_TILE) as one process does,
+    from fast.COUNTED_ROWS examples per rank (fast.cache_tile); deep never unasked."""
+    asked = []
+    monkeypatch.setattr(distributed, "native_data_parallel_steps", lambda comm, lib, tile: asked.append(tile))
+    one = distributed.WorldOfOne()
+    one.world = world  # the rule reads the number of ranks only
+    distributed.select_engine(one, models.build(models.preset(model_name), 0), TrainConfig(batch_size=batch))
+    assert asked == [want]

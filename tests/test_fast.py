@@ -5,6 +5,7 @@ activation checkpointing, argument errors, the build cache and the fallback to e
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 
@@ -573,3 +574,64 @@ def test_a_corrupt_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
     fast._digest_path(path).unlink()  # a cache from before the digests: rebuilt once, then trusted
     assert not fast._cached_ok(path) and fast.build() == path and fast._cached_ok(path)
+
+
+# ---------------------------------------------------------------------------- large batches: counted, tiled
+def _large_mlp(n_hidden=24, n=9000):
+    cfg, model, X, Y = _mlp(8, 3, 10, n_hidden, 27, seed=3, n=n)
+    return cfg, model, X, Y
+
+
+@pytest.mark.parametrize("batch, tile, want", [
+    (32, 0, "fused"), (fast.COUNTED_ROWS // 2, 0, "fused"), (fast.COUNTED_ROWS // 2, 64, "fused"),
+    (fast.COUNTED_ROWS, 0, fast.CACHE_TILE), (fast.COUNTED_ROWS, 1000, 1000)])
+def test_the_mlp_engine_counts_in_cache_tiles_from_counted_rows(batch, tile, want):
+    """train.select_engine for the lecture MLP: below fast.COUNTED_ROWS examples per step the fused step
+    (with the tile asked for); from there the native program with its first batchnorm counted and
+    deferred, in tiles of fast.CACHE_TILE or of the --recompute-tile asked for: the same bits, 2 SGD
+    steps, as that step run directly, and not the other's."""
+    _, model, X, Y = _large_mlp()
+    idx = torch.randint(0, X.shape[0], (2, batch), generator=torch.Generator().manual_seed(0))
+    lrs = torch.full((2,), 0.1, dtype=torch.float64)
+    lib = fast.load_program_library()
+    fused = fast.make_steps_fn(fast.load_library(), tile)
+    counted = fast.make_program_fn(lib, want if want != "fused" else tile, count=True)
+    chosen = train.select_engine(model, TrainConfig(batch_size=batch, recompute_tile=tile))[0]
+    after = {}
+    for what, steps in {"chosen": chosen, "fused": fused, "counted": counted}.items():
+        m = _copy(model)
+        with torch.no_grad():
+            steps(m, X, Y, idx, lrs)
+        after[what] = torch.cat([t.flatten() for t in m.params().values()])
+    other = "counted" if want == "fused" else "fused"
+    assert torch.equal(after["chosen"], after["fused" if want == "fused" else "counted"])
+    assert not torch.equal(after["chosen"], after[other])
+
+
+def test_cache_tiles_only_for_the_lecture_mlp():
+    """fast.cache_tile: the tile asked for always; else CACHE_TILE for the lecture MLP from COUNTED_ROWS
+    rows per process (its counted tiled step is one pass); never for deep or wavenet, whose tiles cost a
+    pass per later batchnorm (activation checkpointing, only when asked)."""
+    mlp = models.build(ModelConfig(), 0)
+    assert fast.cache_tile(mlp, fast.COUNTED_ROWS - 1) == 0
+    assert fast.cache_tile(mlp, fast.COUNTED_ROWS) == fast.CACHE_TILE
+    assert fast.cache_tile(mlp, 10 ** 6, 300) == 300 and fast.cache_tile(mlp, 32, 8) == 8
+    for name in ("deep", "wavenet"):
+        assert fast.cache_tile(models.build(models.preset(name), 0), 10 ** 6) == 0
+    assert fast.cache_tile(models.build(ModelConfig(), 0, torch.float64), 10 ** 6) == 0
+
+
+def test_the_counted_engine_trains_as_autograd_does():
+    """handgrad train's engine at fast.COUNTED_ROWS examples per step (the counted program in tiles)
+    against autograd from the same init on the same batches: per-step losses within float32 rounding,
+    and a run split into two train() calls gives the same bits as one."""
+    cfg, _, X, Y = _large_mlp()
+    splits = type("S", (), {"Xtr": X, "Ytr": Y})()
+    tcfg = TrainConfig(steps=12, chunk_steps=4, batch_size=fast.COUNTED_ROWS, lr=0.5)
+    hand = train.train(splits, cfg, tcfg)
+    ref = train.train(splits, cfg, tcfg, steps_fn=reference.autograd_steps)
+    assert float((hand.losses - ref.losses).abs().max()) <= 1e-5
+    half = train.train(splits, cfg, dataclasses.replace(tcfg, steps=8))
+    rest = train.train(splits, cfg, tcfg, state=half)
+    assert torch.equal(rest.losses, hand.losses)
+    assert all(torch.equal(a, b) for a, b in zip(rest.model.params().values(), hand.model.params().values()))

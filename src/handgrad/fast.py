@@ -35,7 +35,7 @@ SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
 PROGRAM_SOURCE = Path(__file__).parent / "csrc" / "program.cpp"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", "-fno-rtti", "-pthread"]
 ABI_VERSION = 1
-PROGRAM_ABI = 3
+PROGRAM_ABI = 4
 GRAD_NAMES = ("loss", "dC", "dW1", "db1", "dW2", "db2", "dbngain", "dbnbias")  # status codes of hg_steps
 
 _lock = threading.Lock()
@@ -379,12 +379,13 @@ class Program:
     params: tuple[str, ...]
     buffers: tuple[str, ...]  # running mean, running var per batchnorm
 
-    def desc(self, B: int, K: int, nrows: int, tile: int, threads: int = 1, ranks: int = 1, rank: int = 0
-             ) -> Tensor:
+    def desc(self, B: int, K: int, nrows: int, tile: int, threads: int = 1, ranks: int = 1, rank: int = 0,
+             count: bool = False) -> Tensor:
         """B examples per step in this process, of a global batch of B * ranks (data-parallel: this
-        process is `rank` and takes the columns rank*B .. rank*B + B-1 of idx)."""
-        return torch.tensor([B, self.T, K, nrows, tile, *self.counts, threads, ranks, rank, *self.body],
-                            dtype=torch.int64)
+        process is `rank` and takes the columns rank*B .. rank*B + B-1 of idx). count: the first
+        batchnorm's statistics from character counts in one process too (program.cpp's Counted)."""
+        return torch.tensor([B, self.T, K, nrows, tile, *self.counts, threads, ranks, rank, int(count),
+                             *self.body], dtype=torch.int64)
 
 
 def program_reason(model) -> str:
@@ -483,8 +484,8 @@ def compile_program(model, T: int) -> Program:
 
 
 def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, tile: int,
-                 grads_out: Tensor | None, threads: int = 1, sync=None, ranks: int = 1, rank: int = 0
-                 ) -> tuple[Tensor, int, Program]:
+                 grads_out: Tensor | None, threads: int = 1, sync=None, ranks: int = 1, rank: int = 0,
+                 count: bool = False) -> tuple[Tensor, int, Program]:
     X, Y, ix, lr = _step_inputs(Xtr, Ytr, idx, lrs)
     K, BG = ix.shape
     if BG % ranks:
@@ -502,7 +503,7 @@ def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
     np_ = len(prog.params)
     pp = (ctypes.c_void_p * max(np_, 1))(*(t.data_ptr() for t in bufs[:np_]))
     bp = (ctypes.c_void_p * max(len(prog.buffers), 1))(*(t.data_ptr() for t in bufs[np_:]))
-    desc = prog.desc(B, K, X.shape[0], tile, threads, ranks, rank)
+    desc = prog.desc(B, K, X.shape[0], tile, threads, ranks, rank, count)
     fdesc = torch.tensor(prog.fdesc or (0.0,), dtype=torch.float64)
     losses = torch.empty(K, dtype=torch.float64)  # (K,)
     status = lib.hg_program_steps(desc.data_ptr(), fdesc.data_ptr(), pp, bp, X.data_ptr(), Y.data_ptr(),
@@ -523,12 +524,15 @@ def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
     return losses, int(status), prog
 
 
-def make_program_fn(lib: ctypes.CDLL, tile: int = 0, threads: int = 1, sync=None) -> Callable:
+def make_program_fn(lib: ctypes.CDLL, tile: int = 0, threads: int = 1, sync=None, count: bool = False
+                    ) -> Callable:
     """The steps function of train.py's contract running the model's program in native code. tile > 0
     turns on activation checkpointing with that many examples per tile; threads 2 splits the large
     matrix products (program.cpp's PAR_MIN_MACS: a large batch) over two threads, bit-identically.
     sync (a SYNC_FN) makes it rank `rank` of `ranks` in a data-parallel step: idx holds each step's
-    global batch, of which it takes its columns (handgrad.distributed.native_data_parallel_steps)."""
+    global batch, of which it takes its columns (handgrad.distributed.native_data_parallel_steps).
+    count: in one process too, the first batchnorm's statistics from character counts and its backward
+    deferred to the end of the step (as the ranks do; data-parallel it is always on)."""
     from handgrad.train import NonFiniteError
 
     def program_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, ranks: int = 1,
@@ -538,7 +542,7 @@ def make_program_fn(lib: ctypes.CDLL, tile: int = 0, threads: int = 1, sync=None
         if reason:
             raise ValueError(reason)
         losses, status, prog = _run_program(lib, model, Xtr, Ytr, idx, lrs, tile, None, threads, sync, ranks,
-                                            rank)
+                                            rank, count)
         if status >= 0:
             k, r = divmod(status, len(prog.params) + 1)
             raise NonFiniteError(k, "loss" if r == 0 else "d" + prog.params[r - 1])
@@ -569,12 +573,37 @@ def profile_program(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor,
 
 
 # ---------------------------------------------------------------------------- planning
-def plan(model, tile: int = 0, threads: int = 1) -> tuple[Callable | None, str]:
-    """(steps_fn, "") when the fast path can run this model, else (None, one-line reason): the lecture
-    MLP's fused step (one thread), else the model's native program (threads: 1 or 2, see
-    make_program_fn)."""
+# From COUNTED_ROWS examples per step in a process, the lecture MLP's step is faster as the native program
+# with its first batchnorm counted and deferred, in tiles of CACHE_TILE examples: one pass over tiles that
+# stay in the cache, nothing recomputed (program.cpp's Counted). Measured here, one thread, against the
+# fused step: 0.95x at 2,048, 1.15x at 3,072, 1.1x at 4,096, 1.6x at 8,192, 1.8x at 16,384, 2.8x at
+# 65,536 (docs/speed.md); tiles of 64 to 512 all within 5% of each other.
+COUNTED_ROWS = 4096
+CACHE_TILE = 128
+
+
+def cache_tile(model, rows: int, tile: int = 0) -> int:
+    """The tile of the native program for `rows` examples per step in this process: `tile` when one is
+    asked for; else CACHE_TILE for the lecture MLP from COUNTED_ROWS rows (its tiled step, counted, is one
+    pass: tiles cost nothing there); else 0 (untiled)."""
+    if tile or rows < COUNTED_ROWS or isinstance(mlp_view(model), str):
+        return tile
+    return CACHE_TILE
+
+
+def plan(model, tile: int = 0, threads: int = 1, batch: int = 0) -> tuple[Callable | None, str]:
+    """(steps_fn, "") when the fast path can run this model, else (None, one-line reason). The lecture
+    MLP: its fused step (one thread), or from COUNTED_ROWS examples per step (`batch`) the native
+    program with its first batchnorm counted, in cache_tile's tiles. Other models: their native program.
+    threads: 1 or 2 for the native program (see make_program_fn)."""
     view = mlp_view(model)
     if not isinstance(view, str):
+        if batch >= COUNTED_ROWS and not program_reason(model):
+            try:
+                return make_program_fn(load_program_library(), cache_tile(model, batch, tile), threads,
+                                       count=True), ""
+            except FastUnavailable:
+                pass  # the fused step below still runs it
         try:
             return make_steps_fn(load_library(), tile), ""
         except FastUnavailable as e:

@@ -162,7 +162,8 @@ def select_engine(model, tcfg: TrainConfig) -> tuple[StepsFn, str, str]:
         fn, reason = None, f"cannot import handgrad.fast: {e}"
     else:
         # the native program uses a second thread for large products when torch may use two (--threads)
-        fn, reason = fast.plan(model, tile=tcfg.recompute_tile, threads=min(2, torch.get_num_threads()))
+        fn, reason = fast.plan(model, tile=tcfg.recompute_tile, threads=min(2, torch.get_num_threads()),
+                               batch=tcfg.batch_size)
     if fn is not None:
         return fn, "fast", ""
     if tcfg.engine == "fast":

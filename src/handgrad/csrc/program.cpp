@@ -197,7 +197,8 @@ struct Prog {
     int ranks, rank, BG;         // processes, this one, examples of the global batch (B * ranks)
     SyncFn sync;                 // null in one process
     float* gathered;             // (ranks, 2 * ld) of the widest batchnorm: every rank's mean|M2
-    struct Counted* counted;     // data-parallel: the first batchnorm's statistics from counts, or null
+    struct Counted* counted;     // the first batchnorm's statistics from counts (and deferred), or null
+    bool count;                  // counted asked for in one process (data-parallel: always tried)
     int threads;                 // 1, or 2: large matrix products are split over two threads
     long nrows;
     bool tiled;
@@ -224,12 +225,13 @@ struct Arena {
 // Descriptor layout (int64), written by fast.py:
 //   header: B, T, K, nrows, R (examples per tile; R >= B: no recomputation), nt, nop, np, threads,
 //           ranks, rank (data-parallel processes, each with B examples of the global batch of B * ranks:
-//           idx holds the global batch, this process takes columns rank*B .. rank*B + B-1)
+//           idx holds the global batch, this process takes columns rank*B .. rank*B + B-1),
+//           count (1: the first batchnorm counted and deferred in one process too; data-parallel always)
 //   nt tensors:  rpe, nseg, c, segstride, alias
 //   nop ops:     kind, in, out, p0, p1, bn (this batchnorm's index: eps/momentum in fdesc, buffers)
 //   np params:   kind, n0, n1, op (the op whose input layout the rows/features map onto)
 //   np entries:  the order in which gradients are checked
-static const int HDR = 11, TW = 5, OW = 6, PW = 4;
+static const int HDR = 12, TW = 5, OW = 6, PW = 4;
 
 static bool parse(const int64_t* d, const double* fd, float** params, float** bufs, Prog& g, Arena& a) {
     g.B = (int)d[0]; g.T = (int)d[1]; g.K = (int)d[2]; g.nrows = d[3];
@@ -244,6 +246,7 @@ static bool parse(const int64_t* d, const double* fd, float** params, float** bu
     g.sync = nullptr;
     g.gathered = nullptr;
     g.counted = nullptr;
+    g.count = d[11] != 0;
     if (g.B < 1 || g.BG < 2 || g.T < 1 || g.K < 0 || g.nt < 1 || g.nop < 2 || g.np < 1 || g.nt > 4096 || g.nop > 4096
         || g.np > 4096)
         return false;
@@ -521,6 +524,8 @@ static bool sync_stats(const Prog& g, const Op& o, long ld, long rows) {
 // and mean(x), M2(x) (D x D) follow from counts of characters per segment and of pairs per two
 // segments of a row: sum x_(s,e) = sum_v cnt_s[v] C[v,e], sum x_(s,e) x_(s',e') = sum_(v,v')
 // pair_(s,s')[v,v'] C[v,e] C[v',e']. In double: M2 = sum x x^T - N mean mean^T loses nothing there.
+// One process can ask for it too (header `count`): with the deferred backward below, the mlp's tiled step
+// is then one pass over tiles that stay in the cache (no statistics pass, nothing recomputed).
 struct Counted {
     long V, E, nseg, rpe, D;
     int32_t *cnt, *pair;         // (nseg, V), (nseg, nseg, V, V): s < s' used
@@ -1125,7 +1130,7 @@ static size_t workspace(const int64_t* d, const double* fd) {
 
 extern "C" {
 
-int hg_program_abi() { return 3; }
+int hg_program_abi() { return 4; }
 
 // The size (multiply-adds) from which a product is split over two threads when allowed.
 double hg_program_par_min_macs() { return PAR_MIN_MACS; }
@@ -1189,7 +1194,7 @@ long hg_program_steps(const int64_t* desc, const double* fdesc, float** params, 
     g.gathered = sync ? static_cast<float*>(malloc(sizeof(float) * (g.ranks * 2 * widest + 1))) : nullptr;
     if (sync && (!flat || !g.gathered)) { free(flat); free(g.gathered); free(a.base); free_meta(g); return -3; }
     Counted counted{};
-    if (sync && counted_shape(g, counted)) {
+    if ((sync || g.count) && counted_shape(g, counted)) {
         const long S = counted.nseg, V = counted.V, D = counted.D;
         counted.cnt = static_cast<int32_t*>(malloc(sizeof(int32_t) * S * V));
         counted.pair = static_cast<int32_t*>(malloc(sizeof(int32_t) * S * S * V * V));
