@@ -33,9 +33,9 @@ def test_the_fit_weighs_small_sizes_as_much_as_large_ones():
     (["--engine", "jit"], "--engine jit: expected fast or eager"),
     (["--dtype", "float64"], "--engine fast runs float32 only; give --engine eager for --dtype float64"),
     (["--repeat", "0"], "--repeat 0: expected 1 or more"),
-    (["--tile", "-8"], "--tile -8: expected 0 (no tiles) or a number of examples per tile"),
-    (["--tile", "64", "--engine", "eager"], "--tile 64: expected 0 (no tiles) or a number of examples per tile, "
-                                            "with --engine fast"),
+    (["--tile", "-8"], "--tile -8: expected 0 (as handgrad train) or a number of examples per tile"),
+    (["--tile", "64", "--engine", "eager"], "--tile 64: expected 0 (as handgrad train) or a number of examples "
+                                            "per tile, with --engine fast"),
 ])
 def test_bad_flags_exit_2_in_one_line(capsys, argv, expected):
     assert distributed_bench.main(argv) == 2

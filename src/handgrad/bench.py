@@ -102,13 +102,15 @@ class BenchResult:
                 lines.append(f"{r.name:<40} {ms}  {r.note}")
         if self.large:
             lines += ["", f"large batch {self.large_batch}: examples per second",
-                      f"{'engine':<27} {'ex/s':>12} {'ms/step':>9}", "-" * 48]
+                      f"{'engine':<27} {'ex/s':>12} {'ms/step':>9} {'x fast':>7}", "-" * 56]
+            fast_l = next((r.us_per_step for r in self.large if r.name == "fast"), None)
             for r in self.large:
                 if r.us_per_step is None:
-                    lines.append(f"{r.name:<27} {'-':>12} {'-':>9}  {r.note}")
+                    lines.append(f"{r.name:<27} {'-':>12} {'-':>9} {'-':>7}  {r.note}")
                 else:
+                    x = f"{r.us_per_step / fast_l:.2f}" if fast_l else "-"
                     lines.append(f"{r.name:<27} {self.large_batch / r.us_per_step * 1e6:>12,.0f} "
-                                 f"{r.us_per_step / 1e3:>9.2f}  {r.note}")
+                                 f"{r.us_per_step / 1e3:>9.2f} {x:>7}  {r.note}")
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -291,7 +293,7 @@ def _engines(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, 
     rows = []
 
     progress("fast")
-    fn, reason = fast.plan(model0)
+    fn, reason = fast.plan(model0, batch=B)  # as handgrad train runs it at batch B
     if fn is None:
         rows.append(Row("fast", None, f"unavailable: {reason}"))
     else:
@@ -311,6 +313,14 @@ def _engines(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, 
         one_step = lambda i: fn(model, Xtr, Ytr, idx[i % n1:i % n1 + 1], one)  # noqa: E731
         rows.append(_row("fast, 1 step per call", _time_each(one_step, n1, warmup=20),
                          "the same native program called once per step (ctypes, copy-in/out)"))
+        lecture_mlp = not isinstance(fast.mlp_view(model0), str)
+        fused = fast.plan(model0)[0] if B >= fast.COUNTED_ROWS and lecture_mlp else None
+        if fused is not None:  # what "fast" is below COUNTED_ROWS, for the ratio
+            model = fresh()
+            rows.append(_row("fast, fused lecture step", _time_each(
+                lambda i: fused(model, Xtr, Ytr, idx[i % nchunks * chunk:i % nchunks * chunk + chunk], lrs),
+                nchunks, warmup=1, per=chunk), f"the lecture MLP's fused step, {chunk} steps per call "
+                f"(handgrad train's below {fast.COUNTED_ROWS:,} examples per step)"))
 
     progress("eager")
     model = fresh()
@@ -387,12 +397,14 @@ def _threads(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, 
     try:
         for t in (1, 2):
             model = models.build(mcfg, seed)
-            fn, reason = fast.plan(model, threads=t)
+            fn, reason = fast.plan(model, threads=t, batch=B)
             if fn is None:
                 rows.append(Row(f"fast, {t} thread(s)", None, f"unavailable: {reason}"))
             else:
-                note = ("the MLP step runs on one thread" if not isinstance(fast.mlp_view(model), str) else
-                        "products of >= 8M multiply-adds split in two")
+                mlp = not isinstance(fast.mlp_view(model), str)
+                note = ("products of >= 8M multiply-adds split in two" if not mlp else
+                        "the MLP step runs on one thread" if B < fast.COUNTED_ROWS else
+                        f"the MLP in tiles of {fast.CACHE_TILE}: no product large enough to split")
                 rows.append(_row(f"fast, {t} thread(s)", _time_each(
                     lambda i, fn=fn, m=model: fn(m, Xtr, Ytr, idx[i * chunk:(i + 1) * chunk], lrs), nchunks,
                     warmup=1, per=chunk), note if t == 2 else ""))
@@ -444,7 +456,8 @@ def run_bench(model: str = "mlp", batch_size: int = 32, steps: int = 5000, threa
         if large_batch:
             progress(f"large batch {large_batch}")
             rows_l = _engines(mcfg, splits, large_batch, large_steps, False, seed, 10, False, progress)
-            large = [r for r in rows_l if r.name in ("fast", "eager hand-written", "autograd eager")]
+            large = [r for r in rows_l if r.name in ("fast", "fast, fused lecture step", "eager hand-written",
+                                                     "autograd eager")]
         m = models.build(mcfg, seed)
         flop = gemm_flop(gemm_shapes(m, splits.Xtr[:batch_size]))
     finally:

@@ -44,7 +44,7 @@ class BenchConfig:
     seed: int = 42
     engine: str = "fast"  # fast: the ranks' native program vs one process's best native step; eager: eager
     repeat: int = 1  # alternate one process and nproc processes this many times; medians are reported
-    tile: int = 0  # examples per tile of the native program (activation checkpointing), 0: none
+    tile: int = 0  # examples per tile of the native program; 0: as handgrad train chooses (fast.cache_tile)
 
     def __post_init__(self) -> None:
         if self.model not in models.MODELS:
@@ -67,8 +67,8 @@ class BenchConfig:
         if self.repeat < 1:
             raise BenchUsageError(f"--repeat {self.repeat}: expected 1 or more")
         if self.tile < 0 or (self.tile and self.engine != "fast"):
-            raise BenchUsageError(f"--tile {self.tile}: expected 0 (no tiles) or a number of examples per "
-                                  "tile, with --engine fast")
+            raise BenchUsageError(f"--tile {self.tile}: expected 0 (as handgrad train) or a number of "
+                                  "examples per tile, with --engine fast")
 
 
 MIN_STEPS, MAX_STEPS = 3, 2000
@@ -119,8 +119,10 @@ class BenchResult:
 
     def table(self) -> str:
         c, R = self.config, self.config["nproc"]
-        tiles = f", tiles of {c['tile']} examples" if c.get("tile") else ""
-        one = "the native program as 1 rank" + (" (untiled or tiled)" if tiles else "")
+        tiles = (f", tiles of {c['tile']} examples" if c.get("tile") else
+                 f" (the {c['model']} in tiles of {fast.CACHE_TILE} from {fast.COUNTED_ROWS:,} examples per "
+                 "process, as handgrad train)" if c["model"] == "mlp" else "")
+        one = "the native program as 1 rank" + (" (untiled or tiled)" if c.get("tile") else "")
         engines = (f"1 process: the fastest of its fast engine and {one}, ranks: the native program{tiles}"
                    if c["engine"] == "fast" else "both eager")
         lines = [f"python -m handgrad.distributed_bench: {c['model']} ({self.params:,} floats all-reduced "
@@ -191,17 +193,18 @@ def _steps_for(seconds_per_step: float, budget: float) -> int:
     return max(MIN_STEPS, min(MAX_STEPS, math.ceil(budget / max(seconds_per_step, 1e-7))))
 
 
-def one_process_steps(cfg: BenchConfig, model) -> dict[str, object]:
-    """The single-process steps to compare with, by name; at each batch size the faster one counts.
-    --engine eager: the eager step. fast: the step a user gets (train.select_engine's: the fused
-    lecture step for mlp, the native program for the others), and the ranks' native program as one rank
-    (distributed.WorldOfOne: the first batchnorm counted and deferred, no collective), untiled and with
-    the ranks' --tile, which a single process can run too: the ranks must beat the best of them."""
+def one_process_steps(cfg: BenchConfig, model, B: int) -> dict[str, object]:
+    """The single-process steps to compare with at batch B, by name; the faster one counts.
+    --engine eager: the eager step. fast: the step a user gets (train.select_engine's at batch B: for the
+    mlp the fused lecture step, or from fast.COUNTED_ROWS the counted program in tiles; the native
+    program for the others), and the ranks' native program as one rank (distributed.WorldOfOne: the first
+    batchnorm counted and deferred, no collective), untiled and with the ranks' --tile, which a single
+    process can run too: the ranks must beat the best of them."""
     if cfg.engine == "eager":
         return {"eager": train.eager_steps}
     lib = fast.load_program_library()
     as_one_rank = functools.partial(distributed.native_data_parallel_steps, distributed.WorldOfOne(), lib)
-    engine = train.select_engine(model, train.TrainConfig(engine="fast"))[0]
+    engine = train.select_engine(model, train.TrainConfig(engine="fast", batch_size=B))[0]
     steps = {"engine": engine, "1 rank": as_one_rank()}
     if cfg.tile:
         steps["1 rank tiled"] = as_one_rank(cfg.tile)
@@ -211,9 +214,9 @@ def one_process_steps(cfg: BenchConfig, model) -> dict[str, object]:
 def plan_steps(cfg: BenchConfig) -> list[int]:
     """The timed steps at each batch size: enough to fill cfg.seconds, probed with 2 steps."""
     splits, model = _problem(cfg)
-    steps_fn = next(iter(one_process_steps(cfg, model).values()))
     n = splits.Xtr.shape[0]
-    return [_steps_for(_timed(steps_fn, model, splits, *_batches(cfg, n, B, 2))[0], cfg.seconds)
+    return [_steps_for(_timed(next(iter(one_process_steps(cfg, model, B).values())), model, splits,
+                              *_batches(cfg, n, B, 2))[0], cfg.seconds)
             for B in cfg.batches]
 
 
@@ -221,11 +224,10 @@ def time_one_process(cfg: BenchConfig, steps: list[int]) -> list[tuple[int, int,
     """(batch, steps, seconds per step, losses, which step) of the faster single-process step at each
     batch size."""
     splits, model = _problem(cfg)
-    candidates = one_process_steps(cfg, model)
     out = []
     for B, K in zip(cfg.batches, steps):
         best = None
-        for name, steps_fn in candidates.items():
+        for name, steps_fn in one_process_steps(cfg, model, B).items():
             _, model = _problem(cfg)  # every batch size starts from the same init, as the ranks do
             t, losses = _timed(steps_fn, model, splits, *_batches(cfg, splits.Xtr.shape[0], B, K))
             if best is None or t < best[2]:
@@ -247,11 +249,12 @@ def _rank_worker(comm: Comm, cfg: BenchConfig, plan: list[tuple[int, int]], size
     """On every rank: the data-parallel step at each (batch, steps) of the plan, timed with the
     collectives' share; then one all-reduce of each size in `sizes`, timed alone."""
     splits, _ = _problem(cfg)
-    steps_fn = (distributed.data_parallel_steps(comm) if cfg.engine == "eager" else
-                distributed.native_data_parallel_steps(comm, fast.load_program_library(), cfg.tile))
     points = []
     for B, K in plan:
         _, model = _problem(cfg)
+        steps_fn = (distributed.data_parallel_steps(comm) if cfg.engine == "eager" else  # as handgrad train
+                    distributed.native_data_parallel_steps(comm, fast.load_program_library(),
+                                                           fast.cache_tile(model, B // comm.world, cfg.tile)))
         idx, lrs = _batches(cfg, splits.Xtr.shape[0], B, K)
 
         def reset():
@@ -354,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=d.tile,
                    help="examples per tile of the ranks' native program (activation checkpointing: the mlp's "
                         "step is then one pass over tiles that stay in cache); the single process is timed "
-                        "with it too (default 0: no tiles)")
+                        f"with it too (default 0: as handgrad train chooses, the mlp in tiles of "
+                        f"{fast.CACHE_TILE} from {fast.COUNTED_ROWS:,} examples per process)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
     return p
 
