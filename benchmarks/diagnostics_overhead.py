@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from handgrad import data, diagnostics, train
-from handgrad.model import ModelConfig
+from handgrad import data, diagnostics, models, train
 from handgrad.train import TrainConfig
 
 
@@ -37,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     words = data.read_words(data.default_data_path())
     splits = data.make_splits(words.items, 3, 42)
-    mcfg = ModelConfig(vocab_size=len(splits.vocab))
+    mcfg = models.with_vocab(models.preset("mlp"), len(splits.vocab))
     tcfg = TrainConfig(steps=args.steps, engine=args.engine)
-    steps_fn, engine, fallback = train.select_engine(mcfg, tcfg)
+    steps_fn, engine, fallback = train.select_engine(train.new_state(mcfg, tcfg).model, tcfg)
     if fallback:
         print(f"note: {fallback}", file=sys.stderr)
 
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         dcfg = diagnostics.DiagConfig(every=args.every)
         c = diagnostics.Collector(splits.Xtr, splits.Ytr, mcfg, tcfg, dcfg)
         state = train.new_state(mcfg, tcfg)
-        c.record(state.params, 0)
+        c.record(state.model, 0)
         state = train.train(splits, mcfg, tcfg, state, callback=c, steps_fn=steps_fn)
         return time.perf_counter() - t0, c, state
 
@@ -67,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     probe = []  # the collector's own cost, timed directly (robust to machine noise between runs)
     for _ in range(20):
         t0 = time.perf_counter()
-        c.record(state.params, state.step)
+        c.record(state.model, state.step)
         probe.append(time.perf_counter() - t0)
     probe_s = statistics.median(probe)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        diagnostics.write_report(d, c, state.params, state.step, state.losses)
+        diagnostics.write_report(d, c, state.model, state.step, state.losses)
         report_s = time.perf_counter() - t0
     print(f"{args.steps:,} steps, {engine} engine, {torch.get_num_threads()} thread(s), diagnostics every "
           f"{args.every} steps ({len(c.history)} probes of {c.X.shape[0]}x{c.X.shape[1]} examples)")
