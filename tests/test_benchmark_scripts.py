@@ -4,7 +4,6 @@ prints what its readers (benchmarks/run_all.sh, PERFORMANCE.md) expect. No timin
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,7 @@ from handgrad import fast
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _have_compiler() -> bool:
-    try:
-        cc = fast._compiler()
-    except fast.FastUnavailable:
-        return False
-    return bool(shutil.which(cc) or os.path.exists(cc))
-
-
-needs_fast = pytest.mark.skipif(not _have_compiler(), reason="no C++ compiler: the fast path cannot be built")
+needs_fast = pytest.mark.skipif(not fast.have_compiler(), reason="no C++ compiler: the fast path cannot be built")
 
 
 def run_script(name: str, *args: str) -> list[str]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import shutil
 
 import pytest
 import torch
@@ -17,16 +15,7 @@ from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, 
 from handgrad.models import ModelConfig
 from handgrad.train import NonFiniteError, TrainConfig
 
-
-def _have_compiler() -> bool:
-    try:
-        cc = fast._compiler()
-    except fast.FastUnavailable:
-        return False
-    return bool(shutil.which(cc) or os.path.exists(cc))
-
-
-pytestmark = pytest.mark.skipif(not _have_compiler(), reason="no C++ compiler: the fast path cannot be built")
+pytestmark = pytest.mark.skipif(not fast.have_compiler(), reason="no C++ compiler: the fast path cannot be built")
 
 
 @pytest.fixture(autouse=True)

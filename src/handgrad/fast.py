@@ -72,6 +72,15 @@ def _compiler() -> str:
     raise FastUnavailable("no C++ compiler found (install g++ or set HANDGRAD_CC)")
 
 
+def have_compiler() -> bool:
+    """Whether a C++ compiler is there to build the native code (HANDGRAD_CC, else c++/g++/clang++)."""
+    try:
+        cc = _compiler()
+    except FastUnavailable:
+        return False
+    return bool(shutil.which(cc) or os.path.exists(cc))
+
+
 def _cpu_id() -> str:
     """-march=native binaries are CPU specific: the cache key includes the CPU's model and flags."""
     try:
