@@ -395,6 +395,27 @@ def test_a_character_outside_the_vocabulary_in_another_ranks_rows_stops_every_ra
     assert all(torch.equal(model.params()[k], v) for k, v in before.params().items())
 
 
+@pytest.mark.parametrize("row", ["-1", "n", "2^40"])
+@pytest.mark.parametrize("tile", [0, 8])
+def test_a_row_outside_x_in_another_ranks_columns_stops_every_rank_at_that_step(tile, row):
+    """Every rank reads every row of the global batch to count it, so an index outside Xtr in rank 1's
+    columns of step 2 stops rank 0 at step 2 too (IndexError naming the step, the state before it
+    kept), rather than reading outside X; idx (6, 32): columns 16.. are rank 1's."""
+    lib = fast.load_program_library()
+    splits, model, idx, lrs = _native_problem("mlp")
+    _, before, _, _ = _native_problem("mlp")
+    idx = idx.clone()
+    idx[2, 20] = {"-1": -1, "n": splits.Xtr.shape[0], "2^40": 2 ** 40}[row]
+    one = distributed.WorldOfOne()
+    run = fast.make_program_fn(lib, tile, sync=distributed.NativeCollectives(one).fn)
+    with torch.no_grad():
+        run(before, splits.Xtr, splits.Ytr, idx[:2], lrs[:2], ranks=2, rank=0)
+        with pytest.raises(IndexError, match="at step 2"):
+            run(model, splits.Xtr, splits.Ytr, idx, lrs, ranks=2, rank=0)
+    assert one.calls["gradients"] == 4  # 2 steps each time; none at step 2
+    assert all(torch.equal(model.params()[k], v) for k, v in before.params().items())
+
+
 @pytest.mark.parametrize("error, at", [(distributed.PeerLost("rank 0: the gradients collective failed"), 1),
                                        (KeyboardInterrupt(), 0), (KeyboardInterrupt(), 3)])
 def test_a_failed_collective_in_the_native_step_is_raised_and_keeps_the_state_before_that_step(error, at):

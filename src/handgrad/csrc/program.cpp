@@ -551,7 +551,8 @@ static bool counted_shape(const Prog& g, Counted& c) {
     return c.nseg * c.nseg * c.V * c.V <= COUNTED_MAX;
 }
 
-// The counts of the global batch gix (BG examples); false for a character outside the vocabulary.
+// The counts of the global batch gix (BG examples); false for a row outside X or a character outside the
+// vocabulary.
 // Every rank reads every example of the global batch here, at random rows of X: from the byte copy X8
 // when there is one (8x smaller than X, it stays in the cache).
 template <typename Id>
@@ -559,7 +560,11 @@ static bool count_ids(const Prog& g, Counted& c, const Id* X, const int64_t* gix
     const long V = c.V, S = c.nseg;
     memset(c.cnt, 0, sizeof(int32_t) * S * V);
     memset(c.pair, 0, sizeof(int32_t) * S * S * V * V);
-    for (long b = 0; b < g.BG; ++b)
+    const long ahead = 64;  // rows: the example's characters are fetched this far ahead (random rows of X)
+    for (long b = 0; b < g.BG; ++b) {
+        if (b + ahead < g.BG && (uint64_t)gix[b + ahead] < (uint64_t)g.nrows)
+            __builtin_prefetch(X + gix[b + ahead] * g.T);
+        if (gix[b] < 0 || gix[b] >= g.nrows) return false;  // another rank's row (this rank's are checked)
         for (long r = 0; r < c.rpe; ++r) {
             const Id* p = X + gix[b] * g.T + r * S;  // the row's nseg characters
             for (long s = 0; s < S; ++s) {
@@ -568,6 +573,7 @@ static bool count_ids(const Prog& g, Counted& c, const Id* X, const int64_t* gix
                 for (long t = s + 1; t < S; ++t) c.pair[((s * S + t) * V + p[s]) * V + p[t]]++;
             }
         }
+    }
     return true;
 }
 
@@ -1053,8 +1059,9 @@ static StepStatus step(const Prog& g, const int64_t* X, const int64_t* Y, const 
             if (nbn == 64) return BAD_INDEX;  // parse() allows at most 4096 ops; fast.py fewer than 64 batchnorms
             bns[nbn++] = i;
         }
-    // Counted (data-parallel), the first batchnorm's statistics come from the counts and its backward is
-    // deferred: no statistics pass for it and no last pass below it (for the mlp: one pass in all).
+    // Counted (data-parallel, or asked for in one process), the first batchnorm's statistics come from the
+    // counts and its backward is deferred: no statistics pass for it and no last pass below it (for the
+    // mlp: one pass in all).
     const int first = g.counted ? 1 : 0;
     if (g.counted) {
         if (!count_rows(g, *g.counted, X, gix)) return BAD_INDEX;
