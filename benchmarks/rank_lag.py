@@ -6,7 +6,7 @@ the faster rank sees it.
     python benchmarks/rank_lag.py --batch 16384 --steps 200
 
 Both ranks run the mlp's native program (as `handgrad train --nproc 2` does: tiles of fast.CACHE_TILE
-from fast.COUNTED_ROWS rows per rank), each timestamping its hook with time.perf_counter (one clock
+from fast.TILE_ROWS rows per rank), each timestamping its hook with time.perf_counter (one clock
 for the processes of one machine). docs/scale.md reads the numbers.
 """
 

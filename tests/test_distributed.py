@@ -756,12 +756,12 @@ def test_one_process_asked_to_count_runs_the_ranks_counted_step(name, tile):
 
 
 @pytest.mark.parametrize("model_name, world, batch, want", [
-    ("mlp", 1, fast.COUNTED_ROWS, fast.CACHE_TILE), ("mlp", 2, fast.COUNTED_ROWS, 0),
-    ("mlp", 2, 2 * fast.COUNTED_ROWS, fast.CACHE_TILE), ("mlp", 1, 32, 0), ("deep", 1, 10 ** 5, 0)])
-def test_a_rank_runs_the_mlp_in_cache_tiles_from_counted_rows_per_rank(monkeypatch, model_name, world, batch,
+    ("mlp", 1, fast.TILE_ROWS, fast.CACHE_TILE), ("mlp", 2, 2 * fast.TILE_ROWS - 2, 0),
+    ("mlp", 2, 2 * fast.TILE_ROWS, fast.CACHE_TILE), ("mlp", 1, 32, 0), ("deep", 1, 10 ** 5, 0)])
+def test_a_rank_runs_the_mlp_in_cache_tiles_from_tile_rows_per_rank(monkeypatch, model_name, world, batch,
                                                                         want):
     """distributed.select_engine tiles the mlp's native program (fast.CACHE_TILE) as one process does,
-    from fast.COUNTED_ROWS examples per rank (fast.cache_tile); deep never unasked."""
+    from fast.TILE_ROWS examples per rank (fast.cache_tile); deep never unasked."""
     asked = []
     monkeypatch.setattr(distributed, "native_data_parallel_steps", lambda comm, lib, tile: asked.append(tile))
     one = distributed.WorldOfOne()

@@ -598,12 +598,12 @@ def test_the_mlp_engine_counts_in_cache_tiles_from_counted_rows(batch, tile, wan
 
 
 def test_cache_tiles_only_for_the_lecture_mlp():
-    """fast.cache_tile: the tile asked for always; else CACHE_TILE for the lecture MLP from COUNTED_ROWS
+    """fast.cache_tile: the tile asked for always; else CACHE_TILE for the lecture MLP from TILE_ROWS
     rows per process (its counted tiled step is one pass); never for deep or wavenet, whose tiles cost a
     pass per later batchnorm (activation checkpointing, only when asked)."""
     mlp = models.build(ModelConfig(), 0)
-    assert fast.cache_tile(mlp, fast.COUNTED_ROWS - 1) == 0
-    assert fast.cache_tile(mlp, fast.COUNTED_ROWS) == fast.CACHE_TILE
+    assert fast.cache_tile(mlp, fast.TILE_ROWS - 1) == 0
+    assert fast.cache_tile(mlp, fast.TILE_ROWS) == fast.CACHE_TILE
     assert fast.cache_tile(mlp, 10 ** 6, 300) == 300 and fast.cache_tile(mlp, 32, 8) == 8
     for name in ("deep", "wavenet"):
         assert fast.cache_tile(models.build(models.preset(name), 0), 10 ** 6) == 0

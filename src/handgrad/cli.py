@@ -135,8 +135,9 @@ def _add_train_parser(sub) -> None:
                    "(with --model wavenet --seed 42 this reproduces makemore part 5's run)")
     g.add_argument("--recompute-tile", type=int, metavar="ROWS", help="activation checkpointing (fast "
                    "engine): keep only embcat and recompute the hidden activations in backward, ROWS rows "
-                   "at a time; saves memory at large --batch-size (default 0: keep all; the mlp from 4,096 "
-                   "examples per process runs in tiles of 128 anyway, counted: nothing recomputed)")
+                   "at a time; saves memory at large --batch-size (default 0: keep all; the mlp runs in "
+                   "tiles of 128 anyway from 4,096 examples in one process and 1,024 per rank: counted, "
+                   "nothing recomputed)")
     g.add_argument("--nproc", type=int, metavar="N", help="data-parallel training in N local processes (gloo "
                    "on 127.0.0.1, synchronized batchnorm); under torchrun leave it out")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,

@@ -726,7 +726,7 @@ def native_reason(model, tcfg: TrainConfig) -> str:
 def select_engine(comm: Comm, model, tcfg: TrainConfig) -> tuple[StepsFn, str, str]:
     """train.select_engine for one rank: (steps_fn, "fast" or "eager", warning). The native program
     (one thread per rank: a rank is a core) when it can run the model, as in one process, the lecture
-    MLP in tiles from fast.COUNTED_ROWS examples per rank (fast.cache_tile); else the eager step, with a
+    MLP in tiles from fast.TILE_ROWS examples per rank (fast.cache_tile); else the eager step, with a
     warning under --engine auto (--engine fast is refused before, by _refusals)."""
     reason = native_reason(model, tcfg)
     if not reason:

@@ -120,8 +120,8 @@ class BenchResult:
     def table(self) -> str:
         c, R = self.config, self.config["nproc"]
         tiles = (f", tiles of {c['tile']} examples" if c.get("tile") else
-                 f" (the {c['model']} in tiles of {fast.CACHE_TILE} from {fast.COUNTED_ROWS:,} examples per "
-                 "process, as handgrad train)" if c["model"] == "mlp" else "")
+                 f" (the {c['model']} in tiles of {fast.CACHE_TILE} from {fast.TILE_ROWS:,} examples per "
+                 "rank, as handgrad train)" if c["model"] == "mlp" else "")
         one = "the native program as 1 rank" + (" (untiled or tiled)" if c.get("tile") else "")
         engines = (f"1 process: the fastest of its fast engine and {one}, ranks: the native program{tiles}"
                    if c["engine"] == "fast" else "both eager")
@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples per tile of the ranks' native program (activation checkpointing: the mlp's "
                         "step is then one pass over tiles that stay in cache); the single process is timed "
                         f"with it too (default 0: as handgrad train chooses, the mlp in tiles of "
-                        f"{fast.CACHE_TILE} from {fast.COUNTED_ROWS:,} examples per process)")
+                        f"{fast.CACHE_TILE} from {fast.TILE_ROWS:,} examples per rank and the single process "
+                        f"counted from {fast.COUNTED_ROWS:,})")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
     return p
 

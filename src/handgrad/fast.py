@@ -586,16 +586,20 @@ def profile_program(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor,
 # with its first batchnorm counted and deferred, in tiles of CACHE_TILE examples: one pass over tiles that
 # stay in the cache, nothing recomputed (program.cpp's Counted). Measured here, one thread, against the
 # fused step: 0.95x at 2,048, 1.15x at 3,072, 1.1x at 4,096, 1.6x at 8,192, 1.8x at 16,384, 2.8x at
-# 65,536 (docs/speed.md); tiles of 64 to 512 all within 5% of each other.
+# 65,536 (benchmarks/PERFORMANCE.md); tiles of 64 to 512 all within 5% of each other. The program itself
+# (the ranks run nothing else) is faster in those tiles from TILE_ROWS rows: 0.95x untiled at 1,024 in one
+# process, and 2 ranks sharing one memory system gain more (2 processes at 4,096 with tiles: 1.38x one,
+# untiled 0.99x; docs/scale.md).
 COUNTED_ROWS = 4096
+TILE_ROWS = 1024
 CACHE_TILE = 128
 
 
 def cache_tile(model, rows: int, tile: int = 0) -> int:
     """The tile of the native program for `rows` examples per step in this process: `tile` when one is
-    asked for; else CACHE_TILE for the lecture MLP from COUNTED_ROWS rows (its tiled step, counted, is one
+    asked for; else CACHE_TILE for the lecture MLP from TILE_ROWS rows (its tiled step, counted, is one
     pass: tiles cost nothing there); else 0 (untiled)."""
-    if tile or rows < COUNTED_ROWS or isinstance(mlp_view(model), str):
+    if tile or rows < TILE_ROWS or isinstance(mlp_view(model), str):
         return tile
     return CACHE_TILE
 
