@@ -587,9 +587,9 @@ def profile_program(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor,
 # stay in the cache, nothing recomputed (program.cpp's Counted). Measured here, one thread, against the
 # fused step: 0.95x at 2,048, 1.15x at 3,072, 1.1x at 4,096, 1.6x at 8,192, 1.8x at 16,384, 2.8x at
 # 65,536 (benchmarks/PERFORMANCE.md); tiles of 64 to 512 all within 5% of each other. The program itself
-# (the ranks run nothing else) is faster in those tiles from TILE_ROWS rows: 0.95x untiled at 1,024 in one
-# process, and 2 ranks sharing one memory system gain more (2 processes at 4,096 with tiles: 1.38x one,
-# untiled 0.99x; docs/scale.md).
+# (the ranks run nothing else) is faster in those tiles from TILE_ROWS rows: 0.95x its untiled time at
+# 1,024 in one process, and 2 ranks sharing one memory system gain more (2 processes at 4,096 with tiles:
+# 1.38x one, untiled 0.99x; docs/scale.md).
 COUNTED_ROWS = 4096
 TILE_ROWS = 1024
 CACHE_TILE = 128
