@@ -252,9 +252,10 @@ def _rank_worker(comm: Comm, cfg: BenchConfig, plan: list[tuple[int, int]], size
     points = []
     for B, K in plan:
         _, model = _problem(cfg)
-        steps_fn = (distributed.data_parallel_steps(comm) if cfg.engine == "eager" else  # as handgrad train
-                    distributed.native_data_parallel_steps(comm, fast.load_program_library(),
-                                                           fast.cache_tile(model, B // comm.world, cfg.tile)))
+        tcfg = train.TrainConfig(engine=cfg.engine, batch_size=B, recompute_tile=cfg.tile)
+        steps_fn, engine, warning = distributed.select_engine(comm, model, tcfg)  # as handgrad train's ranks
+        if engine != cfg.engine:
+            raise RuntimeError(f"--engine {cfg.engine}: {warning}")
         idx, lrs = _batches(cfg, splits.Xtr.shape[0], B, K)
 
         def reset():
