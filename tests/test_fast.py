@@ -624,3 +624,25 @@ def test_the_counted_engine_trains_as_autograd_does():
     rest = train.train(splits, cfg, tcfg, state=half)
     assert torch.equal(rest.losses, hand.losses)
     assert all(torch.equal(a, b) for a, b in zip(rest.model.params().values(), hand.model.params().values()))
+
+
+@pytest.mark.parametrize("bad", ["character", "row"])
+def test_the_counted_engine_stops_at_a_bad_index_and_keeps_the_state_before_it(bad):
+    """The counted program (handgrad train's engine from fast.COUNTED_ROWS) reads every row of the batch
+    to count it before any forward: a character outside the vocabulary in one row of step 1, or a row
+    outside Xtr there, stops at step 1 with IndexError, the parameters those after step 0."""
+    _, model, X, Y = _large_mlp()
+    idx = torch.randint(0, X.shape[0], (3, fast.COUNTED_ROWS), generator=torch.Generator().manual_seed(2))
+    lrs = torch.full((3,), 0.1, dtype=torch.float64)
+    X = X.clone()
+    if bad == "character":
+        X[idx[1, 100], 2] = 27  # vocab 27: ids 0..26
+    else:
+        idx[1, 100] = X.shape[0]
+    steps = train.select_engine(model, TrainConfig(batch_size=fast.COUNTED_ROWS))[0]
+    before = _copy(model)
+    with torch.no_grad():
+        steps(before, X, Y, idx[:1], lrs[:1])
+        with pytest.raises(IndexError, match="at step 1"):
+            steps(model, X, Y, idx, lrs)
+    assert all(torch.equal(model.params()[k], v) for k, v in before.params().items())
