@@ -325,6 +325,7 @@ def split(parts: tuple[Part, ...], answer: object) -> dict[str, object]:
         items = list(answer)
     else:
         text = _text(answer)
+        _balanced(text)
         items = _items(text, len(parts))
     named: dict[str, object] = {}
     positional: list[object] = []
@@ -358,6 +359,24 @@ def _items(text: str, n: int) -> list[str]:
     if len(words) == n and all(not any(ch in w for ch in "()[]=") for w in words):
         return words
     return items
+
+
+def _balanced(text: str) -> None:
+    """Refuse an answer whose brackets do not pair up (it could not be split into its parts)."""
+    stack: list[str] = []
+    pairs = {")": "(", "]": "[", "}": "{"}
+    for ch in text:
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in pairs:
+            if not stack or stack.pop() != pairs[ch]:
+                raise AnswerError(f"{_clip(text)}: a '{ch}' that closes nothing")
+    if stack:
+        raise AnswerError(f"{_clip(text)}: a '{stack[-1]}' that is never closed")
+
+
+def _clip(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
 def _split_top(text: str, seps: str) -> list[str]:

@@ -56,13 +56,14 @@ def _grad_of(x: Tensor, f, dy: Tensor) -> Tensor:
 A, B, DY = 2.0, 3.0, 5.0
 ROUTING_NAMES = {"a": A, "b": B, "dy": DY}
 _ADD_HINTS = (
-    "The chain rule: da = (dy/da, the local derivative) * dy. What is the local derivative of a + b "
-    "with respect to a?",
+    "The chain rule: da = (the local derivative of y with respect to a) * dy. What is the local derivative "
+    "of a + b with respect to a?",
     "d(a + b)/da = 1, whatever a and b are: the addition passes the upstream gradient through unchanged.",
     "da = 1 * dy = 5 and db = 1 * dy = 5: a '+' node copies dy to each of its inputs.",
 )
 _MUL_HINTS = (
-    "The chain rule again: da = (dy/da) * dy. Hold b fixed: how much does a * b change when a grows by 1?",
+    "The chain rule again: da = (the local derivative of y with respect to a) * dy. Hold b fixed: how much "
+    "does a * b change when a grows by 1?",
     "d(a * b)/da = b and d(a * b)/db = a: each input's local derivative is the other input.",
     "da = b * dy = 3 * 5 = 15 and db = a * dy = 2 * 5 = 10: a '*' node swaps its inputs and scales by dy.",
 )
