@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from handgrad.dojo import answers as A
-from handgrad.dojo import experiments as X
 from handgrad.dojo.progress import Progress, Record
 from handgrad.dojo.questions import QUESTIONS, Question, get
 
@@ -54,7 +53,7 @@ class Asked:
 
     question: Question
     record: Record
-    experiment: X.Experiment | None = None
+    experiment: object = None  # experiments.Experiment (matplotlib is imported only when one is run)
     hint: str = ""
     explanation: str = ""
 
@@ -100,7 +99,9 @@ def ask(question: object, directory: str | Path = ".", *, experiment: bool = Tru
     if hint or explain:
         progress.save()
     if experiment:
-        asked.experiment = X.run(q.number)
+        from handgrad.dojo import experiments
+
+        asked.experiment = experiments.run(q.number)
     return asked
 
 
@@ -336,7 +337,9 @@ def _grade_one(q: Question, part: A.Part, text: str) -> Verdict:
 def _show(q: Question, write, png_dir, experiments: bool) -> None:
     if not experiments and png_dir is None:
         return
-    e = X.run(q.number)
+    from handgrad.dojo.experiments import run
+
+    e = run(q.number)
     write(e.text())
     if png_dir is not None:
         path = e.write_png(Path(png_dir) / f"q{q.number}-{q.slug}.png")
