@@ -961,6 +961,9 @@ def _cmd_dojo_quiz(args) -> int:
                                                             again=args.all))
     except answers.AnswerError as e:
         raise UsageError(f"dojo quiz: {e}") from None
+    except KeyboardInterrupt:
+        _err("quiz interrupted; every answer graded so far is saved")
+        return 130
     return run.exit_code
 
 
@@ -979,7 +982,8 @@ def _add_dojo_question_parsers(dsub) -> None:
                         "arguments), or some parts by name (mul.da=15). A wrong part is diagnosed and the "
                         "next of three hints shown.")
     q.add_argument("question", help=what)
-    q.add_argument("answer", nargs="+", help="the answer, e.g. 5 5 15 10, or 'dy.expand_as(x); ...'")
+    q.add_argument("answer", nargs="+", help="the answer, e.g. 5 5 15 10, or 'dy.expand_as(x); ...' (put -- "
+                   "before an answer that starts with '-')")
     q.add_argument("--dir", default=".", help=where)
     q.add_argument("--json", action="store_true", help="print JSON instead of the text")
     q.set_defaults(func=_cmd_dojo_answer)

@@ -123,6 +123,9 @@ def grade_part(part: Part, answer: object) -> PartResult:
     """Grade one part's answer (text, or a number for a number part). Raises AnswerError when it
     cannot be graded as given."""
     text = _text(answer)
+    m = ASSIGNED.match(text)
+    if m:  # `dx = dy.expand_as(x)`: the learner's own name for the gradient
+        text = m.group(1).strip()
     if not text:
         raise AnswerError(f"{part.name}: the answer is empty; give {part.form}")
     choice = _pick(part, text)
@@ -148,6 +151,7 @@ def _text(answer: object) -> str:
     raise AnswerError(f"an answer is text or a number, not a {type(answer).__name__}")
 
 
+ASSIGNED = re.compile(r"^\s*[A-Za-z_]\w*\s*=(?!=)(.*)$", re.S)
 CHOICE_RE = re.compile(r"^\(?\s*([A-Za-z][\w-]*)\s*[).:]?$")
 
 
@@ -270,11 +274,15 @@ def _expression_diagnosis(part: Part, outcomes: list, ok: list[bool]) -> str:
     wrong = [i for i, k in enumerate(ok) if not k]
     shaped = [i for i in wrong if isinstance(outcomes[i], Tensor)
               and tuple(outcomes[i].shape) != tuple(part.probes[i].reference.shape)]
-    i = (shaped or wrong)[0]  # a wrong shape says the most
-    probe, v = part.probes[i], outcomes[i]
     right = [p.label for p, k in zip(part.probes, ok) if k]
-    head = f"right on {'; '.join(right)}, but on {probe.label}" if right else f"On {probe.label}"
-    return f"{head}: {_why(part, probe, v)}"
+    first = wrong[0]
+    head = f"right on {'; '.join(right)}, but on {part.probes[first].label}" if right else \
+        f"On {part.probes[first].label}"
+    text = f"{head}: {_why(part, part.probes[first], outcomes[first])}"
+    if shaped and shaped[0] != first:  # a wrong shape elsewhere says more
+        k = shaped[0]
+        text += f"; and on {part.probes[k].label}: {_why(part, part.probes[k], outcomes[k])}"
+    return text
 
 
 def _why(part: Part, probe: Probe, v: object) -> str:
@@ -308,7 +316,7 @@ def _learner_terms(text: str, grad: str) -> str:
 
 # ---------------------------------------------------------------------------- a whole answer
 SEPARATORS = (";\n", ";\n,")
-NAMED = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?::|=(?!=))\s*(.+)$", re.S)
+NAMED = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(:|=(?!=))\s*(.+)$", re.S)  # `mul.da = 15`, `sum: ...`
 
 
 def split(parts: tuple[Part, ...], answer: object) -> dict[str, object]:
@@ -334,9 +342,9 @@ def split(parts: tuple[Part, ...], answer: object) -> dict[str, object]:
         if m and m.group(1) in names:
             if m.group(1) in named:
                 raise AnswerError(f"{m.group(1)} is answered twice")
-            named[m.group(1)] = m.group(2).strip()
+            named[m.group(1)] = m.group(3).strip()
         else:
-            positional.append(m.group(2).strip() if m and "." not in m.group(1) else item)
+            positional.append(item)
     rest = [n for n in names if n not in named]
     if positional and len(positional) != len(rest):
         want = f"{len(rest)} answer{'s' if len(rest) != 1 else ''} ({', '.join(rest)})"

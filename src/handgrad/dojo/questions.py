@@ -40,9 +40,12 @@ def _gen(k: int) -> torch.Generator:
 
 
 def _upstream(shape: tuple[int, ...], g: torch.Generator) -> Tensor:
-    """A random upstream gradient far from 0 and 1 (a dy of 1 or 0 would hide a missing factor)."""
+    """A random upstream gradient whose entries are at least 0.5 from 0 and 0.25 from +-1 (a dy of 1 or
+    0 would hide a missing factor)."""
     u = torch.randn(shape, generator=g, dtype=torch.float64)
-    return u + 0.75 * torch.sign(u) + (u == 0) * 0.75
+    m = u.abs() + 0.5
+    m = torch.where((m - 1).abs() < 0.25, m + 0.5, m)
+    return torch.where(u < 0, -m, m)
 
 
 def _grad_of(x: Tensor, f, dy: Tensor) -> Tensor:
