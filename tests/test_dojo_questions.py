@@ -419,6 +419,9 @@ def test_dojo_list_shows_the_questions_beside_the_exercises(tmp_path, capsys):
     assert rc == 0 and lines[0].startswith("1  ex1_atomic")
     assert [ln.split()[0] for ln in lines[-6:]] == [f"q{i}" for i in range(1, 7)]
     assert lines[-1].endswith("[done]")
+    (tmp_path / P.FILE).write_text("{")  # a damaged progress file: the list, and a warning
+    rc, out, err = run(["dojo", "list", "--dir", str(tmp_path)], capsys)
+    assert rc == 0 and out.splitlines()[-1].endswith("expression)") and "warning:" in err
 
 
 def test_dojo_answer_right_wrong_and_unparsable(tmp_path, capsys):

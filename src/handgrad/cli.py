@@ -869,8 +869,14 @@ def _dojo_challenge(action: str, args) -> int | None:
 # ---- dojo questions (dojo/quiz.py): ask, answer, quiz, and their lines in `dojo list`
 def _dojo_questions_list(args) -> None:
     from handgrad.dojo import quiz
+    from handgrad.dojo.progress import ProgressError
 
-    for line in _quiz_call("dojo list", lambda: quiz.list_lines(args.dir)):
+    try:
+        lines = quiz.list_lines(args.dir)
+    except ProgressError as e:  # the list is still worth showing
+        print(f"warning: {e}", file=sys.stderr)
+        lines = quiz.list_lines(None)
+    for line in lines:
         print(line)
 
 

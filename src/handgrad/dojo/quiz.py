@@ -36,9 +36,10 @@ def question_text(q: Question) -> str:
     return "\n".join(out).rstrip()
 
 
-def list_lines(directory: str | Path = ".") -> list[str]:
-    """One line per question for `handgrad dojo list`, with the progress kept in `directory`."""
-    progress = Progress.load(directory)
+def list_lines(directory: str | Path | None = ".") -> list[str]:
+    """One line per question for `handgrad dojo list`, with the progress kept in `directory` (None:
+    without progress)."""
+    progress = Progress.load(directory) if directory is not None else Progress(Path(), {})
     w = max([len(q.slug) for q in QUESTIONS.values()] + [LIST_WIDTH])
     lines = []
     for q in QUESTIONS.values():
