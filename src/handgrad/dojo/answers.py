@@ -227,7 +227,7 @@ def _run(expr: X.Expression, probe: Probe) -> object:
     raised, or the ExpressionError of an answer that asks for too much."""
     env = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in probe.env.items()}
     try:
-        v = X.evaluate(expr, env)
+        v, lowest = X.evaluate_with_precision(expr, env)
     except (X.ExpressionError, X.EvaluationError) as e:
         return e
     if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -236,6 +236,8 @@ def _run(expr: X.Expression, probe: Probe) -> object:
         return X.EvaluationError(f"it gives a {type(v).__name__}, not a tensor")
     if v.is_complex() or v.device.type != "cpu":
         return X.EvaluationError(f"it gives a {v.dtype} tensor on {v.device}, not a real tensor")
+    if lowest is not None and v.is_floating_point() and torch.finfo(lowest).eps > torch.finfo(v.dtype).eps:
+        v = v.to(lowest)  # graded at the precision it was computed in (see _tolerance)
     return v
 
 

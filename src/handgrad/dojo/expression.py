@@ -171,13 +171,20 @@ def _check_node(node: ast.AST, src: str, names: frozenset[str], known: set[str])
 def evaluate(expr: Expression, env: Mapping[str, object]) -> object:
     """Run a parsed answer with the variables `env` (tensors, numbers, shapes). Raises EvaluationError
     when torch refuses it (a wrong answer) and ExpressionError when it asks for too much."""
+    return evaluate_with_precision(expr, env)[0]
+
+
+def evaluate_with_precision(expr: Expression, env: Mapping[str, object]) -> tuple[object, torch.dtype | None]:
+    """evaluate(), and the least precise floating-point dtype of any tensor the answer made on the way
+    (None: none was made): `F.one_hot(Y, V) / n` computes in float32 even inside a float64 result."""
     missing = expr.names - set(env)
     if missing:
         raise ValueError(f"env lacks {sorted(missing)}")  # a bug of the caller, not the learner's
     scope = {k: env[k] for k in expr.names}
+    interp = _Interpreter(scope, expr.text)
     try:
         with torch.no_grad():
-            return _Interpreter(scope, expr.text).run(expr.tree.body)
+            return interp.run(expr.tree.body), interp.lowest
     except (ExpressionError, EvaluationError):
         raise
     except RecursionError:
@@ -254,11 +261,15 @@ class _Interpreter:
     def __init__(self, scope: dict[str, object], text: str):
         self.scope = scope
         self.text = text
+        self.lowest: torch.dtype | None = None  # the least precise float dtype seen
 
     def refuse(self, what: str) -> ExpressionError:
         return ExpressionError(f"{_short(self.text)}: {what}")
 
     def checked(self, v: object) -> object:
+        if isinstance(v, Tensor) and v.is_floating_point() and (
+                self.lowest is None or torch.finfo(v.dtype).eps > torch.finfo(self.lowest).eps):
+            self.lowest = v.dtype
         if isinstance(v, Tensor) and v.numel() > MAX_ELEMENTS:
             raise self.refuse(f"makes a tensor of {v.numel():,} elements; the answers here are small "
                               f"(up to {MAX_ELEMENTS:,})")

@@ -128,17 +128,23 @@ ROUTING = Question(
 
 
 # ---------------------------------------------------------------------------- Q2 sparse gradients
-def _sparse_probes() -> list[Probe]:
+def _label_probes(k: int, x_name: str, y_name: str, make_x, loss) -> list[Probe]:
+    """Random (n, V) inputs and labels, a small problem and one of the lecture's size, each with
+    autograd's gradient of the scalar loss(x, labels)."""
     out = []
-    for k, (n, V) in enumerate(((6, 5), (32, 27))):
-        g = _gen(20 + k)
-        logprobs = torch.randn((n, V), generator=g, dtype=torch.float64).log_softmax(1)
-        Yb = torch.randint(0, V, (n,), generator=g)
-        ref = _grad_of(logprobs, lambda lp, Yb=Yb, n=n: -lp[torch.arange(n), Yb].mean(),
-                       torch.tensor(1.0, dtype=torch.float64))
-        out.append(Probe(f"a batch of n = {n} over V = {V} characters",
-                         {"logprobs": logprobs, "Yb": Yb, "n": n, "V": V}, ref, {"n": n, "V": V}))
+    for i, (n, V) in enumerate(((6, 5), (32, 27))):
+        g = _gen(k + i)
+        x = make_x(torch.randn((n, V), generator=g, dtype=torch.float64))  # (n, V)
+        y = torch.randint(0, V, (n,), generator=g)  # (n,)
+        ref = _grad_of(x, lambda t, y=y: loss(t, y), torch.tensor(1.0, dtype=torch.float64))
+        out.append(Probe(f"{x_name} of n = {n} rows over V = {V} characters",
+                         {x_name: x, y_name: y, "n": n, "V": V}, ref, {"n": n, "V": V}))
     return out
+
+
+def _sparse_probes() -> list[Probe]:
+    return _label_probes(20, "logprobs", "Yb", lambda u: u.log_softmax(1),
+                         lambda lp, Yb: -lp[torch.arange(lp.shape[0]), Yb].mean())
 
 
 SPARSE = Question(
@@ -363,15 +369,7 @@ SATURATION = Question(
 
 # ---------------------------------------------------------------------------- Q5 cross-entropy's form
 def _ce_probes() -> list[Probe]:
-    out = []
-    for k, (n, V) in enumerate(((4, 5), (32, 27))):
-        g = _gen(50 + k)
-        logits = torch.randn((n, V), generator=g, dtype=torch.float64) * 2
-        Y = torch.randint(0, V, (n,), generator=g)
-        ref = _grad_of(logits, lambda z, Y=Y: F.cross_entropy(z, Y), torch.tensor(1.0, dtype=torch.float64))
-        out.append(Probe(f"logits of n = {n} rows over V = {V} characters",
-                         {"logits": logits, "Y": Y, "n": n, "V": V}, ref, {"n": n, "V": V}))
-    return out
+    return _label_probes(50, "logits", "Y", lambda u: u * 2, F.cross_entropy)
 
 
 CROSS_ENTROPY = Question(
