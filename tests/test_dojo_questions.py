@@ -208,6 +208,17 @@ def test_an_answer_that_cannot_be_graded_is_bad_input(q, answer, says):
     assert says in v.problem, v.problem
 
 
+def test_answers_and_names_are_shown_escaped_when_not_printable(tmp_path, capsys):
+    v = quiz.grade(1, "5; 5; 15; 1\x1b[2J")
+    assert v.problem and "\x1b" not in v.problem
+    v = quiz.grade(3, {"sum": "dy.expand_as(\n x)"})
+    assert v.right and "\n" not in v.text().splitlines()[1] and "'dy.expand_as(\\n x)'" in v.text()
+    r = A.grade_part(part("3", "sum"), "x.to('\x1b[2J')")  # torch's message quotes the string
+    assert not r.ok and "\x1b" not in r.diagnosis and "\\x1b" in r.diagnosis
+    rc, _, err = run(["dojo", "ask", "\x1b[31m"], capsys)
+    assert rc == 2 and "\x1b" not in err and "\\x1b" in err
+
+
 def test_an_unknown_question_is_refused():
     for name in ("7", "q0", "routingx", ""):
         with pytest.raises(ValueError, match="no question"):

@@ -903,7 +903,7 @@ def _cmd_dojo_ask(args) -> int:
     from handgrad.dojo import quiz
 
     _png_path(args.png)
-    asked = _quiz_call(f"dojo ask {args.question}", lambda: quiz.ask(
+    asked = _quiz_call(f"dojo ask {data.show_path(args.question)}", lambda: quiz.ask(
         args.question, args.dir, experiment=bool(args.png), hint=args.hint, explain=args.explain))
     print(asked.text())
     if args.png:
@@ -922,8 +922,8 @@ def _cmd_dojo_answer(args) -> int:
 
     from handgrad.dojo import quiz
 
-    v = _quiz_call(f"dojo answer {args.question}", lambda: quiz.answer(args.question, "; ".join(args.answer),
-                                                                        args.dir))
+    v = _quiz_call(f"dojo answer {data.show_path(args.question)}",
+                   lambda: quiz.answer(args.question, "; ".join(args.answer), args.dir))
     if v.problem:
         raise UsageError(f"dojo answer {v.question.number}: {v.problem}")
     print(json.dumps(v.to_json(), indent=1) if args.json else v.text())

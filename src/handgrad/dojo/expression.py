@@ -200,6 +200,7 @@ def _first_line(e: BaseException) -> str:
         return "a number overflows"
     text = str(e).strip().splitlines()
     msg = text[0] if text else type(e).__name__
+    msg = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in msg)  # an answer's string, escaped
     return msg if len(msg) <= 200 else msg[:197] + "..."
 
 

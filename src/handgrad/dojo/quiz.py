@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from handgrad.data import show_path  # as typed when printable, escaped otherwise
 from handgrad.dojo import answers as A
 from handgrad.dojo.progress import Progress, Record
 from handgrad.dojo.questions import QUESTIONS, Question, get
@@ -144,7 +145,7 @@ class Verdict:
         head = (f"all {len(self.results)} parts right" if self.right and len(self.results) > 1 else
                 "right" if self.right else f"{good} of {len(self.results)} parts right")
         out = [f"question {q.number} ({q.slug}): {head}"]
-        out += [f"  {r.part.name} = {r.answer}: " + ("right" if r.ok else f"WRONG: {r.diagnosis}")
+        out += [f"  {r.part.name} = {show_path(r.answer)}: " + ("right" if r.ok else f"WRONG: {r.diagnosis}")
                 for r in self.results]
         if self.hint:
             out.append(self.hint)
