@@ -58,8 +58,10 @@ class Progress:
             raw = io.read_regular(path, MAX_BYTES)
         except FileNotFoundError:
             return cls(path, {})
-        except (io.UnsafeFileError, OSError) as e:
-            raise ProgressError(f"{path}: cannot read the quiz progress ({e})") from None
+        except io.UnsafeFileError as e:  # names the file already
+            raise ProgressError(f"{e} (the questions' progress file)") from None
+        except OSError as e:
+            raise ProgressError(f"{path}: cannot read the questions' progress ({io.describe(e)})") from None
         return cls(path, _parse(raw, path))
 
     def record(self, key: str) -> Record:
@@ -76,7 +78,8 @@ class Progress:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             io.atomic_write_bytes(self.path, (json.dumps(data, indent=1) + "\n").encode())
         except OSError as e:
-            raise ProgressError(f"{self.path}: cannot save the quiz progress ({io.describe(e)})") from None
+            raise ProgressError(f"{self.path}: cannot save the questions' progress "
+                                f"({io.describe(e)})") from None
 
 
 def _parse(raw: bytes, path: Path) -> dict[str, Record]:
