@@ -740,7 +740,9 @@ def _cmd_dojo_list(args) -> int:
     w = max(len(ex.slug) for ex in exercises.EXERCISES.values())
     for ex in exercises.EXERCISES.values():
         print(f"{ex.key}  {ex.slug:<{w}}  {ex.about}")
-    return _dojo_challenge("list", args)
+    rc = _dojo_challenge("list", args)
+    _dojo_questions_list(args)
+    return rc
 
 
 def _cmd_dojo_start(args) -> int:
@@ -826,7 +828,8 @@ def _add_dojo_parser(sub) -> None:
                        description="The lecture's exercises as files you fill in, graded gradient by "
                        "gradient, each with the correct upstream gradients fed in, with the mistake named.")
     dsub = p.add_subparsers(dest="dojo_command", required=True, metavar="ACTION")
-    q = dsub.add_parser("list", help="the exercises")
+    q = dsub.add_parser("list", help="the exercises, challenges and questions")
+    q.add_argument("--dir", default=".", help="where your questions' progress is kept (default: here)")
     q.set_defaults(func=_cmd_dojo_list)
     q = dsub.add_parser("start", help="write an exercise's file (never overwrites)")
     q.add_argument("exercise", help="its number or name (see `handgrad dojo list`)")
@@ -850,6 +853,7 @@ def _add_dojo_parser(sub) -> None:
     q = dsub.add_parser("solution", help="print an exercise's or a challenge's reference")
     q.add_argument("exercise", help="its number or name (see `handgrad dojo list`)")
     q.set_defaults(func=_cmd_dojo_solution)
+    _add_dojo_question_parsers(dsub)
 
 
 # ---- dojo challenges (owned by dojo/challenges): the handlers above ask it first; None: not a challenge
@@ -860,6 +864,145 @@ def _dojo_challenge(action: str, args) -> int | None:
         args.level = 1
     return challenges.cli(action, args, print, _err)
 # ---- end dojo challenges
+
+
+# ---- dojo questions (dojo/quiz.py): ask, answer, quiz, and their lines in `dojo list`
+def _dojo_questions_list(args) -> None:
+    from handgrad.dojo import quiz
+    from handgrad.dojo.progress import ProgressError
+
+    try:
+        lines = quiz.list_lines(args.dir)
+    except ProgressError as e:  # the list is still worth showing
+        print(f"warning: {e}", file=sys.stderr)
+        lines = quiz.list_lines(None)
+    for line in lines:
+        print(line)
+
+
+def _quiz_call(where: str, fn):
+    """Run a quiz call, its bad input (an unknown question, an unreadable progress file) one line."""
+    from handgrad.dojo.progress import ProgressError
+
+    try:
+        return fn()
+    except ProgressError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def _png_path(path: str | None) -> None:
+    if path and not path.endswith(".png"):
+        raise UsageError(f"--png {path}: the picture is PNG; name the file something.png")
+    if path and not Path(path).resolve().parent.is_dir():
+        raise UsageError(f"--png {path}: the folder {Path(path).parent} does not exist")
+
+
+def _cmd_dojo_ask(args) -> int:
+    from handgrad.dojo import quiz
+
+    _png_path(args.png)
+    asked = _quiz_call(f"dojo ask {data.show_path(args.question)}", lambda: quiz.ask(
+        args.question, args.dir, experiment=bool(args.png), hint=args.hint, explain=args.explain))
+    print(asked.text())
+    if args.png:
+        try:
+            print(f"picture: {asked.experiment.write_png(args.png)}")
+        except OSError as e:
+            raise UsageError(f"--png {args.png}: {e.strerror or e}") from None
+    q = asked.question
+    print(f"answer it: handgrad dojo answer {q.number} " + " ".join(p.name.upper() for p in q.parts)
+          + ("" if args.png else f"   (see it: handgrad dojo ask {q.number} --png q{q.number}.png)"))
+    return 0
+
+
+def _cmd_dojo_answer(args) -> int:
+    import json
+
+    from handgrad.dojo import quiz
+
+    v = _quiz_call(f"dojo answer {data.show_path(args.question)}",
+                   lambda: quiz.answer(args.question, "; ".join(args.answer), args.dir))
+    if v.problem:
+        raise UsageError(f"dojo answer {v.question.number}: {v.problem}")
+    print(json.dumps(v.to_json(), indent=1) if args.json else v.text())
+    if not v.right and not args.json:
+        print(f"(answer again: handgrad dojo answer {v.question.number} ...; the next wrong answer gives the "
+              f"next hint; the explanation: handgrad dojo ask {v.question.number} --explain)")
+    return v.exit_code
+
+
+def _cmd_dojo_quiz(args) -> int:
+    from handgrad.dojo import answers, quiz
+
+    given = None
+    if args.answer:
+        given = {}
+        for item in args.answer:
+            key, eq, text = item.partition("=")
+            if not eq:
+                raise UsageError(f"--answer {item!r:.60}: write Q=ANSWER, e.g. --answer '1=5; 5; 15; 10'")
+            q = _quiz_call(f"--answer {item!r:.60}", lambda key=key: quiz.get(key))
+            if q.key in given:
+                raise UsageError(f"--answer: question {q.number} is answered twice")
+            given[q.key] = text
+    if args.png:
+        io.prepare_dir(Path(args.png), "--png")
+
+    echo = not sys.stdin.isatty()  # answers piped in are shown beside their prompts, as if typed
+
+    def read(prompt: str) -> str | None:
+        try:
+            line = input(prompt)
+        except EOFError:
+            print()
+            return None
+        if echo:
+            print(line)
+        return line
+
+    try:
+        run = _quiz_call("dojo quiz", lambda: quiz.run_quiz(read, print, args.dir, given, args.png,
+                                                            again=args.all))
+    except answers.AnswerError as e:
+        raise UsageError(f"dojo quiz: {e}") from None
+    except KeyboardInterrupt:
+        _err("quiz interrupted; every answer graded so far is saved")
+        return 130
+    return run.exit_code
+
+
+def _add_dojo_question_parsers(dsub) -> None:
+    what = "the question: 1-6, q1-q6 or its name (see `handgrad dojo list`)"
+    where = "where your progress is kept (default: here)"
+    q = dsub.add_parser("ask", help="show one of the lecture's six questions (and its experiment with --png)")
+    q.add_argument("question", help=what)
+    q.add_argument("--dir", default=".", help=where)
+    q.add_argument("--png", metavar="OUT.png", help="run the question's live experiment and draw it")
+    q.add_argument("--hint", action="store_true", help="the next of three hints (counted in your progress)")
+    q.add_argument("--explain", action="store_true", help="the explanation")
+    q.set_defaults(func=_cmd_dojo_ask)
+    q = dsub.add_parser("answer", help="grade an answer to a question: exit 0 right, 1 wrong, 2 cannot grade",
+                        description="Grade an answer: the parts separated by ';' (or given as separate "
+                        "arguments), or some parts by name (mul.da=15). A wrong part is diagnosed and the "
+                        "next of three hints shown.")
+    q.add_argument("question", help=what)
+    q.add_argument("answer", nargs="+", help="the answer, e.g. 5 5 15 10, or 'dy.expand_as(x); ...' (put -- "
+                   "before an answer that starts with '-')")
+    q.add_argument("--dir", default=".", help=where)
+    q.add_argument("--json", action="store_true", help="print JSON instead of the text")
+    q.set_defaults(func=_cmd_dojo_answer)
+    q = dsub.add_parser("quiz", help="walk through the six questions (interactive, or --answer for scripts)",
+                        description="Ask each question not yet done, part by part ('?' for a hint, "
+                        "'explain', 'skip', 'quit'); with --answer, grade the given answers and ask nothing.")
+    q.add_argument("--answer", "-a", action="append", metavar="Q=ANSWER", help="an answer to grade "
+                   "(repeatable), e.g. -a '1=5; 5; 15; 10' -a '4=a; b; 0.19'")
+    q.add_argument("--dir", default=".", help=where)
+    q.add_argument("--png", metavar="DIR", help="write each answered question's experiment picture here")
+    q.add_argument("--all", action="store_true", help="ask the questions done already too")
+    q.set_defaults(func=_cmd_dojo_quiz)
+# ---- end dojo questions
 # ---- end dojo
 
 
