@@ -166,7 +166,7 @@ def trusted_dir(path: Path) -> Path:
             raise NativeUnavailable(f"cannot create the build cache {real}: {d} is not a directory")
         why = _distrust(str(d), st, role)
         if why:
-            raise UntrustedCache(why)
+            raise UntrustedCache(why if role == "cache" else f"{why}, above the build cache {real}")
     return real
 
 
@@ -338,7 +338,7 @@ def load(source: Path, bind: Callable[[ctypes.CDLL], ctypes.CDLL], what: str = "
         try:
             directory = trusted_dir(cache_dir())
         except UntrustedCache as e:
-            return _load_private(source, cc, bind, what, f"the build cache {cache_dir()} is refused: {e}")
+            return _load_private(source, cc, bind, what, f"refusing the build cache: {e}")
         target = directory / name
         why = cached_problem(target)
         if not why:
