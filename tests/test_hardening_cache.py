@@ -75,7 +75,7 @@ def cc(tmp_path, libs, monkeypatch):
     returns (the log, the library's name in any cache)."""
     log = tmp_path / "cc.log"
     script = tmp_path / "cc.sh"
-    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\n'
+    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\necho "$TMPDIR" >> {log}.tmpdir\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\n'
                       f'cp {libs["genuine"]} "$out"\n')
     script.chmod(0o755)
     monkeypatch.setenv("HANDGRAD_CC", str(script))
@@ -172,7 +172,7 @@ def _owned_by_another_user(tmp, env):
     d.chmod(0o755)
     _chown(d, NOBODY)
     env["HANDGRAD_CACHE"] = str(d)
-    return d, f"theirs is owned by nobody (uid {NOBODY})"
+    return d, f"theirs is owned by nobody, uid {NOBODY}, not by you"
 
 
 def _above_owned_by_another_user(tmp, env):
@@ -183,7 +183,7 @@ def _above_owned_by_another_user(tmp, env):
     d.mkdir(mode=0o700)
     _chown(above, NOBODY)
     env["HANDGRAD_CACHE"] = str(d)
-    return d, f"their-home is owned by nobody (uid {NOBODY})"
+    return d, f"their-home is owned by nobody, uid {NOBODY}, not by you or root"
 
 
 def _in_sticky_dir_made_by_another_user(tmp, env):
@@ -194,7 +194,7 @@ def _in_sticky_dir_made_by_another_user(tmp, env):
     d.mkdir(mode=0o755)
     _chown(d, NOBODY)
     env["HANDGRAD_CACHE"] = str(d)
-    return d, f"handgrad-cache is owned by nobody (uid {NOBODY})"
+    return d, f"handgrad-cache is owned by nobody, uid {NOBODY}, not by you"
 
 
 REFUSED = [pytest.param(_world_writable, id="world-writable"), pytest.param(_group_writable, id="group-writable"),
@@ -290,6 +290,22 @@ def test_a_new_cache_is_created_private_whatever_the_umask(tmp_path, cc, monkeyp
     for d in (tmp_path / "new", tmp_path / "new" / "deeper", cache):
         assert d.stat().st_mode & 0o777 == 0o700
     assert not (cache / name).stat().st_mode & 0o022
+
+
+def test_the_compilers_temporary_files_stay_out_of_a_shared_tmpdir(tmp_path, cc, monkeypatch):
+    """The compiler writes its assembly to TMPDIR for the assembler to read: in a directory others
+    can write, that file could be swapped. It gets a private directory inside the cache instead."""
+    log, name = cc
+    shared = tmp_path / "shared-tmp"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("TMPDIR", str(shared))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HANDGRAD_CACHE", str(cache))
+    assert fast.build() == cache / name
+    [used] = Path(f"{log}.tmpdir").read_text().splitlines()[-1:]
+    assert Path(used).parent == cache and not Path(used).exists()  # private, and removed after the build
+    assert sorted(p.name for p in cache.iterdir()) == [name, f"{name}.sha256"]
 
 
 # ---------------------------------------------------------------------------- files in a private cache

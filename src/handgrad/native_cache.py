@@ -117,7 +117,7 @@ def build_timeout() -> float:
 # ---------------------------------------------------------------------------- what it trusts
 def _user(uid: int) -> str:
     try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+        return f"{pwd.getpwuid(uid).pw_name}, uid {uid}"
     except KeyError:
         return f"uid {uid}"
 
@@ -134,7 +134,7 @@ def _distrust(path: str, st: os.stat_result, role: str) -> str:
     owners = (me, 0) if role == "above" else (me,)
     if st.st_uid not in owners:
         trusted = "you or root" if role == "above" else "you"
-        return f"{path} is owned by {_user(st.st_uid)}, not by {trusted} (you are {_user(me)})"
+        return f"{path} is owned by {_user(st.st_uid)}, not by {trusted} ({_user(me)})"
     if st.st_mode & 0o022 and not (role == "above" and st.st_mode & stat.S_ISVTX):
         sticky = " and not sticky" if role == "above" else ""
         return f"{path} is writable by {_writers(st.st_mode)}{sticky} (mode {stat.S_IMODE(st.st_mode):04o})"
@@ -227,13 +227,14 @@ def cached_problem(library: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- build
-def _compile(cmd: list[str], deadline: float, limit: float) -> tuple[int, str]:
-    """Run the compiler in its own process group with no stdin; (exit code, first line of its
-    messages). At the deadline, or when interrupted, the whole group is killed."""
-    with tempfile.TemporaryFile() as messages:  # a file, not a pipe: nothing left over can block it
+def _compile(cmd: list[str], deadline: float, limit: float, work: Path) -> tuple[int, str]:
+    """Run the compiler in its own process group with no stdin and TMPDIR=`work` (its intermediate
+    files, as the assembly it hands to the assembler, stay where only you can write); (exit code,
+    first line of its messages). At the deadline, or when interrupted, the whole group is killed."""
+    with tempfile.TemporaryFile(dir=work) as messages:  # a file, not a pipe: nothing left over can block it
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=messages, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, env={**os.environ, "TMPDIR": str(work)})
         except OSError as e:
             raise NativeUnavailable(f"cannot run the C++ compiler {cmd[0]!r}: {e.strerror}") from None
         try:
@@ -254,15 +255,16 @@ def _compile(cmd: list[str], deadline: float, limit: float) -> tuple[int, str]:
 
 
 def _compile_into(directory: Path, source: Path, cc: str) -> Path:
-    """Compile `source` into a new temporary file in `directory`, mode 0755 less the umask and never
-    writable by group or others; returns its path (the caller renames or removes it)."""
+    """Compile `source` into a new temporary file in `directory` (trusted), mode 0755 less the umask
+    and never writable by group or others; returns its path (the caller renames or removes it)."""
     limit = build_timeout()
     deadline = time.monotonic() + limit
     fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=directory)
     os.close(fd)
+    work = Path(tempfile.mkdtemp(prefix=f".{source.stem}-work-", dir=directory))
     try:
         for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):  # a compiler without -march=native
-            code, first = _compile([cc, *flags, "-o", tmp, str(source)], deadline, limit)
+            code, first = _compile([cc, *flags, "-o", tmp, str(source)], deadline, limit, work)
             if code == 0:
                 break
         else:
@@ -274,6 +276,8 @@ def _compile_into(directory: Path, source: Path, cc: str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _install(tmp: Path, target: Path) -> None:
