@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from handgrad import fast, native_cache, train
+from handgrad import fast, models, native_cache, train
+from handgrad.models import ModelConfig
 
 pytestmark = pytest.mark.skipif(not fast.have_compiler(), reason="no C++ compiler: the fast path cannot be built")
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
@@ -114,112 +115,75 @@ def _warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "handgrad.native_cache" and r.levelno >= logging.WARNING]
 
 
+def fast_mlp():
+    return models.build(ModelConfig(n_hidden=16), 0)
+
+
 def _chown(path: Path, uid: int) -> None:
     os.chown(path, uid, uid)
 
 
 # ---------------------------------------------------------------------------- directories someone else can write
-def _world_writable(tmp, env):
-    d = tmp / "shared"
-    d.mkdir(mode=0o777)
-    d.chmod(0o777)
-    env["HANDGRAD_CACHE"] = str(d)
-    return d, "shared is writable by its group and others (mode 0777)"
+ME = None  # the owner of what the test makes, unless a layout says NOBODY
+# case: (the directories to make, in order: (path, mode or "->" symlink target, owner), the environment
+# (None: unset), the directory the configuration resolves to (where the attacker plants), why it is refused)
+REFUSED = {
+    "world-writable": ([("shared", 0o777, ME)], {"HANDGRAD_CACHE": "shared"}, "shared",
+                       "shared is writable by its group and others (mode 0777)"),
+    "group-writable": ([("team", 0o775, ME)], {"HANDGRAD_CACHE": "team"}, "team",
+                       "team is writable by its group (mode 0775)"),
+    # not sticky: anyone may rename the cache away and put theirs in its place
+    "above-world-writable": ([("scratch", 0o777, ME), ("scratch/mine", 0o700, ME)],
+                             {"HANDGRAD_CACHE": "scratch/mine"}, "scratch/mine",
+                             "scratch is writable by its group and others and not sticky (mode 0777), above the build cache"),
+    "symlink-to-world-writable": ([("shared", 0o777, ME), ("link", "->shared", ME)], {"HANDGRAD_CACHE": "link"},
+                                  "shared", "shared is writable by its group and others (mode 0777)"),
+    "XDG_CACHE_HOME-in-world-writable": ([("xdg", 0o777, ME), ("xdg/handgrad", 0o700, ME)],
+                                         {"HANDGRAD_CACHE": None, "XDG_CACHE_HOME": "xdg"}, "xdg/handgrad",
+                                         "xdg is writable by its group and others and not sticky"),
+    "owned-by-nobody": ([("theirs", 0o755, NOBODY)], {"HANDGRAD_CACHE": "theirs"}, "theirs",
+                        f"theirs is owned by nobody, uid {NOBODY}, not by you"),
+    "above-owned-by-nobody": ([("their-home", 0o755, NOBODY), ("their-home/cache", 0o700, ME)],
+                              {"HANDGRAD_CACHE": "their-home/cache"}, "their-home/cache",
+                              f"their-home is owned by nobody, uid {NOBODY}, not by you or root"),
+    # as /tmp: fine above a cache, but this cache was made there by someone else
+    "sticky-dir-cache-made-by-nobody": ([("tmp", 0o1777, ME), ("tmp/handgrad-cache", 0o755, NOBODY)],
+                                        {"HANDGRAD_CACHE": "tmp/handgrad-cache"}, "tmp/handgrad-cache",
+                                        f"handgrad-cache is owned by nobody, uid {NOBODY}, not by you"),
+}
 
 
-def _group_writable(tmp, env):
-    d = tmp / "team"
-    d.mkdir()
-    d.chmod(0o775)
-    env["HANDGRAD_CACHE"] = str(d)
-    return d, "team is writable by its group (mode 0775)"
+def _make(tmp: Path, layout) -> None:
+    for path, mode, owner in layout:
+        if isinstance(mode, str):
+            (tmp / path).symlink_to(tmp / mode.removeprefix("->"))
+            continue
+        (tmp / path).mkdir()
+        (tmp / path).chmod(mode)
+        if owner is not None:
+            _chown(tmp / path, owner)
 
 
-def _above_world_writable(tmp, env):
-    above = tmp / "scratch"
-    above.mkdir()
-    above.chmod(0o777)  # not sticky: anyone may rename the cache away and put theirs in its place
-    d = above / "mine"
-    d.mkdir(mode=0o700)
-    env["HANDGRAD_CACHE"] = str(d)
-    return d, "scratch is writable by its group and others and not sticky (mode 0777), above the build cache"
-
-
-def _symlink_to_world_writable(tmp, env):
-    d = tmp / "shared"
-    d.mkdir()
-    d.chmod(0o777)
-    link = tmp / "link"
-    link.symlink_to(d)
-    env["HANDGRAD_CACHE"] = str(link)
-    return d, "shared is writable by its group and others (mode 0777)"
-
-
-def _xdg_in_world_writable(tmp, env):
-    xdg = tmp / "xdg"
-    xdg.mkdir()
-    xdg.chmod(0o777)
-    env["HANDGRAD_CACHE"] = None
-    env["XDG_CACHE_HOME"] = str(xdg)
-    d = xdg / "handgrad"
-    d.mkdir(mode=0o700)
-    return d, "xdg is writable by its group and others and not sticky"
-
-
-def _owned_by_another_user(tmp, env):
-    d = tmp / "theirs"
-    d.mkdir()
-    d.chmod(0o755)
-    _chown(d, NOBODY)
-    env["HANDGRAD_CACHE"] = str(d)
-    return d, f"theirs is owned by nobody, uid {NOBODY}, not by you"
-
-
-def _above_owned_by_another_user(tmp, env):
-    above = tmp / "their-home"
-    above.mkdir()
-    above.chmod(0o755)
-    d = above / "cache"
-    d.mkdir(mode=0o700)
-    _chown(above, NOBODY)
-    env["HANDGRAD_CACHE"] = str(d)
-    return d, f"their-home is owned by nobody, uid {NOBODY}, not by you or root"
-
-
-def _in_sticky_dir_made_by_another_user(tmp, env):
-    sticky = tmp / "tmp"
-    sticky.mkdir()
-    sticky.chmod(0o1777)  # as /tmp: fine above a cache, but the cache itself was made by someone else
-    d = sticky / "handgrad-cache"
-    d.mkdir(mode=0o755)
-    _chown(d, NOBODY)
-    env["HANDGRAD_CACHE"] = str(d)
-    return d, f"handgrad-cache is owned by nobody, uid {NOBODY}, not by you"
-
-
-REFUSED = [pytest.param(_world_writable, id="world-writable"), pytest.param(_group_writable, id="group-writable"),
-           pytest.param(_above_world_writable, id="above-world-writable"),
-           pytest.param(_symlink_to_world_writable, id="symlink-to-world-writable"),
-           pytest.param(_xdg_in_world_writable, id="XDG_CACHE_HOME-in-world-writable"),
-           pytest.param(_owned_by_another_user, id="owned-by-nobody", marks=as_root),
-           pytest.param(_above_owned_by_another_user, id="above-owned-by-nobody", marks=as_root),
-           pytest.param(_in_sticky_dir_made_by_another_user, id="sticky-dir-cache-made-by-nobody", marks=as_root)]
-
-
-def _apply(env: dict, monkeypatch) -> None:
+def _apply(tmp: Path, env: dict, monkeypatch) -> None:
     for k, v in env.items():
         if v is None:
             monkeypatch.delenv(k, raising=False)
         else:
-            monkeypatch.setenv(k, v)
+            monkeypatch.setenv(k, str(tmp / v))
 
 
-@pytest.mark.parametrize("setup", REFUSED)
-def test_a_library_planted_in_a_cache_others_can_write_never_runs(setup, tmp_path, libs, cc, monkeypatch, caplog):
+def _cases(table: dict) -> list:
+    return [pytest.param(*case, id=name, marks=[as_root] if any(o == NOBODY for _, _, o in case[0]) else [])
+            for name, case in table.items()]
+
+
+@pytest.mark.parametrize("layout, env, resolved, why", _cases(REFUSED))
+def test_a_library_planted_in_a_cache_others_can_write_never_runs(layout, env, resolved, why, tmp_path, libs, cc,
+                                                                   monkeypatch, caplog):
     log, name = cc
-    env = {}
-    planted_dir, why = setup(tmp_path, env)
-    _apply(env, monkeypatch)
+    _make(tmp_path, layout)
+    _apply(tmp_path, env, monkeypatch)
+    planted_dir = tmp_path / resolved
     _plant(planted_dir, name, libs["planted"].read_bytes())
     before = sorted(p.name for p in planted_dir.iterdir())
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where the private build goes
@@ -251,12 +215,6 @@ def test_a_refused_cache_and_a_refused_temporary_directory_fall_back_in_one_line
     assert not (tmp_path / "planted-code-ran").exists()
     assert fn is None and "\n" not in reason and _builds(log) == 0
     assert "shared is writable by its group and others" in reason and "tmpdir is writable by its group and others" in reason
-
-
-def fast_mlp():
-    from handgrad import models
-    from handgrad.models import ModelConfig
-    return models.build(ModelConfig(n_hidden=16), 0)
 
 
 # ---------------------------------------------------------------------------- directories that are fine
