@@ -3,11 +3,11 @@ library in a per-user cache and load it with ctypes, trusting only what this use
 
 What it trusts (the rules of ssh's StrictModes for key files, applied to a directory of code):
 - the cache directory (HANDGRAD_CACHE, else $XDG_CACHE_HOME/handgrad or ~/.cache/handgrad) after its
-  symlinks are resolved once: it must be owned by you and writable by no one else, and so must every
-  directory above it up to /, except that an ancestor may be owned by root, and may be writable by
-  others if it is sticky (as /tmp is: there no one else can rename or remove what you own);
-- a file in it: a regular file (never followed through a symlink) owned by you, writable by no one
-  else, whose sha256 is the one in the `.sha256` file beside it (owned by you too; it catches a
+  symlinks are resolved once: it must be owned by you (or root) and writable by no one else, and so
+  must every directory above it up to /, except that those may be writable by others if they are
+  sticky (as /tmp is: there no one else can rename or remove what you own);
+- a file in it: a regular file (never followed through a symlink) owned by you (or root), writable by
+  no one else, whose sha256 is the one in the `.sha256` file beside it (owned by you too; it catches a
   truncated or damaged copy, not an attacker: the directory's rules keep attackers out), whose ELF
   headers fit in the file (a truncated library would crash dlopen with SIGBUS) and which passes its
   ABI check (the caller's `bind`);
@@ -126,17 +126,14 @@ def _writers(mode: int) -> str:
     return {0o020: "its group", 0o002: "others", 0o022: "its group and others"}[mode & 0o022]
 
 
-def _distrust(path: str, st: os.stat_result, role: str) -> str:
-    """Why `path` cannot be trusted in its role, or "". Roles: "above" (a directory above the cache:
-    owned by you or root, writable by others only if sticky), "cache" (the cache directory) and
-    "file" (a file in it): owned by you and writable by no one else."""
+def _distrust(path: str, st: os.stat_result, above: bool = False) -> str:
+    """Why `path` cannot be trusted, or "": it must be owned by you or root and writable by no one
+    else, except that a directory `above` the cache may be writable by others if it is sticky."""
     me = os.geteuid()
-    owners = (me, 0) if role == "above" else (me,)
-    if st.st_uid not in owners:
-        trusted = "you or root" if role == "above" else "you"
-        return f"{path} is owned by {_user(st.st_uid)}, not by {trusted} ({_user(me)})"
-    if st.st_mode & 0o022 and not (role == "above" and st.st_mode & stat.S_ISVTX):
-        sticky = " and not sticky" if role == "above" else ""
+    if st.st_uid not in (me, 0):
+        return f"{path} is owned by {_user(st.st_uid)}, not by you or root (you: {_user(me)})"
+    if st.st_mode & 0o022 and not (above and st.st_mode & stat.S_ISVTX):
+        sticky = " and not sticky" if above else ""
         return f"{path} is writable by {_writers(st.st_mode)}{sticky} (mode {stat.S_IMODE(st.st_mode):04o})"
     return ""
 
@@ -147,8 +144,8 @@ def trusted_dir(path: Path) -> Path:
     UntrustedCache naming the first that fails, NativeUnavailable when it cannot be created."""
     real = Path(os.path.realpath(path))  # symlinks resolved once; only the real path is used after
     chain = [real, *real.parents][::-1]  # /, /a, /a/b, ..., real
-    for i, d in enumerate(chain):
-        role = "cache" if i == len(chain) - 1 else "above"
+    for d in chain:
+        above = d != real
         try:
             st = os.lstat(d)
         except FileNotFoundError:
@@ -164,26 +161,31 @@ def trusted_dir(path: Path) -> Path:
             raise UntrustedCache(f"{d} became a symbolic link while it was being checked")
         if not stat.S_ISDIR(st.st_mode):
             raise NativeUnavailable(f"cannot create the build cache {real}: {d} is not a directory")
-        why = _distrust(str(d), st, role)
+        why = _distrust(str(d), st, above)
         if why:
-            raise UntrustedCache(why if role == "cache" else f"{why}, above the build cache {real}")
+            raise UntrustedCache(f"{why}, above the build cache {real}" if above else why)
     return real
 
 
+ABSENT = "absent"
+
+
 def _read_own_file(path: Path) -> tuple[bytes | None, str]:
-    """(the bytes of `path`, "") when it is a regular file owned by you and writable by no one else,
-    opened without following a symlink (and without waiting on a FIFO); else (None, why)."""
+    """(the bytes of `path`, "") when it is a regular file owned by you (or root) and writable by no
+    one else, opened without following a symlink (and without waiting on a FIFO); else (None, why):
+    ABSENT when there is no such file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        return None, "absent"
+        return None, ABSENT
     except OSError as e:
-        return None, ("a symbolic link" if os.path.islink(path) else e.strerror or "unreadable")
+        what = "a symbolic link" if os.path.islink(path) else e.strerror or "unreadable"
+        return None, f"{path.name} is {what}"
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return None, "not a regular file"
-        why = _distrust(path.name, st, "file")
+            return None, f"{path.name} is not a regular file"
+        why = _distrust(path.name, st)
         return (None, why) if why else (f.read(), "")
 
 
@@ -213,14 +215,14 @@ def _elf_fits(data: bytes) -> bool:
 
 def cached_problem(library: Path) -> str:
     """"" when `library` (in a trusted directory) can be loaded: it and its .sha256 are files you own
-    that no one else can write, the digest matches and its ELF headers fit; else why not ("absent"
+    that no one else can write, the digest matches and its ELF headers fit; else why not (ABSENT
     when there is no library)."""
     data, why = _read_own_file(library)
     if data is None:
         return why
     want, why = _read_own_file(digest_path(library))
     if want is None:
-        return f"its sha256 file is {why}"
+        return "its sha256 file is missing" if why == ABSENT else why
     if hashlib.sha256(data).hexdigest() != want.decode(errors="replace").strip():
         return "its bytes do not match its sha256"
     return "" if _elf_fits(data) else "it is truncated (its ELF segments end past the file)"
@@ -349,7 +351,7 @@ def load(source: Path, bind: Callable[[ctypes.CDLL], ctypes.CDLL], what: str = "
             lib, why = _open(target, bind)
             if lib is not None:
                 return lib
-        if why != "absent":
+        if why != ABSENT:
             _warn_once(f"rebuilding {what} {target}: {why}")
         lib, tmp = _fresh(directory, source, cc, bind, what)
         _install(tmp, target)
