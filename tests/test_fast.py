@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from handgrad import fast, models, reference, train
+from handgrad import fast, models, native_cache, reference, train
 from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, ReLU, Sequential, Tanh
 from handgrad.models import ModelConfig
 from handgrad.train import NonFiniteError, TrainConfig
@@ -275,7 +275,7 @@ def test_build_writes_one_library_atomically(tmp_path, monkeypatch):
     path = fast.build()
     assert path.parent == tmp_path and path.exists()
     # no temporary files left behind: the library and its sha256
-    assert sorted(q.name for q in tmp_path.iterdir()) == sorted([path.name, fast._digest_path(path).name])
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted([path.name, native_cache.digest_path(path).name])
     assert fast.build() == path  # cached
 
 
@@ -548,21 +548,21 @@ def test_a_corrupt_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     import sys
 
     try:
-        fast._compiler()
-    except fast.FastUnavailable:
+        native_cache.compiler()
+    except native_cache.NativeUnavailable:
         pytest.skip("no C++ compiler")
     monkeypatch.setenv("HANDGRAD_CACHE", str(tmp_path))
     path = fast.build()
     size = path.stat().st_size
-    assert fast._cached_ok(path)
+    assert not native_cache.cached_problem(path)
     with open(path, "r+b") as f:
         f.truncate(1000)
-    assert not fast._cached_ok(path)
-    assert fast.build() == path and path.stat().st_size == size and fast._cached_ok(path)
+    assert native_cache.cached_problem(path)
+    assert fast.build() == path and path.stat().st_size == size and not native_cache.cached_problem(path)
     probe = f"import ctypes; ctypes.CDLL({str(path)!r}).hg_abi_version()"
     assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
-    fast._digest_path(path).unlink()  # a cache from before the digests: rebuilt once, then trusted
-    assert not fast._cached_ok(path) and fast.build() == path and fast._cached_ok(path)
+    native_cache.digest_path(path).unlink()  # a cache from before the digests: rebuilt once, then trusted
+    assert native_cache.cached_problem(path) and fast.build() == path and not native_cache.cached_problem(path)
 
 
 # ---------------------------------------------------------------------------- large batches: counted, tiled

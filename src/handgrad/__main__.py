@@ -1,5 +1,50 @@
-"""`python -m handgrad` is the `handgrad` command."""
+"""The `handgrad` command (pyproject's [project.scripts]) and `python -m handgrad`.
 
-from handgrad.cli import main
+main() takes over Ctrl-C before the heavy imports: importing torch takes a second or more, and
+Python's default handler would print a KeyboardInterrupt traceback from wherever the import was.
+Until the CLI is imported, and again once it has returned, Ctrl-C exits at once with one line and
+code 130 (nothing has been written then: the CLI writes files only while it runs, atomically); in
+between, the CLI's own handlers say what was kept.
+"""
 
-raise SystemExit(main())
+import os
+import signal
+import sys
+
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
+def _quit(message: bytes):
+    def handler(signum, frame):
+        for stream in (sys.stdout, sys.stderr):  # what was printed before stays printed
+            try:
+                stream.flush()
+            except Exception:  # a closed pipe, a write this signal interrupted
+                pass
+        os.write(2, message)
+        os._exit(INTERRUPTED)
+    return handler
+
+
+def main() -> int:
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # as `nohup` or `cmd &` in a script leave it
+
+    def on_ctrl_c(handler) -> None:
+        if not ignored:
+            signal.signal(signal.SIGINT, handler)
+
+    on_ctrl_c(_quit(b"handgrad: error: interrupted while starting; nothing was written\n"))
+    from handgrad.cli import main as cli_main  # torch, numpy, ...
+
+    try:
+        on_ctrl_c(signal.default_int_handler)  # KeyboardInterrupt, which the CLI catches
+        return cli_main()
+    except KeyboardInterrupt:  # between the line above and the CLI's own handler
+        print("handgrad: error: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    finally:
+        on_ctrl_c(_quit(b"handgrad: error: interrupted while exiting, after the command had finished\n"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,18 +7,12 @@ loaded with ctypes; no torch headers. The math is ops.py's pairs + SGD; tests/te
 program may split its large products (a large batch) over two threads.
 
 Environment: HANDGRAD_CC (the C++ compiler; default c++ or g++ on PATH), HANDGRAD_CACHE (the build
-cache; default $XDG_CACHE_HOME/handgrad or ~/.cache/handgrad).
+cache; default $XDG_CACHE_HOME/handgrad or ~/.cache/handgrad), HANDGRAD_BUILD_TIMEOUT (native_cache).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,13 +21,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from handgrad import ops
+from handgrad import native_cache, ops
 from handgrad.atomic import Params
 from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, ReLU, Tanh
 
 SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
 PROGRAM_SOURCE = Path(__file__).parent / "csrc" / "program.cpp"
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-exceptions", "-fno-rtti", "-pthread"]
 ABI_VERSION = 1
 PROGRAM_ABI = 4
 GRAD_NAMES = ("loss", "dC", "dW1", "db1", "dW2", "db2", "dbngain", "dbnbias")  # status codes of hg_steps
@@ -49,111 +42,18 @@ class BNStats:
         self.mean, self.var = mean, var
 
 
-class FastUnavailable(RuntimeError):
-    """The native step cannot be built or loaded here (the message says why, in one line)."""
+FastUnavailable = native_cache.NativeUnavailable  # cannot be built or loaded here (why, in one line)
 
 
 # ---------------------------------------------------------------------------- build and load
-def cache_dir() -> Path:
-    if os.environ.get("HANDGRAD_CACHE"):
-        return Path(os.environ["HANDGRAD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "handgrad"
-
-
-def _compiler() -> str:
-    cc = os.environ.get("HANDGRAD_CC")
-    if cc:
-        return cc
-    for name in ("c++", "g++", "clang++"):
-        found = shutil.which(name)
-        if found:
-            return found
-    raise FastUnavailable("no C++ compiler found (install g++ or set HANDGRAD_CC)")
-
-
-def have_compiler() -> bool:
-    """Whether a C++ compiler is there to build the native code (HANDGRAD_CC, else c++/g++/clang++)."""
-    try:
-        cc = _compiler()
-    except FastUnavailable:
-        return False
-    return bool(shutil.which(cc) or os.path.exists(cc))
-
-
-def _cpu_id() -> str:
-    """-march=native binaries are CPU specific: the cache key includes the CPU's model and flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in text.splitlines()[:40] if ln.startswith(("model name", "flags", "Features"))]
-    return "\n".join(keep) or platform.machine()
+# native_cache builds, caches and loads the libraries (its docstring says what the cache trusts).
+have_compiler = native_cache.have_compiler
 
 
 def build(force: bool = False, source: Path = SOURCE) -> Path:
-    """Compile `source` (csrc/step.cpp or program.cpp; if not cached) and return the shared library's
-    path. The cache key is a hash of the source and the headers beside it, the flags, the compiler and
-    the CPU; the file is written atomically, with its sha256 beside it."""
-    cc = _compiler()
-    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # + vec.h
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), cc.encode(), _cpu_id().encode(),
-                                     platform.python_version().encode()])).hexdigest()[:20]
-    out_dir = cache_dir()
-    target = out_dir / f"{source.stem}-{key}.so"
-    if not force and _cached_ok(target):
-        return target
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FastUnavailable(f"cannot create the build cache {out_dir}: {e.strerror}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):  # a compiler without -march=native
-            try:
-                r = subprocess.run([cc, *flags, "-o", tmp, str(source)], capture_output=True, text=True,
-                                   timeout=120)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise FastUnavailable(f"cannot run the C++ compiler {cc!r}: {e}") from None
-            if r.returncode == 0:
-                break
-        if r.returncode != 0:
-            first = (r.stderr.strip().splitlines() or ["(no message)"])[0]
-            raise FastUnavailable(f"building {source.name} with {cc} failed: {first}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o755 & ~umask)  # a library anyone may read and run, as the umask allows
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
-        _write_digest(target, digest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _digest_path(target: Path) -> Path:
-    return target.with_name(target.name + ".sha256")
-
-
-def _cached_ok(target: Path) -> bool:
-    """Whether the cached library holds the bytes build() wrote (their sha256 is in a file written
-    after it). A truncated or overwritten .so would fail to load every time, or crash dlopen with
-    SIGBUS, so anything else is rebuilt."""
-    try:
-        want = _digest_path(target).read_text().strip()
-        return hashlib.sha256(target.read_bytes()).hexdigest() == want
-    except OSError:
-        return False
-
-
-def _write_digest(target: Path, digest: str) -> None:
-    """The library's sha256 beside it, written atomically after the library itself."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".sha256", dir=target.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(digest + "\n")
-    os.replace(tmp, _digest_path(target))
+    """Compile `source` (csrc/step.cpp or program.cpp) into the build cache unless a good copy is
+    there, and return the shared library's path (native_cache.build)."""
+    return native_cache.build(source, force)
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -171,16 +71,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def _load(source: Path, bind: Callable[[ctypes.CDLL], ctypes.CDLL], what: str) -> ctypes.CDLL:
     """Build (once per process and source) and load `source`'s library; raises FastUnavailable."""
     with _lock:
-        if source in _loaded:
-            return _loaded[source]
-        try:
-            path = build(source=source)
-        except OSError as e:  # unreadable source, unwritable cache, ...
-            raise FastUnavailable(f"cannot build {what}: {e}") from None
-        try:
-            _loaded[source] = bind(ctypes.CDLL(str(path)))
-        except OSError as e:
-            raise FastUnavailable(f"cannot load {path}: {e}") from None
+        if source not in _loaded:
+            _loaded[source] = native_cache.load(source, bind, what)
         return _loaded[source]
 
 
