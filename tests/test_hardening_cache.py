@@ -373,7 +373,8 @@ print(json.dumps(out))
 def _probe(env: dict, timeout: float = 60, interrupt_when: Path | None = None) -> dict:
     """Load the step library in a new process (a crash there must not take pytest with it)."""
     proc = subprocess.Popen([sys.executable, "-c", PROBE], env={**os.environ, "PYTHONPATH": SRC, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if interrupt_when is not None:
         t0 = time.monotonic()
         while not interrupt_when.exists() and time.monotonic() - t0 < timeout:

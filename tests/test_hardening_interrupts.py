@@ -38,6 +38,12 @@ def _console_script(tmp: Path) -> Path:
     return script
 
 
+def _as_a_terminal_starts_it() -> None:
+    """A command typed at a terminal starts with SIGINT at its default, whatever this test runner
+    inherited (a runner started in the background of a script inherits SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _mapped(pid: int, pattern: str) -> bool:
     try:
         return re.search(pattern, Path(f"/proc/{pid}/maps").read_text()) is not None
@@ -62,7 +68,7 @@ def _interrupt(cmd: list[str], moment: str, cwd: Path) -> tuple[int | None, str,
     event, extra = MOMENTS[moment]
     with open(cwd / "stdout", "w") as stdout:
         proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONPATH": SRC}, stdout=stdout,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=_as_a_terminal_starts_it)
     t0 = time.monotonic()
     while not event(proc.pid, cwd) and proc.poll() is None and time.monotonic() - t0 < 60:
         time.sleep(0.002)
