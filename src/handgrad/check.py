@@ -595,7 +595,7 @@ def finite_differences(fn: Callable[[], Tensor], x: Tensor, analytic: Tensor, na
 @dataclass
 class Section:
     title: str
-    rows: list[Comparison | FDResult]
+    rows: list[Comparison | FDResult | Finding]
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -637,6 +637,34 @@ def _render_fd(rows: list[FDResult]) -> list[str]:
 
 
 @dataclass
+class Finding:
+    """A check that is not a tensor comparison: part of an autograd.Function's contract (one
+    gradient per input, needs_input_grad, saved tensors), or an error the check met. `note` is
+    said even when it passes."""
+
+    name: str
+    passed: bool
+    message: str = ""  # what is wrong, in one line ('' when it passed)
+    note: str = ""
+
+    @property
+    def diagnosis(self) -> str:
+        return self.message
+
+
+def _render_findings(rows: list[Finding]) -> list[str]:
+    w = max([len(r.name) for r in rows] + [5])
+    out = [f"{'check':<{w}}  verdict"]
+    for r in rows:
+        out.append(f"{r.name:<{w}}  {'ok' if r.passed else 'FAIL'}")
+        if not r.passed:
+            out.append(f"{'':<{w}}  -> {r.message}")
+        if r.note:
+            out.append(f"{'':<{w}}  note: {r.note}")
+    return out
+
+
+@dataclass
 class Report:
     """The result of a check: sections of rows, `.passed`, and a readable str() (print it)."""
 
@@ -667,6 +695,8 @@ class Report:
             lines += ["", s.title]
             comps = [r for r in s.rows if isinstance(r, Comparison)]
             fds = [r for r in s.rows if isinstance(r, FDResult)]
+            finds = [r for r in s.rows if isinstance(r, Finding)]
+            lines += _render_findings(finds) if finds else []
             lines += _render_comparisons(comps) if comps else []
             lines += _render_fd(fds) if fds else []
             lines += s.notes
