@@ -98,6 +98,17 @@ KINK_PERSISTS = 0.5  # ... and is a kink when its one-sided derivatives still di
 # gradient fails at both steps.
 
 
+# Naming a wrong gradient (handgrad.variants): it "equals" a variant of the forward when they agree
+# within VARIANT_MATCH of the largest entry (float64 rounding of two orders of the same formula sits
+# ~1e8 below it; batchnorm's cancellation at batch 2 ~1e5 below it) and the variant differs from the
+# right gradient by at least VARIANT_DISTINCT (100x further from the right one than from the user's).
+VARIANT_MATCH = 1e-7
+VARIANT_DISTINCT = 1e-5
+# Second order and forward mode are compared in float64 only (no float32 rerun measures their
+# cancellation): their rounding level is this fraction of the reference's largest entry (~1e5 ulps).
+SECOND_ORDER_LEVEL = 1e-11
+
+
 # Relative agreement of whole-run quantities between the hand-written and the autograd path, by dtype:
 # `--verify-autograd`'s per-step loss difference (issue 11: <= 1e-5 in float32, <= 1e-12 in float64) and
 # the diagnostics' sanity checks (relative to one dlogits entry, or to the largest gradient entry).
@@ -757,6 +768,30 @@ def _levels(r32: Sequence[Tensor] | None, r64: Sequence[Tensor] | None,
     return [measured_level(a, b, d) for a, b, d in zip(r32, r64, dtypes)]
 
 
+# ---------------------------------------------------------------------------- naming the mistake
+def _name_rows(sections: Sequence[Section], fn: Callable[..., list[Tensor]], inputs64: Sequence[Any],
+               names: Sequence[str], weights: Sequence[Tensor], user: Mapping[str, Any],
+               ref: Mapping[str, Tensor]) -> None:
+    """Say, in each failing row, which variant of the forward's own graph the gradient equals (a
+    branch left out, a local derivative in a common wrong form, ...; handgrad.variants). `user` and
+    `ref` map input names to the float64 gradients; fn(*inputs64) -> the outputs weighted."""
+    failing = {r.name for sec in sections for r in sec.rows if isinstance(r, (Comparison, FDResult)) and not r.passed}
+    if not failing:
+        return
+    pos = {n: i for i, n in enumerate(names)}
+    wrong = {pos[n]: g.detach().to(torch.float64) for n, g in user.items()
+             if n in failing and n in pos and isinstance(g, Tensor) and isinstance(ref.get(n), Tensor)
+             and g.shape == ref[n].shape}
+    right = {pos[n]: t.detach().to(torch.float64) for n, t in ref.items() if n in pos and isinstance(t, Tensor)}
+    passing = [pos[n] for n in ref if n in pos and n not in failing]
+    from handgrad import variants  # it reads this module's tolerances
+    try:
+        named = variants.explain(fn, inputs64, names, weights, wrong, right, passing)
+    except Exception:  # naming is a bonus: a forward it cannot replay keeps the plain diagnosis
+        return
+    variants.attach_names(sections, {names[i]: nm for i, nm in named.items()})
+
+
 # ---------------------------------------------------------------------------- users' own backward
 def _named(inputs: Mapping[str, Tensor] | Sequence[Tensor]) -> dict[str, Tensor]:
     if isinstance(inputs, Mapping):
@@ -805,7 +840,7 @@ def check_backward(forward: Callable, backward: Callable,
                    inputs: Mapping[str, Tensor] | Sequence[Tensor], *, wrt: Sequence[str] | None = None,
                    seed: int = 0, fd: bool = True, title: str | None = None,
                    tol: Tolerance | None = None, fd_tol: Tolerance | None = None,
-                   sizes: Mapping[str, int] | None = None) -> Report:
+                   sizes: Mapping[str, int] | None = None, name_mistakes: bool = True) -> Report:
     """Check a hand-written backward against autograd and float64 finite differences.
 
     forward(*inputs) returns (out, cache), and then backward(dout, cache) is called; or it returns
@@ -816,7 +851,8 @@ def check_backward(forward: Callable, backward: Callable,
     Autograd is compared in the inputs' dtype, with a tolerance per tensor from its rounding level
     (autograd_tolerance; `tol` replaces it); finite differences run in float64 (fd_tolerance;
     `fd_tol` replaces it). `sizes` names sizes for the diagnosis (e.g. {"n": 32}); the input
-    shapes' sizes are added."""
+    shapes' sizes are added. A wrong gradient is named from the forward's own graph when one of its
+    variants explains it (`name_mistakes`, see handgrad.variants)."""
     named = _named(inputs)
     wrt = list(wrt) if wrt is not None else [k for k, t in named.items() if t.is_floating_point()]
     index = [t for t in named.values() if not t.is_floating_point() and not t.is_complex()]
@@ -868,6 +904,9 @@ def check_backward(forward: Callable, backward: Callable,
         if len(sections) == 3:
             sections[1].rows = _excused(sections[1].rows, dict(zip(wrt, grads64)), dict(zip(wrt, r64)),
                                         fd_rows)
+    if name_mistakes and r64 is not None:
+        _name_rows(sections, lambda *xs: [_out(forward(*xs))], x64, list(named), [dout64],
+                   dict(zip(wrt, grads64)), dict(zip(wrt, r64)))
     return Report(title or f"check_backward: {getattr(backward, '__name__', 'backward')}", sections)
 
 
@@ -1007,7 +1046,7 @@ def _level_map(r32: Any, r64: Any, ref: Mapping[str, Tensor]) -> dict[str, float
 
 
 def check_layer(layer: Any, x: Tensor, *, dout: Tensor | None = None, seed: int = 0, training: bool = True,
-                fd: bool = True, title: str | None = None) -> Report:
+                fd: bool = True, title: str | None = None, name_mistakes: bool = True) -> Report:
     """Check a layer's backward: dx (when x is floating) and every parameter gradient against
     autograd in the layer's dtype, then against float64 central differences on a float64 deep copy.
 
@@ -1015,7 +1054,8 @@ def check_layer(layer: Any, x: Tensor, *, dout: Tensor | None = None, seed: int 
     name an attribute, or "i.name" into a Sequential's .layers), forward(x, training) -> (out, cache)
     is pure, backward(dout, cache) -> (dx, {name: dparam}). dout defaults to a seeded N(0, 1)
     tensor. Shapes are strict; a missing or unknown gradient name gets its own failing row, and so
-    does a parameter or buffer the forward changed."""
+    does a parameter or buffer the forward changed. A wrong gradient is named from the layer's own
+    forward (`name_mistakes`, see handgrad.variants)."""
     dtype = _layer_dtype(layer, x)
     who = type(layer).__name__
     before = _state(layer)
@@ -1058,6 +1098,16 @@ def check_layer(layer: Any, x: Tensor, *, dout: Tensor | None = None, seed: int 
         if len(sections) == 2:
             sections[1].rows = _excused(sections[1].rows, manual64, ref64, fd_sec.rows)
         sections.append(fd_sec)
+    if name_mistakes and r64 is not None:
+        pnames = list(layer64.params())
+
+        def layer_out(x_: Tensor, *ps: Tensor) -> list[Tensor]:
+            with _substituted(layer64, dict(zip(pnames, ps))):
+                return [layer64.forward(x_, training)[0]]
+        user64 = {**grads64, **({"x": dx64} if ref_dx is not None else {})}
+        ref64 = {**r64[2], **({"x": r64[1]} if ref_dx is not None else {})}
+        inputs64 = [x64, *[layer64.params()[k].detach().clone() for k in pnames]]
+        _name_rows(sections, layer_out, inputs64, ["x", *pnames], [dout.to(torch.float64)], user64, ref64)
     return Report(title or f"check_layer: {who}, x {_fmt_shape(tuple(x.shape))}, "
                   f"{'training' if training else 'inference'}", sections)
 
@@ -1091,12 +1141,13 @@ def _layer_fd(layer64: Any, x64: Tensor, dx64: Tensor | None, grads64: Mapping[s
 
 
 def check_model(model: Any, X: Tensor, Y: Tensor, *, seed: int = 0, fd: bool = True,
-                title: str | None = None) -> Report:
+                title: str | None = None, name_mistakes: bool = True) -> Report:
     """Check a model's backward on the mean cross-entropy of model.forward(X)[0] against Y: dlogits
     from ops.cross_entropy_backward, then every named parameter gradient of
     model.backward(dlogits, cache), against autograd in the model's dtype, then against float64
     central differences of the loss on a float64 deep copy (a seeded sample of the elements of
-    tensors over FD_MAX_ELEMENTS, plus random directions). Training mode (batch statistics)."""
+    tensors over FD_MAX_ELEMENTS, plus random directions). Training mode (batch statistics). A wrong
+    gradient is named from the model's own forward (`name_mistakes`, see handgrad.variants)."""
     who = type(model).__name__
     before = _state(model)
     sizes = {"n": X.shape[0], **_sizes(X=X)}
@@ -1142,6 +1193,14 @@ def check_model(model: Any, X: Tensor, Y: Tensor, *, seed: int = 0, fd: bool = T
         sections.append(Section(f"{who}.backward vs finite differences of the loss ({FD_RULE}; tensors "
                                 f"over {FD_MAX_ELEMENTS} elements: a seeded sample plus {FD_DIRECTIONS} "
                                 "random unit directions)", fd_rows))
+    if name_mistakes and r64 is not None:
+        mnames = list(model64.params())
+
+        def model_loss(*ps: Tensor) -> list[Tensor]:
+            with _substituted(model64, dict(zip(mnames, ps))):
+                return [loss(model64.forward(X64, True)[0]).reshape(1)]
+        _name_rows(sections, model_loss, [model64.params()[k].detach().clone() for k in mnames], mnames,
+                   [torch.ones(1, dtype=torch.float64)], dict(grads64), dict(r64[2]))
     header = [f"batch {X.shape[0]}, {sum(t.numel() for t in model.params().values())} parameters in "
               f"{len(ref)} tensors; loss {float(loss_value):.6f}"]
     return Report(title or f"check_model: {who}", sections, header)
@@ -1264,3 +1323,16 @@ def run_lecture_check(dtype: torch.dtype = torch.float32, seed: int = 42) -> Rep
     report = check_lecture_graph(p, X, Y, seed=seed)
     report.title += f", seed {seed}"
     return report
+
+
+# ---------------------------------------------------------------------------- autograd.Function and custom ops
+def check_function(fn: Any, *inputs: Any, **kwargs: Any) -> Report:
+    """Check a torch.autograd.Function (the class or its .apply): see handgrad.functions.check_function."""
+    from handgrad.functions import check_function as impl
+    return impl(fn, *inputs, **kwargs)
+
+
+def check_op(op: Any, *inputs: Any, **kwargs: Any) -> Report:
+    """Check a custom op's registered backward: see handgrad.functions.check_op."""
+    from handgrad.functions import check_op as impl
+    return impl(op, *inputs, **kwargs)

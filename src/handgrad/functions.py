@@ -34,6 +34,7 @@ from handgrad.check import (
     AUTOGRAD_RULE,
     FD_RULE,
     REPLAY_TITLE,
+    SECOND_ORDER_LEVEL,
     Comparison,
     FDResult,
     Finding,
@@ -491,13 +492,12 @@ class Reference:
     grads: list[Tensor]  # per diff input
     outs: list[Any]
     ctx: RecordingCtx | None
-    graph: variants.Graph | None = None
+    leaves: list[Tensor] = field(default_factory=list)  # the differentiated inputs, outs' graph leads to them
 
 
 def reference(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any], diff: Sequence[int],
               diff_out: Sequence[int], douts: Mapping[int, Tensor], dtype: torch.dtype | None,
-              timeout: float | None, record: bool = False, only: Sequence[int] | None = None
-              ) -> Reference | str:
+              timeout: float | None, only: Sequence[int] | None = None) -> Reference | str:
     """Autograd's gradients of sum_k <out_k, dout_k> through the forward run directly, or a line
     saying why there are none (no forward to run, it raised, it leaves autograd's graph)."""
     if subject.forward_math is None:
@@ -511,17 +511,9 @@ def reference(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any], 
         if i not in diff and isinstance(a, Tensor) and a.is_floating_point():
             call_args[i] = cast(a).clone()
     flowing = [k for k in diff_out if only is None or k in only]
-    names = [subject.params[i] if i < len(subject.params) else f"input {i}" for i in range(len(call_args))]
-
-    def run(*xs: Any) -> Any:
-        return subject.forward_math(*xs, **kwargs)
     try:
         with time_limit(timeout, f"{subject.name}.forward"), torch.enable_grad():
-            if record:
-                graph, res = variants.record(run, call_args, names, lambda r: [_flat(r[0])[k] for k in flowing
-                                                                               if k < len(_flat(r[0]))])
-            else:
-                graph, res = None, run(*call_args)
+            res = subject.forward_math(*call_args, **kwargs)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -538,10 +530,7 @@ def reference(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any], 
     except RuntimeError as e:
         return "autograd could not differentiate the forward: " + _one_line(e)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, got)]
-    if graph is not None:
-        graph.inputs = [call_args[i] for i in range(len(call_args))]
-        graph.weights = [douts[k].to(torch.float64) for k in used]
-    return Reference(grads, outs, ctx, graph)
+    return Reference(grads, outs, ctx, leaves)
 
 
 # ---------------------------------------------------------------------------- the check
@@ -764,8 +753,7 @@ class _Checker:
         douts = main.douts
         ref = reference(S, self.args, self.kwargs, self.diff, main.diff_out, douts, None, self.timeout)
         r32 = reference(S, self.args, self.kwargs, self.diff, main.diff_out, douts, torch.float32, self.timeout)
-        r64 = reference(S, self.args, self.kwargs, self.diff, main.diff_out, douts, torch.float64, self.timeout,
-                        record=self.want_names)
+        r64 = reference(S, self.args, self.kwargs, self.diff, main.diff_out, douts, torch.float64, self.timeout)
         run64, _ = run_engine(S, self.args, self.kwargs, self.diff, torch.float64, douts, self.seed, self.timeout)
         grads64 = self._returned(run64, quiet=True) if not run64.error else None
         sections: list[Section] = []
@@ -965,8 +953,7 @@ class _Checker:
                     if isinstance(o, Tensor) and o.requires_grad:
                         u = torch.randn(o.shape, generator=torch.Generator().manual_seed(self.seed + 7), dtype=o.dtype)
                         with torch.enable_grad():
-                            got = torch.autograd.grad(o, [t for t in _graph_leaves(r64)], u, allow_unused=True,
-                                                      retain_graph=True) if _graph_leaves(r64) else ()
+                            got = torch.autograd.grad(o, r64.leaves, u, allow_unused=True, retain_graph=True)
                         if any(g is not None and bool(g.abs().max() > 0) for g in got):
                             leak.append(k)
             if leak:
@@ -1299,7 +1286,7 @@ class _Checker:
                 continue
             rows.append(compare(name, t, ref[k], autograd_tolerance(torch.float64, ref[k], _cancel_level(ref[k])),
                                 self.sizes()))
-        if self.want_names and r64 is not None and r64.graph is not None and not all(r.passed for r in rows):
+        if self.want_names and r64 is not None and not all(r.passed for r in rows):
             self._name_jvp(rows, tangents, ref, ts, r64, main)
         return Section(title, rows)
 
@@ -1325,8 +1312,12 @@ class _Checker:
 
     def _name_jvp(self, rows: list, tangents: Mapping[int, Tensor], ref: Mapping[int, Tensor],
                   ts: Mapping[int, Tensor], r64: Reference, main: Run) -> None:
-        graph = r64.graph
-        inputs = graph.inputs
+        inputs = self._x64()
+        weights = [main.douts[k].to(torch.float64) for k in main.diff_out]
+        graph = variants.record_checked(self._math_outputs(main), inputs, [_name(self.subject, i) for i in
+                                        range(len(inputs))], weights, {self.diff[j]: g for j, g in enumerate(r64.grads)})
+        if graph is None:
+            return
         tang = [ts.get(i) for i in range(len(inputs))]
         found: dict[int, variants.Variant] = {}
         outs_used = [k for k in main.diff_out]
@@ -1355,39 +1346,49 @@ class _Checker:
     def _name(self, sections: list[Section], grads64: Sequence[Any], r64: Reference | None, ok_ref: bool,
               main: Run) -> None:
         """Name each wrong gradient from the forward's graph: the variant whose gradient it equals."""
-        graphs: list[variants.Graph] = []
-        ref: dict[int, Tensor] = {}
         x64 = self._x64()
-        if r64 is not None and r64.graph is not None and ok_ref and _replays(r64):
-            graphs.append(r64.graph)
-            ref = {self.diff[j]: g for j, g in enumerate(r64.grads)}
-        outs64 = self._outs64(main)
-        rec = variants.recognise([x64[i] for i in self.diff], outs64, self.names) \
-            if len(main.diff_out) == 1 and len(self.diff) == len([a for a in self.args if isinstance(a, Tensor)]) else None
-        if rec is not None:
-            rec.weights = [main.douts[main.diff_out[0]].to(torch.float64)]
-            rg = variants.variant_grads(rec, [x64[i] for i in self.diff], rec.weights, None)
-            if not ref:
-                ref = {self.diff[j]: g for j, g in enumerate(rg) if g is not None}
-            # positions in the recognised graph are the differentiated inputs
-            remap = {j: i for j, i in enumerate(self.diff)}
         failing = _failing_names(sections)
         user = {self.diff[j]: g.detach().to(torch.float64) for j, g in enumerate(grads64)
                 if isinstance(g, Tensor) and self.names[j] in failing and g.shape == x64[self.diff[j]].shape}
         passing = [self.diff[j] for j, n in enumerate(self.names) if n not in failing]
-        named: dict[int, variants.Named] = {}
-        if graphs and user:
-            named = variants.name_mistakes(graphs, x64, user, ref, passing)
-        if rec is not None and user:
-            left = {j: user[i] for j, i in remap.items() if i in user and i not in named}
-            if left:
-                got = variants.name_mistakes([rec], [x64[i] for i in self.diff], left,
-                                             {j: ref[i] for j, i in remap.items() if i in ref},
-                                             [j for j, i in remap.items() if i in passing])
-                for j, nm in got.items():
-                    named[remap[j]] = nm
-        phrases = {_name(self.subject, i): nm.phrase(_name(self.subject, i)) for i, nm in named.items()}
-        attach_names(sections, phrases)
+        weights = [main.douts[k].to(torch.float64) for k in main.diff_out]
+        if r64 is not None and ok_ref:
+            fn = self._math_outputs(main)
+            ref = {self.diff[j]: g for j, g in enumerate(r64.grads)}
+        else:  # no autograd reference: only a known op the whole forward computes can name it
+            fn = self._apply_outputs(main)
+            ref = {}
+        if not ref:
+            rec = variants.recognise([x64[i] for i in self.diff], self._outs64(main), self.names) \
+                if len(self.diff) == len(x64) else None
+            if rec is None:
+                return
+            rec.weights = weights
+            got = variants.variant_grads(rec, x64, weights, None)
+            ref = {i: g for i, g in enumerate(got) if g is not None}
+            fn = None
+        if fn is None:
+            named = variants.name_mistakes([rec], x64, user, ref, passing)
+        else:
+            names = [_name(self.subject, i) for i in range(len(x64))]
+            named = variants.explain(fn, x64, names, weights, user, ref, passing)
+        variants.attach_names(sections, {_name(self.subject, i): nm for i, nm in named.items()})
+
+    def _math_outputs(self, main: Run) -> Callable[..., list[Tensor]]:
+        S, kwargs, diff_out = self.subject, self.kwargs, main.diff_out
+
+        def fn(*xs: Any) -> list[Tensor]:
+            outs = _flat(S.forward_math(*xs, **kwargs)[0])
+            return [outs[k] for k in diff_out]
+        return fn
+
+    def _apply_outputs(self, main: Run) -> Callable[..., list[Tensor]]:
+        S, kwargs, diff_out = self.subject, self.kwargs, main.diff_out
+
+        def fn(*xs: Any) -> list[Tensor]:
+            outs = _flat(S.apply(*xs, **kwargs))
+            return [outs[k] for k in diff_out]
+        return fn
 
     def _outs64(self, main: Run) -> list[Tensor]:
         x64 = self._x64()
@@ -1409,59 +1410,11 @@ class _Checker:
                        "torch.library.opcheck")
 
 
-def _graph_leaves(r: Reference) -> list[Tensor]:
-    return [t for t in (r.graph.inputs if r.graph is not None else []) if isinstance(t, Tensor) and t.requires_grad
-            and t.grad_fn is None]
-
-
-SECOND_ORDER_LEVEL = 1e-11  # float64 twice differentiated: rounding up to this of max|reference| (~1e5 ulps)
-
-
 def _cancel_level(r: Tensor) -> float:
     """The rounding level allowed for second-order and forward-mode answers, relative to their size:
     these are compared in float64 only, with no float32 rerun to measure cancellation."""
     return SECOND_ORDER_LEVEL * (float(r.abs().max()) if r.numel() else 0.0)
 
 
-def _replays(r64: Reference) -> bool:
-    """The recorded graph, replayed, gives autograd's gradients again (else it cannot name anything)."""
-    g = r64.graph
-    if g is None:
-        return False
-    try:
-        got = variants.variant_grads(g, [t.detach() if isinstance(t, Tensor) else t for t in g.inputs], g.weights, None)
-    except Exception:
-        return False
-    diff_pos = [i for i, t in enumerate(g.inputs) if isinstance(t, Tensor) and t.requires_grad]
-    for j, i in enumerate(diff_pos):
-        if j >= len(r64.grads):
-            break
-        a, b = got[i], r64.grads[j]
-        if a is None or a.shape != b.shape:
-            return False
-        scale = max(float(b.abs().max()) if b.numel() else 0.0, 1e-300)
-        if float((a - b).abs().max()) > 1e-9 * scale:
-            return False
-    return True
-
-
 def _failing_names(sections: Sequence[Section]) -> set[str]:
     return {r.name for s in sections for r in s.rows if isinstance(r, (Comparison, FDResult)) and not r.passed}
-
-
-def attach_names(sections: Sequence[Section], phrases: Mapping[str, str]) -> None:
-    """Put each input's name of its mistake in front of its failing rows' diagnoses."""
-    if not phrases:
-        return
-    generic = "values differ, with no simple pattern"
-    for s in sections:
-        for j, r in enumerate(s.rows):
-            if not isinstance(r, (Comparison, FDResult)) or r.passed or r.name not in phrases:
-                continue
-            d = r.diagnosis or ""
-            if d.startswith(generic) or d.startswith("wrong on") or d.startswith("every sampled"):
-                tail = d.split("[", 1)[1] if "[" in d else ""
-                new = phrases[r.name] + (f" [{tail}" if tail else "")
-            else:
-                new = f"{phrases[r.name]}; {d}" if d else phrases[r.name]
-            s.rows[j] = replace(r, diagnosis=new)

@@ -11,6 +11,7 @@ any forward; torch.overrides.TorchFunctionMode. Checking code: autograd is used 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import linecache
 import math
 import os
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
+
+from handgrad.check import VARIANT_DISTINCT, VARIANT_MATCH
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,8 +43,6 @@ TRANSPOSE = "transpose"
 REDUCTION = "reduction"  # mean vs sum, n vs n-1
 INDEX = "index"  # repeated indices overwritten
 
-MATCH_RTOL = 1e-7  # the user's gradient "equals" a variant: within this of the largest entry
-DISTINCT_RTOL = 1e-5  # ... and the variant differs from the right gradient by at least this
 VARIANT_BUDGET_S = 20.0  # stop trying variants after this long (a large graph)
 MAX_VARIANTS = 600
 
@@ -73,7 +74,12 @@ class Call:
 
     @property
     def source(self) -> str:
-        return linecache.getline(self.file, self.line).strip() if self.file else ""
+        """The call's source line, without a trailing comment."""
+        line = linecache.getline(self.file, self.line).strip() if self.file else ""
+        cut = line.find("  #")
+        if cut > 0 and line[:cut].count('"') % 2 == 0 and line[:cut].count("'") % 2 == 0:
+            line = line[:cut].rstrip()
+        return line
 
     @property
     def target(self) -> str:
@@ -90,7 +96,7 @@ class Call:
 
     def where(self) -> str:
         src = self.source
-        return f"`{src}` (line {self.line})" if src else f"`{self.op}`"
+        return f"`{src}` ({os.path.basename(self.file)}:{self.line})" if src else f"`{self.op}`"
 
 
 _ALIASES = {"truediv": "div", "divide": "div", "true_divide": "div", "multiply": "mul", "subtract": "sub",
@@ -1029,13 +1035,13 @@ class Named:
 
 
 def _differs(v: Tensor, r: Tensor) -> bool:
-    return v.shape != r.shape or float((v - r).abs().max()) > DISTINCT_RTOL * max(float(r.abs().max()), 1e-300)
+    return v.shape != r.shape or float((v - r).abs().max()) > VARIANT_DISTINCT * max(float(r.abs().max()), 1e-300)
 
 
 def _matches(u: Tensor, v: Tensor, r: Tensor) -> bool:
     scale = max(float(u.abs().max()), float(r.abs().max()), 1e-300)
-    return float((u - v).abs().max()) <= MATCH_RTOL * scale and \
-        float((v - r).abs().max()) > DISTINCT_RTOL * scale
+    return float((u - v).abs().max()) <= VARIANT_MATCH * scale and \
+        float((v - r).abs().max()) > VARIANT_DISTINCT * scale
 
 
 def name_mistakes(graphs: Sequence[Graph], inputs64: Sequence[Tensor], user: Mapping[int, Tensor],
@@ -1072,3 +1078,82 @@ def name_mistakes(graphs: Sequence[Graph], inputs64: Sequence[Tensor], user: Map
         others = [v for _, v, neg in hits[1:] if v.text != best[1].text and not neg][:2]
         named[i] = Named(best[1], best[2], others)
     return named
+
+
+# ---------------------------------------------------------------------------- the checks' entry points
+def record_checked(fn: Callable[..., list[Tensor]], inputs64: Sequence[Any], names: Sequence[str],
+                   weights: Sequence[Tensor], ref: Mapping[int, Tensor] | None = None) -> Graph | None:
+    """Record fn(*inputs) -> [output tensors] on float64 inputs; the graph when replaying it gives the
+    right gradients back (`ref`, by input position, when given), else None."""
+    leaves = [t.detach().clone().requires_grad_(True) if isinstance(t, Tensor) and t.is_floating_point() else t
+              for t in inputs64]
+    try:
+        graph, _ = record(fn, [t.clone() if isinstance(t, Tensor) and t.requires_grad else t for t in leaves],
+                          names, lambda r: list(r))
+        graph.weights = list(weights)
+        got = variant_grads(graph, inputs64, graph.weights, None)
+    except Exception:
+        return None
+    for i, r in (ref or {}).items():
+        g = got[i] if i < len(got) else None
+        if g is None or g.shape != r.shape:
+            return None
+        scale = max(float(r.abs().max()) if r.numel() else 0.0, 1e-300)
+        if float((g - r.to(g.dtype)).abs().max()) > 1e-9 * scale:
+            return None
+    return graph
+
+
+def explain(fn: Callable[..., list[Tensor]], inputs64: Sequence[Any], names: Sequence[str],
+            weights: Sequence[Tensor], user: Mapping[int, Tensor], ref: Mapping[int, Tensor],
+            passing: Sequence[int] = ()) -> dict[int, Named]:
+    """For each input position in `user` (the user's float64 gradient, wrong), the variant it
+    equals: from fn's own graph, else from a known op fn turns out to compute."""
+    if not user:
+        return {}
+    graphs = []
+    graph = record_checked(fn, inputs64, names, weights, ref)
+    if graph is not None:
+        graphs.append(graph)
+    named = name_mistakes(graphs, inputs64, user, ref, passing) if graphs else {}
+    left = {i: u for i, u in user.items() if i not in named}
+    floats = [i for i, t in enumerate(inputs64) if isinstance(t, Tensor) and t.is_floating_point()]
+    if left and len(floats) == len(inputs64):
+        try:
+            with torch.no_grad():
+                outs = fn(*[t.detach() for t in inputs64])
+        except Exception:
+            outs = []
+        rec = recognise(list(inputs64), list(outs), names)
+        if rec is not None:
+            rec.weights = list(weights)
+            named.update(name_mistakes([rec], inputs64, left, ref, passing))
+    return named
+
+
+GENERIC = ("values differ, with no simple pattern", "wrong on", "every sampled")
+
+
+def attach_names(sections: Sequence[Any], named: Mapping[str, Named]) -> None:
+    """Put each input's named mistake into its failing rows' diagnoses (rows are check.py's
+    Comparison and FDResult: .name, .passed, .diagnosis). Where the plain diagnosis found no pattern
+    the name replaces it; where it did (a sign, a scale, a transpose) the name is added after it
+    when it says more (a catalogue entry or an eps), and left out when it would only repeat it."""
+    if not named:
+        return
+    for s in sections:
+        for j, r in enumerate(s.rows):
+            if type(r).__name__ not in ("Comparison", "FDResult") or r.passed or r.name not in named:
+                continue
+            nm = named[r.name]
+            phrase = nm.phrase(r.name)
+            d = r.diagnosis or ""
+            body, verdict = (d.split(" [", 1) + [""])[:2] if " [" in d else (d, "")
+            verdict = f" [{verdict}" if verdict else ""
+            if not d or d.startswith(GENERIC):
+                new = phrase + verdict
+            elif nm.variant.priority <= 1 and nm.variant.kind != SIGN:
+                new = f"{body}; {phrase}{verdict}"
+            else:
+                continue
+            s.rows[j] = dataclasses.replace(r, diagnosis=new)
