@@ -317,26 +317,41 @@ def replay(graph: Graph, inputs: Sequence[Tensor], change: Variant | None = None
 def variant_grads(graph: Graph, inputs64: Sequence[Tensor], weights: Sequence[Tensor],
                   change: Variant | None) -> list[Tensor | None]:
     """d/dinputs of sum_k <outputs_k, weights_k> through the graph with `change` made."""
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs64]
+    leaves = _leaves(inputs64)
     with torch.enable_grad():
-        outs = replay(graph, [t.clone() if t.requires_grad else t for t in leaves], change)
+        outs = replay(graph, _fed(leaves), change)
         loss = sum((o * w).sum() for o, w in zip(outs, weights) if isinstance(o, Tensor) and o.requires_grad)
         if not isinstance(loss, Tensor) or not loss.requires_grad:
             return [None] * len(leaves)
-        diff = [t for t in leaves if t.requires_grad]
+        diff = [t for t in leaves if _diff(t)]
         got = iter(torch.autograd.grad(loss, diff, allow_unused=True))
-    return [next(got) if t.requires_grad else None for t in leaves]
+    return [next(got) if _diff(t) else None for t in leaves]
+
+
+def _diff(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.requires_grad
+
+
+def _leaves(inputs: Sequence[Any]) -> list[Any]:
+    """Fresh leaves for the floating-point tensors; everything else as it is."""
+    return [t.detach().clone().requires_grad_(True) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in inputs]
+
+
+def _fed(leaves: Sequence[Any]) -> list[Any]:
+    """What the forward is fed: copies of the leaves (so an in-place op in it cannot touch a leaf)."""
+    return [t.clone() if _diff(t) else t for t in leaves]
 
 
 def variant_jvp(graph: Graph, inputs64: Sequence[Tensor], tangents: Sequence[Tensor | None],
                 change: Variant | None) -> list[Tensor | None]:
     """J t through the changed graph, per output, by the double-vjp trick: J t = d/du <J^T u, t>."""
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs64]
+    leaves = _leaves(inputs64)
     with torch.enable_grad():
-        outs = replay(graph, [t.clone() if t.requires_grad else t for t in leaves], change)
+        outs = replay(graph, _fed(leaves), change)
         us = [torch.zeros_like(o, requires_grad=True) for o in outs]
         pairs = [(o, u) for o, u in zip(outs, us) if o.requires_grad]
-        diff = [(x, t) for x, t in zip(leaves, tangents) if x.requires_grad and t is not None]
+        diff = [(x, t) for x, t in zip(leaves, tangents) if _diff(x) and t is not None]
         vjps = torch.autograd.grad([o for o, _ in pairs], [x for x, _ in diff], [u for _, u in pairs],
                                    create_graph=True, allow_unused=True)
         s = sum((v * t).sum() for v, (_, t) in zip(vjps, diff) if v is not None)
@@ -736,6 +751,14 @@ RULES: dict[str, list[Rule]] = {
     "getitem": [Rule("index:overwrite", INDEX, "the gradient of an indexing with repeated indices "
                      "overwritten instead of accumulated (use index_add_ or +=)", _overwrite_getitem,
                      lambda c: _has_repeats(c.args[1]) and isinstance(c.args[0], Tensor))],
+    "gather": [Rule("gather:overwrite", INDEX, "the gradient of a gather with repeated indices overwritten "
+                    "instead of accumulated (scatter where scatter_add is meant)",
+                    lambda L: {0: torch.zeros_like(L.x).scatter(int(L.arg(1, "dim")), L.arg(2, "index"), L.g)},
+                    lambda c: _has_repeats(_sc(c, 2, "index")))],
+    "index_select": [Rule("index_select:overwrite", INDEX, "the gradient of an index_select with repeated indices "
+                          "copied instead of accumulated (index_copy where index_add is meant)",
+                          lambda L: {0: torch.zeros_like(L.x).index_copy(int(L.arg(1, "dim")), L.arg(2, "index"), L.g)},
+                          lambda c: _has_repeats(_sc(c, 2, "index")))],
     "embedding": [Rule("embedding:overwrite", INDEX, "the embedding's gradient overwritten instead of "
                        "accumulated where an index repeats (use index_add_)",
                        lambda L: {0: _overwrite_embedding(L)[0]}, lambda c: _has_repeats(c.args[0]))],
@@ -1085,11 +1108,9 @@ def record_checked(fn: Callable[..., list[Tensor]], inputs64: Sequence[Any], nam
                    weights: Sequence[Tensor], ref: Mapping[int, Tensor] | None = None) -> Graph | None:
     """Record fn(*inputs) -> [output tensors] on float64 inputs; the graph when replaying it gives the
     right gradients back (`ref`, by input position, when given), else None."""
-    leaves = [t.detach().clone().requires_grad_(True) if isinstance(t, Tensor) and t.is_floating_point() else t
-              for t in inputs64]
+    leaves = _leaves(inputs64)
     try:
-        graph, _ = record(fn, [t.clone() if isinstance(t, Tensor) and t.requires_grad else t for t in leaves],
-                          names, lambda r: list(r))
+        graph, _ = record(fn, _fed(leaves), names, lambda r: list(r))
         graph.weights = list(weights)
         got = variant_grads(graph, inputs64, graph.weights, None)
     except Exception:
@@ -1132,6 +1153,7 @@ def explain(fn: Callable[..., list[Tensor]], inputs64: Sequence[Any], names: Seq
 
 
 GENERIC = ("values differ, with no simple pattern", "wrong on", "every sampled")
+PARTIAL = ("correct on", "correct except", "each row scaled", "each column scaled", "close (")
 
 
 def attach_names(sections: Sequence[Any], named: Mapping[str, Named]) -> None:
@@ -1148,10 +1170,12 @@ def attach_names(sections: Sequence[Any], named: Mapping[str, Named]) -> None:
             nm = named[r.name]
             phrase = nm.phrase(r.name)
             d = r.diagnosis or ""
-            body, verdict = (d.split(" [", 1) + [""])[:2] if " [" in d else (d, "")
-            verdict = f" [{verdict}" if verdict else ""
+            cut = d.rfind(" [max error")
+            body, verdict = (d[:cut], d[cut:]) if cut >= 0 else (d, "")
             if not d or d.startswith(GENERIC):
                 new = phrase + verdict
+            elif d.startswith(PARTIAL):  # a partial pattern: the variant says more, so it comes first
+                new = f"{phrase}; {body}{verdict}"
             elif nm.variant.priority <= 1 and nm.variant.kind != SIGN:
                 new = f"{body}; {phrase}{verdict}"
             else:
