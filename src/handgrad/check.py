@@ -254,17 +254,18 @@ def _values_diagnosis(m: Tensor, r: Tensor, tol: Tolerance, sizes: Mapping[str, 
                 f".reshape{tuple(r.shape)} (a .view/.reshape where a .permute/.transpose was needed, "
                 "or the dimensions listed in the wrong order)")
     rr = float((r.double() * r.double()).sum())
+    fit = math.inf
     if rr > 0:
         k = float((m.double() * r.double()).sum()) / rr
         fit = float(((m.double() - k * r.double()).norm()) / max(float(m.double().norm()), 1e-300))
-        if fit <= 1e-5 and abs(k - 1) > 1e-5:
-            return _describe_scale(k, sizes)
+    sliced = _slice_scales(m, r, fit)  # a factor per row or column fits far better than one for all
+    if sliced:
+        return sliced
+    if fit <= 1e-5 and abs(k - 1) > 1e-5:
+        return _describe_scale(k, sizes)
     scale = float(r.abs().max())
     if scale > 0 and float((m - r).abs().max()) / scale < 1e-4:
         return _close_diagnosis(m, r, tol)
-    sliced = _slice_scales(m, r)
-    if sliced:
-        return sliced
     if m.dim() >= 1 and m.shape[0] > 1:
         ok = (m - r).abs() <= tol.atol + tol.rtol * r.abs()  # (R, ...)
         bad = {i for i in range(m.shape[0]) if not bool(ok[i].all())}
@@ -293,9 +294,10 @@ def _values_diagnosis(m: Tensor, r: Tensor, tol: Tolerance, sizes: Mapping[str, 
 SLICE_FIT = 1e-6  # a slice "is a constant times" the reference: relative residual below this
 
 
-def _slice_scales(m: Tensor, r: Tensor) -> str:
-    """manual = k_i x reference along each row (dim 0) or each column (the last dim), with k varying:
-    a factor that depends on the row or column, e.g. its own statistics taken with and without eps."""
+def _slice_scales(m: Tensor, r: Tensor, one_fit: float = math.inf) -> str:
+    """manual = k_i x reference along each row (dim 0) or each column (the last dim), with k varying
+    (the fit 100x better than one constant's, `one_fit`): a factor that depends on the row or column,
+    e.g. its own statistics taken with and without eps."""
     if m.dim() < 2 or m.numel() < 4:
         return ""
     for dim, what in ((0, "row"), (m.dim() - 1, "column")):
@@ -306,7 +308,7 @@ def _slice_scales(m: Tensor, r: Tensor) -> str:
         k = (mm * rr).sum(1) / nn  # (S,)
         resid = float((mm - k[:, None] * rr).norm() / max(float(mm.norm()), 1e-300))
         spread = float(k.max() - k.min())
-        if resid <= SLICE_FIT and spread > 1e-9 * max(float(k.abs().max()), 1e-300):
+        if resid <= SLICE_FIT and resid * 100 < one_fit and spread > 1e-9 * max(float(k.abs().max()), 1e-300):
             near1 = bool(((k - 1).abs() < 1e-2).all())
             hint = (": close to 1, as a per-" + what + " statistic with and without eps (eps left out?)") if near1 \
                 else " (a per-" + what + " statistic, a norm or a count, wrong?)"

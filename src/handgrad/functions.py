@@ -417,8 +417,9 @@ class Run:
 
 
 def _make_douts(outs: Sequence[Any], diff_out: Sequence[int], seed: int) -> dict[int, Tensor]:
+    """Seeded N(0, 1) upstream gradients in float64, on each output's device."""
     g = torch.Generator().manual_seed(seed + 1)
-    return {k: torch.randn(outs[k].shape, generator=g, dtype=torch.float64) for k in diff_out}
+    return {k: torch.randn(outs[k].shape, generator=g, dtype=torch.float64).to(outs[k].device) for k in diff_out}
 
 
 def run_engine(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any], diff: Sequence[int],
