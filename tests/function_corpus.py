@@ -1467,6 +1467,7 @@ CORRECT: list[Case] = [
 ]
 
 BRANCH_WORDS = ("branch through",)
+EPS_WORDS = ("eps (1e-05) left out", "with and without eps (eps left out?)")
 WRONG: list[Case] = [
     Case("tanh: 1 - h", FUNC, TanhOneMinusH, x45, ("1 - h instead of 1 - h**2",), "derivative"),
     Case("tanh: 1 - x**2 at the input", FUNC, TanhAtInput, x45, ("1 - x**2 at its input",), "derivative"),
@@ -1492,8 +1493,8 @@ WRONG: list[Case] = [
     Case("gelu (F.gelu): 1 - t", FUNC, GeluBuiltin, x45, ("1 - t instead of 1 - t**2",), "derivative"),
     Case("layernorm: no mean term", FUNC, LayerNormNoMeanTerm, ln_inputs, ("mean term",) + BRANCH_WORDS, "branch"),
     Case("layernorm: n - 1", FUNC, LayerNormBessel, ln_inputs, ("n-1",), "reduction"),
-    Case("layernorm: eps left out", FUNC, LayerNormNoEps, ln_inputs, ("eps",), "eps"),
-    Case("batchnorm: eps left out", FUNC, BatchNormNoEps, bn_inputs, ("eps",), "eps"),
+    Case("layernorm: eps left out", FUNC, LayerNormNoEps, ln_inputs, EPS_WORDS, "eps"),
+    Case("batchnorm: eps left out", FUNC, BatchNormNoEps, bn_inputs, EPS_WORDS, "eps"),
     Case("linear: dW transposed", FUNC, LinearTransposedW, linear_inputs, ("transposed",), "transpose"),
     Case("matmul: a transpose missing", FUNC, MatMulMissingTranspose, mat_inputs, ("transpose missing",), "transpose"),
     Case("linear: db not summed", FUNC, LinearBiasNotSummed, linear_rect_inputs, ("not summed",), "shape"),
