@@ -1164,6 +1164,69 @@ class ExpNestedWrongSecond(torch.autograd.Function):
         return dy * _WrongExpBackward.apply(x)
 
 
+class SoftmaxWrongDim(Softmax):
+    @staticmethod
+    def backward(ctx, ds):
+        (s,) = ctx.saved_tensors
+        return s * (ds - (ds * s).sum(0, keepdim=True))  # summed over the rows, not the softmax's dim
+
+
+class LogSoftmaxWrongDim(LogSoftmax):
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return dy - y.exp() * dy.sum(0, keepdim=True)
+
+
+class ExpNoGrad(Exp):
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return y  # the local derivative, never multiplied by the incoming gradient
+
+
+class LeakyReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.leaky_relu(x, 0.1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return dy * torch.where(x > 0, torch.ones_like(x), torch.full_like(x, 0.1))
+
+
+class LeakyReLUNoSlope(LeakyReLU):
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return dy * (x > 0).to(dy.dtype)
+
+
+class Normalize(torch.autograd.Function):
+    """x / |x| along the last dim."""
+
+    @staticmethod
+    def forward(ctx, x):
+        n = x.norm(dim=-1, keepdim=True)
+        ctx.save_for_backward(x, n)
+        return x / n
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, n = ctx.saved_tensors
+        y = x / n
+        return (dy - y * (dy * y).sum(-1, keepdim=True)) / n
+
+
+class NormalizeNoNormTerm(Normalize):
+    @staticmethod
+    def backward(ctx, dy):
+        x, n = ctx.saved_tensors
+        return dy / n  # the norm's own dependence on x forgotten
+
+
 # ---------------------------------------------------------------------------- (forward, backward) pairs
 def tanh_forward(x):
     h = torch.tanh(x)
@@ -1455,6 +1518,9 @@ CORRECT: list[Case] = [
     Case("sin and cos, grads not materialized", FUNC, SinCosLazy, x45),
     Case("max with argmax (non-differentiable output)", FUNC, MaxWithIndex, x45),
     Case("cumsum", FUNC, Cumsum, x45),
+    Case("leaky relu", FUNC, LeakyReLU, x45),
+    Case("l2 normalize (once_differentiable not needed: saves x and its norm)", FUNC, Normalize, x45,
+         options={"double": False}),
     Case("new-style Function (setup_context)", FUNC, ScaleByWeight, sw_inputs),
     Case("pair: tanh", PAIR, (tanh_forward, tanh_backward), x45),
     Case("pair: layernorm", PAIR, (layernorm_forward, layernorm_backward), lambda s: ln_inputs(s)[:3]),
@@ -1480,6 +1546,14 @@ WRONG: list[Case] = [
     Case("x * x: one use", FUNC, SquareOneUse, x45, BRANCH_WORDS + ("factor 2",), "branch"),
     Case("silu: s only", FUNC, SiLUOnlyS, x45, BRANCH_WORDS + ("s only",), "branch"),
     Case("softmax: diagonal only", FUNC, SoftmaxDiagonal, x45, ("diagonal only",), "derivative"),
+    Case("softmax: summed over the wrong dim", FUNC, SoftmaxWrongDim, x45, ("over the wrong dim",), "reduction"),
+    Case("log_softmax: summed over the wrong dim", FUNC, LogSoftmaxWrongDim, x45, ("over the wrong dim",),
+         "reduction"),
+    Case("exp: the incoming gradient never multiplied", FUNC, ExpNoGrad, x45, ("upstream gradient dout left out",),
+         "derivative"),
+    Case("leaky relu: the slope left out", FUNC, LeakyReLUNoSlope, x45, ("negative slope left out",), "derivative"),
+    Case("l2 normalize: the norm's branch", FUNC, NormalizeNoNormTerm, x45, BRANCH_WORDS, "branch",
+         options={"double": False}),
     Case("softmax in primitives: normaliser's branch", FUNC, SoftmaxPrimitives, x45,
          BRANCH_WORDS + ("without its - sum",), "branch"),
     Case("cross-entropy: without the -1", FUNC, CrossEntropyNoMinusOne, ce_inputs, ("-1",), "derivative"),

@@ -234,8 +234,15 @@ def _close_diagnosis(m: Tensor, r: Tensor, tol: Tolerance) -> str:
     if err <= ref.atol:
         return (f"close (max relative error {rel:.1e}) and {ref.verdict(err)}: a rounding-order difference, "
                 f"not a wrong formula (the tolerance given, {tol}, is tighter than that)")
+    low = ""
+    if r.dtype == torch.float64 and FLOAT32_SIZED[0] <= rel <= FLOAT32_SIZED[1]:
+        low = ("; a difference of float32's size in a float64 computation: a float32 constant or intermediate "
+               "inside (torch.where or torch.tensor with python floats, a .float())?")
     return (f"close (max relative error {rel:.1e}) but {ref.verdict(err)}: a small formula difference, "
-            "not rounding (a missing eps? a constant slightly off? a dropped term?)")
+            f"not rounding (a missing eps? a constant slightly off? a dropped term?){low}")
+
+
+FLOAT32_SIZED = (1e-10, 1e-6)  # relative errors a float32 value inside a float64 computation leaves
 
 
 def _values_diagnosis(m: Tensor, r: Tensor, tol: Tolerance, sizes: Mapping[str, int],

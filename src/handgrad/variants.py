@@ -264,7 +264,9 @@ class _Swapped(torch.autograd.Function):
             diff = [x for x in xs if x.requires_grad]
             got = iter(torch.autograd.grad(out, diff, g, allow_unused=True, create_graph=create)) if diff else iter(())
             correct = [next(got) if x.requires_grad else None for x in xs]
+        with torch.set_grad_enabled(create):  # a graph only for a double backward (the forward-mode trick)
             local = Local(args, kwargs, [t.detach() for t in tensors], out.detach(), g, correct)
+            local.args, local.kwargs = _put(ctx.args, ctx.kwargs, ctx.positions, local.tensors)
             wrong = ctx.rule(local) or {}
         grads = [wrong.get(i, c) for i, c in enumerate(correct)]
         grads = [None if gr is None else gr.reshape(t.shape) if gr.numel() == t.numel() else gr
@@ -411,6 +413,15 @@ def _reduced_n(L: Local) -> float:
 def _softmax_dim(L: Local) -> int:
     d = L.arg(1, "dim", -1)
     return -1 if d is None else int(d)
+
+
+def _other_dim(L: Local) -> int:
+    """For a 2-D softmax-like call: the dim it does not reduce over."""
+    return 0 if _softmax_dim(L) % L.x.dim() == 1 else 1
+
+
+def _two_dims(c: Call) -> bool:
+    return isinstance(c.args[0], Tensor) and c.args[0].dim() == 2 and min(c.args[0].shape) > 1
 
 
 def _norm_dx(dxhat: Tensor, xhat: Tensor, rstd: Tensor, dims: tuple[int, ...], mean_term: bool = True,
@@ -632,12 +643,20 @@ RULES: dict[str, list[Rule]] = {
              lambda L: {0: L.out * L.g}),
         Rule("softmax:nos", DERIVATIVE, "softmax's backward without its leading s: dout - sum(dout * s)",
              lambda L: {0: L.g - (L.g * L.out).sum(_softmax_dim(L), keepdim=True)}),
+        Rule("softmax:dim", REDUCTION, "softmax's backward with its sum(dout * s) over the wrong dim",
+             lambda L: {0: L.out * (L.g - (L.g * L.out).sum(_other_dim(L), keepdim=True))}, _two_dims),
     ],
     "log_softmax": [
         Rule("logsoftmax:nosum", DERIVATIVE, "log_softmax's backward without its softmax term: dout instead "
              "of dout - softmax * sum(dout)", lambda L: {0: L.g}),
         Rule("logsoftmax:elem", DERIVATIVE, "log_softmax's softmax term taken elementwise: dout - softmax * "
              "dout instead of dout - softmax * sum(dout)", lambda L: {0: L.g - L.out.exp() * L.g}),
+        Rule("logsoftmax:dim", REDUCTION, "log_softmax's backward with its sum(dout) over the wrong dim",
+             lambda L: {0: L.g - L.out.exp() * L.g.sum(_other_dim(L), keepdim=True)}, _two_dims),
+    ],
+    "leaky_relu": [
+        Rule("leaky:slope", DERIVATIVE, "leaky ReLU's negative slope left out of its derivative (0 instead of "
+             "the slope for x < 0)", _unary(lambda L: (L.x > 0).to(L.x.dtype))),
     ],
     "logsumexp": [
         Rule("lse:exp", DERIVATIVE, "logsumexp's derivative taken as exp(x) instead of softmax(x) (not "
@@ -798,7 +817,8 @@ _IDENTITY = {"clone", "view", "reshape", "contiguous", "to", "float", "double", 
 # unary ops for which "the derivative left out" (dout passed through) is a plausible mistake
 _LEFT_OUT = {"tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "reciprocal", "square", "relu", "gelu", "silu",
              "softplus", "erf", "sin", "cos", "abs", "softmax", "log_softmax", "pow", "log1p", "expm1",
-             "leaky_relu", "elu", "mish", "hardtanh", "clamp", "atan", "asin", "sinh", "cosh", "layer_norm"}
+             "leaky_relu", "elu", "mish", "hardtanh", "clamp", "atan", "asin", "sinh", "cosh", "layer_norm",
+             "rdiv"}
 EPS_MAX = 1e-3  # a positive constant added below this is taken to be an eps
 _EPS_POS = {"layer_norm": (4, "eps"), "batch_norm": (7, "eps"), "group_norm": (4, "eps"),
             "rms_norm": (3, "eps"), "instance_norm": (7, "eps"), "normalize": (3, "eps")}
@@ -1019,7 +1039,7 @@ def _recognisers(x: Tensor, n_inputs: int) -> list[tuple[str, Callable[..., Tens
 
 def recognise(inputs64: Sequence[Tensor], outputs64: Sequence[Tensor], names: Sequence[str]) -> Graph | None:
     """A one-call graph of the known op the forward computes (same values within 1e-10), if any."""
-    diff = [t for t in inputs64 if t.is_floating_point()]
+    diff = [t for t in inputs64 if isinstance(t, Tensor) and t.is_floating_point()]
     if len(outputs64) != 1 or not diff or len(diff) != len(inputs64):
         return None
     y = outputs64[0].detach()
@@ -1129,27 +1149,47 @@ def explain(fn: Callable[..., list[Tensor]], inputs64: Sequence[Any], names: Seq
             weights: Sequence[Tensor], user: Mapping[int, Tensor], ref: Mapping[int, Tensor],
             passing: Sequence[int] = ()) -> dict[int, Named]:
     """For each input position in `user` (the user's float64 gradient, wrong), the variant it
-    equals: from fn's own graph, else from a known op fn turns out to compute."""
+    equals: from fn's own graph (with the upstream gradient left out as one more variant), else from
+    a known op fn turns out to compute."""
     if not user:
         return {}
-    graphs = []
+    named: dict[int, Named] = {}
     graph = record_checked(fn, inputs64, names, weights, ref)
     if graph is not None:
-        graphs.append(graph)
-    named = name_mistakes(graphs, inputs64, user, ref, passing) if graphs else {}
+        named = name_mistakes([graph], inputs64, user, ref, passing)
+        named.update(_dout_left_out(graph, inputs64, {i: u for i, u in user.items() if i not in named}, ref))
     left = {i: u for i, u in user.items() if i not in named}
     floats = [i for i, t in enumerate(inputs64) if isinstance(t, Tensor) and t.is_floating_point()]
-    if left and len(floats) == len(inputs64):
+    if left and floats:
         try:
             with torch.no_grad():
-                outs = fn(*[t.detach() for t in inputs64])
+                outs = fn(*[t.detach() if isinstance(t, Tensor) else t for t in inputs64])
         except Exception:
             outs = []
-        rec = recognise(list(inputs64), list(outs), names)
+        sub = [inputs64[i] for i in floats]
+        rec = recognise(sub, list(outs), [names[i] for i in floats])
         if rec is not None:
             rec.weights = list(weights)
-            named.update(name_mistakes([rec], inputs64, left, ref, passing))
+            at = {i: j for j, i in enumerate(floats)}
+            got = name_mistakes([rec], sub, {at[i]: u for i, u in left.items() if i in at},
+                                {at[i]: r for i, r in ref.items() if i in at}, [at[i] for i in passing if i in at])
+            named.update({floats[j]: nm for j, nm in got.items()})
     return named
+
+
+def _dout_left_out(graph: Graph, inputs64: Sequence[Any], user: Mapping[int, Tensor],
+                   ref: Mapping[int, Tensor]) -> dict[int, Named]:
+    """The backward never multiplied by the upstream gradient: the gradient of sum(out) instead."""
+    if not user:
+        return {}
+    try:
+        got = variant_grads(graph, inputs64, [torch.ones_like(w) for w in graph.weights], None)
+    except Exception:
+        return {}
+    v = Variant("dout", DERIVATIVE, "the upstream gradient dout left out (the gradient of sum(out) instead of "
+                "sum(out * dout): the local derivative never multiplied by grad_output)", -1, priority=0)
+    return {i: Named(v) for i, u in user.items() if i < len(got) and got[i] is not None and i in ref
+            and got[i].shape == u.shape and _matches(u, got[i], ref[i])}
 
 
 GENERIC = ("values differ, with no simple pattern", "wrong on", "every sampled")
