@@ -12,7 +12,8 @@ import torch
 
 import function_corpus as C
 from handgrad import check, layers, variants
-from handgrad.functions import CheckInputError, check_function, check_op, time_limit
+from handgrad.functions import CheckInputError, check_function, check_op
+from handgrad.limits import time_limit
 
 X = C.randn(0, 4, 5)
 
@@ -283,3 +284,16 @@ def test_check_model_names_a_mistake_in_one_layer_from_every_gradient_it_spoils(
     bad = [r for r in report.failures() if r.name in ("0.weight", "2.weight", "2.bias")]
     assert bad and all("1 - h instead of 1 - h**2" in r.diagnosis for r in bad), str(report)
     assert report.row("4.weight").passed
+
+
+def test_check_backward_stops_a_backward_that_never_returns():
+    def forward(x):
+        return 2 * x
+
+    def backward(dout, x):
+        while True:
+            pass
+    report = check.check_backward(forward, backward, [X], timeout=0.5)
+    assert not report.passed
+    [row] = report.failures()
+    assert "backward backward did not return within 0.5 s" in row.message

@@ -23,6 +23,7 @@ from torch import Tensor
 from handgrad import atomic, ops
 from handgrad.atomic import LectureConfig, Params, init_params
 from handgrad.data import default_data_path, make_splits, read_words
+from handgrad.limits import Overran, limited, overran_message
 
 
 # ---------------------------------------------------------------------------- tolerances
@@ -897,7 +898,8 @@ def check_backward(forward: Callable, backward: Callable,
                    inputs: Mapping[str, Tensor] | Sequence[Tensor], *, wrt: Sequence[str] | None = None,
                    seed: int = 0, fd: bool = True, title: str | None = None,
                    tol: Tolerance | None = None, fd_tol: Tolerance | None = None,
-                   sizes: Mapping[str, int] | None = None, name_mistakes: bool = True) -> Report:
+                   sizes: Mapping[str, int] | None = None, name_mistakes: bool = True,
+                   timeout: float | None = 60.0) -> Report:
     """Check a hand-written backward against autograd and float64 finite differences.
 
     forward(*inputs) returns (out, cache), and then backward(dout, cache) is called; or it returns
@@ -909,7 +911,21 @@ def check_backward(forward: Callable, backward: Callable,
     (autograd_tolerance; `tol` replaces it); finite differences run in float64 (fd_tolerance;
     `fd_tol` replaces it). `sizes` names sizes for the diagnosis (e.g. {"n": 32}); the input
     shapes' sizes are added. A wrong gradient is named from the forward's own graph when one of its
-    variants explains it (`name_mistakes`, see handgrad.variants)."""
+    variants explains it (`name_mistakes`, see handgrad.variants). Each call of forward or backward
+    may take `timeout` seconds; one that does not return is stopped and reported in one line."""
+    title = title or f"check_backward: {getattr(backward, '__name__', 'backward')}"
+    fwd = limited(forward, timeout, f"forward {getattr(forward, '__name__', '')}".rstrip())
+    bwd = limited(backward, timeout, f"backward {getattr(backward, '__name__', '')}".rstrip())
+    try:
+        return _check_backward(fwd, bwd, inputs, wrt, seed, fd, title, tol, fd_tol, sizes, name_mistakes)
+    except Overran as e:
+        what = e.args[0] if e.args else "a call"
+        return Report(title, [Section("running it", [Finding(what.split()[0], False, overran_message(e, what))])])
+
+
+def _check_backward(forward: Callable, backward: Callable, inputs: Mapping[str, Tensor] | Sequence[Tensor],
+                    wrt: Sequence[str] | None, seed: int, fd: bool, title: str, tol: Tolerance | None,
+                    fd_tol: Tolerance | None, sizes: Mapping[str, int] | None, name_mistakes: bool) -> Report:
     named = _named(inputs)
     wrt = list(wrt) if wrt is not None else [k for k, t in named.items() if t.is_floating_point()]
     index = [t for t in named.values() if not t.is_floating_point() and not t.is_complex()]
@@ -964,7 +980,7 @@ def check_backward(forward: Callable, backward: Callable,
     if name_mistakes and r64 is not None:
         _name_rows(sections, lambda *xs: [_out(forward(*xs))], x64, list(named), [dout64],
                    dict(zip(wrt, grads64)), dict(zip(wrt, r64)))
-    return Report(title or f"check_backward: {getattr(backward, '__name__', 'backward')}", sections)
+    return Report(title, sections)
 
 
 # ---------------------------------------------------------------------------- layers and models

@@ -12,12 +12,9 @@ References: PyTorch, "Extending torch.autograd" and "Custom operators"; torch.au
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import math
 import os
-import signal
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from handgrad import variants
+from handgrad.limits import Overran, overran_message, time_limit
 from handgrad.check import (
     AUTOGRAD_RULE,
     FD_RULE,
@@ -56,68 +54,6 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 
 class CheckInputError(ValueError):
     """What was passed to check_function / check_op cannot be checked; the message is one line."""
-
-
-class _Timeout(BaseException):
-    """Raised inside a user's forward or backward that overran its time limit (a BaseException, so
-    an `except Exception` in the user's code does not swallow it)."""
-
-
-# ---------------------------------------------------------------------------- time limits
-@contextmanager
-def time_limit(seconds: float | None, what: str) -> Iterator[None]:
-    """Stop the code inside after `seconds` by raising _Timeout in it: SIGALRM on the main thread,
-    otherwise an asynchronous exception in this thread (a pure-Python loop stops at its next bytecode;
-    a C call that never returns cannot be stopped). None or 0: no limit."""
-    if not seconds or seconds <= 0:
-        yield
-        return
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
-        prev_handler = signal.getsignal(signal.SIGALRM)
-        prev_delay, prev_interval = signal.getitimer(signal.ITIMER_REAL)
-        if prev_delay and prev_delay < seconds and prev_handler is _alarm:
-            yield  # an outer limit of ours that ends sooner already watches this
-            return
-
-        start = time.monotonic()
-        signal.signal(signal.SIGALRM, _alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        _ALARM_WHAT.append((what, seconds))
-        try:
-            yield
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            _ALARM_WHAT.pop()
-            signal.signal(signal.SIGALRM, prev_handler)
-            if prev_delay:
-                left = max(prev_delay - (time.monotonic() - start), 1e-3)
-                signal.setitimer(signal.ITIMER_REAL, left, prev_interval)
-        return
-    tid = threading.get_ident()
-    fired = threading.Event()
-
-    def fire() -> None:
-        fired.set()
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_Timeout))
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    except _Timeout:
-        raise _Timeout(what, seconds) from None
-    finally:
-        timer.cancel()
-        if fired.is_set():  # the exception may still be pending: clear it
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
-
-
-_ALARM_WHAT: list[tuple[str, float]] = []
-
-
-def _alarm(signum: int, frame: Any) -> None:
-    what, seconds = _ALARM_WHAT[-1] if _ALARM_WHAT else ("the call", 0.0)
-    raise _Timeout(what, seconds)
 
 
 # ---------------------------------------------------------------------------- what is checked
@@ -387,10 +323,8 @@ def _where(e: BaseException) -> str:
 
 
 def _raised(e: BaseException, what: str) -> str:
-    if isinstance(e, _Timeout):
-        secs = e.args[1] if len(e.args) > 1 else 0
-        return (f"{what} did not return within {secs:g} s and was stopped (an endless loop? pass timeout= to "
-                "allow longer)")
+    if isinstance(e, Overran):
+        return overran_message(e, what)
     where = _where(e)
     return f"{what} raised {_one_line(e)}" + (f" (at {where})" if where else "")
 
@@ -918,7 +852,7 @@ class _Checker:
             try:
                 rows.append(finite_differences(fn, x64[i], g, name, w, seed=self.seed, sizes=self.sizes(),
                                                index=self.index()))
-            except _Timeout as e:
+            except Overran as e:
                 rows.append(FDResult(name, (), 0, x64[i].numel(), 0, math.nan, math.inf, Tolerance(0, 0),
                                      _raised(e, f"{self.subject.name}.forward")))
         return rows
