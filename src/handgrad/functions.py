@@ -431,6 +431,21 @@ class Reference:
     leaves: list[Tensor] = field(default_factory=list)  # the differentiated inputs, outs' graph leads to them
 
 
+@dataclass
+class _Refs:
+    """The references of one check: in the inputs' dtype, float32 and float64 (None: none)."""
+
+    ref: Reference | None
+    r32: Reference | None
+    r64: Reference | None
+    note: str = ""  # why there is none, or why it was set aside
+    refuted: bool = False  # the finite differences disagree with it
+
+    @property
+    def valid(self) -> bool:
+        return self.ref is not None and not self.refuted
+
+
 def reference(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any], diff: Sequence[int],
               diff_out: Sequence[int], douts: Mapping[int, Tensor], dtype: torch.dtype | None,
               timeout: float | None, only: Sequence[int] | None = None) -> Reference | str:
@@ -667,16 +682,9 @@ class _Checker:
     def run(self, title: str, double: bool | None, jvp: bool | None) -> Report:
         S = self.subject
         main, _ = run_engine(S, self.args, self.kwargs, self.diff, None, None, self.seed, self.timeout)
-        if main.error and main.phase == "forward":
-            return Report(title, [Section(f"{S.name}: running it", [Finding("forward", False, main.error)])])
-        if not main.diff_out:
-            msg = (f"no output of {S.name} carries a gradient: every output is an integer tensor, marked "
-                   "non-differentiable, or not a tensor" if main.outs else f"{S.name} returned nothing")
-            return Report(title, [Section(f"{S.name}: running it", [Finding("outputs", False, msg)])])
-        if main.raw is None and not main.error:
-            return Report(title, [Section(f"{S.name}: running it", [Finding(
-                "backward", False, f"autograd never called {S.name}'s backward: the outputs' graph does not lead "
-                "to it (does the forward return a tensor made outside it, or an input unchanged?)")])])
+        stop = self._cannot_go_on(main)
+        if stop:
+            return Report(title, [Section(f"{S.name}: running it", [stop])])
         dtypes = sorted({_dtype_name(self.args[i].dtype) for i in self.diff})
         self.header.append(f"inputs differentiated: {', '.join(self.names)} ({', '.join(dtypes)}); "
                            f"{len(main.diff_out)} of {len(main.outs)} output(s) carry a gradient")
@@ -685,72 +693,88 @@ class _Checker:
         grads = self._returned(main)  # None when the backward's return cannot be mapped onto the inputs
         if grads is None:
             return Report(title, [Section(f"{S.name}: the contract autograd relies on", self.contract)], self.header)
-
-        douts = main.douts
-        ref = reference(S, self.args, self.kwargs, self.diff, main.diff_out, douts, None, self.timeout)
-        r32 = reference(S, self.args, self.kwargs, self.diff, main.diff_out, douts, torch.float32, self.timeout)
-        r64 = reference(S, self.args, self.kwargs, self.diff, main.diff_out, douts, torch.float64, self.timeout)
-        run64, _ = run_engine(S, self.args, self.kwargs, self.diff, torch.float64, douts, self.seed, self.timeout)
-        grads64 = self._returned(run64, quiet=True) if not run64.error else None
-        sections: list[Section] = []
-        user_dtype = [self.args[i].dtype for i in self.diff]
-        all64 = all(d == torch.float64 for d in user_dtype)
-        ok_ref = isinstance(ref, Reference)
-        ref_note = "" if ok_ref else ref
-        rows = self._compare_rows(grads, ref.grads if ok_ref else None, r32, r64, user_dtype)
-        sections.append(Section(f"{S.name}'s backward vs autograd through its forward ({', '.join(dtypes)}; "
-                                f"{AUTOGRAD_RULE})", rows))
-        if not all64:
-            if grads64 is None:
-                sections.append(Section(REPLAY_TITLE, [Finding("float64 replay", False,
-                                                               f"{S.name} cannot run in float64: " + (run64.error or
-                                                                                                    "its gradients do not map onto the inputs"))]))
-            else:
-                rows64 = self._compare_rows(grads64, r64.grads if isinstance(r64, Reference) else None, r32, r64,
-                                            [torch.float64] * len(self.diff))
-                sections.append(Section(REPLAY_TITLE, rows64))
-        fd_rows: list[FDResult] = []
-        if self.fd and grads64 is not None:
-            fd_rows = self._fd_rows(grads64, douts, main)
-            sections.append(Section(f"{S.name}'s backward (float64) vs finite differences ({FD_RULE})", fd_rows))
-        # a reference autograd gets from a forward it cannot see through is no reference
-        if ok_ref and fd_rows and isinstance(r64, Reference):
-            bad = self._invalid_reference(r64, grads64, fd_rows, douts, main)
-            if bad:
-                ref_note = (f"autograd's gradient of the forward disagrees with finite differences for {', '.join(bad)} "
-                            "(the forward leaves autograd's graph: .detach(), .data, .numpy(), no_grad, a kernel): "
-                            "the finite differences are the reference")
-                ok_ref = False
-        if not ok_ref:
-            sections = [s for s in sections if s.title.startswith(f"{S.name}'s backward (float64) vs finite")]
-            sections.insert(0, Section(f"{S.name}'s backward vs autograd through its forward", [Finding(
-                "reference", True, note=ref_note + ("; verdict from the finite differences" if self.fd else ""))]))
-            if not self.fd:
-                sections[0].rows = [Finding("reference", False, ref_note + " and fd=False: nothing to compare with")]
-        # kinks: differences only where the function is not differentiable are not held against it
-        if fd_rows:
-            for s in sections:
-                if s.title.startswith(f"{S.name}'s backward vs autograd") and ok_ref:
-                    s.rows = _excused(s.rows, dict(zip(self.names, grads)), dict(zip(self.names, ref.grads)), fd_rows)
-                if s.title == REPLAY_TITLE and isinstance(r64, Reference) and grads64 is not None:
-                    s.rows = _excused(s.rows, dict(zip(self.names, grads64)), dict(zip(self.names, r64.grads)), fd_rows)
+        refs = self._references(main)
+        sections, grads64 = self._first_order(main, grads, refs, dtypes)
         first_order_ok = all(s.passed for s in sections)
-        self._contract(main, grads, douts, r64 if isinstance(r64, Reference) else None)
-        per_out = self._per_output(main, r64 if isinstance(r64, Reference) and ok_ref else None)
-        if per_out is not None:
-            sections.append(per_out)
-        if double is not False and first_order_ok:
-            sec = self._second_order(main, r64 if isinstance(r64, Reference) and ok_ref else None, force=bool(double))
-            if sec is not None:
-                sections.append(sec)
-        if S.jvp_host is not None and jvp is not False:
-            sections.append(self._forward_mode(main, r64 if isinstance(r64, Reference) and ok_ref else None))
+        good = refs.r64 if refs.valid else None  # a float64 reference the finite differences did not refute
+        self._contract(main, grads, refs.r64)
+        for extra in (self._per_output(main, good),
+                      self._second_order(main, good) if double is True or (double is None and first_order_ok) else None,
+                      self._forward_mode(main, good) if S.jvp_host is not None and jvp is not False else None):
+            if extra is not None:
+                sections.append(extra)
         if self.want_names and not first_order_ok and grads64 is not None:
-            self._name(sections, grads64, r64 if isinstance(r64, Reference) else None, ok_ref, main)
+            self._name(sections, grads64, refs.r64, refs.valid, main)
         if S.kind == "custom op":
             self.contract.append(self._opcheck())
         sections.insert(0, Section(f"{S.name}: the contract autograd relies on", self.contract))
         return Report(title, sections, self.header)
+
+    def _cannot_go_on(self, main: Run) -> Finding | None:
+        """One line when the first trip through autograd gives nothing to check."""
+        S = self.subject
+        if main.error and main.phase == "forward":
+            return Finding("forward", False, main.error)
+        if not main.diff_out:
+            return Finding("outputs", False, f"no output of {S.name} carries a gradient: every output is an integer "
+                           "tensor, marked non-differentiable, or not a tensor" if main.outs else
+                           f"{S.name} returned nothing")
+        if main.raw is None and not main.error and S.spy_host is not None:
+            return Finding("backward", False, f"autograd never called {S.name}'s backward: the outputs' graph does not "
+                           "lead to it (does the forward return a tensor made outside it, or an input unchanged?)")
+        return None
+
+    def _references(self, main: Run) -> _Refs:
+        S, args, kw, diff = self.subject, self.args, self.kwargs, self.diff
+        refs = [reference(S, args, kw, diff, main.diff_out, main.douts, d, self.timeout)
+                for d in (None, torch.float32, torch.float64)]
+        return _Refs(*[r if isinstance(r, Reference) else None for r in refs],
+                     note=refs[0] if isinstance(refs[0], str) else "")
+
+    def _first_order(self, main: Run, grads: Sequence[Any], refs: _Refs, dtypes: Sequence[str]
+                     ) -> tuple[list[Section], list[Any] | None]:
+        """The backward against autograd in the inputs' dtype, replayed in float64, and against finite
+        differences; autograd's own gradient is set aside where the finite differences refute it."""
+        S = self.subject
+        run64, _ = run_engine(S, self.args, self.kwargs, self.diff, torch.float64, main.douts, self.seed, self.timeout)
+        grads64 = self._returned(run64, quiet=True) if not run64.error else None
+        user_dtype = [self.args[i].dtype for i in self.diff]
+        vs_autograd = f"{S.name}'s backward vs autograd through its forward"
+        sections = [Section(f"{vs_autograd} ({', '.join(dtypes)}; {AUTOGRAD_RULE})",
+                            self._compare_rows(grads, refs.ref.grads if refs.ref else None, refs, user_dtype))]
+        if not all(d == torch.float64 for d in user_dtype):
+            if grads64 is None:
+                why = run64.error or "its gradients do not map onto the inputs"
+                sections.append(Section(REPLAY_TITLE, [Finding("float64 replay", False,
+                                                               f"{S.name} cannot run in float64: {why}")]))
+            else:
+                sections.append(Section(REPLAY_TITLE, self._compare_rows(
+                    grads64, refs.r64.grads if refs.r64 else None, refs, [torch.float64] * len(self.diff))))
+        fd_rows: list[FDResult] = []
+        if self.fd and grads64 is not None:
+            fd_rows = self._fd_rows(grads64, main.douts, main)
+            sections.append(Section(f"{S.name}'s backward (float64) vs finite differences ({FD_RULE})", fd_rows))
+        if refs.ref is not None and refs.r64 is not None and fd_rows:
+            bad = self._invalid_reference(refs.r64, grads64, main.douts, main)
+            if bad:
+                refs.note = (f"autograd's gradient of the forward disagrees with finite differences for "
+                             f"{', '.join(bad)} (the forward leaves autograd's graph: .detach(), .data, .numpy(), "
+                             "no_grad, a kernel): the finite differences are the reference")
+                refs.refuted = True
+        if not refs.valid:
+            sections = [s for s in sections if s.rows is fd_rows]
+            ok = self.fd and bool(fd_rows)
+            sections.insert(0, Section(vs_autograd, [Finding(
+                "reference", ok, "" if ok else refs.note + "; and no finite differences (fd=False): nothing to "
+                "compare with", note=refs.note + "; verdict from the finite differences" if ok else "")]))
+            return sections, grads64
+        if fd_rows:  # differences only where the function is not differentiable are not held against it
+            sections[0].rows = _excused(sections[0].rows, dict(zip(self.names, grads)),
+                                        dict(zip(self.names, refs.ref.grads)), fd_rows)
+            if sections[1].title == REPLAY_TITLE and refs.r64 is not None and grads64 is not None:
+                sections[1].rows = _excused(sections[1].rows, dict(zip(self.names, grads64)),
+                                            dict(zip(self.names, refs.r64.grads)), fd_rows)
+        return sections, grads64
 
     # ------------------------------------------------------------------ what the backward returned
     def _returned(self, run: Run, quiet: bool = False) -> list[Any] | None:
@@ -799,13 +823,13 @@ class _Checker:
             add(Finding("gradients returned", True, note=f"{n} returned for {n} inputs"))
         return [got[i] for i in self.diff]
 
-    def _compare_rows(self, grads: Sequence[Any], ref: Sequence[Tensor] | None, r32: Any, r64: Any,
+    def _compare_rows(self, grads: Sequence[Any], ref: Sequence[Tensor] | None, refs: _Refs,
                       dtypes: Sequence[torch.dtype]) -> list[Comparison | Finding]:
         rows: list[Comparison | Finding] = []
         if ref is None:
             return rows
-        s32 = r32.grads if isinstance(r32, Reference) else None
-        s64 = r64.grads if isinstance(r64, Reference) else None
+        s32 = refs.r32.grads if refs.r32 is not None else None
+        s64 = refs.r64.grads if refs.r64 is not None else None
         sizes, index = self.sizes(), self.index()
         for j, (name, gm, r, d) in enumerate(zip(self.names, grads, ref, dtypes)):
             lv = measured_level(s32[j], s64[j], d) if s32 is not None and s64 is not None else 0.0
@@ -857,8 +881,8 @@ class _Checker:
                                      _raised(e, f"{self.subject.name}.forward")))
         return rows
 
-    def _invalid_reference(self, r64: Reference, grads64: Sequence[Any], fd_rows: Sequence[FDResult],
-                           douts: Mapping[int, Tensor], main: Run) -> list[str]:
+    def _invalid_reference(self, r64: Reference, grads64: Sequence[Any], douts: Mapping[int, Tensor],
+                           main: Run) -> list[str]:
         """The inputs where autograd's gradient of the forward fails the finite differences while the
         user's passes them, or where both fail and differ (the forward is opaque to autograd there)."""
         bad = []
@@ -875,7 +899,8 @@ class _Checker:
         return bad
 
     # ------------------------------------------------------------------ the contract
-    def _contract(self, main: Run, grads: Sequence[Any], douts: Mapping[int, Tensor], r64: Reference | None) -> None:
+    def _contract(self, main: Run, grads: Sequence[Any], r64: Reference | None) -> None:
+        """The rows of the contract autograd relies on, beyond what the backward returned."""
         S = self.subject
         rec = main.raw
         add = self.contract.append
@@ -997,7 +1022,6 @@ class _Checker:
         """Each differentiated input alone needing a gradient: None for it is wrong, a gradient for
         the others is wasted work, and its own gradient must not change."""
         S = self.subject
-        add = self.contract.append
         wasted: set[str] = set()
         rec = main.raw
         if rec is not None and rec.returned:
@@ -1081,7 +1105,7 @@ class _Checker:
         return Section("each output on its own (its gradient alone flowing) vs autograd", rows)
 
     # ------------------------------------------------------------------ second order
-    def _second_order(self, main: Run, r64: Reference | None, force: bool) -> Section | None:
+    def _second_order(self, main: Run, r64: Reference | None) -> Section | None:
         S = self.subject
         title = "second order: the backward differentiated again (double backward, float64) vs autograd twice " \
                 "through the forward"
