@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ def as_callable(case: C.Case) -> Any:
             got = backward(dout, ctx.cache)
             got = iter(got if isinstance(got, tuple) else (got,))
             return tuple(next(got) if f else None for f in ctx.floats)
+
     return Pair.apply
 
 
@@ -52,8 +54,12 @@ def first_line(e: BaseException) -> str:
 
 def torch_check(fn: Any, args: tuple, which: Any) -> tuple[bool, str]:
     """(flagged, what it said) for gradcheck or gradgradcheck."""
-    inputs = tuple(a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                   else a for a in args)
+    inputs = tuple(
+        a.detach().clone().requires_grad_(True)
+        if isinstance(a, torch.Tensor) and a.is_floating_point()
+        else a
+        for a in args
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -80,6 +86,67 @@ def handgrad_said(report) -> str:
     return text[:140] + ("..." if len(text) > 140 else "")
 
 
+@dataclass
+class Row:
+    """One case: what each checker flagged and said, and how long it took."""
+
+    case: C.Case
+    handgrad: bool
+    named: bool
+    handgrad_said: str
+    gradcheck: bool
+    gradcheck_said: str
+    gradgradcheck: bool
+    gradgradcheck_said: str
+    seconds: tuple[float, float, float]  # handgrad, gradcheck, gradgradcheck
+
+    def verdict(self, flagged: bool) -> str:
+        if self.case.wrong:
+            return "flagged" if flagged else "missed"
+        return "FALSE ALARM" if flagged else "ok"
+
+    def markdown(self) -> str:
+        c = self.case
+        hg = "named" if self.named else self.verdict(self.handgrad)
+        cells = [c.name, c.klass or "correct", hg, self.handgrad_said, self.verdict(self.gradcheck),
+                 self.gradcheck_said, self.verdict(self.gradgradcheck), self.gradgradcheck_said,
+                 *(f"{t:.3f}" for t in self.seconds)]
+        return "| " + " | ".join(x.replace("|", "/") for x in cells) + " |"
+
+
+def run_one(case: C.Case, repeat: int) -> Row:
+    """The three checks on one case, in float64, each timed."""
+    args = tuple(x.to(torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                 for x in case.inputs(0))
+    report, th = timed(lambda: C.run_case(case, torch.float64), repeat)
+    fn = as_callable(case)
+    (gc, gc_said), tg = timed(lambda: torch_check(fn, args, torch.autograd.gradcheck), repeat)
+    (ggc, ggc_said), tgg = timed(lambda: torch_check(fn, args, torch.autograd.gradgradcheck), repeat)
+    named = case.wrong and any(w in C.said(report) for w in case.expect)
+    return Row(case, not report.passed, named, handgrad_said(report), gc, gc_said, ggc, ggc_said,
+               (th, tg, tgg))
+
+
+def summary(rows: list[Row], repeat: int) -> list[str]:
+    wrong = [r for r in rows if r.case.wrong]
+    right = [r for r in rows if not r.case.wrong]
+    t_hg, t_gc, t_ggc = (sum(r.seconds[i] for r in rows) for i in range(3))
+    return [
+        "",
+        f"{len(wrong)} wrong cases: handgrad flags {sum(r.handgrad for r in wrong)} and names "
+        f"{sum(r.named for r in wrong)}; gradcheck flags {sum(r.gradcheck for r in wrong)}, gradgradcheck "
+        f"{sum(r.gradgradcheck for r in wrong)}, one of the two "
+        f"{sum(r.gradcheck or r.gradgradcheck for r in wrong)} (neither names a mistake).",
+        f"{len(right)} correct cases: false alarms: handgrad {sum(r.handgrad for r in right)}, gradcheck "
+        f"{sum(r.gradcheck for r in right)}, gradgradcheck {sum(r.gradgradcheck for r in right)}.",
+        f"time over all {len(rows)} cases (median of {repeat} per check, float64, one thread): handgrad "
+        f"{t_hg:.2f} s, gradcheck {t_gc:.2f} s, gradgradcheck {t_ggc:.2f} s; handgrad / (gradcheck + "
+        f"gradgradcheck) = {t_hg / max(t_gc + t_ggc, 1e-9):.1f}x (handgrad also replays the check in the "
+        "user's dtype, runs each input alone for needs_input_grad, each output alone, an in-place probe, "
+        "and names the mistake)",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--limit", type=int, default=0, help="only the first N cases of each list (0: all)")
@@ -87,52 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also write the table here")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    cases = (C.WRONG[:a.limit] if a.limit else C.WRONG) + (C.CORRECT[:a.limit] if a.limit else C.CORRECT)
+    cases = (C.WRONG[: a.limit] if a.limit else C.WRONG) + (C.CORRECT[: a.limit] if a.limit else C.CORRECT)
     C.custom_ops()
-    lines = ["| case | mistake | handgrad | said | gradcheck | said | gradgradcheck | said | handgrad s | "
-             "gradcheck s | gradgradcheck s |", "|---|---|---|---|---|---|---|---|---:|---:|---:|"]
-    tally = {k: 0 for k in ("wrong", "hg", "named", "gc", "ggc", "either", "right", "hg_fp", "gc_fp", "ggc_fp")}
-    t_hg = t_gc = t_ggc = 0.0
-    for case in cases:
-        args = tuple(x.to(torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                     for x in case.inputs(0))
-        report, th = timed(lambda case=case: C.run_case(case, torch.float64), a.repeat)
-        fn = as_callable(case)
-        (gc, gc_said), tg = timed(lambda: torch_check(fn, args, torch.autograd.gradcheck), a.repeat)
-        (ggc, ggc_said), tgg = timed(lambda: torch_check(fn, args, torch.autograd.gradgradcheck), a.repeat)
-        t_hg, t_gc, t_ggc = t_hg + th, t_gc + tg, t_ggc + tgg
-        hg = not report.passed
-        named = case.wrong and any(w in C.said(report) for w in case.expect)
-        if case.wrong:
-            tally["wrong"] += 1
-            tally["hg"] += hg
-            tally["named"] += named
-            tally["gc"] += gc
-            tally["ggc"] += ggc
-            tally["either"] += gc or ggc
-        else:
-            tally["right"] += 1
-            tally["hg_fp"] += hg
-            tally["gc_fp"] += gc
-            tally["ggc_fp"] += ggc
-        verdict = ("named" if named else "flagged" if hg else "missed") if case.wrong else ("FALSE ALARM" if hg else "ok")
-        tv = (lambda f: ("flagged" if f else "missed") if case.wrong else ("FALSE ALARM" if f else "ok"))
-        cell = (lambda s: s.replace("|", "/"))
-        lines.append(f"| {case.name} | {case.klass or 'correct'} | {verdict} | {cell(handgrad_said(report))} | "
-                     f"{tv(gc)} | {cell(gc_said)} | {tv(ggc)} | {cell(ggc_said)} | {th:.3f} | {tg:.3f} | {tgg:.3f} |")
-    w, r = tally["wrong"], tally["right"]
-    summary = [
-        "",
-        f"{w} wrong cases: handgrad flags {tally['hg']} and names {tally['named']}; gradcheck flags {tally['gc']}, "
-        f"gradgradcheck {tally['ggc']}, one of the two {tally['either']} (neither names a mistake).",
-        f"{r} correct cases: false alarms: handgrad {tally['hg_fp']}, gradcheck {tally['gc_fp']}, gradgradcheck "
-        f"{tally['ggc_fp']}.",
-        f"time over all {w + r} cases (median of {a.repeat} per check, float64, one thread): handgrad {t_hg:.2f} s, "
-        f"gradcheck {t_gc:.2f} s, gradgradcheck {t_ggc:.2f} s; handgrad / (gradcheck + gradgradcheck) = "
-        f"{t_hg / max(t_gc + t_ggc, 1e-9):.1f}x (handgrad also replays the check in the user's dtype, runs each "
-        "input alone for needs_input_grad, each output alone, an in-place probe, and names the mistake)",
-    ]
-    text = "\n".join(lines + summary)
+    rows = [run_one(case, a.repeat) for case in cases]
+    head = ["| case | mistake | handgrad | said | gradcheck | said | gradgradcheck | said | handgrad s | "
+            "gradcheck s | gradgradcheck s |", "|---|---|---|---|---|---|---|---|---:|---:|---:|"]
+    text = "\n".join(head + [r.markdown() for r in rows] + summary(rows, a.repeat))
     print(text)
     if a.out:
         a.out.write_text(text + "\n")

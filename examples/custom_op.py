@@ -50,8 +50,10 @@ rms_norm.register_autograd(backward, setup_context=setup_context)
 def main() -> int:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(4, 3, 16, generator=g), 1 + 0.1 * torch.randn(16, generator=g)
-    reports = [check_op(torch.ops.handgrad_examples.rms_norm, x.to(dtype), w.to(dtype), 1e-6)
-               for dtype in (torch.float64, torch.float32, torch.bfloat16)]
+    reports = [
+        check_op(torch.ops.handgrad_examples.rms_norm, x.to(dtype), w.to(dtype), 1e-6)
+        for dtype in (torch.float64, torch.float32, torch.bfloat16)
+    ]
     for report in reports:
         print(report, end="\n\n")
     return 0 if all(r.passed for r in reports) else 1

@@ -49,8 +49,10 @@ def inputs(dtype: torch.dtype, shape=(4, 3, 16)):
 
 
 def main() -> int:
-    reports = [check_function(LayerNormFunction, *inputs(dtype))
-               for dtype in (torch.float64, torch.float32, torch.bfloat16)]
+    reports = [
+        check_function(LayerNormFunction, *inputs(dtype))
+        for dtype in (torch.float64, torch.float32, torch.bfloat16)
+    ]
     for report in reports:
         print(report, end="\n\n")
     return 0 if all(r.passed for r in reports) else 1

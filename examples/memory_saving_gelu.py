@@ -47,6 +47,7 @@ def saved_bytes(fn, x: torch.Tensor) -> int:
     def pack(t):
         seen[(t.data_ptr(), t.shape, t.dtype)] = t.numel() * t.element_size()
         return t
+
     x = x.detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(x)
@@ -56,11 +57,15 @@ def saved_bytes(fn, x: torch.Tensor) -> int:
 def main() -> int:
     x = torch.randn(256, 1024)
     plain, mine = saved_bytes(gelu_tanh, x), saved_bytes(MemorySavingGELU.apply, x)
-    print(f"saved for backward, x of {x.numel() * x.element_size():,} bytes: autograd through the torch ops "
-          f"{plain:,} bytes, MemorySavingGELU {mine:,} bytes ({plain / mine:.1f}x less)\n")
+    print(
+        f"saved for backward, x of {x.numel() * x.element_size():,} bytes: autograd through the torch ops "
+        f"{plain:,} bytes, MemorySavingGELU {mine:,} bytes ({plain / mine:.1f}x less)\n"
+    )
     g = torch.Generator().manual_seed(0)
-    reports = [check_function(MemorySavingGELU, (2 * torch.randn(6, 8, generator=g)).to(dtype))
-               for dtype in (torch.float64, torch.float32, torch.bfloat16)]
+    reports = [
+        check_function(MemorySavingGELU, (2 * torch.randn(6, 8, generator=g)).to(dtype))
+        for dtype in (torch.float64, torch.float32, torch.bfloat16)
+    ]
     for report in reports:
         print(report, end="\n\n")
     return 0 if all(r.passed for r in reports) else 1

@@ -19,12 +19,15 @@ X = C.randn(0, 4, 5)
 
 
 # ---------------------------------------------------------------------------- bad input, one line each
-@pytest.mark.parametrize("thing, words", [
-    (C.tanh_forward, "check_backward"),
-    (lambda x: x, "function"),
-    (torch.nn.Linear(3, 3), "Linear"),
-    (42, "int"),
-])
+@pytest.mark.parametrize(
+    "thing, words",
+    [
+        (C.tanh_forward, "check_backward"),
+        (lambda x: x, "function"),
+        (torch.nn.Linear(3, 3), "Linear"),
+        (42, "int"),
+    ],
+)
 def test_a_non_function_is_refused_in_one_line_naming_what_was_passed(thing, words):
     with pytest.raises(CheckInputError) as e:
         check_function(thing, X)
@@ -37,6 +40,7 @@ def test_a_function_without_backward_is_refused():
         @staticmethod
         def forward(ctx, x):
             return x * 2
+
     with pytest.raises(CheckInputError, match="defines no backward"):
         check_function(NoBackward, X)
 
@@ -60,14 +64,17 @@ def test_a_forward_that_raises_is_one_failing_line_with_where_it_raised():
     assert sum("->" in line for line in str(report).splitlines()) == 1
 
 
-@pytest.mark.parametrize("inputs, words", [
-    ((np.ones((3, 2)),), "numpy.ndarray, not a torch.Tensor"),
-    (([1.0, 2.0],), "no floating-point tensor"),
-    ((3, "x"), "no floating-point tensor"),
-    (([X, X],), "list of tensors"),
-    ((torch.zeros(3, dtype=torch.complex64),), "complex"),
-    ((torch.arange(4),), "no floating-point tensor"),
-])
+@pytest.mark.parametrize(
+    "inputs, words",
+    [
+        ((np.ones((3, 2)),), "numpy.ndarray, not a torch.Tensor"),
+        (([1.0, 2.0],), "no floating-point tensor"),
+        ((3, "x"), "no floating-point tensor"),
+        (([X, X],), "list of tensors"),
+        ((torch.zeros(3, dtype=torch.complex64),), "complex"),
+        ((torch.arange(4),), "no floating-point tensor"),
+    ],
+)
 def test_inputs_that_are_not_tensors_are_refused_in_one_line(inputs, words):
     with pytest.raises(CheckInputError) as e:
         check_function(C.Tanh, *inputs)
@@ -106,8 +113,9 @@ class EndlessForward(torch.autograd.Function):
         return g
 
 
-@pytest.mark.parametrize("fn, what", [(EndlessBackward, "EndlessBackward.backward"),
-                                      (EndlessForward, "EndlessForward.forward")])
+@pytest.mark.parametrize(
+    "fn, what", [(EndlessBackward, "EndlessBackward.backward"), (EndlessForward, "EndlessForward.forward")]
+)
 def test_a_call_that_never_returns_is_stopped_and_said_in_one_line(fn, what):
     start = time.monotonic()
     report = check_function(fn, X, timeout=0.5)
@@ -122,6 +130,7 @@ def test_the_time_limit_also_works_off_the_main_thread():
 
     def run():
         out["report"] = check_function(EndlessBackward, X, timeout=0.5, fd=False)
+
     t = threading.Thread(target=run)
     t.start()
     t.join(20)
@@ -156,7 +165,10 @@ def test_cuda_without_a_gpu_is_one_line():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cuda_inputs_are_checked_on_the_gpu(dtype):
     for case in [c for c in C.CORRECT if c.kind == C.FUNC][:12]:
-        args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in case.inputs(0)]
+        args = [
+            a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in case.inputs(0)
+        ]
         report = check_function(case.target, *args, device="cuda")
         assert report.passed, str(report)
     wrong = check_function(C.TanhOneMinusH, X.to(dtype), device="cuda")
@@ -233,7 +245,9 @@ def test_a_user_function_is_left_as_it_was():
 def test_a_recorded_forward_replays_to_autograds_gradient():
     x, w, b, _ = C.ln_inputs(0)
     g = C.randn(9, 4, 6)
-    graph = variants.record_checked(lambda x, w, b: [C.layernorm_forward(x, w, b)[0]], [x, w, b], ["x", "w", "b"], [g])
+    graph = variants.record_checked(
+        lambda x, w, b: [C.layernorm_forward(x, w, b)[0]], [x, w, b], ["x", "w", "b"], [g]
+    )
     assert graph is not None and [c.op for c in graph.calls][:2] == ["mean", "sub"]
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     ref = torch.autograd.grad((C.layernorm_forward(*leaves)[0] * g).sum(), leaves)
@@ -276,8 +290,15 @@ def test_check_layer_names_the_mistake_from_the_layers_forward():
 
 
 def test_check_model_names_a_mistake_in_one_layer_from_every_gradient_it_spoils(names_splits):
-    model = layers.Sequential([layers.Embedding(27, 4), layers.FlattenConsecutive(3), layers.Linear(12, 8),
-                               TanhOneMinusH(), layers.Linear(8, 27)])
+    model = layers.Sequential(
+        [
+            layers.Embedding(27, 4),
+            layers.FlattenConsecutive(3),
+            layers.Linear(12, 8),
+            TanhOneMinusH(),
+            layers.Linear(8, 27),
+        ]
+    )
     model.init_(torch.Generator().manual_seed(0))
     X, Y = names_splits.Xtr[:8], names_splits.Ytr[:8]
     report = check.check_model(model, X, Y, fd=False)
@@ -293,6 +314,7 @@ def test_check_backward_stops_a_backward_that_never_returns():
     def backward(dout, x):
         while True:
             pass
+
     report = check.check_backward(forward, backward, [X], timeout=0.5)
     assert not report.passed
     [row] = report.failures()

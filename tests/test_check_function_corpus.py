@@ -2,7 +2,7 @@
 check_op and check_backward: every wrong one is flagged, at least 90% have their mistake named (here:
 all), and no correct one fails in float64, float32 or bfloat16."""
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ def _id(case):
     return case.name
 
 
-@lru_cache(maxsize=None)
+@cache
 def wrong_report(name):
     """Each wrong case's float64 report, made once for the tests below."""
     return C.run_case(next(c for c in C.WRONG if c.name == name), torch.float64)
@@ -23,19 +23,40 @@ def wrong_report(name):
 def test_the_corpus_is_as_large_and_as_varied_as_the_issue_asks():
     assert len(C.WRONG) >= 40 and len(C.CORRECT) >= 30
     classes = {c.klass for c in C.WRONG}
-    for needed in ("branch", "derivative", "sign", "constant", "eps", "transpose", "reduction", "index",
-                   "multi-output", "contract", "saved", "second order", "forward mode"):
+    for needed in (
+        "branch",
+        "derivative",
+        "sign",
+        "constant",
+        "eps",
+        "transpose",
+        "reduction",
+        "index",
+        "multi-output",
+        "contract",
+        "saved",
+        "second order",
+        "forward mode",
+    ):
         assert needed in classes, needed
     kinds = {c.kind for c in C.WRONG} | {c.kind for c in C.CORRECT}
     assert kinds == {C.FUNC, C.PAIR, C.OP}
-    several_inputs = [c for c in C.WRONG if sum(isinstance(a, torch.Tensor) and a.is_floating_point()
-                                                 for a in c.inputs(0)) > 1]
-    non_diff_inputs = [c for c in C.WRONG if any(not (isinstance(a, torch.Tensor) and a.is_floating_point())
-                                                  for a in c.inputs(0))]
+    several_inputs = [
+        c
+        for c in C.WRONG
+        if sum(isinstance(a, torch.Tensor) and a.is_floating_point() for a in c.inputs(0)) > 1
+    ]
+    non_diff_inputs = [
+        c
+        for c in C.WRONG
+        if any(not (isinstance(a, torch.Tensor) and a.is_floating_point()) for a in c.inputs(0))
+    ]
     assert len(several_inputs) >= 8 and len(non_diff_inputs) >= 4
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["float64", "float32", "bfloat16"]
+)
 @pytest.mark.parametrize("case", C.CORRECT, ids=_id)
 def test_a_correct_backward_passes(case, dtype):
     if dtype not in case.dtypes:
@@ -52,8 +73,9 @@ def test_a_wrong_backward_is_flagged_and_its_mistake_named(case):
     assert any(w in said for w in case.expect), said
 
 
-@pytest.mark.parametrize("case", [c for c in C.WRONG if torch.float32 in c.dtypes and c.klass != "contract"],
-                         ids=_id)
+@pytest.mark.parametrize(
+    "case", [c for c in C.WRONG if torch.float32 in c.dtypes and c.klass != "contract"], ids=_id
+)
 def test_a_wrong_backward_is_flagged_in_float32_too(case):
     report = C.run_case(case, torch.float32, fd=False)
     assert not report.passed, str(report)

@@ -32,8 +32,15 @@ def test_every_check_has_its_assert():
 
 
 def test_assert_model_passes_on_a_built_in_model(names_splits):
-    model = layers.Sequential([layers.Embedding(27, 4), layers.FlattenConsecutive(3), layers.Linear(12, 8),
-                               layers.Tanh(), layers.Linear(8, 27)])
+    model = layers.Sequential(
+        [
+            layers.Embedding(27, 4),
+            layers.FlattenConsecutive(3),
+            layers.Linear(12, 8),
+            layers.Tanh(),
+            layers.Linear(8, 27),
+        ]
+    )
     model.init_(torch.Generator().manual_seed(0))
     assert_model(model, names_splits.Xtr[:8], names_splits.Ytr[:8], fd=False)
 

@@ -142,7 +142,8 @@ def autograd_tolerance(dtype: torch.dtype, reference: Tensor | None = None,
     scale = float(reference.detach().abs().max()) if reference is not None and reference.numel() else 1.0
     ulps = LOW_LEVEL_ULPS if low else LEVEL_ULPS
     level = max(ulps * eps * scale if math.isfinite(scale) else 0.0, measured)
-    return Tolerance(rtol=(LOW_RTOL_ULPS if low else AUTOGRAD_SLACK) * eps, atol=AUTOGRAD_SLACK * level, level=level,
+    rtol = (LOW_RTOL_ULPS if low else AUTOGRAD_SLACK) * eps
+    return Tolerance(rtol=rtol, atol=AUTOGRAD_SLACK * level, level=level,
                      source=f"{str(dtype).replace('torch.', '')} rounding level at this tensor's magnitude")
 
 
@@ -237,8 +238,8 @@ def _close_diagnosis(m: Tensor, r: Tensor, tol: Tolerance) -> str:
                 f"not a wrong formula (the tolerance given, {tol}, is tighter than that)")
     low = ""
     if r.dtype == torch.float64 and FLOAT32_SIZED[0] <= rel <= FLOAT32_SIZED[1]:
-        low = ("; a difference of float32's size in a float64 computation: a float32 constant or intermediate "
-               "inside (torch.where or torch.tensor with python floats, a .float())?")
+        low = ("; a difference of float32's size in a float64 computation: a float32 constant or "
+               "intermediate inside (torch.where or torch.tensor with python floats, a .float())?")
     return (f"close (max relative error {rel:.1e}) but {ref.verdict(err)}: a small formula difference, "
             f"not rounding (a missing eps? a constant slightly off? a dropped term?){low}")
 
@@ -293,9 +294,9 @@ def _values_diagnosis(m: Tensor, r: Tensor, tol: Tolerance, sizes: Mapping[str, 
         ok = ((m - r).abs() <= tol.atol + tol.rtol * r.abs()).reshape(-1, m.shape[-1])  # (R, C)
         bad_cols = [j for j in range(m.shape[-1]) if not bool(ok[:, j].all())]
         if 0 < len(bad_cols) < m.shape[-1]:
-            return (f"correct on {m.shape[-1] - len(bad_cols)} of {m.shape[-1]} columns (the last dim), wrong on "
-                    f"columns {bad_cols[:8]}{'...' if len(bad_cols) > 8 else ''} (a boundary or an index range "
-                    "off by one?)")
+            return (f"correct on {m.shape[-1] - len(bad_cols)} of {m.shape[-1]} columns (the last dim), "
+                    f"wrong on columns {bad_cols[:8]}{'...' if len(bad_cols) > 8 else ''} (a boundary or an "
+                    "index range off by one?)")
     return ("values differ, with no simple pattern (not a sign, constant scale, transpose, "
             "dimension order, row or column subset)")
 
@@ -310,7 +311,8 @@ def _slice_scales(m: Tensor, r: Tensor, one_fit: float = math.inf) -> str:
     if m.dim() < 2 or m.numel() < 4:
         return ""
     for dim, what in ((0, "row"), (m.dim() - 1, "column")):
-        mm, rr = m.double().movedim(dim, 0).reshape(m.shape[dim], -1), r.double().movedim(dim, 0).reshape(m.shape[dim], -1)
+        mm = m.double().movedim(dim, 0).reshape(m.shape[dim], -1)  # (S, rest)
+        rr = r.double().movedim(dim, 0).reshape(m.shape[dim], -1)
         nn = (rr * rr).sum(1)  # (S,)
         if mm.shape[0] < 2 or mm.shape[1] < 2 or not bool((nn > 0).all()):
             continue
@@ -319,10 +321,10 @@ def _slice_scales(m: Tensor, r: Tensor, one_fit: float = math.inf) -> str:
         spread = float(k.max() - k.min())
         if resid <= SLICE_FIT and resid * 100 < one_fit and spread > 1e-9 * max(float(k.abs().max()), 1e-300):
             near1 = bool(((k - 1).abs() < 1e-2).all())
-            hint = (": close to 1, as a per-" + what + " statistic with and without eps (eps left out?)") if near1 \
-                else " (a per-" + what + " statistic, a norm or a count, wrong?)"
-            return (f"each {what} scaled by its own constant: manual = k x reference with k from {float(k.min()):.7g} to "
-                    f"{float(k.max()):.7g} across {what}s{hint}")
+            hint = (f": close to 1, as a per-{what} statistic with and without eps (eps left out?)" if near1
+                    else f" (a per-{what} statistic, a norm or a count, wrong?)")
+            return (f"each {what} scaled by its own constant: manual = k x reference with k from "
+                    f"{float(k.min()):.7g} to {float(k.max()):.7g} across {what}s{hint}")
     return ""
 
 
@@ -833,14 +835,16 @@ def _name_rows(sections: Sequence[Section], fn: Callable[..., list[Tensor]], inp
     """Say, in each failing row, which variant of the forward's own graph the gradient equals (a
     branch left out, a local derivative in a common wrong form, ...; handgrad.variants). `user` and
     `ref` map input names to the float64 gradients; fn(*inputs64) -> the outputs weighted."""
-    failing = {r.name for sec in sections for r in sec.rows if isinstance(r, (Comparison, FDResult)) and not r.passed}
+    failing = {r.name for sec in sections for r in sec.rows
+               if isinstance(r, (Comparison, FDResult)) and not r.passed}
     if not failing:
         return
     pos = {n: i for i, n in enumerate(names)}
     wrong = {pos[n]: g.detach().to(torch.float64) for n, g in user.items()
              if n in failing and n in pos and isinstance(g, Tensor) and isinstance(ref.get(n), Tensor)
              and g.shape == ref[n].shape}
-    right = {pos[n]: t.detach().to(torch.float64) for n, t in ref.items() if n in pos and isinstance(t, Tensor)}
+    right = {pos[n]: t.detach().to(torch.float64) for n, t in ref.items()
+             if n in pos and isinstance(t, Tensor)}
     passing = [pos[n] for n in ref if n in pos and n not in failing]
     from handgrad import variants  # it reads this module's tolerances
     try:
@@ -920,7 +924,8 @@ def check_backward(forward: Callable, backward: Callable,
         return _check_backward(fwd, bwd, inputs, wrt, seed, fd, title, tol, fd_tol, sizes, name_mistakes)
     except Overran as e:
         what = e.args[0] if e.args else "a call"
-        return Report(title, [Section("running it", [Finding(what.split()[0], False, overran_message(e, what))])])
+        row = Finding(what.split()[0], False, overran_message(e, what))
+        return Report(title, [Section("running it", [row])])
 
 
 def _check_backward(forward: Callable, backward: Callable, inputs: Mapping[str, Tensor] | Sequence[Tensor],
@@ -1398,7 +1403,7 @@ def run_lecture_check(dtype: torch.dtype = torch.float32, seed: int = 42) -> Rep
     return report
 
 
-# ---------------------------------------------------------------------------- autograd.Function and custom ops
+# ---------------------------------------------------------------------------- Functions and custom ops
 def check_function(fn: Any, *inputs: Any, **kwargs: Any) -> Report:
     """Check a torch.autograd.Function (the class or its .apply): see handgrad.functions.check_function."""
     from handgrad.functions import check_function as impl

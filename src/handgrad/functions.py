@@ -27,7 +27,6 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from handgrad import variants
-from handgrad.limits import Overran, overran_message, time_limit
 from handgrad.check import (
     AUTOGRAD_RULE,
     FD_RULE,
@@ -45,6 +44,7 @@ from handgrad.check import (
     finite_differences,
     measured_level,
 )
+from handgrad.limits import Overran, overran_message, time_limit
 
 DEFAULT_TIMEOUT_S = 60.0  # one call of the user's forward or backward may take this long
 _ONCE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
@@ -126,19 +126,28 @@ def function_subject(fn: Any) -> Subject:
         cls = fn.__self__
     Function = torch.autograd.Function
     if not (isinstance(cls, type) and issubclass(cls, Function)):
-        hint = (" (an instance: pass the class itself)" if isinstance(type(fn), type) and
-                isinstance(fn, Function) else
-                "; a plain (forward, backward) pair is checked with check_backward, a custom op with check_op")
-        raise CheckInputError(f"check_function: expected a torch.autograd.Function subclass or its .apply, got "
-                              f"{_describe(fn)}{hint}")
+        hint = (
+            " (an instance: pass the class itself)"
+            if isinstance(type(fn), type) and isinstance(fn, Function)
+            else "; a plain (forward, backward) pair is checked with check_backward, a custom op with "
+            "check_op"
+        )
+        raise CheckInputError(
+            f"check_function: expected a torch.autograd.Function subclass or its .apply, got "
+            f"{_describe(fn)}{hint}"
+        )
     if cls.forward is Function.forward:
         raise CheckInputError(f"check_function: {cls.__qualname__} defines no forward")
     has_bw, has_vjp = cls.backward is not Function.backward, cls.vjp is not Function.vjp
     if not (has_bw or has_vjp):
-        raise CheckInputError(f"check_function: {cls.__qualname__} defines no backward (or vjp): nothing to check")
+        raise CheckInputError(
+            f"check_function: {cls.__qualname__} defines no backward (or vjp): nothing to check"
+        )
     if has_bw and has_vjp and cls.backward is not cls.vjp:
-        raise CheckInputError(f"check_function: {cls.__qualname__} defines both backward and vjp; autograd "
-                              "refuses that, define one")
+        raise CheckInputError(
+            f"check_function: {cls.__qualname__} defines both backward and vjp; autograd "
+            "refuses that, define one"
+        )
     setup = torch.autograd.function._is_setup_context_defined(cls.setup_context)
     attr = "vjp" if has_vjp and not has_bw else "backward"
     backward = getattr(cls, attr)
@@ -152,29 +161,55 @@ def function_subject(fn: Any) -> Subject:
         else:
             out = cls.forward(ctx, *args)
         return out, ctx
-    return Subject(cls.__qualname__, "Function", params, cls.apply, forward_math, cls, attr, backward,
-                   cls if cls.jvp is not Function.jvp else None, getattr(backward, "__code__", None) is _ONCE_CODE)
+
+    return Subject(
+        cls.__qualname__,
+        "Function",
+        params,
+        cls.apply,
+        forward_math,
+        cls,
+        attr,
+        backward,
+        cls if cls.jvp is not Function.jvp else None,
+        getattr(backward, "__code__", None) is _ONCE_CODE,
+    )
 
 
 def op_subject(op: Any) -> Subject:
     """The Subject for torch.ops.ns.name, one of its overloads, or a torch.library.custom_op."""
     from torch._library.custom_ops import OPDEFS, CustomOpDef
+
     opdef = op if isinstance(op, CustomOpDef) else None
     overload = None
     if opdef is not None:
         overload = opdef._opoverload
     elif isinstance(op, torch._ops.OpOverloadPacket):
         names = op.overloads()
-        overload = getattr(op, "default") if "default" in names else getattr(op, names[0]) if len(names) == 1 else None
+        overload = (
+            op.default
+            if "default" in names
+            else getattr(op, names[0])
+            if len(names) == 1
+            else None
+        )
         if overload is None:
-            raise CheckInputError(f"check_op: {op} has overloads {names}; pass one, e.g. torch.ops.{op._qualified_op_name.replace('::', '.')}.{names[0]}")
+            raise CheckInputError(
+                f"check_op: {op} has overloads {names}; pass one, e.g. "
+                f"torch.ops.{op._qualified_op_name.replace('::', '.')}.{names[0]}"
+            )
     elif isinstance(op, torch._ops.OpOverload):
         overload = op
     if overload is None:
-        raise CheckInputError(f"check_op: expected a custom op (torch.ops.ns.name or a torch.library.custom_op), "
-                              f"got {_describe(op)}" + ("; an autograd.Function is checked with check_function"
-                                                        if isinstance(op, type) and issubclass(op, torch.autograd.Function)
-                                                        else ""))
+        raise CheckInputError(
+            f"check_op: expected a custom op (torch.ops.ns.name or a torch.library.custom_op), "
+            f"got {_describe(op)}"
+            + (
+                "; an autograd.Function is checked with check_function"
+                if isinstance(op, type) and issubclass(op, torch.autograd.Function)
+                else ""
+            )
+        )
     qual = overload._schema.name
     opdef = opdef or OPDEFS.get(qual)
     schema = overload._schema
@@ -194,8 +229,20 @@ def op_subject(op: Any) -> Subject:
                 else:
                     opdef._setup_context_fn(ctx=ctx, inputs=args, output=out)
             return out, ctx
-    return Subject(qual, "custom op", params, overload, forward_math, info, "_backward_fn",
-                   getattr(info, "_backward_fn", None), None, False, kw)
+
+    return Subject(
+        qual,
+        "custom op",
+        params,
+        overload,
+        forward_math,
+        info,
+        "_backward_fn",
+        getattr(info, "_backward_fn", None),
+        None,
+        False,
+        kw,
+    )
 
 
 def _find_op_info(subject: Subject, out: Any) -> None:
@@ -252,9 +299,14 @@ def _ctx_tensors(ctx: Any, rec: BackwardCall) -> dict[str, Tensor]:
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and bool(torch.equal(a.detach(), b) or
-                                       (a.is_floating_point() and torch.equal(a.detach().isnan(), b.isnan())
-                                        and torch.equal(torch.nan_to_num(a.detach()), torch.nan_to_num(b))))
+    return a.shape == b.shape and bool(
+        torch.equal(a.detach(), b)
+        or (
+            a.is_floating_point()
+            and torch.equal(a.detach().isnan(), b.isnan())
+            and torch.equal(torch.nan_to_num(a.detach()), torch.nan_to_num(b))
+        )
+    )
 
 
 @contextmanager
@@ -281,9 +333,11 @@ def _spy(subject: Subject, log: list[BackwardCall], timeout: float | None) -> It
             raise
         rec.raw, rec.returned = res, True
         rec.changed = [k for k, t in held.items() if not _same(t, before[k])]
-        rec.grad_changed = any(isinstance(g, Tensor) and b is not None and not _same(g, b)
-                               for g, b in zip(grads, gin))
+        rec.grad_changed = any(
+            isinstance(g, Tensor) and b is not None and not _same(g, b) for g, b in zip(grads, gin)
+        )
         return res
+
     had = attr in vars(host) if isinstance(host, type) else True
     saved_attr = vars(host).get(attr) if isinstance(host, type) else getattr(host, attr)
     setattr(host, attr, staticmethod(spy) if isinstance(host, type) else spy)
@@ -315,8 +369,12 @@ def _where(e: BaseException) -> str:
     best = ""
     for fs in traceback.extract_tb(e.__traceback__):
         f = os.path.abspath(fs.filename)
-        if f.startswith(_TORCH_DIR) or f.startswith(os.path.join(_HERE, "functions.py")) or \
-                f.startswith(os.path.join(_HERE, "variants.py")) or f.startswith(os.path.join(_HERE, "check.py")):
+        if (
+            f.startswith(_TORCH_DIR)
+            or f.startswith(os.path.join(_HERE, "functions.py"))
+            or f.startswith(os.path.join(_HERE, "variants.py"))
+            or f.startswith(os.path.join(_HERE, "check.py"))
+        ):
             continue
         best = f"{os.path.basename(fs.filename)}:{fs.lineno}"
     return best
@@ -353,14 +411,24 @@ class Run:
 def _make_douts(outs: Sequence[Any], diff_out: Sequence[int], seed: int) -> dict[int, Tensor]:
     """Seeded N(0, 1) upstream gradients in float64, on each output's device."""
     g = torch.Generator().manual_seed(seed + 1)
-    return {k: torch.randn(outs[k].shape, generator=g, dtype=torch.float64).to(outs[k].device) for k in diff_out}
+    return {
+        k: torch.randn(outs[k].shape, generator=g, dtype=torch.float64).to(outs[k].device) for k in diff_out
+    }
 
 
-def run_engine(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any], diff: Sequence[int],
-               dtype: torch.dtype | None, douts: Mapping[int, Tensor] | None, seed: int,
-               timeout: float | None, only: Sequence[int] | None = None,
-               mutate: Callable[[list[Any], list[Any]], None] | None = None,
-               create_graph: bool = False) -> tuple[Run, list[Tensor]]:
+def run_engine(
+    subject: Subject,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    diff: Sequence[int],
+    dtype: torch.dtype | None,
+    douts: Mapping[int, Tensor] | None,
+    seed: int,
+    timeout: float | None,
+    only: Sequence[int] | None = None,
+    mutate: Callable[[list[Any], list[Any]], None] | None = None,
+    create_graph: bool = False,
+) -> tuple[Run, list[Tensor]]:
     """Forward then backward through autograd, with the inputs at `diff` requiring grad (cast to
     `dtype`; None keeps theirs) and the rest passed through. `only` restricts the outputs whose
     gradient flows; `mutate(outs, args)` runs between forward and backward. Returns the run and
@@ -368,9 +436,14 @@ def run_engine(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any],
     run = Run()
     cast = (lambda t: t.detach().to(dtype)) if dtype is not None else (lambda t: t.detach())
     leaves = {i: cast(args[i]).clone().requires_grad_(True) for i in diff}
-    call_args = [leaves[i].clone() if i in leaves else
-                 cast(a).clone() if isinstance(a, Tensor) and a.is_floating_point() else a
-                 for i, a in enumerate(args)]
+    call_args = [
+        leaves[i].clone()
+        if i in leaves
+        else cast(a).clone()
+        if isinstance(a, Tensor) and a.is_floating_point()
+        else a
+        for i, a in enumerate(args)
+    ]
     run.call_args = call_args
     before = [t.detach().clone() if isinstance(t, Tensor) else None for t in call_args]
     with _spy(subject, run.calls, timeout):
@@ -380,16 +453,22 @@ def run_engine(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any],
         except BaseException as e:  # the user's forward: anything it raises is reported
             if isinstance(e, KeyboardInterrupt):
                 raise
-            run.error, run.phase = _raised(e, f"{subject.name}.forward" if subject.kind == "Function"
-                                           else f"{subject.name}"), "forward"
+            run.error, run.phase = (
+                _raised(e, f"{subject.name}.forward" if subject.kind == "Function" else f"{subject.name}"),
+                "forward",
+            )
             return run, list(leaves.values())
         if subject.kind == "custom op" and subject.spy_host is None:
             _find_op_info(subject, out)
         run.outs = _flat(out)
-        run.changed_inputs = [i for i, (t, b) in enumerate(zip(call_args, before))
-                              if isinstance(t, Tensor) and b is not None and not _same(t, b)]
-        run.returned_inputs = [i for i, t in enumerate(call_args) if isinstance(t, Tensor)
-                               and any(o is t for o in run.outs)]
+        run.changed_inputs = [
+            i
+            for i, (t, b) in enumerate(zip(call_args, before))
+            if isinstance(t, Tensor) and b is not None and not _same(t, b)
+        ]
+        run.returned_inputs = [
+            i for i, t in enumerate(call_args) if isinstance(t, Tensor) and any(o is t for o in run.outs)
+        ]
         run.diff_out = [k for k, o in enumerate(run.outs) if isinstance(o, Tensor) and o.requires_grad]
         run.douts = dict(douts) if douts is not None else _make_douts(run.outs, run.diff_out, seed)
         flowing = [k for k in run.diff_out if (only is None or k in only) and k in run.douts]
@@ -406,8 +485,13 @@ def run_engine(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any],
             dd = [d.detach().requires_grad_(True) for d in dd]
             run.douts = {k: d for k, d in zip(flowing, dd)}
         try:
-            got = torch.autograd.grad([run.outs[k] for k in flowing], list(leaves.values()), dd,
-                                      allow_unused=True, create_graph=create_graph)
+            got = torch.autograd.grad(
+                [run.outs[k] for k in flowing],
+                list(leaves.values()),
+                dd,
+                allow_unused=True,
+                create_graph=create_graph,
+            )
             run.grads = list(got)
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
@@ -415,8 +499,15 @@ def run_engine(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any],
             rec = run.raw
             if rec is not None and rec.error is not None:
                 e = rec.error
-            run.error, run.phase = _raised(e, f"{subject.name}.backward" if rec is not None and not rec.returned
-                                           else "autograd, taking the backward's result,"), "backward"
+            run.error, run.phase = (
+                _raised(
+                    e,
+                    f"{subject.name}.backward"
+                    if rec is not None and not rec.returned
+                    else "autograd, taking the backward's result,",
+                ),
+                "backward",
+            )
     return run, list(leaves.values())
 
 
@@ -446,9 +537,17 @@ class _Refs:
         return self.ref is not None and not self.refuted
 
 
-def reference(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any], diff: Sequence[int],
-              diff_out: Sequence[int], douts: Mapping[int, Tensor], dtype: torch.dtype | None,
-              timeout: float | None, only: Sequence[int] | None = None) -> Reference | str:
+def reference(
+    subject: Subject,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    diff: Sequence[int],
+    diff_out: Sequence[int],
+    douts: Mapping[int, Tensor],
+    dtype: torch.dtype | None,
+    timeout: float | None,
+    only: Sequence[int] | None = None,
+) -> Reference | str:
     """Autograd's gradients of sum_k <out_k, dout_k> through the forward run directly, or a line
     saying why there are none (no forward to run, it raised, it leaves autograd's graph)."""
     if subject.forward_math is None:
@@ -473,11 +572,16 @@ def reference(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any], 
     outs = _flat(out)
     used = [k for k in flowing if k < len(outs) and isinstance(outs[k], Tensor) and outs[k].requires_grad]
     if not used:
-        return "the forward's outputs carry no autograd graph (computed outside torch, detached, or under no_grad)"
+        return ("the forward's outputs carry no autograd graph (computed outside torch, detached, or under "
+                "no_grad)")
     try:
         with torch.enable_grad():
-            got = torch.autograd.grad([outs[k] for k in used], leaves,
-                                      [douts[k].to(outs[k].dtype).to(outs[k].device) for k in used], allow_unused=True)
+            got = torch.autograd.grad(
+                [outs[k] for k in used],
+                leaves,
+                [douts[k].to(outs[k].dtype).to(outs[k].device) for k in used],
+                allow_unused=True,
+            )
     except RuntimeError as e:
         return "autograd could not differentiate the forward: " + _one_line(e)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, got)]
@@ -488,7 +592,9 @@ def reference(subject: Subject, args: Sequence[Any], kwargs: Mapping[str, Any], 
 OPTIONS = ("wrt", "seed", "fd", "double", "jvp", "timeout", "title", "device", "name_mistakes")
 
 
-def _bind(subject: Subject, inputs: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+def _bind(
+    subject: Subject, inputs: Sequence[Any], kwargs: Mapping[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
     """Positional inputs for the Function (its kwargs bound by name, defaults filled in); for an op,
     the keyword-only inputs stay keywords."""
     args = list(inputs)
@@ -498,34 +604,44 @@ def _bind(subject: Subject, inputs: Sequence[Any], kwargs: Mapping[str, Any]) ->
             if name in subject.params:
                 i = subject.params.index(name)
                 if len(args) < i:
-                    raise CheckInputError(f"check_op: {subject.name}'s input {name!r} given by keyword but an "
-                                          "earlier input is missing")
+                    raise CheckInputError(
+                        f"check_op: {subject.name}'s input {name!r} given by keyword but an "
+                        "earlier input is missing"
+                    )
                 args.insert(i, kw.pop(name))
         return args, kw
     if kw:
         if not subject.params:
-            raise CheckInputError(f"check_function: {subject.name}.forward takes *args: pass its inputs "
-                                  "positionally (unknown keyword(s) " + ", ".join(map(repr, kw)) + ")")
+            raise CheckInputError(
+                f"check_function: {subject.name}.forward takes *args: pass its inputs "
+                "positionally (unknown keyword(s) " + ", ".join(map(repr, kw)) + ")"
+            )
         for name in kw:
             if name not in subject.params:
-                raise CheckInputError(f"check_function: {subject.name}.forward has no input {name!r} (its inputs: "
-                                      f"{', '.join(subject.params)}; the check's own options: {', '.join(OPTIONS)})")
+                raise CheckInputError(
+                    f"check_function: {subject.name}.forward has no input {name!r} (its inputs: "
+                    f"{', '.join(subject.params)}; the check's own options: {', '.join(OPTIONS)})"
+                )
         for i, name in enumerate(subject.params):
             if name in kw:
                 if i < len(args):
                     raise CheckInputError(f"check_function: {subject.name}'s input {name!r} given twice")
                 if len(args) < i:
-                    raise CheckInputError(f"check_function: {subject.name}'s input {name!r} given by keyword "
-                                          f"but {subject.params[len(args)]!r} before it is missing")
+                    raise CheckInputError(
+                        f"check_function: {subject.name}'s input {name!r} given by keyword "
+                        f"but {subject.params[len(args)]!r} before it is missing"
+                    )
                 args.append(kw.pop(name))
     if subject.params and len(args) < len(subject.params):
         try:
             fwd = subject.spy_host.forward
             ps = list(inspect.signature(fwd).parameters.values())
             byname = {p.name: p for p in ps}
-            for name in subject.params[len(args):]:
+            for name in subject.params[len(args) :]:
                 if byname[name].default is inspect.Parameter.empty:
-                    raise CheckInputError(f"check_function: {subject.name}.forward needs input {name!r}, not given")
+                    raise CheckInputError(
+                        f"check_function: {subject.name}.forward needs input {name!r}, not given"
+                    )
                 args.append(byname[name].default)
         except (AttributeError, KeyError, TypeError, ValueError):
             pass
@@ -538,24 +654,33 @@ def _validate(what: str, subject: Subject, args: Sequence[Any], kwargs: Mapping[
         name = subject.params[i] if i < len(subject.params) else f"input {i}"
         tname = type(a).__module__ + "." + type(a).__name__
         if tname.startswith("numpy.") and hasattr(a, "shape"):
-            raise CheckInputError(f"{what}: input {name!r} is a {tname}, not a torch.Tensor: pass torch.from_numpy(...) "
-                                  "(or torch.tensor(...))")
+            raise CheckInputError(
+                f"{what}: input {name!r} is a {tname}, not a torch.Tensor: pass torch.from_numpy(...) "
+                "(or torch.tensor(...))"
+            )
         if isinstance(a, (list, tuple)) and any(isinstance(t, Tensor) for t in a):
-            raise CheckInputError(f"{what}: input {name!r} is a {type(a).__name__} of tensors: autograd.Function "
-                                  "differentiates tensors passed directly, pass them as separate inputs")
+            raise CheckInputError(
+                f"{what}: input {name!r} is a {type(a).__name__} of tensors: autograd.Function "
+                "differentiates tensors passed directly, pass them as separate inputs"
+            )
         if isinstance(a, Tensor):
             if a.is_complex():
-                raise CheckInputError(f"{what}: input {name!r} is complex ({a.dtype}): only real floating-point "
-                                      "tensors are checked")
+                raise CheckInputError(
+                    f"{what}: input {name!r} is complex ({a.dtype}): only real floating-point "
+                    "tensors are checked"
+                )
             if a.layout != torch.strided:
-                raise CheckInputError(f"{what}: input {name!r} has layout {a.layout}: only dense (strided) tensors "
-                                      "are checked")
+                raise CheckInputError(
+                    f"{what}: input {name!r} has layout {a.layout}: only dense (strided) tensors are checked"
+                )
             if a.device.type == "meta":
                 raise CheckInputError(f"{what}: input {name!r} is on the meta device (no values to check)")
     if not any(isinstance(a, Tensor) and a.is_floating_point() for a in list(args) + list(kwargs.values())):
         kinds = ", ".join(sorted({type(a).__name__ for a in args})) or "nothing"
-        raise CheckInputError(f"{what}: no floating-point tensor among the inputs (got {kinds}): nothing to "
-                              "differentiate; pass torch tensors, e.g. torch.randn(4, 3, dtype=torch.float64)")
+        raise CheckInputError(
+            f"{what}: no floating-point tensor among the inputs (got {kinds}): nothing to "
+            "differentiate; pass torch tensors, e.g. torch.randn(4, 3, dtype=torch.float64)"
+        )
 
 
 def _diff_positions(what: str, subject: Subject, args: Sequence[Any], wrt: Any) -> list[int]:
@@ -567,8 +692,10 @@ def _diff_positions(what: str, subject: Subject, args: Sequence[Any], wrt: Any) 
     for w in wanted:
         i = subject.params.index(w) if isinstance(w, str) and w in subject.params else w
         if not isinstance(i, int) or i not in floats:
-            raise CheckInputError(f"{what}: wrt={w!r} is not a floating-point tensor input (those are: "
-                                  f"{', '.join(_name(subject, j) for j in floats)})")
+            raise CheckInputError(
+                f"{what}: wrt={w!r} is not a floating-point tensor input (those are: "
+                f"{', '.join(_name(subject, j) for j in floats)})"
+            )
         out.append(i)
     return sorted(set(out))
 
@@ -586,11 +713,20 @@ def _fmt_arg(a: Any) -> str:
     return r if len(r) <= 30 else r[:27] + "..."
 
 
-def check_function(fn: Any, *inputs: Any, wrt: Any = None, seed: int = 0, fd: bool = True,
-                   double: bool | None = None, jvp: bool | None = None,
-                   timeout: float | None = DEFAULT_TIMEOUT_S, title: str | None = None,
-                   device: str | torch.device | None = None, name_mistakes: bool = True,
-                   **kwargs: Any) -> Report:
+def check_function(
+    fn: Any,
+    *inputs: Any,
+    wrt: Any = None,
+    seed: int = 0,
+    fd: bool = True,
+    double: bool | None = None,
+    jvp: bool | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
+    title: str | None = None,
+    device: str | torch.device | None = None,
+    name_mistakes: bool = True,
+    **kwargs: Any,
+) -> Report:
     """Check a torch.autograd.Function (the class or its .apply) on these inputs.
 
     Inputs are passed as to MyFunction.apply; keyword arguments other than the options below are
@@ -608,13 +744,24 @@ def check_function(fn: Any, *inputs: Any, wrt: Any = None, seed: int = 0, fd: bo
     CheckInputError with a one-line message; everything about the Function is in the report."""
     subject = function_subject(fn)
     args, kw = _bind(subject, inputs, kwargs)
-    return _check(subject, args, kw, wrt, seed, fd, double, jvp, timeout, title, device, name_mistakes,
-                  "check_function")
+    return _check(
+        subject, args, kw, wrt, seed, fd, double, jvp, timeout, title, device, name_mistakes, "check_function"
+    )
 
 
-def check_op(op: Any, *inputs: Any, wrt: Any = None, seed: int = 0, fd: bool = True,
-             double: bool | None = None, timeout: float | None = DEFAULT_TIMEOUT_S, title: str | None = None,
-             device: str | torch.device | None = None, name_mistakes: bool = True, **kwargs: Any) -> Report:
+def check_op(
+    op: Any,
+    *inputs: Any,
+    wrt: Any = None,
+    seed: int = 0,
+    fd: bool = True,
+    double: bool | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
+    title: str | None = None,
+    device: str | torch.device | None = None,
+    name_mistakes: bool = True,
+    **kwargs: Any,
+) -> Report:
     """Check a custom op's registered backward (torch.library.custom_op + register_autograd, or
     torch.library.register_autograd on a defined op): `torch.ops.ns.name`, one of its overloads, or
     the object custom_op returned. The same checks as check_function; the reference is autograd
@@ -623,12 +770,26 @@ def check_op(op: Any, *inputs: Any, wrt: Any = None, seed: int = 0, fd: bool = T
     problem torch.library.opcheck finds (schema, autograd registration) gets its own row."""
     subject = op_subject(op)
     args, kw = _bind(subject, inputs, kwargs)
-    return _check(subject, args, kw, wrt, seed, fd, double, None, timeout, title, device, name_mistakes, "check_op")
+    return _check(
+        subject, args, kw, wrt, seed, fd, double, None, timeout, title, device, name_mistakes, "check_op"
+    )
 
 
-def _check(subject: Subject, args: list[Any], kwargs: dict[str, Any], wrt: Any, seed: int, fd: bool,
-           double: bool | None, jvp: bool | None, timeout: float | None, title: str | None,
-           device: Any, want_names: bool, what: str) -> Report:
+def _check(
+    subject: Subject,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    wrt: Any,
+    seed: int,
+    fd: bool,
+    double: bool | None,
+    jvp: bool | None,
+    timeout: float | None,
+    title: str | None,
+    device: Any,
+    want_names: bool,
+    what: str,
+) -> Report:
     _validate(what, subject, args, kwargs)
     if device is not None:
         dev = torch.device(device)
@@ -676,7 +837,11 @@ class _Checker:
         return sizes
 
     def index(self) -> list[Tensor]:
-        return [a for a in self.args if isinstance(a, Tensor) and not a.is_floating_point() and a.dtype != torch.bool]
+        return [
+            a
+            for a in self.args
+            if isinstance(a, Tensor) and not a.is_floating_point() and a.dtype != torch.bool
+        ]
 
     # ------------------------------------------------------------------ the whole check
     def run(self, title: str, double: bool | None, jvp: bool | None) -> Report:
@@ -686,21 +851,27 @@ class _Checker:
         if stop:
             return Report(title, [Section(f"{S.name}: running it", [stop])])
         dtypes = sorted({_dtype_name(self.args[i].dtype) for i in self.diff})
-        self.header.append(f"inputs differentiated: {', '.join(self.names)} ({', '.join(dtypes)}); "
-                           f"{len(main.diff_out)} of {len(main.outs)} output(s) carry a gradient")
+        self.header.append(
+            f"inputs differentiated: {', '.join(self.names)} ({', '.join(dtypes)}); "
+            f"{len(main.diff_out)} of {len(main.outs)} output(s) carry a gradient"
+        )
         if S.once_differentiable:
             self.header.append("the backward is @once_differentiable")
         grads = self._returned(main)  # None when the backward's return cannot be mapped onto the inputs
         if grads is None:
-            return Report(title, [Section(f"{S.name}: the contract autograd relies on", self.contract)], self.header)
+            return Report(
+                title, [Section(f"{S.name}: the contract autograd relies on", self.contract)], self.header
+            )
         refs = self._references(main)
         sections, grads64 = self._first_order(main, grads, refs, dtypes)
         first_order_ok = all(s.passed for s in sections)
         good = refs.r64 if refs.valid else None  # a float64 reference the finite differences did not refute
         self._contract(main, grads, refs.r64)
-        for extra in (self._per_output(main, good),
-                      self._second_order(main, good) if double is True or (double is None and first_order_ok) else None,
-                      self._forward_mode(main, good) if S.jvp_host is not None and jvp is not False else None):
+        for extra in (
+            self._per_output(main, good),
+            self._second_order(main, good) if double is True or (double is None and first_order_ok) else None,
+            self._forward_mode(main, good) if S.jvp_host is not None and jvp is not False else None,
+        ):
             if extra is not None:
                 sections.append(extra)
         if self.want_names and not first_order_ok and grads64 is not None:
@@ -716,64 +887,120 @@ class _Checker:
         if main.error and main.phase == "forward":
             return Finding("forward", False, main.error)
         if not main.diff_out:
-            return Finding("outputs", False, f"no output of {S.name} carries a gradient: every output is an integer "
-                           "tensor, marked non-differentiable, or not a tensor" if main.outs else
-                           f"{S.name} returned nothing")
+            return Finding(
+                "outputs",
+                False,
+                f"no output of {S.name} carries a gradient: every output is an integer "
+                "tensor, marked non-differentiable, or not a tensor"
+                if main.outs
+                else f"{S.name} returned nothing",
+            )
         if main.raw is None and not main.error and S.spy_host is not None:
-            return Finding("backward", False, f"autograd never called {S.name}'s backward: the outputs' graph does not "
-                           "lead to it (does the forward return a tensor made outside it, or an input unchanged?)")
+            return Finding(
+                "backward",
+                False,
+                f"autograd never called {S.name}'s backward: the outputs' graph does not "
+                "lead to it (does the forward return a tensor made outside it, or an input unchanged?)",
+            )
         return None
 
     def _references(self, main: Run) -> _Refs:
         S, args, kw, diff = self.subject, self.args, self.kwargs, self.diff
-        refs = [reference(S, args, kw, diff, main.diff_out, main.douts, d, self.timeout)
-                for d in (None, torch.float32, torch.float64)]
-        return _Refs(*[r if isinstance(r, Reference) else None for r in refs],
-                     note=refs[0] if isinstance(refs[0], str) else "")
+        refs = [
+            reference(S, args, kw, diff, main.diff_out, main.douts, d, self.timeout)
+            for d in (None, torch.float32, torch.float64)
+        ]
+        return _Refs(
+            *[r if isinstance(r, Reference) else None for r in refs],
+            note=refs[0] if isinstance(refs[0], str) else "",
+        )
 
-    def _first_order(self, main: Run, grads: Sequence[Any], refs: _Refs, dtypes: Sequence[str]
-                     ) -> tuple[list[Section], list[Any] | None]:
+    def _first_order(
+        self, main: Run, grads: Sequence[Any], refs: _Refs, dtypes: Sequence[str]
+    ) -> tuple[list[Section], list[Any] | None]:
         """The backward against autograd in the inputs' dtype, replayed in float64, and against finite
         differences; autograd's own gradient is set aside where the finite differences refute it."""
         S = self.subject
-        run64, _ = run_engine(S, self.args, self.kwargs, self.diff, torch.float64, main.douts, self.seed, self.timeout)
+        run64, _ = run_engine(
+            S, self.args, self.kwargs, self.diff, torch.float64, main.douts, self.seed, self.timeout
+        )
         grads64 = self._returned(run64, quiet=True) if not run64.error else None
         user_dtype = [self.args[i].dtype for i in self.diff]
         vs_autograd = f"{S.name}'s backward vs autograd through its forward"
-        sections = [Section(f"{vs_autograd} ({', '.join(dtypes)}; {AUTOGRAD_RULE})",
-                            self._compare_rows(grads, refs.ref.grads if refs.ref else None, refs, user_dtype))]
+        sections = [
+            Section(
+                f"{vs_autograd} ({', '.join(dtypes)}; {AUTOGRAD_RULE})",
+                self._compare_rows(grads, refs.ref.grads if refs.ref else None, refs, user_dtype),
+            )
+        ]
         if not all(d == torch.float64 for d in user_dtype):
             if grads64 is None:
                 why = run64.error or "its gradients do not map onto the inputs"
-                sections.append(Section(REPLAY_TITLE, [Finding("float64 replay", False,
-                                                               f"{S.name} cannot run in float64: {why}")]))
+                sections.append(
+                    Section(
+                        REPLAY_TITLE,
+                        [Finding("float64 replay", False, f"{S.name} cannot run in float64: {why}")],
+                    )
+                )
             else:
-                sections.append(Section(REPLAY_TITLE, self._compare_rows(
-                    grads64, refs.r64.grads if refs.r64 else None, refs, [torch.float64] * len(self.diff))))
+                sections.append(
+                    Section(
+                        REPLAY_TITLE,
+                        self._compare_rows(
+                            grads64,
+                            refs.r64.grads if refs.r64 else None,
+                            refs,
+                            [torch.float64] * len(self.diff),
+                        ),
+                    )
+                )
         fd_rows: list[FDResult] = []
         if self.fd and grads64 is not None:
             fd_rows = self._fd_rows(grads64, main.douts, main)
-            sections.append(Section(f"{S.name}'s backward (float64) vs finite differences ({FD_RULE})", fd_rows))
+            sections.append(
+                Section(f"{S.name}'s backward (float64) vs finite differences ({FD_RULE})", fd_rows)
+            )
         if refs.ref is not None and refs.r64 is not None and fd_rows:
             bad = self._invalid_reference(refs.r64, grads64, main.douts, main)
             if bad:
-                refs.note = (f"autograd's gradient of the forward disagrees with finite differences for "
-                             f"{', '.join(bad)} (the forward leaves autograd's graph: .detach(), .data, .numpy(), "
-                             "no_grad, a kernel): the finite differences are the reference")
+                refs.note = (
+                    f"autograd's gradient of the forward disagrees with finite differences for "
+                    f"{', '.join(bad)} (the forward leaves autograd's graph: .detach(), .data, .numpy(), "
+                    "no_grad, a kernel): the finite differences are the reference"
+                )
                 refs.refuted = True
         if not refs.valid:
             sections = [s for s in sections if s.rows is fd_rows]
             ok = self.fd and bool(fd_rows)
-            sections.insert(0, Section(vs_autograd, [Finding(
-                "reference", ok, "" if ok else refs.note + "; and no finite differences (fd=False): nothing to "
-                "compare with", note=refs.note + "; verdict from the finite differences" if ok else "")]))
+            sections.insert(
+                0,
+                Section(
+                    vs_autograd,
+                    [
+                        Finding(
+                            "reference",
+                            ok,
+                            ""
+                            if ok
+                            else refs.note + "; and no finite differences (fd=False): nothing to "
+                            "compare with",
+                            note=refs.note + "; verdict from the finite differences" if ok else "",
+                        )
+                    ],
+                ),
+            )
             return sections, grads64
         if fd_rows:  # differences only where the function is not differentiable are not held against it
-            sections[0].rows = _excused(sections[0].rows, dict(zip(self.names, grads)),
-                                        dict(zip(self.names, refs.ref.grads)), fd_rows)
+            sections[0].rows = _excused(
+                sections[0].rows, dict(zip(self.names, grads)), dict(zip(self.names, refs.ref.grads)), fd_rows
+            )
             if sections[1].title == REPLAY_TITLE and refs.r64 is not None and grads64 is not None:
-                sections[1].rows = _excused(sections[1].rows, dict(zip(self.names, grads64)),
-                                            dict(zip(self.names, refs.r64.grads)), fd_rows)
+                sections[1].rows = _excused(
+                    sections[1].rows,
+                    dict(zip(self.names, grads64)),
+                    dict(zip(self.names, refs.r64.grads)),
+                    fd_rows,
+                )
         return sections, grads64
 
     # ------------------------------------------------------------------ what the backward returned
@@ -788,20 +1015,35 @@ class _Checker:
             return None
         if rec is None:  # an op whose backward the spy cannot reach: what autograd handed back
             if not quiet:
-                self.header.append("the backward's own return value is not reachable for this op: what autograd "
-                                   "handed back is checked (it sums broadcast shapes and casts dtypes silently)")
+                self.header.append(
+                    "the backward's own return value is not reachable for this op: what autograd "
+                    "handed back is checked (it sums broadcast shapes and casts dtypes silently)"
+                )
             return list(run.grads)
         raw = rec.raw
         got = list(raw) if isinstance(raw, (tuple, list)) else [raw]
         n = len(self.args)
         if len(got) != n:
-            extra = [(_name(S, i), type(a).__name__) for i, a in enumerate(self.args) if not isinstance(a, Tensor)]
-            hint = ("" if not extra else "; inputs that are not tensors get None too (" +
-                    ", ".join(f"{k}: {t}" for k, t in extra) + ")")
-            add(Finding("gradients returned", False,
-                        f"{S.name}'s backward returned {len(got)} gradient(s) for the {n} inputs of forward"
-                        f"({', '.join(_name(S, i) for i in range(n))}): one per input, in order, None for an input "
-                        f"that needs none{hint}"))
+            extra = [
+                (_name(S, i), type(a).__name__) for i, a in enumerate(self.args) if not isinstance(a, Tensor)
+            ]
+            hint = (
+                ""
+                if not extra
+                else "; inputs that are not tensors get None too ("
+                + ", ".join(f"{k}: {t}" for k, t in extra)
+                + ")"
+            )
+            add(
+                Finding(
+                    "gradients returned",
+                    False,
+                    f"{S.name}'s backward returned {len(got)} gradient(s) for the {n} inputs of forward"
+                    f"({', '.join(_name(S, i) for i in range(n))}): one per input, in order, None for an "
+                    "input "
+                    f"that needs none{hint}",
+                )
+            )
             return None
         problems = []
         for i, (gr, a) in enumerate(zip(got, self.args)):
@@ -809,8 +1051,10 @@ class _Checker:
             if gr is None:
                 continue
             if not isinstance(a, Tensor):
-                problems.append(f"returned a {type(gr).__name__} for {nm} (a {type(a).__name__} input, not a tensor): "
-                                "an input that is not a tensor gets None")
+                problems.append(
+                    f"returned a {type(gr).__name__} for {nm} (a {type(a).__name__} input, not a tensor): "
+                    "an input that is not a tensor gets None"
+                )
             elif not isinstance(gr, Tensor):
                 problems.append(f"returned a {type(gr).__name__} for {nm}, not a Tensor or None")
         if problems:
@@ -823,8 +1067,9 @@ class _Checker:
             add(Finding("gradients returned", True, note=f"{n} returned for {n} inputs"))
         return [got[i] for i in self.diff]
 
-    def _compare_rows(self, grads: Sequence[Any], ref: Sequence[Tensor] | None, refs: _Refs,
-                      dtypes: Sequence[torch.dtype]) -> list[Comparison | Finding]:
+    def _compare_rows(
+        self, grads: Sequence[Any], ref: Sequence[Tensor] | None, refs: _Refs, dtypes: Sequence[torch.dtype]
+    ) -> list[Comparison | Finding]:
         rows: list[Comparison | Finding] = []
         if ref is None:
             return rows
@@ -835,14 +1080,35 @@ class _Checker:
             lv = measured_level(s32[j], s64[j], d) if s32 is not None and s64 is not None else 0.0
             tol = autograd_tolerance(d, r, lv)
             if gm is None:
-                rows.append(Comparison(name, (), tuple(r.shape), False, False, math.nan, math.nan, tol,
-                                       f"None: the backward returned no gradient for {name}, which needs one "
-                                       f"(ctx.needs_input_grad[{self.diff[j]}] is True); autograd takes None as zero"))
+                rows.append(
+                    Comparison(
+                        name,
+                        (),
+                        tuple(r.shape),
+                        False,
+                        False,
+                        math.nan,
+                        math.nan,
+                        tol,
+                        f"None: the backward returned no gradient for {name}, which needs one "
+                        f"(ctx.needs_input_grad[{self.diff[j]}] is True); autograd takes None as zero",
+                    )
+                )
                 continue
             if isinstance(gm, Tensor) and gm.device != r.device:
-                rows.append(Comparison(name, tuple(gm.shape), tuple(r.shape), False, False, math.nan, math.nan, tol,
-                                       f"on {gm.device} but {name} is on {r.device}: a gradient lives on its input's "
-                                       "device"))
+                rows.append(
+                    Comparison(
+                        name,
+                        tuple(gm.shape),
+                        tuple(r.shape),
+                        False,
+                        False,
+                        math.nan,
+                        math.nan,
+                        tol,
+                        f"on {gm.device} but {name} is on {r.device}: a gradient lives on its input's device",
+                    )
+                )
                 continue
             rows.append(compare(name, gm, r.to(d) if r.dtype != d else r, tol, sizes, index))
         return rows
@@ -855,43 +1121,80 @@ class _Checker:
             with time_limit(self.timeout, f"{S.name}.forward"), torch.no_grad():
                 outs = _flat(S.apply(*[t.clone() if isinstance(t, Tensor) else t for t in x64], **kwargs))
             return torch.cat([outs[k].reshape(-1).to(torch.float64) for k in diff_out])
+
         return fn
 
     def _x64(self) -> list[Any]:
-        return [a.detach().to(torch.float64).clone() if isinstance(a, Tensor) and a.is_floating_point() else a
-                for a in self.args]
+        return [
+            a.detach().to(torch.float64).clone() if isinstance(a, Tensor) and a.is_floating_point() else a
+            for a in self.args
+        ]
 
     def _fd_rows(self, grads64: Sequence[Any], douts: Mapping[int, Tensor], main: Run) -> list[FDResult]:
         x64 = self._x64()
         fn = self._fd_fn(x64, main)
-        w = torch.cat([douts[k].reshape(-1).to(torch.float64).to(x64[self.diff[0]].device) for k in main.diff_out])
+        w = torch.cat(
+            [douts[k].reshape(-1).to(torch.float64).to(x64[self.diff[0]].device) for k in main.diff_out]
+        )
         rows = []
         for name, i, g in zip(self.names, self.diff, grads64):
             if g is None:
-                rows.append(FDResult(name, (), 0, x64[i].numel(), 0, math.nan, math.inf, Tolerance(0, 0),
-                                     f"None: no gradient returned for {name}, which needs one"))
+                rows.append(
+                    FDResult(
+                        name,
+                        (),
+                        0,
+                        x64[i].numel(),
+                        0,
+                        math.nan,
+                        math.inf,
+                        Tolerance(0, 0),
+                        f"None: no gradient returned for {name}, which needs one",
+                    )
+                )
                 continue
             if isinstance(g, Tensor) and g.device != x64[i].device:
                 g = g.to(x64[i].device)
             try:
-                rows.append(finite_differences(fn, x64[i], g, name, w, seed=self.seed, sizes=self.sizes(),
-                                               index=self.index()))
+                rows.append(
+                    finite_differences(
+                        fn, x64[i], g, name, w, seed=self.seed, sizes=self.sizes(), index=self.index()
+                    )
+                )
             except Overran as e:
-                rows.append(FDResult(name, (), 0, x64[i].numel(), 0, math.nan, math.inf, Tolerance(0, 0),
-                                     _raised(e, f"{self.subject.name}.forward")))
+                rows.append(
+                    FDResult(
+                        name,
+                        (),
+                        0,
+                        x64[i].numel(),
+                        0,
+                        math.nan,
+                        math.inf,
+                        Tolerance(0, 0),
+                        _raised(e, f"{self.subject.name}.forward"),
+                    )
+                )
         return rows
 
-    def _invalid_reference(self, r64: Reference, grads64: Sequence[Any], douts: Mapping[int, Tensor],
-                           main: Run) -> list[str]:
+    def _invalid_reference(
+        self, r64: Reference, grads64: Sequence[Any], douts: Mapping[int, Tensor], main: Run
+    ) -> list[str]:
         """The inputs where autograd's gradient of the forward fails the finite differences while the
         user's passes them, or where both fail and differ (the forward is opaque to autograd there)."""
         bad = []
         x64 = self._x64()
         fn = self._fd_fn(x64, main)
-        w = torch.cat([douts[k].reshape(-1).to(torch.float64).to(x64[self.diff[0]].device) for k in main.diff_out])
+        w = torch.cat(
+            [douts[k].reshape(-1).to(torch.float64).to(x64[self.diff[0]].device) for k in main.diff_out]
+        )
         for name, i, g, rg in zip(self.names, self.diff, grads64, r64.grads):
-            if isinstance(g, Tensor) and g.shape == rg.shape and g.device == rg.device and \
-                    autograd_tolerance(torch.float64, rg).holds(g.to(rg.dtype), rg):
+            if (
+                isinstance(g, Tensor)
+                and g.shape == rg.shape
+                and g.device == rg.device
+                and autograd_tolerance(torch.float64, rg).holds(g.to(rg.dtype), rg)
+            ):
                 continue  # the user's gradient equals autograd's: nothing to doubt
             res = finite_differences(fn, x64[i], rg, name, w, seed=self.seed)
             if not res.passed:
@@ -905,60 +1208,117 @@ class _Checker:
         rec = main.raw
         add = self.contract.append
         # non-differentiable outputs that depend on the inputs
-        nd = [k for k, o in enumerate(main.outs) if isinstance(o, Tensor) and o.is_floating_point()
-              and not o.requires_grad]
+        nd = [
+            k
+            for k, o in enumerate(main.outs)
+            if isinstance(o, Tensor) and o.is_floating_point() and not o.requires_grad
+        ]
         if nd:
             leak = []
             if r64 is not None:
                 for k in nd:
                     o = r64.outs[k] if k < len(r64.outs) else None
                     if isinstance(o, Tensor) and o.requires_grad:
-                        u = torch.randn(o.shape, generator=torch.Generator().manual_seed(self.seed + 7), dtype=o.dtype)
+                        u = torch.randn(
+                            o.shape, generator=torch.Generator().manual_seed(self.seed + 7), dtype=o.dtype
+                        )
                         with torch.enable_grad():
                             got = torch.autograd.grad(o, r64.leaves, u, allow_unused=True, retain_graph=True)
                         if any(g is not None and bool(g.abs().max() > 0) for g in got):
                             leak.append(k)
             if leak:
-                add(Finding("non-differentiable outputs", False,
-                            f"output(s) {leak} are marked non-differentiable (ctx.mark_non_differentiable) but depend "
-                            "on the inputs differentiably: their gradient is silently dropped"))
+                add(
+                    Finding(
+                        "non-differentiable outputs",
+                        False,
+                        f"output(s) {leak} are marked non-differentiable (ctx.mark_non_differentiable) but "
+                        "depend "
+                        "on the inputs differentiably: their gradient is silently dropped",
+                    )
+                )
             else:
-                add(Finding("non-differentiable outputs", True, note=f"output(s) {nd} marked non-differentiable; "
-                            "they do not depend on the inputs differentiably"))
+                add(
+                    Finding(
+                        "non-differentiable outputs",
+                        True,
+                        note=f"output(s) {nd} marked non-differentiable; "
+                        "they do not depend on the inputs differentiably",
+                    )
+                )
         # inputs changed in place by the forward
         for i in main.changed_inputs:
             nm = _name(S, i)
             if i in main.returned_inputs:
                 ctx = self._forward_ctx()
-                marked = ctx is not None and any(isinstance(t, Tensor) for t in getattr(ctx, "dirty_tensors", ()) or ())
+                marked = ctx is not None and any(
+                    isinstance(t, Tensor) for t in getattr(ctx, "dirty_tensors", ()) or ()
+                )
                 if ctx is not None and not marked:
-                    add(Finding("inputs changed in place", False, f"the forward changes {nm} in place and returns it "
-                                f"without ctx.mark_dirty({nm})"))
+                    add(
+                        Finding(
+                            "inputs changed in place",
+                            False,
+                            f"the forward changes {nm} in place and returns it without ctx.mark_dirty({nm})",
+                        )
+                    )
                 else:
-                    add(Finding("inputs changed in place", True, note=f"{nm} is changed in place and returned, "
-                                "marked dirty"))
+                    add(
+                        Finding(
+                            "inputs changed in place",
+                            True,
+                            note=f"{nm} is changed in place and returned, marked dirty",
+                        )
+                    )
             else:
-                add(Finding("inputs changed in place", False, f"the forward changed its input {nm} in place (and "
-                            f"does not return it with ctx.mark_dirty({nm})): the caller's {nm} is silently "
-                            "modified and autograd's graph no longer matches its values"))
+                add(
+                    Finding(
+                        "inputs changed in place",
+                        False,
+                        f"the forward changed its input {nm} in place (and "
+                        f"does not return it with ctx.mark_dirty({nm})): the caller's {nm} is silently "
+                        "modified and autograd's graph no longer matches its values",
+                    )
+                )
         # saved tensors changed in place after save_for_backward, inside the forward
         ctx = self._forward_ctx()
         if ctx is not None and ctx.saved_copies:
-            moved = [j for j, (t, cp) in enumerate(zip(ctx.to_save, ctx.saved_copies))
-                     if isinstance(t, Tensor) and cp is not None and not _same(t, cp)]
+            moved = [
+                j
+                for j, (t, cp) in enumerate(zip(ctx.to_save, ctx.saved_copies))
+                if isinstance(t, Tensor) and cp is not None and not _same(t, cp)
+            ]
             if moved:
-                add(Finding("saved tensors", False, f"the forward changed ctx.saved_tensors{moved} in place after "
-                            "ctx.save_for_backward: the backward reads the changed values (save after the last "
-                            "change, or save a copy)"))
+                add(
+                    Finding(
+                        "saved tensors",
+                        False,
+                        f"the forward changed ctx.saved_tensors{moved} in place after "
+                        "ctx.save_for_backward: the backward reads the changed values (save after the last "
+                        "change, or save a copy)",
+                    )
+                )
         if rec is not None and rec.saved_error:
             add(Finding("saved tensors", False, f"unpacking ctx.saved_tensors raised: {rec.saved_error}"))
         if rec is not None and rec.changed:
-            add(Finding("saved tensors", False, f"the backward changed {', '.join(rec.changed)} in place: a second "
-                        "backward through the same graph (retain_graph=True) or a double backward sees the changed "
-                        "values"))
+            add(
+                Finding(
+                    "saved tensors",
+                    False,
+                    f"the backward changed {', '.join(rec.changed)} in place: a second "
+                    "backward through the same graph (retain_graph=True) or a double backward sees the "
+                    "changed "
+                    "values",
+                )
+            )
         if rec is not None and rec.grad_changed:
-            add(Finding("grad_output", False, "the backward changed its incoming gradient in place: autograd may "
-                        "share that tensor with other branches of the graph; compute into a new tensor"))
+            add(
+                Finding(
+                    "grad_output",
+                    False,
+                    "the backward changed its incoming gradient in place: autograd may "
+                    "share that tensor with other branches of the graph; compute into a new tensor",
+                )
+            )
         self._probe_inplace(main, grads)
         self._needs_input_grad(main, grads)
         if rec is not None and not any(f.name == "saved tensors" for f in self.contract):
@@ -991,8 +1351,10 @@ class _Checker:
                         t.mul_(1.5).add_(0.25)
                     except RuntimeError:
                         pass
-        run, _ = run_engine(S, self.args, self.kwargs, self.diff, None, main.douts, self.seed, self.timeout,
-                            mutate=mutate)
+
+        run, _ = run_engine(
+            S, self.args, self.kwargs, self.diff, None, main.douts, self.seed, self.timeout, mutate=mutate
+        )
         if run.error:
             if "modified by an inplace operation" in run.error:
                 return  # save_for_backward noticed: as it should
@@ -1003,20 +1365,34 @@ class _Checker:
         got = list(rec.raw) if isinstance(rec.raw, (tuple, list)) else [rec.raw]
         if len(got) != len(self.args):
             return
-        changed = [_name(S, i) for i, g0 in zip(self.diff, grads)
-                   if isinstance(g0, Tensor) and isinstance(got[i], Tensor) and
-                   (got[i].shape != g0.shape or not torch.equal(got[i].detach(), g0.detach()))]
+        changed = [
+            _name(S, i)
+            for i, g0 in zip(self.diff, grads)
+            if isinstance(g0, Tensor)
+            and isinstance(got[i], Tensor)
+            and (got[i].shape != g0.shape or not torch.equal(got[i].detach(), g0.detach()))
+        ]
         if changed:
             ids = {id(t) for t in run.outs + run.call_args if isinstance(t, Tensor)}
             ptrs = {t.data_ptr() for t in run.outs + run.call_args if isinstance(t, Tensor) and t.numel()}
-            holders = [k for k, t in rec.saved.items() if k.startswith("ctx.") and not k.startswith("ctx.saved_tensors")
-                       and (id(t) in ids or (t.numel() and t.data_ptr() in ptrs))]
+            holders = [
+                k
+                for k, t in rec.saved.items()
+                if k.startswith("ctx.")
+                and not k.startswith("ctx.saved_tensors")
+                and (id(t) in ids or (t.numel() and t.data_ptr() in ptrs))
+            ]
             who = f" ({', '.join(holders)})" if holders else ""
-            self.contract.append(Finding("saved tensors", False,
-                                         f"d{', d'.join(changed)} change(s) when the forward's inputs or outputs are "
-                                         f"changed in place before backward: the backward reads them from ctx "
-                                         f"attributes{who}, which autograd cannot guard; keep them with "
-                                         "ctx.save_for_backward, which refuses such a change"))
+            self.contract.append(
+                Finding(
+                    "saved tensors",
+                    False,
+                    f"d{', d'.join(changed)} change(s) when the forward's inputs or outputs are "
+                    f"changed in place before backward: the backward reads them from ctx "
+                    f"attributes{who}, which autograd cannot guard; keep them with "
+                    "ctx.save_for_backward, which refuses such a change",
+                )
+            )
 
     def _needs_input_grad(self, main: Run, grads: Sequence[Any]) -> None:
         """Each differentiated input alone needing a gradient: None for it is wrong, a gradient for
@@ -1038,36 +1414,53 @@ class _Checker:
             nm = _name(S, i)
             needs = tuple(i == j or False for j in range(len(self.args)))
             if run.error and (run.raw is None or not run.raw.returned):
-                wrong.append(f"with only {nm} needing a gradient (ctx.needs_input_grad = {needs}) " +
-                             run.error.replace(f"{S.name}.backward ", "the backward ", 1))
+                wrong.append(
+                    f"with only {nm} needing a gradient (ctx.needs_input_grad = {needs}) "
+                    + run.error.replace(f"{S.name}.backward ", "the backward ", 1)
+                )
                 continue
             r = run.raw
             if r is None:
                 continue
             got = list(r.raw) if isinstance(r.raw, (tuple, list)) else [r.raw]
             if len(got) != len(self.args):
-                wrong.append(f"with only {nm} needing a gradient the backward returned {len(got)} gradients "
-                             f"for {len(self.args)} inputs")
+                wrong.append(
+                    f"with only {nm} needing a gradient the backward returned {len(got)} gradients "
+                    f"for {len(self.args)} inputs"
+                )
                 continue
             for j, (gr, a) in enumerate(zip(got, self.args)):
                 if j != i and isinstance(gr, Tensor) and isinstance(a, Tensor):
                     wasted.add(_name(S, j))
             mine, full = got[i], grads[self.diff.index(i)]
             if mine is None:
-                wrong.append(f"with only {nm} needing a gradient (ctx.needs_input_grad[{i}] True) the backward "
-                             f"returned None for it")
-            elif isinstance(mine, Tensor) and isinstance(full, Tensor) and (
-                    mine.shape != full.shape or not autograd_tolerance(full.dtype, full).holds(
-                        mine.detach().to(full.dtype), full.detach())):
-                wrong.append(f"d{nm} differs when only {nm} needs a gradient: part of it is computed inside "
-                             "another input's `if ctx.needs_input_grad[...]` branch?")
+                wrong.append(
+                    f"with only {nm} needing a gradient (ctx.needs_input_grad[{i}] True) the backward "
+                    f"returned None for it"
+                )
+            elif (
+                isinstance(mine, Tensor)
+                and isinstance(full, Tensor)
+                and (
+                    mine.shape != full.shape
+                    or not autograd_tolerance(full.dtype, full).holds(
+                        mine.detach().to(full.dtype), full.detach()
+                    )
+                )
+            ):
+                wrong.append(
+                    f"d{nm} differs when only {nm} needs a gradient: part of it is computed inside "
+                    "another input's `if ctx.needs_input_grad[...]` branch?"
+                )
         self._needs_row(wasted, wrong, len(self.diff) + 1)
 
     def _needs_row(self, wasted: set[str], wrong: list[str], patterns: int) -> None:
         note = f"{patterns} pattern(s) of needs_input_grad tried"
         if wasted:
-            note += (f"; the backward computes a gradient for {', '.join(sorted(wasted))} even when it needs none "
-                     "(correct, but wasted work: check ctx.needs_input_grad)")
+            note += (
+                f"; the backward computes a gradient for {', '.join(sorted(wasted))} even when it needs none "
+                "(correct, but wasted work: check ctx.needs_input_grad)"
+            )
         self.contract.append(Finding("needs_input_grad", not wrong, "; ".join(wrong), note))
 
     # ------------------------------------------------------------------ each output on its own
@@ -1077,29 +1470,56 @@ class _Checker:
             return None
         rows: list[Comparison | Finding] = []
         for k in main.diff_out:
-            run, _ = run_engine(S, self.args, self.kwargs, self.diff, None, main.douts, self.seed, self.timeout,
-                                only=[k])
+            run, _ = run_engine(
+                S, self.args, self.kwargs, self.diff, None, main.douts, self.seed, self.timeout, only=[k]
+            )
             label = f"output {k} alone"
             if run.error and (run.raw is None or not run.raw.returned):
-                rows.append(Finding(label, False, run.error + f" (with only output {k}'s gradient flowing, the "
-                                    "others arrive as zeros, or None after ctx.set_materialize_grads(False))"))
+                rows.append(
+                    Finding(
+                        label,
+                        False,
+                        run.error + f" (with only output {k}'s gradient flowing, the "
+                        "others arrive as zeros, or None after ctx.set_materialize_grads(False))",
+                    )
+                )
                 continue
             got = self._returned(run, quiet=True)
-            refs = [reference(S, self.args, self.kwargs, self.diff, main.diff_out, main.douts, d, self.timeout,
-                              only=[k]) for d in (None, torch.float32, torch.float64)]
+            refs = [
+                reference(
+                    S, self.args, self.kwargs, self.diff, main.diff_out, main.douts, d, self.timeout, only=[k]
+                )
+                for d in (None, torch.float32, torch.float64)
+            ]
             ref, r32, r64k = refs
             if got is None or not isinstance(ref, Reference):
                 continue
             for j, (name, g, r) in enumerate(zip(self.names, got, ref.grads)):
                 if g is None:
                     if bool(r.abs().max() > 0):
-                        rows.append(Finding(f"{name} via output {k}", False, f"None for {name} when only output "
-                                            f"{k}'s gradient flows"))
+                        rows.append(
+                            Finding(
+                                f"{name} via output {k}",
+                                False,
+                                f"None for {name} when only output {k}'s gradient flows",
+                            )
+                        )
                     continue
-                lv = measured_level(r32.grads[j], r64k.grads[j], r.dtype) if isinstance(r32, Reference) and \
-                    isinstance(r64k, Reference) else 0.0
-                rows.append(compare(f"{name} via output {k}", g, r.to(g.dtype) if isinstance(g, Tensor) else r,
-                                    autograd_tolerance(r.dtype, r, lv), self.sizes(), self.index()))
+                lv = (
+                    measured_level(r32.grads[j], r64k.grads[j], r.dtype)
+                    if isinstance(r32, Reference) and isinstance(r64k, Reference)
+                    else 0.0
+                )
+                rows.append(
+                    compare(
+                        f"{name} via output {k}",
+                        g,
+                        r.to(g.dtype) if isinstance(g, Tensor) else r,
+                        autograd_tolerance(r.dtype, r, lv),
+                        self.sizes(),
+                        self.index(),
+                    )
+                )
         if not rows:
             return None
         return Section("each output on its own (its gradient alone flowing) vs autograd", rows)
@@ -1107,23 +1527,55 @@ class _Checker:
     # ------------------------------------------------------------------ second order
     def _second_order(self, main: Run, r64: Reference | None) -> Section | None:
         S = self.subject
-        title = "second order: the backward differentiated again (double backward, float64) vs autograd twice " \
-                "through the forward"
+        title = (
+            "second order: the backward differentiated again (double backward, float64) vs autograd twice "
+            "through the forward"
+        )
         if S.once_differentiable:
-            run, leaves = run_engine(S, self.args, self.kwargs, self.diff, torch.float64, main.douts, self.seed,
-                                     self.timeout, create_graph=True)
+            run, leaves = run_engine(
+                S,
+                self.args,
+                self.kwargs,
+                self.diff,
+                torch.float64,
+                main.douts,
+                self.seed,
+                self.timeout,
+                create_graph=True,
+            )
             ok = False
             try:  # once_differentiable's DelayedError leads nowhere: only a full backward reaches it
                 s = sum((g * 1.0).sum() for g in run.grads if isinstance(g, Tensor))
                 s.backward()
             except RuntimeError as e:
                 ok = "once_differentiable" in str(e) or "does not require grad" in str(e)
-            return Section(title, [Finding("double backward", ok,
-                                           "" if ok else "the backward is @once_differentiable but a double backward did "
-                                           "not raise", note="the backward is @once_differentiable: a double backward "
-                                           "raises, as it should; no second-order check" if ok else "")])
-        run, leaves = run_engine(S, self.args, self.kwargs, self.diff, torch.float64, main.douts, self.seed,
-                                 self.timeout, create_graph=True)
+            return Section(
+                title,
+                [
+                    Finding(
+                        "double backward",
+                        ok,
+                        ""
+                        if ok
+                        else "the backward is @once_differentiable but a double backward did not raise",
+                        note="the backward is @once_differentiable: a double backward "
+                        "raises, as it should; no second-order check"
+                        if ok
+                        else "",
+                    )
+                ],
+            )
+        run, leaves = run_engine(
+            S,
+            self.args,
+            self.kwargs,
+            self.diff,
+            torch.float64,
+            main.douts,
+            self.seed,
+            self.timeout,
+            create_graph=True,
+        )
         if run.error:
             return Section(title, [Finding("double backward", False, run.error)])
         g = torch.Generator().manual_seed(self.seed + 11)
@@ -1131,10 +1583,19 @@ class _Checker:
         douts = [run.douts[k] for k in run.diff_out if k in run.douts]
         s = sum((gr * v).sum() for gr, v in zip(run.grads, vs) if isinstance(gr, Tensor))
         if not isinstance(s, Tensor) or not s.requires_grad:
-            return Section(title, [Finding("double backward", False, "the backward's result carries no autograd graph "
-                                           "(it is computed outside autograd, detached or under no_grad) and it is "
-                                           "not marked @once_differentiable: a double backward silently gets zeros; "
-                                           "decorate it with @once_differentiable")])
+            return Section(
+                title,
+                [
+                    Finding(
+                        "double backward",
+                        False,
+                        "the backward's result carries no autograd graph "
+                        "(it is computed outside autograd, detached or under no_grad) and it is "
+                        "not marked @once_differentiable: a double backward silently gets zeros; "
+                        "decorate it with @once_differentiable",
+                    )
+                ],
+            )
         try:
             with time_limit(self.timeout, f"{S.name}'s double backward"):
                 hs = torch.autograd.grad(s, leaves + douts, allow_unused=True)
@@ -1144,19 +1605,33 @@ class _Checker:
             return Section(title, [Finding("double backward", False, _raised(e, "the double backward"))])
         hs = [torch.zeros_like(t) if h is None else h for t, h in zip(leaves + douts, hs)]
         ref = self._second_reference(main, vs, r64)
-        names = [f"{n} (d/d{n} of <dinputs, v>)" for n in self.names] + \
-            [f"dout{k} (d/d dout{k} of <dinputs, v>)" for k in run.diff_out if k in run.douts]
+        names = [f"{n} (d/d{n} of <dinputs, v>)" for n in self.names] + [
+            f"dout{k} (d/d dout{k} of <dinputs, v>)" for k in run.diff_out if k in run.douts
+        ]
         if ref is None:
-            return Section(title, [Finding("double backward", True, note="no reference for the second order "
-                                           "(autograd cannot differentiate the forward twice here)")])
+            return Section(
+                title,
+                [
+                    Finding(
+                        "double backward",
+                        True,
+                        note="no reference for the second order "
+                        "(autograd cannot differentiate the forward twice here)",
+                    )
+                ],
+            )
         rows: list[Comparison | Finding] = []
         for name, h, r in zip(names, hs, ref):
-            rows.append(compare(name, h, r, autograd_tolerance(torch.float64, r, _cancel_level(r)), self.sizes()))
+            rows.append(
+                compare(name, h, r, autograd_tolerance(torch.float64, r, _cancel_level(r)), self.sizes())
+            )
         if not all(r.passed for r in rows):
             rows.insert(0, Finding("double backward", False, self._second_diagnosis(main, vs, ref, r64)))
         return Section(title, rows)
 
-    def _second_reference(self, main: Run, vs: Sequence[Tensor], r64: Reference | None) -> list[Tensor] | None:
+    def _second_reference(
+        self, main: Run, vs: Sequence[Tensor], r64: Reference | None
+    ) -> list[Tensor] | None:
         """d/d(inputs, douts) of sum_i <dinput_i, v_i>, autograd twice through the forward (float64)."""
         S = self.subject
         if S.forward_math is None or r64 is None:
@@ -1169,10 +1644,18 @@ class _Checker:
             with torch.enable_grad(), time_limit(self.timeout, f"{S.name}.forward"):
                 outs = _flat(S.forward_math(*call, **self.kwargs)[0])
                 used = [k for k in main.diff_out if isinstance(outs[k], Tensor) and outs[k].requires_grad]
-                douts = [main.douts[k].to(torch.float64).detach().clone().requires_grad_(True) for k in main.diff_out]
+                douts = [
+                    main.douts[k].to(torch.float64).detach().clone().requires_grad_(True)
+                    for k in main.diff_out
+                ]
                 dmap = dict(zip(main.diff_out, douts))
-                gx = torch.autograd.grad([outs[k] for k in used], leaves, [dmap[k] for k in used], create_graph=True,
-                                         allow_unused=True)
+                gx = torch.autograd.grad(
+                    [outs[k] for k in used],
+                    leaves,
+                    [dmap[k] for k in used],
+                    create_graph=True,
+                    allow_unused=True,
+                )
                 s = sum((g * v).sum() for g, v in zip(gx, vs) if g is not None)
                 if not isinstance(s, Tensor) or not s.requires_grad:
                     return [torch.zeros_like(t) for t in leaves + douts]
@@ -1181,12 +1664,23 @@ class _Checker:
             return None
         return [torch.zeros_like(t) if h is None else h for t, h in zip(leaves + douts, hs)]
 
-    def _second_diagnosis(self, main: Run, vs: Sequence[Tensor], ref: Sequence[Tensor], r64: Reference | None) -> str:
+    def _second_diagnosis(
+        self, main: Run, vs: Sequence[Tensor], ref: Sequence[Tensor], r64: Reference | None
+    ) -> str:
         """Why the second order is wrong: saved intermediates carry no graph. Confirmed by running the
         backward itself on a ctx whose saved tensors keep their graph (the forward run under autograd)."""
         S = self.subject
-        run, leaves = run_engine(S, self.args, self.kwargs, self.diff, torch.float64, main.douts, self.seed,
-                                 self.timeout, create_graph=True)
+        run, leaves = run_engine(
+            S,
+            self.args,
+            self.kwargs,
+            self.diff,
+            torch.float64,
+            main.douts,
+            self.seed,
+            self.timeout,
+            create_graph=True,
+        )
         rec = run.raw
         consts = []
         if rec is not None:
@@ -1194,17 +1688,28 @@ class _Checker:
             for k, t in rec.saved.items():
                 if id(t) not in ids and t.is_floating_point() and not t.requires_grad:
                     consts.append(k)
-        text = ("the first derivative is right, but its derivative is not: the backward is not differentiable "
-                "as written and not marked @once_differentiable")
+        text = (
+            "the first derivative is right, but its derivative is not: the backward is not differentiable "
+            "as written and not marked @once_differentiable"
+        )
         if consts:
-            text += (f"; it reads {', '.join(consts)}, computed by the forward without an autograd graph (the "
-                     "forward runs under no_grad), which a double backward treats as constants")
-            if S.forward_math is not None and S.backward is not None and self._confirm_constants(main, vs, ref):
+            text += (
+                f"; it reads {', '.join(consts)}, computed by the forward without an autograd graph (the "
+                "forward runs under no_grad), which a double backward treats as constants"
+            )
+            if (
+                S.forward_math is not None
+                and S.backward is not None
+                and self._confirm_constants(main, vs, ref)
+            ):
                 text += " (confirmed: with their graph kept, the backward's second order is right)"
-            text += ("; recompute them in backward from saved inputs or outputs, or decorate the backward with "
-                     "@once_differentiable so a double backward raises instead")
+            text += (
+                "; recompute them in backward from saved inputs or outputs, or decorate the backward with "
+                "@once_differentiable so a double backward raises instead"
+            )
         else:
-            text += "; does it use .detach(), .data, no_grad or NumPy? Decorate it with @once_differentiable if so"
+            text += ("; does it use .detach(), .data, no_grad or NumPy? Decorate it with "
+                     "@once_differentiable if so")
         return text
 
     def _confirm_constants(self, main: Run, vs: Sequence[Tensor], ref: Sequence[Tensor]) -> bool:
@@ -1217,9 +1722,15 @@ class _Checker:
             with torch.enable_grad(), time_limit(self.timeout, f"{S.name}.backward"):
                 out, ctx = S.forward_math(*call, **self.kwargs)
                 outs = _flat(out)
-                douts = [main.douts[k].to(torch.float64).detach().clone().requires_grad_(True) for k in main.diff_out]
+                douts = [
+                    main.douts[k].to(torch.float64).detach().clone().requires_grad_(True)
+                    for k in main.diff_out
+                ]
                 dmap = dict(zip(main.diff_out, douts))
-                grads_in = [dmap.get(k, torch.zeros_like(o) if isinstance(o, Tensor) else None) for k, o in enumerate(outs)]
+                grads_in = [
+                    dmap.get(k, torch.zeros_like(o) if isinstance(o, Tensor) else None)
+                    for k, o in enumerate(outs)
+                ]
                 res = S.backward(ctx, *grads_in)
                 got = _flat(res)
                 s = sum((got[i] * v).sum() for i, v in zip(self.diff, vs) if isinstance(got[i], Tensor))
@@ -1229,17 +1740,23 @@ class _Checker:
                 raise
             return False
         hs = [torch.zeros_like(t) if h is None else h for t, h in zip(leaves + douts, hs)]
-        return all(h.shape == r.shape and autograd_tolerance(torch.float64, r, _cancel_level(r)).holds(h, r)
-                   for h, r in zip(hs, ref))
+        return all(
+            h.shape == r.shape and autograd_tolerance(torch.float64, r, _cancel_level(r)).holds(h, r)
+            for h, r in zip(hs, ref)
+        )
 
     # ------------------------------------------------------------------ forward mode
     def _forward_mode(self, main: Run, r64: Reference | None) -> Section:
         import torch.autograd.forward_ad as fwAD
+
         S = self.subject
         title = "forward mode: the Function's jvp (float64) vs autograd's J t through the forward"
         x64 = self._x64()
         g = torch.Generator().manual_seed(self.seed + 13)
-        ts = {i: torch.randn(x64[i].shape, generator=g, dtype=torch.float64).to(x64[i].device) for i in self.diff}
+        ts = {
+            i: torch.randn(x64[i].shape, generator=g, dtype=torch.float64).to(x64[i].device)
+            for i in self.diff
+        }
         try:
             with fwAD.dual_level(), time_limit(self.timeout, f"{S.name}.jvp"):
                 call = [fwAD.make_dual(x64[i], ts[i]) if i in ts else a for i, a in enumerate(x64)]
@@ -1259,13 +1776,22 @@ class _Checker:
             if t is None:
                 rows.append(Finding(name, False, f"the jvp gives no tangent for output {k}"))
                 continue
-            rows.append(compare(name, t, ref[k], autograd_tolerance(torch.float64, ref[k], _cancel_level(ref[k])),
-                                self.sizes()))
+            rows.append(
+                compare(
+                    name,
+                    t,
+                    ref[k],
+                    autograd_tolerance(torch.float64, ref[k], _cancel_level(ref[k])),
+                    self.sizes(),
+                )
+            )
         if self.want_names and r64 is not None and not all(r.passed for r in rows):
             self._name_jvp(rows, tangents, ref, ts, r64, main)
         return Section(title, rows)
 
-    def _jvp_reference(self, main: Run, ts: Mapping[int, Tensor], r64: Reference | None) -> dict[int, Tensor] | None:
+    def _jvp_reference(
+        self, main: Run, ts: Mapping[int, Tensor], r64: Reference | None
+    ) -> dict[int, Tensor] | None:
         S = self.subject
         if S.forward_math is None or r64 is None:
             return None
@@ -1277,20 +1803,37 @@ class _Checker:
             with torch.enable_grad():
                 outs = _flat(S.forward_math(*call, **self.kwargs)[0])
                 us = {k: torch.zeros_like(outs[k], requires_grad=True) for k in main.diff_out}
-                vj = torch.autograd.grad([outs[k] for k in main.diff_out], list(leaves.values()),
-                                         [us[k] for k in main.diff_out], create_graph=True, allow_unused=True)
+                vj = torch.autograd.grad(
+                    [outs[k] for k in main.diff_out],
+                    list(leaves.values()),
+                    [us[k] for k in main.diff_out],
+                    create_graph=True,
+                    allow_unused=True,
+                )
                 s = sum((v * ts[i]).sum() for v, i in zip(vj, leaves) if v is not None)
                 got = torch.autograd.grad(s, [us[k] for k in main.diff_out], allow_unused=True)
         except (RuntimeError, TypeError, ValueError):
             return None
         return {k: torch.zeros_like(us[k]) if gr is None else gr for k, gr in zip(main.diff_out, got)}
 
-    def _name_jvp(self, rows: list, tangents: Mapping[int, Tensor], ref: Mapping[int, Tensor],
-                  ts: Mapping[int, Tensor], r64: Reference, main: Run) -> None:
+    def _name_jvp(
+        self,
+        rows: list,
+        tangents: Mapping[int, Tensor],
+        ref: Mapping[int, Tensor],
+        ts: Mapping[int, Tensor],
+        r64: Reference,
+        main: Run,
+    ) -> None:
         inputs = self._x64()
         weights = [main.douts[k].to(torch.float64) for k in main.diff_out]
-        graph = variants.record_checked(self._math_outputs(main), inputs, [_name(self.subject, i) for i in
-                                        range(len(inputs))], weights, {self.diff[j]: g for j, g in enumerate(r64.grads)})
+        graph = variants.record_checked(
+            self._math_outputs(main),
+            inputs,
+            [_name(self.subject, i) for i in range(len(inputs))],
+            weights,
+            {self.diff[j]: g for j, g in enumerate(r64.grads)},
+        )
         if graph is None:
             return
         tang = [ts.get(i) for i in range(len(inputs))]
@@ -1314,17 +1857,24 @@ class _Checker:
             if isinstance(row, Comparison) and not row.passed:
                 k = int(row.name.split()[1])
                 if k in found:
-                    rows[idx] = replace(row, diagnosis=f"named from your forward: the jvp equals J t with "
-                                        f"{found[k].text}; {row.diagnosis}")
+                    rows[idx] = replace(
+                        row,
+                        diagnosis=f"named from your forward: the jvp equals J t with "
+                        f"{found[k].text}; {row.diagnosis}",
+                    )
 
     # ------------------------------------------------------------------ naming
-    def _name(self, sections: list[Section], grads64: Sequence[Any], r64: Reference | None, ok_ref: bool,
-              main: Run) -> None:
+    def _name(
+        self, sections: list[Section], grads64: Sequence[Any], r64: Reference | None, ok_ref: bool, main: Run
+    ) -> None:
         """Name each wrong gradient from the forward's graph: the variant whose gradient it equals."""
         x64 = self._x64()
         failing = _failing_names(sections)
-        user = {self.diff[j]: g.detach().to(torch.float64) for j, g in enumerate(grads64)
-                if isinstance(g, Tensor) and self.names[j] in failing and g.shape == x64[self.diff[j]].shape}
+        user = {
+            self.diff[j]: g.detach().to(torch.float64)
+            for j, g in enumerate(grads64)
+            if isinstance(g, Tensor) and self.names[j] in failing and g.shape == x64[self.diff[j]].shape
+        }
         passing = [self.diff[j] for j, n in enumerate(self.names) if n not in failing]
         weights = [main.douts[k].to(torch.float64) for k in main.diff_out]
         if r64 is not None and ok_ref:
@@ -1334,8 +1884,11 @@ class _Checker:
             fn = self._apply_outputs(main)
             ref = {}
         if not ref:
-            rec = variants.recognise([x64[i] for i in self.diff], self._outs64(main), self.names) \
-                if len(self.diff) == len(x64) else None
+            rec = (
+                variants.recognise([x64[i] for i in self.diff], self._outs64(main), self.names)
+                if len(self.diff) == len(x64)
+                else None
+            )
             if rec is None:
                 return
             rec.weights = weights
@@ -1355,6 +1908,7 @@ class _Checker:
         def fn(*xs: Any) -> list[Tensor]:
             outs = _flat(S.forward_math(*xs, **kwargs)[0])
             return [outs[k] for k in diff_out]
+
         return fn
 
     def _apply_outputs(self, main: Run) -> Callable[..., list[Tensor]]:
@@ -1363,6 +1917,7 @@ class _Checker:
         def fn(*xs: Any) -> list[Tensor]:
             outs = _flat(S.apply(*xs, **kwargs))
             return [outs[k] for k in diff_out]
+
         return fn
 
     def _outs64(self, main: Run) -> list[Tensor]:
@@ -1377,12 +1932,17 @@ class _Checker:
     # ------------------------------------------------------------------ registration
     def _opcheck(self) -> Finding:
         try:
-            torch.library.opcheck(self.subject.apply, tuple(self.args), self.kwargs,
-                                  test_utils=("test_schema", "test_autograd_registration"))
+            torch.library.opcheck(
+                self.subject.apply,
+                tuple(self.args),
+                self.kwargs,
+                test_utils=("test_schema", "test_autograd_registration"),
+            )
         except Exception as e:
             return Finding("registration (opcheck)", False, "torch.library.opcheck: " + _one_line(e))
-        return Finding("registration (opcheck)", True, note="schema and autograd registration pass "
-                       "torch.library.opcheck")
+        return Finding(
+            "registration (opcheck)", True, note="schema and autograd registration pass torch.library.opcheck"
+        )
 
 
 def _cancel_level(r: Tensor) -> float:
@@ -1392,4 +1952,6 @@ def _cancel_level(r: Tensor) -> float:
 
 
 def _failing_names(sections: Sequence[Section]) -> set[str]:
-    return {r.name for s in sections for r in s.rows if isinstance(r, (Comparison, FDResult)) and not r.passed}
+    return {
+        r.name for s in sections for r in s.rows if isinstance(r, (Comparison, FDResult)) and not r.passed
+    }

@@ -52,6 +52,7 @@ def time_limit(seconds: float | None, what: str) -> Iterator[None]:
     def fire() -> None:
         fired.set()
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(Overran))
+
     timer = threading.Timer(seconds, fire)
     timer.daemon = True
     timer.start()
@@ -76,7 +77,8 @@ def _alarm(signum: int, frame: Any) -> None:
 def overran_message(e: Overran, what: str) -> str:
     """One line for a call stopped by time_limit."""
     secs = e.args[1] if len(e.args) > 1 else 0
-    return f"{what} did not return within {secs:g} s and was stopped (an endless loop? pass timeout= to allow longer)"
+    return (f"{what} did not return within {secs:g} s and was stopped (an endless loop? pass timeout= to "
+            "allow longer)")
 
 
 def limited(fn: Any, seconds: float | None, what: str) -> Any:
@@ -87,5 +89,6 @@ def limited(fn: Any, seconds: float | None, what: str) -> Any:
     def call(*args: Any, **kwargs: Any) -> Any:
         with time_limit(seconds, what):
             return fn(*args, **kwargs)
+
     call.__name__ = getattr(fn, "__name__", "fn")
     return call
