@@ -493,21 +493,34 @@ def _norm_dx(
     return rstd * out
 
 
-def _ln_parts(L: Local) -> tuple[tuple[int, ...], Tensor, Tensor, Tensor | None, float]:
-    shape = L.arg(1, "normalized_shape")
-    k = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
-    dims = tuple(range(L.x.dim() - k, L.x.dim()))
-    eps = float(L.arg(4, "eps", 1e-5))
+def _normalise(L: Local, dims: tuple[int, ...], eps: float, w: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(xhat, rstd, weight broadcastable to x) of a normalisation over `dims`, biased variance."""
     mean = L.x.mean(dims, keepdim=True)
     var = ((L.x - mean) ** 2).mean(dims, keepdim=True)
     rstd = (var + eps) ** -0.5
-    w = L.arg(2, "weight")
-    return dims, (L.x - mean) * rstd, rstd, w if isinstance(w, Tensor) else None, eps
+    return (L.x - mean) * rstd, rstd, w if isinstance(w, Tensor) else None
 
 
-def _ln_rule(**opts: Any) -> Callable[[Local], Mapping[int, Tensor]]:
+def _ln_parts(L: Local) -> tuple[tuple[int, ...], Tensor, Tensor, Tensor | None]:
+    shape = L.arg(1, "normalized_shape")
+    k = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
+    dims = tuple(range(L.x.dim() - k, L.x.dim()))
+    return (dims, *_normalise(L, dims, float(L.arg(4, "eps", 1e-5)), L.arg(2, "weight")))
+
+
+def _bn_parts(L: Local) -> tuple[tuple[int, ...], Tensor, Tensor, Tensor | None]:
+    dims = tuple(i for i in range(L.x.dim()) if i != 1)  # every dim but the channels
+    w = L.arg(3, "weight")
+    if isinstance(w, Tensor):
+        w = w.reshape([L.x.shape[1] if i == 1 else 1 for i in range(L.x.dim())])
+    return (dims, *_normalise(L, dims, float(L.arg(7, "eps", 1e-5)), w))
+
+
+def _norm_rule(parts: Callable[[Local], tuple], **opts: Any) -> Callable[[Local], Mapping[int, Tensor]]:
+    """A normalisation's dx in a wrong form: opts no_mean, no_var, bessel (n-1), no_gain."""
+
     def fn(L: Local) -> Mapping[int, Tensor]:
-        dims, xhat, rstd, w, _ = _ln_parts(L)
+        dims, xhat, rstd, w = parts(L)
         dxhat = L.g if w is None or opts.get("no_gain") else L.g * w
         n = math.prod(L.x.shape[d] for d in dims)
         nv = n - 1 if opts.get("bessel") else None
@@ -516,32 +529,17 @@ def _ln_rule(**opts: Any) -> Callable[[Local], Mapping[int, Tensor]]:
     return fn
 
 
-def _ln_dw_x(L: Local) -> Mapping[int, Tensor] | None:
-    dims = tuple(range(L.x.dim() - L.arg(2, "weight").dim()))
-    return {1: (L.g * L.x).sum(dims)}
-
-
-def _bn_parts(L: Local) -> tuple[tuple[int, ...], Tensor, Tensor, Tensor | None]:
-    dims = tuple(i for i in range(L.x.dim()) if i != 1)
-    eps = float(L.arg(7, "eps", 1e-5))
-    mean = L.x.mean(dims, keepdim=True)
-    var = ((L.x - mean) ** 2).mean(dims, keepdim=True)
-    rstd = (var + eps) ** -0.5
-    w = L.arg(3, "weight")
-    shape = [1] * L.x.dim()
-    shape[1] = L.x.shape[1]
-    return dims, (L.x - mean) * rstd, rstd, w.reshape(shape) if isinstance(w, Tensor) else None
+def _ln_rule(**opts: Any) -> Callable[[Local], Mapping[int, Tensor]]:
+    return _norm_rule(_ln_parts, **opts)
 
 
 def _bn_rule(**opts: Any) -> Callable[[Local], Mapping[int, Tensor]]:
-    def fn(L: Local) -> Mapping[int, Tensor]:
-        dims, xhat, rstd, w = _bn_parts(L)
-        dxhat = L.g if w is None else L.g * w
-        n = math.prod(L.x.shape[d] for d in dims)
-        nv = n - 1 if opts.get("bessel") else None
-        return {0: _norm_dx(dxhat, xhat, rstd, dims, not opts.get("no_mean"), not opts.get("no_var"), nv)}
+    return _norm_rule(_bn_parts, **opts)
 
-    return fn
+
+def _ln_dw_x(L: Local) -> Mapping[int, Tensor] | None:
+    dims = tuple(range(L.x.dim() - L.arg(2, "weight").dim()))
+    return {1: (L.g * L.x).sum(dims)}
 
 
 def _bn_training(c: Call) -> bool:
