@@ -1227,6 +1227,65 @@ class NormalizeNoNormTerm(Normalize):
         return dy / n  # the norm's own dependence on x forgotten
 
 
+class BatchNormRunningStats(torch.autograd.Function):
+    """Training-mode batchnorm that also updates running statistics passed in as float tensors (not
+    differentiated: the caller does not mark them requires_grad) and returns None for them."""
+
+    @staticmethod
+    def forward(ctx, x, gain, bias, running_mean, running_var):
+        mean = x.mean(0, keepdim=True)
+        var = ((x - mean) ** 2).mean(0, keepdim=True)
+        running_mean.mul_(0.9).add_(0.1 * mean.reshape(-1))
+        running_var.mul_(0.9).add_(0.1 * var.reshape(-1))
+        rstd = (var + EPS) ** -0.5
+        xhat = (x - mean) * rstd
+        ctx.save_for_backward(xhat, rstd, gain)
+        return xhat * gain + bias
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        xhat, rstd, gain = ctx.saved_tensors
+        dxhat = dout * gain
+        dx = rstd * (dxhat - dxhat.mean(0, keepdim=True) - xhat * (dxhat * xhat).mean(0, keepdim=True))
+        return dx, (dout * xhat).sum(0), dout.sum(0), None, None
+
+
+class ListGrads(Mul):
+    @staticmethod
+    def backward(ctx, dc):
+        a, b = ctx.saved_tensors
+        return [dc * b, dc * a]  # autograd takes a list as one gradient
+
+
+class TrailingNones(Tanh):
+    @staticmethod
+    def backward(ctx, dh):
+        (h,) = ctx.saved_tensors
+        return dh * (1 - h * h), None, None  # extra trailing Nones: autograd accepts them
+
+
+class ReluOfAbs(torch.autograd.Function):
+    """relu(|x| + c) with c a float tensor input whose gradient is zero wherever |x| + c > 0: None
+    for c is then right."""
+
+    @staticmethod
+    def forward(ctx, x, c):
+        ctx.save_for_backward(x)
+        return x * x + 0 * c
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return 2 * x * dy, None
+
+
+def bn_running_inputs(seed):
+    x, g, b = bn_inputs(seed)
+    return (x.requires_grad_(), g.requires_grad_(), b.requires_grad_(), torch.zeros(4, dtype=torch.float64),
+            torch.ones(4, dtype=torch.float64))
+
+
 # ---------------------------------------------------------------------------- (forward, backward) pairs
 def tanh_forward(x):
     h = torch.tanh(x)
@@ -1522,6 +1581,10 @@ CORRECT: list[Case] = [
     Case("l2 normalize (once_differentiable not needed: saves x and its norm)", FUNC, Normalize, x45,
          options={"double": False}),
     Case("new-style Function (setup_context)", FUNC, ScaleByWeight, sw_inputs),
+    Case("batchnorm updating running statistics (float inputs not differentiated)", FUNC, BatchNormRunningStats,
+         bn_running_inputs),
+    Case("extra trailing Nones", FUNC, TrailingNones, x45),
+    Case("None for an input whose gradient is zero", FUNC, ReluOfAbs, two45),
     Case("pair: tanh", PAIR, (tanh_forward, tanh_backward), x45),
     Case("pair: layernorm", PAIR, (layernorm_forward, layernorm_backward), lambda s: ln_inputs(s)[:3]),
     Case("pair: softmax", PAIR, (softmax_forward, softmax_backward), x45),
@@ -1592,6 +1655,7 @@ WRONG: list[Case] = [
     Case("scale: a gradient for the python number", FUNC, ScaleGradForC, scale_inputs, ("not a tensor",), "contract"),
     Case("layernorm: no None for eps", FUNC, LayerNormNoNone, ln_inputs, ("gradient(s) for the 4 inputs",),
          "contract"),
+    Case("mul: gradients in a list", FUNC, ListGrads, two45, ("returned a list",), "contract"),
     Case("linear: float32 gradient", FUNC, LinearFloat32Grad, linear_inputs, ("dtype",), "contract", dtypes=(F64,)),
     Case("linear: None for W", FUNC, LinearNoneForW, linear_inputs, ("None",), "contract"),
     Case("linear: needs_input_grad swapped", FUNC, LinearNeedsSwapped, linear_rect_inputs, ("needs",), "contract"),

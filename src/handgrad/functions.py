@@ -684,9 +684,12 @@ def _validate(what: str, subject: Subject, args: Sequence[Any], kwargs: Mapping[
 
 
 def _diff_positions(what: str, subject: Subject, args: Sequence[Any], wrt: Any) -> list[int]:
+    """The inputs differentiated: `wrt`; else those passed with requires_grad=True (as gradcheck
+    reads them); else every floating-point tensor."""
     floats = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
     if wrt is None:
-        return floats
+        marked = [i for i in floats if args[i].requires_grad]
+        return marked or floats
     wanted = [wrt] if isinstance(wrt, (int, str)) else list(wrt)
     out = []
     for w in wanted:
@@ -822,6 +825,7 @@ class _Checker:
     want_names: bool
     contract: list[Finding] = field(default_factory=list)
     header: list[str] = field(default_factory=list)
+    zero_ok: dict[str, bool] = field(default_factory=dict)  # right gradient zero here: None is right
 
     @property
     def names(self) -> list[str]:
@@ -1021,8 +1025,15 @@ class _Checker:
                 )
             return list(run.grads)
         raw = rec.raw
-        got = list(raw) if isinstance(raw, (tuple, list)) else [raw]
         n = len(self.args)
+        if isinstance(raw, list):
+            add(Finding("gradients returned", False, f"{S.name}'s backward returned a list of {len(raw)}: "
+                        "autograd takes a tuple (or one tensor), and a list counts as one gradient; return a "
+                        "tuple"))
+            return None
+        got = list(raw) if isinstance(raw, tuple) else [raw]
+        while len(got) > n and got[-1] is None:  # autograd accepts extra trailing Nones
+            got.pop()
         if len(got) != n:
             extra = [
                 (_name(S, i), type(a).__name__) for i, a in enumerate(self.args) if not isinstance(a, Tensor)
@@ -1067,6 +1078,12 @@ class _Checker:
             add(Finding("gradients returned", True, note=f"{n} returned for {n} inputs"))
         return [got[i] for i in self.diff]
 
+    def _zero(self, j: int, r: Tensor) -> bool:
+        """The right gradient of the j-th differentiated input is zero here (None then means it)."""
+        ok = bool(r.numel() == 0 or float(r.abs().max()) == 0.0)
+        self.zero_ok[self.names[j]] = ok
+        return ok
+
     def _compare_rows(
         self, grads: Sequence[Any], ref: Sequence[Tensor] | None, refs: _Refs, dtypes: Sequence[torch.dtype]
     ) -> list[Comparison | Finding]:
@@ -1079,6 +1096,10 @@ class _Checker:
         for j, (name, gm, r, d) in enumerate(zip(self.names, grads, ref, dtypes)):
             lv = measured_level(s32[j], s64[j], d) if s32 is not None and s64 is not None else 0.0
             tol = autograd_tolerance(d, r, lv)
+            if gm is None and self._zero(j, r):
+                rows.append(Comparison(name, tuple(r.shape), tuple(r.shape), True, True, 0.0, 0.0, tol, note=(
+                    f"None for {name}: its gradient is zero here, and autograd reads None as zero")))
+                continue
             if gm is None:
                 rows.append(
                     Comparison(
@@ -1138,6 +1159,8 @@ class _Checker:
         )
         rows = []
         for name, i, g in zip(self.names, self.diff, grads64):
+            if g is None and self.zero_ok.get(name):  # None read as zero: held against the differences
+                g = torch.zeros_like(x64[i])
             if g is None:
                 rows.append(
                     FDResult(
@@ -1246,7 +1269,11 @@ class _Checker:
                     )
                 )
         # inputs changed in place by the forward
-        for i in main.changed_inputs:
+        buffers = [_name(S, i) for i in main.changed_inputs if i not in self.diff]
+        if buffers:  # running statistics and the like: not in the graph, so no mark_dirty needed
+            add(Finding("inputs changed in place", True, note=f"{', '.join(buffers)} changed in place by the "
+                        "forward (not differentiated, so autograd does not need to know)"))
+        for i in [i for i in main.changed_inputs if i in self.diff]:
             nm = _name(S, i)
             if i in main.returned_inputs:
                 ctx = self._forward_ctx()
@@ -1433,7 +1460,7 @@ class _Checker:
                 if j != i and isinstance(gr, Tensor) and isinstance(a, Tensor):
                     wasted.add(_name(S, j))
             mine, full = got[i], grads[self.diff.index(i)]
-            if mine is None:
+            if mine is None and not self.zero_ok.get(nm):
                 wrong.append(
                     f"with only {nm} needing a gradient (ctx.needs_input_grad[{i}] True) the backward "
                     f"returned None for it"
