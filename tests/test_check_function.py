@@ -319,3 +319,15 @@ def test_check_backward_stops_a_backward_that_never_returns():
     assert not report.passed
     [row] = report.failures()
     assert "backward backward did not return within 0.5 s" in row.message
+
+
+def test_inputs_passed_with_requires_grad_pick_what_is_differentiated():
+    x, w, b = C.linear_rect_inputs(0)
+    report = check_function(C.Linear, x, w.requires_grad_(), b)
+    assert report.passed and "inputs differentiated: W (" in report.header[0]
+    assert [r.name for r in report.sections[1].rows] == ["W"]
+
+
+def test_the_package_exports_the_two_entry_points():
+    import handgrad
+    assert handgrad.check_function(C.Tanh, X).passed and callable(handgrad.check_op)

@@ -550,7 +550,7 @@ def _numeric_gradient(fn: Callable[[], Tensor], x: Tensor, dout: Tensor | None,
     """The full central-difference gradient of sum(fn() * dout) in x, and its noise level."""
     with torch.no_grad():
         f0 = fn().detach().clone()
-    w = torch.ones_like(f0) if dout is None else dout.to(torch.float64).expand_as(f0)
+    w = torch.ones_like(f0) if dout is None else dout.to(torch.float64).to(f0.device).expand_as(f0)
     with _one_thread():
         probes = [_probe(fn, x, f0, w, eps, i, None) for i in range(x.numel())]
     num = torch.tensor([p.central for p in probes], dtype=torch.float64).reshape(x.shape)
@@ -593,12 +593,12 @@ def finite_differences(fn: Callable[[], Tensor], x: Tensor, analytic: Tensor, na
     if tuple(analytic.shape) != tuple(x.shape):  # diagnosed against the finite differences themselves
         num, level = _numeric_gradient(fn, x, dout, eps) if x.numel() <= FD_SHAPE_LIMIT else (None, 0.0)
         t = tol or fd_tolerance(level)
-        msg = _shape_diagnosis(analytic.detach().double(), tuple(x.shape), num, t, sizes or {}, index)
+        msg = _shape_diagnosis(analytic.detach().double().cpu(), tuple(x.shape), num, t, sizes or {}, index)
         return FDResult(name, tuple(analytic.shape), 0, x.numel(), 0, math.nan, math.inf, t, msg)
-    a = analytic.detach().to(torch.float64).reshape(-1)  # (numel,)
+    a = analytic.detach().to(torch.float64).reshape(-1).cpu()  # (numel,) the comparisons run on the CPU
     with torch.no_grad():
         f0 = fn().detach().clone()
-    w = torch.ones_like(f0) if dout is None else dout.to(torch.float64).expand_as(f0)
+    w = torch.ones_like(f0) if dout is None else dout.to(torch.float64).to(f0.device).expand_as(f0)
 
     g = torch.Generator().manual_seed(seed)
     n = x.numel()
@@ -606,7 +606,8 @@ def finite_differences(fn: Callable[[], Tensor], x: Tensor, analytic: Tensor, na
     dirs = 0 if n <= max_elements else directions
     vs = [torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(dirs)]
     vs = [v / v.norm() for v in vs]  # unit directions, shaped like x
-    where: list[tuple[int | None, Tensor | None]] = [(int(i), None) for i in picks] + [(None, v) for v in vs]
+    where: list[tuple[int | None, Tensor | None]] = [(int(i), None) for i in picks] + [
+        (None, v.to(x.device)) for v in vs]  # perturbations on x's device
     with _one_thread():
         probes = [_probe(fn, x, f0, w, eps, i, v) for i, v in where]
     num = torch.tensor([p.central for p in probes], dtype=torch.float64)  # (k + dirs,)
@@ -747,13 +748,13 @@ class Report:
     def passed(self) -> bool:
         return all(s.passed for s in self.sections)
 
-    def rows(self) -> list[Comparison | FDResult]:
+    def rows(self) -> list[Comparison | FDResult | Finding]:
         return [r for s in self.sections for r in s.rows]
 
-    def failures(self) -> list[Comparison | FDResult]:
+    def failures(self) -> list[Comparison | FDResult | Finding]:
         return [r for r in self.rows() if not r.passed]
 
-    def row(self, name: str, section: int = 0) -> Comparison | FDResult:
+    def row(self, name: str, section: int = 0) -> Comparison | FDResult | Finding:
         """The row called `name` in section number `section`."""
         for r in self.sections[section].rows:
             if r.name == name:
@@ -921,7 +922,8 @@ def check_backward(forward: Callable, backward: Callable,
     fwd = limited(forward, timeout, f"forward {getattr(forward, '__name__', '')}".rstrip())
     bwd = limited(backward, timeout, f"backward {getattr(backward, '__name__', '')}".rstrip())
     try:
-        return _check_backward(fwd, bwd, inputs, wrt, seed, fd, title, tol, fd_tol, sizes, name_mistakes)
+        return _check_backward(fwd, bwd, inputs, wrt, seed, fd, title, tol, fd_tol, sizes, name_mistakes,
+                               forward)
     except Overran as e:
         what = e.args[0] if e.args else "a call"
         row = Finding(what.split()[0], False, overran_message(e, what))
@@ -930,7 +932,10 @@ def check_backward(forward: Callable, backward: Callable,
 
 def _check_backward(forward: Callable, backward: Callable, inputs: Mapping[str, Tensor] | Sequence[Tensor],
                     wrt: Sequence[str] | None, seed: int, fd: bool, title: str, tol: Tolerance | None,
-                    fd_tol: Tolerance | None, sizes: Mapping[str, int] | None, name_mistakes: bool) -> Report:
+                    fd_tol: Tolerance | None, sizes: Mapping[str, int] | None, name_mistakes: bool,
+                    fd_forward: Callable) -> Report:
+    """check_backward's body; `fd_forward` is the forward without a time limit per call (the finite
+    differences call it thousands of times, after it has returned once under the limit)."""
     named = _named(inputs)
     wrt = list(wrt) if wrt is not None else [k for k, t in named.items() if t.is_floating_point()]
     index = [t for t in named.values() if not t.is_floating_point() and not t.is_complex()]
@@ -972,7 +977,7 @@ def _check_backward(forward: Callable, backward: Callable, inputs: Mapping[str, 
             x = x64[keys.index(k)]
 
             def fn(xs=x64) -> Tensor:
-                return _out(forward(*xs))
+                return _out(fd_forward(*xs))
             fd_rows.append(finite_differences(fn, x, g64, k, dout64, tol=fd_tol, seed=seed, sizes=all_sizes,
                                               index=index))
         sections.append(Section("hand-written backward vs finite differences "
