@@ -1205,7 +1205,7 @@ class LeakyReLUNoSlope(LeakyReLU):
 
 
 class Normalize(torch.autograd.Function):
-    """x / |x| along the last dim."""
+    """x / |x| along the last dim; saves the norm, an intermediate, so once_differentiable."""
 
     @staticmethod
     def forward(ctx, x):
@@ -1214,6 +1214,7 @@ class Normalize(torch.autograd.Function):
         return x / n
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, n = ctx.saved_tensors
         y = x / n
@@ -1222,6 +1223,7 @@ class Normalize(torch.autograd.Function):
 
 class NormalizeNoNormTerm(Normalize):
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, n = ctx.saved_tensors
         return dy / n  # the norm's own dependence on x forgotten
@@ -1578,8 +1580,7 @@ CORRECT: list[Case] = [
     Case("max with argmax (non-differentiable output)", FUNC, MaxWithIndex, x45),
     Case("cumsum", FUNC, Cumsum, x45),
     Case("leaky relu", FUNC, LeakyReLU, x45),
-    Case("l2 normalize (once_differentiable not needed: saves x and its norm)", FUNC, Normalize, x45,
-         options={"double": False}),
+    Case("l2 normalize", FUNC, Normalize, x45),
     Case("new-style Function (setup_context)", FUNC, ScaleByWeight, sw_inputs),
     Case("batchnorm updating running statistics (float inputs not differentiated)", FUNC, BatchNormRunningStats,
          bn_running_inputs),
@@ -1615,8 +1616,7 @@ WRONG: list[Case] = [
     Case("exp: the incoming gradient never multiplied", FUNC, ExpNoGrad, x45, ("upstream gradient dout left out",),
          "derivative"),
     Case("leaky relu: the slope left out", FUNC, LeakyReLUNoSlope, x45, ("negative slope left out",), "derivative"),
-    Case("l2 normalize: the norm's branch", FUNC, NormalizeNoNormTerm, x45, BRANCH_WORDS, "branch",
-         options={"double": False}),
+    Case("l2 normalize: the norm's branch", FUNC, NormalizeNoNormTerm, x45, BRANCH_WORDS, "branch"),
     Case("softmax in primitives: normaliser's branch", FUNC, SoftmaxPrimitives, x45,
          BRANCH_WORDS + ("without its - sum",), "branch"),
     Case("cross-entropy: without the -1", FUNC, CrossEntropyNoMinusOne, ce_inputs, ("-1",), "derivative"),
