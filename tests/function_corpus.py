@@ -1288,6 +1288,30 @@ def bn_running_inputs(seed):
             torch.ones(4, dtype=torch.float64))
 
 
+class ExpUnderNoGrad(torch.autograd.Function):
+    """The forward computes under no_grad (as a kernel would): autograd cannot see through it, so the
+    finite differences are the reference."""
+
+    @staticmethod
+    def forward(ctx, x):
+        with torch.no_grad():
+            y = x.exp()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return dy * y
+
+
+class ExpUnderNoGradAtInput(ExpUnderNoGrad):
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return dy * y.log()  # the input x where exp(x) is meant
+
+
 # ---------------------------------------------------------------------------- (forward, backward) pairs
 def tanh_forward(x):
     h = torch.tanh(x)
@@ -1585,6 +1609,7 @@ CORRECT: list[Case] = [
     Case("batchnorm updating running statistics (float inputs not differentiated)", FUNC, BatchNormRunningStats,
          bn_running_inputs),
     Case("extra trailing Nones", FUNC, TrailingNones, x45),
+    Case("exp computed under no_grad (opaque to autograd)", FUNC, ExpUnderNoGrad, x45),
     Case("None for an input whose gradient is zero", FUNC, ReluOfAbs, two45),
     Case("pair: tanh", PAIR, (tanh_forward, tanh_backward), x45),
     Case("pair: layernorm", PAIR, (layernorm_forward, layernorm_backward), lambda s: ln_inputs(s)[:3]),
@@ -1604,6 +1629,8 @@ WRONG: list[Case] = [
     Case("sigmoid: s", FUNC, SigmoidS, x45, ("taken as s instead of s * (1 - s)",), "derivative"),
     Case("sigmoid: 1 - s", FUNC, SigmoidOneMinusS, x45, ("taken as 1 - s instead",), "derivative"),
     Case("exp at the input", FUNC, ExpAtInput, x45, ("exp's derivative taken at its input",), "derivative"),
+    Case("exp under no_grad, at the input", FUNC, ExpUnderNoGradAtInput, x45, ("exp's derivative taken at its input",),
+         "derivative"),
     Case("sqrt without its 1/2", FUNC, SqrtNoHalf, pos45, ("without its 1/2",), "constant"),
     Case("x**-0.5 without its 1/2", FUNC, RSqrtNoHalf, pos45, ("factor -0.5 dropped", "without its 1/2"), "constant"),
     Case("x**3: exponent not lowered", FUNC, CubeExponentKept, x45, ("exponent not lowered",), "derivative"),

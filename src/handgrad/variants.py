@@ -99,7 +99,8 @@ class Call:
 
     def where(self) -> str:
         src = self.source
-        return f"`{src}` ({os.path.basename(self.file)}:{self.line})" if src else f"`{self.op}`"
+        return (f"`{src}` ({os.path.basename(self.file)}:{self.line})" if src
+                else f"`{self.op}` (what your forward computes, by its values)")
 
 
 _ALIASES = {
@@ -1661,6 +1662,11 @@ def _recognisers(x: Tensor, n_inputs: int) -> list[tuple[str, Callable[..., Tens
             ("softplus", F.softplus),
             ("softmax over the last dim", lambda x: torch.softmax(x, -1)),
             ("log_softmax over the last dim", lambda x: torch.log_softmax(x, -1)),
+            ("exp", torch.exp),
+            ("log", torch.log),
+            ("sqrt", torch.sqrt),
+            ("sin", torch.sin),
+            ("cos", torch.cos),
         ]
         for eps in (1e-5, 1e-6, 1e-12, 1e-8, 0.0):
             out.append(
@@ -1707,6 +1713,8 @@ def recognise(inputs64: Sequence[Tensor], outputs64: Sequence[Tensor], names: Se
         if float((ref - y).abs().max()) <= 1e-10 * max(scale, 1.0):
             clones = [t.detach().clone().requires_grad_(True) for t in diff]
             graph, _ = record(fn, clones, names, lambda r: [r])
+            for c in graph.calls:  # made here, not in the user's code: no line of theirs to quote
+                c.file, c.line = "", 0
             return graph
     return None
 
