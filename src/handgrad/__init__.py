@@ -12,7 +12,8 @@ __version__ = "0.2.0"
 # name -> the module that defines it (a module's own name: the module itself)
 _PUBLIC = {
     "ops": "ops",
-    "check_backward": "check", "compare": "check", "run_lecture_check": "check",
+    "check_backward": "check", "check_function": "check", "check_op": "check", "compare": "check",
+    "run_lecture_check": "check",
     "DataError": "data", "Splits": "data", "Vocab": "data", "default_data_path": "data",
     "make_splits": "data", "read_words": "data",
     "BatchNorm1d": "layers", "Embedding": "layers", "FlattenConsecutive": "layers", "Layer": "layers",

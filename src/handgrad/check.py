@@ -23,6 +23,7 @@ from torch import Tensor
 from handgrad import atomic, ops
 from handgrad.atomic import LectureConfig, Params, init_params
 from handgrad.data import default_data_path, make_splits, read_words
+from handgrad.limits import Overran, limited, overran_message
 
 
 # ---------------------------------------------------------------------------- tolerances
@@ -78,6 +79,15 @@ class Tolerance:
 # |manual - autograd| was 2.1 levels, the worst |analytic - finite difference| 0.5 levels.
 AUTOGRAD_SLACK = 16.0
 LEVEL_ULPS = 8.0  # the level from the magnitude alone: 8 ulps of max|reference|
+# float16 and bfloat16 (eps above LOW_PRECISION_EPS): 8 ulps x 16 would be the whole value in bfloat16
+# (2^-7 x 128 = 1), so the magnitude floor is 1 ulp of max|reference| and the elementwise rtol 2 eps.
+# Measured on correct Functions (tests/function_corpus.py, and layernorm, batchnorm at batch 2 and 256,
+# softmax over 512, attention, GELU, cross-entropy over 100 classes, 2 seeds each, both dtypes): the
+# worst |manual - autograd| was 6.6 such levels (batchnorm at batch 2 in float16, where the measured
+# float32-vs-float64 rounding dominates), 4 levels elsewhere.
+LOW_PRECISION_EPS = 1e-3
+LOW_LEVEL_ULPS = 1.0
+LOW_RTOL_ULPS = 2.0
 FD_SLACK = 32.0
 FAR_ABOVE = 100.0  # an error over 100 tolerances is "far above" the level
 # Central differences in float64 with step FD_EPS: the truncation h^2 |f'''| / 6 is ~1e-13 of f' for
@@ -98,6 +108,18 @@ KINK_PERSISTS = 0.5  # ... and is a kink when its one-sided derivatives still di
 # gradient fails at both steps.
 
 
+# Naming a wrong gradient (handgrad.variants): it "equals" a variant of the forward when they agree
+# within VARIANT_MATCH of the largest entry (float64 rounding of two orders of the same formula sits
+# ~1e-15 of it, ~1e-11 under batchnorm's cancellation at batch 2) and the variant differs from the
+# right gradient by at least VARIANT_DISTINCT (100x further from the right one than from the user's;
+# eps = 1e-5 left out of a normalisation changes its gradient by ~eps/var, 1e-6 to 1e-5 of it).
+VARIANT_MATCH = 1e-9
+VARIANT_DISTINCT = 1e-7
+# Second order and forward mode are compared in float64 only (no float32 rerun measures their
+# cancellation): their rounding level is this fraction of the reference's largest entry (~1e5 ulps).
+SECOND_ORDER_LEVEL = 1e-11
+
+
 # Relative agreement of whole-run quantities between the hand-written and the autograd path, by dtype:
 # `--verify-autograd`'s per-step loss difference (issue 11: <= 1e-5 in float32, <= 1e-12 in float64) and
 # the diagnostics' sanity checks (relative to one dlogits entry, or to the largest gradient entry).
@@ -112,12 +134,16 @@ def run_tolerance(dtype: torch.dtype) -> float:
 def autograd_tolerance(dtype: torch.dtype, reference: Tensor | None = None,
                        measured: float = 0.0) -> Tolerance:
     """The tolerance against autograd for a tensor of this dtype: AUTOGRAD_SLACK times its level,
-    the larger of LEVEL_ULPS * eps(dtype) * max|reference| (magnitude 1 without a reference) and
-    `measured`, the rounding measured for this computation (see measured_level)."""
+    the larger of LEVEL_ULPS * eps(dtype) * max|reference| (magnitude 1 without a reference; 1 ulp
+    for float16 and bfloat16) and `measured`, the rounding measured for this computation (see
+    measured_level)."""
     eps = machine_eps(dtype)
+    low = eps > LOW_PRECISION_EPS
     scale = float(reference.detach().abs().max()) if reference is not None and reference.numel() else 1.0
-    level = max(LEVEL_ULPS * eps * scale if math.isfinite(scale) else 0.0, measured)
-    return Tolerance(rtol=AUTOGRAD_SLACK * eps, atol=AUTOGRAD_SLACK * level, level=level,
+    ulps = LOW_LEVEL_ULPS if low else LEVEL_ULPS
+    level = max(ulps * eps * scale if math.isfinite(scale) else 0.0, measured)
+    rtol = (LOW_RTOL_ULPS if low else AUTOGRAD_SLACK) * eps
+    return Tolerance(rtol=rtol, atol=AUTOGRAD_SLACK * level, level=level,
                      source=f"{str(dtype).replace('torch.', '')} rounding level at this tensor's magnitude")
 
 
@@ -210,8 +236,15 @@ def _close_diagnosis(m: Tensor, r: Tensor, tol: Tolerance) -> str:
     if err <= ref.atol:
         return (f"close (max relative error {rel:.1e}) and {ref.verdict(err)}: a rounding-order difference, "
                 f"not a wrong formula (the tolerance given, {tol}, is tighter than that)")
+    low = ""
+    if r.dtype == torch.float64 and FLOAT32_SIZED[0] <= rel <= FLOAT32_SIZED[1]:
+        low = ("; a difference of float32's size in a float64 computation: a float32 constant or "
+               "intermediate inside (torch.where or torch.tensor with python floats, a .float())?")
     return (f"close (max relative error {rel:.1e}) but {ref.verdict(err)}: a small formula difference, "
-            "not rounding (a missing eps? a constant slightly off? a dropped term?)")
+            f"not rounding (a missing eps? a constant slightly off? a dropped term?){low}")
+
+
+FLOAT32_SIZED = (1e-10, 1e-6)  # relative errors a float32 value inside a float64 computation leaves
 
 
 def _values_diagnosis(m: Tensor, r: Tensor, tol: Tolerance, sizes: Mapping[str, int],
@@ -231,11 +264,15 @@ def _values_diagnosis(m: Tensor, r: Tensor, tol: Tolerance, sizes: Mapping[str, 
                 f".reshape{tuple(r.shape)} (a .view/.reshape where a .permute/.transpose was needed, "
                 "or the dimensions listed in the wrong order)")
     rr = float((r.double() * r.double()).sum())
+    fit = math.inf
     if rr > 0:
         k = float((m.double() * r.double()).sum()) / rr
         fit = float(((m.double() - k * r.double()).norm()) / max(float(m.double().norm()), 1e-300))
-        if fit <= 1e-5 and abs(k - 1) > 1e-5:
-            return _describe_scale(k, sizes)
+    sliced = _slice_scales(m, r, fit)  # a factor per row or column fits far better than one for all
+    if sliced:
+        return sliced
+    if fit <= 1e-5 and abs(k - 1) > 1e-5:
+        return _describe_scale(k, sizes)
     scale = float(r.abs().max())
     if scale > 0 and float((m - r).abs().max()) / scale < 1e-4:
         return _close_diagnosis(m, r, tol)
@@ -253,8 +290,42 @@ def _values_diagnosis(m: Tensor, r: Tensor, tol: Tolerance, sizes: Mapping[str, 
             return (f"correct on {m.shape[0] - len(bad)} of {m.shape[0]} rows, wrong on rows "
                     f"{sorted(bad)[:8]}{'...' if len(bad) > 8 else ''} (an index that repeats and "
                     "was overwritten instead of accumulated?)")
+    if m.dim() >= 2 and m.shape[-1] > 1:
+        ok = ((m - r).abs() <= tol.atol + tol.rtol * r.abs()).reshape(-1, m.shape[-1])  # (R, C)
+        bad_cols = [j for j in range(m.shape[-1]) if not bool(ok[:, j].all())]
+        if 0 < len(bad_cols) < m.shape[-1]:
+            return (f"correct on {m.shape[-1] - len(bad_cols)} of {m.shape[-1]} columns (the last dim), "
+                    f"wrong on columns {bad_cols[:8]}{'...' if len(bad_cols) > 8 else ''} (a boundary or an "
+                    "index range off by one?)")
     return ("values differ, with no simple pattern (not a sign, constant scale, transpose, "
-            "dimension order or row subset)")
+            "dimension order, row or column subset)")
+
+
+SLICE_FIT = 1e-6  # a slice "is a constant times" the reference: relative residual below this
+
+
+def _slice_scales(m: Tensor, r: Tensor, one_fit: float = math.inf) -> str:
+    """manual = k_i x reference along each row (dim 0) or each column (the last dim), with k varying
+    (the fit 100x better than one constant's, `one_fit`): a factor that depends on the row or column,
+    e.g. its own statistics taken with and without eps."""
+    if m.dim() < 2 or m.numel() < 4:
+        return ""
+    for dim, what in ((0, "row"), (m.dim() - 1, "column")):
+        mm = m.double().movedim(dim, 0).reshape(m.shape[dim], -1)  # (S, rest)
+        rr = r.double().movedim(dim, 0).reshape(m.shape[dim], -1)
+        nn = (rr * rr).sum(1)  # (S,)
+        if mm.shape[0] < 2 or mm.shape[1] < 2 or not bool((nn > 0).all()):
+            continue
+        k = (mm * rr).sum(1) / nn  # (S,)
+        resid = float((mm - k[:, None] * rr).norm() / max(float(mm.norm()), 1e-300))
+        spread = float(k.max() - k.min())
+        if resid <= SLICE_FIT and resid * 100 < one_fit and spread > 1e-9 * max(float(k.abs().max()), 1e-300):
+            near1 = bool(((k - 1).abs() < 1e-2).all())
+            hint = (f": close to 1, as a per-{what} statistic with and without eps (eps left out?)" if near1
+                    else f" (a per-{what} statistic, a norm or a count, wrong?)")
+            return (f"each {what} scaled by its own constant: manual = k x reference with k from "
+                    f"{float(k.min()):.7g} to {float(k.max()):.7g} across {what}s{hint}")
+    return ""
 
 
 def _broadcast_dims(small: tuple[int, ...], big: tuple[int, ...]) -> list[int] | None:
@@ -479,7 +550,7 @@ def _numeric_gradient(fn: Callable[[], Tensor], x: Tensor, dout: Tensor | None,
     """The full central-difference gradient of sum(fn() * dout) in x, and its noise level."""
     with torch.no_grad():
         f0 = fn().detach().clone()
-    w = torch.ones_like(f0) if dout is None else dout.to(torch.float64).expand_as(f0)
+    w = torch.ones_like(f0) if dout is None else dout.to(torch.float64).to(f0.device).expand_as(f0)
     with _one_thread():
         probes = [_probe(fn, x, f0, w, eps, i, None) for i in range(x.numel())]
     num = torch.tensor([p.central for p in probes], dtype=torch.float64).reshape(x.shape)
@@ -522,12 +593,12 @@ def finite_differences(fn: Callable[[], Tensor], x: Tensor, analytic: Tensor, na
     if tuple(analytic.shape) != tuple(x.shape):  # diagnosed against the finite differences themselves
         num, level = _numeric_gradient(fn, x, dout, eps) if x.numel() <= FD_SHAPE_LIMIT else (None, 0.0)
         t = tol or fd_tolerance(level)
-        msg = _shape_diagnosis(analytic.detach().double(), tuple(x.shape), num, t, sizes or {}, index)
+        msg = _shape_diagnosis(analytic.detach().double().cpu(), tuple(x.shape), num, t, sizes or {}, index)
         return FDResult(name, tuple(analytic.shape), 0, x.numel(), 0, math.nan, math.inf, t, msg)
-    a = analytic.detach().to(torch.float64).reshape(-1)  # (numel,)
+    a = analytic.detach().to(torch.float64).reshape(-1).cpu()  # (numel,) the comparisons run on the CPU
     with torch.no_grad():
         f0 = fn().detach().clone()
-    w = torch.ones_like(f0) if dout is None else dout.to(torch.float64).expand_as(f0)
+    w = torch.ones_like(f0) if dout is None else dout.to(torch.float64).to(f0.device).expand_as(f0)
 
     g = torch.Generator().manual_seed(seed)
     n = x.numel()
@@ -535,7 +606,8 @@ def finite_differences(fn: Callable[[], Tensor], x: Tensor, analytic: Tensor, na
     dirs = 0 if n <= max_elements else directions
     vs = [torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(dirs)]
     vs = [v / v.norm() for v in vs]  # unit directions, shaped like x
-    where: list[tuple[int | None, Tensor | None]] = [(int(i), None) for i in picks] + [(None, v) for v in vs]
+    where: list[tuple[int | None, Tensor | None]] = [(int(i), None) for i in picks] + [
+        (None, v.to(x.device)) for v in vs]  # perturbations on x's device
     with _one_thread():
         probes = [_probe(fn, x, f0, w, eps, i, v) for i, v in where]
     num = torch.tensor([p.central for p in probes], dtype=torch.float64)  # (k + dirs,)
@@ -595,7 +667,7 @@ def finite_differences(fn: Callable[[], Tensor], x: Tensor, analytic: Tensor, na
 @dataclass
 class Section:
     title: str
-    rows: list[Comparison | FDResult]
+    rows: list[Comparison | FDResult | Finding]
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -637,6 +709,34 @@ def _render_fd(rows: list[FDResult]) -> list[str]:
 
 
 @dataclass
+class Finding:
+    """A check that is not a tensor comparison: part of an autograd.Function's contract (one
+    gradient per input, needs_input_grad, saved tensors), or an error the check met. `note` is
+    said even when it passes."""
+
+    name: str
+    passed: bool
+    message: str = ""  # what is wrong, in one line ('' when it passed)
+    note: str = ""
+
+    @property
+    def diagnosis(self) -> str:
+        return self.message
+
+
+def _render_findings(rows: list[Finding]) -> list[str]:
+    w = max([len(r.name) for r in rows] + [5])
+    out = [f"{'check':<{w}}  verdict"]
+    for r in rows:
+        out.append(f"{r.name:<{w}}  {'ok' if r.passed else 'FAIL'}")
+        if not r.passed:
+            out.append(f"{'':<{w}}  -> {r.message}")
+        if r.note:
+            out.append(f"{'':<{w}}  note: {r.note}")
+    return out
+
+
+@dataclass
 class Report:
     """The result of a check: sections of rows, `.passed`, and a readable str() (print it)."""
 
@@ -648,13 +748,13 @@ class Report:
     def passed(self) -> bool:
         return all(s.passed for s in self.sections)
 
-    def rows(self) -> list[Comparison | FDResult]:
+    def rows(self) -> list[Comparison | FDResult | Finding]:
         return [r for s in self.sections for r in s.rows]
 
-    def failures(self) -> list[Comparison | FDResult]:
+    def failures(self) -> list[Comparison | FDResult | Finding]:
         return [r for r in self.rows() if not r.passed]
 
-    def row(self, name: str, section: int = 0) -> Comparison | FDResult:
+    def row(self, name: str, section: int = 0) -> Comparison | FDResult | Finding:
         """The row called `name` in section number `section`."""
         for r in self.sections[section].rows:
             if r.name == name:
@@ -667,6 +767,8 @@ class Report:
             lines += ["", s.title]
             comps = [r for r in s.rows if isinstance(r, Comparison)]
             fds = [r for r in s.rows if isinstance(r, FDResult)]
+            finds = [r for r in s.rows if isinstance(r, Finding)]
+            lines += _render_findings(finds) if finds else []
             lines += _render_comparisons(comps) if comps else []
             lines += _render_fd(fds) if fds else []
             lines += s.notes
@@ -683,8 +785,8 @@ class Report:
 
 
 AUTOGRAD_RULE = (f"atol = {AUTOGRAD_SLACK:g} x each tensor's rounding level: {LEVEL_ULPS:g} eps(dtype) "
-                 "max|grad|, or autograd's own float32-vs-float64 difference rescaled to the dtype when "
-                 "larger")
+                 f"max|grad| ({LOW_LEVEL_ULPS:g} in float16/bfloat16), or autograd's own float32-vs-float64 "
+                 "difference rescaled to the dtype when larger")
 FD_RULE = (f"float64, central, eps={FD_EPS:g}; pass |a-n| <= atol + rtol*|n|, rtol={FD_TOL.rtol:g}, "
            f"atol = {FD_SLACK:g} x each tensor's noise level eps64 x sum|out*dout| / 2eps")
 
@@ -725,6 +827,32 @@ def _levels(r32: Sequence[Tensor] | None, r64: Sequence[Tensor] | None,
     if r32 is None or r64 is None:
         return [0.0] * len(dtypes)
     return [measured_level(a, b, d) for a, b, d in zip(r32, r64, dtypes)]
+
+
+# ---------------------------------------------------------------------------- naming the mistake
+def _name_rows(sections: Sequence[Section], fn: Callable[..., list[Tensor]], inputs64: Sequence[Any],
+               names: Sequence[str], weights: Sequence[Tensor], user: Mapping[str, Any],
+               ref: Mapping[str, Tensor]) -> None:
+    """Say, in each failing row, which variant of the forward's own graph the gradient equals (a
+    branch left out, a local derivative in a common wrong form, ...; handgrad.variants). `user` and
+    `ref` map input names to the float64 gradients; fn(*inputs64) -> the outputs weighted."""
+    failing = {r.name for sec in sections for r in sec.rows
+               if isinstance(r, (Comparison, FDResult)) and not r.passed}
+    if not failing:
+        return
+    pos = {n: i for i, n in enumerate(names)}
+    wrong = {pos[n]: g.detach().to(torch.float64) for n, g in user.items()
+             if n in failing and n in pos and isinstance(g, Tensor) and isinstance(ref.get(n), Tensor)
+             and g.shape == ref[n].shape}
+    right = {pos[n]: t.detach().to(torch.float64) for n, t in ref.items()
+             if n in pos and isinstance(t, Tensor)}
+    passing = [pos[n] for n in ref if n in pos and n not in failing]
+    from handgrad import variants  # it reads this module's tolerances
+    try:
+        named = variants.explain(fn, inputs64, names, weights, wrong, right, passing)
+    except Exception:  # naming is a bonus: a forward it cannot replay keeps the plain diagnosis
+        return
+    variants.attach_names(sections, {names[i]: nm for i, nm in named.items()})
 
 
 # ---------------------------------------------------------------------------- users' own backward
@@ -775,7 +903,8 @@ def check_backward(forward: Callable, backward: Callable,
                    inputs: Mapping[str, Tensor] | Sequence[Tensor], *, wrt: Sequence[str] | None = None,
                    seed: int = 0, fd: bool = True, title: str | None = None,
                    tol: Tolerance | None = None, fd_tol: Tolerance | None = None,
-                   sizes: Mapping[str, int] | None = None) -> Report:
+                   sizes: Mapping[str, int] | None = None, name_mistakes: bool = True,
+                   timeout: float | None = 60.0) -> Report:
     """Check a hand-written backward against autograd and float64 finite differences.
 
     forward(*inputs) returns (out, cache), and then backward(dout, cache) is called; or it returns
@@ -786,7 +915,27 @@ def check_backward(forward: Callable, backward: Callable,
     Autograd is compared in the inputs' dtype, with a tolerance per tensor from its rounding level
     (autograd_tolerance; `tol` replaces it); finite differences run in float64 (fd_tolerance;
     `fd_tol` replaces it). `sizes` names sizes for the diagnosis (e.g. {"n": 32}); the input
-    shapes' sizes are added."""
+    shapes' sizes are added. A wrong gradient is named from the forward's own graph when one of its
+    variants explains it (`name_mistakes`, see handgrad.variants). Each call of forward or backward
+    may take `timeout` seconds; one that does not return is stopped and reported in one line."""
+    title = title or f"check_backward: {getattr(backward, '__name__', 'backward')}"
+    fwd = limited(forward, timeout, f"forward {getattr(forward, '__name__', '')}".rstrip())
+    bwd = limited(backward, timeout, f"backward {getattr(backward, '__name__', '')}".rstrip())
+    try:
+        return _check_backward(fwd, bwd, inputs, wrt, seed, fd, title, tol, fd_tol, sizes, name_mistakes,
+                               forward)
+    except Overran as e:
+        what = e.args[0] if e.args else "a call"
+        row = Finding(what.split()[0], False, overran_message(e, what))
+        return Report(title, [Section("running it", [row])])
+
+
+def _check_backward(forward: Callable, backward: Callable, inputs: Mapping[str, Tensor] | Sequence[Tensor],
+                    wrt: Sequence[str] | None, seed: int, fd: bool, title: str, tol: Tolerance | None,
+                    fd_tol: Tolerance | None, sizes: Mapping[str, int] | None, name_mistakes: bool,
+                    fd_forward: Callable) -> Report:
+    """check_backward's body; `fd_forward` is the forward without a time limit per call (the finite
+    differences call it thousands of times, after it has returned once under the limit)."""
     named = _named(inputs)
     wrt = list(wrt) if wrt is not None else [k for k, t in named.items() if t.is_floating_point()]
     index = [t for t in named.values() if not t.is_floating_point() and not t.is_complex()]
@@ -828,7 +977,7 @@ def check_backward(forward: Callable, backward: Callable,
             x = x64[keys.index(k)]
 
             def fn(xs=x64) -> Tensor:
-                return _out(forward(*xs))
+                return _out(fd_forward(*xs))
             fd_rows.append(finite_differences(fn, x, g64, k, dout64, tol=fd_tol, seed=seed, sizes=all_sizes,
                                               index=index))
         sections.append(Section("hand-written backward vs finite differences "
@@ -838,7 +987,10 @@ def check_backward(forward: Callable, backward: Callable,
         if len(sections) == 3:
             sections[1].rows = _excused(sections[1].rows, dict(zip(wrt, grads64)), dict(zip(wrt, r64)),
                                         fd_rows)
-    return Report(title or f"check_backward: {getattr(backward, '__name__', 'backward')}", sections)
+    if name_mistakes and r64 is not None:
+        _name_rows(sections, lambda *xs: [_out(forward(*xs))], x64, list(named), [dout64],
+                   dict(zip(wrt, grads64)), dict(zip(wrt, r64)))
+    return Report(title, sections)
 
 
 # ---------------------------------------------------------------------------- layers and models
@@ -977,7 +1129,7 @@ def _level_map(r32: Any, r64: Any, ref: Mapping[str, Tensor]) -> dict[str, float
 
 
 def check_layer(layer: Any, x: Tensor, *, dout: Tensor | None = None, seed: int = 0, training: bool = True,
-                fd: bool = True, title: str | None = None) -> Report:
+                fd: bool = True, title: str | None = None, name_mistakes: bool = True) -> Report:
     """Check a layer's backward: dx (when x is floating) and every parameter gradient against
     autograd in the layer's dtype, then against float64 central differences on a float64 deep copy.
 
@@ -985,7 +1137,8 @@ def check_layer(layer: Any, x: Tensor, *, dout: Tensor | None = None, seed: int 
     name an attribute, or "i.name" into a Sequential's .layers), forward(x, training) -> (out, cache)
     is pure, backward(dout, cache) -> (dx, {name: dparam}). dout defaults to a seeded N(0, 1)
     tensor. Shapes are strict; a missing or unknown gradient name gets its own failing row, and so
-    does a parameter or buffer the forward changed."""
+    does a parameter or buffer the forward changed. A wrong gradient is named from the layer's own
+    forward (`name_mistakes`, see handgrad.variants)."""
     dtype = _layer_dtype(layer, x)
     who = type(layer).__name__
     before = _state(layer)
@@ -1028,6 +1181,16 @@ def check_layer(layer: Any, x: Tensor, *, dout: Tensor | None = None, seed: int 
         if len(sections) == 2:
             sections[1].rows = _excused(sections[1].rows, manual64, ref64, fd_sec.rows)
         sections.append(fd_sec)
+    if name_mistakes and r64 is not None:
+        pnames = list(layer64.params())
+
+        def layer_out(x_: Tensor, *ps: Tensor) -> list[Tensor]:
+            with _substituted(layer64, dict(zip(pnames, ps))):
+                return [layer64.forward(x_, training)[0]]
+        user64 = {**grads64, **({"x": dx64} if ref_dx is not None else {})}
+        ref64 = {**r64[2], **({"x": r64[1]} if ref_dx is not None else {})}
+        inputs64 = [x64, *[layer64.params()[k].detach().clone() for k in pnames]]
+        _name_rows(sections, layer_out, inputs64, ["x", *pnames], [dout.to(torch.float64)], user64, ref64)
     return Report(title or f"check_layer: {who}, x {_fmt_shape(tuple(x.shape))}, "
                   f"{'training' if training else 'inference'}", sections)
 
@@ -1061,12 +1224,13 @@ def _layer_fd(layer64: Any, x64: Tensor, dx64: Tensor | None, grads64: Mapping[s
 
 
 def check_model(model: Any, X: Tensor, Y: Tensor, *, seed: int = 0, fd: bool = True,
-                title: str | None = None) -> Report:
+                title: str | None = None, name_mistakes: bool = True) -> Report:
     """Check a model's backward on the mean cross-entropy of model.forward(X)[0] against Y: dlogits
     from ops.cross_entropy_backward, then every named parameter gradient of
     model.backward(dlogits, cache), against autograd in the model's dtype, then against float64
     central differences of the loss on a float64 deep copy (a seeded sample of the elements of
-    tensors over FD_MAX_ELEMENTS, plus random directions). Training mode (batch statistics)."""
+    tensors over FD_MAX_ELEMENTS, plus random directions). Training mode (batch statistics). A wrong
+    gradient is named from the model's own forward (`name_mistakes`, see handgrad.variants)."""
     who = type(model).__name__
     before = _state(model)
     sizes = {"n": X.shape[0], **_sizes(X=X)}
@@ -1112,6 +1276,14 @@ def check_model(model: Any, X: Tensor, Y: Tensor, *, seed: int = 0, fd: bool = T
         sections.append(Section(f"{who}.backward vs finite differences of the loss ({FD_RULE}; tensors "
                                 f"over {FD_MAX_ELEMENTS} elements: a seeded sample plus {FD_DIRECTIONS} "
                                 "random unit directions)", fd_rows))
+    if name_mistakes and r64 is not None:
+        mnames = list(model64.params())
+
+        def model_loss(*ps: Tensor) -> list[Tensor]:
+            with _substituted(model64, dict(zip(mnames, ps))):
+                return [loss(model64.forward(X64, True)[0]).reshape(1)]
+        _name_rows(sections, model_loss, [model64.params()[k].detach().clone() for k in mnames], mnames,
+                   [torch.ones(1, dtype=torch.float64)], dict(grads64), dict(r64[2]))
     header = [f"batch {X.shape[0]}, {sum(t.numel() for t in model.params().values())} parameters in "
               f"{len(ref)} tensors; loss {float(loss_value):.6f}"]
     return Report(title or f"check_model: {who}", sections, header)
@@ -1234,3 +1406,16 @@ def run_lecture_check(dtype: torch.dtype = torch.float32, seed: int = 42) -> Rep
     report = check_lecture_graph(p, X, Y, seed=seed)
     report.title += f", seed {seed}"
     return report
+
+
+# ---------------------------------------------------------------------------- Functions and custom ops
+def check_function(fn: Any, *inputs: Any, **kwargs: Any) -> Report:
+    """Check a torch.autograd.Function (the class or its .apply): see handgrad.functions.check_function."""
+    from handgrad.functions import check_function as impl
+    return impl(fn, *inputs, **kwargs)
+
+
+def check_op(op: Any, *inputs: Any, **kwargs: Any) -> Report:
+    """Check a custom op's registered backward: see handgrad.functions.check_op."""
+    from handgrad.functions import check_op as impl
+    return impl(op, *inputs, **kwargs)
