@@ -18,6 +18,7 @@ import difflib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from handgrad.dojo.graph import broadcast
 from handgrad.dojo.runner import reads_of, writes_of
 
 ARITH = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.MatMult, ast.Pow)
@@ -73,19 +74,10 @@ class Scope:
         if sa is None or sb is None:
             return sa is None and sb is None
         try:
-            _broadcast(sa, sb)
+            broadcast(sa, sb)
         except ValueError:
             return False
         return True
-
-
-def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    out = []
-    for x, y in zip(reversed((1,) * (len(b) - len(a)) + tuple(a)), reversed((1,) * (len(a) - len(b)) + tuple(b))):
-        if x != y and 1 not in (x, y):
-            raise ValueError("shapes do not broadcast")
-        out.append(max(x, y))
-    return tuple(reversed(out))
 
 
 # ---------------------------------------------------------------------------- node edits
@@ -173,7 +165,8 @@ def _index_edits(sl: ast.expr, scope: Scope) -> Iterator[ast.expr]:
         yield ast.Tuple([copy.deepcopy(rng[0]), copy.deepcopy(sl)], ast.Load())
 
 
-def node_edits(node: ast.AST, scope: Scope, parent_arith: bool) -> Iterator[tuple[ast.AST, str, float]]:
+def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST | None = None
+               ) -> Iterator[tuple[ast.AST, str, float]]:
     """(replacement, kind, extra rank) for one node of an expression."""
     if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
         name = node.id
@@ -194,12 +187,16 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool) -> Iterator[tupl
                     yield ast.Name(other, ast.Load()), "name", 0.5
     elif isinstance(node, ast.Attribute) and node.attr == "T":
         yield copy.deepcopy(node.value), "transpose", 0.0
-    elif (c := _number(node)) is not None:
+    elif (c := _number(node)) is not None and not (isinstance(parent, ast.Call) and (
+            _reduction(parent) or getattr(parent.func, "attr", "") in ("softmax", "log_softmax"))):
         for v in _const_edits(c):
             yield _const(v), "constant", 0.0
-        if "n" in scope.sizes:  # a constant missing its 1/n (or n/(n-1), ...)
+        if "n" in scope.sizes:  # a constant missing its 1/n (or n/(n-1), ...), or a number for a formula in n
             for f in ("{x} / n", "{x} * n", "{x} / (n - 1)", "{x} * n / (n - 1)"):
                 yield ast.parse(f.format(x=repr(c)), mode="eval").body, "factor", 0.0
+            if isinstance(c, float) and not c.is_integer():
+                for f in ("n / (n - 1)", "(n - 1) / n", "1 / n", "1 / (n - 1)", "1.0 / n", "1.0 / (n - 1)"):
+                    yield ast.parse(f, mode="eval").body, "constant", -0.1
         for s, val in scope.sizes.items():  # a hard-coded size
             if val == c:
                 yield ast.Name(s, ast.Load()), "constant", -0.5
@@ -230,7 +227,7 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool) -> Iterator[tupl
             for d in (0, 1, None, -1):
                 for k in (True, False):
                     if (d, k) != (dim, keep) and not (d is None and k):
-                        yield _reduce_call(recv, name, d, k), "reduce", 0.0 if d == dim else 0.2
+                        yield _reduce_call(recv, name, d, k), "reduce", 0.0 if d == dim or k == keep else 0.2
             other = "mean" if name == "sum" else "sum"
             yield _reduce_call(recv, other, None if dim == "?" else dim, keep), "reduce", 0.3
             yield copy.deepcopy(recv), "reduce", 0.4
@@ -324,15 +321,32 @@ def _put(root: ast.AST, path: tuple, new: ast.AST) -> ast.AST:
     return out
 
 
+def segment(lines: list[str], node: ast.AST) -> str | None:
+    """The learner's own text of `node` (ast.get_source_segment on lines split once)."""
+    try:
+        a, b = node.lineno - 1, node.end_lineno - 1
+        ca, cb = node.col_offset, node.end_col_offset
+    except AttributeError:
+        return None
+    if not (0 <= a <= b < len(lines)):
+        return None
+    if a == b:
+        return lines[a].encode()[ca:cb].decode("utf-8", "replace")
+    first = lines[a].encode()[ca:].decode("utf-8", "replace")
+    last = lines[b].encode()[:cb].decode("utf-8", "replace")
+    return "\n".join([first, *lines[a + 1:b], last])
+
+
 def _simple(node: ast.AST) -> bool:
     return isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Return))
 
 
-def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str, index: int, where_of,
+def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | list[str], index: int, where_of,
                     ) -> list[Edit]:
     """Every single edit of the simple statements under `top` that write one of `targets` (for a def or
     a class: the statements of its body that do), as an Edit whose source is `top` edited."""
     out: list[Edit] = []
+    lines = text.splitlines() if isinstance(text, str) else text
     for path, node, _ in _walk(top):
         if not _simple(node):
             continue
@@ -353,7 +367,7 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str, i
                 src = ast.unparse(edited)
             except Exception:  # an edit that does not unparse (a malformed node): not a candidate
                 return
-            was_text = was if was is not None else (ast.get_source_segment(text, was_node) or ast.unparse(was_node))
+            was_text = was if was is not None else (segment(lines, was_node) or ast.unparse(was_node))
             now_text = now if now is not None else ast.unparse(new)
             if kind == "index" and isinstance(new, ast.Tuple):  # an index reads as the learner wrote it: [a, b]
                 now_text, was_text = f"[{now_text.strip('()')}]", f"[{was_text.strip('()')}]"
@@ -364,7 +378,7 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str, i
         # the statement itself: += for =, = for +=, -= for +=
         tgt = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
         if isinstance(node, ast.AugAssign):
-            head = ast.get_source_segment(text, node.target) or ast.unparse(node.target)
+            head = segment(lines, node.target) or ast.unparse(node.target)
             new = ast.Assign([copy.deepcopy(node.target)], copy.deepcopy(node.value))
             _ctx_store(new.targets[0])
             sym = _OPS.get(type(node.op), "?")
@@ -374,7 +388,7 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str, i
                                      else ast.Add(), copy.deepcopy(node.value))
                 add((), flip, "sign", 0.0, was=f"{head} {sym}=", now=f"{head} {'-' if sym == '+' else '+'}=")
         elif tgt is not None:
-            head = ast.get_source_segment(text, tgt) or ast.unparse(tgt)
+            head = segment(lines, tgt) or ast.unparse(tgt)
             for op, sym in ((ast.Add, "+"), (ast.Sub, "-")):
                 new = ast.AugAssign(copy.deepcopy(tgt), op(), copy.deepcopy(node.value))
                 add((), new, "accumulate", 0.0 if sym == "+" else 0.5, was=f"{head} =", now=f"{head} {sym}=")
@@ -392,7 +406,7 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str, i
         add_path = ("value", None)
         for sub_path, sub, parent in _walk(value, (add_path,)):
             arith_parent = parent is None or (isinstance(parent, ast.BinOp) and isinstance(parent.op, ARITH))
-            for new, kind, extra in node_edits(sub, scope, arith_parent):
+            for new, kind, extra in node_edits(sub, scope, arith_parent, parent):
                 add(sub_path, new, kind, extra, was_node=sub)
             if isinstance(sub, ast.BinOp) and isinstance(sub.op, ARITH):
                 for t in paren_edits(sub):

@@ -178,7 +178,9 @@ def _upstream(graph: G.Graph, g: str) -> set[str]:
 
 
 # ---------------------------------------------------------------------------- the edit search
-Edits = Callable[[str, int, list[str], list[Probe]], dict[str, list[dict]]]
+# (row key, statement index, candidate sources, probes, full) -> {probe: fingerprints, or the values}
+Edits = Callable[..., dict[str, list]]
+FULL = 8  # the best-ranked candidates whose fingerprints fit, checked value by value on every probe
 
 
 def _fits(fp: dict, p: Probe, key: str, item: Item, cache: dict) -> bool:
@@ -227,7 +229,7 @@ def candidates(item: Item, parsed: R.Parsed, key: str, var: str, vars_: dict[str
         helpers = {w for i in idx for w in parsed.region[i].writes}
         for i in idx:
             st = parsed.region[i]
-            text = "\n".join(parsed.lines.get(st.filename, []))
+            text = parsed.lines.get(st.filename, [])
             label = st.where.rsplit("line", 1)[0]
             out.append((i, ED.statement_edits(st.node, {var} | helpers, _scope(parsed, item, vars_, p, i), text, i,
                                               lambda line, label=label: f"{label}line {line}")))
@@ -259,25 +261,44 @@ def search(item: Item, pend: J.Pending, parsed: R.Parsed, vars_: dict[str, str],
         if not cands:
             continue
         res = run(key, index, [e.source for e in cands], [first]).get(first.name, [])
-        alive = [e for e, fp in zip(cands, res) if _fits(fp, first, key, item, cache)]
-        others = [p for p in graded if p is not first]
-        if alive and others:
-            more = run(key, index, [e.source for e in alive], others)
-            alive = [e for k, e in enumerate(alive)
-                     if all(k < len(more.get(p.name, [])) and _fits(more[p.name][k], p, key, item, cache)
-                            for p in others)]
-        for e in alive:
-            if best is None or e.rank < best.rank:
-                best = e
+        alive = sorted((e for e, fp in zip(cands, res) if _fits(fp, first, key, item, cache)),
+                       key=lambda e: e.rank)[:FULL]
+        if not alive:
+            continue
+        # the survivors, value by value on every verdict probe, by the verdict's own rule
+        full = run(key, index, [e.source for e in alive], graded, True)
+        for k, e in enumerate(alive):
+            vals = [full.get(p.name, [])[k] if k < len(full.get(p.name, [])) else None for p in graded]
+            if all(v is not None and J.compare(item, key, p, v) != "fail" for p, v in zip(graded, vals)):
+                if best is None or e.rank < best.rank:
+                    best = e
+                break
     return best
 
 
 # ---------------------------------------------------------------------------- one grade
+F32_WORDS = ("float32", ".float()", "torch.float)", "torch.float,", "torch.half", "float16")
+
+
+def float32_rows(item: Item, parsed: R.Parsed, vars_: dict[str, str]) -> set[str]:
+    """The rows whose own lines make a float32 value on purpose (dtype=torch.float32, .float())."""
+    if item.mode != "region":
+        return set()
+    out = set()
+    for st in parsed.region:
+        lines = parsed.lines.get(st.filename, [])
+        text = "\n".join(lines[st.node.lineno - 1: getattr(st.node, "end_lineno", st.node.lineno)])
+        if any(w in text for w in F32_WORDS):
+            out |= {k for k, v in vars_.items() if v in st.writes}
+    return out
+
+
+
 def assess(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: dict, vars_: dict[str, str],
            parsed: R.Parsed, run: Edits, strict: bool = False, skip: set | None = None,
            lines: dict[str, int] | None = None) -> tuple[list[Row], list[str]]:
     """The rows and notes of a grade, from what the learner's code gave on every probe."""
-    rows, pending = J.judge_rows(item, probes, outs, meta, vars_, strict, skip)
+    rows, pending = J.judge_rows(item, probes, outs, meta, vars_, strict, skip, float32_rows(item, parsed, vars_))
     for spec, row in zip(item.rows, rows):
         if row.line is None and lines:
             row.line = lines.get(spec.blank or spec.var) or lines.get(spec.var)
@@ -306,14 +327,23 @@ def assess(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: dict,
 class ChildRun:
     """The edit search's runs in the file's child process."""
 
-    def __init__(self, child, vars_: dict[str, str], time_limit: float):
-        self.child, self.vars_, self.time_limit = child, vars_, time_limit
+    def __init__(self, child, vars_: dict[str, str], time_limit: float, tmp: str):
+        self.child, self.vars_, self.time_limit, self.tmp = child, vars_, time_limit, tmp
 
-    def __call__(self, key: str, index: int, sources: list[str], probes: list[Probe]) -> dict[str, list[dict]]:
+    def __call__(self, key: str, index: int, sources: list[str], probes: list[Probe], full: bool = False
+                 ) -> dict[str, list]:
+        out = os.path.join(self.tmp, "edits.safetensors")
         rep = self.child.request({"op": "edits", "key": key, "index": index, "sources": sources, "seed": SEED,
-                                  "rows": self.vars_, "probes": [{"name": p.name, "dtype": _dt(p)} for p in probes]},
-                                 self.time_limit)
-        return rep.get("results", {}) if rep.get("ok") else {}
+                                  "rows": self.vars_, "full": full, "outputs": out,
+                                  "probes": [{"name": p.name, "dtype": _dt(p)} for p in probes]}, self.time_limit)
+        if not rep.get("ok"):
+            return {}
+        if not full:
+            return rep.get("results", {})
+        from safetensors.torch import load_file
+
+        got = load_file(out)
+        return {p.name: [got.get(f"{p.name}|{k}") for k in range(len(sources))] for p in probes}
 
 
 def _dt(p: Probe) -> str:
@@ -410,7 +440,7 @@ def _grade_path(path: Path, name: str | None, strict: bool, explicit: dict[str, 
         from safetensors.torch import load_file
 
         outs = load_file(outputs)
-        grade.rows, grade.notes = assess(item, probes, outs, rep, vars_, parsed, ChildRun(ch, vars_, time_limit),
+        grade.rows, grade.notes = assess(item, probes, outs, rep, vars_, parsed, ChildRun(ch, vars_, time_limit, tmp),
                                          strict, lines=blank_lines(text))
         if item.training:
             grade.rows += _training(ch, tmp, vars_, time_limit)

@@ -86,11 +86,13 @@ def upstream_scale(item: Item, key: str, p: Probe) -> float:
     return out
 
 
-def tolerance(ref: Tensor, answer: Tensor, upstream: float = 0.0) -> Tolerance:
+def tolerance(ref: Tensor, answer: Tensor, upstream: float = 0.0, f32: bool = False) -> Tolerance:
     """check.py's tolerance against autograd for the answer's dtype (float32 where the learner's line
-    made float32 values), at the larger of the row's and its upstream's magnitude."""
+    made float32 values, or says float32: f32), at the larger of the row's and its upstream's magnitude."""
     dt = answer.dtype if answer.is_floating_point() and torch.finfo(answer.dtype).eps > torch.finfo(
         ref.dtype).eps else ref.dtype
+    if f32 and torch.finfo(dt).eps < torch.finfo(torch.float32).eps:
+        dt = torch.float32
     scale = max(float(ref.abs().max()) if ref.numel() else 0.0, upstream)
     return autograd_tolerance(dt, torch.tensor([scale if math.isfinite(scale) else 0.0]))
 
@@ -113,16 +115,16 @@ def broadcasts_alike(item: Item, key: str, p: Probe, shape: tuple[int, ...]) -> 
     if not uses:
         return False
     try:
-        return all(tuple(torch.broadcast_shapes(shape, u)) == tuple(torch.broadcast_shapes(tuple(ref.shape), u))
-                   for u in uses)
-    except RuntimeError:
+        return all(G.broadcast(shape, u) == G.broadcast(tuple(ref.shape), u) for u in uses)
+    except ValueError:
         return False
 
 
-def compare(item: Item, key: str, p: Probe, a: Tensor) -> str:
-    """"ok", "shape" (right values in a shape that broadcasts alike), or "fail"."""
+def compare(item: Item, key: str, p: Probe, a: Tensor, f32: bool = False) -> str:
+    """"ok", "shape" (right values in a shape that broadcasts alike), or "fail". f32: the learner's line
+    holds a float32 value, so float32's precision is all it can have."""
     ref = p.refs[key]
-    tol = tolerance(ref, a, upstream_scale(item, key, p))
+    tol = tolerance(ref, a, upstream_scale(item, key, p), f32)
     if tuple(a.shape) == tuple(ref.shape):
         return "ok" if tol.holds(a.to(ref.dtype), ref) else "fail"
     if a.numel() == ref.numel() and squeezed(tuple(a.shape)) == squeezed(tuple(ref.shape)):
@@ -149,9 +151,11 @@ def shape_words(s: tuple[int, ...]) -> str:
 
 # ---------------------------------------------------------------------------- judging the rows
 def judge_rows(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: dict, vars_: dict[str, str],
-               strict: bool = False, skip: set[tuple[str, str]] | None = None) -> tuple[list[Row], list[Pending]]:
+               strict: bool = False, skip: set[tuple[str, str]] | None = None, f32: set[str] | None = None
+               ) -> tuple[list[Row], list[Pending]]:
     """Every row's verdict (not yet the diagnosis of a wrong one: see diagnose). `skip` holds (probe,
-    row key) pairs that do not count (a notebook's line that reads a name another cell made)."""
+    row key) pairs that do not count (a notebook's line that reads a name another cell made); `f32` the
+    rows whose lines make a float32 value on purpose."""
     rows, pending = [], []
     for spec in item.rows:
         if not spec.tensor:
@@ -159,7 +163,8 @@ def judge_rows(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: d
             if row is not None:
                 rows.append(row)
                 continue
-        row, pend = judge_tensor(item, spec, probes, outs, meta, vars_.get(spec.key, spec.var), strict, skip)
+        row, pend = judge_tensor(item, spec, probes, outs, meta, vars_.get(spec.key, spec.var), strict, skip,
+                                 spec.key in (f32 or ()))
         rows.append(row)
         if pend is not None and row.status == "wrong" and not row.diagnosis:
             pending.append(pend)
@@ -171,7 +176,7 @@ def _infos(spec: RowSpec, probes: list[Probe], meta: dict) -> dict[str, dict]:
 
 
 def judge_tensor(item: Item, spec: RowSpec, probes: list[Probe], outs: dict[str, Tensor], meta: dict, var: str,
-                 strict: bool = False, skip: set | None = None) -> tuple[Row, Pending | None]:
+                 strict: bool = False, skip: set | None = None, f32: bool = False) -> tuple[Row, Pending | None]:
     skip = skip or set()
     graded = [p for p in probes if p.verdict and (p.name, spec.key) not in skip]
     first = graded[0] if graded else next(p for p in probes if p.verdict)
@@ -206,6 +211,9 @@ def judge_tensor(item: Item, spec: RowSpec, probes: list[Probe], outs: dict[str,
             row.diagnosis = f"None on the {p.name} probe ({p.about}) but a tensor elsewhere"
             return row, None
         verdict = compare(item, spec.key, p, a)
+        if verdict == "fail" and f32:
+            verdict = compare(item, spec.key, p, a, f32=True)
+            marks.add("float32" if verdict != "fail" else "")
         if verdict == "fail":
             pend.failing.append((p, a))
         else:
@@ -245,8 +253,8 @@ def judge_tensor(item: Item, spec: RowSpec, probes: list[Probe], outs: dict[str,
             return row, None
         row.mark, row.note = "shape", note + f" (strict mode wants {shape_words(row.shape)})"
     if "float32" in marks:
-        row.note = "; ".join(x for x in (row.note, f"computed in {info0.get('dtype', 'float32')} (a tensor made with "
-                                         "dtype=torch.float32?): right to float32's precision") if x)
+        row.note = "; ".join(x for x in (row.note, "your line makes a float32 value (dtype=torch.float32?): right to "
+                                         "float32's precision, which is all the float64 probes can ask of it") if x)
     return row, None
 
 
@@ -327,8 +335,8 @@ def shape_text(g: str, a: Tensor, ref: Tensor) -> tuple[str, str, Tensor | None]
     head = f"shape {shape_words(got)} but {g} is {shape_words(want)}"
     if a.numel() == ref.numel() and squeezed(got) == squeezed(want):
         try:
-            spread = tuple(torch.broadcast_shapes(got, want))
-        except RuntimeError:
+            spread = G.broadcast(got, want)
+        except ValueError:
             spread = None
         how = (f": {shape_words(got)} against {shape_words(want)} broadcasts to {shape_words(spread)}, so it changes "
                "the results where it is used" if spread and spread != want else
@@ -338,10 +346,10 @@ def shape_text(g: str, a: Tensor, ref: Tensor) -> tuple[str, str, Tensor | None]
     if a.dim() == 2 and ref.dim() == 2 and got == want[::-1]:
         return K.TRANSPOSED, f"{head}: transposed (the operands of @ swapped, or .T missing)", a.T
     try:
-        if tuple(torch.broadcast_shapes(got, want)) == want:
+        if G.broadcast(got, want) == want:
             return K.SHAPE, (f"{head}: it would broadcast to {shape_words(want)}, but every element gets its own "
                              "gradient: expand it to the full shape (e.g. times torch.ones_like(...))"), None
-    except RuntimeError:
+    except ValueError:
         pass
     if a.dim() == ref.dim() and sorted(got) != sorted(want):
         ones_a = [i for i, s in enumerate(got) if s == 1]

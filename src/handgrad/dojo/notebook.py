@@ -213,11 +213,15 @@ class Here:
         self.p, self.base, self.vars_, self.time_limit = p, base, vars_, time_limit
         self.probes = {q.name: q for q in probes}
         self.foreign = foreign  # names the lines read that another cell made: {name: value}
+        own = next(q for q in probes if q.own)
+        self.alias = {k: a for k, v in foreign.items() if isinstance(v, Tensor) and (a := _same(v, own.inputs))}
 
     def values(self, q: Probe) -> dict:
         vals = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in q.inputs.items()}
         for k, v in self.foreign.items():
-            if isinstance(v, Tensor):
+            if k in self.alias:  # the learner's own name for a probe value (xb for Xb, w1 for W1, ...)
+                vals[k] = q.inputs[self.alias[k]].clone()
+            elif isinstance(v, Tensor):
                 if q.own:
                     vals[k] = v.clone()
             elif isinstance(v, int) and not isinstance(v, bool):
@@ -244,16 +248,29 @@ class Here:
             meta["notes"] += [nt for nt in r.notes if nt not in meta["notes"]]
         return out, meta
 
-    def __call__(self, key: str, index: int, sources: list[str], probes: list[Probe]) -> dict[str, list[dict]]:
+    def __call__(self, key: str, index: int, sources: list[str], probes: list[Probe], full: bool = False
+                 ) -> dict[str, list]:
         res = {}
         for q in probes:
             try:
                 with R.time_limit(self.time_limit), redirect_stdout(io.StringIO()):
                     res[q.name] = R.edit_values(self.p, self.base, self.values(q), q.feeds, self.vars_, key, index,
-                                                sources, q.dtype, SEED)
+                                                sources, q.dtype, SEED, full)
             except R.OutOfTime:
                 res[q.name] = []
         return res
+
+
+def _same(v: Tensor, inputs: dict[str, object]) -> str:
+    """The probe value the notebook's tensor `v` is (equal at the notebook's own point), or ''."""
+    for k, t in inputs.items():
+        if isinstance(t, Tensor) and tuple(t.shape) == tuple(v.shape) and t.dtype.is_floating_point == \
+                v.dtype.is_floating_point:
+            a = v.detach().cpu()
+            if (a.double() if a.is_floating_point() else a).equal(t) or (a.is_floating_point() and bool(
+                    torch.allclose(a.double(), t, rtol=1e-5, atol=1e-6))):
+                return k
+    return ""
 
 
 def _base(ns: Mapping[str, object], p: R.Parsed, probe: Probe, vars_: dict[str, str]) -> tuple[dict, dict]:
@@ -300,8 +317,9 @@ def _grade_region(item: Item, ns: Mapping[str, object], g: Grade, strict: bool, 
     wanted = {r.key: r.var for r in item.rows}
     found, how = N.match(wanted, list(_tensors(ns)) + [w for _, src in cells(ns) for w in _written(src)], explicit)
     vars_ = {k: found.get(k, v) for k, v in wanted.items()}
+    stepped = False
     if item.training:
-        inputs, where = _last_step(ns, inputs, vars_)
+        inputs, where, stepped = _last_step(ns, inputs, vars_)
         g.notes.append(where)
     pt = _point(inputs)
     seed = _seed(item, ns, pt)
@@ -331,7 +349,7 @@ def _grade_region(item: Item, ns: Mapping[str, object], g: Grade, strict: bool, 
         skip = _skips(item, probes, meta, foreign)
         g.rows, notes = assess(item, probes, outs, meta, vars_, p, here, strict, skip)
         g.notes += notes
-        _yours(item, g.rows, probes, mine)
+        _yours(item, g.rows, probes, mine, exact=not stepped)
         if item.training:
             g.rows += _train_here(p, base, vars_, time_limit)
     if not any(r.kind == K.ALIAS for r in g.rows):
@@ -376,7 +394,7 @@ def _skips(item: Item, probes: list[Probe], meta: dict, foreign: dict) -> set[tu
     return out
 
 
-def _yours(item: Item, rows: list[Row], probes: list[Probe], mine: dict[str, object]) -> None:
+def _yours(item: Item, rows: list[Row], probes: list[Probe], mine: dict[str, object], exact: bool = True) -> None:
     """The exact and chain columns from the notebook's own values: float32 bit for bit with autograd at
     its point; right, right given its own upstream values, or neither."""
     own = next((q for q in probes if q.own and q.verdict and not q.random), None)
@@ -394,7 +412,8 @@ def _yours(item: Item, rows: list[Row], probes: list[Probe], mine: dict[str, obj
             continue
         if f32 is not None and spec.key in f32.refs:
             r = f32.refs[spec.key]
-            row.exact = bool(a.dtype == r.dtype and tuple(a.shape) == tuple(r.shape) and torch.equal(a, r))
+            row.exact = bool(a.dtype == r.dtype and tuple(a.shape) == tuple(r.shape) and torch.equal(a, r)) \
+                if exact else None  # at a point put back from the last update: not bit for bit
         truth, given = own.refs[spec.key], local.total(spec.key)
         up = J.upstream_scale(item, spec.key, own)
         if _close32(a, truth, up):
@@ -501,12 +520,21 @@ def _values_only(item: Item, own: Probe, mine: dict[str, object], vars_: dict[st
         pend = J.Pending(spec, row, [(probe, a)], [])
         row.kind, row.key, row.diagnosis = J.diagnose(item, pend, NB_MATCH_RTOL)
         row.chain = "no"
+    shared = _shared(mine, vars_, own)
+    if shared:  # one tensor under two names: its values cannot be judged apart; the alias is the mistake
+        for spec, row in zip(item.rows, rows):
+            var = vars_.get(spec.key, spec.var)
+            if any(f"{var} and" in w or f"and {var} are" in w for w in shared):
+                row.status, row.kind, row.key = "wrong", K.ALIAS, "alias"
+                row.diagnosis = next(w for w in shared if var in w)
+            elif not row.ok:
+                row.diagnosis += "; your values went through the alias named in the other rows: fix that first"
     return rows
 
 
 # ---------------------------------------------------------------------------- exercise 4 in place
 def _last_step(ns: Mapping[str, object], inputs: dict[str, Tensor], vars_: dict[str, str]
-               ) -> tuple[dict[str, Tensor], str]:
+               ) -> tuple[dict[str, Tensor], str, bool]:
     """After the loop the parameters are one update past the gradients the notebook holds: put the update
     back (p + lr * grad), where that gives the forward values the notebook holds."""
     grads = {k: ns.get(vars_.get(k, f"d{k}")) for k in PARAMS}
@@ -530,7 +558,7 @@ def _last_step(ns: Mapping[str, object], inputs: dict[str, Tensor], vars_: dict[
         words, lr = (hyps[1] if ok and len(hyps) > 1 else hyps[0])
     out = {**inputs, **{k: (inputs[k].double() + lr * grads[k].detach().double().reshape(inputs[k].shape))
                         for k in PARAMS}} if lr else inputs
-    return out, f"exercise 4: graded at the parameters of your loop's last step ({words}) and its last batch"
+    return out, f"exercise 4: graded at the parameters of your loop's last step ({words}) and its last batch", bool(lr)
 
 
 def _train_here(p: R.Parsed, base: dict, vars_: dict[str, str], time_limit: float) -> list[Row]:
@@ -560,12 +588,12 @@ def _grade_calls(item: Item, ns: Mapping[str, object], g: Grade, strict: bool, t
         outs.update({f"{q.name}|{k}": t for k, t in rec.out.items()})
         meta["probes"][q.name] = rec.meta
 
-    def run(key: str, index: int, sources: list[str], qs: list[Probe]) -> dict[str, list[dict]]:
+    def run(key: str, index: int, sources: list[str], qs: list[Probe], full: bool = False) -> dict[str, list]:
         res = {}
         for q in qs:
             with R.time_limit(time_limit), redirect_stdout(io.StringIO()), R.default_dtype(q.dtype):
                 res[q.name] = R.call_edit_values(p, dict(base), item.driver, q.tensors(), q.name, key, index,
-                                                 sources, SEED)
+                                                 sources, SEED, full)
         return res
 
     vars_ = {r.key: r.var for r in item.rows}

@@ -395,10 +395,19 @@ def run_region(p: Parsed, base: dict, values: dict, feeds: dict[str, Tensor], ro
         return Region(p, base, values, feeds, rows, feed).all()
 
 
+def _result(value: object, seed: int, full: bool) -> object:
+    """A candidate's value: fingerprinted, or (full) the value itself (None when it is not a tensor)."""
+    if full:
+        return take(value) if describe(value)["status"] == "value" else None
+    return fingerprint(value, seed)
+
+
 def edit_values(p: Parsed, base: dict, values: dict, feeds: dict[str, Tensor], rows: dict[str, str],
-                key: str, index: int, sources: list[str], dtype: torch.dtype, seed: int) -> list[dict]:
+                key: str, index: int, sources: list[str], dtype: torch.dtype, seed: int, full: bool = False
+                ) -> list[object]:
     """Each candidate replaces statement `index` (its source given); the statements after it run up to
-    the row's last one, fed as usual: the row's value, fingerprinted. The statements before run once."""
+    the row's last one, fed as usual: the row's value, fingerprinted (or whole, with full=True). The
+    statements before run once."""
     lead = Region(p, base, values, feeds, rows, True, track=False)
     stop = lead.last.get(key, -1)
     later = {w for s in p.region[index:stop + 1] for w in s.writes}  # what the candidates may change
@@ -414,14 +423,14 @@ def edit_values(p: Parsed, base: dict, values: dict, feeds: dict[str, Tensor], r
             try:
                 code = compile(src, p.region[index].filename, "exec")
             except SyntaxError:
-                out.append({"status": "error"})
+                out.append(None if full else {"status": "error"})
                 continue
             for i in range(index, stop + 1):
                 r.step(i, code if i == index else None)
             if key in r.run.out:
-                out.append(fingerprint(r.run.out[key], seed))
+                out.append(_result(r.run.out[key], seed, full))
             else:
-                out.append({"status": r.run.meta.get(key, {}).get("status", "error")})
+                out.append(None if full else {"status": r.run.meta.get(key, {}).get("status", "error")})
     return out
 
 
@@ -498,7 +507,7 @@ def run_call(p: Parsed, base: dict, driver: str, inputs: dict[str, Tensor], prob
 
 
 def call_edit_values(p: Parsed, base: dict, driver: str, inputs: dict[str, Tensor], probe: str, key: str,
-                     top: int, sources: list[str], seed: int) -> list[dict]:
+                     top: int, sources: list[str], seed: int, full: bool = False) -> list[object]:
     """Each candidate is the edited top-level statement `top` (a def or class): it is defined again in a
     copy of the module's namespace, the driver runs, and the row's value is fingerprinted."""
     out = []
@@ -509,12 +518,14 @@ def call_edit_values(p: Parsed, base: dict, driver: str, inputs: dict[str, Tenso
         except OutOfTime:
             raise
         except Exception:
-            out.append({"status": "error"})
+            out.append(None if full else {"status": "error"})
             continue
         rec = run_call(p, ns, driver, inputs, probe)
         m = rec.meta.get(key, {})
-        out.append(fingerprint(rec.out.get(key), seed) if m.get("status") == "value" and key in rec.out
-                   else {"status": m.get("status", "missing")})
+        if m.get("status") == "value" and key in rec.out:
+            out.append(_result(rec.out[key], seed, full))
+        else:
+            out.append(None if full else {"status": m.get("status", "missing")})
     return out
 
 
@@ -593,18 +604,28 @@ class Session:
         return meta
 
     def edits(self, req: dict) -> dict:
-        results: dict[str, list[dict]] = {}
+        """Fingerprints of each candidate's value; with "full", the values themselves, in `outputs`."""
+        results: dict[str, list] = {}
+        full = bool(req.get("full"))
+        tensors: dict[str, Tensor] = {}
         for probe in req["probes"]:
             name = probe["name"]
             values, feeds = split_probe(self.tensors, self.scalars, name)
             dtype = DTYPES[probe.get("dtype", "float64")]
             if self.mode == "region":
-                results[name] = edit_values(self.p, self.base, values, feeds, req["rows"], req["key"],
-                                            req["index"], req["sources"], dtype, req["seed"])
+                got = edit_values(self.p, self.base, values, feeds, req["rows"], req["key"], req["index"],
+                                  req["sources"], dtype, req["seed"], full)
             else:
                 with default_dtype(dtype):
-                    results[name] = call_edit_values(self.p, self.base, self.driver, _inputs(values), name,
-                                                     req["key"], req["index"], req["sources"], req["seed"])
+                    got = call_edit_values(self.p, self.base, self.driver, _inputs(values), name, req["key"],
+                                           req["index"], req["sources"], req["seed"], full)
+            if full:
+                tensors.update({f"{name}|{k}": t for k, t in enumerate(got) if t is not None})
+                results[name] = [t is not None for t in got]
+            else:
+                results[name] = got
+        if full:
+            _save_tensors(tensors, req["outputs"])
         return {"results": results}
 
     def train(self, req: dict) -> dict:
