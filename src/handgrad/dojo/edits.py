@@ -54,8 +54,18 @@ class Edit:
     kind: str
     was: str  # the learner's piece, as they wrote it
     now: str  # what puts it right
-    source: str  # the whole statement (or def) with the edit, to run
+    top: ast.AST  # the statement (or function) the edit is in ...
+    path: tuple  # ... where in it ...
+    new: ast.AST  # ... and what goes there
     rank: float
+    owner: str = ""  # call mode: the class whose method the source defines ('' for a function)
+
+    @property
+    def source(self) -> str:
+        """The whole statement (or function) with the edit, to run (made when asked: most are never run)."""
+        edited = _put(self.top, self.path, self.new)
+        ast.fix_missing_locations(edited)
+        return ast.unparse(edited)
 
     def words(self) -> str:
         why = KINDS[self.kind][1]
@@ -308,16 +318,23 @@ def _get(root: ast.AST, path: tuple) -> ast.AST:
 
 
 def _put(root: ast.AST, path: tuple, new: ast.AST) -> ast.AST:
-    """A copy of root with the node at path replaced."""
-    out = copy.deepcopy(root)
+    """root with the node at path replaced: the nodes on the path are copied, the rest shared."""
     if not path:
-        return new
-    parent = _get(out, path[:-1])
-    fname, i = path[-1]
-    if i is None:
-        setattr(parent, fname, new)
-    else:
-        getattr(parent, fname)[i] = new
+        return copy.deepcopy(new)
+    out = copy.copy(root)
+    node = out
+    for k, (fname, i) in enumerate(path):
+        last = k == len(path) - 1
+        child = copy.deepcopy(new) if last else None
+        if i is None:
+            child = child if last else copy.copy(getattr(node, fname))
+            setattr(node, fname, child)
+        else:
+            items = list(getattr(node, fname))
+            items[i] = child if last else copy.copy(items[i])
+            setattr(node, fname, items)
+            child = items[i]
+        node = child
     return out
 
 
@@ -342,7 +359,7 @@ def _simple(node: ast.AST) -> bool:
 
 
 def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | list[str], index: int, where_of,
-                    ) -> list[Edit]:
+                    owner: str = "") -> list[Edit]:
     """Every single edit of the simple statements under `top` that write one of `targets` (for a def or
     a class: the statements of its body that do), as an Edit whose source is `top` edited."""
     out: list[Edit] = []
@@ -361,19 +378,19 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | 
         def add(sub_path: tuple, new: ast.AST, kind: str, extra: float, was_node: ast.AST | None = None,
                 was: str | None = None, now: str | None = None) -> None:
             full = path + sub_path
-            edited = _put(top, full, new)
-            ast.fix_missing_locations(edited)
+            ast.fix_missing_locations(new)
             try:
-                src = ast.unparse(edited)
+                now_unparsed = ast.unparse(new)
             except Exception:  # an edit that does not unparse (a malformed node): not a candidate
                 return
             was_text = was if was is not None else (segment(lines, was_node) or ast.unparse(was_node))
-            now_text = now if now is not None else ast.unparse(new)
+            now_text = now if now is not None else now_unparsed
             if kind == "index" and isinstance(new, ast.Tuple):  # an index reads as the learner wrote it: [a, b]
                 now_text, was_text = f"[{now_text.strip('()')}]", f"[{was_text.strip('()')}]"
             if was_text.strip() == now_text.strip():
                 return
-            out.append(Edit(index, line, where, kind, was_text, now_text, src, KINDS[kind][0] + extra))
+            out.append(Edit(index, line, where, kind, was_text, now_text, top, full, new, KINDS[kind][0] + extra,
+                            owner))
 
         # the statement itself: += for =, = for +=, -= for +=
         tgt = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
@@ -423,8 +440,9 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | 
     out.sort(key=lambda e: e.rank)
     seen, uniq = set(), []
     for e in out:
-        if e.source not in seen:
-            seen.add(e.source)
+        sig = (e.path, ast.dump(e.new))
+        if sig not in seen:
+            seen.add(sig)
             uniq.append(e)
     return uniq[:MAX_CANDIDATES]
 

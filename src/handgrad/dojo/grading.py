@@ -218,10 +218,16 @@ def _call_scope(top: ast.AST) -> ED.Scope:
     return ED.Scope({k: None for k in names - funcs - set(sizes)}, sizes)
 
 
+MAX_EDITS = {"region": 500, "call": 150}  # candidates tried per row, best-ranked first (a call runs a driver)
+CHUNK = 60  # tried at a time: the search stops at the first chunk that holds a fix
+
+
 def candidates(item: Item, parsed: R.Parsed, key: str, var: str, vars_: dict[str, str], p: Probe
-               ) -> list[tuple[int, list[ED.Edit]]]:
-    """(statement index, its edits) for the statements behind one row, the row's own line first."""
-    out = []
+               ) -> list[ED.Edit]:
+    """The edits of the statements behind one row, best-ranked first. Region items: the row's statements
+    and the helpers they read; call items: the statements of the function (or method) that compute the
+    row's variable, the function being what runs again."""
+    out: list[ED.Edit] = []
     if item.mode == "region":
         nodes = [s.node for s in parsed.region]
         known = set(vars_.values()) | set(p.inputs)
@@ -229,51 +235,61 @@ def candidates(item: Item, parsed: R.Parsed, key: str, var: str, vars_: dict[str
         helpers = {w for i in idx for w in parsed.region[i].writes}
         for i in idx:
             st = parsed.region[i]
-            text = parsed.lines.get(st.filename, [])
             label = st.where.rsplit("line", 1)[0]
-            out.append((i, ED.statement_edits(st.node, {var} | helpers, _scope(parsed, item, vars_, p, i), text, i,
-                                              lambda line, label=label: f"{label}line {line}")))
-        return out
-    for i, top in enumerate(parsed.tree.body):
-        if not isinstance(top, (ast.FunctionDef, ast.ClassDef)):
-            continue
-        simple = [n for n in ast.walk(top) if isinstance(n, (ast.Assign, ast.AugAssign, ast.Expr, ast.Return))]
-        rel = ED.depends(simple, var, set())
-        if not rel:
-            continue
-        text, label = parsed.tops[i] if i < len(parsed.tops) else (parsed.text, "")
-        targets = {var} | {w for k in rel for w in R.writes_of(simple[k])}
-        out.append((i, ED.statement_edits(top, targets, _call_scope(top), text, i,
-                                          lambda line, label=label: f"{label} line {line}".strip())))
-    return out
+            out += ED.statement_edits(st.node, {var} | helpers, _scope(parsed, item, vars_, p, i),
+                                      parsed.lines.get(st.filename, []), i,
+                                      lambda line, label=label: f"{label}line {line}")
+    else:
+        for i, top in enumerate(parsed.tree.body):
+            units = [(top, "")] if isinstance(top, ast.FunctionDef) else [
+                (f, top.name) for f in top.body if isinstance(f, ast.FunctionDef)] if isinstance(top, ast.ClassDef) \
+                else []
+            text, label = parsed.tops[i] if i < len(parsed.tops) else (parsed.text, "")
+            for fn, owner in units:
+                simple = [n for n in ast.walk(fn) if isinstance(n, (ast.Assign, ast.AugAssign, ast.Expr, ast.Return))]
+                rel = ED.depends(simple, var, set())
+                if not rel:
+                    continue
+                targets = {var} | {w for k in rel for w in R.writes_of(simple[k])}
+                out += ED.statement_edits(fn, targets, _call_scope(fn), text, i,
+                                          lambda line, label=label: f"{label} line {line}".strip(), owner)
+    out.sort(key=lambda e: e.rank)
+    return out[:MAX_EDITS[item.mode]]
 
 
 def search(item: Item, pend: J.Pending, parsed: R.Parsed, vars_: dict[str, str], probes: list[Probe],
            run: Edits) -> ED.Edit | None:
-    """The best-ranked single edit of the learner's lines that makes the row right on every verdict probe."""
+    """The best-ranked single edit of the learner's lines that makes the row right on every verdict probe:
+    candidates in rank order, a chunk at a time; a chunk's candidates are run on the first failing probe
+    (fingerprints), the best that fit are run again value by value on every verdict probe."""
     key = pend.spec.key
     var = vars_.get(key, pend.spec.var)
     graded = [p for p in probes if p.verdict]
     first = pend.failing[0][0]
     cache: dict = {}
-    best = None
-    for index, cands in candidates(item, parsed, key, var, vars_, first):
-        if not cands:
-            continue
-        res = run(key, index, [e.source for e in cands], [first]).get(first.name, [])
-        alive = sorted((e for e, fp in zip(cands, res) if _fits(fp, first, key, item, cache)),
-                       key=lambda e: e.rank)[:FULL]
-        if not alive:
-            continue
-        # the survivors, value by value on every verdict probe, by the verdict's own rule
-        full = run(key, index, [e.source for e in alive], graded, True)
-        for k, e in enumerate(alive):
-            vals = [full.get(p.name, [])[k] if k < len(full.get(p.name, [])) else None for p in graded]
-            if all(v is not None and J.compare(item, key, p, v) != "fail" for p, v in zip(graded, vals)):
-                if best is None or e.rank < best.rank:
-                    best = e
-                break
-    return best
+    cands = candidates(item, parsed, key, var, vars_, graded[0])
+    for start in range(0, len(cands), CHUNK):
+        chunk = cands[start:start + CHUNK]
+        alive = []
+        for (index, owner), group in _groups(chunk):
+            res = run(key, index, [e.source for e in group], [first], False, [owner] * len(group))
+            alive += [e for e, fp in zip(group, res.get(first.name, [])) if _fits(fp, first, key, item, cache)]
+        alive.sort(key=lambda e: e.rank)
+        for (index, owner), group in _groups(alive[:FULL]):
+            full = run(key, index, [e.source for e in group], graded, True, [owner] * len(group))
+            for k, e in enumerate(group):
+                vals = [full.get(p.name, [None] * len(group))[k] for p in graded]
+                if all(v is not None and J.compare(item, key, p, v) != "fail" for p, v in zip(graded, vals)):
+                    return e
+    return None
+
+
+def _groups(edits: list[ED.Edit]) -> list[tuple[tuple[int, str], list[ED.Edit]]]:
+    """The edits by the statement (and class) they change, in rank order of each group's best."""
+    out: dict[tuple[int, str], list[ED.Edit]] = {}
+    for e in edits:
+        out.setdefault((e.index, e.owner), []).append(e)
+    return list(out.items())
 
 
 # ---------------------------------------------------------------------------- one grade
@@ -330,11 +346,11 @@ class ChildRun:
     def __init__(self, child, vars_: dict[str, str], time_limit: float, tmp: str):
         self.child, self.vars_, self.time_limit, self.tmp = child, vars_, time_limit, tmp
 
-    def __call__(self, key: str, index: int, sources: list[str], probes: list[Probe], full: bool = False
-                 ) -> dict[str, list]:
+    def __call__(self, key: str, index: int, sources: list[str], probes: list[Probe], full: bool = False,
+                 owners: list[str] | None = None) -> dict[str, list]:
         out = os.path.join(self.tmp, "edits.safetensors")
         rep = self.child.request({"op": "edits", "key": key, "index": index, "sources": sources, "seed": SEED,
-                                  "rows": self.vars_, "full": full, "outputs": out,
+                                  "rows": self.vars_, "full": full, "outputs": out, "owners": owners,
                                   "probes": [{"name": p.name, "dtype": _dt(p)} for p in probes]}, self.time_limit)
         if not rep.get("ok"):
             return {}

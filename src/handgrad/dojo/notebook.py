@@ -248,8 +248,8 @@ class Here:
             meta["notes"] += [nt for nt in r.notes if nt not in meta["notes"]]
         return out, meta
 
-    def __call__(self, key: str, index: int, sources: list[str], probes: list[Probe], full: bool = False
-                 ) -> dict[str, list]:
+    def __call__(self, key: str, index: int, sources: list[str], probes: list[Probe], full: bool = False,
+                 owners: list[str] | None = None) -> dict[str, list]:
         res = {}
         for q in probes:
             try:
@@ -588,12 +588,13 @@ def _grade_calls(item: Item, ns: Mapping[str, object], g: Grade, strict: bool, t
         outs.update({f"{q.name}|{k}": t for k, t in rec.out.items()})
         meta["probes"][q.name] = rec.meta
 
-    def run(key: str, index: int, sources: list[str], qs: list[Probe], full: bool = False) -> dict[str, list]:
+    def run(key: str, index: int, sources: list[str], qs: list[Probe], full: bool = False,
+            owners: list[str] | None = None) -> dict[str, list]:
         res = {}
         for q in qs:
             with R.time_limit(time_limit), redirect_stdout(io.StringIO()), R.default_dtype(q.dtype):
                 res[q.name] = R.call_edit_values(p, dict(base), item.driver, q.tensors(), q.name, key, index,
-                                                 sources, SEED, full)
+                                                 sources, SEED, full, owners)
         return res
 
     vars_ = {r.key: r.var for r in item.rows}

@@ -507,14 +507,22 @@ def run_call(p: Parsed, base: dict, driver: str, inputs: dict[str, Tensor], prob
 
 
 def call_edit_values(p: Parsed, base: dict, driver: str, inputs: dict[str, Tensor], probe: str, key: str,
-                     top: int, sources: list[str], seed: int, full: bool = False) -> list[object]:
-    """Each candidate is the edited top-level statement `top` (a def or class): it is defined again in a
-    copy of the module's namespace, the driver runs, and the row's value is fingerprinted."""
+                     top: int, sources: list[str], seed: int, full: bool = False, owners: list[str] | None = None
+                     ) -> list[object]:
+    """Each candidate is an edited function (a method of class `owner`, or a module-level function): it
+    is defined again in a copy of the module's namespace (a method in a subclass that replaces it), the
+    driver runs, and the row's value is fingerprinted."""
     out = []
-    for src in sources:
+    for src, owner in zip(sources, owners or [""] * len(sources)):
         ns = dict(base)
         try:
-            exec(compile(src, p.filename, "exec"), ns)  # noqa: S102  the learner's edited definition
+            if owner:
+                tmp = dict(base)
+                exec(compile(src, p.filename, "exec"), tmp)  # noqa: S102  the learner's edited method
+                name = next(n.name for n in ast.parse(src).body if isinstance(n, ast.FunctionDef))
+                ns[owner] = type(owner, (base[owner],), {name: tmp[name]})
+            else:
+                exec(compile(src, p.filename, "exec"), ns)  # noqa: S102  the learner's edited function
         except OutOfTime:
             raise
         except Exception:
@@ -618,7 +626,7 @@ class Session:
             else:
                 with default_dtype(dtype):
                     got = call_edit_values(self.p, self.base, self.driver, _inputs(values), name, req["key"],
-                                           req["index"], req["sources"], req["seed"], full)
+                                           req["index"], req["sources"], req["seed"], full, req.get("owners"))
             if full:
                 tensors.update({f"{name}|{k}": t for k, t in enumerate(got) if t is not None})
                 results[name] = [t is not None for t in got]
