@@ -217,7 +217,10 @@ def run(ns: dict, src: str) -> dict:
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):
-        exec(compile(code, f"<In [{len(ns['_ih']) - 1}]>", "exec"), ns)  # noqa: S102  the notebook's own cells
+        try:
+            exec(compile(code, f"<In [{len(ns['_ih']) - 1}]>", "exec"), ns)  # noqa: S102  the notebook's cells
+        except Exception as e:  # as IPython: the cell stops at its error, the notebook goes on
+            ns.setdefault("_errors", []).append(f"In [{len(ns['_ih']) - 1}]: {type(e).__name__}: {e}")
     return ns
 
 

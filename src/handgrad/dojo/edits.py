@@ -215,6 +215,8 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST 
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         yield copy.deepcopy(node.operand), "sign", 0.0
     elif isinstance(node, ast.BinOp) and isinstance(node.op, ARITH):
+        if isinstance(node.op, ast.MatMult):  # the operands of @ swapped, each transposed: a.T @ b for b.T @ a
+            yield ast.BinOp(_toggle_t(node.right), ast.MatMult(), _toggle_t(node.left)), "transpose", -0.1
         swaps = {ast.Add: [(ast.Sub, "sign")], ast.Sub: [(ast.Add, "sign")],
                  ast.Mult: [(ast.Div, "operator"), (ast.MatMult, "operator")],
                  ast.Div: [(ast.Mult, "operator")], ast.MatMult: [(ast.Mult, "operator")]}
@@ -255,6 +257,13 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST 
             not (isinstance(node, ast.Name) and node.id in scope.sizes) and "n" in scope.sizes:
         for f in FACTORS:
             yield ast.parse(f.format(x=f"({ast.unparse(node)})"), mode="eval").body, "factor", 0.0
+
+
+def _toggle_t(node: ast.expr) -> ast.expr:
+    """x -> x.T, x.T -> x."""
+    if isinstance(node, ast.Attribute) and node.attr == "T":
+        return copy.deepcopy(node.value)
+    return ast.Attribute(copy.deepcopy(node), "T", ast.Load())
 
 
 # ---------------------------------------------------------------------------- parentheses
@@ -374,6 +383,7 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | 
             continue
         line = node.lineno
         where = where_of(line)
+        later = 0.5 if isinstance(node, ast.Return) else 0.0  # a return hands values on: the fix is above it
 
         def add(sub_path: tuple, new: ast.AST, kind: str, extra: float, was_node: ast.AST | None = None,
                 was: str | None = None, now: str | None = None) -> None:
@@ -389,8 +399,8 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | 
                 now_text, was_text = f"[{now_text.strip('()')}]", f"[{was_text.strip('()')}]"
             if was_text.strip() == now_text.strip():
                 return
-            out.append(Edit(index, line, where, kind, was_text, now_text, top, full, new, KINDS[kind][0] + extra,
-                            owner))
+            out.append(Edit(index, line, where, kind, was_text, now_text, top, full, new,
+                            KINDS[kind][0] + extra + later, owner))
 
         # the statement itself: += for =, = for +=, -= for +=
         tgt = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None

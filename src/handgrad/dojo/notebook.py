@@ -121,6 +121,25 @@ def size_notes(ns: Mapping[str, object], pt: dict[str, object]) -> list[str]:
     return out
 
 
+CHECKED = ("hprebn", "logits", "loss")  # the notebook's own forward values, held against the recomputed
+
+
+def forward_notes(ns: Mapping[str, object], pt: dict[str, object], item: Item) -> list[str]:
+    """A forward value the notebook holds that is not the forward pass of its parameters and batch (a
+    parameter changed after the forward cell ran)."""
+    graph = G.LECTURE if item.key == "1" else G.TRAINING
+    vals = G.forward(graph, {k: v for k, v in pt.items() if isinstance(v, Tensor)})
+    out = []
+    for k in CHECKED:
+        v = ns.get(k)
+        if isinstance(v, Tensor) and not (tuple(v.shape) == tuple(vals[k].shape) and bool(
+                torch.allclose(v.detach().double().cpu(), vals[k], rtol=1e-4, atol=1e-5))):
+            out.append(f"your {k} is not the forward pass of your parameters and batch (one changed after the forward "
+                       "cell ran?): the grade uses them as they are now; run the forward cell again")
+            break
+    return out
+
+
 # ---------------------------------------------------------------------------- the learner's cells
 def cells(ns: Mapping[str, object]) -> list[tuple[str, str]]:
     """(label, source) of every cell IPython ran, in order ("In [12]" is the 12th)."""
@@ -326,7 +345,7 @@ def _grade_region(item: Item, ns: Mapping[str, object], g: Grade, strict: bool, 
     probes = item.probes(own=pt, seed_grad=seed) if item.key == "3" else item.probes(own=pt)
     own = [q for q in probes if q.own and q.verdict]
     g.probes = verdict_words(probes)
-    g.notes += size_notes(ns, pt)
+    g.notes += size_notes(ns, pt) + forward_notes(ns, pt, item)
     said = N.said(wanted, found, how)
     if taken:
         said = "; ".join(x for x in (said, "inputs: took " + ", ".join(f"{v} for {k}" for k, v in taken.items()))
