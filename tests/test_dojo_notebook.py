@@ -199,5 +199,9 @@ def test_a_challenge_is_graded_from_the_functions_a_notebook_defines():
         NB.run(ns, c)
     g = dojo.grade("linear-tanh", ns)
     assert [r.name for r in g.rows if not r.ok] == ["dW"], g.table()
-    assert g.rows[2].kind == K.TRANSPOSED and "In [2] line 3 is right with `x.T @ dz` in place of `dz.T @ x`" in \
-        g.rows[2].edit
+    assert g.rows[2].kind == K.TRANSPOSED and "dz.T @ x is (H, D)" in g.rows[2].diagnosis
+    NB.run(ns, CHALLENGE_CELLS[1].replace("dz.T @ x", "x.T @ dz"))
+    NB.run(ns, CHALLENGE_CELLS[0].replace("dz = (1 - a**2) * da", "dz = 1 - a**2 * da"))
+    g = dojo.grade("linear-tanh", ns)
+    assert [r.name for r in g.rows if not r.ok] == ["dz"], g.table()
+    assert "your In [4] line 4 is right with `(1 - a ** 2) * da` in place of `1 - a**2 * da`" in g.rows[0].edit

@@ -32,6 +32,7 @@ KINDS: dict[str, tuple[float, str]] = {
     "index": (1.1, "the index pattern"),
     "parens": (1.2, "parentheses"),
     "name": (1.3, "another variable"),
+    "call": (1.35, "another function"),
     "transpose": (1.4, "a transpose"),
     "reduce": (1.5, "the reduction"),
     "constant": (1.6, "a constant"),
@@ -41,6 +42,11 @@ KINDS: dict[str, tuple[float, str]] = {
     "operator": (2.1, "an operator"),
     "drop": (2.2, "an extra term or factor"),
 }
+# Functions and methods one slip away from each other (a name for a name).
+CALLS = {"any": ("all",), "all": ("any",), "max": ("min",), "min": ("max",), "zeros_like": ("ones_like",),
+         "ones_like": ("zeros_like",), "zeros": ("ones",), "ones": ("zeros",), "exp": ("log",), "log": ("exp",),
+         "argmax": ("argmin",), "argmin": ("argmax",), "tanh": ("sigmoid",), "sigmoid": ("tanh",)}
+COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt}
 # (source of the factor, the words) for a missing factor put in front of a term: n is the batch size
 FACTORS = ("n * {x}", "{x} / n", "n / (n - 1) * {x}", "(n - 1) / n * {x}", "{x} / (n - 1)", "2 * {x}", "{x} / 2",
            "-{x}")
@@ -182,9 +188,10 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST 
         name = node.id
         if name in scope.tensors:
             for other in scope.tensors:
-                if other != name and scope.compatible(name, other):
+                if other != name:  # a shape that does not broadcast is tried later (it may be indexed)
                     sim = difflib.SequenceMatcher(None, name, other).ratio()
-                    yield ast.Name(other, ast.Load()), "name", 1.0 - sim
+                    yield ast.Name(other, ast.Load()), "name", 1.0 - sim + (0.0 if scope.compatible(name, other)
+                                                                            else 0.6)
             shape = scope.tensors[name]
             if shape is None or len(shape) == 2:
                 yield ast.Attribute(ast.Name(name, ast.Load()), "T", ast.Load()), "transpose", 0.0
@@ -217,8 +224,8 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST 
     elif isinstance(node, ast.BinOp) and isinstance(node.op, ARITH):
         if isinstance(node.op, ast.MatMult):  # the operands of @ swapped, each transposed: a.T @ b for b.T @ a
             yield ast.BinOp(_toggle_t(node.right), ast.MatMult(), _toggle_t(node.left)), "transpose", -0.1
-        swaps = {ast.Add: [(ast.Sub, "sign")], ast.Sub: [(ast.Add, "sign")],
-                 ast.Mult: [(ast.Div, "operator"), (ast.MatMult, "operator")],
+        swaps = {ast.Add: [(ast.Sub, "sign"), (ast.Mult, "operator")], ast.Sub: [(ast.Add, "sign")],
+                 ast.Mult: [(ast.Div, "operator"), (ast.MatMult, "operator"), (ast.Add, "operator")],
                  ast.Div: [(ast.Mult, "operator")], ast.MatMult: [(ast.Mult, "operator")]}
         for op, kind in swaps.get(type(node.op), []):
             yield ast.BinOp(copy.deepcopy(node.left), op(), copy.deepcopy(node.right)), kind, 0.0
@@ -231,7 +238,18 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST 
         else:
             yield copy.deepcopy(node.left), "drop", 0.0
             yield copy.deepcopy(node.right), "drop", 0.0
+    elif isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in COMPARE:
+        yield ast.Compare(copy.deepcopy(node.left), [COMPARE[type(node.ops[0])]()], copy.deepcopy(node.comparators)), \
+            "operator", 0.0
     elif isinstance(node, ast.Call):
+        fname = getattr(node.func, "attr", getattr(node.func, "id", ""))
+        for other in CALLS.get(fname, ()):
+            new = copy.deepcopy(node)
+            if isinstance(new.func, ast.Attribute):
+                new.func.attr = other
+            else:
+                new.func.id = other
+            yield new, "call", 0.0
         red = _reduction(node)
         if red:
             name, recv = red
@@ -397,9 +415,10 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | 
             now_text = now if now is not None else now_unparsed
             if kind == "index" and isinstance(new, ast.Tuple):  # an index reads as the learner wrote it: [a, b]
                 now_text, was_text = f"[{now_text.strip('()')}]", f"[{was_text.strip('()')}]"
+            at = getattr(was_node, "lineno", line) if was_node is not None else line
             if was_text.strip() == now_text.strip():
                 return
-            out.append(Edit(index, line, where, kind, was_text, now_text, top, full, new,
+            out.append(Edit(index, at, where_of(at), kind, was_text, now_text, top, full, new,
                             KINDS[kind][0] + extra + later, owner))
 
         # the statement itself: += for =, = for +=, -= for +=
@@ -431,10 +450,15 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | 
         if value is None:
             continue
         add_path = ("value", None)
+        index_paths = set()  # nodes inside an index: index arithmetic slips often, so its edits come early
         for sub_path, sub, parent in _walk(value, (add_path,)):
+            if isinstance(sub, ast.Subscript):
+                index_paths.add(sub_path + (("slice", None),))
+            inside = any(sub_path[:len(ip)] == ip for ip in index_paths)
             arith_parent = parent is None or (isinstance(parent, ast.BinOp) and isinstance(parent.op, ARITH))
             for new, kind, extra in node_edits(sub, scope, arith_parent, parent):
-                add(sub_path, new, kind, extra, was_node=sub)
+                add(sub_path, new, kind, extra - (0.7 if inside and kind in ("drop", "constant", "sign") else 0.0),
+                    was_node=sub)
             if isinstance(sub, ast.BinOp) and isinstance(sub.op, ARITH):
                 for t in paren_edits(sub):
                     add(sub_path, t, "parens", 0.0, was_node=sub)

@@ -218,7 +218,7 @@ def _call_scope(top: ast.AST) -> ED.Scope:
     return ED.Scope({k: None for k in names - funcs - set(sizes)}, sizes)
 
 
-MAX_EDITS = {"region": 500, "call": 150}  # candidates tried per row, best-ranked first (a call runs a driver)
+MAX_EDITS = {"region": 600, "call": 250}  # candidates tried per row, best-ranked first (a call runs a driver)
 CHUNK = 60  # tried at a time: the search stops at the first chunk that holds a fix
 
 
@@ -284,6 +284,27 @@ def search(item: Item, pend: J.Pending, parsed: R.Parsed, vars_: dict[str, str],
     return None
 
 
+def search_behaviours(item: Item, specs: list, parsed: R.Parsed, probes: list[Probe], run: Edits) -> ED.Edit | None:
+    """For rows that are verdicts (a checker's True/False): the best-ranked single edit of the function
+    behind them after which every such row is right."""
+    keys = [s.key for s in item.rows if not s.tensor]
+    if parsed.tree is None:
+        return None
+    want = {p.name: {k: p.refs[k] for k in keys if isinstance(p.refs.get(k), bool)} for p in probes}
+    cands: list[ED.Edit] = []
+    for spec in specs:
+        cands += candidates(item, parsed, spec.key, spec.var, {}, probes[0])
+    cands = sorted({(e.index, e.owner, e.source): e for e in cands}.values(), key=lambda e: e.rank)
+    for start in range(0, min(len(cands), MAX_EDITS["call"]), CHUNK):
+        for (index, owner), group in _groups(cands[start:start + CHUNK]):
+            res = run("*", index, [e.source for e in group], probes, False, [owner] * len(group))
+            for k, e in enumerate(group):
+                if all(k < len(res.get(p.name, [])) and all(res[p.name][k].get("values", {}).get(r) == v
+                                                            for r, v in want[p.name].items()) for p in probes):
+                    return e
+    return None
+
+
 def _groups(edits: list[ED.Edit]) -> list[tuple[tuple[int, str], list[ED.Edit]]]:
     """The edits by the statement (and class) they change, in rank order of each group's best."""
     out: dict[tuple[int, str], list[ED.Edit]] = {}
@@ -322,11 +343,15 @@ def assess(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: dict,
     notes = list(meta.get("notes", []))
     for pend in pending:
         kind, dkey, words = J.diagnose(item, pend)
-        try:
-            edit = search(item, pend, parsed, vars_, probes, run)
-        except (SyntaxError, ValueError, RecursionError):  # a line the search cannot take apart
-            edit = None
+        edit = None
+        if pend.catalogued != "all":  # the catalogue stays for the known mistakes; the edit search speaks where
+            try:  # it is silent (or names the mistake on some probes only: a coincidence of sizes, say)
+                edit = search(item, pend, parsed, vars_, probes, run)
+            except (SyntaxError, ValueError, RecursionError):  # a line the search cannot take apart
+                edit = None
         pend.row.edit = edit.words() if edit else ""
+        if edit and pend.catalogued == "some":
+            kind, dkey, words = K.OTHER, "", ""
         pend.row.kind, pend.row.key, pend.row.diagnosis = J.with_edit(kind, dkey, words, pend.row.edit)
     if item.judge is not None:
         for i, (spec, row) in enumerate(zip(item.rows, rows)):
@@ -335,6 +360,14 @@ def assess(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: dict,
                 if new.edit and new.edit not in new.diagnosis:
                     new.diagnosis = f"{new.diagnosis}; {new.edit}"
                 rows[i] = new
+    verdicts = [(s, r) for s, r in zip(item.rows, rows) if not s.tensor and r.status == "wrong"
+                and isinstance(probes[0].refs.get(s.key), bool)]
+    if verdicts and item.mode == "call":
+        edit = search_behaviours(item, [s for s, _ in verdicts], parsed, [p for p in probes if p.verdict], run)
+        for _, r in verdicts:
+            if edit is not None:
+                r.edit = edit.words()
+                r.diagnosis = f"{r.diagnosis}; {r.edit}"
     notes += apply_events(item, rows, vars_, events)
     chain_column(item, rows, probes, outs)
     return rows, notes
@@ -354,7 +387,7 @@ class ChildRun:
                                   "probes": [{"name": p.name, "dtype": _dt(p)} for p in probes]}, self.time_limit)
         if not rep.get("ok"):
             return {}
-        if not full:
+        if not full or key.startswith("*"):
             return rep.get("results", {})
         from safetensors.torch import load_file
 

@@ -70,6 +70,7 @@ class Pending:
     row: Row
     failing: list[tuple[Probe, Tensor]] = field(default_factory=list)
     passing: list[Probe] = field(default_factory=list)
+    catalogued: str = ""  # "all": the catalogue named it on every failing probe (no edit search); "some"
 
 
 # ---------------------------------------------------------------------------- comparing
@@ -81,7 +82,7 @@ def upstream_scale(item: Item, key: str, p: Probe) -> float:
     out = 0.0
     for c in item.graph.consumers(key):
         f = p.feeds.get(c)
-        if isinstance(f, Tensor) and f.numel():
+        if isinstance(f, Tensor) and f.dim() and f.numel():  # (the loss's seed, dloss = 1, is no magnitude)
             out = max(out, float(f.abs().max()))
     return out
 
@@ -234,7 +235,9 @@ def judge_tensor(item: Item, spec: RowSpec, probes: list[Probe], outs: dict[str,
     if ex is not None and not row.exact:  # right in float64: is it right in float32, where the learner runs?
         a = outs.get(f"{ex.name}|{spec.key}")
         r = ex.refs[spec.key]
-        e = rel(a.reshape(r.shape), r) if a is not None and a.numel() == r.numel() else math.inf
+        scale = max(float(r.abs().max()) if r.numel() else 0.0, upstream_scale(item, spec.key, ex), 1e-30)
+        e = (float((a.reshape(r.shape).double() - r.double()).abs().max()) / scale
+             if a is not None and a.numel() == r.numel() else math.inf)
         if not e <= F32_RTOL:
             row.status, row.kind, row.key, row.max_rel = "wrong", K.OTHER, "float32", e
             row.diagnosis = (f"right in float64 but off by {e:.2g} of its largest entry in float32 (autograd's float32 "
@@ -456,6 +459,7 @@ def diagnose(item: Item, pend: Pending, match_rtol: float = MATCH_RTOL) -> tuple
     hit = catalogue_match(item, key, failing, match_rtol)
     if hit is not None:
         v, neg, score = hit
+        pend.catalogued = "all" if score == len(failing) else "some"
         words = ("sign flipped, and " + v.says) if neg else v.says
         if score < len(failing):
             words += f" (on the {failing[0][0].name} probe)"

@@ -30,6 +30,8 @@ from torch import Tensor
 from handgrad.dojo.framework import BEGIN, END
 
 DEFS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+MUTATORS = {"append", "extend", "insert", "pop", "remove", "update", "setdefault", "add", "clear", "sort",
+            "reverse"}  # methods that change the object they are called on (as x.op_() does a tensor)
 SIZES = ("n", "batch_size", "n_embd", "n_hidden", "block_size", "vocab_size")  # the setup's sizes
 FP_K = 6  # numbers in a fingerprint: random projections of a tensor (what an edit's value is compared by)
 
@@ -89,7 +91,8 @@ def writes_of(node: ast.AST) -> set[str]:
                 out.add(b.id)
             if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self":
                 out.add(f"self.{sub.attr}")
-        elif isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr.endswith("_"):
+        elif isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and (
+                sub.func.attr.endswith("_") or sub.func.attr in MUTATORS):
             b = base(sub.func.value)
             if isinstance(b, ast.Name):
                 out.add(b.id)
@@ -529,6 +532,10 @@ def call_edit_values(p: Parsed, base: dict, driver: str, inputs: dict[str, Tenso
             out.append(None if full else {"status": "error"})
             continue
         rec = run_call(p, ns, driver, inputs, probe)
+        if key.startswith("*"):  # behaviours: every row's number or verdict at once
+            vals = {k: m.get("scalar") for k, m in rec.meta.items() if m.get("status") == "value" and "scalar" in m}
+            out.append(vals if full else {"status": "scalars", "values": vals})
+            continue
         m = rec.meta.get(key, {})
         if m.get("status") == "value" and key in rec.out:
             out.append(_result(rec.out[key], seed, full))
@@ -627,7 +634,7 @@ class Session:
                 with default_dtype(dtype):
                     got = call_edit_values(self.p, self.base, self.driver, _inputs(values), name, req["key"],
                                            req["index"], req["sources"], req["seed"], full, req.get("owners"))
-            if full:
+            if full and not req["key"].startswith("*"):
                 tensors.update({f"{name}|{k}": t for k, t in enumerate(got) if t is not None})
                 results[name] = [t is not None for t in got]
             else:
