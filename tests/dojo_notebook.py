@@ -70,9 +70,34 @@ for t in [logprobs, probs, counts, counts_sum, counts_sum_inv,
 loss.backward()
 loss"""
 
-NAMES = ["logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes", "logits",
-         "h", "W2", "b2", "hpreact", "bngain", "bnbias", "bnraw", "bnvar_inv", "bnvar", "bndiff2", "bndiff",
-         "bnmeani", "hprebn", "embcat", "W1", "b1", "emb", "C"]
+NAMES = [
+    "logprobs",
+    "probs",
+    "counts_sum_inv",
+    "counts_sum",
+    "counts",
+    "norm_logits",
+    "logit_maxes",
+    "logits",
+    "h",
+    "W2",
+    "b2",
+    "hpreact",
+    "bngain",
+    "bnbias",
+    "bnraw",
+    "bnvar_inv",
+    "bnvar",
+    "bndiff2",
+    "bndiff",
+    "bnmeani",
+    "hprebn",
+    "embcat",
+    "W1",
+    "b1",
+    "emb",
+    "C",
+]
 
 # The lecture's finished exercise 1 cell, as a completed notebook holds it (its dbnmeani has shape (64,)).
 EX1 = """dlogprobs = torch.zeros_like(logprobs)
@@ -113,12 +138,18 @@ for k in range(Xb.shape[0]):
 
 """ + "\n".join(f"cmp('{t}', d{t}, {t})" for t in NAMES)
 
-EX2_FORWARD = "loss_fast = F.cross_entropy(logits, Yb)\nprint(loss_fast.item(), 'diff:', (loss_fast - loss).item())"
+EX2_FORWARD = (
+    "loss_fast = F.cross_entropy(logits, Yb)\nprint(loss_fast.item(), 'diff:', (loss_fast - loss).item())"
+)
 EX2 = "dlogits = F.softmax(logits, 1)\ndlogits[range(n), Yb] -= 1\ndlogits /= n\n\ncmp('logits', dlogits, logits)"
-EX3_FORWARD = ("hpreact_fast = bngain * (hprebn - hprebn.mean(0, keepdim=True)) / torch.sqrt(hprebn.var(0, "
-               "keepdim=True, unbiased=True) + 1e-5) + bnbias\nprint('max diff:', (hpreact_fast - hpreact).abs().max())")
-EX3 = ("dhprebn = bngain*bnvar_inv/n * (n*dhpreact - dhpreact.sum(0) - n/(n-1)*bnraw*(dhpreact*bnraw).sum(0))\n\n"
-       "cmp('hprebn', dhprebn, hprebn)")
+EX3_FORWARD = (
+    "hpreact_fast = bngain * (hprebn - hprebn.mean(0, keepdim=True)) / torch.sqrt(hprebn.var(0, "
+    "keepdim=True, unbiased=True) + 1e-5) + bnbias\nprint('max diff:', (hpreact_fast - hpreact).abs().max())"
+)
+EX3 = (
+    "dhprebn = bngain*bnvar_inv/n * (n*dhpreact - dhpreact.sum(0) - n/(n-1)*bnraw*(dhpreact*bnraw).sum(0))\n\n"
+    "cmp('hprebn', dhprebn, hprebn)"
+)
 
 # Exercise 4's cell: the lecture's loop, stopped after `steps` steps as a learner does while checking it.
 EX4 = """n_embd = 10
@@ -197,8 +228,12 @@ with torch.no_grad():
 
 def transform(src: str) -> str:
     """What IPython keeps in In / _ih for a cell: line magics become get_ipython() calls."""
-    return re.sub(r"^(\s*)%(\w+)\s*(.*)$", lambda m: f"{m.group(1)}get_ipython().run_line_magic("
-                  f"{m.group(2)!r}, {m.group(3)!r})", src, flags=re.M)
+    return re.sub(
+        r"^(\s*)%(\w+)\s*(.*)$",
+        lambda m: f"{m.group(1)}get_ipython().run_line_magic({m.group(2)!r}, {m.group(3)!r})",
+        src,
+        flags=re.M,
+    )
 
 
 class _Shell:
@@ -248,10 +283,21 @@ def edit(cell: str, edits: list[tuple[str, str]]) -> str:
 
 def write_ipynb(path: Path, cells: list[str]) -> Path:
     """The cells as a real .ipynb file (nbformat 4)."""
-    nb = {"cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-                     "source": c.splitlines(keepends=True)} for c in cells],
-          "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
-          "nbformat": 4, "nbformat_minor": 4}
+    nb = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "execution_count": None,
+                "metadata": {},
+                "outputs": [],
+                "source": c.splitlines(keepends=True),
+            }
+            for c in cells
+        ],
+        "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+        "nbformat": 4,
+        "nbformat_minor": 4,
+    }
     path.write_text(json.dumps(nb, indent=1))
     return path
 

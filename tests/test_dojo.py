@@ -24,31 +24,64 @@ for k in range(Xb.shape[0]):
 
 # (id, edits of the reference as (old, new) pairs, the one wrong gradient, the kind it must be named)
 MISTAKES = [
-    ("log-times", [("dprobs = (1.0 / probs) * dlogprobs", "dprobs = probs * dlogprobs")], "probs", K.INPUT_OUTPUT),
+    (
+        "log-times",
+        [("dprobs = (1.0 / probs) * dlogprobs", "dprobs = probs * dlogprobs")],
+        "probs",
+        K.INPUT_OUTPUT,
+    ),
     ("tanh-1-h", [("dhpreact = (1.0 - h**2) * dh", "dhpreact = (1.0 - h) * dh")], "hpreact", K.TANH),
-    ("tanh-at-input", [("dhpreact = (1.0 - h**2) * dh", "dhpreact = (1.0 - hpreact**2) * dh")], "hpreact",
-     K.INPUT_OUTPUT),
-    ("counts-one-branch", [("dcounts += torch.ones_like(counts) * dcounts_sum\n", "")], "counts",
-     K.MISSING_BRANCH),
-    ("logits-no-max-branch", [("dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1]) * "
-                               "dlogit_maxes\n", "")], "logits", K.MISSING_BRANCH),
+    (
+        "tanh-at-input",
+        [("dhpreact = (1.0 - h**2) * dh", "dhpreact = (1.0 - hpreact**2) * dh")],
+        "hpreact",
+        K.INPUT_OUTPUT,
+    ),
+    (
+        "counts-one-branch",
+        [("dcounts += torch.ones_like(counts) * dcounts_sum\n", "")],
+        "counts",
+        K.MISSING_BRANCH,
+    ),
+    (
+        "logits-no-max-branch",
+        [("dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1]) * dlogit_maxes\n", "")],
+        "logits",
+        K.MISSING_BRANCH,
+    ),
     ("bndiff-one-branch", [("dbndiff += (2 * bndiff) * dbndiff2\n", "")], "bndiff", K.MISSING_BRANCH),
     ("bessel", [("dbndiff2 = (1.0 / (n - 1))", "dbndiff2 = (1.0 / n)")], "bndiff2", K.BESSEL),
-    ("no-mean", [("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0")], "logprobs",
-     K.SCALE_N),
+    (
+        "no-mean",
+        [("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0")],
+        "logprobs",
+        K.SCALE_N,
+    ),
     ("no-eps", [("(bnvar + 1e-5) ** -1.5", "bnvar ** -1.5")], "bnvar", K.EPS_LEFT_OUT),
-    ("not-summed", [("dbnvar_inv = (bndiff * dbnraw).sum(0, keepdim=True)", "dbnvar_inv = bndiff * dbnraw")],
-     "bnvar_inv", K.SHAPE),
+    (
+        "not-summed",
+        [("dbnvar_inv = (bndiff * dbnraw).sum(0, keepdim=True)", "dbnvar_inv = bndiff * dbnraw")],
+        "bnvar_inv",
+        K.SHAPE,
+    ),
     ("wrong-dim", [("db2 = dlogits.sum(0)", "db2 = dlogits.sum(1)")], "b2", K.WRONG_DIM),
     ("transposed", [("dW2 = h.T @ dlogits", "dW2 = dlogits.T @ h")], "W2", K.TRANSPOSED),
     ("overwrite", [(LOOP, "dC = torch.zeros_like(C)\ndC[Xb] += demb\n")], "C", K.OVERWRITE),
     ("sign", [("dh = dlogits @ W2.T", "dh = -(dlogits @ W2.T)")], "h", K.SIGN),
     ("mean-no-1/n", [("dhprebn += 1.0 / n * (", "dhprebn += (")], "hprebn", K.SCALE_N),
     ("power-rule", [("(-counts_sum**-2)", "(-counts_sum**-1)")], "counts_sum", K.POWER),
-    ("exp-at-input", [("dnorm_logits = counts * dcounts", "dnorm_logits = norm_logits * dcounts")],
-     "norm_logits", K.INPUT_OUTPUT),
-    ("hard-coded", [("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0 / 32")], "logprobs",
-     K.HARDCODED),
+    (
+        "exp-at-input",
+        [("dnorm_logits = counts * dcounts", "dnorm_logits = norm_logits * dcounts")],
+        "norm_logits",
+        K.INPUT_OUTPUT,
+    ),
+    (
+        "hard-coded",
+        [("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0 / 32")],
+        "logprobs",
+        K.HARDCODED,
+    ),
     ("other-factor", [("dbnraw = bngain * dhpreact", "dbnraw = bnraw * dhpreact")], "bnraw", K.WRONG_FACTOR),
     ("columns", [("dW1 = embcat.T @ dhprebn", "dW1 = embcat.T @ dhprebn\ndW1[:, :8] = 0")], "W1", K.ROWS),
     ("rows", [("dh = dlogits @ W2.T", "dh = dlogits @ W2.T\ndh[:3] *= 2")], "h", K.ROWS),
@@ -60,15 +93,21 @@ MISTAKES = [
 # index_add_ for the loop, einsum, float32 factories): no false alarm at the float64 verdict's tolerance.
 RIGHT_VARIANTS = [
     ("dprobs = (1.0 / probs) * dlogprobs", "dprobs = dlogprobs / probs"),
-    ("dcounts_sum_inv = (counts * dprobs).sum(1, keepdim=True)",
-     "dcounts_sum_inv = (dprobs * counts).sum(1, keepdim=True)"),
+    (
+        "dcounts_sum_inv = (counts * dprobs).sum(1, keepdim=True)",
+        "dcounts_sum_inv = (dprobs * counts).sum(1, keepdim=True)",
+    ),
     ("dcounts_sum = (-counts_sum**-2) * dcounts_sum_inv", "dcounts_sum = -dcounts_sum_inv / counts_sum**2"),
-    ("dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1]) * dlogit_maxes",
-     "dlogits[range(n), logits.argmax(1)] += dlogit_maxes.view(-1)"),
+    (
+        "dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1]) * dlogit_maxes",
+        "dlogits[range(n), logits.argmax(1)] += dlogit_maxes.view(-1)",
+    ),
     ("dhpreact = (1.0 - h**2) * dh", "dhpreact = (1 - torch.tanh(hpreact) ** 2) * dh"),
     ("dbnvar = (-0.5 * (bnvar + 1e-5) ** -1.5) * dbnvar_inv", "dbnvar = -0.5 * bnvar_inv**3 * dbnvar_inv"),
-    ("dbndiff2 = (1.0 / (n - 1)) * torch.ones_like(bndiff2) * dbnvar",
-     "dbndiff2 = torch.ones(n, n_hidden) * dbnvar / (n - 1)"),
+    (
+        "dbndiff2 = (1.0 / (n - 1)) * torch.ones_like(bndiff2) * dbnvar",
+        "dbndiff2 = torch.ones(n, n_hidden) * dbnvar / (n - 1)",
+    ),
     ("dhprebn += 1.0 / n * (torch.ones_like(hprebn) * dbnmeani)", "dhprebn += dbnmeani / n"),
     ("dW1 = embcat.T @ dhprebn", "dW1 = torch.einsum('ni,nj->ij', embcat, dhprebn)"),
     (LOOP, "dC = torch.zeros(vocab_size, n_embd)\ndC.index_add_(0, Xb.view(-1), demb.view(-1, n_embd))\n"),
@@ -93,15 +132,27 @@ def graded(tmp_path_factory):
     files["error"] = _edit([("dh = dlogits @ W2.T", "dh = dlogits @ W2")])
     files["numpy"] = _edit([("dh = dlogits @ W2.T", "dh = (dlogits @ W2.T).numpy()")])
     files["syntax"] = _edit([("dh = dlogits @ W2.T", "dh = dlogits @@ W2.T")])
-    files["keepdim"] = _edit([("dbnmeani = (-dbndiff).sum(0, keepdim=True)", "dbnmeani = (-dbndiff).sum(0)"),
-                              ("db2 = dlogits.sum(0)", "db2 = dlogits.sum(0, keepdim=True)")])
-    files["n-by-1"] = _edit([("dcounts_sum_inv = (counts * dprobs).sum(1, keepdim=True)",
-                              "dcounts_sum_inv = (counts * dprobs).sum(1)")])
-    files["forward-in-place"] = _edit([("dprobs = (1.0 / probs) * dlogprobs",
-                                        "dprobs = (1.0 / probs) * dlogprobs\nprobs *= 2")])
+    files["keepdim"] = _edit(
+        [
+            ("dbnmeani = (-dbndiff).sum(0, keepdim=True)", "dbnmeani = (-dbndiff).sum(0)"),
+            ("db2 = dlogits.sum(0)", "db2 = dlogits.sum(0, keepdim=True)"),
+        ]
+    )
+    files["n-by-1"] = _edit(
+        [
+            (
+                "dcounts_sum_inv = (counts * dprobs).sum(1, keepdim=True)",
+                "dcounts_sum_inv = (counts * dprobs).sum(1)",
+            )
+        ]
+    )
+    files["forward-in-place"] = _edit(
+        [("dprobs = (1.0 / probs) * dlogprobs", "dprobs = (1.0 / probs) * dlogprobs\nprobs *= 2")]
+    )
     files["n-rebound"] = _edit([("for k in range(Xb.shape[0]):", "for n in range(Xb.shape[0]):\n    k = n")])
-    files["float32-constant"] = _edit([("(bnvar + 1e-5) ** -1.5",
-                                        "(bnvar + torch.tensor(1e-5, dtype=torch.float32)) ** -1.5")])
+    files["float32-constant"] = _edit(
+        [("(bnvar + 1e-5) ** -1.5", "(bnvar + torch.tensor(1e-5, dtype=torch.float32)) ** -1.5")]
+    )
     paths = []
     for name, text in files.items():
         p = d / f"{name.replace('/', '_')}.py"
@@ -151,7 +202,7 @@ def test_right_lines_below_a_mistake_say_given_your_upstream(graded, mid):
     local backward of the learner's own upstream values, and says where the mistake is."""
     g = graded[mid]
     (bad,) = [r for r in g.rows if not r.ok]
-    below = g.rows[g.rows.index(bad) + 1:]
+    below = g.rows[g.rows.index(bad) + 1 :]
     given = [r for r in below if r.chain == "given"]
     # every row below is right; those made from the wrong row are right given it (the rest, like dW2 beside
     # dh, or db1, ~0 under batchnorm whatever its upstream, are right end to end)
@@ -168,8 +219,13 @@ def test_the_edit_search_speaks_where_the_catalogue_is_silent(graded):
     assert row.edit == "" and "1 - h**2" in row.diagnosis  # a known mistake: the catalogue's words
 
 
-@pytest.mark.parametrize("mid, words", [("columns", "wrong only in columns 0, 1, 2, 3, 4, 5, 6, 7 of 64"),
-                                         ("rows", "wrong only on rows 0, 1, 2 of")])
+@pytest.mark.parametrize(
+    "mid, words",
+    [
+        ("columns", "wrong only in columns 0, 1, 2, 3, 4, 5, 6, 7 of 64"),
+        ("rows", "wrong only on rows 0, 1, 2 of"),
+    ],
+)
 def test_a_mistake_on_some_rows_or_columns_says_which(graded, mid, words):
     (row,) = [r for r in graded[mid].rows if not r.ok]
     assert words in row.diagnosis
@@ -218,7 +274,9 @@ def test_a_rebound_setup_size_is_said_in_the_learners_terms(graded):
 
 def test_a_float32_constant_in_a_right_formula_is_right(graded):
     g = graded["float32-constant"]
-    assert g.exit_code == 0, g.table()  # 1e-5 in float32 moves dbnvar by ~1e-13 of itself: rounding, not a formula
+    assert g.exit_code == 0, (
+        g.table()
+    )  # 1e-5 in float32 moves dbnvar by ~1e-13 of itself: rounding, not a formula
 
 
 def test_learner_exception_reports_their_line(graded):

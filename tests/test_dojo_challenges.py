@@ -202,17 +202,23 @@ MISTAKES = [
     (
         "ck-store-all",
         "checkpoint",
-        [(CK_STORE, "        stash[l] = h\n"), ("    out = h\n", "    stash[len(Ws)] = h\n    out = h\n"),
-         (CK_RECOMPUTE, "hs = [stash[k] for k in range(s, e + 1)]\n")],
+        [
+            (CK_STORE, "        stash[l] = h\n"),
+            ("    out = h\n", "    stash[len(Ws)] = h\n    out = h\n"),
+            (CK_RECOMPUTE, "hs = [stash[k] for k in range(s, e + 1)]\n"),
+        ],
         ["stored"],
         CK.STORES_ALL,
     ),
     (
         "ck-store-stacked",
         "checkpoint",
-        [("    h = x\n", "    h = x\n    acts = [x]\n"), (CK_STORE, ""),
-         ("    out = h\n", "        acts.append(h)\n    stash['all'] = torch.stack(acts)\n    out = h\n"),
-         (CK_RECOMPUTE, "hs = list(stash['all'][s:e + 1])\n")],
+        [
+            ("    h = x\n", "    h = x\n    acts = [x]\n"),
+            (CK_STORE, ""),
+            ("    out = h\n", "        acts.append(h)\n    stash['all'] = torch.stack(acts)\n    out = h\n"),
+            (CK_RECOMPUTE, "hs = list(stash['all'][s:e + 1])\n"),
+        ],
         ["stored"],
         CK.STORES_ALL,
     ),
@@ -240,9 +246,11 @@ MISTAKES = [
     (
         "ck-stale",
         "checkpoint",
-        [("    h = x\n", "    global ACTS\n    ACTS = [x]\n    h = x\n"),
-         ("    out = h\n", "        ACTS.append(h)\n    out = h\n"),
-         (CK_RECOMPUTE, "hs = ACTS[s:e + 1]  # kept from forward\n")],
+        [
+            ("    h = x\n", "    global ACTS\n    ACTS = [x]\n    h = x\n"),
+            ("    out = h\n", "        ACTS.append(h)\n    out = h\n"),
+            (CK_RECOMPUTE, "hs = ACTS[s:e + 1]  # kept from forward\n"),
+        ],
         ["dx", "dW"],
         CK.NOT_RECOMPUTED,
     ),
@@ -270,8 +278,13 @@ MISTAKES = [
     (
         "ck-from-x",
         "checkpoint",
-        [(CK_RECOMPUTE, CK_RECOMPUTE.replace("stash[s]", "stash[0]").replace("range(s, e)", "range(0, e)")
-          + "        hs = hs[s:]\n")],
+        [
+            (
+                CK_RECOMPUTE,
+                CK_RECOMPUTE.replace("stash[s]", "stash[0]").replace("range(s, e)", "range(0, e)")
+                + "        hs = hs[s:]\n",
+            )
+        ],
         ["recompute"],
         CK.RECOMPUTES_TOO_MUCH,
     ),
@@ -405,7 +418,10 @@ def test_checkpoint_memory_row_reports_what_was_kept(graded):
     """The memory row of the reference says what one probe kept; storing every activation fails it
     with the elements kept against the checkpoints'; a wrong dW names the blocks that are wrong."""
     ref = next(r for r in graded["ref-checkpoint"].rows if r.name == "stored")
-    assert ref.ok and "kept 3 tensors, 60 elements (checkpoints: 3, 60; every activation: 6, 120)" in ref.diagnosis
+    assert (
+        ref.ok
+        and "kept 3 tensors, 60 elements (checkpoints: 3, 60; every activation: 6, 120)" in ref.diagnosis
+    )
     bad = next(r for r in graded["ck-store-all"].rows if r.name == "stored")
     assert bad.status == "wrong" and "kept 7 tensors, 140 elements" in bad.diagnosis, bad.diagnosis
     assert "no memory saved" in bad.diagnosis
@@ -453,7 +469,10 @@ def test_checkpoint_every_variant_is_a_real_mistake():
     ps = CK.probes()
     for row in ("dx", "dW"):
         for v in CK.VARIANTS[row]:
-            assert any(not torch.allclose(v.fn(Vals(p.inputs, {}, None, p.refs)), p.refs[row]) for p in ps), (row, v.key)
+            assert any(not torch.allclose(v.fn(Vals(p.inputs, {}, None, p.refs)), p.refs[row]) for p in ps), (
+                row,
+                v.key,
+            )
 
 
 def test_checkpoint_stash_keeps_tensors_only(tmp_path):

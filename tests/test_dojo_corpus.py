@@ -27,14 +27,21 @@ LT_CELLS = [
 
 def _mistakes() -> list[tuple[str, str, str, list, list]]:
     out = [(m, "1", "file", e, w) for m, e, w in D.EX1] + [(m, "1", "notebook", e, w) for m, e, w in D.NB1]
-    out += [(m, k, where, e, w) for k, group in (("2", D.EX2), ("3", D.EX3), ("4", D.EX4)) for m, where, e, w in group]
+    out += [
+        (m, k, where, e, w)
+        for k, group in (("2", D.EX2), ("3", D.EX3), ("4", D.EX4))
+        for m, where, e, w in group
+    ]
     out += [(m, k.split("@")[0], "notebook" if "@" in k else "file", e, w) for m, k, e, w in D.CHALLENGES]
     return out
 
 
 MISTAKES = _mistakes()
-RIGHT = [(m, "1", "file", e) for m, e in D.RIGHT_EX1] + [(m, "1", "notebook", e) for m, e in D.RIGHT_NB1] + \
-    [(m, k, where, e) for m, k, where, e in D.RIGHT_OTHER]
+RIGHT = (
+    [(m, "1", "file", e) for m, e in D.RIGHT_EX1]
+    + [(m, "1", "notebook", e) for m, e in D.RIGHT_NB1]
+    + [(m, k, where, e) for m, k, where, e in D.RIGHT_OTHER]
+)
 
 
 def _apply(text: str, edits: list[tuple[str, str]]) -> str:
@@ -71,10 +78,15 @@ def graded(tmp_path_factory):
             for c in NB_BEFORE[key]:
                 NB.run(ns, c)
             NB.run(ns, _apply(NB_CELLS[key], edits))
-        cell = next(i for i, src in enumerate(ns["_ih"]) if new_first in src) if any(
-            new_first in s for s in ns["_ih"]) else None
+        cell = (
+            next(i for i, src in enumerate(ns["_ih"]) if new_first in src)
+            if any(new_first in s for s in ns["_ih"])
+            else None
+        )
         out[mid] = (dojo.grade(key, ns), "\n".join(ns["_ih"]), (cell, new_first, ns["_ih"]))
-    for mid, (p, text, new_first), g in zip(files, files.values(), dojo.grade_files([v[0] for v in files.values()])):
+    for mid, (_, text, new_first), g in zip(
+        files, files.values(), dojo.grade_files([v[0] for v in files.values()])
+    ):
         out[mid] = (g, text, (None, new_first, None))
     return out
 
@@ -104,8 +116,11 @@ def _catalogued(key: str) -> bool:
     """Whether a diagnosis key is a catalogue entry (the item's own or a generic one)."""
     k = key.removesuffix("-negated")
     names = {v.key for it in ITEMS for vs in it.variants.values() for v in vs}
-    generic = re.fullmatch(r"sign|transposed|scale-.*|missing-.*|no-upstream|passthrough-.*|not-summed|keepdim-.*|"
-                           r"sum-dim-.*", k)
+    generic = re.fullmatch(
+        r"sign|transposed|scale-.*|missing-.*|no-upstream|passthrough-.*|not-summed|keepdim-.*|"
+        r"sum-dim-.*",
+        k,
+    )
     return k in names or bool(generic)
 
 
@@ -121,15 +136,19 @@ def test_each_uncatalogued_mistake_is_flagged_and_located_on_its_line(graded, mi
     g, _, loc = graded[mid]
     assert g.problem == "", g.problem
     bad = [r.name for r in g.rows if not r.ok]
-    assert bad == [r.name for r in g.rows if r.name in wrong], g.table()  # exactly these rows, in the table's order
+    assert bad == [r.name for r in g.rows if r.name in wrong], (
+        g.table()
+    )  # exactly these rows, in the table's order
     row = next(r for r in g.rows if r.name == wrong[0])
     assert not _catalogued(row.key), (row.key, row.diagnosis)  # the catalogue does not list it
     assert _located(g, row, loc), (row.where, row.edit, g.table())
 
 
 def test_at_least_90_percent_are_named_from_the_learners_own_line(graded):
-    named = {mid: bool(next(r for r in graded[mid][0].rows if r.name == wrong[0]).edit)
-             for mid, _, _, _, wrong in MISTAKES}
+    named = {
+        mid: bool(next(r for r in graded[mid][0].rows if r.name == wrong[0]).edit)
+        for mid, _, _, _, wrong in MISTAKES
+    }
     missed = [m for m, ok in named.items() if not ok]
     assert sum(named.values()) >= 0.9 * len(named), missed
 
@@ -143,7 +162,9 @@ def test_unusual_right_solutions_are_right(graded, mid, key, where, edits):
 def test_the_edit_search_says_so_when_nothing_small_explains_it(tmp_path):
     """Two slips on one line: no single edit explains them, and the diagnosis says so."""
     p = tmp_path / "two.py"
-    p.write_text(_apply(dojo.solution("1"), [("dW1 = embcat.T @ dhprebn", "dW1 = emb.view(n, -1).T @ dhpreact * 2")]))
+    p.write_text(
+        _apply(dojo.solution("1"), [("dW1 = embcat.T @ dhprebn", "dW1 = emb.view(n, -1).T @ dhpreact * 2")])
+    )
     g = dojo.grade_file(p)
     (row,) = [r for r in g.rows if not r.ok]
     assert row.edit == "" and "no known mistake and no small edit of your line explains it" in row.diagnosis

@@ -22,37 +22,83 @@ MISTAKES = [
     ("ce-sign", "2", [(CE, "dlogits /= -n\n")], ["dlogits"], K.SIGN),
     ("ce-dim0", "2", [("F.softmax(logits, 1)", "F.softmax(logits, 0)")], ["dlogits"], K.WRONG_DIM),
     ("ce-hard-coded", "2", [(CE, "dlogits /= 32\n")], ["dlogits"], K.HARDCODED),
-    ("ce-keepdim", "2", [("dlogits = F.softmax(logits, 1)\n",
-                          "counts = logits.exp()\ndlogits = counts / counts.sum(1)\n")], ["dlogits"], K.SHAPE),
-    ("ce-one-hot-classes", "2", [(CE_ALL, "dlogits = (F.softmax(logits, 1) - F.one_hot(Yb)) / n\n")], ["dlogits"],
-     K.SHAPE),
-    ("ce-minus-one-assigned", "2", [("dlogits[range(n), Yb] -= 1", "dlogits[range(n), Yb] = -1")], ["dlogits"],
-     K.SOFTMAX_MINUS_ONE),
-    ("ce-sum-all", "2", [("dlogits = F.softmax(logits, 1)\n", "dlogits = logits.exp() / logits.exp().sum()\n")],
-     ["dlogits"], K.WRONG_DIM),
+    (
+        "ce-keepdim",
+        "2",
+        [("dlogits = F.softmax(logits, 1)\n", "counts = logits.exp()\ndlogits = counts / counts.sum(1)\n")],
+        ["dlogits"],
+        K.SHAPE,
+    ),
+    (
+        "ce-one-hot-classes",
+        "2",
+        [(CE_ALL, "dlogits = (F.softmax(logits, 1) - F.one_hot(Yb)) / n\n")],
+        ["dlogits"],
+        K.SHAPE,
+    ),
+    (
+        "ce-minus-one-assigned",
+        "2",
+        [("dlogits[range(n), Yb] -= 1", "dlogits[range(n), Yb] = -1")],
+        ["dlogits"],
+        K.SOFTMAX_MINUS_ONE,
+    ),
+    (
+        "ce-sum-all",
+        "2",
+        [("dlogits = F.softmax(logits, 1)\n", "dlogits = logits.exp() / logits.exp().sum()\n")],
+        ["dlogits"],
+        K.WRONG_DIM,
+    ),
     ("ce-no-mean-keepdim", "2", [(CE, "dlogits = dlogits.mean(0, keepdim=True)\n")], ["dlogits"], K.SHAPE),
     ("bn-bessel-n", "3", [(BN, "bnraw")], ["dhprebn"], K.BESSEL),
     ("bn-bessel-whole", "3", [("bnvar_inv / n *", "bnvar_inv / (n - 1) *")], ["dhprebn"], K.BESSEL),
     ("bn-no-eps", "3", [("bngain * bnvar_inv", "bngain * bnvar**-0.5")], ["dhprebn"], K.EPS_LEFT_OUT),
     ("bn-no-mean-term", "3", [(" - dhpreact.sum(0)", "")], ["dhprebn"], K.MISSING_BRANCH),
-    ("bn-sum-dim1", "3", [(" - dhpreact.sum(0)", " - dhpreact.sum(1, keepdim=True)")], ["dhprebn"], K.WRONG_DIM),
+    (
+        "bn-sum-dim1",
+        "3",
+        [(" - dhpreact.sum(0)", " - dhpreact.sum(1, keepdim=True)")],
+        ["dhprebn"],
+        K.WRONG_DIM,
+    ),
     ("bn-no-gain", "3", [("bngain * bnvar_inv", "bnvar_inv")], ["dhprebn"], K.WRONG_FACTOR),
     ("bn-var-sign", "3", [(f" - {BN}", f" + {BN}")], ["dhprebn"], K.SIGN),
     ("bn-bessel-reversed", "3", [(BN, "(n - 1) / n * bnraw")], ["dhprebn"], K.BESSEL),
-    ("bn-var-dim1", "3", [("(dhpreact * bnraw).sum(0)", "(dhpreact * bnraw).sum(1, keepdim=True)")], ["dhprebn"],
-     K.WRONG_DIM),
+    (
+        "bn-var-dim1",
+        "3",
+        [("(dhpreact * bnraw).sum(0)", "(dhpreact * bnraw).sum(1, keepdim=True)")],
+        ["dhprebn"],
+        K.WRONG_DIM,
+    ),
     ("bn-no-1/n", "3", [("bnvar_inv / n *", "bnvar_inv *")], ["dhprebn"], K.SCALE_N),
     ("bn-hard-coded", "3", [(BN, "n / (32 - 1) * bnraw")], ["dhprebn"], K.HARDCODED),
-    ("bn-bndiff", "3", [(BN + " * (dhpreact * bnraw)", "n / (n - 1) * bndiff * (dhpreact * bndiff)")], ["dhprebn"],
-     K.WRONG_FACTOR),
+    (
+        "bn-bndiff",
+        "3",
+        [(BN + " * (dhpreact * bnraw)", "n / (n - 1) * bndiff * (dhpreact * bndiff)")],
+        ["dhprebn"],
+        K.WRONG_FACTOR,
+    ),
     ("tr-no-mean", "4", [(CE, "")], ["dlogits", "loss curve", "loss reached"], K.SCALE_N),
     ("tr-tanh", "4", [("(1.0 - h**2)", "(1.0 - h)")], ["dhpreact", "loss curve", "loss reached"], K.TANH),
-    ("tr-not-summed", "4", [(TR, "dbngain = bnraw * dhpreact")], ["dbngain", "loss curve", "loss reached"],
-     K.SHAPE),
+    (
+        "tr-not-summed",
+        "4",
+        [(TR, "dbngain = bnraw * dhpreact")],
+        ["dbngain", "loss curve", "loss reached"],
+        K.SHAPE,
+    ),
     # a Bessel slip barely changes the training: the curve shows it, the loss reached does not
     ("tr-bessel", "4", [(BN, "bnraw")], ["dhprebn", "loss curve"], K.BESSEL),
-    ("tr-overwrite", "4", [("dC.index_add_(0, Xb.view(-1), demb.view(-1, n_embd))", "dC[Xb] += demb")],
-     ["dC", "loss curve", "loss reached"], K.OVERWRITE),
+    (
+        "tr-overwrite",
+        "4",
+        [("dC.index_add_(0, Xb.view(-1), demb.view(-1, n_embd))", "dC[Xb] += demb")],
+        ["dC", "loss curve", "loss reached"],
+        K.OVERWRITE,
+    ),
 ]
 
 
@@ -75,7 +121,9 @@ def graded(tmp_path_factory):
         files[f"blank{k}"] = render(get(k))
     files |= {m[0]: _edit(m[1], m[2]) for m in MISTAKES}
     files["tr-keepdim"] = _edit("4", [(TR, TR.replace(", keepdim=True", ""))])
-    files["ce-float32"] = _edit("2", [("dlogits = F.softmax(logits, 1)", "dlogits = (F.softmax(logits, 1) + 1e3) - 1e3")])
+    files["ce-float32"] = _edit(
+        "2", [("dlogits = F.softmax(logits, 1)", "dlogits = (F.softmax(logits, 1) + 1e3) - 1e3")]
+    )
     files["tr-diverges"] = _edit("4", [("dW2 = h.T @ dlogits", "dW2 = -1e4 * (h.T @ dlogits)")])
     paths = []
     for name, text in files.items():

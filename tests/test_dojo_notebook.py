@@ -19,20 +19,41 @@ from handgrad.dojo import catalogue as K
 CLASSIC = [
     ("1-h", [("dhpreact = (1.0 - h**2) * dh", "dhpreact = (1.0 - h) * dh")], "dhpreact", K.TANH),
     ("sign", [("dh = dlogits @ W2.T", "dh = -dlogits @ W2.T")], "dh", K.SIGN),
-    ("missing-branch", [("dcounts += torch.ones_like(counts) * dcounts_sum\n", "")], "dcounts", K.MISSING_BRANCH),
-    ("-1-without-/n", [("dlogprobs[range(n), Yb] = -1.0/n", "dlogprobs[range(n), Yb] = -1.0")], "dlogprobs",
-     K.SCALE_N),
-    ("dlogprobs*probs", [("dprobs = (1.0 / probs) * dlogprobs", "dprobs = dlogprobs * probs")], "dprobs",
-     K.INPUT_OUTPUT),
-    ("unsummed-dbnvar_inv", [("dbnvar_inv = (bndiff * dbnraw).sum(0, keepdim=True)", "dbnvar_inv = bndiff * dbnraw")],
-     "dbnvar_inv", K.SHAPE),
+    (
+        "missing-branch",
+        [("dcounts += torch.ones_like(counts) * dcounts_sum\n", "")],
+        "dcounts",
+        K.MISSING_BRANCH,
+    ),
+    (
+        "-1-without-/n",
+        [("dlogprobs[range(n), Yb] = -1.0/n", "dlogprobs[range(n), Yb] = -1.0")],
+        "dlogprobs",
+        K.SCALE_N,
+    ),
+    (
+        "dlogprobs*probs",
+        [("dprobs = (1.0 / probs) * dlogprobs", "dprobs = dlogprobs * probs")],
+        "dprobs",
+        K.INPUT_OUTPUT,
+    ),
+    (
+        "unsummed-dbnvar_inv",
+        [("dbnvar_inv = (bndiff * dbnraw).sum(0, keepdim=True)", "dbnvar_inv = bndiff * dbnraw")],
+        "dbnvar_inv",
+        K.SHAPE,
+    ),
     ("alias", [("dhprebn = dbndiff.clone()", "dhprebn = dbndiff")], "dhprebn", K.ALIAS),
     ("bessel", [("dbndiff2 = (1.0/(n-1))", "dbndiff2 = (1.0/n)")], "dbndiff2", K.BESSEL),
     ("overwrite", [("dC[ix] += demb[k,j]", "dC[ix] = demb[k,j]")], "dC", K.OVERWRITE),
     ("transposed", [("dW2 = h.T @ dlogits", "dW2 = dlogits.T @ h")], "dW2", K.TRANSPOSED),
     ("no-eps", [("(bnvar + 1e-5)**-1.5", "bnvar**-1.5")], "dbnvar", K.EPS_LEFT_OUT),
-    ("no-max-branch", [("dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1]) * dlogit_maxes\n",
-                        "")], "dlogits", K.MISSING_BRANCH),
+    (
+        "no-max-branch",
+        [("dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1]) * dlogit_maxes\n", "")],
+        "dlogits",
+        K.MISSING_BRANCH,
+    ),
     ("db1-zeros", [("db1 = dhprebn.sum(0)", "db1 = torch.zeros_like(b1)")], "db1", K.ZERO),
 ]
 
@@ -88,8 +109,13 @@ def test_a_term_that_is_zero_here_says_why_cmp_calls_it_right(base):
 
 
 def test_the_edit_search_reads_the_learners_cell(base):
-    cell = NB.edit(NB.EX1, [("dembcat = dhprebn @ W1.T", "dembcat = dhpreact @ W1.T"),
-                            ("dhpreact = (1.0 - h**2) * dh", "dhpreact = 1.0 - h**2 * dh")])
+    cell = NB.edit(
+        NB.EX1,
+        [
+            ("dembcat = dhprebn @ W1.T", "dembcat = dhpreact @ W1.T"),
+            ("dhpreact = (1.0 - h**2) * dh", "dhpreact = 1.0 - h**2 * dh"),
+        ],
+    )
     g = dojo.grade(1, notebook(base, NB.FORWARD, cell))
     rows = {r.name: r for r in g.rows if not r.ok}
     assert set(rows) == {"dembcat", "dhpreact"}, g.table()
@@ -142,7 +168,9 @@ def test_a_parameter_changed_after_the_backward_is_said(base):
     with torch.no_grad():
         ns["W2"] = ns["W2"] + 0.1
     g = dojo.grade(1, ns)
-    assert any("your logits is not the forward pass of your parameters and batch" in nt for nt in g.notes), g.notes
+    assert any("your logits is not the forward pass of your parameters and batch" in nt for nt in g.notes), (
+        g.notes
+    )
 
 
 def test_nothing_to_grade_says_what_is_missing(base):
@@ -151,12 +179,15 @@ def test_nothing_to_grade_says_what_is_missing(base):
     assert "cannot grade" in g._repr_html_() and "cannot grade" in str(g)
 
 
-@pytest.mark.parametrize("key, cell, edits, wrong", [
-    ("2", NB.EX2, [], []),
-    ("2", NB.EX2, [("dlogits[range(n), Yb] -= 1\n", "")], ["dlogits"]),
-    ("3", NB.EX3, [], []),
-    ("3", NB.EX3, [("n/(n-1)*bnraw", "bnraw")], ["dhprebn"]),
-])
+@pytest.mark.parametrize(
+    "key, cell, edits, wrong",
+    [
+        ("2", NB.EX2, [], []),
+        ("2", NB.EX2, [("dlogits[range(n), Yb] -= 1\n", "")], ["dlogits"]),
+        ("3", NB.EX3, [], []),
+        ("3", NB.EX3, [("n/(n-1)*bnraw", "bnraw")], ["dhprebn"]),
+    ],
+)
 def test_exercises_2_and_3_in_the_notebook(base, key, cell, edits, wrong):
     fwd = NB.EX2_FORWARD if key == "2" else NB.EX3_FORWARD
     g = dojo.grade(key, notebook(base, NB.FORWARD, NB.EX1, fwd, NB.edit(cell, edits)))
@@ -166,10 +197,16 @@ def test_exercises_2_and_3_in_the_notebook(base, key, cell, edits, wrong):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("edits, wrong", [
-    ([], []),
-    ([("dhpreact = (1.0 - h**2) * dh", "dhpreact = (1.0 - h) * dh")], ["dhpreact", "loss curve", "loss reached"]),
-])
+@pytest.mark.parametrize(
+    "edits, wrong",
+    [
+        ([], []),
+        (
+            [("dhpreact = (1.0 - h**2) * dh", "dhpreact = (1.0 - h) * dh")],
+            ["dhpreact", "loss curve", "loss reached"],
+        ),
+    ],
+)
 def test_exercise_4_is_graded_in_place_with_its_loss_curve(base, edits, wrong):
     g = dojo.grade(4, notebook(base, NB.FORWARD, NB.EX1, NB.edit(NB.EX4.replace("STEPS", "30"), edits)))
     assert [r.name for r in g.rows if not r.ok] == wrong, g.table()
@@ -184,7 +221,10 @@ def test_a_real_ipynb_runs_without_a_kernel_and_is_graded(tmp_path):
     ns = NB.run_ipynb(path)
     g = dojo.grade(1, ns)
     assert [r.name for r in g.rows if not r.ok] == ["dprobs"], g.table()
-    assert ns["_ih"][1].startswith("import torch") and "get_ipython().run_line_magic('matplotlib'" in ns["_ih"][1]
+    assert (
+        ns["_ih"][1].startswith("import torch")
+        and "get_ipython().run_line_magic('matplotlib'" in ns["_ih"][1]
+    )
 
 
 CHALLENGE_CELLS = [
@@ -204,4 +244,6 @@ def test_a_challenge_is_graded_from_the_functions_a_notebook_defines():
     NB.run(ns, CHALLENGE_CELLS[0].replace("dz = (1 - a**2) * da", "dz = 1 - a**2 * da"))
     g = dojo.grade("linear-tanh", ns)
     assert [r.name for r in g.rows if not r.ok] == ["dz"], g.table()
-    assert "your In [4] line 4 is right with `(1 - a ** 2) * da` in place of `1 - a**2 * da`" in g.rows[0].edit
+    assert (
+        "your In [4] line 4 is right with `(1 - a ** 2) * da` in place of `1 - a**2 * da`" in g.rows[0].edit
+    )

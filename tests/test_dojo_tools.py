@@ -45,12 +45,18 @@ def test_hint_levels_are_counted_beside_the_file(tmp_path, capsys):
         assert cli.main(["dojo", "hint", str(path), "dprobs"]) == 0
         seen.append(capsys.readouterr().out)
     assert [s.split(",")[0] for s in seen] == ["hint 1 of 3 for dprobs", "hint 2 of 3 for dprobs"] + [
-        "hint 3 of 3 for dprobs"] * 2
-    assert "1/x" in seen[0] and "(n, vocab_size)" in seen[1] and "dprobs = (1.0 / probs) * dlogprobs" in seen[2]
+        "hint 3 of 3 for dprobs"
+    ] * 2
+    assert (
+        "1/x" in seen[0] and "(n, vocab_size)" in seen[1] and "dprobs = (1.0 / probs) * dlogprobs" in seen[2]
+    )
     assert cli.main(["dojo", "hint", str(path), "counts"]) == 0  # the bare name works too
     counter = tmp_path / ".ex1_atomic.hints.json"
     assert json.loads(counter.read_text()) == {"dprobs": 3, "dcounts": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ex1_atomic.hints.json", "ex1_atomic.py"]  # no temp
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".ex1_atomic.hints.json",
+        "ex1_atomic.py",
+    ]  # no temp
     assert H.used(path) == {"dprobs": 3, "dcounts": 1}
     assert "hints used: dcounts (1 of 3), dprobs (3 of 3)" in dojo.grade_file(path).notes
 
@@ -123,19 +129,24 @@ def test_graph_picture_colours_each_tensor_by_its_grade(tmp_path, capsys):
     assert fills["W2"] == COLOURS["wrong"] and fills["bnvar"] == COLOURS["missing"]
     assert {k for k, v in fills.items() if v == COLOURS["ok"]} == set(ex.graph.grads) - {"W2", "bnvar"}
     assert {k for k, v in fills.items() if v not in COLOURS.values()} == {"Xb", "Yb", "loss"}
-    tip = next(g.find("s:title", ns).text for g in root.findall("s:g", ns) if g.find("s:text", ns).text == "W2")
+    tip = next(
+        g.find("s:title", ns).text for g in root.findall("s:g", ns) if g.find("s:text", ns).text == "W2"
+    )
     assert "transposed" in tip
     beside = [t.text for t in root.findall("s:text", ns) if (t.text or "").startswith("dW2: ")]
     assert len(beside) == 1 and "transposed" in beside[0]  # written beside the graph, not only as a tooltip
 
 
 # ---------------------------------------------------------------------------- exit codes on the command line
-@pytest.mark.parametrize("name, old, new, words", [
-    ("syntax", "dh = dlogits @ W2.T", "dh = dlogits @@ W2.T", "SyntaxError"),
-    ("loop", "dh = dlogits @ W2.T", "while True:\n    pass\ndh = dlogits @ W2.T", "time limit"),
-    ("numpy", "dh = dlogits @ W2.T", "dh = (dlogits @ W2.T).numpy()", "NumPy array"),
-    ("exit", "dh = dlogits @ W2.T", "import os\nos._exit(3)", "ended the grader's process (exit 3)"),
-])
+@pytest.mark.parametrize(
+    "name, old, new, words",
+    [
+        ("syntax", "dh = dlogits @ W2.T", "dh = dlogits @@ W2.T", "SyntaxError"),
+        ("loop", "dh = dlogits @ W2.T", "while True:\n    pass\ndh = dlogits @ W2.T", "time limit"),
+        ("numpy", "dh = dlogits @ W2.T", "dh = (dlogits @ W2.T).numpy()", "NumPy array"),
+        ("exit", "dh = dlogits @ W2.T", "import os\nos._exit(3)", "ended the grader's process (exit 3)"),
+    ],
+)
 def test_cli_cannot_grade_is_one_line_exit_2(tmp_path, capsys, name, old, new, words):
     ex = get("1")
     path = tmp_path / f"{name}.py"
@@ -146,11 +157,17 @@ def test_cli_cannot_grade_is_one_line_exit_2(tmp_path, capsys, name, old, new, w
     assert "Traceback" not in cap.err
 
 
-@pytest.mark.parametrize("edit, code, last", [
-    (None, 0, "26 of 26 right; all done"),
-    (("dbnvar_inv = (bndiff * dbnraw).sum(0, keepdim=True)", "dbnvar_inv = None"), 1,
-     "25 of 26 right; next: dbnvar_inv"),
-])
+@pytest.mark.parametrize(
+    "edit, code, last",
+    [
+        (None, 0, "26 of 26 right; all done"),
+        (
+            ("dbnvar_inv = (bndiff * dbnraw).sum(0, keepdim=True)", "dbnvar_inv = None"),
+            1,
+            "25 of 26 right; next: dbnvar_inv",
+        ),
+    ],
+)
 def test_cli_exit_code_and_last_line(tmp_path, capsys, edit, code, last):
     ex = get("1")
     src = ex.solution[0] if edit is None else ex.solution[0].replace(*edit)
@@ -173,9 +190,13 @@ def test_the_dojo_library_imports_no_argparse_prints_nothing_and_registers_nothi
     root = Path(dojo.__file__).parent
     for f in root.rglob("*.py"):
         tree = ast.parse(f.read_text())
-        names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+        names = {
+            a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names
+        }
         mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert "argparse" not in names and "argparse" not in mods and "handgrad.cli" not in mods, f
-        calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        calls = {
+            n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+        }
         assert "print" not in calls, f
         assert "sys.modules" not in f.read_text(), f  # no patching of other modules at import

@@ -763,7 +763,8 @@ def _cmd_dojo_start(args) -> int:
     try:
         path = dojo.start(item.key, args.dir)
     except FileExistsError:
-        raise UsageError(f"{Path(args.dir) / (item.slug + '.py')} exists already and is never overwritten; grade it, "
+        raise UsageError(f"{Path(args.dir) / (item.slug + '.py')} exists already and is never "
+                         "overwritten; grade it, "
                          "or start in another --dir") from None
     except OSError as e:
         raise UsageError(f"--dir {args.dir}: {e.strerror or e}") from None
@@ -831,8 +832,10 @@ def _cmd_dojo_solution(args) -> int:
 
 
 def _add_dojo_parser(sub) -> None:
-    p = sub.add_parser("dojo", help="the Backprop Ninja exercises and challenges: start one, fill it in, get it graded",
-                       description="The lecture's exercises and coding challenges as files you fill in, graded row by "
+    p = sub.add_parser("dojo", help="the Backprop Ninja exercises and challenges: start one, fill it in, "
+                       "get it graded",
+                       description="The lecture's exercises and coding challenges as files you fill in, "
+                                   "graded row by "
                        "row with the right upstream gradients fed in, each mistake named.")
     dsub = p.add_subparsers(dest="dojo_command", required=True, metavar="ACTION")
     q = dsub.add_parser("list", help="the exercises and challenges")
@@ -843,20 +846,25 @@ def _add_dojo_parser(sub) -> None:
     q.set_defaults(func=_cmd_dojo_start)
     q = dsub.add_parser("grade", help="grade a file: exit 0 all right, 1 something wrong, 2 cannot grade")
     q.add_argument("file", help="the exercise or challenge file")
-    q.add_argument("--exercise", help="grade it as this exercise or challenge (default: its '# handgrad dojo' line)")
+    q.add_argument("--exercise", help="grade it as this exercise or challenge (default: its "
+                   "'# handgrad dojo' line)")
     q.add_argument("--strict", action="store_true",
-                   help="shapes exactly: a right value in a shape that broadcasts alike ((64,) for (1, 64)) is wrong")
+                   help="shapes exactly: a right value in a shape that broadcasts alike ((64,) for (1, "
+                        "64)) is wrong")
     q.add_argument("--name", action="append", metavar="LECTURE=YOURS",
                    help="your name for one of the lecture's (repeatable), e.g. dlogprobs=dL_dlogprobs")
-    q.add_argument("--time-limit", type=float, default=20.0, help="seconds for your code (default %(default)s)")
+    q.add_argument("--time-limit", type=float, default=20.0,
+                   help="seconds for your code (default %(default)s)")
     q.add_argument("--json", action="store_true", help="print JSON instead of the table")
     q.add_argument("--graph", metavar="OUT.svg", help="also draw the graph, each tensor coloured by grade")
     q.set_defaults(func=_cmd_dojo_grade)
     q = dsub.add_parser("hint", help="the next of three hints for a row: the rule, the shapes, the form")
     q.add_argument("file", help="your exercise or challenge file (the count of hints is kept beside it)")
     q.add_argument("name", help="the gradient or row, e.g. dprobs")
-    q.add_argument("--exercise", help="the exercise or challenge (default: the file's '# handgrad dojo' line)")
-    q.add_argument("--level", type=int, choices=(1, 2, 3), help="this hint instead of the next (3 gives the answer)")
+    q.add_argument("--exercise", help="the exercise or challenge (default: the file's '# handgrad dojo' "
+                   "line)")
+    q.add_argument("--level", type=int, choices=(1, 2, 3),
+                   help="this hint instead of the next (3 gives the answer)")
     q.set_defaults(func=_cmd_dojo_hint)
     q = dsub.add_parser("solution", help="print an exercise's or a challenge's reference file")
     q.add_argument("exercise", help="its key, letter or name (see `handgrad dojo list`)")

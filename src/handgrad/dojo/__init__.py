@@ -6,5 +6,15 @@ Becoming a Backprop Ninja"). Plain functions returning report objects; the comma
 from handgrad.dojo.api import draw, grade, grade_file, grade_files, hint, items, next_hint, solution, start
 from handgrad.dojo.report import Grade
 
-__all__ = ["Grade", "draw", "grade", "grade_file", "grade_files", "hint", "items", "next_hint", "solution",
-           "start"]
+__all__ = [
+    "Grade",
+    "draw",
+    "grade",
+    "grade_file",
+    "grade_files",
+    "hint",
+    "items",
+    "next_hint",
+    "solution",
+    "start",
+]

@@ -15,8 +15,18 @@ from handgrad.dojo.grading import TIME_LIMIT, grade_file, grade_files
 from handgrad.dojo.items import ITEMS, get
 from handgrad.dojo.report import Grade
 
-__all__ = ["draw", "grade", "grade_file", "grade_files", "hint", "items", "next_hint", "solution", "start",
-           "TIME_LIMIT"]
+__all__ = [
+    "draw",
+    "grade",
+    "grade_file",
+    "grade_files",
+    "hint",
+    "items",
+    "next_hint",
+    "solution",
+    "start",
+    "TIME_LIMIT",
+]
 
 
 def items(kind: str | None = None) -> list[Item]:
@@ -50,8 +60,13 @@ def solution(name: str) -> str:
     return render(item, item.solution)
 
 
-def grade(item: int | str, namespace: Mapping[str, object], *, strict: bool = False,
-          names: Mapping[str, str] | None = None) -> Grade:
+def grade(
+    item: int | str,
+    namespace: Mapping[str, object],
+    *,
+    strict: bool = False,
+    names: Mapping[str, str] | None = None,
+) -> Grade:
     """Grade a notebook's work: `dojo.grade(1, globals())` (an HTML table as a cell's value)."""
     from handgrad.dojo.notebook import grade as grade_notebook
 
@@ -65,8 +80,9 @@ def hint(item: int | str, name: str, level: int | None = None) -> str:
     return f"hint {level} of {len(H.LEVELS)} for {H.resolve(it, name).name}, {what}:\n{text}"
 
 
-def next_hint(path: str | Path, name: str, item: str | None = None, level: int | None = None
-              ) -> tuple[int, str, str]:
+def next_hint(
+    path: str | Path, name: str, item: str | None = None, level: int | None = None
+) -> tuple[int, str, str]:
     """For a file: (level, what it is, the hint) for one row, one level further each call; the count is
     kept beside the file. ValueError: a file that names no item, or a row it does not have."""
     path = Path(path)

@@ -49,8 +49,13 @@ class Vals:
     gradients fed in (`v.dprobs`), the sizes (`v.n`), the right answer of the row being graded (`v.ref`)
     and every row's right answer (`v.refs`)."""
 
-    def __init__(self, values: Mapping[str, object], feeds: Mapping[str, Tensor], ref: Tensor | None = None,
-                 refs: Mapping[str, object] | None = None):
+    def __init__(
+        self,
+        values: Mapping[str, object],
+        feeds: Mapping[str, Tensor],
+        ref: Tensor | None = None,
+        refs: Mapping[str, object] | None = None,
+    ):
         self._values, self._feeds, self.ref, self.refs = values, feeds, ref, refs or {}
 
     def __getattr__(self, k: str):
@@ -641,6 +646,7 @@ TRAINING_TABLE: dict[str, tuple[Variant, ...]] = {
     "bnbias": (),
 }
 
+
 # ---------------------------------------------------------------------------- generic entries
 def _size_names(n: int) -> list[tuple[str, float, str, str]]:
     """(key, factor, kind, words) for the constants a gradient is wrongly scaled by, n the batch size
@@ -663,8 +669,14 @@ def _size_names(n: int) -> list[tuple[str, float, str, str]]:
     ]
 
 
-def generic(key: str, values: Mapping[str, object], feeds: Mapping[str, Tensor], ref: Tensor,
-            graph: Graph | None = None, loc: Local | None = None) -> list[Variant]:
+def generic(
+    key: str,
+    values: Mapping[str, object],
+    feeds: Mapping[str, Tensor],
+    ref: Tensor,
+    graph: Graph | None = None,
+    loc: Local | None = None,
+) -> list[Variant]:
     """Entries every row gets: a sign flip, a transpose, a scale of 1/n, n/(n-1), 2 (n the batch size,
     else the answer's first dimension); and from the graph, where there is one, each missing branch of a
     tensor used twice, the local derivative without the upstream, the upstream without the local
@@ -672,10 +684,19 @@ def generic(key: str, values: Mapping[str, object], feeds: Mapping[str, Tensor],
     out: list[Variant] = []
     if graph is not None and loc is not None:
         out += _graph_variants(graph, key, feeds, loc, ref)
-    out.append(Variant("sign", SIGN, "sign flipped: your answer is exactly minus the right one", lambda v: -v.ref))
+    out.append(
+        Variant("sign", SIGN, "sign flipped: your answer is exactly minus the right one", lambda v: -v.ref)
+    )
     if ref.dim() == 2:
-        out.append(Variant("transposed", TRANSPOSED, f"transposed: your d{key}.T is the right answer (x.T @ dout "
-                           "where dout.T @ x was meant, or the operands of @ swapped)", lambda v: v.ref.T))
+        out.append(
+            Variant(
+                "transposed",
+                TRANSPOSED,
+                f"transposed: your d{key}.T is the right answer (x.T @ dout "
+                "where dout.T @ x was meant, or the operands of @ swapped)",
+                lambda v: v.ref.T,
+            )
+        )
     n = values.get("n")
     if not isinstance(n, int):
         n = ref.shape[0] if ref.dim() else 0
@@ -685,7 +706,9 @@ def generic(key: str, values: Mapping[str, object], feeds: Mapping[str, Tensor],
     return out
 
 
-def _graph_variants(graph: Graph, g: str, feeds: Mapping[str, Tensor], loc: Local, ref: Tensor) -> list[Variant]:
+def _graph_variants(
+    graph: Graph, g: str, feeds: Mapping[str, Tensor], loc: Local, ref: Tensor
+) -> list[Variant]:
     out: list[Variant] = []
     users = graph.consumers(g)
     terms = loc.contrib.get(g, {})
@@ -693,18 +716,37 @@ def _graph_variants(graph: Graph, g: str, feeds: Mapping[str, Tensor], loc: Loca
         both = " and ".join(terms)
         for c, t in terms.items():
             others = [o for o in terms if o != c]
-            out.append(Variant(f"missing-{c}", MISSING_BRANCH,
-                               f"missing the contribution through {c}: {g} is used by {both}, so d{g} is the sum "
-                               f"of one term per use (you have only the one through {', '.join(others)})",
-                               lambda v, t=t: v.ref - t))
+            out.append(
+                Variant(
+                    f"missing-{c}",
+                    MISSING_BRANCH,
+                    f"missing the contribution through {c}: {g} is used by {both}, so d{g} is the sum "
+                    f"of one term per use (you have only the one through {', '.join(others)})",
+                    lambda v, t=t: v.ref - t,
+                )
+            )
     if g in loc.ones and len(users) == 1:
-        out.append(Variant("no-upstream", NO_UPSTREAM, f"the local derivative alone: it must be multiplied by the "
-                           f"upstream gradient d{users[0]} (chain rule)", lambda v, o=loc.ones[g]: o))
+        out.append(
+            Variant(
+                "no-upstream",
+                NO_UPSTREAM,
+                f"the local derivative alone: it must be multiplied by the "
+                f"upstream gradient d{users[0]} (chain rule)",
+                lambda v, o=loc.ones[g]: o,
+            )
+        )
     for c in users:
         fed = feeds.get(c)
         if fed is not None and fed.dim() and tuple(fed.shape) == tuple(ref.shape):
-            out.append(Variant(f"passthrough-{c}", NO_LOCAL, f"d{c} passed through unchanged: the local "
-                               f"derivative of {c} with respect to {g} is missing", lambda v, f=fed: f))
+            out.append(
+                Variant(
+                    f"passthrough-{c}",
+                    NO_LOCAL,
+                    f"d{c} passed through unchanged: the local "
+                    f"derivative of {c} with respect to {g} is missing",
+                    lambda v, f=fed: f,
+                )
+            )
     u = loc.unreduced.get(g)
     if u is not None:
         out += _reduction_variants(g, users[0], u, ref)

@@ -63,9 +63,15 @@ class Child:
             env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             env["OMP_NUM_THREADS"] = "1"
             env["HANDGRAD_DOJO_REPLY_FD"] = str(rep_w)
-            self.proc = subprocess.Popen([sys.executable, "-m", "handgrad.dojo.runner"], stdin=req_r,
-                                         stdout=subprocess.DEVNULL, stderr=self.err, pass_fds=(rep_w,),
-                                         env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "handgrad.dojo.runner"],
+                stdin=req_r,
+                stdout=subprocess.DEVNULL,
+                stderr=self.err,
+                pass_fds=(rep_w,),
+                env=env,
+                start_new_session=True,
+            )
             self.pid = self.proc.pid
         os.close(req_r)
         os.close(rep_w)

@@ -43,13 +43,34 @@ KINDS: dict[str, tuple[float, str]] = {
     "drop": (2.2, "an extra term or factor"),
 }
 # Functions and methods one slip away from each other (a name for a name).
-CALLS = {"any": ("all",), "all": ("any",), "max": ("min",), "min": ("max",), "zeros_like": ("ones_like",),
-         "ones_like": ("zeros_like",), "zeros": ("ones",), "ones": ("zeros",), "exp": ("log",), "log": ("exp",),
-         "argmax": ("argmin",), "argmin": ("argmax",), "tanh": ("sigmoid",), "sigmoid": ("tanh",)}
+CALLS = {
+    "any": ("all",),
+    "all": ("any",),
+    "max": ("min",),
+    "min": ("max",),
+    "zeros_like": ("ones_like",),
+    "ones_like": ("zeros_like",),
+    "zeros": ("ones",),
+    "ones": ("zeros",),
+    "exp": ("log",),
+    "log": ("exp",),
+    "argmax": ("argmin",),
+    "argmin": ("argmax",),
+    "tanh": ("sigmoid",),
+    "sigmoid": ("tanh",),
+}
 COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt}
 # (source of the factor, the words) for a missing factor put in front of a term: n is the batch size
-FACTORS = ("n * {x}", "{x} / n", "n / (n - 1) * {x}", "(n - 1) / n * {x}", "{x} / (n - 1)", "2 * {x}", "{x} / 2",
-           "-{x}")
+FACTORS = (
+    "n * {x}",
+    "{x} / n",
+    "n / (n - 1) * {x}",
+    "(n - 1) / n * {x}",
+    "{x} / (n - 1)",
+    "2 * {x}",
+    "{x} / 2",
+    "-{x}",
+)
 
 
 @dataclass(frozen=True)
@@ -104,7 +125,11 @@ def _const(v: float | int) -> ast.expr:
 
 
 def _number(node: ast.AST) -> float | None:
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+    if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, (int, float))
+        and not isinstance(node.value, bool)
+    ):
         return node.value
     return None
 
@@ -161,8 +186,14 @@ def _index_edits(sl: ast.expr, scope: Scope) -> Iterator[ast.expr]:
     """Index patterns one slip away: `:` for `range(n)` and back, the two indices swapped, a lone index
     given its row range."""
     n = ast.Name("n", ast.Load()) if "n" in scope.sizes else None
-    rng = [ast.Call(ast.Name("range", ast.Load()), [n], []),
-           ast.Call(ast.Attribute(ast.Name("torch", ast.Load()), "arange", ast.Load()), [n], [])] if n else []
+    rng = (
+        [
+            ast.Call(ast.Name("range", ast.Load()), [n], []),
+            ast.Call(ast.Attribute(ast.Name("torch", ast.Load()), "arange", ast.Load()), [n], []),
+        ]
+        if n
+        else []
+    )
     if isinstance(sl, ast.Tuple) and len(sl.elts) == 2:
         a, b = sl.elts
         yield ast.Tuple([copy.deepcopy(b), copy.deepcopy(a)], ast.Load())
@@ -172,8 +203,10 @@ def _index_edits(sl: ast.expr, scope: Scope) -> Iterator[ast.expr]:
                     elts = [copy.deepcopy(x) for x in sl.elts]
                     elts[k] = copy.deepcopy(r)
                     yield ast.Tuple(elts, ast.Load())
-            elif isinstance(e, ast.Call) and getattr(e.func, "id", getattr(e.func, "attr", "")) in ("range",
-                                                                                                    "arange"):
+            elif isinstance(e, ast.Call) and getattr(e.func, "id", getattr(e.func, "attr", "")) in (
+                "range",
+                "arange",
+            ):
                 elts = [copy.deepcopy(x) for x in sl.elts]
                 elts[k] = ast.Slice()
                 yield ast.Tuple(elts, ast.Load())
@@ -181,8 +214,9 @@ def _index_edits(sl: ast.expr, scope: Scope) -> Iterator[ast.expr]:
         yield ast.Tuple([copy.deepcopy(rng[0]), copy.deepcopy(sl)], ast.Load())
 
 
-def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST | None = None
-               ) -> Iterator[tuple[ast.AST, str, float]]:
+def node_edits(
+    node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST | None = None
+) -> Iterator[tuple[ast.AST, str, float]]:
     """(replacement, kind, extra rank) for one node of an expression."""
     if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
         name = node.id
@@ -190,8 +224,11 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST 
             for other in scope.tensors:
                 if other != name:  # a shape that does not broadcast is tried later (it may be indexed)
                     sim = difflib.SequenceMatcher(None, name, other).ratio()
-                    yield ast.Name(other, ast.Load()), "name", 1.0 - sim + (0.0 if scope.compatible(name, other)
-                                                                            else 0.6)
+                    yield (
+                        ast.Name(other, ast.Load()),
+                        "name",
+                        1.0 - sim + (0.0 if scope.compatible(name, other) else 0.6),
+                    )
             shape = scope.tensors[name]
             if shape is None or len(shape) == 2:
                 yield ast.Attribute(ast.Name(name, ast.Load()), "T", ast.Load()), "transpose", 0.0
@@ -204,8 +241,10 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST 
                     yield ast.Name(other, ast.Load()), "name", 0.5
     elif isinstance(node, ast.Attribute) and node.attr == "T":
         yield copy.deepcopy(node.value), "transpose", 0.0
-    elif (c := _number(node)) is not None and not (isinstance(parent, ast.Call) and (
-            _reduction(parent) or getattr(parent.func, "attr", "") in ("softmax", "log_softmax"))):
+    elif (c := _number(node)) is not None and not (
+        isinstance(parent, ast.Call)
+        and (_reduction(parent) or getattr(parent.func, "attr", "") in ("softmax", "log_softmax"))
+    ):
         for v in _const_edits(c):
             yield _const(v), "constant", 0.0
         if "n" in scope.sizes:  # a constant missing its 1/n (or n/(n-1), ...), or a number for a formula in n
@@ -222,15 +261,25 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST 
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         yield copy.deepcopy(node.operand), "sign", 0.0
     elif isinstance(node, ast.BinOp) and isinstance(node.op, ARITH):
-        if isinstance(node.op, ast.MatMult):  # the operands of @ swapped, each transposed: a.T @ b for b.T @ a
+        if isinstance(
+            node.op, ast.MatMult
+        ):  # the operands of @ swapped, each transposed: a.T @ b for b.T @ a
             yield ast.BinOp(_toggle_t(node.right), ast.MatMult(), _toggle_t(node.left)), "transpose", -0.1
-        swaps = {ast.Add: [(ast.Sub, "sign"), (ast.Mult, "operator")], ast.Sub: [(ast.Add, "sign")],
-                 ast.Mult: [(ast.Div, "operator"), (ast.MatMult, "operator"), (ast.Add, "operator")],
-                 ast.Div: [(ast.Mult, "operator")], ast.MatMult: [(ast.Mult, "operator")]}
+        swaps = {
+            ast.Add: [(ast.Sub, "sign"), (ast.Mult, "operator")],
+            ast.Sub: [(ast.Add, "sign")],
+            ast.Mult: [(ast.Div, "operator"), (ast.MatMult, "operator"), (ast.Add, "operator")],
+            ast.Div: [(ast.Mult, "operator")],
+            ast.MatMult: [(ast.Mult, "operator")],
+        }
         for op, kind in swaps.get(type(node.op), []):
             yield ast.BinOp(copy.deepcopy(node.left), op(), copy.deepcopy(node.right)), kind, 0.0
-        size_shift = (isinstance(node.left, ast.Name) and node.left.id in scope.sizes
-                      and _number(node.right) in (1, 1.0) and isinstance(node.op, (ast.Add, ast.Sub)))
+        size_shift = (
+            isinstance(node.left, ast.Name)
+            and node.left.id in scope.sizes
+            and _number(node.right) in (1, 1.0)
+            and isinstance(node.op, (ast.Add, ast.Sub))
+        )
         if size_shift:
             yield copy.deepcopy(node.left), "constant", -0.2
         elif isinstance(node.op, ast.Pow):
@@ -239,8 +288,13 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST 
             yield copy.deepcopy(node.left), "drop", 0.0
             yield copy.deepcopy(node.right), "drop", 0.0
     elif isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in COMPARE:
-        yield ast.Compare(copy.deepcopy(node.left), [COMPARE[type(node.ops[0])]()], copy.deepcopy(node.comparators)), \
-            "operator", 0.0
+        yield (
+            ast.Compare(
+                copy.deepcopy(node.left), [COMPARE[type(node.ops[0])]()], copy.deepcopy(node.comparators)
+            ),
+            "operator",
+            0.0,
+        )
     elif isinstance(node, ast.Call):
         fname = getattr(node.func, "attr", getattr(node.func, "id", ""))
         for other in CALLS.get(fname, ()):
@@ -271,8 +325,12 @@ def node_edits(node: ast.AST, scope: Scope, parent_arith: bool, parent: ast.AST 
     elif isinstance(node, ast.Subscript):
         for sl in _index_edits(node.slice, scope):
             yield ast.Subscript(copy.deepcopy(node.value), sl, node.ctx), "index", 0.0
-    if parent_arith and isinstance(node, (ast.Name, ast.Call, ast.Attribute, ast.Subscript)) and \
-            not (isinstance(node, ast.Name) and node.id in scope.sizes) and "n" in scope.sizes:
+    if (
+        parent_arith
+        and isinstance(node, (ast.Name, ast.Call, ast.Attribute, ast.Subscript))
+        and not (isinstance(node, ast.Name) and node.id in scope.sizes)
+        and "n" in scope.sizes
+    ):
         for f in FACTORS:
             yield ast.parse(f.format(x=f"({ast.unparse(node)})"), mode="eval").body, "factor", 0.0
 
@@ -298,7 +356,7 @@ def _trees(items: list) -> list[ast.expr]:
     out = []
     for k in range(1, len(items), 2):
         for left in _trees(items[:k]):
-            for right in _trees(items[k + 1:]):
+            for right in _trees(items[k + 1 :]):
                 out.append(ast.BinOp(left, type(items[k])(), right))
     return out
 
@@ -378,15 +436,22 @@ def segment(lines: list[str], node: ast.AST) -> str | None:
         return lines[a].encode()[ca:cb].decode("utf-8", "replace")
     first = lines[a].encode()[ca:].decode("utf-8", "replace")
     last = lines[b].encode()[:cb].decode("utf-8", "replace")
-    return "\n".join([first, *lines[a + 1:b], last])
+    return "\n".join([first, *lines[a + 1 : b], last])
 
 
 def _simple(node: ast.AST) -> bool:
     return isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Return))
 
 
-def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | list[str], index: int, where_of,
-                    owner: str = "") -> list[Edit]:
+def statement_edits(
+    top: ast.stmt,
+    targets: set[str],
+    scope: Scope,
+    text: str | list[str],
+    index: int,
+    where_of,
+    owner: str = "",
+) -> list[Edit]:
     """Every single edit of the simple statements under `top` that write one of `targets` (for a def or
     a class: the statements of its body that do), as an Edit whose source is `top` edited."""
     out: list[Edit] = []
@@ -400,11 +465,20 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | 
         if not (w & targets):
             continue
         line = node.lineno
-        where = where_of(line)
         later = 0.5 if isinstance(node, ast.Return) else 0.0  # a return hands values on: the fix is above it
 
-        def add(sub_path: tuple, new: ast.AST, kind: str, extra: float, was_node: ast.AST | None = None,
-                was: str | None = None, now: str | None = None) -> None:
+        def add(
+            sub_path: tuple,
+            new: ast.AST,
+            kind: str,
+            extra: float,
+            was_node: ast.AST | None = None,
+            was: str | None = None,
+            now: str | None = None,
+            path: tuple = path,
+            line: int = line,
+            later: float = later,
+        ) -> None:
             full = path + sub_path
             ast.fix_missing_locations(new)
             try:
@@ -413,13 +487,26 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | 
                 return
             was_text = was if was is not None else (segment(lines, was_node) or ast.unparse(was_node))
             now_text = now if now is not None else now_unparsed
-            if kind == "index" and isinstance(new, ast.Tuple):  # an index reads as the learner wrote it: [a, b]
+            if kind == "index" and isinstance(new, ast.Tuple):  # as the learner writes an index: [a, b]
                 now_text, was_text = f"[{now_text.strip('()')}]", f"[{was_text.strip('()')}]"
             at = getattr(was_node, "lineno", line) if was_node is not None else line
             if was_text.strip() == now_text.strip():
                 return
-            out.append(Edit(index, at, where_of(at), kind, was_text, now_text, top, full, new,
-                            KINDS[kind][0] + extra + later, owner))
+            out.append(
+                Edit(
+                    index,
+                    at,
+                    where_of(at),
+                    kind,
+                    was_text,
+                    now_text,
+                    top,
+                    full,
+                    new,
+                    KINDS[kind][0] + extra + later,
+                    owner,
+                )
+            )
 
         # the statement itself: += for =, = for +=, -= for +=
         tgt = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
@@ -430,8 +517,11 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | 
             sym = _OPS.get(type(node.op), "?")
             add((), new, "accumulate", 0.0, was=f"{head} {sym}=", now=f"{head} =")
             if isinstance(node.op, (ast.Add, ast.Sub)):
-                flip = ast.AugAssign(copy.deepcopy(node.target), ast.Sub() if isinstance(node.op, ast.Add)
-                                     else ast.Add(), copy.deepcopy(node.value))
+                flip = ast.AugAssign(
+                    copy.deepcopy(node.target),
+                    ast.Sub() if isinstance(node.op, ast.Add) else ast.Add(),
+                    copy.deepcopy(node.value),
+                )
                 add((), flip, "sign", 0.0, was=f"{head} {sym}=", now=f"{head} {'-' if sym == '+' else '+'}=")
         elif tgt is not None:
             head = segment(lines, tgt) or ast.unparse(tgt)
@@ -439,9 +529,13 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | 
                 new = ast.AugAssign(copy.deepcopy(tgt), op(), copy.deepcopy(node.value))
                 add((), new, "accumulate", 0.0 if sym == "+" else 0.5, was=f"{head} =", now=f"{head} {sym}=")
         # the target's index (dlogprobs[:, Yb] = ...)
-        for t_path, t_node, _ in (_walk(tgt, (("targets", 0),)) if tgt is not None else
-                                  _walk(node.target, (("target", None),)) if isinstance(node, ast.AugAssign)
-                                  else iter(())):
+        for t_path, t_node, _ in (
+            _walk(tgt, (("targets", 0),))
+            if tgt is not None
+            else _walk(node.target, (("target", None),))
+            if isinstance(node, ast.AugAssign)
+            else iter(())
+        ):
             if isinstance(t_node, ast.Subscript):
                 for sl in _index_edits(t_node.slice, scope):
                     add(t_path + (("slice", None),), sl, "index", 0.0, was_node=t_node.slice)
@@ -454,18 +548,28 @@ def statement_edits(top: ast.stmt, targets: set[str], scope: Scope, text: str | 
         for sub_path, sub, parent in _walk(value, (add_path,)):
             if isinstance(sub, ast.Subscript):
                 index_paths.add(sub_path + (("slice", None),))
-            inside = any(sub_path[:len(ip)] == ip for ip in index_paths)
+            inside = any(sub_path[: len(ip)] == ip for ip in index_paths)
             arith_parent = parent is None or (isinstance(parent, ast.BinOp) and isinstance(parent.op, ARITH))
             for new, kind, extra in node_edits(sub, scope, arith_parent, parent):
-                add(sub_path, new, kind, extra - (0.7 if inside and kind in ("drop", "constant", "sign") else 0.0),
-                    was_node=sub)
+                add(
+                    sub_path,
+                    new,
+                    kind,
+                    extra - (0.7 if inside and kind in ("drop", "constant", "sign") else 0.0),
+                    was_node=sub,
+                )
             if isinstance(sub, ast.BinOp) and isinstance(sub.op, ARITH):
                 for t in paren_edits(sub):
                     add(sub_path, t, "parens", 0.0, was_node=sub)
         # the whole value: negated, reduced, transposed
         v = value
-        wraps = [("-({x})", "sign"), ("({x}).sum(0)", "reduce"), ("({x}).sum(0, keepdim=True)", "reduce"),
-                 ("({x}).sum(1, keepdim=True)", "reduce"), ("({x}).T", "transpose")]
+        wraps = [
+            ("-({x})", "sign"),
+            ("({x}).sum(0)", "reduce"),
+            ("({x}).sum(0, keepdim=True)", "reduce"),
+            ("({x}).sum(1, keepdim=True)", "reduce"),
+            ("({x}).T", "transpose"),
+        ]
         if "n" in scope.sizes:
             wraps += [(f.replace("{x}", "({x})"), "factor") for f in FACTORS[:-1]]
         for src_, kind in wraps:
@@ -499,11 +603,18 @@ def depends(statements: list[ast.stmt], var: str, known: set[str], depth: int = 
             break
         found |= new
         reads = set().union(*(reads_of(statements[i]) for i in new)) | set().union(
-            *(_attr_reads(statements[i]) for i in new))
+            *(_attr_reads(statements[i]) for i in new)
+        )
         want = {r for r in reads if r not in known} - {var}
     return found
 
 
 def _attr_reads(node: ast.AST) -> set[str]:
-    return {f"self.{n.attr}" for n in ast.walk(node) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load)
-            and isinstance(n.value, ast.Name) and n.value.id == "self"}
+    return {
+        f"self.{n.attr}"
+        for n in ast.walk(node)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.ctx, ast.Load)
+        and isinstance(n.value, ast.Name)
+        and n.value.id == "self"
+    }

@@ -193,8 +193,7 @@ RULES: dict[str, str] = {
     "counts": "counts is used twice, in probs = counts * counts_sum_inv and in counts_sum = counts.sum(1): "
     "its gradient is the sum of one term per use; a sum hands its upstream gradient to every element it "
     "added up",
-    "norm_logits": "counts = exp(norm_logits): the derivative of exp is exp itself, a value you already "
-    "have",
+    "norm_logits": "counts = exp(norm_logits): the derivative of exp is exp itself, a value you already have",
     "logit_maxes": "norm_logits = logits - logit_maxes: subtraction hands -1 times the upstream gradient to "
     "what is subtracted; logit_maxes is broadcast across the columns",
     "logits": "logits is used twice: directly in norm_logits (derivative 1) and in logit_maxes, the max of "
@@ -205,8 +204,7 @@ RULES: dict[str, str] = {
     "transposed, times the upstream gradient, in the order that makes the shapes fit",
     "b2": "b2 is added to every row of h @ W2 (broadcast along dim 0): its gradient adds up the upstream "
     "gradient over the rows",
-    "hpreact": "h = tanh(hpreact): d tanh(x)/dx = 1 - tanh(x)**2, and tanh(x) is the output you already "
-    "have",
+    "hpreact": "h = tanh(hpreact): d tanh(x)/dx = 1 - tanh(x)**2, and tanh(x) is the output you already have",
     "bngain": "hpreact = bngain * bnraw + bnbias: the other factor times the upstream gradient; bngain is "
     "broadcast over the rows",
     "bnbias": "hpreact = bngain * bnraw + bnbias: a sum passes the upstream gradient through; bnbias is "
@@ -303,27 +301,89 @@ def _loop_text(title: str, slug: str, forward: str) -> str:
     )
 
 
-def _exercise(key: str, slug: str, title: str, about: str, graph: G.Graph, table: dict, probes, forward: str,
-              shapes: dict[str, str], solution: str, given: str = "", training: bool = False) -> Item:
+def _exercise(
+    key: str,
+    slug: str,
+    title: str,
+    about: str,
+    graph: G.Graph,
+    table: dict,
+    probes,
+    forward: str,
+    shapes: dict[str, str],
+    solution: str,
+    given: str = "",
+    training: bool = False,
+) -> Item:
     text = _loop_text(title, slug, forward) if training else _text(title, slug, forward, given)
-    return Item(key, "exercise", slug, title, about, text, (_blanks(graph, shapes),), (solution,),
-                _rows(graph, shapes, solution, key != "1"), probes, "region", variants=table, graph=graph,
-                training=training, notebook={"graph": G.LECTURE if key == "1" else G.CROSS_ENTROPY})
+    return Item(
+        key,
+        "exercise",
+        slug,
+        title,
+        about,
+        text,
+        (_blanks(graph, shapes),),
+        (solution,),
+        _rows(graph, shapes, solution, key != "1"),
+        probes,
+        "region",
+        variants=table,
+        graph=graph,
+        training=training,
+        notebook={"graph": G.LECTURE if key == "1" else G.CROSS_ENTROPY},
+    )
 
 
 EXERCISES: tuple[Item, ...] = (
-    _exercise("1", "ex1_atomic", "Exercise 1: backprop through the whole graph, one atomic step at a time",
-              "the 26 atomic gradients (dlogprobs ... dC), n_hidden 64, batch 32", G.LECTURE, K.LECTURE_TABLE,
-              P.lecture_probes, _LECTURE_FORWARD, _LECTURE_SHAPES, _LECTURE_SOLUTION),
-    _exercise("2", "ex2_cross_entropy", "Exercise 2: the backward of cross-entropy in one expression",
-              "dlogits in closed form (softmax minus one-hot, over n)", G.CROSS_ENTROPY, K.CE_TABLE,
-              P.cross_entropy_probes, _COMPACT_FORWARD, {"logits": "(n, vocab_size)"}, _CE_SOLUTION),
-    _exercise("3", "ex3_batchnorm", "Exercise 3: the backward of batchnorm in one expression",
-              "dhprebn in closed form, given dhpreact (batchnorm with Bessel's n-1)", G.BATCHNORM, K.BN_TABLE,
-              P.batchnorm_probes, _COMPACT_FORWARD, {"hprebn": "(n, n_hidden)", "hpreact": "(n, n_hidden)"},
-              _BN_SOLUTION, given=_BN_GIVEN),
-    _exercise("4", "ex4_training", "Exercise 4: train the network with your backward pass, no loss.backward()",
-              f"the training loop by hand: 13 gradients, then {TRAIN_STEPS} steps against autograd's loss curve",
-              G.TRAINING, K.TRAINING_TABLE, P.training_probes, _COMPACT_FORWARD,
-              {k: _LECTURE_SHAPES[k] for k in G.TRAINING.grads}, _TRAINING_SOLUTION, training=True),
+    _exercise(
+        "1",
+        "ex1_atomic",
+        "Exercise 1: backprop through the whole graph, one atomic step at a time",
+        "the 26 atomic gradients (dlogprobs ... dC), n_hidden 64, batch 32",
+        G.LECTURE,
+        K.LECTURE_TABLE,
+        P.lecture_probes,
+        _LECTURE_FORWARD,
+        _LECTURE_SHAPES,
+        _LECTURE_SOLUTION,
+    ),
+    _exercise(
+        "2",
+        "ex2_cross_entropy",
+        "Exercise 2: the backward of cross-entropy in one expression",
+        "dlogits in closed form (softmax minus one-hot, over n)",
+        G.CROSS_ENTROPY,
+        K.CE_TABLE,
+        P.cross_entropy_probes,
+        _COMPACT_FORWARD,
+        {"logits": "(n, vocab_size)"},
+        _CE_SOLUTION,
+    ),
+    _exercise(
+        "3",
+        "ex3_batchnorm",
+        "Exercise 3: the backward of batchnorm in one expression",
+        "dhprebn in closed form, given dhpreact (batchnorm with Bessel's n-1)",
+        G.BATCHNORM,
+        K.BN_TABLE,
+        P.batchnorm_probes,
+        _COMPACT_FORWARD,
+        {"hprebn": "(n, n_hidden)", "hpreact": "(n, n_hidden)"},
+        _BN_SOLUTION,
+        given=_BN_GIVEN,
+    ),
+    _exercise(
+        "4",
+        "ex4_training",
+        "Exercise 4: train the network with your backward pass, no loss.backward()",
+        f"the training loop by hand: 13 gradients, then {TRAIN_STEPS} steps against autograd's loss curve",
+        G.TRAINING,
+        K.TRAINING_TABLE,
+        P.training_probes,
+        _COMPACT_FORWARD,
+        {k: _LECTURE_SHAPES[k] for k in G.TRAINING.grads},
+        _TRAINING_SOLUTION,
+        training=True,
+    ),
 )

@@ -34,7 +34,9 @@ class RowSpec:
 
     key: str  # the key of its reference in a probe ("logprobs", "dx", "out(train)")
     name: str  # as the table shows it ("dlogprobs", "dx", "out(train)")
-    var: str  # the learner's variable that holds it ("dlogprobs", "dx", "xmean"); the edit search starts there
+    var: (
+        str  # the learner's variable that holds it ("dlogprobs", "dx", "xmean"); the edit search starts there
+    )
     shape: str  # in words, e.g. "(n, vocab_size)"; "" for a behaviour
     hints: tuple[str, str, str] = ("", "", "")  # the rule, the shapes, the form (the last one gives it away)
     tensor: bool = True  # False: a behaviour (a verdict, a count), judged by Item.judge
@@ -53,7 +55,9 @@ class Probe:
     refs: dict[str, object]
     feeds: dict[str, Tensor] = field(default_factory=dict)
     local: Local | None = None  # graph items: the right answer split by consumer
-    uses: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)  # row -> shapes it broadcasts against
+    uses: dict[str, list[tuple[int, ...]]] = field(
+        default_factory=dict
+    )  # row -> shapes it broadcasts against
     dtype: torch.dtype = torch.float64  # the default dtype while the learner's code runs here
     feed: bool = True  # False: the learner's own chain, nothing fed (the chain column)
     verdict: bool = True  # counts for right / wrong
@@ -94,8 +98,9 @@ class Item:
         for r in self.rows:
             if name in (r.name, r.key, r.var):
                 return r
-        raise ValueError(f"{self.kind} {self.key} has no row {name!r}; it has: "
-                         f"{', '.join(r.name for r in self.rows)}")
+        raise ValueError(
+            f"{self.kind} {self.key} has no row {name!r}; it has: {', '.join(r.name for r in self.rows)}"
+        )
 
     @property
     def reference(self) -> str:

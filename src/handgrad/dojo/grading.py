@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ SEED = 20250901  # the random projections candidate values are compared by
 FP_SLACK = 6.0  # a candidate fits when its projections are within this many tolerances (times sqrt(size))
 
 
-@lru_cache(maxsize=None)
+@cache
 def probes_of(key: str) -> tuple[Probe, ...]:
     """An item's probes, computed once per process (they are deterministic; nothing changes them)."""
     return tuple(get(key).probes())
@@ -82,40 +82,65 @@ def apply_events(item: Item, rows: list[Row], vars_: dict[str, str], events: lis
             victim = by_key.get(ev["key"])
             if b:
                 fix = f"`{b['name']} = {b['other']}.clone()`"
-                words = (f"{b['where']} `{b['text']}` makes {b['name']} the same tensor as {b['other']} (no copy), so "
-                         f"{ev['where']} `{ev['text']}` changes {var} too: your {var} is no longer what its own line "
-                         f"computed; write {fix}")
+                words = (
+                    f"{b['where']} `{b['text']}` makes {b['name']} the same tensor as {b['other']} (no "
+                    "copy), so "
+                    f"{ev['where']} `{ev['text']}` changes {var} too: your {var} is no longer what its "
+                    "own line "
+                    f"computed; write {fix}"
+                )
                 culprit = _row_of_var(item, rows, vars_, b["name"])
             else:
                 via = ", ".join(ev.get("via") or []) or "another name"
-                words = (f"{ev['where']} `{ev['text']}` changes {var} in place through {via}, after {var}'s own "
-                         "last line: two names share one tensor; add .clone() where one gradient starts from "
-                         "another")
+                words = (
+                    f"{ev['where']} `{ev['text']}` changes {var} in place through {via}, after {var}'s own "
+                    "last line: two names share one tensor; add .clone() where one gradient starts from "
+                    "another"
+                )
                 culprit = None
             target = culprit if culprit is not None and culprit is not victim else victim
             if target is not None:
                 target.status, target.kind, target.key, target.diagnosis = "wrong", K.ALIAS, "alias", words
             if victim is not None and victim is not target and victim.ok:
-                victim.note = "; ".join(x for x in (victim.note, f"changed later through {b['name'] if b else 'an alias'}"
-                                                    f" (see {target.name if target else 'the notes'})") if x)
+                victim.note = "; ".join(
+                    x
+                    for x in (
+                        victim.note,
+                        f"changed later through {b['name'] if b else 'an alias'}"
+                        f" (see {target.name if target else 'the notes'})",
+                    )
+                    if x
+                )
             if target is None:
                 notes.append(words)
         elif ev["kind"] == "forward":
-            what = (f"{ev['where']} `{ev['text']}` changes the forward value {ev['name']} in place" if ev["inplace"]
-                    else f"{ev['where']} `{ev['text']}` binds the forward name {ev['name']} to another value")
+            what = (
+                f"{ev['where']} `{ev['text']}` changes the forward value {ev['name']} in place"
+                if ev["inplace"]
+                else f"{ev['where']} `{ev['text']}` binds the forward name {ev['name']} to another value"
+            )
             if b:
-                what += (f" (through {b['name']}, which {b['where']} `{b['text']}` made the same tensor: write "
-                         f"`{b['name']} = {b['other']}.clone()`)")
-            notes.append(what + f"; the grader restored {ev['name']} for the lines below, but your own run reads "
-                                "the changed value")
+                what += (
+                    f" (through {b['name']}, which {b['where']} `{b['text']}` made the same tensor: write "
+                    f"`{b['name']} = {b['other']}.clone()`)"
+                )
+            notes.append(
+                what + f"; the grader restored {ev['name']} for the lines below, but your own run reads "
+                "the changed value"
+            )
             row = _row_of_var(item, rows, vars_, (ev.get("via") or [""])[0]) or (
-                _row_of_var(item, rows, vars_, b["name"]) if b else None)
+                _row_of_var(item, rows, vars_, b["name"]) if b else None
+            )
             if row is not None and row.ok:
-                row.note = "; ".join(x for x in (row.note, f"changes {ev['name']} in place (see the notes)") if x)
+                row.note = "; ".join(
+                    x for x in (row.note, f"changes {ev['name']} in place (see the notes)") if x
+                )
         elif ev["kind"] == "setup":
-            notes.append(f"{ev['name']} is {ev['value']} after {ev['where']} `{ev['text']}`, but the setup's "
-                         f"{ev['name']} is {ev['want']} (a loop variable or a later line reused {ev['name']}?): "
-                         f"the grader kept {ev['want']} for the lines below")
+            notes.append(
+                f"{ev['name']} is {ev['value']} after {ev['where']} `{ev['text']}`, but the setup's "
+                f"{ev['name']} is {ev['want']} (a loop variable or a later line reused {ev['name']}?): "
+                f"the grader kept {ev['want']} for the lines below"
+            )
     return notes
 
 
@@ -150,13 +175,25 @@ def chain_column(item: Item, rows: list[Row], probes: list[Probe], outs: dict[st
             local = G.local_vjps(graph, ch.inputs, feeds)
         given = local.total(g)
         tol = J.tolerance(given, a) if given is not None else None
-        if given is not None and a.numel() == given.numel() and tol.holds(a.reshape(given.shape).to(given.dtype),
-                                                                          given):
+        if (
+            given is not None
+            and a.numel() == given.numel()
+            and tol.holds(a.reshape(given.shape).to(given.dtype), given)
+        ):
             row.chain = "given"
-            ups = [u for u in graph.consumers(g) if u in by_key and own.get(u) is not None
-                   and J.compare(item, u, ch, own[u]) == "fail"]
-            origin = next((r for s, r in reversed(list(zip(item.rows, rows))) if not r.ok and s.key in _upstream(graph, g)),
-                          None)
+            ups = [
+                u
+                for u in graph.consumers(g)
+                if u in by_key and own.get(u) is not None and J.compare(item, u, ch, own[u]) == "fail"
+            ]
+            origin = next(
+                (
+                    r
+                    for s, r in reversed(list(zip(item.rows, rows)))
+                    if not r.ok and s.key in _upstream(graph, g)
+                ),
+                None,
+            )
             if row.ok and ups:
                 words = f"chain: right given your {', '.join('d' + u for u in ups)}"
                 if origin is not None:
@@ -196,23 +233,51 @@ def _fits(fp: dict, p: Probe, key: str, item: Item, cache: dict) -> bool:
 
 def _scope(parsed: R.Parsed, item: Item, vars_: dict[str, str], p: Probe, index: int) -> ED.Scope:
     """The names in scope at region statement `index`: the probe's values and the rows written above."""
-    tensors: dict[str, tuple[int, ...] | None] = {k: tuple(v.shape) for k, v in p.inputs.items()
-                                                  if isinstance(v, Tensor) and v.is_floating_point()}
+    tensors: dict[str, tuple[int, ...] | None] = {
+        k: tuple(v.shape) for k, v in p.inputs.items() if isinstance(v, Tensor) and v.is_floating_point()
+    }
     written = {w for s in parsed.region[:index] for w in s.writes}
     for spec in item.rows:
         var = vars_.get(spec.key, spec.var)
         if var in written and isinstance(p.refs.get(spec.key), Tensor):
             tensors[var] = tuple(p.refs[spec.key].shape)
-    sizes = {k: v for k, v in p.inputs.items() if isinstance(v, int) and not isinstance(v, bool) and k in R.SIZES}
+    sizes = {
+        k: v for k, v in p.inputs.items() if isinstance(v, int) and not isinstance(v, bool) and k in R.SIZES
+    }
     return ED.Scope(tensors, sizes)
 
 
 def _call_scope(top: ast.AST) -> ED.Scope:
     """The names of a def or class (their shapes unknown: the driver hands them over)."""
-    skip = {"torch", "F", "self", "range", "len", "min", "max", "sum", "zip", "enumerate", "list", "tuple",
-            "float", "int", "bool", "print", "isinstance", "abs", "reversed", "super", "True", "False", "None"}
+    skip = {
+        "torch",
+        "F",
+        "self",
+        "range",
+        "len",
+        "min",
+        "max",
+        "sum",
+        "zip",
+        "enumerate",
+        "list",
+        "tuple",
+        "float",
+        "int",
+        "bool",
+        "print",
+        "isinstance",
+        "abs",
+        "reversed",
+        "super",
+        "True",
+        "False",
+        "None",
+    }
     names = {n.id for n in ast.walk(top) if isinstance(n, ast.Name) and n.id not in skip}
-    names |= {a.arg for n in ast.walk(top) if isinstance(n, ast.FunctionDef) for a in n.args.args if a.arg != "self"}
+    names |= {
+        a.arg for n in ast.walk(top) if isinstance(n, ast.FunctionDef) for a in n.args.args if a.arg != "self"
+    }
     funcs = {n.name for n in ast.walk(top) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     sizes = {"n": 0} if "n" in names else {}
     return ED.Scope({k: None for k in names - funcs - set(sizes)}, sizes)
@@ -222,8 +287,9 @@ MAX_EDITS = {"region": 600, "call": 250}  # candidates tried per row, best-ranke
 CHUNK = 60  # tried at a time: the search stops at the first chunk that holds a fix
 
 
-def candidates(item: Item, parsed: R.Parsed, key: str, var: str, vars_: dict[str, str], p: Probe
-               ) -> list[ED.Edit]:
+def candidates(
+    item: Item, parsed: R.Parsed, key: str, var: str, vars_: dict[str, str], p: Probe
+) -> list[ED.Edit]:
     """The edits of the statements behind one row, best-ranked first. Region items: the row's statements
     and the helpers they read; call items: the statements of the function (or method) that compute the
     row's variable, the function being what runs again."""
@@ -236,29 +302,50 @@ def candidates(item: Item, parsed: R.Parsed, key: str, var: str, vars_: dict[str
         for i in idx:
             st = parsed.region[i]
             label = st.where.rsplit("line", 1)[0]
-            out += ED.statement_edits(st.node, {var} | helpers, _scope(parsed, item, vars_, p, i),
-                                      parsed.lines.get(st.filename, []), i,
-                                      lambda line, label=label: f"{label}line {line}")
+            out += ED.statement_edits(
+                st.node,
+                {var} | helpers,
+                _scope(parsed, item, vars_, p, i),
+                parsed.lines.get(st.filename, []),
+                i,
+                lambda line, label=label: f"{label}line {line}",
+            )
     else:
         for i, top in enumerate(parsed.tree.body):
-            units = [(top, "")] if isinstance(top, ast.FunctionDef) else [
-                (f, top.name) for f in top.body if isinstance(f, ast.FunctionDef)] if isinstance(top, ast.ClassDef) \
+            units = (
+                [(top, "")]
+                if isinstance(top, ast.FunctionDef)
+                else [(f, top.name) for f in top.body if isinstance(f, ast.FunctionDef)]
+                if isinstance(top, ast.ClassDef)
                 else []
+            )
             text, label = parsed.tops[i] if i < len(parsed.tops) else (parsed.text, "")
             for fn, owner in units:
-                simple = [n for n in ast.walk(fn) if isinstance(n, (ast.Assign, ast.AugAssign, ast.Expr, ast.Return))]
+                simple = [
+                    n
+                    for n in ast.walk(fn)
+                    if isinstance(n, (ast.Assign, ast.AugAssign, ast.Expr, ast.Return))
+                ]
                 rel = ED.depends(simple, var, set())
                 if not rel:
                     continue
                 targets = {var} | {w for k in rel for w in R.writes_of(simple[k])}
-                out += ED.statement_edits(fn, targets, _call_scope(fn), text, i,
-                                          lambda line, label=label: f"{label} line {line}".strip(), owner)
+                out += ED.statement_edits(
+                    fn,
+                    targets,
+                    _call_scope(fn),
+                    text,
+                    i,
+                    lambda line, label=label: f"{label} line {line}".strip(),
+                    owner,
+                )
     out.sort(key=lambda e: e.rank)
-    return out[:MAX_EDITS[item.mode]]
+    return out[: MAX_EDITS[item.mode]]
 
 
-def search(item: Item, pend: J.Pending, parsed: R.Parsed, vars_: dict[str, str], probes: list[Probe],
-           run: Edits) -> ED.Edit | None:
+def search(
+    item: Item, pend: J.Pending, parsed: R.Parsed, vars_: dict[str, str], probes: list[Probe], run: Edits
+) -> ED.Edit | None:
     """The best-ranked single edit of the learner's lines that makes the row right on every verdict probe:
     candidates in rank order, a chunk at a time; a chunk's candidates are run on the first failing probe
     (fingerprints), the best that fit are run again value by value on every verdict probe."""
@@ -269,11 +356,13 @@ def search(item: Item, pend: J.Pending, parsed: R.Parsed, vars_: dict[str, str],
     cache: dict = {}
     cands = candidates(item, parsed, key, var, vars_, graded[0])
     for start in range(0, len(cands), CHUNK):
-        chunk = cands[start:start + CHUNK]
+        chunk = cands[start : start + CHUNK]
         alive = []
         for (index, owner), group in _groups(chunk):
             res = run(key, index, [e.source for e in group], [first], False, [owner] * len(group))
-            alive += [e for e, fp in zip(group, res.get(first.name, [])) if _fits(fp, first, key, item, cache)]
+            alive += [
+                e for e, fp in zip(group, res.get(first.name, [])) if _fits(fp, first, key, item, cache)
+            ]
         alive.sort(key=lambda e: e.rank)
         for (index, owner), group in _groups(alive[:FULL]):
             full = run(key, index, [e.source for e in group], graded, True, [owner] * len(group))
@@ -284,7 +373,9 @@ def search(item: Item, pend: J.Pending, parsed: R.Parsed, vars_: dict[str, str],
     return None
 
 
-def search_behaviours(item: Item, specs: list, parsed: R.Parsed, probes: list[Probe], run: Edits) -> ED.Edit | None:
+def search_behaviours(
+    item: Item, specs: list, parsed: R.Parsed, probes: list[Probe], run: Edits
+) -> ED.Edit | None:
     """For rows that are verdicts (a checker's True/False): the best-ranked single edit of the function
     behind them after which every such row is right."""
     keys = [s.key for s in item.rows if not s.tensor]
@@ -296,11 +387,14 @@ def search_behaviours(item: Item, specs: list, parsed: R.Parsed, probes: list[Pr
         cands += candidates(item, parsed, spec.key, spec.var, {}, probes[0])
     cands = sorted({(e.index, e.owner, e.source): e for e in cands}.values(), key=lambda e: e.rank)
     for start in range(0, min(len(cands), MAX_EDITS["call"]), CHUNK):
-        for (index, owner), group in _groups(cands[start:start + CHUNK]):
+        for (index, owner), group in _groups(cands[start : start + CHUNK]):
             res = run("*", index, [e.source for e in group], probes, False, [owner] * len(group))
             for k, e in enumerate(group):
-                if all(k < len(res.get(p.name, [])) and all(res[p.name][k].get("values", {}).get(r) == v
-                                                            for r, v in want[p.name].items()) for p in probes):
+                if all(
+                    k < len(res.get(p.name, []))
+                    and all(res[p.name][k].get("values", {}).get(r) == v for r, v in want[p.name].items())
+                    for p in probes
+                ):
                     return e
     return None
 
@@ -324,18 +418,28 @@ def float32_rows(item: Item, parsed: R.Parsed, vars_: dict[str, str]) -> set[str
     out = set()
     for st in parsed.region:
         lines = parsed.lines.get(st.filename, [])
-        text = "\n".join(lines[st.node.lineno - 1: getattr(st.node, "end_lineno", st.node.lineno)])
+        text = "\n".join(lines[st.node.lineno - 1 : getattr(st.node, "end_lineno", st.node.lineno)])
         if any(w in text for w in F32_WORDS):
             out |= {k for k, v in vars_.items() if v in st.writes}
     return out
 
 
-
-def assess(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: dict, vars_: dict[str, str],
-           parsed: R.Parsed, run: Edits, strict: bool = False, skip: set | None = None,
-           lines: dict[str, int] | None = None) -> tuple[list[Row], list[str]]:
+def assess(
+    item: Item,
+    probes: list[Probe],
+    outs: dict[str, Tensor],
+    meta: dict,
+    vars_: dict[str, str],
+    parsed: R.Parsed,
+    run: Edits,
+    strict: bool = False,
+    skip: set | None = None,
+    lines: dict[str, int] | None = None,
+) -> tuple[list[Row], list[str]]:
     """The rows and notes of a grade, from what the learner's code gave on every probe."""
-    rows, pending = J.judge_rows(item, probes, outs, meta, vars_, strict, skip, float32_rows(item, parsed, vars_))
+    rows, pending = J.judge_rows(
+        item, probes, outs, meta, vars_, strict, skip, float32_rows(item, parsed, vars_)
+    )
     for spec, row in zip(item.rows, rows):
         if row.line is None and lines:
             row.line = lines.get(spec.blank or spec.var) or lines.get(spec.var)
@@ -344,7 +448,9 @@ def assess(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: dict,
     for pend in pending:
         kind, dkey, words = J.diagnose(item, pend)
         edit = None
-        if pend.catalogued != "all":  # the catalogue stays for the known mistakes; the edit search speaks where
+        if (
+            pend.catalogued != "all"
+        ):  # the catalogue stays for the known mistakes; the edit search speaks where
             try:  # it is silent (or names the mistake on some probes only: a coincidence of sizes, say)
                 edit = search(item, pend, parsed, vars_, probes, run)
             except (SyntaxError, ValueError, RecursionError):  # a line the search cannot take apart
@@ -360,10 +466,15 @@ def assess(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: dict,
                 if new.edit and new.edit not in new.diagnosis:
                     new.diagnosis = f"{new.diagnosis}; {new.edit}"
                 rows[i] = new
-    verdicts = [(s, r) for s, r in zip(item.rows, rows) if not s.tensor and r.status == "wrong"
-                and isinstance(probes[0].refs.get(s.key), bool)]
+    verdicts = [
+        (s, r)
+        for s, r in zip(item.rows, rows)
+        if not s.tensor and r.status == "wrong" and isinstance(probes[0].refs.get(s.key), bool)
+    ]
     if verdicts and item.mode == "call":
-        edit = search_behaviours(item, [s for s, _ in verdicts], parsed, [p for p in probes if p.verdict], run)
+        edit = search_behaviours(
+            item, [s for s, _ in verdicts], parsed, [p for p in probes if p.verdict], run
+        )
         for _, r in verdicts:
             if edit is not None:
                 r.edit = edit.words()
@@ -379,12 +490,31 @@ class ChildRun:
     def __init__(self, child, vars_: dict[str, str], time_limit: float, tmp: str):
         self.child, self.vars_, self.time_limit, self.tmp = child, vars_, time_limit, tmp
 
-    def __call__(self, key: str, index: int, sources: list[str], probes: list[Probe], full: bool = False,
-                 owners: list[str] | None = None) -> dict[str, list]:
+    def __call__(
+        self,
+        key: str,
+        index: int,
+        sources: list[str],
+        probes: list[Probe],
+        full: bool = False,
+        owners: list[str] | None = None,
+    ) -> dict[str, list]:
         out = os.path.join(self.tmp, "edits.safetensors")
-        rep = self.child.request({"op": "edits", "key": key, "index": index, "sources": sources, "seed": SEED,
-                                  "rows": self.vars_, "full": full, "outputs": out, "owners": owners,
-                                  "probes": [{"name": p.name, "dtype": _dt(p)} for p in probes]}, self.time_limit)
+        rep = self.child.request(
+            {
+                "op": "edits",
+                "key": key,
+                "index": index,
+                "sources": sources,
+                "seed": SEED,
+                "rows": self.vars_,
+                "full": full,
+                "outputs": out,
+                "owners": owners,
+                "probes": [{"name": p.name, "dtype": _dt(p)} for p in probes],
+            },
+            self.time_limit,
+        )
         if not rep.get("ok"):
             return {}
         if not full or key.startswith("*"):
@@ -424,8 +554,10 @@ def identify(text: str, name: str | None) -> Item | str:
     """The file's item (its `# handgrad dojo: KEY` line, or `name`), or why there is none."""
     key = name or item_of(text)
     if key is None:
-        return ("no '# handgrad dojo: ...' line: start from a file that `handgrad dojo start` wrote, or name the "
-                "exercise (--exercise)")
+        return (
+            "no '# handgrad dojo: ...' line: start from a file that `handgrad dojo start` wrote, or name the "
+            "exercise (--exercise)"
+        )
     item = find(key)
     if item is None:
         try:
@@ -435,14 +567,26 @@ def identify(text: str, name: str | None) -> Item | str:
     return item
 
 
-def grade_file(path: str | Path, item: str | None = None, *, strict: bool = False,
-               names: dict[str, str] | None = None, time_limit: float = TIME_LIMIT) -> Grade:
+def grade_file(
+    path: str | Path,
+    item: str | None = None,
+    *,
+    strict: bool = False,
+    names: dict[str, str] | None = None,
+    time_limit: float = TIME_LIMIT,
+) -> Grade:
     """Grade one learner file, its item read from its `# handgrad dojo: KEY` line unless given."""
     return grade_files([path], item, strict=strict, names=names, time_limit=time_limit)[0]
 
 
-def grade_files(paths: list[str | Path], item: str | None = None, *, strict: bool = False,
-                names: dict[str, str] | None = None, time_limit: float = TIME_LIMIT) -> list[Grade]:
+def grade_files(
+    paths: list[str | Path],
+    item: str | None = None,
+    *,
+    strict: bool = False,
+    names: dict[str, str] | None = None,
+    time_limit: float = TIME_LIMIT,
+) -> list[Grade]:
     """Grade files one after the other, each in its own child process with its own time limit. The probes
     are tiny: one torch thread (on a busy machine OpenMP's waiting made them 100x slower)."""
     threads = torch.get_num_threads()
@@ -453,8 +597,9 @@ def grade_files(paths: list[str | Path], item: str | None = None, *, strict: boo
         torch.set_num_threads(threads)
 
 
-def _grade_path(path: Path, name: str | None, strict: bool, explicit: dict[str, str] | None,
-                time_limit: float) -> Grade:
+def _grade_path(
+    path: Path, name: str | None, strict: bool, explicit: dict[str, str] | None, time_limit: float
+) -> Grade:
     start = time.perf_counter()
     try:
         text = path.read_text(encoding="utf-8")
@@ -477,20 +622,45 @@ def _grade_path(path: Path, name: str | None, strict: bool, explicit: dict[str, 
     with tempfile.TemporaryDirectory(prefix="dojo-") as tmp, Child() as ch:
         inputs, outputs = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
         scalars = write_inputs(probes, inputs)
-        rep = ch.request({"op": "load", "source": text, "filename": str(path), "mode": item.mode,
-                          "driver": item.driver, "inputs": inputs, "scalars": scalars}, time_limit)
+        rep = ch.request(
+            {
+                "op": "load",
+                "source": text,
+                "filename": str(path),
+                "mode": item.mode,
+                "driver": item.driver,
+                "inputs": inputs,
+                "scalars": scalars,
+            },
+            time_limit,
+        )
         if rep.get("ok"):
-            rep = ch.request({"op": "run", "rows": vars_, "outputs": outputs,
-                              "probes": [{"name": p.name, "feed": p.feed, "dtype": _dt(p)} for p in probes]},
-                             time_limit)
+            rep = ch.request(
+                {
+                    "op": "run",
+                    "rows": vars_,
+                    "outputs": outputs,
+                    "probes": [{"name": p.name, "feed": p.feed, "dtype": _dt(p)} for p in probes],
+                },
+                time_limit,
+            )
         if not rep.get("ok"):
             grade.problem = rep.get("problem", "the grader's process failed")
             return grade
         from safetensors.torch import load_file
 
         outs = load_file(outputs)
-        grade.rows, grade.notes = assess(item, probes, outs, rep, vars_, parsed, ChildRun(ch, vars_, time_limit, tmp),
-                                         strict, lines=blank_lines(text))
+        grade.rows, grade.notes = assess(
+            item,
+            probes,
+            outs,
+            rep,
+            vars_,
+            parsed,
+            ChildRun(ch, vars_, time_limit, tmp),
+            strict,
+            lines=blank_lines(text),
+        )
         if item.training:
             grade.rows += _training(ch, tmp, vars_, time_limit)
     if said:
@@ -514,7 +684,9 @@ def _hints_used(grade: Grade, path: Path) -> None:
 
     shown = used(path)
     if shown:
-        grade.notes.append("hints used: " + ", ".join(f"{k} ({v} of {len(LEVELS)})" for k, v in sorted(shown.items())))
+        grade.notes.append(
+            "hints used: " + ", ".join(f"{k} ({v} of {len(LEVELS)})" for k, v in sorted(shown.items()))
+        )
 
 
 def _training(ch, tmp: str, vars_: dict[str, str], time_limit: float) -> list[Row]:
@@ -526,7 +698,9 @@ def _training(ch, tmp: str, vars_: dict[str, str], time_limit: float) -> list[Ro
     tensors = loop.inputs()
     path, out = os.path.join(tmp, "train.safetensors"), os.path.join(tmp, "train-out.safetensors")
     save_file(tensors, path)
-    rep = ch.request({"op": "train", "inputs": path, "outputs": out, "lr": loop.LR, "rows": vars_}, time_limit)
+    rep = ch.request(
+        {"op": "train", "inputs": path, "outputs": out, "lr": loop.LR, "rows": vars_}, time_limit
+    )
     if not rep.get("ok"):
         mine, stop = torch.zeros(0, dtype=torch.float64), rep.get("problem", "the grader's process failed")
     else:

@@ -108,8 +108,11 @@ def local_vjps(graph: Graph, vals: Mapping[str, Tensor], feeds: Mapping[str, Ten
             leaves = [vals[i].detach().clone().requires_grad_(i in diff) for i in op.ins]
             out = op.fn(*leaves)
             gs = torch.autograd.grad(vjp(out, dout), [lf for i, lf in zip(op.ins, leaves) if i in diff])
-            ones = (torch.autograd.grad(op.fn(*leaves).sum(), [lf for i, lf in zip(op.ins, leaves) if i in diff])
-                    if out.dim() else gs)
+            ones = (
+                torch.autograd.grad(op.fn(*leaves).sum(), [lf for i, lf in zip(op.ins, leaves) if i in diff])
+                if out.dim()
+                else gs
+            )
         for i, g, o in zip(diff, gs, ones):
             loc.contrib.setdefault(i, {})[op.out] = g.detach()
             loc.ones[i] = (loc.ones[i] + o.detach()) if i in loc.ones else o.detach()
@@ -270,6 +273,7 @@ TRAINING = Graph(
         "C",
     ),
 )  # exercise 4
+
 
 def bn_extras(hprebn: Tensor) -> dict[str, Tensor]:
     """The batchnorm statistics the compact forward names (exercises 3 and 4)."""

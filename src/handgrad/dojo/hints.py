@@ -46,10 +46,13 @@ def form_hint(solution: str, g: str) -> str:
     mine = []
     for st in tree.body:
         names = {n.id for n in ast.walk(st) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-        names |= {n.value.id for n in ast.walk(st)
-                  if isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Store) and isinstance(n.value, ast.Name)}
+        names |= {
+            n.value.id
+            for n in ast.walk(st)
+            if isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Store) and isinstance(n.value, ast.Name)
+        }
         if f"d{g}" in names or (isinstance(st, ast.Expr) and f"d{g}." in ast.unparse(st)):
-            mine.append("\n".join(lines[st.lineno - 1: st.end_lineno]))
+            mine.append("\n".join(lines[st.lineno - 1 : st.end_lineno]))
     return "the reference writes it as:\n    " + "\n    ".join("\n".join(mine).splitlines())
 
 
@@ -61,8 +64,10 @@ def resolve(item: Item, name: str) -> RowSpec:
             return item.row(cand)
         except ValueError:
             continue
-    raise ValueError(f"{item.kind} {item.key} has no row {name!r}; it has: "
-                     f"{', '.join(r.name for r in item.rows if any(r.hints))}")
+    raise ValueError(
+        f"{item.kind} {item.key} has no row {name!r}; it has: "
+        f"{', '.join(r.name for r in item.rows if any(r.hints))}"
+    )
 
 
 def hint_text(item: Item, name: str, level: int) -> str:

@@ -23,6 +23,8 @@ def get(name: str | int) -> Item:
     """The item called `name`; ValueError names the ones there are."""
     it = find(str(name))
     if it is None:
-        raise ValueError(f"no exercise or challenge {str(name)!r}; there are: "
-                         f"{', '.join(i.key for i in ITEMS)} (see `handgrad dojo list`)")
+        raise ValueError(
+            f"no exercise or challenge {str(name)!r}; there are: "
+            f"{', '.join(i.key for i in ITEMS)} (see `handgrad dojo list`)"
+        )
     return it

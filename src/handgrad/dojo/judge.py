@@ -60,9 +60,27 @@ class Row:
         return self.status == "ok"
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in ("name", "shape", "status", "diagnosis", "kind", "key", "edit",
-                                             "note", "mark", "exact", "chain", "line", "where", "max_rel",
-                                             "grad", "yours")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "name",
+                "shape",
+                "status",
+                "diagnosis",
+                "kind",
+                "key",
+                "edit",
+                "note",
+                "mark",
+                "exact",
+                "chain",
+                "line",
+                "where",
+                "max_rel",
+                "grad",
+                "yours",
+            )
+        }
 
 
 @dataclass
@@ -93,8 +111,11 @@ def upstream_scale(item: Item, key: str, p: Probe) -> float:
 def tolerance(ref: Tensor, answer: Tensor, upstream: float = 0.0, f32: bool = False) -> Tolerance:
     """check.py's tolerance against autograd for the answer's dtype (float32 where the learner's line
     made float32 values, or says float32: f32), at the larger of the row's and its upstream's magnitude."""
-    dt = answer.dtype if answer.is_floating_point() and torch.finfo(answer.dtype).eps > torch.finfo(
-        ref.dtype).eps else ref.dtype
+    dt = (
+        answer.dtype
+        if answer.is_floating_point() and torch.finfo(answer.dtype).eps > torch.finfo(ref.dtype).eps
+        else ref.dtype
+    )
     if f32 and torch.finfo(dt).eps < torch.finfo(torch.float32).eps:
         dt = torch.float32
     scale = max(float(ref.abs().max()) if ref.numel() else 0.0, upstream)
@@ -129,14 +150,16 @@ def broadcasts_alike(item: Item, key: str, p: Probe, shape: tuple[int, ...]) -> 
 
 
 def compare(item: Item, key: str, p: Probe, a: Tensor, f32: bool = False) -> str:
-    """"ok", "shape" (right values in a shape that broadcasts alike), or "fail". f32: the learner's line
+    """ "ok", "shape" (right values in a shape that broadcasts alike), or "fail". f32: the learner's line
     holds a float32 value, so float32's precision is all it can have."""
     ref = p.refs[key]
     tol = tolerance(ref, a, upstream_scale(item, key, p), f32)
     if tuple(a.shape) == tuple(ref.shape):
         return "ok" if tol.holds(a.to(ref.dtype), ref) else "fail"
     if a.numel() == ref.numel() and squeezed(tuple(a.shape)) == squeezed(tuple(ref.shape)):
-        if tol.holds(a.reshape(ref.shape).to(ref.dtype), ref) and broadcasts_alike(item, key, p, tuple(a.shape)):
+        if tol.holds(a.reshape(ref.shape).to(ref.dtype), ref) and broadcasts_alike(
+            item, key, p, tuple(a.shape)
+        ):
             return "shape"
     return "fail"
 
@@ -158,9 +181,16 @@ def shape_words(s: tuple[int, ...]) -> str:
 
 
 # ---------------------------------------------------------------------------- judging the rows
-def judge_rows(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: dict, vars_: dict[str, str],
-               strict: bool = False, skip: set[tuple[str, str]] | None = None, f32: set[str] | None = None
-               ) -> tuple[list[Row], list[Pending]]:
+def judge_rows(
+    item: Item,
+    probes: list[Probe],
+    outs: dict[str, Tensor],
+    meta: dict,
+    vars_: dict[str, str],
+    strict: bool = False,
+    skip: set[tuple[str, str]] | None = None,
+    f32: set[str] | None = None,
+) -> tuple[list[Row], list[Pending]]:
     """Every row's verdict (not yet the diagnosis of a wrong one: see diagnose). `skip` holds (probe,
     row key) pairs that do not count (a notebook's line that reads a name another cell made); `f32` the
     rows whose lines make a float32 value on purpose."""
@@ -171,8 +201,17 @@ def judge_rows(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: d
             if row is not None:
                 rows.append(row)
                 continue
-        row, pend = judge_tensor(item, spec, probes, outs, meta, vars_.get(spec.key, spec.var), strict, skip,
-                                 spec.key in (f32 or ()))
+        row, pend = judge_tensor(
+            item,
+            spec,
+            probes,
+            outs,
+            meta,
+            vars_.get(spec.key, spec.var),
+            strict,
+            skip,
+            spec.key in (f32 or ()),
+        )
         rows.append(row)
         if pend is not None and row.status == "wrong" and not row.diagnosis:
             pending.append(pend)
@@ -180,17 +219,32 @@ def judge_rows(item: Item, probes: list[Probe], outs: dict[str, Tensor], meta: d
 
 
 def _infos(spec: RowSpec, probes: list[Probe], meta: dict) -> dict[str, dict]:
-    return {p.name: meta.get("probes", {}).get(p.name, {}).get(spec.key, {"status": "missing"}) for p in probes}
+    return {
+        p.name: meta.get("probes", {}).get(p.name, {}).get(spec.key, {"status": "missing"}) for p in probes
+    }
 
 
-def judge_tensor(item: Item, spec: RowSpec, probes: list[Probe], outs: dict[str, Tensor], meta: dict, var: str,
-                 strict: bool = False, skip: set | None = None, f32: bool = False) -> tuple[Row, Pending | None]:
+def judge_tensor(
+    item: Item,
+    spec: RowSpec,
+    probes: list[Probe],
+    outs: dict[str, Tensor],
+    meta: dict,
+    var: str,
+    strict: bool = False,
+    skip: set | None = None,
+    f32: bool = False,
+) -> tuple[Row, Pending | None]:
     skip = skip or set()
     graded = [p for p in probes if p.verdict and (p.name, spec.key) not in skip]
     first = graded[0] if graded else next(p for p in probes if p.verdict)
     ref0 = first.refs[spec.key]
-    row = Row(spec.name, tuple(ref0.shape) if isinstance(ref0, Tensor) else (), "missing",
-              yours=var if var != spec.var else "")
+    row = Row(
+        spec.name,
+        tuple(ref0.shape) if isinstance(ref0, Tensor) else (),
+        "missing",
+        yours=var if var != spec.var else "",
+    )
     infos = _infos(spec, probes, meta)
     info0 = infos[first.name]
     row.line, row.where = info0.get("line"), info0.get("where", "")
@@ -233,8 +287,9 @@ def judge_tensor(item: Item, spec: RowSpec, probes: list[Probe], outs: dict[str,
     if ex is not None:
         a = outs.get(f"{ex.name}|{spec.key}")
         r = ex.refs[spec.key]
-        row.exact = bool(a is not None and a.dtype == r.dtype and tuple(a.shape) == tuple(r.shape)
-                         and torch.equal(a, r))
+        row.exact = bool(
+            a is not None and a.dtype == r.dtype and tuple(a.shape) == tuple(r.shape) and torch.equal(a, r)
+        )
     if pend.failing:
         row.status = "wrong"
         row.max_rel = rel(pend.failing[0][1], pend.failing[0][0].refs[spec.key])
@@ -243,45 +298,89 @@ def judge_tensor(item: Item, spec: RowSpec, probes: list[Probe], outs: dict[str,
         a = outs.get(f"{ex.name}|{spec.key}")
         r = ex.refs[spec.key]
         scale = max(float(r.abs().max()) if r.numel() else 0.0, upstream_scale(item, spec.key, ex), 1e-30)
-        e = (float((a.reshape(r.shape).double() - r.double()).abs().max()) / scale
-             if a is not None and a.numel() == r.numel() else math.inf)
+        e = (
+            float((a.reshape(r.shape).double() - r.double()).abs().max()) / scale
+            if a is not None and a.numel() == r.numel()
+            else math.inf
+        )
         if not e <= F32_RTOL:
             row.status, row.kind, row.key, row.max_rel = "wrong", K.OTHER, "float32", e
-            row.diagnosis = (f"right in float64 but off by {e:.2g} of its largest entry in float32 (autograd's float32 "
-                             "is within 1e-5): a numerically unstable form (exp without subtracting the max? a "
-                             "difference of large, nearly equal terms?)")
+            row.diagnosis = (
+                f"right in float64 but off by {e:.2g} of its largest entry in float32 (autograd's float32 "
+                "is within 1e-5): a numerically unstable form (exp without subtracting the max? a "
+                "difference of large, nearly equal terms?)"
+            )
             return row, None
     row.status = "ok"
     if "shape" in marks:
-        got = next(tuple(outs[f"{p.name}|{spec.key}"].shape) for p in graded
-                   if tuple(outs[f"{p.name}|{spec.key}"].shape) != tuple(p.refs[spec.key].shape))
-        note = (f"shape {shape_words(got)} where {spec.key} is {shape_words(row.shape)}: the values are right and it "
-                "broadcasts the same way wherever it is used")
+        got = next(
+            tuple(outs[f"{p.name}|{spec.key}"].shape)
+            for p in graded
+            if tuple(outs[f"{p.name}|{spec.key}"].shape) != tuple(p.refs[spec.key].shape)
+        )
+        note = (
+            f"shape {shape_words(got)} where {spec.key} is {shape_words(row.shape)}: the values are "
+            "right and it "
+            "broadcasts the same way wherever it is used"
+        )
         if strict:
             row.status, row.kind, row.key = "wrong", K.SHAPE, "shape-strict"
             row.diagnosis = note + f"; strict mode wants exactly {shape_words(row.shape)}"
             return row, None
         row.mark, row.note = "shape", note + f" (strict mode wants {shape_words(row.shape)})"
     if "float32" in marks:
-        row.note = "; ".join(x for x in (row.note, "your line makes a float32 value (dtype=torch.float32?): right to "
-                                         "float32's precision, which is all the float64 probes can ask of it") if x)
+        row.note = "; ".join(
+            x
+            for x in (
+                row.note,
+                "your line makes a float32 value (dtype=torch.float32?): right to "
+                "float32's precision, which is all the float64 probes can ask of it",
+            )
+            if x
+        )
     return row, None
 
 
 # What an exception on a learner's line shows, as rules: (words in the message, words in the line,
 # words the line must lack, the kind, what to say). The first rule that fits names the mistake.
 ERROR_RULES: tuple[tuple[str, str, str, str, str], ...] = (
-    ("must match the size", "one_hot(", "num_classes", K.SHAPE,
-     "F.one_hot(Yb) without num_classes has max(Yb) + 1 columns; pass num_classes=vocab_size"),
-    ("must match the size", ".sum(", "keepdim", K.SHAPE,
-     "a .sum() without keepdim=True? a reduced tensor keeps its size-1 dimension to broadcast back against the "
-     "full one"),
-    ("must match the size", "", "", K.SHAPE,
-     "the shapes on this line do not broadcast: compare them with the shapes in the blanks' comments"),
-    ("shapes cannot be multiplied", "", "", K.TRANSPOSED,
-     "the operands of @ swapped, or a .T missing? dX = dout @ W.T, dW = X.T @ dout"),
-    ("is not defined", "", "", K.OTHER,
-     "a name the grader does not have here: is it made in another cell, or spelled differently?"),
+    (
+        "must match the size",
+        "one_hot(",
+        "num_classes",
+        K.SHAPE,
+        "F.one_hot(Yb) without num_classes has max(Yb) + 1 columns; pass num_classes=vocab_size",
+    ),
+    (
+        "must match the size",
+        ".sum(",
+        "keepdim",
+        K.SHAPE,
+        "a .sum() without keepdim=True? a reduced tensor keeps its size-1 dimension to broadcast back "
+        "against the "
+        "full one",
+    ),
+    (
+        "must match the size",
+        "",
+        "",
+        K.SHAPE,
+        "the shapes on this line do not broadcast: compare them with the shapes in the blanks' comments",
+    ),
+    (
+        "shapes cannot be multiplied",
+        "",
+        "",
+        K.TRANSPOSED,
+        "the operands of @ swapped, or a .T missing? dX = dout @ W.T, dW = X.T @ dout",
+    ),
+    (
+        "is not defined",
+        "",
+        "",
+        K.OTHER,
+        "a name the grader does not have here: is it made in another cell, or spelled differently?",
+    ),
 )
 
 
@@ -297,7 +396,9 @@ def _matches(a: Tensor, w: Tensor, ref: Tensor, rtol: float = MATCH_RTOL) -> boo
     """a equals w up to rounding, relative to the size of the numbers involved."""
     if tuple(a.shape) != tuple(w.shape) or not torch.isfinite(w).all():
         return False
-    scale = max(float(w.abs().max()) if w.numel() else 0.0, float(ref.abs().max()) if ref.numel() else 0.0, 1e-30)
+    scale = max(
+        float(w.abs().max()) if w.numel() else 0.0, float(ref.abs().max()) if ref.numel() else 0.0, 1e-30
+    )
     return bool(((a.double() - w.double()).abs() <= rtol * scale).all())
 
 
@@ -306,8 +407,9 @@ def _variants(item: Item, key: str, p: Probe) -> list[K.Variant]:
     return list(item.variants.get(key, ())) + K.generic(key, p.inputs, p.feeds, ref, item.graph, p.local)
 
 
-def catalogue_match(item: Item, key: str, failing: list[tuple[Probe, Tensor]], rtol: float = MATCH_RTOL
-                    ) -> tuple[K.Variant, bool, int] | None:
+def catalogue_match(
+    item: Item, key: str, failing: list[tuple[Probe, Tensor]], rtol: float = MATCH_RTOL
+) -> tuple[K.Variant, bool, int] | None:
     """The catalogue entry the answer equals on the most failing probes (or minus it)."""
     scores: dict[tuple[str, bool], int] = {}
     first: dict[tuple[str, bool], K.Variant] = {}
@@ -348,17 +450,30 @@ def shape_text(g: str, a: Tensor, ref: Tensor) -> tuple[str, str, Tensor | None]
             spread = G.broadcast(got, want)
         except ValueError:
             spread = None
-        how = (f": {shape_words(got)} against {shape_words(want)} broadcasts to {shape_words(spread)}, so it changes "
-               "the results where it is used" if spread and spread != want else
-               ": used in its place it would not broadcast the same way")
-        return K.SHAPE, f"{head}{how}; keep the size-1 dimension (keepdim=True) where the tensor has one", \
-            a.reshape(want)
+        how = (
+            f": {shape_words(got)} against {shape_words(want)} broadcasts to {shape_words(spread)}, so "
+            "it changes "
+            "the results where it is used"
+            if spread and spread != want
+            else ": used in its place it would not broadcast the same way"
+        )
+        return (
+            K.SHAPE,
+            f"{head}{how}; keep the size-1 dimension (keepdim=True) where the tensor has one",
+            a.reshape(want),
+        )
     if a.dim() == 2 and ref.dim() == 2 and got == want[::-1]:
         return K.TRANSPOSED, f"{head}: transposed (the operands of @ swapped, or .T missing)", a.T
     try:
         if G.broadcast(got, want) == want:
-            return K.SHAPE, (f"{head}: it would broadcast to {shape_words(want)}, but every element gets its own "
-                             "gradient: expand it to the full shape (e.g. times torch.ones_like(...))"), None
+            return (
+                K.SHAPE,
+                (
+                    f"{head}: it would broadcast to {shape_words(want)}, but every element gets its own "
+                    "gradient: expand it to the full shape (e.g. times torch.ones_like(...))"
+                ),
+                None,
+            )
     except ValueError:
         pass
     if a.dim() == ref.dim() and sorted(got) != sorted(want):
@@ -386,29 +501,43 @@ def _where(g: str, a: Tensor, p: Probe, tol: Tolerance) -> tuple[str, str]:
             vals, counts = ix.reshape(-1).unique(return_counts=True)
             rep = set(vals[counts > 1].tolist())
             if set(rows) <= rep:
-                return K.OVERWRITE, (f"wrong only on rows {_fmt(rows)} of d{g}, each an index that repeats in "
-                                     f"{idx_name}: contributions were overwritten instead of accumulated (use += in a "
-                                     "loop, or index_add_)")
+                return K.OVERWRITE, (
+                    f"wrong only on rows {_fmt(rows)} of d{g}, each an index that repeats in "
+                    f"{idx_name}: contributions were overwritten instead of accumulated (use += in a "
+                    "loop, or index_add_)"
+                )
     if bad.dim() == 2:
         yb = p.inputs.get("Yb", p.inputs.get("Y"))
-        if isinstance(yb, Tensor) and yb.dim() == 1 and yb.shape[0] == bad.shape[0] and bad.shape[1] > int(yb.max()):
+        if (
+            isinstance(yb, Tensor)
+            and yb.dim() == 1
+            and yb.shape[0] == bad.shape[0]
+            and bad.shape[1] > int(yb.max())
+        ):
             at = torch.zeros_like(bad)
             at[torch.arange(bad.shape[0]), yb] = True
             if bool((bad <= at).all()):
-                return K.ROWS, (f"right except at the target entries [range(n), Yb] ({int(bad.sum())} of "
-                                f"{bad.shape[0]} rows): the one-hot part (the -1 at each row's target) is off")
+                return K.ROWS, (
+                    f"right except at the target entries [range(n), Yb] ({int(bad.sum())} of "
+                    f"{bad.shape[0]} rows): the one-hot part (the -1 at each row's target) is off"
+                )
             cols = sorted(set(yb.tolist()))
-            if bool((bad[:, cols].any(0)).all()) and not bool(bad[:, [j for j in range(bad.shape[1])
-                                                                         if j not in cols]].any()):
-                return K.ROWS, (f"wrong only in the columns Yb names ({len(cols)} of {bad.shape[1]}), in every row: "
-                                "an index [:, Yb] picks whole columns; [range(n), Yb] picks one entry per row")
+            if bool((bad[:, cols].any(0)).all()) and not bool(
+                bad[:, [j for j in range(bad.shape[1]) if j not in cols]].any()
+            ):
+                return K.ROWS, (
+                    f"wrong only in the columns Yb names ({len(cols)} of {bad.shape[1]}), in every row: "
+                    "an index [:, Yb] picks whole columns; [range(n), Yb] picks one entry per row"
+                )
         lg = p.inputs.get("logits")
         if isinstance(lg, Tensor) and tuple(lg.shape) == tuple(bad.shape):
             at = torch.zeros_like(bad)
             at[torch.arange(bad.shape[0]), lg.argmax(1)] = True
             if bool((bad <= at).all()):
-                return K.MISSING_BRANCH, ("right except at each row's largest logit: the contribution through "
-                                          "logit_maxes (max passes its gradient to the argmax) is off or missing")
+                return K.MISSING_BRANCH, (
+                    "right except at each row's largest logit: the contribution through "
+                    "logit_maxes (max passes its gradient to the argmax) is off or missing"
+                )
         cols = [j for j in range(bad.shape[1]) if bool(bad[:, j].any())]
         if len(cols) < bad.shape[1] and len(rows) == bad.shape[0]:
             return K.ROWS, f"wrong only in columns {_fmt(cols)} of {bad.shape[1]} (the rest is right)"
@@ -419,9 +548,21 @@ def _where(g: str, a: Tensor, p: Probe, tol: Tolerance) -> tuple[str, str]:
 
 def _size_factor(k: float, n: int) -> str:
     """k as a formula in the batch size n ('n/(n-1)'), or ''."""
-    for words, v in (("n", n), ("1/n", 1 / n), ("n/(n-1)", n / (n - 1)), ("(n-1)/n", (n - 1) / n),
-                     ("n-1", n - 1), ("1/(n-1)", 1 / (n - 1)), ("n/(n-2)", n / (n - 2)), ("(n+1)/n", (n + 1) / n),
-                     ("n/(n+1)", n / (n + 1)), ("2", 2.0), ("1/2", 0.5), ("n**2", n * n), ("1/n**2", 1 / (n * n))):
+    for words, v in (
+        ("n", n),
+        ("1/n", 1 / n),
+        ("n/(n-1)", n / (n - 1)),
+        ("(n-1)/n", (n - 1) / n),
+        ("n-1", n - 1),
+        ("1/(n-1)", 1 / (n - 1)),
+        ("n/(n-2)", n / (n - 2)),
+        ("(n+1)/n", (n + 1) / n),
+        ("n/(n+1)", n / (n + 1)),
+        ("2", 2.0),
+        ("1/2", 0.5),
+        ("n**2", n * n),
+        ("1/n**2", 1 / (n * n)),
+    ):
         if abs(abs(k) - v) <= 1e-6 * v:
             return ("-" if k < 0 else "") + words
     return ""
@@ -446,13 +587,17 @@ def _scale(failing: list[tuple[Probe, Tensor]], key: str, fit_tol: float = 1e-6)
         return ""
     k, named = ks[0]
     if named and all(nm == named for _, nm in ks):
-        return f"your answer is {named} times the right one (n the batch size: {k:.6g} at n = " \
-               f"{failing[0][0].inputs.get('n')}): a factor of {named} is wrong"
+        return (
+            f"your answer is {named} times the right one (n the batch size: {k:.6g} at n = "
+            f"{failing[0][0].inputs.get('n')}): a factor of {named} is wrong"
+        )
     return f"your answer is {k:.6g} times the right one: a constant factor is wrong"
 
 
-NEAR_ZERO = ("this term is ~0 in this graph at the true upstream gradient, so the lecture's cmp and your own chain "
-             "column cannot see it; the formula is wrong for any other upstream")
+NEAR_ZERO = (
+    "this term is ~0 in this graph at the true upstream gradient, so the lecture's cmp and your own chain "
+    "column cannot see it; the formula is wrong for any other upstream"
+)
 
 
 def diagnose(item: Item, pend: Pending, match_rtol: float = MATCH_RTOL) -> tuple[str, str, str]:
@@ -479,8 +624,12 @@ def diagnose(item: Item, pend: Pending, match_rtol: float = MATCH_RTOL) -> tuple
             tol = tolerance(ref, a0, upstream_scale(item, key, p0))
             if close(reshaped, ref, tol):
                 return kind, "shape", words + "; the values are right"
-            sub = Pending(pend.spec, pend.row, [(p, a.reshape(p.refs[key].shape)) for p, a in failing
-                                                if a.numel() == p.refs[key].numel()], passing)
+            sub = Pending(
+                pend.spec,
+                pend.row,
+                [(p, a.reshape(p.refs[key].shape)) for p, a in failing if a.numel() == p.refs[key].numel()],
+                passing,
+            )
             if sub.failing:
                 k2, key2, w2 = diagnose(item, sub, match_rtol)
                 return kind, "shape+" + key2, words + "; besides, " + w2
@@ -491,21 +640,38 @@ def diagnose(item: Item, pend: Pending, match_rtol: float = MATCH_RTOL) -> tuple
         if near_zero:
             users = item.graph.consumers(key) if item.graph else []
             up = " and ".join("d" + u for u in users) or "the upstream gradient"
-            return K.ZERO, "zero-near-zero", (f"all zeros: at the true upstream d{g} is ~0 in this graph (batchnorm "
-                                              "subtracts the batch mean), so the lecture's cmp and your chain column "
-                                              f"call zeros right; but given {up} it is not zero for any other "
-                                              "upstream: the formula is wrong")
+            return (
+                K.ZERO,
+                "zero-near-zero",
+                (
+                    f"all zeros: at the true upstream d{g} is ~0 in this graph (batchnorm "
+                    "subtracts the batch mean), so the lecture's cmp and your chain column "
+                    f"call zeros right; but given {up} it is not zero for any other "
+                    "upstream: the formula is wrong"
+                ),
+            )
         return K.ZERO, "zero", "all zeros: nothing was added into it (or the upstream gradient was lost)"
     sizes = {p.inputs.get("n") for p in passing}
     if passing and not any(p.inputs.get("n") in sizes for p, _ in failing):
-        return K.HARDCODED, "hard-coded", (f"right at a batch of {passing[0].inputs.get('n')} but wrong for a batch "
-                                           f"of {p0.inputs.get('n')}: a size is hard-coded (write n, vocab_size, ... "
-                                           "instead of 32, 27)")
+        return (
+            K.HARDCODED,
+            "hard-coded",
+            (
+                f"right at a batch of {passing[0].inputs.get('n')} but wrong for a batch "
+                f"of {p0.inputs.get('n')}: a size is hard-coded (write n, vocab_size, ... "
+                "instead of 32, 27)"
+            ),
+        )
     if near_zero:
         users = item.graph.consumers(key) if item.graph else []
-        return K.OTHER, "only-true-upstream", (
-            "right for the true upstream gradient but wrong for a random one: the answer does not follow "
-            f"{' and '.join('d' + u for u in users) or 'the upstream gradient'}; {NEAR_ZERO}")
+        return (
+            K.OTHER,
+            "only-true-upstream",
+            (
+                "right for the true upstream gradient but wrong for a random one: the answer does not follow "
+                f"{' and '.join('d' + u for u in users) or 'the upstream gradient'}; {NEAR_ZERO}"
+            ),
+        )
     tol = tolerance(ref, a0, upstream_scale(item, key, p0))
     kind, where = _where(g, a0.to(ref.dtype), p0, tol)
     if where:
@@ -513,8 +679,14 @@ def diagnose(item: Item, pend: Pending, match_rtol: float = MATCH_RTOL) -> tuple
     sc = _scale(failing, key, max(1e-6, 10 * match_rtol))
     if sc:
         return K.SCALE, "scale", sc
-    return K.OTHER, "", (f"values differ (max relative error {rel(a0, ref):.2g}); no known mistake and no small "
-                         f"edit of your line explains it; `handgrad dojo hint` explains the rule")
+    return (
+        K.OTHER,
+        "",
+        (
+            f"values differ (max relative error {rel(a0, ref):.2g}); no known mistake and no small "
+            f"edit of your line explains it; `handgrad dojo hint` explains the rule"
+        ),
+    )
 
 
 def with_edit(kind: str, key: str, words: str, edit_words: str) -> tuple[str, str, str]:

@@ -49,13 +49,22 @@ def values(params: dict[str, Tensor], Xb: Tensor, Yb: Tensor) -> dict[str, objec
     """The learner's namespace at one step: parameters, batch, sizes and every forward value."""
     vals = G.forward(G.TRAINING, {**params, "Xb": Xb, "Yb": Yb})
     n = Xb.shape[0]
-    return {**vals, **G.bn_extras(vals["hprebn"]), "n": n, "batch_size": n, "n_embd": params["C"].shape[1],
-            "n_hidden": params["W1"].shape[1], "block_size": Xb.shape[1], "vocab_size": params["C"].shape[0]}
+    return {
+        **vals,
+        **G.bn_extras(vals["hprebn"]),
+        "n": n,
+        "batch_size": n,
+        "n_embd": params["C"].shape[1],
+        "n_hidden": params["W1"].shape[1],
+        "block_size": Xb.shape[1],
+        "vocab_size": params["C"].shape[0],
+    }
 
 
 # ---------------------------------------------------------------------------- where the learner's code runs
-def run_training(parsed, base: dict, tensors: dict[str, Tensor], rows: dict[str, str], lr: float
-                 ) -> tuple[dict[str, Tensor], dict]:
+def run_training(
+    parsed, base: dict, tensors: dict[str, Tensor], rows: dict[str, str], lr: float
+) -> tuple[dict[str, Tensor], dict]:
     """Train with the learner's region (nothing fed in) until the steps run out or a step cannot be
     taken; returns the losses and, if it stopped early, why."""
     from handgrad.dojo.runner import run_region
@@ -76,8 +85,10 @@ def run_training(parsed, base: dict, tensors: dict[str, Tensor], rows: dict[str,
             break
         shaped = next((k for k in PARAMS if run.out[k].numel() != params[k].numel()), None)
         if shaped is not None:
-            stop = (f"step {s}: {wanted[shaped]} has shape {tuple(run.out[shaped].shape)} but {shaped} is "
-                    f"{tuple(params[shaped].shape)}: the update would change the parameter's shape")
+            stop = (
+                f"step {s}: {wanted[shaped]} has shape {tuple(run.out[shaped].shape)} but {shaped} is "
+                f"{tuple(params[shaped].shape)}: the update would change the parameter's shape"
+            )
             break
         params = {k: params[k] - lr * run.out[k].reshape(params[k].shape).to(params[k].dtype) for k in PARAMS}
     return {"losses": torch.tensor(losses, dtype=torch.float64)}, {"stop": stop}
@@ -113,9 +124,11 @@ def judge_training(mine: Tensor, ref: Tensor, stop: str, curve_steps: int = CURV
     if off is not None:
         curve.status, curve.kind, curve.key = "wrong", K.OTHER, "curve"
         curve.max_rel = rel[off]
-        curve.diagnosis = (f"leaves autograd's loss at step {off}: yours {mine[off]:.6f}, autograd's {ref[off]:.6f}"
-                           + (" (step 0 is the forward pass alone)" if off == 0 else "")
-                           + ": the gradients that update the parameters are wrong; the rows above say which")
+        curve.diagnosis = (
+            f"leaves autograd's loss at step {off}: yours {mine[off]:.6f}, autograd's {ref[off]:.6f}"
+            + (" (step 0 is the forward pass alone)" if off == 0 else "")
+            + ": the gradients that update the parameters are wrong; the rows above say which"
+        )
     elif mine.shape[0] < curve_steps:
         curve.status, curve.kind, curve.key = "wrong", K.OTHER, "stopped"
         curve.diagnosis = f"training stopped: {stop}"
@@ -134,8 +147,12 @@ def judge_training(mine: Tensor, ref: Tensor, stop: str, curve_steps: int = CURV
     elif not abs(a - b) <= REACHED_RTOL * b:
         reached.status, reached.kind, reached.key = "wrong", K.OTHER, "reached"
         worse = "higher" if a > b else "lower"
-        reached.diagnosis = (f"mean loss of the last {LAST} of {steps} steps {a:.4f}, autograd's {b:.4f} ({worse}; "
-                             f"started at {float(ref[0]):.4f})")
+        reached.diagnosis = (
+            f"mean loss of the last {LAST} of {steps} steps {a:.4f}, autograd's {b:.4f} ({worse}; "
+            f"started at {float(ref[0]):.4f})"
+        )
     else:
-        reached.diagnosis = f"mean loss of the last {LAST} of {steps} steps {a:.4f}, as autograd's (from {float(ref[0]):.4f})"
+        reached.diagnosis = (
+            f"mean loss of the last {LAST} of {steps} steps {a:.4f}, as autograd's (from {float(ref[0]):.4f})"
+        )
     return [curve, reached]

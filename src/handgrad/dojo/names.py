@@ -26,7 +26,7 @@ def norm(name: str) -> str:
             break
     for p in PREFIXES:
         if x.startswith(p) and len(x) > len(p):
-            x = x[len(p):]
+            x = x[len(p) :]
             break
     else:
         if x.startswith("d") and len(x) > 1:
@@ -39,8 +39,12 @@ def gradient_like(name: str) -> bool:
     return low.startswith("d") or "grad" in low
 
 
-def match(wanted: Mapping[str, str], present: Iterable[str], explicit: Mapping[str, str] | None = None,
-          gradients: bool = True) -> tuple[dict[str, str], dict[str, str]]:
+def match(
+    wanted: Mapping[str, str],
+    present: Iterable[str],
+    explicit: Mapping[str, str] | None = None,
+    gradients: bool = True,
+) -> tuple[dict[str, str], dict[str, str]]:
     """({key: the learner's name} for every key found, {key: how it was found} for those taken by another
     name). `wanted` maps each key to the lecture's name; `present` are the names the learner has."""
     present = [p for p in dict.fromkeys(present)]
@@ -62,17 +66,30 @@ def match(wanted: Mapping[str, str], present: Iterable[str], explicit: Mapping[s
     for key, name in wanted.items():
         if key in out:
             continue
-        same = [p for p in free if p not in taken and (norm(p) == norm(name) if gradients else
-                                                       p.lower() == name.lower())]
+        same = [
+            p
+            for p in free
+            if p not in taken and (norm(p) == norm(name) if gradients else p.lower() == name.lower())
+        ]
         if len(same) == 1:
             out[key], how[key] = same[0], "name"
             taken.add(same[0])
     for key, name in wanted.items():
         if key in out:
             continue
-        scored = sorted(((difflib.SequenceMatcher(None, norm(p) if gradients else p.lower(),
-                                                  norm(name) if gradients else name.lower()).ratio(), p)
-                         for p in free if p not in taken), reverse=True)
+        scored = sorted(
+            (
+                (
+                    difflib.SequenceMatcher(
+                        None, norm(p) if gradients else p.lower(), norm(name) if gradients else name.lower()
+                    ).ratio(),
+                    p,
+                )
+                for p in free
+                if p not in taken
+            ),
+            reverse=True,
+        )
         if scored and scored[0][0] >= NEAR and (len(scored) == 1 or scored[1][0] < scored[0][0] - 0.05):
             out[key], how[key] = scored[0][1], "spelling"
             taken.add(scored[0][1])

@@ -51,7 +51,9 @@ def _tensors(ns: Mapping[str, object]) -> dict[str, Tensor]:
     return {k: v for k, v in ns.items() if isinstance(v, Tensor) and not k.startswith("_")}
 
 
-def find_inputs(ns: Mapping[str, object], explicit: Mapping[str, str] | None) -> tuple[dict[str, Tensor], dict]:
+def find_inputs(
+    ns: Mapping[str, object], explicit: Mapping[str, str] | None
+) -> tuple[dict[str, Tensor], dict]:
     """The notebook's C, W1, ..., Xb, Yb: by the lecture's name, a mapping, the same name in another case
     (xb, w1), or by shape among the rest (a batch is the (N, T) / (N,) integer pair whose N the forward
     values have)."""
@@ -61,9 +63,15 @@ def find_inputs(ns: Mapping[str, object], explicit: Mapping[str, str] | None) ->
     found = {k: v for k, v in found.items() if v in ts}
     ints = {k: t for k, t in ts.items() if not t.is_floating_point() and k not in found.values()}
     if "Xb" not in found or "Yb" not in found:
-        rows = {t.shape[0] for k, t in ts.items() if t.is_floating_point() and t.dim() >= 2 and k not in PARAMS}
-        pairs = [(x, y) for x, tx in ints.items() for y, ty in ints.items()
-                 if tx.dim() == 2 and ty.dim() == 1 and tx.shape[0] == ty.shape[0]]
+        rows = {
+            t.shape[0] for k, t in ts.items() if t.is_floating_point() and t.dim() >= 2 and k not in PARAMS
+        }
+        pairs = [
+            (x, y)
+            for x, tx in ints.items()
+            for y, ty in ints.items()
+            if tx.dim() == 2 and ty.dim() == 1 and tx.shape[0] == ty.shape[0]
+        ]
         pairs = [pr for pr in pairs if ts[pr[0]].shape[0] in rows] or pairs
         pairs.sort(key=lambda pr: ts[pr[0]].shape[0])
         if pairs and "Xb" not in found and "Yb" not in found:
@@ -73,15 +81,21 @@ def find_inputs(ns: Mapping[str, object], explicit: Mapping[str, str] | None) ->
     missing = [k for k in INPUTS if k not in found]
     if missing:
         k = missing[0]
-        raise NotebookError(f"{k} is missing: run the notebook's setup and forward cells first (or pass "
-                            f"names={{'{k}': 'your name'}})")
+        raise NotebookError(
+            f"{k} is missing: run the notebook's setup and forward cells first (or pass "
+            f"names={{'{k}': 'your name'}})"
+        )
     out = {k: ts[v].detach() for k, v in found.items()}
     for k in PARAMS:
         if not out[k].is_floating_point():
-            raise NotebookError(f"{found[k]} is a {str(out[k].dtype)[6:]} tensor; the parameter {k} is floating point")
+            raise NotebookError(
+                f"{found[k]} is a {str(out[k].dtype)[6:]} tensor; the parameter {k} is floating point"
+            )
     for k in ("Xb", "Yb"):
         if out[k].is_floating_point():
-            raise NotebookError(f"{found[k]} is a {str(out[k].dtype)[6:]} tensor; the batch {k} holds integer indices")
+            raise NotebookError(
+                f"{found[k]} is a {str(out[k].dtype)[6:]} tensor; the batch {k} holds integer indices"
+            )
     return out, {k: found[k] for k in how if found.get(k) != k}
 
 
@@ -92,12 +106,26 @@ def _by_shape(found: dict[str, str], ts: dict[str, Tensor]) -> None:
     H = shape.get("b1", (None,))[0] or (shape.get("W1", (None, None))[1])
     E = shape.get("C", (None, None))[1]
     TE = shape.get("W1", (None,))[0]
-    want = {"C": (V, E), "W1": (TE, H), "b1": (H,), "W2": (H, V), "b2": (V,), "bngain": (1, H), "bnbias": (1, H)}
+    want = {
+        "C": (V, E),
+        "W1": (TE, H),
+        "b1": (H,),
+        "W2": (H, V),
+        "b2": (V,),
+        "bngain": (1, H),
+        "bnbias": (1, H),
+    }
     for k, s in want.items():
         if k in found or None in s:
             continue
-        cands = [n for n, t in ts.items() if tuple(t.shape) == s and t.is_floating_point() and n not in found.values()
-                 and not N.gradient_like(n)]
+        cands = [
+            n
+            for n, t in ts.items()
+            if tuple(t.shape) == s
+            and t.is_floating_point()
+            and n not in found.values()
+            and not N.gradient_like(n)
+        ]
         if len(cands) == 1:
             found[k] = cands[0]
 
@@ -109,15 +137,22 @@ def _point(inputs: dict[str, Tensor]) -> dict[str, object]:
 
 def size_notes(ns: Mapping[str, object], pt: dict[str, object]) -> list[str]:
     """A setup size the learner overwrote later (n reused as a loop variable): said in their terms."""
-    what = {"n": "the batch has {v} rows (Xb.shape[0])", "batch_size": "the batch has {v} rows (Xb.shape[0])",
-            "n_embd": "C has {v} columns", "n_hidden": "W1 has {v} columns", "block_size": "Xb has {v} columns",
-            "vocab_size": "C has {v} rows"}
+    what = {
+        "n": "the batch has {v} rows (Xb.shape[0])",
+        "batch_size": "the batch has {v} rows (Xb.shape[0])",
+        "n_embd": "C has {v} columns",
+        "n_hidden": "W1 has {v} columns",
+        "block_size": "Xb has {v} columns",
+        "vocab_size": "C has {v} rows",
+    }
     out = []
     for k, words in what.items():
         v = ns.get(k)
         if isinstance(v, int) and not isinstance(v, bool) and v != pt[k]:
-            out.append(f"{k} is {v} here, but {words.format(v=pt[k])}: a loop variable or a later cell reused "
-                       f"{k}? The grade uses {pt[k]}; lines that ran with {k} = {v} computed with it")
+            out.append(
+                f"{k} is {v} here, but {words.format(v=pt[k])}: a loop variable or a later cell reused "
+                f"{k}? The grade uses {pt[k]}; lines that ran with {k} = {v} computed with it"
+            )
     return out
 
 
@@ -132,10 +167,15 @@ def forward_notes(ns: Mapping[str, object], pt: dict[str, object], item: Item) -
     out = []
     for k in CHECKED:
         v = ns.get(k)
-        if isinstance(v, Tensor) and not (tuple(v.shape) == tuple(vals[k].shape) and bool(
-                torch.allclose(v.detach().double().cpu(), vals[k], rtol=1e-4, atol=1e-5))):
-            out.append(f"your {k} is not the forward pass of your parameters and batch (one changed after the forward "
-                       "cell ran?): the grade uses them as they are now; run the forward cell again")
+        if isinstance(v, Tensor) and not (
+            tuple(v.shape) == tuple(vals[k].shape)
+            and bool(torch.allclose(v.detach().double().cpu(), vals[k], rtol=1e-4, atol=1e-5))
+        ):
+            out.append(
+                f"your {k} is not the forward pass of your parameters and batch (one changed after the "
+                "forward "
+                "cell ran?): the grade uses them as they are now; run the forward cell again"
+            )
             break
     return out
 
@@ -160,7 +200,9 @@ def _graded(s: ast.stmt) -> bool:
     """A statement worth running again: not a cmp/print call, not the notebook's autograd lines."""
     if isinstance(s, ast.Expr) and not R.writes_of(s):
         return False
-    calls = {getattr(n.func, "attr", getattr(n.func, "id", "")) for n in ast.walk(s) if isinstance(n, ast.Call)}
+    calls = {
+        getattr(n.func, "attr", getattr(n.func, "id", "")) for n in ast.walk(s) if isinstance(n, ast.Call)
+    }
     return not calls & set(AUTOGRAD)
 
 
@@ -172,7 +214,7 @@ def _loop_body(tree: ast.Module, vars_: set[str]) -> list[ast.stmt] | None:
         if isinstance(node, (ast.For, ast.While)):
             hits = [i for i, s in enumerate(node.body) if R.writes_of(s) & vars_]
             if hits and (best is None or len(hits) > best[0]):
-                best = (len(hits), node.body[hits[0]: hits[-1] + 1])
+                best = (len(hits), node.body[hits[0] : hits[-1] + 1])
     return best[1] if best else None
 
 
@@ -218,8 +260,11 @@ def region_of(item: Item, ns: Mapping[str, object], vars_: dict[str, str], filen
         p.lines[fn] = src.splitlines()
         body = tree.body
         first = next((j for j, s in enumerate(body) if R.writes_of(s) & want), 0)
-        p.region += [R.make_stmt(s, fn, p.lines[fn], label) for s in body[first:]
-                     if _graded(s) and not R.writes_of(s) & set(INPUTS)]
+        p.region += [
+            R.make_stmt(s, fn, p.lines[fn], label)
+            for s in body[first:]
+            if _graded(s) and not R.writes_of(s) & set(INPUTS)
+        ]
     return p
 
 
@@ -227,13 +272,22 @@ def region_of(item: Item, ns: Mapping[str, object], vars_: dict[str, str], filen
 class Here:
     """Runs the learner's lines in this process (the notebook's own), on copies of the probe values."""
 
-    def __init__(self, p: R.Parsed, base: dict, vars_: dict[str, str], probes: list[Probe],
-                 foreign: dict[str, object], time_limit: float):
+    def __init__(
+        self,
+        p: R.Parsed,
+        base: dict,
+        vars_: dict[str, str],
+        probes: list[Probe],
+        foreign: dict[str, object],
+        time_limit: float,
+    ):
         self.p, self.base, self.vars_, self.time_limit = p, base, vars_, time_limit
         self.probes = {q.name: q for q in probes}
         self.foreign = foreign  # names the lines read that another cell made: {name: value}
         own = next(q for q in probes if q.own)
-        self.alias = {k: a for k, v in foreign.items() if isinstance(v, Tensor) and (a := _same(v, own.inputs))}
+        self.alias = {
+            k: a for k, v in foreign.items() if isinstance(v, Tensor) and (a := _same(v, own.inputs))
+        }
 
     def values(self, q: Probe) -> dict:
         vals = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in q.inputs.items()}
@@ -259,22 +313,41 @@ class Here:
         meta: dict = {"probes": {}, "notes": [], "events": {}}
         for q in probes:
             with R.time_limit(self.time_limit), redirect_stdout(io.StringIO()):
-                r = R.run_region(self.p, self.base, self.values(q), q.feeds if q.feed else {}, self.vars_, q.feed,
-                                 q.dtype)
+                r = R.run_region(
+                    self.p, self.base, self.values(q), q.feeds if q.feed else {}, self.vars_, q.feed, q.dtype
+                )
             out.update({f"{q.name}|{k}": t for k, t in r.out.items()})
             meta["probes"][q.name] = r.meta
             meta["events"][q.name] = r.events
             meta["notes"] += [nt for nt in r.notes if nt not in meta["notes"]]
         return out, meta
 
-    def __call__(self, key: str, index: int, sources: list[str], probes: list[Probe], full: bool = False,
-                 owners: list[str] | None = None) -> dict[str, list]:
+    def __call__(
+        self,
+        key: str,
+        index: int,
+        sources: list[str],
+        probes: list[Probe],
+        full: bool = False,
+        owners: list[str] | None = None,
+    ) -> dict[str, list]:
         res = {}
         for q in probes:
             try:
                 with R.time_limit(self.time_limit), redirect_stdout(io.StringIO()):
-                    res[q.name] = R.edit_values(self.p, self.base, self.values(q), q.feeds, self.vars_, key, index,
-                                                sources, q.dtype, SEED, full)
+                    res[q.name] = R.edit_values(
+                        self.p,
+                        self.base,
+                        self.values(q),
+                        q.feeds,
+                        self.vars_,
+                        key,
+                        index,
+                        sources,
+                        q.dtype,
+                        SEED,
+                        full,
+                    )
             except R.OutOfTime:
                 res[q.name] = []
         return res
@@ -283,11 +356,15 @@ class Here:
 def _same(v: Tensor, inputs: dict[str, object]) -> str:
     """The probe value the notebook's tensor `v` is (equal at the notebook's own point), or ''."""
     for k, t in inputs.items():
-        if isinstance(t, Tensor) and tuple(t.shape) == tuple(v.shape) and t.dtype.is_floating_point == \
-                v.dtype.is_floating_point:
+        if (
+            isinstance(t, Tensor)
+            and tuple(t.shape) == tuple(v.shape)
+            and t.dtype.is_floating_point == v.dtype.is_floating_point
+        ):
             a = v.detach().cpu()
-            if (a.double() if a.is_floating_point() else a).equal(t) or (a.is_floating_point() and bool(
-                    torch.allclose(a.double(), t, rtol=1e-5, atol=1e-6))):
+            if (a.double() if a.is_floating_point() else a).equal(t) or (
+                a.is_floating_point() and bool(torch.allclose(a.double(), t, rtol=1e-5, atol=1e-6))
+            ):
                 return k
     return ""
 
@@ -301,15 +378,27 @@ def _base(ns: Mapping[str, object], p: R.Parsed, probe: Probe, vars_: dict[str, 
         free |= R.reads_of(s.node) - written
         written |= s.writes
     rows = set(vars_.values())
-    foreign = {k: ns[k] for k in free if k in ns and k not in probe.inputs and k not in rows
-               and (isinstance(ns[k], Tensor) or (isinstance(ns[k], int) and not isinstance(ns[k], bool)))}
+    foreign = {
+        k: ns[k]
+        for k in free
+        if k in ns
+        and k not in probe.inputs
+        and k not in rows
+        and (isinstance(ns[k], Tensor) or (isinstance(ns[k], int) and not isinstance(ns[k], bool)))
+    }
     base = {k: v for k, v in ns.items() if not isinstance(v, Tensor)}
     return base, foreign
 
 
 # ---------------------------------------------------------------------------- the grade
-def grade(exercise: int | str, namespace: Mapping[str, object], *, strict: bool = False,
-          names: Mapping[str, str] | None = None, time_limit: float = TIME_LIMIT) -> Grade:
+def grade(
+    exercise: int | str,
+    namespace: Mapping[str, object],
+    *,
+    strict: bool = False,
+    names: Mapping[str, str] | None = None,
+    time_limit: float = TIME_LIMIT,
+) -> Grade:
     """Grade what a notebook holds (`globals()`); the report renders as an HTML table when it is a cell's
     value in Jupyter, and as text with print()."""
     start = time.perf_counter()
@@ -330,11 +419,14 @@ def grade(exercise: int | str, namespace: Mapping[str, object], *, strict: bool 
     return g
 
 
-def _grade_region(item: Item, ns: Mapping[str, object], g: Grade, strict: bool, explicit: dict[str, str],
-                  time_limit: float) -> None:
+def _grade_region(
+    item: Item, ns: Mapping[str, object], g: Grade, strict: bool, explicit: dict[str, str], time_limit: float
+) -> None:
     inputs, taken = find_inputs(ns, explicit)
     wanted = {r.key: r.var for r in item.rows}
-    found, how = N.match(wanted, list(_tensors(ns)) + [w for _, src in cells(ns) for w in _written(src)], explicit)
+    found, how = N.match(
+        wanted, list(_tensors(ns)) + [w for _, src in cells(ns) for w in _written(src)], explicit
+    )
     vars_ = {k: found.get(k, v) for k, v in wanted.items()}
     stepped = False
     if item.training:
@@ -348,15 +440,18 @@ def _grade_region(item: Item, ns: Mapping[str, object], g: Grade, strict: bool, 
     g.notes += size_notes(ns, pt) + forward_notes(ns, pt, item)
     said = N.said(wanted, found, how)
     if taken:
-        said = "; ".join(x for x in (said, "inputs: took " + ", ".join(f"{v} for {k}" for k, v in taken.items()))
-                         if x)
+        said = "; ".join(
+            x for x in (said, "inputs: took " + ", ".join(f"{v} for {k}" for k, v in taken.items())) if x
+        )
     if said:
         g.notes.insert(0, said)
     mine = _mine(ns, vars_, item)
     p = region_of(item, ns, vars_, lambda label: f"<{label}>")
     if p is None or not p.region:
-        g.notes.append("no cell of this exercise found in the sources IPython keeps (In / _ih): graded on your "
-                       "values alone (no random upstream, no edit search)")
+        g.notes.append(
+            "no cell of this exercise found in the sources IPython keeps (In / _ih): graded on your "
+            "values alone (no random upstream, no edit search)"
+        )
         g.rows = _values_only(item, probes[0], mine, vars_, strict)
     else:
         base, foreign = _base(ns, p, own[0], vars_)
@@ -364,7 +459,9 @@ def _grade_region(item: Item, ns: Mapping[str, object], g: Grade, strict: bool, 
         try:
             outs, meta = here.run(probes)
         except R.OutOfTime:
-            raise NotebookError(f"your lines were still running after {time_limit:g} s (an infinite loop?)") from None
+            raise NotebookError(
+                f"your lines were still running after {time_limit:g} s (an infinite loop?)"
+            ) from None
         skip = _skips(item, probes, meta, foreign)
         g.rows, notes = assess(item, probes, outs, meta, vars_, p, here, strict, skip)
         g.notes += notes
@@ -413,7 +510,9 @@ def _skips(item: Item, probes: list[Probe], meta: dict, foreign: dict) -> set[tu
     return out
 
 
-def _yours(item: Item, rows: list[Row], probes: list[Probe], mine: dict[str, object], exact: bool = True) -> None:
+def _yours(
+    item: Item, rows: list[Row], probes: list[Probe], mine: dict[str, object], exact: bool = True
+) -> None:
     """The exact and chain columns from the notebook's own values: float32 bit for bit with autograd at
     its point; right, right given its own upstream values, or neither."""
     own = next((q for q in probes if q.own and q.verdict and not q.random), None)
@@ -421,8 +520,14 @@ def _yours(item: Item, rows: list[Row], probes: list[Probe], mine: dict[str, obj
     if own is None or item.graph is None:
         return
     vals = {k: v for k, v in mine.items() if isinstance(v, Tensor) and v.is_floating_point()}
-    feeds = {k: (vals[k].double().reshape(own.refs[k].shape) if k in vals and vals[k].numel() == own.refs[k].numel()
-                 else own.refs[k]) for k in item.graph.grads}
+    feeds = {
+        k: (
+            vals[k].double().reshape(own.refs[k].shape)
+            if k in vals and vals[k].numel() == own.refs[k].numel()
+            else own.refs[k]
+        )
+        for k in item.graph.grads
+    }
     feeds[item.graph.seed] = own.feeds.get(item.graph.seed, torch.ones((), dtype=torch.float64))
     local = G.local_vjps(item.graph, own.inputs, feeds)
     for spec, row in zip(item.rows, rows):
@@ -431,18 +536,32 @@ def _yours(item: Item, rows: list[Row], probes: list[Probe], mine: dict[str, obj
             continue
         if f32 is not None and spec.key in f32.refs:
             r = f32.refs[spec.key]
-            row.exact = bool(a.dtype == r.dtype and tuple(a.shape) == tuple(r.shape) and torch.equal(a, r)) \
-                if exact else None  # at a point put back from the last update: not bit for bit
+            row.exact = (
+                bool(a.dtype == r.dtype and tuple(a.shape) == tuple(r.shape) and torch.equal(a, r))
+                if exact
+                else None
+            )  # at a point put back from the last update: not bit for bit
         truth, given = own.refs[spec.key], local.total(spec.key)
         up = J.upstream_scale(item, spec.key, own)
         if _close32(a, truth, up):
             row.chain = "yes"
         elif given is not None and _close32(a, given, up):
             row.chain = "given"
-            ups = [c for c in item.graph.consumers(spec.key) if c in vals and c in own.refs
-                   and not _close32(vals[c], own.refs[c], J.upstream_scale(item, c, own))]
-            origin = next((r for s, r in reversed(list(zip(item.rows, rows)))
-                           if not r.ok and s.key in _upstream(item, spec.key)), None)
+            ups = [
+                c
+                for c in item.graph.consumers(spec.key)
+                if c in vals
+                and c in own.refs
+                and not _close32(vals[c], own.refs[c], J.upstream_scale(item, c, own))
+            ]
+            origin = next(
+                (
+                    r
+                    for s, r in reversed(list(zip(item.rows, rows)))
+                    if not r.ok and s.key in _upstream(item, spec.key)
+                ),
+                None,
+            )
             if row.ok and ups:
                 words = f"yours: right given your {', '.join('d' + u for u in ups)}"
                 if origin is not None:
@@ -451,9 +570,16 @@ def _yours(item: Item, rows: list[Row], probes: list[Probe], mine: dict[str, obj
         else:
             row.chain = "no"
             if row.ok:
-                row.note = "; ".join(x for x in (row.note, "your notebook's value differs from what your line gives "
-                                                 "here: was it changed after its line, or computed from other "
-                                                 "values?") if x)
+                row.note = "; ".join(
+                    x
+                    for x in (
+                        row.note,
+                        "your notebook's value differs from what your line gives "
+                        "here: was it changed after its line, or computed from other "
+                        "values?",
+                    )
+                    if x
+                )
 
 
 def _upstream(item: Item, g: str) -> set[str]:
@@ -472,7 +598,11 @@ def _close32(a: Tensor, ref: Tensor, upstream: float = 0.0) -> bool:
     if tuple(a.shape) != tuple(ref.shape) and J.squeezed(tuple(a.shape)) != J.squeezed(tuple(ref.shape)):
         return False
     scale = max(float(ref.abs().max()) if ref.numel() else 0.0, upstream)
-    return bool(((a.reshape(ref.shape).double() - ref).abs() <= NB_RTOL * ref.abs() + max(NB_RTOL * scale, 1e-12)).all())
+    return bool(
+        (
+            (a.reshape(ref.shape).double() - ref).abs() <= NB_RTOL * ref.abs() + max(NB_RTOL * scale, 1e-12)
+        ).all()
+    )
 
 
 def _shared(mine: dict[str, object], vars_: dict[str, str], own: Probe) -> list[str]:
@@ -489,35 +619,62 @@ def _shared(mine: dict[str, object], vars_: dict[str, str], own: Probe) -> list[
             seen[ptr] = k
             continue
         a, b = own.refs.get(other), own.refs.get(k)
-        if isinstance(a, Tensor) and isinstance(b, Tensor) and a.numel() == b.numel() and \
-                bool(torch.allclose(a.reshape(-1), b.reshape(-1))):
+        if (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.numel() == b.numel()
+            and bool(torch.allclose(a.reshape(-1), b.reshape(-1)))
+        ):
             continue
-        out.append(f"{vars_.get(other, 'd' + other)} and {vars_.get(k, 'd' + k)} are one tensor in your notebook (an "
-                   "assignment without .clone()): a change through one changed the other; write .clone() where one "
-                   "gradient starts from another")
+        out.append(
+            f"{vars_.get(other, 'd' + other)} and {vars_.get(k, 'd' + k)} are one tensor in your "
+            "notebook (an "
+            "assignment without .clone()): a change through one changed the other; write .clone() where one "
+            "gradient starts from another"
+        )
     return out
 
 
-def _values_only(item: Item, own: Probe, mine: dict[str, object], vars_: dict[str, str], strict: bool) -> list[Row]:
+def _values_only(
+    item: Item, own: Probe, mine: dict[str, object], vars_: dict[str, str], strict: bool
+) -> list[Row]:
     """Without cell sources: each value against the local answer given the notebook's own upstream values
     (float32 tolerance), and named from the catalogue."""
     vals = {k: v for k, v in mine.items() if isinstance(v, Tensor) and v.is_floating_point()}
-    feeds = {k: (vals[k].double().reshape(own.refs[k].shape) if k in vals and vals[k].numel() == own.refs[k].numel()
-                 else own.refs[k]) for k in item.graph.grads}
+    feeds = {
+        k: (
+            vals[k].double().reshape(own.refs[k].shape)
+            if k in vals and vals[k].numel() == own.refs[k].numel()
+            else own.refs[k]
+        )
+        for k in item.graph.grads
+    }
     feeds[item.graph.seed] = own.feeds.get(item.graph.seed, torch.ones((), dtype=torch.float64))
     loc = G.local_vjps(item.graph, own.inputs, feeds)
-    probe = Probe("yours", "your notebook's values", dict(own.inputs), {k: (loc.total(k) if loc.total(k) is not None
-                                                                           else own.refs[k]) for k in item.graph.grads},
-                  feeds, loc, own=True)
+    probe = Probe(
+        "yours",
+        "your notebook's values",
+        dict(own.inputs),
+        {k: (loc.total(k) if loc.total(k) is not None else own.refs[k]) for k in item.graph.grads},
+        feeds,
+        loc,
+        own=True,
+    )
     rows = []
     for spec in item.rows:
         v = mine.get(spec.key)
         ref = probe.refs[spec.key]
-        row = Row(spec.name, tuple(ref.shape), "missing", yours=vars_.get(spec.key, spec.var)
-                  if vars_.get(spec.key, spec.var) != spec.var else "")
+        row = Row(
+            spec.name,
+            tuple(ref.shape),
+            "missing",
+            yours=vars_.get(spec.key, spec.var) if vars_.get(spec.key, spec.var) != spec.var else "",
+        )
         rows.append(row)
         if v is None:
-            row.diagnosis = f"{vars_.get(spec.key, spec.var)} is not in your notebook (nor a tensor named like it)"
+            row.diagnosis = (
+                f"{vars_.get(spec.key, spec.var)} is not in your notebook (nor a tensor named like it)"
+            )
             continue
         d = R.describe(v)
         if d["status"] != "value":
@@ -527,7 +684,8 @@ def _values_only(item: Item, own: Probe, mine: dict[str, object], vars_: dict[st
         if _close32(v, ref, up):
             row.status = "ok"
             if tuple(v.shape) != tuple(ref.shape):
-                words = f"shape {J.shape_words(tuple(v.shape))} where {spec.key} is {J.shape_words(tuple(ref.shape))}"
+                got, want = J.shape_words(tuple(v.shape)), J.shape_words(tuple(ref.shape))
+                words = f"shape {got} where {spec.key} is {want}"
                 if strict or not J.broadcasts_alike(item, spec.key, probe, tuple(v.shape)):
                     row.status, row.kind, row.diagnosis = "wrong", K.SHAPE, words
                 else:
@@ -547,37 +705,72 @@ def _values_only(item: Item, own: Probe, mine: dict[str, object], vars_: dict[st
                 row.status, row.kind, row.key = "wrong", K.ALIAS, "alias"
                 row.diagnosis = next(w for w in shared if var in w)
             elif not row.ok:
-                row.diagnosis += "; your values went through the alias named in the other rows: fix that first"
+                row.diagnosis += (
+                    "; your values went through the alias named in the other rows: fix that first"
+                )
     return rows
 
 
 # ---------------------------------------------------------------------------- exercise 4 in place
-def _last_step(ns: Mapping[str, object], inputs: dict[str, Tensor], vars_: dict[str, str]
-               ) -> tuple[dict[str, Tensor], str, bool]:
+def _last_step(
+    ns: Mapping[str, object], inputs: dict[str, Tensor], vars_: dict[str, str]
+) -> tuple[dict[str, Tensor], str, bool]:
     """After the loop the parameters are one update past the gradients the notebook holds: put the update
     back (p + lr * grad), where that gives the forward values the notebook holds."""
     grads = {k: ns.get(vars_.get(k, f"d{k}")) for k in PARAMS}
     fwd = {k: ns[k].detach().double() for k in ("logits", "hpreact", "h") if isinstance(ns.get(k), Tensor)}
     lrs = [v for v in (ns.get("lr"), 0.1, 0.01) if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    hyps = [("as they are", 0.0)] + [(f"before the last update (lr {lr:g})", float(lr)) for lr in dict.fromkeys(lrs)]
+    hyps = [("as they are", 0.0)] + [
+        (f"before the last update (lr {lr:g})", float(lr)) for lr in dict.fromkeys(lrs)
+    ]
     ok = all(isinstance(grads[k], Tensor) and grads[k].numel() == inputs[k].numel() for k in PARAMS)
     best, best_err = hyps[0], float("inf")
     for words, lr in hyps:
         if lr and not ok:
             continue
-        cand = {**inputs, **{k: (inputs[k].double() + lr * grads[k].detach().double().reshape(inputs[k].shape))
-                             for k in PARAMS}} if lr else inputs
-        vals = G.forward(G.TRAINING, {k: (v.double() if v.is_floating_point() else v) for k, v in cand.items()})
-        err = max((float((vals[k] - t).abs().max()) / max(float(t.abs().max()), 1e-12)
-                   for k, t in fwd.items() if tuple(t.shape) == tuple(vals[k].shape)), default=float("inf"))
+        cand = (
+            {
+                **inputs,
+                **{
+                    k: (inputs[k].double() + lr * grads[k].detach().double().reshape(inputs[k].shape))
+                    for k in PARAMS
+                },
+            }
+            if lr
+            else inputs
+        )
+        vals = G.forward(
+            G.TRAINING, {k: (v.double() if v.is_floating_point() else v) for k, v in cand.items()}
+        )
+        err = max(
+            (
+                float((vals[k] - t).abs().max()) / max(float(t.abs().max()), 1e-12)
+                for k, t in fwd.items()
+                if tuple(t.shape) == tuple(vals[k].shape)
+            ),
+            default=float("inf"),
+        )
         if err < best_err:
             best, best_err = (words, lr), err
     words, lr = best
     if best_err == float("inf"):
-        words, lr = (hyps[1] if ok and len(hyps) > 1 else hyps[0])
-    out = {**inputs, **{k: (inputs[k].double() + lr * grads[k].detach().double().reshape(inputs[k].shape))
-                        for k in PARAMS}} if lr else inputs
-    return out, f"exercise 4: graded at the parameters of your loop's last step ({words}) and its last batch", bool(lr)
+        words, lr = hyps[1] if ok and len(hyps) > 1 else hyps[0]
+    out = (
+        {
+            **inputs,
+            **{
+                k: (inputs[k].double() + lr * grads[k].detach().double().reshape(inputs[k].shape))
+                for k in PARAMS
+            },
+        }
+        if lr
+        else inputs
+    )
+    return (
+        out,
+        f"exercise 4: graded at the parameters of your loop's last step ({words}) and its last batch",
+        bool(lr),
+    )
 
 
 def _train_here(p: R.Parsed, base: dict, vars_: dict[str, str], time_limit: float) -> list[Row]:
@@ -607,13 +800,20 @@ def _grade_calls(item: Item, ns: Mapping[str, object], g: Grade, strict: bool, t
         outs.update({f"{q.name}|{k}": t for k, t in rec.out.items()})
         meta["probes"][q.name] = rec.meta
 
-    def run(key: str, index: int, sources: list[str], qs: list[Probe], full: bool = False,
-            owners: list[str] | None = None) -> dict[str, list]:
+    def run(
+        key: str,
+        index: int,
+        sources: list[str],
+        qs: list[Probe],
+        full: bool = False,
+        owners: list[str] | None = None,
+    ) -> dict[str, list]:
         res = {}
         for q in qs:
             with R.time_limit(time_limit), redirect_stdout(io.StringIO()), R.default_dtype(q.dtype):
-                res[q.name] = R.call_edit_values(p, dict(base), item.driver, q.tensors(), q.name, key, index,
-                                                 sources, SEED, full, owners)
+                res[q.name] = R.call_edit_values(
+                    p, dict(base), item.driver, q.tensors(), q.name, key, index, sources, SEED, full, owners
+                )
         return res
 
     vars_ = {r.key: r.var for r in item.rows}

@@ -98,8 +98,12 @@ def svg(grade: Grade) -> str:
             f'height="{NODE_H}" rx="8" fill="{fill}" stroke="{stroke}" stroke-width="{2 if r else 1}"/>'
             f'<text x="{cx}" y="{cy - 3 if label else cy + 4}" text-anchor="middle" font-weight="bold">'
             f"{_h(name)}</text>"
-            + (f'<text x="{cx}" y="{cy + 13}" text-anchor="middle" font-size="10">d{_h(name)}: {label}</text>'
-               if label else "")
+            + (
+                f'<text x="{cx}" y="{cy + 13}" text-anchor="middle" font-size="10">'
+                f"d{_h(name)}: {label}</text>"
+                if label
+                else ""
+            )
             + "</g>"
         )
     for name in said:  # the diagnosis beside the chain, level with its tensor

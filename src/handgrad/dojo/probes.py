@@ -108,7 +108,9 @@ def _lecture_inputs(p: Params, X: Tensor, Y: Tensor) -> dict[str, object]:
 def point(p: Params | dict[str, Tensor], X: Tensor, Y: Tensor) -> dict[str, object]:
     """A probe's inputs: the 7 parameters (float64), a batch and the sizes they imply."""
     ps = p if isinstance(p, dict) else dict(p.items())
-    return _lecture_inputs(Params(**{k: ps[k] for k in ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")}), X, Y)
+    return _lecture_inputs(
+        Params(**{k: ps[k] for k in ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")}), X, Y
+    )
 
 
 def _points(own: dict | None = None) -> list[tuple[str, str, dict[str, object]]]:
@@ -118,8 +120,11 @@ def _points(own: dict | None = None) -> list[tuple[str, str, dict[str, object]]]
     if own is not None:
         first = ("yours", f"your parameters and batch (n={own['n']})", own)
     else:
-        first = ("lecture", "the lecture's init and batch (n=32)",
-                 _lecture_inputs(setup.lecture_params(), *setup.lecture_batch()))
+        first = (
+            "lecture",
+            "the lecture's init and batch (n=32)",
+            _lecture_inputs(setup.lecture_params(), *setup.lecture_batch()),
+        )
     return [first, ("trained", "after 40 training steps, a batch of n=24", trained)]
 
 
@@ -127,25 +132,72 @@ def _bn_extras(values: dict) -> dict:
     return G.bn_extras(values["hprebn"])
 
 
-def lecture_probes(graph: G.Graph = G.LECTURE, extras: Callable[[dict], dict] | None = None,
-                   own: dict | None = None) -> list[Probe]:
+def lecture_probes(
+    graph: G.Graph = G.LECTURE, extras: Callable[[dict], dict] | None = None, own: dict | None = None
+) -> list[Probe]:
     """Exercises 1 and 4 (local grading of many gradients). With `own` (a notebook's point) the first
     probes are at it, and there is no chain probe: the notebook's own values are the chain."""
     (ln, lw, lecture), (_, tw, trained) = _points(own)
     mine = own is not None
     out = [
-        graph_probe(graph, ln, f"{lw}, true upstream, float64", lecture, random=False, dtype=F64, extras=extras,
-                    own=mine),
-        graph_probe(graph, f"{ln}-random" if mine else "random", f"{lw}, random upstream gradients, float64",
-                    lecture, random=True, dtype=F64, seed=1, extras=extras, own=mine),
-        graph_probe(graph, "trained", f"{tw}, random upstream gradients, float64", trained, random=True, dtype=F64,
-                    seed=2, extras=extras),
-        graph_probe(graph, "float32", f"{lw}, float32, against autograd bit for bit", lecture, random=False,
-                    dtype=F32, extras=extras, verdict=False, exact=True, own=mine),
+        graph_probe(
+            graph,
+            ln,
+            f"{lw}, true upstream, float64",
+            lecture,
+            random=False,
+            dtype=F64,
+            extras=extras,
+            own=mine,
+        ),
+        graph_probe(
+            graph,
+            f"{ln}-random" if mine else "random",
+            f"{lw}, random upstream gradients, float64",
+            lecture,
+            random=True,
+            dtype=F64,
+            seed=1,
+            extras=extras,
+            own=mine,
+        ),
+        graph_probe(
+            graph,
+            "trained",
+            f"{tw}, random upstream gradients, float64",
+            trained,
+            random=True,
+            dtype=F64,
+            seed=2,
+            extras=extras,
+        ),
+        graph_probe(
+            graph,
+            "float32",
+            f"{lw}, float32, against autograd bit for bit",
+            lecture,
+            random=False,
+            dtype=F32,
+            extras=extras,
+            verdict=False,
+            exact=True,
+            own=mine,
+        ),
     ]
     if not mine:
-        out.append(graph_probe(graph, "chain", f"{lw}: your own chain, nothing fed in, float64", lecture,
-                               random=False, dtype=F64, extras=extras, feed=False, verdict=False))
+        out.append(
+            graph_probe(
+                graph,
+                "chain",
+                f"{lw}: your own chain, nothing fed in, float64",
+                lecture,
+                random=False,
+                dtype=F64,
+                extras=extras,
+                feed=False,
+                verdict=False,
+            )
+        )
     return out
 
 
@@ -158,8 +210,18 @@ def cross_entropy_probes(own: dict | None = None) -> list[Probe]:
     return [
         graph_probe(g, ln, f"{lw}, float64", lecture, random=False, dtype=F64, extras=ex, own=mine),
         graph_probe(g, "trained", f"{tw}, float64", trained, random=False, dtype=F64, extras=ex),
-        graph_probe(g, "float32", f"{lw}, float32, against autograd bit for bit", lecture, random=False,
-                    dtype=F32, extras=ex, verdict=False, exact=True, own=mine),
+        graph_probe(
+            g,
+            "float32",
+            f"{lw}, float32, against autograd bit for bit",
+            lecture,
+            random=False,
+            dtype=F32,
+            extras=ex,
+            verdict=False,
+            exact=True,
+            own=mine,
+        ),
     ]
 
 
@@ -176,23 +238,63 @@ def batchnorm_probes(own: dict | None = None, seed_grad: Tensor | None = None) -
         return {**pt, "hprebn": vals["hprebn"]}
 
     def ex(values: dict) -> dict:
-        vals = G.forward(G.CROSS_ENTROPY, {k: v for k, v in values.items() if isinstance(v, Tensor)
-                                           and k in ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias", "Xb", "Yb")})
-        return {**G.bn_extras(values["hprebn"]), **{k: vals[k] for k in ("emb", "embcat", "h", "logits", "loss")},
-                "hpreact_fast": values["hpreact"]}
+        vals = G.forward(
+            G.CROSS_ENTROPY,
+            {
+                k: v
+                for k, v in values.items()
+                if isinstance(v, Tensor)
+                and k in ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias", "Xb", "Yb")
+            },
+        )
+        return {
+            **G.bn_extras(values["hprebn"]),
+            **{k: vals[k] for k in ("emb", "embcat", "h", "logits", "loss")},
+            "hpreact_fast": values["hpreact"],
+        }
 
     g = G.BATCHNORM
     li, ti = ins(lecture), ins(trained)
     up = "your dhpreact" if mine else "the lecture's dhpreact"
     return [
-        graph_probe(g, ln, f"{lw}, {up}, float64", li, random=False, dtype=F64, seed_grad=seed_grad, extras=ex,
-                    own=mine),
-        graph_probe(g, f"{ln}-random" if mine else "random", f"{lw}, a random dhpreact, float64", li, random=False,
-                    dtype=F64, seed=3, extras=ex, own=mine),
-        graph_probe(g, "trained", f"{tw}, a random dhpreact, float64", ti, random=False, dtype=F64, seed=4,
-                    extras=ex),
-        graph_probe(g, "float32", f"{lw}, float32, against autograd bit for bit", li, random=False, dtype=F32,
-                    seed_grad=seed_grad, extras=ex, verdict=False, exact=True, own=mine),
+        graph_probe(
+            g,
+            ln,
+            f"{lw}, {up}, float64",
+            li,
+            random=False,
+            dtype=F64,
+            seed_grad=seed_grad,
+            extras=ex,
+            own=mine,
+        ),
+        graph_probe(
+            g,
+            f"{ln}-random" if mine else "random",
+            f"{lw}, a random dhpreact, float64",
+            li,
+            random=False,
+            dtype=F64,
+            seed=3,
+            extras=ex,
+            own=mine,
+        ),
+        graph_probe(
+            g, "trained", f"{tw}, a random dhpreact, float64", ti, random=False, dtype=F64, seed=4, extras=ex
+        ),
+        graph_probe(
+            g,
+            "float32",
+            f"{lw}, float32, against autograd bit for bit",
+            li,
+            random=False,
+            dtype=F32,
+            seed_grad=seed_grad,
+            extras=ex,
+            verdict=False,
+            exact=True,
+            own=mine,
+        ),
     ]
 
 

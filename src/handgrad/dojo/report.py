@@ -59,8 +59,17 @@ class Grade:
         exact = "-" if r.exact is None else ("yes" if r.exact else "no")
         what = r.diagnosis
         if r.ok:
-            what = r.note or r.diagnosis or ("exact (bit for bit with autograd in float32)" if r.exact
-                                             else "within tolerance" if r.grad else "right")
+            what = (
+                r.note
+                or r.diagnosis
+                or (
+                    "exact (bit for bit with autograd in float32)"
+                    if r.exact
+                    else "within tolerance"
+                    if r.grad
+                    else "right"
+                )
+            )
         if r.yours:
             what = f"(yours: {r.yours}) {what}"
         verdict = "ok*" if r.ok and r.mark == "shape" else VERDICTS[r.status]
@@ -78,10 +87,13 @@ class Grade:
         out = [f"{self.file}: {self.title}" + ("  [strict]" if self.strict else ""), fmt.format(*heads)]
         out += [fmt.format(*c) for c in cells]
         out += [f"note: {nt}" for nt in self.notes]
-        out += ["", "verdict: " + "; ".join(self.probes or ["float64 probes"]),
-                "ok*: right, with a shape note (--strict: wrong); exact: float32 bit for bit with autograd; "
-                "chain: your own values end to end (given: right given your own upstream, which is wrong)",
-                self.summary()]
+        out += [
+            "",
+            "verdict: " + "; ".join(self.probes or ["float64 probes"]),
+            "ok*: right, with a shape note (--strict: wrong); exact: float32 bit for bit with autograd; "
+            "chain: your own values end to end (given: right given your own upstream, which is wrong)",
+            self.summary(),
+        ]
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -99,14 +111,23 @@ class Grade:
             tds = "".join(f"<td style='text-align:left'>{_h(c)}</td>" for c in self._cells(r))
             body.append(f"<tr style='background:{colour}'>{tds}</tr>")
         notes = "".join(f"<p>note: {_h(nt)}</p>" for nt in self.notes)
-        return (f"<p><b>{_h(self.file)}</b>: {_h(self.title)}</p>"
-                f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}"
-                f"<p><small>verdict: {_h('; '.join(self.probes))}</small></p><p><b>{_h(self.summary())}</b></p>")
+        return (
+            f"<p><b>{_h(self.file)}</b>: {_h(self.title)}</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}"
+            f"<p><small>verdict: {_h('; '.join(self.probes))}</small></p><p><b>{_h(self.summary())}</b></p>"
+        )
 
     def to_json(self) -> dict:
-        return {"file": self.file, "item": self.item, "problem": self.problem, "notes": self.notes,
-                "strict": self.strict, "rows": [r.to_json() for r in self.rows],
-                "summary": "" if self.problem else self.summary(), "exit_code": self.exit_code}
+        return {
+            "file": self.file,
+            "item": self.item,
+            "problem": self.problem,
+            "notes": self.notes,
+            "strict": self.strict,
+            "rows": [r.to_json() for r in self.rows],
+            "summary": "" if self.problem else self.summary(),
+            "exit_code": self.exit_code,
+        }
 
 
 def _h(text: str) -> str:

@@ -30,8 +30,19 @@ from torch import Tensor
 from handgrad.dojo.framework import BEGIN, END
 
 DEFS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-MUTATORS = {"append", "extend", "insert", "pop", "remove", "update", "setdefault", "add", "clear", "sort",
-            "reverse"}  # methods that change the object they are called on (as x.op_() does a tensor)
+MUTATORS = {
+    "append",
+    "extend",
+    "insert",
+    "pop",
+    "remove",
+    "update",
+    "setdefault",
+    "add",
+    "clear",
+    "sort",
+    "reverse",
+}  # methods that change the object they are called on (as x.op_() does a tensor)
 SIZES = ("n", "batch_size", "n_embd", "n_hidden", "block_size", "vocab_size")  # the setup's sizes
 FP_K = 6  # numbers in a fingerprint: random projections of a tensor (what an edit's value is compared by)
 
@@ -91,8 +102,11 @@ def writes_of(node: ast.AST) -> set[str]:
                 out.add(b.id)
             if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self":
                 out.add(f"self.{sub.attr}")
-        elif isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and (
-                sub.func.attr.endswith("_") or sub.func.attr in MUTATORS):
+        elif (
+            isinstance(sub, ast.Call)
+            and isinstance(sub.func, ast.Attribute)
+            and (sub.func.attr.endswith("_") or sub.func.attr in MUTATORS)
+        ):
             b = base(sub.func.value)
             if isinstance(b, ast.Name):
                 out.add(b.id)
@@ -130,8 +144,11 @@ def parse(text: str, filename: str, mode: str) -> Parsed:
         p.defs = compile(tree, filename, "exec")
         return p
     a, b = region_bounds(lines)
-    p.defs = compile(ast.Module([s for s in tree.body if isinstance(s, DEFS) and not a < s.lineno <= b], []),
-                     filename, "exec")
+    p.defs = compile(
+        ast.Module([s for s in tree.body if isinstance(s, DEFS) and not a < s.lineno <= b], []),
+        filename,
+        "exec",
+    )
     # the region's statements, dedented if the region sits in a loop (exercise 4's training loop)
     indent = min((len(ln) - len(ln.lstrip()) for ln in lines[a:b] if ln.strip()), default=0)
     body = "\n".join(ln[indent:] if ln.strip() else "" for ln in lines[a:b])
@@ -154,18 +171,26 @@ def region_bounds(lines: list[str]) -> tuple[int, int]:
     """(a, b): the region is lines a .. b-1 (0-based), between the first `# >>>` and the next `# <<<`."""
     starts = [i for i, ln in enumerate(lines) if BEGIN.match(ln)]
     if not starts:
-        raise FileProblem("the '# >>>' and '# <<<' lines around your code are missing; they mark where the "
-                          "grader looks (compare with a fresh `handgrad dojo start`)")
+        raise FileProblem(
+            "the '# >>>' and '# <<<' lines around your code are missing; they mark where the "
+            "grader looks (compare with a fresh `handgrad dojo start`)"
+        )
     ends = [i for i, ln in enumerate(lines) if END.match(ln) and i > starts[0]]
     if not ends:
-        raise FileProblem(f"line {starts[0] + 1}: '# >>>' has no '# <<<' after it; the grader runs the lines "
-                          "between the two")
+        raise FileProblem(
+            f"line {starts[0] + 1}: '# >>>' has no '# <<<' after it; the grader runs the lines "
+            "between the two"
+        )
     return starts[0] + 1, ends[0]
 
 
 def _is_main_guard(s: ast.stmt) -> bool:
-    return (isinstance(s, ast.If) and isinstance(s.test, ast.Compare) and isinstance(s.test.left, ast.Name)
-            and s.test.left.id == "__name__")
+    return (
+        isinstance(s, ast.If)
+        and isinstance(s.test, ast.Compare)
+        and isinstance(s.test.left, ast.Name)
+        and s.test.left.id == "__name__"
+    )
 
 
 def learner_error(e: BaseException, p: Parsed) -> dict:
@@ -180,8 +205,11 @@ def learner_error(e: BaseException, p: Parsed) -> dict:
     code = lines[line - 1].strip() if line and 0 < line <= len(lines) else ""
     label = "" if not frame or frame.filename == p.filename else _label(frame.filename)
     where = (f"{label} line {line}" if label else f"line {line}") if line else ""
-    text = f"{where + ': ' if where else ''}{type(e).__name__}: {msg}" if not isinstance(e, OutOfTime) \
+    text = (
+        f"{where + ': ' if where else ''}{type(e).__name__}: {msg}"
+        if not isinstance(e, OutOfTime)
         else f"{where + ': ' if where else ''}{msg}"
+    )
     out = {"line": line, "where": where, "msg": text, "code": code, "type": type(e).__name__}
     if isinstance(e, NameError) and getattr(e, "name", None):
         out["name"] = e.name
@@ -202,13 +230,19 @@ def describe(value: object) -> dict:
         if value.device.type != "cpu":
             return {"status": "notensor", "msg": f"a tensor on {value.device}, the grader runs on the CPU"}
         if not value.is_floating_point():
-            return {"status": "notensor", "msg": f"a {str(value.dtype)[6:]} tensor: a gradient is floating point"}
+            return {
+                "status": "notensor",
+                "msg": f"a {str(value.dtype)[6:]} tensor: a gradient is floating point",
+            }
         return {"status": "value"}
     kind = type(value).__module__ + "." + type(value).__name__
     if kind.startswith("numpy."):
-        return {"status": "notensor", "numpy": True,
-                "msg": f"a NumPy array ({kind}), not a torch tensor: compute it with torch operations on the "
-                       "given tensors"}
+        return {
+            "status": "notensor",
+            "numpy": True,
+            "msg": f"a NumPy array ({kind}), not a torch tensor: compute it with torch operations on the "
+            "given tensors",
+        }
     return {"status": "notensor", "msg": f"a {type(value).__name__}, not a torch tensor"}
 
 
@@ -234,8 +268,13 @@ def fingerprint(value: object, seed: int) -> dict:
         return {"status": "value", "shape": list(value.shape), "finite": False}
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(FP_K, t.numel(), generator=g, dtype=torch.float64)
-    return {"status": "value", "shape": list(value.shape), "finite": True, "fp": (r @ t).tolist(),
-            "norm": float(t.norm())}
+    return {
+        "status": "value",
+        "shape": list(value.shape),
+        "finite": True,
+        "fp": (r @ t).tolist(),
+        "norm": float(t.norm()),
+    }
 
 
 @contextmanager
@@ -269,12 +308,22 @@ class Region:
     values and sizes a statement changes are restored (the change is reported), so a right line below is
     never blamed for it; a recorded gradient changed later through another name is reported as an alias."""
 
-    def __init__(self, p: Parsed, base: dict, values: dict, feeds: dict[str, Tensor], rows: dict[str, str],
-                 feed: bool, track: bool = True):
+    def __init__(
+        self,
+        p: Parsed,
+        base: dict,
+        values: dict,
+        feeds: dict[str, Tensor],
+        rows: dict[str, str],
+        feed: bool,
+        track: bool = True,
+    ):
         self.p, self.feeds, self.rows, self.feed, self.track = p, feeds, rows, feed, track
         self.values = values
-        self.last = {k: max((i for i, s in enumerate(p.region) if var in s.writes), default=-1)
-                     for k, var in rows.items()}
+        self.last = {
+            k: max((i for i, s in enumerate(p.region) if var in s.writes), default=-1)
+            for k, var in rows.items()
+        }
         self.ns = dict(base)
         self.ns.update(values)
         self.ns["__name__"] = "__dojo__"
@@ -287,7 +336,9 @@ class Region:
         self.pristine = {k: v.clone() for k, v in values.items() if isinstance(v, Tensor)} if track else {}
         self.watch_forward = {k: (v, v._version) for k, v in values.items() if isinstance(v, Tensor)}
         self.watched: dict[str, tuple[Tensor, int, str]] = {}  # key -> (tensor, version, its var)
-        self.bound: dict[str, tuple[str, int, Stmt]] = {}  # name -> (a name it shares memory with, the memory, where)
+        self.bound: dict[
+            str, tuple[str, int, Stmt]
+        ] = {}  # name -> (a name it shares memory with, the memory, where)
 
     def step(self, i: int, code: CodeType | None = None) -> None:
         st = self.p.region[i]
@@ -318,8 +369,15 @@ class Region:
         m = self.run.meta[k]
         if "error" in m:
             err = m["error"]
-            m.update(status="error", line=err["line"], where=err["where"], msg=err["msg"], code=err["code"],
-                     type=err.get("type", ""), name=err.get("name", ""))
+            m.update(
+                status="error",
+                line=err["line"],
+                where=err["where"],
+                msg=err["msg"],
+                code=err["code"],
+                type=err.get("type", ""),
+                name=err.get("name", ""),
+            )
             return
         d = describe(value)
         d.update(line=st.line, where=st.where)
@@ -351,25 +409,55 @@ class Region:
             if now is t and t._version == ver:
                 continue
             changed = now is t  # in place; else the name was bound to something else
-            same = (isinstance(now, Tensor) and now.shape == self.pristine[k].shape
-                    and bool(torch.equal(now, self.pristine[k])))
+            same = (
+                isinstance(now, Tensor)
+                and now.shape == self.pristine[k].shape
+                and bool(torch.equal(now, self.pristine[k]))
+            )
             if not same:
-                ev.append({"kind": "forward", "name": k, "line": st.line, "where": st.where, "text": st.text,
-                           "inplace": changed, "via": self._via(st, t) if changed else [],
-                           "bound": self._bound_of(st, t) if changed else None})
+                ev.append(
+                    {
+                        "kind": "forward",
+                        "name": k,
+                        "line": st.line,
+                        "where": st.where,
+                        "text": st.text,
+                        "inplace": changed,
+                        "via": self._via(st, t) if changed else [],
+                        "bound": self._bound_of(st, t) if changed else None,
+                    }
+                )
             fresh = self.pristine[k].clone()
             ns[k] = fresh
             self.watch_forward[k] = (fresh, fresh._version)
         for s in SIZES:
             if s in self.values and ns.get(s) != self.values[s]:
-                ev.append({"kind": "setup", "name": s, "value": repr(ns.get(s))[:40], "want": self.values[s],
-                           "line": st.line, "where": st.where, "text": st.text})
+                ev.append(
+                    {
+                        "kind": "setup",
+                        "name": s,
+                        "value": repr(ns.get(s))[:40],
+                        "want": self.values[s],
+                        "line": st.line,
+                        "where": st.where,
+                        "text": st.text,
+                    }
+                )
                 ns[s] = self.values[s]
         for key, (t, ver, var) in list(self.watched.items()):
             if t._version != ver:
-                ev.append({"kind": "alias", "key": key.removeprefix("fed:"), "var": var, "line": st.line,
-                           "where": st.where, "text": st.text, "via": self._via(st, t),
-                           "bound": self._bound_of(st, t)})
+                ev.append(
+                    {
+                        "kind": "alias",
+                        "key": key.removeprefix("fed:"),
+                        "var": var,
+                        "line": st.line,
+                        "where": st.where,
+                        "text": st.text,
+                        "via": self._via(st, t),
+                        "bound": self._bound_of(st, t),
+                    }
+                )
                 self.watched[key] = (t, t._version, var)
 
     def _via(self, st: Stmt, t: Tensor) -> list[str]:
@@ -391,8 +479,15 @@ class Region:
         return self.run
 
 
-def run_region(p: Parsed, base: dict, values: dict, feeds: dict[str, Tensor], rows: dict[str, str],
-               feed: bool, dtype: torch.dtype = torch.float64) -> RegionRun:
+def run_region(
+    p: Parsed,
+    base: dict,
+    values: dict,
+    feeds: dict[str, Tensor],
+    rows: dict[str, str],
+    feed: bool,
+    dtype: torch.dtype = torch.float64,
+) -> RegionRun:
     """Run the whole region once on one probe (see Region)."""
     with default_dtype(dtype):
         return Region(p, base, values, feeds, rows, feed).all()
@@ -405,15 +500,25 @@ def _result(value: object, seed: int, full: bool) -> object:
     return fingerprint(value, seed)
 
 
-def edit_values(p: Parsed, base: dict, values: dict, feeds: dict[str, Tensor], rows: dict[str, str],
-                key: str, index: int, sources: list[str], dtype: torch.dtype, seed: int, full: bool = False
-                ) -> list[object]:
+def edit_values(
+    p: Parsed,
+    base: dict,
+    values: dict,
+    feeds: dict[str, Tensor],
+    rows: dict[str, str],
+    key: str,
+    index: int,
+    sources: list[str],
+    dtype: torch.dtype,
+    seed: int,
+    full: bool = False,
+) -> list[object]:
     """Each candidate replaces statement `index` (its source given); the statements after it run up to
     the row's last one, fed as usual: the row's value, fingerprinted (or whole, with full=True). The
     statements before run once."""
     lead = Region(p, base, values, feeds, rows, True, track=False)
     stop = lead.last.get(key, -1)
-    later = {w for s in p.region[index:stop + 1] for w in s.writes}  # what the candidates may change
+    later = {w for s in p.region[index : stop + 1] for w in s.writes}  # what the candidates may change
     out = []
     with default_dtype(dtype):
         for i in range(index):
@@ -468,8 +573,16 @@ class Recorder:
         except Exception as e:
             err = learner_error(e, self.p)
             for r in rows:
-                self.meta.setdefault(r, {"status": "error", "line": err["line"], "where": err["where"],
-                                         "msg": err["msg"], "code": err["code"]})
+                self.meta.setdefault(
+                    r,
+                    {
+                        "status": "error",
+                        "line": err["line"],
+                        "where": err["where"],
+                        "msg": err["msg"],
+                        "code": err["code"],
+                    },
+                )
             raise Skip() from None
 
     def unpack(self, rows: list[str], value: object, n: int, what: str) -> tuple:
@@ -477,8 +590,10 @@ class Recorder:
             return tuple(value)
         for r in rows:
             got = type(value).__name__ + (f" of {len(value)}" if isinstance(value, (tuple, list)) else "")
-            self.meta.setdefault(r, {"status": "error", "line": None,
-                                     "msg": f"{what} must return {n} values; it returned {got}"})
+            self.meta.setdefault(
+                r,
+                {"status": "error", "line": None, "msg": f"{what} must return {n} values; it returned {got}"},
+            )
         raise Skip()
 
     def put(self, row: str, value: object) -> None:
@@ -509,9 +624,19 @@ def run_call(p: Parsed, base: dict, driver: str, inputs: dict[str, Tensor], prob
     return rec
 
 
-def call_edit_values(p: Parsed, base: dict, driver: str, inputs: dict[str, Tensor], probe: str, key: str,
-                     top: int, sources: list[str], seed: int, full: bool = False, owners: list[str] | None = None
-                     ) -> list[object]:
+def call_edit_values(
+    p: Parsed,
+    base: dict,
+    driver: str,
+    inputs: dict[str, Tensor],
+    probe: str,
+    key: str,
+    top: int,
+    sources: list[str],
+    seed: int,
+    full: bool = False,
+    owners: list[str] | None = None,
+) -> list[object]:
     """Each candidate is an edited function (a method of class `owner`, or a module-level function): it
     is defined again in a copy of the module's namespace (a method in a subclass that replaces it), the
     driver runs, and the row's value is fingerprinted."""
@@ -533,7 +658,11 @@ def call_edit_values(p: Parsed, base: dict, driver: str, inputs: dict[str, Tenso
             continue
         rec = run_call(p, ns, driver, inputs, probe)
         if key.startswith("*"):  # behaviours: every row's number or verdict at once
-            vals = {k: m.get("scalar") for k, m in rec.meta.items() if m.get("status") == "value" and "scalar" in m}
+            vals = {
+                k: m.get("scalar")
+                for k, m in rec.meta.items()
+                if m.get("status") == "value" and "scalar" in m
+            }
             out.append(vals if full else {"status": "scalars", "values": vals})
             continue
         m = rec.meta.get(key, {})
@@ -591,11 +720,15 @@ class Session:
         except OutOfTime:
             raise
         except Exception as e:
-            raise FileProblem(learner_error(e, self.p)["msg"] + " (in the file's imports or definitions, "
-                              "before any row is graded)") from None
+            raise FileProblem(
+                learner_error(e, self.p)["msg"] + " (in the file's imports or definitions, "
+                "before any row is graded)"
+            ) from None
         self.tensors = _load_tensors(req["inputs"])
         self.scalars = req.get("scalars", {})
-        return {"region": [{"line": s.line, "writes": sorted(s.writes), "text": s.text} for s in self.p.region]}
+        return {
+            "region": [{"line": s.line, "writes": sorted(s.writes), "text": s.text} for s in self.p.region]
+        }
 
     def run(self, req: dict) -> dict:
         out: dict[str, Tensor] = {}
@@ -604,8 +737,15 @@ class Session:
             name = probe["name"]
             values, feeds = split_probe(self.tensors, self.scalars, name)
             if self.mode == "region":
-                r = run_region(self.p, self.base, values, feeds, req["rows"], probe["feed"],
-                               DTYPES[probe.get("dtype", "float64")])
+                r = run_region(
+                    self.p,
+                    self.base,
+                    values,
+                    feeds,
+                    req["rows"],
+                    probe["feed"],
+                    DTYPES[probe.get("dtype", "float64")],
+                )
                 out.update({f"{name}|{k}": t for k, t in r.out.items()})
                 meta["probes"][name] = r.meta
                 meta["events"][name] = r.events
@@ -628,12 +768,34 @@ class Session:
             values, feeds = split_probe(self.tensors, self.scalars, name)
             dtype = DTYPES[probe.get("dtype", "float64")]
             if self.mode == "region":
-                got = edit_values(self.p, self.base, values, feeds, req["rows"], req["key"], req["index"],
-                                  req["sources"], dtype, req["seed"], full)
+                got = edit_values(
+                    self.p,
+                    self.base,
+                    values,
+                    feeds,
+                    req["rows"],
+                    req["key"],
+                    req["index"],
+                    req["sources"],
+                    dtype,
+                    req["seed"],
+                    full,
+                )
             else:
                 with default_dtype(dtype):
-                    got = call_edit_values(self.p, self.base, self.driver, _inputs(values), name, req["key"],
-                                           req["index"], req["sources"], req["seed"], full, req.get("owners"))
+                    got = call_edit_values(
+                        self.p,
+                        self.base,
+                        self.driver,
+                        _inputs(values),
+                        name,
+                        req["key"],
+                        req["index"],
+                        req["sources"],
+                        req["seed"],
+                        full,
+                        req.get("owners"),
+                    )
             if full and not req["key"].startswith("*"):
                 tensors.update({f"{name}|{k}": t for k, t in enumerate(got) if t is not None})
                 results[name] = [t is not None for t in got]
@@ -646,7 +808,9 @@ class Session:
     def train(self, req: dict) -> dict:
         from handgrad.dojo.loop import run_training
 
-        out, meta = run_training(self.p, self.base, _load_tensors(req["inputs"]), req["rows"], float(req["lr"]))
+        out, meta = run_training(
+            self.p, self.base, _load_tensors(req["inputs"]), req["rows"], float(req["lr"])
+        )
         _save_tensors(out, req["outputs"])
         return meta
 
@@ -660,8 +824,8 @@ def serve(rfd: int, wfd: int) -> None:
     limit it names; the learner's prints are not the grader's output."""
     torch.set_num_threads(1)
     session = Session()
-    reader = io.open(rfd, "r", encoding="utf-8", closefd=False)
-    writer = io.open(wfd, "w", encoding="utf-8", closefd=False)
+    reader = open(rfd, encoding="utf-8", closefd=False)
+    writer = open(wfd, "w", encoding="utf-8", closefd=False)
 
     def alarm(signum, frame):
         raise OutOfTime()
@@ -680,7 +844,10 @@ def serve(rfd: int, wfd: int) -> None:
             reply = {"ok": False, "problem": str(e)}
         except OutOfTime as e:
             err = learner_error(e, session.p) if session.p else {"msg": "still running at the time limit"}
-            reply = {"ok": False, "problem": f"{err['msg']} (time limit {float(req.get('time_limit', 20)):g} s)"}
+            reply = {
+                "ok": False,
+                "problem": f"{err['msg']} (time limit {float(req.get('time_limit', 20)):g} s)",
+            }
         except Exception as e:  # the grader's own failure on this file: one line, never a traceback
             err = learner_error(e, session.p) if session.p else {"msg": f"{type(e).__name__}: {e}"}
             reply = {"ok": False, "problem": err["msg"]}

@@ -251,7 +251,9 @@ def probes() -> list[Probe]:
             "stats(eval)": torch.stack([rm1, rv1]),
         }
         uses = {"dgamma": [(n, d)], "dbeta": [(n, d)]}
-        out.append(Probe(name, f"N={n}, D={d}, momentum {m}, random dout", inputs, refs, uses=uses, random=True))
+        out.append(
+            Probe(name, f"N={n}, D={d}, momentum {m}, random dout", inputs, refs, uses=uses, random=True)
+        )
     return out
 
 
@@ -301,9 +303,7 @@ VARIANTS = {
             K.BESSEL,
             "normalised with the variance over n; the lecture's batchnorm divides by "
             "n-1 (Bessel): x.var(0, keepdim=True)",
-            lambda i: _norm(
-                i["x1"], i["x1"].mean(0, keepdim=True), _biased(i["x1"]), i["gamma"], i["beta"]
-            ),
+            lambda i: _norm(i["x1"], i["x1"].mean(0, keepdim=True), _biased(i["x1"]), i["gamma"], i["beta"]),
         ),
         Variant(
             "no-eps",
@@ -469,15 +469,31 @@ def _dx(i, bessel=True, mean=True):
 
 def _judge(spec, probes, outs, meta, row):
     """stats(eval): any change in eval mode is the mistake, whatever the values."""
-    if row is not None and spec.key == "stats(eval)" and row.status == "wrong" and \
-            row.kind not in (UPDATED_IN_EVAL, K.SHAPE):
+    if (
+        row is not None
+        and spec.key == "stats(eval)"
+        and row.status == "wrong"
+        and row.kind not in (UPDATED_IN_EVAL, K.SHAPE)
+    ):
         row.kind, row.key = UPDATED_IN_EVAL, "changed"
         row.diagnosis = "the running statistics changed in eval mode; only training updates them"
     return row
 
 
 ITEM = Item(
-    "batchnorm", "challenge", "ch_batchnorm", "a BatchNorm1d class: train and eval forward, running statistics, backward",
+    "batchnorm",
+    "challenge",
+    "ch_batchnorm",
+    "a BatchNorm1d class: train and eval forward, running statistics, backward",
     "BatchNorm1d: forward in train/eval mode with running stats (momentum), backward -> dx, dgamma, dbeta",
-    TEXT, BLANKS, SOLUTION, ROWS, probes, "call", f"{__name__}:drive", VARIANTS, judge=_judge, alias="c",
+    TEXT,
+    BLANKS,
+    SOLUTION,
+    ROWS,
+    probes,
+    "call",
+    f"{__name__}:drive",
+    VARIANTS,
+    judge=_judge,
+    alias="c",
 )

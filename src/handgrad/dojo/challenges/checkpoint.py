@@ -124,36 +124,71 @@ SOLUTION = (
 )
 
 ROWS = (
-    RowSpec("out", "out", "out", "(N, D)", (
-        "out is the last block's output: h[0] = x, h[l+1] = block_forward(h[l], Ws[l]).",
-        "Every h[l] is (N, D); block l's input is a checkpoint when l % every == 0.",
-        "h = x; for l, W in enumerate(Ws): (if l % every == 0: stash[l] = h); h = block_forward(h, W)",
-    )),
-    RowSpec("dx", "dx", "dx", "(N, D)", (
-        "Walk the segments from the last; each one's backward starts from the gradient the segment after "
-        "it produced (dout for the last), and its block 0's dx is the segment's result.",
-        "Segments start at s = 0, every, 2*every, ...; the last may be shorter: e = min(s + every, L).",
-        "for s in reversed(range(0, L, every)): recompute hs from stash[s]; for l in reversed(range(s, e)): "
-        "dh, dWs[l] = block_backward(dh, hs[l - s], Ws[l], hs[l - s + 1])",
-    )),
-    RowSpec("dW", "dW", "dWs", "(L, D, D)", (
-        "block_backward needs block l's input and output as forward computed them: recompute the segment "
-        "from its checkpoint, one block after the other, before backpropagating through it.",
-        "For a segment [s, e): hs = [stash[s]] then e - s calls of block_forward give hs[0 .. e-s], block "
-        "l's input hs[l - s] and output hs[l - s + 1].",
-        "hs = [stash[s]]; for l in range(s, e): hs.append(block_forward(hs[-1], Ws[l])); then "
-        "dh, dWs[l] = block_backward(dh, hs[l - s], Ws[l], hs[l - s + 1]) from l = e - 1 down to s",
-    )),
-    RowSpec("stored", "stored", "out", "", (
-        "Keep only what backward cannot recompute cheaply: one tensor per segment, the segment's input.",
-        "ceil(L / every) tensors of (N, D), against L for plain backprop; nothing kept outside the stash.",
-        "in forward, before block l: if l % every == 0: stash[l] = h",
-    ), tensor=False),
-    RowSpec("recompute", "recompute", "dWs", "", (
-        "Each block runs once in forward and once more when backward recomputes its segment: 2L calls.",
-        "A segment [s, e) is recomputed from stash[s], not from x: e - s calls of block_forward.",
-        "hs = [stash[s]]; for l in range(s, e): hs.append(block_forward(hs[-1], Ws[l]))",
-    ), tensor=False),
+    RowSpec(
+        "out",
+        "out",
+        "out",
+        "(N, D)",
+        (
+            "out is the last block's output: h[0] = x, h[l+1] = block_forward(h[l], Ws[l]).",
+            "Every h[l] is (N, D); block l's input is a checkpoint when l % every == 0.",
+            "h = x; for l, W in enumerate(Ws): (if l % every == 0: stash[l] = h); h = block_forward(h, W)",
+        ),
+    ),
+    RowSpec(
+        "dx",
+        "dx",
+        "dx",
+        "(N, D)",
+        (
+            "Walk the segments from the last; each one's backward starts from the gradient the segment after "
+            "it produced (dout for the last), and its block 0's dx is the segment's result.",
+            "Segments start at s = 0, every, 2*every, ...; the last may be shorter: e = min(s + every, L).",
+            "for s in reversed(range(0, L, every)): recompute hs from stash[s]; for l in "
+            "reversed(range(s, e)): "
+            "dh, dWs[l] = block_backward(dh, hs[l - s], Ws[l], hs[l - s + 1])",
+        ),
+    ),
+    RowSpec(
+        "dW",
+        "dW",
+        "dWs",
+        "(L, D, D)",
+        (
+            "block_backward needs block l's input and output as forward computed them: recompute the segment "
+            "from its checkpoint, one block after the other, before backpropagating through it.",
+            "For a segment [s, e): hs = [stash[s]] then e - s calls of block_forward give hs[0 .. e-s], "
+            "block "
+            "l's input hs[l - s] and output hs[l - s + 1].",
+            "hs = [stash[s]]; for l in range(s, e): hs.append(block_forward(hs[-1], Ws[l])); then "
+            "dh, dWs[l] = block_backward(dh, hs[l - s], Ws[l], hs[l - s + 1]) from l = e - 1 down to s",
+        ),
+    ),
+    RowSpec(
+        "stored",
+        "stored",
+        "out",
+        "",
+        (
+            "Keep only what backward cannot recompute cheaply: one tensor per segment, the segment's input.",
+            "ceil(L / every) tensors of (N, D), against L for plain backprop; nothing kept outside the "
+            "stash.",
+            "in forward, before block l: if l % every == 0: stash[l] = h",
+        ),
+        tensor=False,
+    ),
+    RowSpec(
+        "recompute",
+        "recompute",
+        "dWs",
+        "",
+        (
+            "Each block runs once in forward and once more when backward recomputes its segment: 2L calls.",
+            "A segment [s, e) is recomputed from stash[s], not from x: e - s calls of block_forward.",
+            "hs = [stash[s]]; for l in range(s, e): hs.append(block_forward(hs[-1], Ws[l]))",
+        ),
+        tensor=False,
+    ),
 )
 
 
@@ -204,9 +239,14 @@ def _acts(x: Tensor, Ws: list[Tensor]) -> list[Tensor]:
     return hs
 
 
-def _sim(i: dict, start: Callable[[int, int, int, int], int] | None = None, acts: str = "x",
-         reset: bool = False, chain_blocks: bool = True, chain_recompute: bool = True
-         ) -> tuple[Tensor, Tensor]:
+def _sim(
+    i: dict,
+    start: Callable[[int, int, int, int], int] | None = None,
+    acts: str = "x",
+    reset: bool = False,
+    chain_blocks: bool = True,
+    chain_recompute: bool = True,
+) -> tuple[Tensor, Tensor]:
     """(dx, dW (L, D, D)) of a checkpointed backward, right by default, or with one mistake planted:
     start(s, e, L, every) the h index segment [s, e) is recomputed from; acts 'x2' the activations of
     the other batch; reset: each segment starts from dout; chain_blocks False: each block gets the segment's
@@ -249,8 +289,13 @@ def probes() -> list[Probe]:
         }
         dx, dW = _sim(i)
         about = f"L={L}, every={every}, N={n}, D={d}, random dout"
-        refs = {"out": _acts(i["x"], list(i["Ws"]))[-1], "dx": dx, "dW": dW,
-                "stored": -(-L // every), "recompute": 2 * L}
+        refs = {
+            "out": _acts(i["x"], list(i["Ws"]))[-1],
+            "dx": dx,
+            "dW": dW,
+            "stored": -(-L // every),
+            "recompute": 2 * L,
+        }
         out.append(Probe(name, about, i, refs, random=True))
     return out
 
@@ -299,9 +344,12 @@ def _stacked(rec: Recorder, dWs: object, L: int) -> object:
         return None
     bad = [k for k, t in enumerate(dWs) if not isinstance(t, Tensor)]
     if bad:
-        rec.meta["dW"] = {"status": "error", "line": None,
-                          "msg": f"dWs[{bad[0]}] is a {type(dWs[bad[0]]).__name__}, not a tensor: "
-                          "each block's backward must fill its entry"}
+        rec.meta["dW"] = {
+            "status": "error",
+            "line": None,
+            "msg": f"dWs[{bad[0]}] is a {type(dWs[bad[0]]).__name__}, not a tensor: "
+            "each block's backward must fill its entry",
+        }
         return None
     try:
         return torch.stack(list(dWs))
@@ -312,28 +360,63 @@ def _stacked(rec: Recorder, dWs: object, L: int) -> object:
 
 
 VARIANT_TABLE = (  # (key, kind, words, the planted mistake as _sim's arguments)
-    ("ckpt-output", WRONG_CHECKPOINT, "each segment recomputed from the output of its first block, not its "
-     "input: the checkpoint was stored after block_forward instead of before (off by one block)",
-     {"start": lambda s, e, L, k: s + 1}),
-    ("ckpt-last-input", WRONG_CHECKPOINT, "each segment recomputed from the input of its last block: the "
-     "checkpoint was overwritten at every block of the segment (store it only when l % every == 0)",
-     {"start": lambda s, e, L, k: e - 1}),
-    ("ckpt-next", WRONG_CHECKPOINT, "each segment recomputed from the next segment's checkpoint (off by "
-     "one segment): segment [s, s + every) starts from its own, the input of block s",
-     {"start": lambda s, e, L, k: e if e < L else s}),
-    ("ckpt-prev", WRONG_CHECKPOINT, "each segment recomputed from the previous segment's checkpoint (off by "
-     "one segment): segment [s, s + every) starts from its own, the input of block s",
-     {"start": lambda s, e, L, k: s - k if s > 0 else s}),
-    ("stale", NOT_RECOMPUTED, "these are the gradients of the other batch the grader ran through forward "
-     "before your backward: activations kept outside the stash (a global, an attribute) went stale; keep "
-     "the checkpoints in the stash and recompute the rest", {"acts": "x2"}),
-    ("no-chain-recompute", NOT_RECOMPUTED, "every block of a segment recomputed from the segment's "
-     "checkpoint itself: recompute block after block, each from the previous block's output",
-     {"chain_recompute": False}),
-    ("reset", NOT_CHAINED, "each segment's backward starts from dout, not from the dx of the segment after "
-     "it: the segments' gradients are not chained", {"reset": True}),
-    ("no-chain-blocks", NOT_CHAINED, "every block of a segment was given the segment's incoming gradient: "
-     "pass each block's dx on to the block before it", {"chain_blocks": False}),
+    (
+        "ckpt-output",
+        WRONG_CHECKPOINT,
+        "each segment recomputed from the output of its first block, not its "
+        "input: the checkpoint was stored after block_forward instead of before (off by one block)",
+        {"start": lambda s, e, L, k: s + 1},
+    ),
+    (
+        "ckpt-last-input",
+        WRONG_CHECKPOINT,
+        "each segment recomputed from the input of its last block: the "
+        "checkpoint was overwritten at every block of the segment (store it only when l % every == 0)",
+        {"start": lambda s, e, L, k: e - 1},
+    ),
+    (
+        "ckpt-next",
+        WRONG_CHECKPOINT,
+        "each segment recomputed from the next segment's checkpoint (off by "
+        "one segment): segment [s, s + every) starts from its own, the input of block s",
+        {"start": lambda s, e, L, k: e if e < L else s},
+    ),
+    (
+        "ckpt-prev",
+        WRONG_CHECKPOINT,
+        "each segment recomputed from the previous segment's checkpoint (off by "
+        "one segment): segment [s, s + every) starts from its own, the input of block s",
+        {"start": lambda s, e, L, k: s - k if s > 0 else s},
+    ),
+    (
+        "stale",
+        NOT_RECOMPUTED,
+        "these are the gradients of the other batch the grader ran through forward "
+        "before your backward: activations kept outside the stash (a global, an attribute) went stale; keep "
+        "the checkpoints in the stash and recompute the rest",
+        {"acts": "x2"},
+    ),
+    (
+        "no-chain-recompute",
+        NOT_RECOMPUTED,
+        "every block of a segment recomputed from the segment's "
+        "checkpoint itself: recompute block after block, each from the previous block's output",
+        {"chain_recompute": False},
+    ),
+    (
+        "reset",
+        NOT_CHAINED,
+        "each segment's backward starts from dout, not from the dx of the segment after "
+        "it: the segments' gradients are not chained",
+        {"reset": True},
+    ),
+    (
+        "no-chain-blocks",
+        NOT_CHAINED,
+        "every block of a segment was given the segment's incoming gradient: "
+        "pass each block's dx on to the block before it",
+        {"chain_blocks": False},
+    ),
 )
 
 
@@ -356,12 +439,18 @@ def _blocks(probes: list[Probe], outs: dict) -> str:
         a, ref = outs.get(f"{p.name}|dW"), p.refs["dW"]
         if a is None or a.shape != ref.shape:
             return ""
-        bad = [k for k in range(ref.shape[0]) if not bool(((a[k] - ref[k]).abs() <= tol.atol + tol.rtol
-                                                            * ref[k].abs()).all())]
+        bad = [
+            k
+            for k in range(ref.shape[0])
+            if not bool(((a[k] - ref[k]).abs() <= tol.atol + tol.rtol * ref[k].abs()).all())
+        ]
         if bad:
             right = [k for k in range(ref.shape[0]) if k not in bad]
-            return (f"wrong on blocks {', '.join(map(str, bad))} of {ref.shape[0]}"
-                    + (f" (right: {', '.join(map(str, right))})" if right else "") + f" at {p.about}")
+            return (
+                f"wrong on blocks {', '.join(map(str, bad))} of {ref.shape[0]}"
+                + (f" (right: {', '.join(map(str, right))})" if right else "")
+                + f" at {p.about}"
+            )
     return ""
 
 
@@ -394,15 +483,19 @@ def _judge(spec: RowSpec, probes: list[Probe], outs: dict, meta: dict, row: Row 
 def _stored(row: Row, v: list, L: int, every: int, size: int, about: str) -> str:
     k, elems = v
     kmax = math.ceil(L / every)
-    kept = (f"kept {k} tensor{'s' * (k != 1)}, {elems} elements (checkpoints: {kmax}, {kmax * size}; "
-            f"every activation: {L}, {L * size}) at {about}")
+    kept = (
+        f"kept {k} tensor{'s' * (k != 1)}, {elems} elements (checkpoints: {kmax}, {kmax * size}; "
+        f"every activation: {L}, {L * size}) at {about}"
+    )
     if k <= kmax and elems <= kmax * size:
         return kept
     row.status = "wrong"
     if k >= L or elems >= L * size:
         row.kind, row.key = STORES_ALL, "stores-all"
-        return (f"{kept}: every activation stored, no memory saved; keep only block l's input when "
-                "l % every == 0 and recompute the rest in backward")
+        return (
+            f"{kept}: every activation stored, no memory saved; keep only block l's input when "
+            "l % every == 0 and recompute the rest in backward"
+        )
     row.kind, row.key = TOO_MUCH, "too-much"
     return f"{kept}: more than one (N, D) checkpoint per segment"
 
@@ -422,8 +515,20 @@ def _calls(row: Row, v: list, L: int, every: int, size: int, about: str) -> str:
 
 
 ITEM = Item(
-    "checkpoint", "challenge", "ch_checkpoint", "gradient checkpointing (recompute instead of store)",
+    "checkpoint",
+    "challenge",
+    "ch_checkpoint",
+    "gradient checkpointing (recompute instead of store)",
     "a stack of L blocks: keep a checkpoint every k blocks, recompute in backward; graded on the "
     "gradients and on what is kept",
-    TEXT, BLANKS, SOLUTION, ROWS, probes, "call", f"{__name__}:drive", VARIANTS, judge=_judge, alias="f",
+    TEXT,
+    BLANKS,
+    SOLUTION,
+    ROWS,
+    probes,
+    "call",
+    f"{__name__}:drive",
+    VARIANTS,
+    judge=_judge,
+    alias="f",
 )

@@ -53,12 +53,19 @@ SOLUTION = (
 )
 
 ROWS = (
-    RowSpec("dlogits", "dlogits", "dlogits", "(n, V)", (
-        "The loss is the mean of -log p[i, Y[i]] with p = softmax(logits): each row gets p minus the "
-        "one-hot of its target, and the mean divides by n.",
-        "softmax is over each row (dim 1), so p is (n, V); the one-hot of Y is (n, V); dloss is a number.",
-        "dlogits = dloss * (F.softmax(logits, 1) - F.one_hot(Y, V)) / n",
-    )),
+    RowSpec(
+        "dlogits",
+        "dlogits",
+        "dlogits",
+        "(n, V)",
+        (
+            "The loss is the mean of -log p[i, Y[i]] with p = softmax(logits): each row gets p minus the "
+            "one-hot of its target, and the mean divides by n.",
+            "softmax is over each row (dim 1), so p is (n, V); the one-hot of Y is (n, V); dloss is a "
+            "number.",
+            "dlogits = dloss * (F.softmax(logits, 1) - F.one_hot(Y, V)) / n",
+        ),
+    ),
 )
 
 
@@ -105,23 +112,49 @@ def _n(i):
 
 VARIANTS = {
     "dlogits": (
-        Variant("no-minus-one", K.SOFTMAX_MINUS_ONE, "softmax without the -1: subtract the one-hot of Y "
-                "(1 at each row's target) from the probabilities",
-                lambda i: i["dloss"] * _softmax(i["logits"]) / _n(i)),
-        Variant("no-1/n", K.SCALE_N, "the 1/n of the mean is missing: the loss averages over the n rows",
-                lambda i: i["dloss"] * (_softmax(i["logits"]) - _onehot(i))),
-        Variant("softmax-dim0", K.WRONG_DIM, "softmax over dim 0 (the batch); each row's probabilities "
-                "are over its V classes: dim 1", lambda i: i["dloss"] * (_softmax(i["logits"], 0)
-                                                                            - _onehot(i)) / _n(i)),
-        Variant("no-dloss", K.NO_UPSTREAM, "the upstream gradient dloss is not multiplied in (chain rule)",
-                lambda i: (_softmax(i["logits"]) - _onehot(i)) / _n(i)),
-        Variant("minus-one-all", K.SOFTMAX_MINUS_ONE, "1 subtracted from every entry; only the target "
-                "entry of each row gets the -1",
-                lambda i: i["dloss"] * (_softmax(i["logits"]) - 1) / _n(i)),
-        Variant("log-softmax", K.OTHER, "log_softmax where the gradient needs softmax (the probabilities)",
-                lambda i: i["dloss"] * (F.log_softmax(i["logits"], 1) - _onehot(i)) / _n(i)),
-        Variant("mean-over-all", K.SCALE_N, "divided by n*V (numel); the mean is over the n rows only",
-                lambda i: i["dloss"] * (_softmax(i["logits"]) - _onehot(i)) / i["logits"].numel()),
+        Variant(
+            "no-minus-one",
+            K.SOFTMAX_MINUS_ONE,
+            "softmax without the -1: subtract the one-hot of Y "
+            "(1 at each row's target) from the probabilities",
+            lambda i: i["dloss"] * _softmax(i["logits"]) / _n(i),
+        ),
+        Variant(
+            "no-1/n",
+            K.SCALE_N,
+            "the 1/n of the mean is missing: the loss averages over the n rows",
+            lambda i: i["dloss"] * (_softmax(i["logits"]) - _onehot(i)),
+        ),
+        Variant(
+            "softmax-dim0",
+            K.WRONG_DIM,
+            "softmax over dim 0 (the batch); each row's probabilities are over its V classes: dim 1",
+            lambda i: i["dloss"] * (_softmax(i["logits"], 0) - _onehot(i)) / _n(i),
+        ),
+        Variant(
+            "no-dloss",
+            K.NO_UPSTREAM,
+            "the upstream gradient dloss is not multiplied in (chain rule)",
+            lambda i: (_softmax(i["logits"]) - _onehot(i)) / _n(i),
+        ),
+        Variant(
+            "minus-one-all",
+            K.SOFTMAX_MINUS_ONE,
+            "1 subtracted from every entry; only the target entry of each row gets the -1",
+            lambda i: i["dloss"] * (_softmax(i["logits"]) - 1) / _n(i),
+        ),
+        Variant(
+            "log-softmax",
+            K.OTHER,
+            "log_softmax where the gradient needs softmax (the probabilities)",
+            lambda i: i["dloss"] * (F.log_softmax(i["logits"], 1) - _onehot(i)) / _n(i),
+        ),
+        Variant(
+            "mean-over-all",
+            K.SCALE_N,
+            "divided by n*V (numel); the mean is over the n rows only",
+            lambda i: i["dloss"] * (_softmax(i["logits"]) - _onehot(i)) / i["logits"].numel(),
+        ),
     ),
 }
 
@@ -131,13 +164,27 @@ def _overflow(spec, probes, outs, meta, row):
     a = outs.get(f"large|{spec.key}")
     if row is not None and row.status == "wrong" and a is not None and not torch.isfinite(a).all():
         row.kind, row.key = K.NONFINITE, "overflow"
-        row.diagnosis = ("NaN/inf at logits near 800: exp overflowed; subtract each row's max before exp "
-                         "(softmax does not change), or use F.softmax")
+        row.diagnosis = (
+            "NaN/inf at logits near 800: exp overflowed; subtract each row's max before exp "
+            "(softmax does not change), or use F.softmax"
+        )
     return row
 
 
 ITEM = Item(
-    "cross-entropy", "challenge", "ch_cross_entropy", "the cross-entropy backward in one line",
+    "cross-entropy",
+    "challenge",
+    "ch_cross_entropy",
+    "the cross-entropy backward in one line",
     "dlogits of F.cross_entropy(logits, Y) as a one-liner (softmax - onehot) / n",
-    TEXT, BLANKS, SOLUTION, ROWS, probes, "call", f"{__name__}:drive", VARIANTS, judge=_overflow, alias="b",
+    TEXT,
+    BLANKS,
+    SOLUTION,
+    ROWS,
+    probes,
+    "call",
+    f"{__name__}:drive",
+    VARIANTS,
+    judge=_overflow,
+    alias="b",
 )

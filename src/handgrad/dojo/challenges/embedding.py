@@ -52,12 +52,18 @@ SOLUTION = (
 )
 
 ROWS = (
-    RowSpec("dC", "dC", "dC", "(V, E)", (
-        "Each position (i, t) copied row X[i, t] of C, so that row receives demb[i, t]; a row used k "
-        "times receives the sum of k gradients, and an unused row gets zero.",
-        "Start from zeros shaped like C (V, E); X flattened is (N*T,), demb flattened is (N*T, E).",
-        "dC = torch.zeros_like(C); dC.index_add_(0, X.view(-1), demb.view(-1, E))  (or a loop with +=)",
-    )),
+    RowSpec(
+        "dC",
+        "dC",
+        "dC",
+        "(V, E)",
+        (
+            "Each position (i, t) copied row X[i, t] of C, so that row receives demb[i, t]; a row used k "
+            "times receives the sum of k gradients, and an unused row gets zero.",
+            "Start from zeros shaped like C (V, E); X flattened is (N*T,), demb flattened is (N*T, E).",
+            "dC = torch.zeros_like(C); dC.index_add_(0, X.view(-1), demb.view(-1, E))  (or a loop with +=)",
+        ),
+    ),
 )
 
 
@@ -102,13 +108,23 @@ def _repeated(X) -> set[int]:
 
 VARIANTS = {
     "dC": (
-        Variant("overwrite", K.OVERWRITE, "overwritten instead of accumulated: dC[X] = demb (or "
-                "dC[X] += demb, which also keeps one contribution per repeated index); use index_add_ or a "
-                "loop with +=",
-                lambda i: _assign(i["C"], i["X"], i["demb"])),
-        Variant("mean", K.SCALE_N, "averaged the contributions of a repeated index; they add up",
-                lambda i: i.refs["dC"] / torch.bincount(i["X"].reshape(-1), minlength=i["C"].shape[0])
-                .clamp(min=1).to(F64)[:, None]),
+        Variant(
+            "overwrite",
+            K.OVERWRITE,
+            "overwritten instead of accumulated: dC[X] = demb (or "
+            "dC[X] += demb, which also keeps one contribution per repeated index); use index_add_ or a "
+            "loop with +=",
+            lambda i: _assign(i["C"], i["X"], i["demb"]),
+        ),
+        Variant(
+            "mean",
+            K.SCALE_N,
+            "averaged the contributions of a repeated index; they add up",
+            lambda i: (
+                i.refs["dC"]
+                / torch.bincount(i["X"].reshape(-1), minlength=i["C"].shape[0]).clamp(min=1).to(F64)[:, None]
+            ),
+        ),
     ),
 }
 
@@ -130,21 +146,37 @@ def _judge(spec, probes, outs, meta, row):
         rep = _repeated(p.inputs["X"])
         if rows and set(rows) <= rep:
             row.kind, row.key = K.OVERWRITE, "overwrite-rows"
-            row.diagnosis = (f"wrong only on rows {', '.join(map(str, rows[:8]))} of dC, each an index "
-                             "that repeats in X: contributions were overwritten instead of accumulated "
-                             "(use += in a loop, or index_add_)")
+            row.diagnosis = (
+                f"wrong only on rows {', '.join(map(str, rows[:8]))} of dC, each an index "
+                "that repeats in X: contributions were overwritten instead of accumulated "
+                "(use += in a loop, or index_add_)"
+            )
             return row
         unused = set(range(ref.shape[0])) - set(p.inputs["X"].reshape(-1).tolist())
         if rows and set(rows) <= unused:
             row.kind, row.key = K.ROWS, "unused-rows"
-            row.diagnosis = (f"wrong only on rows {', '.join(map(str, rows[:8]))} of dC, which no position "
-                             "looked up: they must be zero (start from torch.zeros_like(C), not torch.empty)")
+            row.diagnosis = (
+                f"wrong only on rows {', '.join(map(str, rows[:8]))} of dC, which no position "
+                "looked up: they must be zero (start from torch.zeros_like(C), not torch.empty)"
+            )
             return row
     return row
 
 
 ITEM = Item(
-    "embedding", "challenge", "ch_embedding", "the embedding backward with repeated indices",
+    "embedding",
+    "challenge",
+    "ch_embedding",
+    "the embedding backward with repeated indices",
     "dC for emb = C[X] when X repeats indices (accumulate, do not overwrite)",
-    TEXT, BLANKS, SOLUTION, ROWS, probes, "call", f"{__name__}:drive", VARIANTS, judge=_judge, alias="e",
+    TEXT,
+    BLANKS,
+    SOLUTION,
+    ROWS,
+    probes,
+    "call",
+    f"{__name__}:drive",
+    VARIANTS,
+    judge=_judge,
+    alias="e",
 )

@@ -121,11 +121,18 @@ _HINTS = (
     "shape check; for k: x.view(-1)[k] +- eps, numeric[k] = (fp - fm) / (2 eps); restore x; compare all",
 )
 ROWS = tuple(RowSpec(c[0], c[0], "verdict", "", _HINTS, tensor=False) for c in CASES) + (
-    RowSpec("x unchanged", "x unchanged", "verdict", "", (
-        "A checker that moves x and forgets to move it back checks the next element at the wrong point.",
-        "Keep the old value of the element (a Python float), and write it back after the two calls.",
-        "old = flat[k].item(); ...; flat[k] = old",
-    ), tensor=False),
+    RowSpec(
+        "x unchanged",
+        "x unchanged",
+        "verdict",
+        "",
+        (
+            "A checker that moves x and forgets to move it back checks the next element at the wrong point.",
+            "Keep the old value of the element (a Python float), and write it back after the two calls.",
+            "old = flat[k].item(); ...; flat[k] = old",
+        ),
+        tensor=False,
+    ),
 )
 
 
@@ -202,13 +209,28 @@ def _judge(spec: RowSpec, probes, outs, meta, row) -> Row | None:
     elif v != want:
         case = next((c for c in CASES if c[0] == spec.key), None)
         row.status = "wrong"
-        row.kind, row.diagnosis = ((case[4], case[5]) if case
-                                   else (K.OTHER, "x was changed: put each element back after perturbing it"))
+        row.kind, row.diagnosis = (
+            (case[4], case[5])
+            if case
+            else (K.OTHER, "x was changed: put each element back after perturbing it")
+        )
     return row
 
 
 ITEM = Item(
-    "gradcheck", "challenge", "ch_gradcheck", "a finite-difference gradient checker",
+    "gradcheck",
+    "challenge",
+    "ch_gradcheck",
+    "a finite-difference gradient checker",
     "gradcheck(f, x, analytic) by central differences: accept right, reject planted wrong gradients",
-    TEXT, BLANKS, SOLUTION, ROWS, probes, "call", f"{__name__}:drive", {}, judge=_judge, alias="d",
+    TEXT,
+    BLANKS,
+    SOLUTION,
+    ROWS,
+    probes,
+    "call",
+    f"{__name__}:drive",
+    {},
+    judge=_judge,
+    alias="d",
 )

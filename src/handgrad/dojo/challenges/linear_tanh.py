@@ -66,26 +66,50 @@ SOLUTION = (
 )
 
 ROWS = (
-    RowSpec("dz", "dz", "dz", "(N, H)", (
-        "The chain rule: dz = (local derivative da/dz) * da, element by element.",
-        "tanh'(z) = 1 - tanh(z)**2, and tanh(z) is already computed: it is a. Everything here is (N, H).",
-        "dz = (1 - a**2) * da",
-    )),
-    RowSpec("dx", "dx", "dx", "(N, D)", (
-        "z = x @ W: each x[i, k] meets every W[k, j]; sum dz[i, j] * W[k, j] over j.",
-        "dz is (N, H) and W is (D, H); the answer is (N, D): which product of those two gives (N, D)?",
-        "dx = dz @ W.T",
-    )),
-    RowSpec("dW", "dW", "dW", "(D, H)", (
-        "Each W[k, j] is used by every row i: sum x[i, k] * dz[i, j] over the batch.",
-        "x is (N, D) and dz is (N, H); the answer is (D, H): contract over N.",
-        "dW = x.T @ dz",
-    )),
-    RowSpec("db", "db", "db", "(H,)", (
-        "b is added to every row of x @ W (broadcast), so its gradient collects every row's dz.",
-        "dz is (N, H) and b is (H,): the batch dimension must be summed away, not kept.",
-        "db = dz.sum(0)",
-    )),
+    RowSpec(
+        "dz",
+        "dz",
+        "dz",
+        "(N, H)",
+        (
+            "The chain rule: dz = (local derivative da/dz) * da, element by element.",
+            "tanh'(z) = 1 - tanh(z)**2, and tanh(z) is already computed: it is a. Everything here is (N, H).",
+            "dz = (1 - a**2) * da",
+        ),
+    ),
+    RowSpec(
+        "dx",
+        "dx",
+        "dx",
+        "(N, D)",
+        (
+            "z = x @ W: each x[i, k] meets every W[k, j]; sum dz[i, j] * W[k, j] over j.",
+            "dz is (N, H) and W is (D, H); the answer is (N, D): which product of those two gives (N, D)?",
+            "dx = dz @ W.T",
+        ),
+    ),
+    RowSpec(
+        "dW",
+        "dW",
+        "dW",
+        "(D, H)",
+        (
+            "Each W[k, j] is used by every row i: sum x[i, k] * dz[i, j] over the batch.",
+            "x is (N, D) and dz is (N, H); the answer is (D, H): contract over N.",
+            "dW = x.T @ dz",
+        ),
+    ),
+    RowSpec(
+        "db",
+        "db",
+        "db",
+        "(H,)",
+        (
+            "b is added to every row of x @ W (broadcast), so its gradient collects every row's dz.",
+            "dz is (N, H) and b is (H,): the batch dimension must be summed away, not kept.",
+            "db = dz.sum(0)",
+        ),
+    ),
 )
 
 
@@ -128,49 +152,125 @@ def drive(rec, base, i) -> None:
 
 VARIANTS = {
     "dz": (
-        Variant("1-a", K.TANH, "uses 1 - a where tanh' is 1 - a**2 (= 1 - tanh(z)**2)",
-                lambda i: (1 - i["a"]) * i["da"]),
-        Variant("at-input", K.INPUT_OUTPUT, "the local derivative 1 - (.)**2 taken at the input z; it "
-                "needs the output a = tanh(z)", lambda i: (1 - i["z"] ** 2) * i["da"]),
-        Variant("tanh-of-a", K.INPUT_OUTPUT, "1 - tanh(a)**2 applies tanh to the output again; a is "
-                "already tanh(z): 1 - a**2", lambda i: (1 - torch.tanh(i["a"]) ** 2) * i["da"]),
-        Variant("sigmoid", K.WRONG_FACTOR, "a * (1 - a) is sigmoid's derivative; tanh's is 1 - a**2",
-                lambda i: i["a"] * (1 - i["a"]) * i["da"]),
-        Variant("no-upstream", K.NO_UPSTREAM, "the local derivative 1 - a**2 alone: multiply by da "
-                "(chain rule)", lambda i: 1 - i["a"] ** 2),
-        Variant("no-local", K.NO_LOCAL, "passes da through unchanged: tanh's local derivative "
-                "1 - a**2 is missing", lambda i: i["da"].clone()),
+        Variant(
+            "1-a",
+            K.TANH,
+            "uses 1 - a where tanh' is 1 - a**2 (= 1 - tanh(z)**2)",
+            lambda i: (1 - i["a"]) * i["da"],
+        ),
+        Variant(
+            "at-input",
+            K.INPUT_OUTPUT,
+            "the local derivative 1 - (.)**2 taken at the input z; it needs the output a = tanh(z)",
+            lambda i: (1 - i["z"] ** 2) * i["da"],
+        ),
+        Variant(
+            "tanh-of-a",
+            K.INPUT_OUTPUT,
+            "1 - tanh(a)**2 applies tanh to the output again; a is already tanh(z): 1 - a**2",
+            lambda i: (1 - torch.tanh(i["a"]) ** 2) * i["da"],
+        ),
+        Variant(
+            "sigmoid",
+            K.WRONG_FACTOR,
+            "a * (1 - a) is sigmoid's derivative; tanh's is 1 - a**2",
+            lambda i: i["a"] * (1 - i["a"]) * i["da"],
+        ),
+        Variant(
+            "no-upstream",
+            K.NO_UPSTREAM,
+            "the local derivative 1 - a**2 alone: multiply by da (chain rule)",
+            lambda i: 1 - i["a"] ** 2,
+        ),
+        Variant(
+            "no-local",
+            K.NO_LOCAL,
+            "passes da through unchanged: tanh's local derivative 1 - a**2 is missing",
+            lambda i: i["da"].clone(),
+        ),
     ),
     "dx": (
-        Variant("dz@W", K.TRANSPOSED, "W used untransposed: dz @ W; it must be dz @ W.T",
-                lambda i: i["dz"] @ i["W"]),
-        Variant("W@dzT", K.TRANSPOSED, "transposed: W @ dz.T is (D, N); dx is dz @ W.T (N, D)",
-                lambda i: i["W"] @ i["dz"].T),
+        Variant(
+            "dz@W",
+            K.TRANSPOSED,
+            "W used untransposed: dz @ W; it must be dz @ W.T",
+            lambda i: i["dz"] @ i["W"],
+        ),
+        Variant(
+            "W@dzT",
+            K.TRANSPOSED,
+            "transposed: W @ dz.T is (D, N); dx is dz @ W.T (N, D)",
+            lambda i: i["W"] @ i["dz"].T,
+        ),
     ),
     "dW": (
-        Variant("dzT@x", K.TRANSPOSED, "transposed: dz.T @ x is (H, D); dW is x.T @ dz (D, H)",
-                lambda i: i["dz"].T @ i["x"]),
-        Variant("x@dz", K.TRANSPOSED, "x used untransposed: x @ dz; it must be x.T @ dz",
-                lambda i: i["x"] @ i["dz"]),
-        Variant("mean", K.SCALE_N, "averaged over the batch; the loss is a sum, so dW sums: x.T @ dz",
-                lambda i: i["x"].T @ i["dz"] / i["x"].shape[0]),
+        Variant(
+            "dzT@x",
+            K.TRANSPOSED,
+            "transposed: dz.T @ x is (H, D); dW is x.T @ dz (D, H)",
+            lambda i: i["dz"].T @ i["x"],
+        ),
+        Variant(
+            "x@dz",
+            K.TRANSPOSED,
+            "x used untransposed: x @ dz; it must be x.T @ dz",
+            lambda i: i["x"] @ i["dz"],
+        ),
+        Variant(
+            "mean",
+            K.SCALE_N,
+            "averaged over the batch; the loss is a sum, so dW sums: x.T @ dz",
+            lambda i: i["x"].T @ i["dz"] / i["x"].shape[0],
+        ),
     ),
     "db": (
-        Variant("no-sum", K.SHAPE, "dz not summed over the batch: b is added to each of the N rows, so db "
-                "is dz.sum(0) with shape (H,)", lambda i: i["dz"].clone()),
-        Variant("keepdim", K.SHAPE, "summed with keepdim=True: (1, H), but b is (H,)",
-                lambda i: i["dz"].sum(0, keepdim=True)),
-        Variant("sum-dim1", K.WRONG_DIM, "summed over dim 1 (the features); the batch is dim 0",
-                lambda i: i["dz"].sum(1)),
-        Variant("mean", K.SCALE_N, "averaged over the batch (mean); the loss is a sum: dz.sum(0)",
-                lambda i: i["dz"].mean(0)),
-        Variant("sum-all", K.WRONG_DIM, "summed over everything (a number); sum over the batch only",
-                lambda i: i["dz"].sum()),
+        Variant(
+            "no-sum",
+            K.SHAPE,
+            "dz not summed over the batch: b is added to each of the N rows, so db "
+            "is dz.sum(0) with shape (H,)",
+            lambda i: i["dz"].clone(),
+        ),
+        Variant(
+            "keepdim",
+            K.SHAPE,
+            "summed with keepdim=True: (1, H), but b is (H,)",
+            lambda i: i["dz"].sum(0, keepdim=True),
+        ),
+        Variant(
+            "sum-dim1",
+            K.WRONG_DIM,
+            "summed over dim 1 (the features); the batch is dim 0",
+            lambda i: i["dz"].sum(1),
+        ),
+        Variant(
+            "mean",
+            K.SCALE_N,
+            "averaged over the batch (mean); the loss is a sum: dz.sum(0)",
+            lambda i: i["dz"].mean(0),
+        ),
+        Variant(
+            "sum-all",
+            K.WRONG_DIM,
+            "summed over everything (a number); sum over the batch only",
+            lambda i: i["dz"].sum(),
+        ),
     ),
 }
 
 ITEM = Item(
-    "linear-tanh", "challenge", "ch_linear_tanh", "linear + tanh backward: dz, dx, dW, db",
+    "linear-tanh",
+    "challenge",
+    "ch_linear_tanh",
+    "linear + tanh backward: dz, dx, dW, db",
     "z = x @ W + b; a = tanh(z); loss = a.sum(): dW, db, dx by hand",
-    TEXT, BLANKS, SOLUTION, ROWS, probes, "call", f"{__name__}:drive", VARIANTS, alias="a",
+    TEXT,
+    BLANKS,
+    SOLUTION,
+    ROWS,
+    probes,
+    "call",
+    f"{__name__}:drive",
+    VARIANTS,
+    alias="a",
 )
