@@ -101,6 +101,8 @@ def apply_events(item: Item, rows: list[Row], vars_: dict[str, str], events: lis
             target = culprit if culprit is not None and culprit is not victim else victim
             if target is not None:
                 target.status, target.kind, target.key, target.diagnosis = "wrong", K.ALIAS, "alias", words
+                if b:  # the line to fix is the one that made the alias
+                    target.line, target.where = b["line"], b["where"]
             if victim is not None and victim is not target and victim.ok:
                 victim.note = "; ".join(
                     x

@@ -261,8 +261,7 @@ def judge_tensor(
             row.key = "numpy" if info.get("numpy") else "notensor"
             return row, None
     if all(infos[p.name].get("status") == "missing" for p in graded):
-        where = row.where or (f"line {row.line}" if row.line else "")
-        row.diagnosis = f"still blank ({where})" if where else f"no line assigns {var}"
+        row.diagnosis = "still blank" if row.where or row.line else f"no line assigns {var}"
         return row, None
     pend = Pending(spec, row)
     marks = set()
