@@ -137,6 +137,14 @@ def test_renamed_gradients_and_batch_are_found_and_said(base):
     assert "xb for Xb, yb for Yb" in g.notes[0] and "dlogits_maxes for dlogit_maxes" in g.notes[0]
 
 
+def test_a_gradient_under_an_unrelated_name_is_found_by_its_value(base):
+    cell = re.sub(r"\bdW2\b", "grad_of_the_second_matrix", NB.EX1)
+    g = dojo.grade(1, notebook(base, NB.FORWARD, cell))
+    assert g.exit_code == 0, g.table()
+    assert "grad_of_the_second_matrix for dW2 (by its value)" in g.notes[0]
+    assert "not in your notebook" not in g.table()
+
+
 def test_an_explicit_mapping_is_taken(base):
     cell = re.sub(r"\bdlogprobs\b", "g17", NB.EX1)
     g = dojo.grade(1, notebook(base, NB.FORWARD, cell), names={"dlogprobs": "g17"})

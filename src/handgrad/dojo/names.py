@@ -98,7 +98,8 @@ def match(
 
 def said(wanted: Mapping[str, str], found: Mapping[str, str], how: Mapping[str, str]) -> str:
     """One note: which of the learner's names was taken for which lecture name."""
-    pairs = [f"{found[k]} for {wanted[k]}" for k in wanted if k in how and how[k] != "given"]
+    pairs = [f"{found[k]} for {wanted[k]}" + (" (by its value)" if how[k] == "value" else "")
+             for k in wanted if k in how and how[k] != "given"]
     if not pairs:
         return ""
     shown = ", ".join(pairs[:8]) + (f", ... ({len(pairs)} in all)" if len(pairs) > 8 else "")

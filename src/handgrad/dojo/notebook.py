@@ -436,6 +436,8 @@ def _grade_region(
     seed = _seed(item, ns, pt)
     probes = item.probes(own=pt, seed_grad=seed) if item.key == "3" else item.probes(own=pt)
     own = [q for q in probes if q.own and q.verdict]
+    for k, name in _by_value(item, ns, wanted, vars_, found, own[0]).items():
+        vars_[k], found[k], how[k] = name, name, "value"
     g.probes = verdict_words(probes)
     g.notes += size_notes(ns, pt) + forward_notes(ns, pt, item)
     said = N.said(wanted, found, how)
@@ -470,6 +472,25 @@ def _grade_region(
             g.rows += _train_here(p, base, vars_, time_limit)
     if not any(r.kind == K.ALIAS for r in g.rows):
         g.notes += _shared(mine, vars_, probes[0])
+
+
+def _by_value(item: Item, ns: Mapping[str, object], wanted: dict[str, str], vars_: dict[str, str],
+              found: dict[str, str], own: Probe) -> dict[str, str]:
+    """Rows the notebook holds under a name nothing like the lecture's: the one tensor whose value is the
+    right gradient at the notebook's own point (a wrong value under an unknown name cannot be told)."""
+    out: dict[str, str] = {}
+    taken = set(found.values()) | set(own.inputs) | set(wanted.values())
+    pool = {k: v for k, v in _tensors(ns).items() if v.is_floating_point() and k not in taken}
+    for key in wanted:
+        ref = own.refs.get(key)
+        if vars_.get(key) in ns or not isinstance(ref, Tensor):
+            continue
+        up = J.upstream_scale(item, key, own)
+        hits = [k for k, v in pool.items() if k not in out.values() and v.numel() == ref.numel()
+                and _close32(v.detach().cpu(), ref, up)]
+        if len(hits) == 1:
+            out[key] = hits[0]
+    return out
 
 
 def _written(src: str) -> list[str]:
