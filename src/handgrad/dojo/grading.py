@@ -176,7 +176,9 @@ def chain_column(item: Item, rows: list[Row], probes: list[Probe], outs: dict[st
             feeds[graph.seed] = ch.feeds.get(graph.seed, torch.ones((), dtype=torch.float64))
             local = G.local_vjps(graph, ch.inputs, feeds)
         given = local.total(g)
-        tol = J.tolerance(given, a) if given is not None else None
+        mine_up = max((float(own[c].abs().max()) for c in graph.consumers(g) if c in own and own[c].numel()),
+                      default=0.0)  # the learner's own upstream's size
+        tol = J.tolerance(given, a, max(mine_up, J.upstream_scale(item, g, ch))) if given is not None else None
         if (
             given is not None
             and a.numel() == given.numel()

@@ -564,9 +564,11 @@ def _yours(
             )  # at a point put back from the last update: not bit for bit
         truth, given = own.refs[spec.key], local.total(spec.key)
         up = J.upstream_scale(item, spec.key, own)
+        mine_up = max((float(vals[c].abs().max()) for c in item.graph.consumers(spec.key)
+                       if c in vals and vals[c].numel()), default=0.0)  # the learner's own upstream's size
         if _close32(a, truth, up):
             row.chain = "yes"
-        elif given is not None and _close32(a, given, up):
+        elif given is not None and _close32(a, given, max(up, mine_up)):
             row.chain = "given"
             ups = [
                 c
