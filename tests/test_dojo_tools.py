@@ -200,3 +200,13 @@ def test_the_dojo_library_imports_no_argparse_prints_nothing_and_registers_nothi
         }
         assert "print" not in calls, f
         assert "sys.modules" not in f.read_text(), f  # no patching of other modules at import
+
+
+@pytest.mark.slow
+def test_the_child_can_be_a_new_interpreter(tmp_path, monkeypatch):
+    """HANDGRAD_DOJO_SPAWN=exec: the child is `python -m handgrad.dojo.runner`, answering the same requests."""
+    monkeypatch.setenv("HANDGRAD_DOJO_SPAWN", "exec")
+    p = tmp_path / "lt.py"
+    p.write_text(dojo.solution("linear-tanh").replace("dW = x.T @ dz", "dW = x.T @ dz * 2"))
+    g = dojo.grade_file(p)
+    assert [r.name for r in g.rows if not r.ok] == ["dW"] and g.rows[2].kind == "power-rule", g.table()

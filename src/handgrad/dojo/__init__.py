@@ -3,7 +3,8 @@ their own notebook), graded row by row with the mistake named (Karpathy, "Buildi
 Becoming a Backprop Ninja"). Plain functions returning report objects; the command line prints them.
 """
 
-from handgrad.dojo.api import draw, grade, grade_file, grade_files, hint, items, next_hint, solution, start
+from handgrad.dojo.api import draw, grade, hint, items, next_hint, solution, start
+from handgrad.dojo.grading import grade_file, grade_files
 from handgrad.dojo.report import Grade
 
 __all__ = [

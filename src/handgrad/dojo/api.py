@@ -11,22 +11,8 @@ from pathlib import Path
 from handgrad import io
 from handgrad.dojo import hints as H
 from handgrad.dojo.framework import Item, item_of, render
-from handgrad.dojo.grading import TIME_LIMIT, grade_file, grade_files
 from handgrad.dojo.items import ITEMS, get
 from handgrad.dojo.report import Grade
-
-__all__ = [
-    "draw",
-    "grade",
-    "grade_file",
-    "grade_files",
-    "hint",
-    "items",
-    "next_hint",
-    "solution",
-    "start",
-    "TIME_LIMIT",
-]
 
 
 def items(kind: str | None = None) -> list[Item]:

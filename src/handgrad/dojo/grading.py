@@ -176,9 +176,13 @@ def chain_column(item: Item, rows: list[Row], probes: list[Probe], outs: dict[st
             feeds[graph.seed] = ch.feeds.get(graph.seed, torch.ones((), dtype=torch.float64))
             local = G.local_vjps(graph, ch.inputs, feeds)
         given = local.total(g)
-        mine_up = max((float(own[c].abs().max()) for c in graph.consumers(g) if c in own and own[c].numel()),
-                      default=0.0)  # the learner's own upstream's size
-        tol = J.tolerance(given, a, max(mine_up, J.upstream_scale(item, g, ch))) if given is not None else None
+        mine_up = max(
+            (float(own[c].abs().max()) for c in graph.consumers(g) if c in own and own[c].numel()),
+            default=0.0,
+        )  # the learner's own upstream's size
+        tol = (
+            J.tolerance(given, a, max(mine_up, J.upstream_scale(item, g, ch))) if given is not None else None
+        )
         if (
             given is not None
             and a.numel() == given.numel()
@@ -190,24 +194,22 @@ def chain_column(item: Item, rows: list[Row], probes: list[Probe], outs: dict[st
                 for u in graph.consumers(g)
                 if u in by_key and own.get(u) is not None and J.compare(item, u, ch, own[u]) == "fail"
             ]
-            origin = next(
-                (
-                    r
-                    for s, r in reversed(list(zip(item.rows, rows)))
-                    if not r.ok and s.key in _upstream(graph, g)
-                ),
-                None,
-            )
             if row.ok and ups:
-                words = f"chain: right given your {', '.join('d' + u for u in ups)}"
-                if origin is not None:
-                    words += f"; the mistake is above, at {origin.name}"
-                row.note = "; ".join(x for x in (row.note, words) if x)
+                row.note = "; ".join(x for x in (row.note, given_note(item, rows, g, ups, "chain")) if x)
         else:
             row.chain = "no"
 
 
-def _upstream(graph: G.Graph, g: str) -> set[str]:
+def given_note(item: Item, rows: list[Row], g: str, ups: list[str], prefix: str) -> str:
+    """ "right given your dprobs; the mistake is above, at dprobs": the wrong upstream values a right line
+    read, and the nearest wrong row above it."""
+    words = f"{prefix}: right given your {', '.join('d' + u for u in ups)}"
+    above = upstream(item.graph, g)
+    origin = next((r for s, r in reversed(list(zip(item.rows, rows))) if not r.ok and s.key in above), None)
+    return words + (f"; the mistake is above, at {origin.name}" if origin is not None else "")
+
+
+def upstream(graph: G.Graph, g: str) -> set[str]:
     """Every tensor whose gradient d{g} is made from, directly or not (its consumers, theirs, ...)."""
     out, todo = set(), [g]
     while todo:

@@ -28,7 +28,7 @@ from handgrad.dojo import names as N
 from handgrad.dojo import probes as P
 from handgrad.dojo import runner as R
 from handgrad.dojo.framework import Item, Probe
-from handgrad.dojo.grading import SEED, assess, probes_of, verdict_words
+from handgrad.dojo.grading import SEED, assess, given_note, probes_of, verdict_words
 from handgrad.dojo.items import get
 from handgrad.dojo.judge import Row
 from handgrad.dojo.report import Grade
@@ -474,8 +474,14 @@ def _grade_region(
         g.notes += _shared(mine, vars_, probes[0])
 
 
-def _by_value(item: Item, ns: Mapping[str, object], wanted: dict[str, str], vars_: dict[str, str],
-              found: dict[str, str], own: Probe) -> dict[str, str]:
+def _by_value(
+    item: Item,
+    ns: Mapping[str, object],
+    wanted: dict[str, str],
+    vars_: dict[str, str],
+    found: dict[str, str],
+    own: Probe,
+) -> dict[str, str]:
     """Rows the notebook holds under a name nothing like the lecture's: the one tensor whose value is the
     right gradient at the notebook's own point (a wrong value under an unknown name cannot be told)."""
     out: dict[str, str] = {}
@@ -486,8 +492,11 @@ def _by_value(item: Item, ns: Mapping[str, object], wanted: dict[str, str], vars
         if vars_.get(key) in ns or not isinstance(ref, Tensor):
             continue
         up = J.upstream_scale(item, key, own)
-        hits = [k for k, v in pool.items() if k not in out.values() and v.numel() == ref.numel()
-                and _close32(v.detach().cpu(), ref, up)]
+        hits = [
+            k
+            for k, v in pool.items()
+            if k not in out.values() and v.numel() == ref.numel() and _close32(v.detach().cpu(), ref, up)
+        ]
         if len(hits) == 1:
             out[key] = hits[0]
     return out
@@ -540,17 +549,7 @@ def _yours(
     f32 = next((q for q in probes if q.exact), None)
     if own is None or item.graph is None:
         return
-    vals = {k: v for k, v in mine.items() if isinstance(v, Tensor) and v.is_floating_point()}
-    feeds = {
-        k: (
-            vals[k].double().reshape(own.refs[k].shape)
-            if k in vals and vals[k].numel() == own.refs[k].numel()
-            else own.refs[k]
-        )
-        for k in item.graph.grads
-    }
-    feeds[item.graph.seed] = own.feeds.get(item.graph.seed, torch.ones((), dtype=torch.float64))
-    local = G.local_vjps(item.graph, own.inputs, feeds)
+    vals, feeds, local = own_local(item, own, mine)
     for spec, row in zip(item.rows, rows):
         a = vals.get(spec.key)
         if a is None or row.status in ("missing", "error", "invalid"):
@@ -564,8 +563,14 @@ def _yours(
             )  # at a point put back from the last update: not bit for bit
         truth, given = own.refs[spec.key], local.total(spec.key)
         up = J.upstream_scale(item, spec.key, own)
-        mine_up = max((float(vals[c].abs().max()) for c in item.graph.consumers(spec.key)
-                       if c in vals and vals[c].numel()), default=0.0)  # the learner's own upstream's size
+        mine_up = max(
+            (
+                float(vals[c].abs().max())
+                for c in item.graph.consumers(spec.key)
+                if c in vals and vals[c].numel()
+            ),
+            default=0.0,
+        )  # the learner's own upstream's size
         if _close32(a, truth, up):
             row.chain = "yes"
         elif given is not None and _close32(a, given, max(up, mine_up)):
@@ -577,19 +582,10 @@ def _yours(
                 and c in own.refs
                 and not _close32(vals[c], own.refs[c], J.upstream_scale(item, c, own))
             ]
-            origin = next(
-                (
-                    r
-                    for s, r in reversed(list(zip(item.rows, rows)))
-                    if not r.ok and s.key in _upstream(item, spec.key)
-                ),
-                None,
-            )
             if row.ok and ups:
-                words = f"yours: right given your {', '.join('d' + u for u in ups)}"
-                if origin is not None:
-                    words += f"; the mistake is above, at {origin.name}"
-                row.note = "; ".join(x for x in (row.note, words) if x)
+                row.note = "; ".join(
+                    x for x in (row.note, given_note(item, rows, spec.key, ups, "yours")) if x
+                )
         else:
             row.chain = "no"
             if row.ok:
@@ -605,14 +601,20 @@ def _yours(
                 )
 
 
-def _upstream(item: Item, g: str) -> set[str]:
-    out, todo = set(), [g]
-    while todo:
-        for c in item.graph.consumers(todo.pop()):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
+def own_local(item: Item, own: Probe, mine: dict[str, object]) -> tuple[dict[str, Tensor], dict, G.Local]:
+    """The notebook's own gradients, the upstream values they make (the right ones where a gradient is
+    missing or of another size), and the right local answer of each row given them."""
+    vals = {k: v for k, v in mine.items() if isinstance(v, Tensor) and v.is_floating_point()}
+    feeds = {
+        k: (
+            vals[k].double().reshape(own.refs[k].shape)
+            if k in vals and vals[k].numel() == own.refs[k].numel()
+            else own.refs[k]
+        )
+        for k in item.graph.grads
+    }
+    feeds[item.graph.seed] = own.feeds.get(item.graph.seed, torch.ones((), dtype=torch.float64))
+    return vals, feeds, G.local_vjps(item.graph, own.inputs, feeds)
 
 
 def _close32(a: Tensor, ref: Tensor, upstream: float = 0.0) -> bool:
@@ -663,17 +665,7 @@ def _values_only(
 ) -> list[Row]:
     """Without cell sources: each value against the local answer given the notebook's own upstream values
     (float32 tolerance), and named from the catalogue."""
-    vals = {k: v for k, v in mine.items() if isinstance(v, Tensor) and v.is_floating_point()}
-    feeds = {
-        k: (
-            vals[k].double().reshape(own.refs[k].shape)
-            if k in vals and vals[k].numel() == own.refs[k].numel()
-            else own.refs[k]
-        )
-        for k in item.graph.grads
-    }
-    feeds[item.graph.seed] = own.feeds.get(item.graph.seed, torch.ones((), dtype=torch.float64))
-    loc = G.local_vjps(item.graph, own.inputs, feeds)
+    vals, feeds, loc = own_local(item, own, mine)
     probe = Probe(
         "yours",
         "your notebook's values",
