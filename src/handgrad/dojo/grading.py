@@ -598,9 +598,19 @@ def grade_files(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return [_grade_path(Path(p), item, strict, names, time_limit) for p in paths]
+        return [_guarded(Path(p), item, strict, names, time_limit) for p in paths]
     finally:
         torch.set_num_threads(threads)
+
+
+def _guarded(path: Path, name: str | None, strict: bool, explicit: dict[str, str] | None,
+             time_limit: float) -> Grade:
+    """One file's grade; the grader's own failure on something unforeseen is one line, never a traceback."""
+    try:
+        return _grade_path(path, name, strict, explicit, time_limit)
+    except Exception as e:
+        return Grade(str(path), name or "?",
+                     problem=f"the grader failed on this file ({type(e).__name__}: {e}); please report it")
 
 
 def _grade_path(

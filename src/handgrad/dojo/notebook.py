@@ -413,6 +413,10 @@ def grade(
             _grade_region(item, namespace, g, strict, dict(names or {}), time_limit)
     except NotebookError as e:
         g.problem = str(e)
+    except R.OutOfTime:
+        g.problem = f"your lines were still running after {time_limit:g} s (an infinite loop?)"
+    except Exception as e:  # the grader's own failure on something unforeseen: one line, never a traceback
+        g.problem = f"the grader failed on this notebook ({type(e).__name__}: {e}); please report it"
     finally:
         torch.set_num_threads(threads)
     g.seconds = time.perf_counter() - start
@@ -466,7 +470,8 @@ def _grade_region(
             ) from None
         skip = _skips(item, probes, meta, foreign)
         g.rows, notes = assess(item, probes, outs, meta, vars_, p, here, strict, skip)
-        g.notes += notes
+        # a notebook's other lines (cmp, prints, plots) fail on the grader's values: not the learner's news
+        g.notes += [nt for nt in notes if not nt.endswith("(a line that writes no graded row)")]
         _yours(item, g.rows, probes, mine, exact=not stepped)
         if item.training:
             g.rows += _train_here(p, base, vars_, time_limit)
