@@ -152,6 +152,12 @@ def test_an_explicit_mapping_is_taken(base):
     assert next(r for r in g.rows if r.name == "dlogprobs").yours == "g17"
 
 
+def test_a_hard_coded_size_right_at_the_notebooks_batch_is_right_with_a_note(base):
+    g = dojo.grade(1, notebook(base, NB.FORWARD, NB.edit(NB.EX1, [("= -1.0/n", "= -1.0/32")])))
+    assert g.exit_code == 0, g.table()
+    assert "hard-coded" in g.rows[0].note and "`n` in place of `32`" in g.rows[0].note
+
+
 def test_an_overwritten_setup_variable_is_named(base):
     g = dojo.grade(1, notebook(base, NB.FORWARD, NB.EX1, "for n in range(3):\n  pass"))
     assert g.exit_code == 0

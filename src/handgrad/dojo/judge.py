@@ -594,8 +594,8 @@ def _scale(failing: list[tuple[Probe, Tensor]], key: str, fit_tol: float = 1e-6)
 
 
 NEAR_ZERO = (
-    "this term is ~0 in this graph at the true upstream gradient, so the lecture's cmp and your own chain "
-    "column cannot see it; the formula is wrong for any other upstream"
+    "at the true upstream gradient this term is ~0 in this graph (or the shortcut holds there), so the "
+    "lecture's cmp and your own chain column cannot see it; the formula is wrong for any other upstream"
 )
 
 

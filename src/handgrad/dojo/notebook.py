@@ -472,6 +472,9 @@ def _grade_region(
         g.rows, notes = assess(item, probes, outs, meta, vars_, p, here, strict, skip)
         # a notebook's other lines (cmp, prints, plots) fail on the grader's values: not the learner's news
         g.notes += [nt for nt in notes if not nt.endswith("(a line that writes no graded row)")]
+        for r in g.rows:  # right at the notebook's own batch, as cmp sees it: counted right, the number said
+            if r.status == "wrong" and r.key == "hard-coded":
+                r.status, r.note, r.kind, r.key = "ok", r.diagnosis, "", ""
         _yours(item, g.rows, probes, mine, exact=not stepped)
         if item.training:
             g.rows += _train_here(p, base, vars_, time_limit)
