@@ -14,3 +14,4 @@ $PY benchmarks/memory.py --batch 65536 --steps 5 --tile 1024 | tee benchmarks/re
 $PY benchmarks/memory.py --batch 4096 --steps 50 --tile 1024 | tee benchmarks/results/memory_4096.txt
 $PY benchmarks/train_full.py --engine fast | tee benchmarks/results/train_full_fast.json
 $PY benchmarks/train_full.py --engine eager | tee benchmarks/results/train_full_eager.json
+$PY benchmarks/dojo_timing.py --repeat 3 | tee benchmarks/results/dojo_timing.txt
