@@ -261,3 +261,14 @@ def test_a_challenge_is_graded_from_the_functions_a_notebook_defines():
     assert (
         "your In [4] line 4 is right with `(1 - a ** 2) * da` in place of `1 - a**2 * da`" in g.rows[0].edit
     )
+
+
+def test_the_lectures_own_solution_as_a_dojo_file_is_all_right_with_a_shape_note(tmp_path):
+    from handgrad.dojo.framework import render
+    from handgrad.dojo.items import get
+
+    cell = NB.EX1.split("\n\ncmp(")[0]  # the lecture's lines, without its cmp calls (a file has no .grad)
+    p = tmp_path / "ex1_atomic.py"
+    p.write_text(render(get("1"), (cell,)))
+    g = dojo.grade_file(p)
+    assert g.summary() == "26 of 26 right (1 with a shape note); all done", g.table()
