@@ -746,13 +746,12 @@ def _dojo_item(name: str):
 def _cmd_dojo_list(args) -> int:
     from handgrad import dojo
 
-    its = dojo.items()
-    w = max(len(it.key) for it in its)
-    s = max(len(it.slug) for it in its)
-    for kind in dict.fromkeys(it.kind for it in its):
-        print(f"{kind}s:")
-        for it in (i for i in its if i.kind == kind):
-            print(f"  {it.key:<{w}}  {it.alias or ' '}  {it.slug:<{s}}  {it.about}")
+    exercises, others = dojo.items("exercise"), [it for it in dojo.items() if it.kind != "exercise"]
+    w = max(len(it.slug) for it in exercises)
+    for it in exercises:
+        print(f"{it.key}  {it.slug:<{w}}  {it.about}")
+    for it in others:
+        print(f"{it.alias or '-'}  {it.key:<17}  {it.about}")
     return 0
 
 
