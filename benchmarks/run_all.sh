@@ -15,3 +15,4 @@ $PY benchmarks/memory.py --batch 4096 --steps 50 --tile 1024 | tee benchmarks/re
 $PY benchmarks/train_full.py --engine fast | tee benchmarks/results/train_full_fast.json
 $PY benchmarks/train_full.py --engine eager | tee benchmarks/results/train_full_eager.json
 $PY benchmarks/gradcheck_side_by_side.py --repeat 3 --out benchmarks/results/gradcheck_side_by_side.md > /dev/null
+$PY benchmarks/dojo_timing.py --repeat 3 | tee benchmarks/results/dojo_timing.txt

@@ -7,13 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handgrad import cli
+from handgrad import cli, dojo
 from handgrad.dojo import catalogue as K
-from handgrad.dojo import challenges as C
+from handgrad.dojo.catalogue import Vals
+from handgrad.dojo.challenges import CHALLENGES
 from handgrad.dojo.challenges import batchnorm as B
 from handgrad.dojo.challenges import checkpoint as CK
 from handgrad.dojo.challenges import gradcheck as G
-from handgrad.dojo.challenges.core import render
+from handgrad.dojo.framework import render
+from handgrad.dojo.items import get
 
 CE = "dlogits = dloss * (F.softmax(logits, 1) - F.one_hot(Y, logits.shape[1]).to(logits.dtype)) / n"
 EMB = (
@@ -54,7 +56,6 @@ MISTAKES = [
     ("lt-dW-transposed", "linear-tanh", [("dW = x.T @ dz", "dW = dz.T @ x")], ["dW"], K.TRANSPOSED),
     ("lt-dx-transposed", "linear-tanh", [("dx = dz @ W.T", "dx = (dz @ W.T).T")], ["dx"], K.TRANSPOSED),
     ("lt-db-no-sum", "linear-tanh", [("db = dz.sum(0)", "db = dz")], ["db"], K.SHAPE),
-    ("lt-db-keepdim", "linear-tanh", [("db = dz.sum(0)", "db = dz.sum(0, keepdim=True)")], ["db"], K.SHAPE),
     ("lt-db-dim1", "linear-tanh", [("db = dz.sum(0)", "db = dz.sum(1)")], ["db"], K.WRONG_DIM),
     ("lt-dW-mean", "linear-tanh", [("dW = x.T @ dz", "dW = x.T @ dz / x.shape[0]")], ["dW"], K.SCALE_N),
     (
@@ -201,17 +202,23 @@ MISTAKES = [
     (
         "ck-store-all",
         "checkpoint",
-        [(CK_STORE, "        stash[l] = h\n"), ("    out = h\n", "    stash[len(Ws)] = h\n    out = h\n"),
-         (CK_RECOMPUTE, "hs = [stash[k] for k in range(s, e + 1)]\n")],
+        [
+            (CK_STORE, "        stash[l] = h\n"),
+            ("    out = h\n", "    stash[len(Ws)] = h\n    out = h\n"),
+            (CK_RECOMPUTE, "hs = [stash[k] for k in range(s, e + 1)]\n"),
+        ],
         ["stored"],
         CK.STORES_ALL,
     ),
     (
         "ck-store-stacked",
         "checkpoint",
-        [("    h = x\n", "    h = x\n    acts = [x]\n"), (CK_STORE, ""),
-         ("    out = h\n", "        acts.append(h)\n    stash['all'] = torch.stack(acts)\n    out = h\n"),
-         (CK_RECOMPUTE, "hs = list(stash['all'][s:e + 1])\n")],
+        [
+            ("    h = x\n", "    h = x\n    acts = [x]\n"),
+            (CK_STORE, ""),
+            ("    out = h\n", "        acts.append(h)\n    stash['all'] = torch.stack(acts)\n    out = h\n"),
+            (CK_RECOMPUTE, "hs = list(stash['all'][s:e + 1])\n"),
+        ],
         ["stored"],
         CK.STORES_ALL,
     ),
@@ -239,9 +246,11 @@ MISTAKES = [
     (
         "ck-stale",
         "checkpoint",
-        [("    h = x\n", "    global ACTS\n    ACTS = [x]\n    h = x\n"),
-         ("    out = h\n", "        ACTS.append(h)\n    out = h\n"),
-         (CK_RECOMPUTE, "hs = ACTS[s:e + 1]  # kept from forward\n")],
+        [
+            ("    h = x\n", "    global ACTS\n    ACTS = [x]\n    h = x\n"),
+            ("    out = h\n", "        ACTS.append(h)\n    out = h\n"),
+            (CK_RECOMPUTE, "hs = ACTS[s:e + 1]  # kept from forward\n"),
+        ],
         ["dx", "dW"],
         CK.NOT_RECOMPUTED,
     ),
@@ -269,8 +278,13 @@ MISTAKES = [
     (
         "ck-from-x",
         "checkpoint",
-        [(CK_RECOMPUTE, CK_RECOMPUTE.replace("stash[s]", "stash[0]").replace("range(s, e)", "range(0, e)")
-          + "        hs = hs[s:]\n")],
+        [
+            (
+                CK_RECOMPUTE,
+                CK_RECOMPUTE.replace("stash[s]", "stash[0]").replace("range(s, e)", "range(0, e)")
+                + "        hs = hs[s:]\n",
+            )
+        ],
         ["recompute"],
         CK.RECOMPUTES_TOO_MUCH,
     ),
@@ -278,7 +292,7 @@ MISTAKES = [
 
 
 def _edit(key: str, edits: list[tuple[str, str]]) -> str:
-    c = C.get(key)
+    c = get(key)
     src = render(c, c.solution)
     for old, new in edits:
         assert old in src, old
@@ -291,7 +305,7 @@ def graded(tmp_path_factory):
     """Every file of this module graded in one child process: {id: ChallengeGrade}."""
     d = tmp_path_factory.mktemp("challenges")
     files = {}
-    for c in C.CHALLENGES.values():
+    for c in CHALLENGES:
         files[f"ref-{c.key}"] = render(c, c.solution)
         files[f"blank-{c.key}"] = render(c)
     files |= {m[0]: _edit(m[1], m[2]) for m in MISTAKES}
@@ -303,17 +317,22 @@ def graded(tmp_path_factory):
         p = d / f"{name.replace('/', '_')}.py"
         p.write_text(text)
         paths.append(p)
-    return dict(zip(files, C.grade_files(paths)))
+    files["lt-db-keepdim"] = _edit("linear-tanh", [("db = dz.sum(0)", "db = dz.sum(0, keepdim=True)")])
+    paths.append(d / "lt-db-keepdim.py")
+    paths[-1].write_text(files["lt-db-keepdim"])
+    out = dict(zip(files, dojo.grade_files(paths)))
+    out["lt-db-keepdim-strict"] = dojo.grade_file(paths[-1], strict=True)
+    return out
 
 
-@pytest.mark.parametrize("key", list(C.CHALLENGES))
+@pytest.mark.parametrize("key", [c.key for c in CHALLENGES])
 def test_reference_solution_passes(graded, key):
     g = graded[f"ref-{key}"]
     assert g.problem == "" and g.exit_code == 0, g.table()
     assert g.summary() == f"{len(g.rows)} of {len(g.rows)} right; all done"
 
 
-@pytest.mark.parametrize("key", list(C.CHALLENGES))
+@pytest.mark.parametrize("key", [c.key for c in CHALLENGES])
 def test_fresh_file_is_all_missing(graded, key):
     g = graded[f"blank-{key}"]
     assert g.exit_code == 1, g.table()
@@ -328,6 +347,13 @@ def test_mistake_is_flagged_where_it_is_and_named(graded, mid, key, edits, wrong
     bad = next(r for r in g.rows if not r.ok)
     assert bad.kind == kind, bad.diagnosis
     assert bad.diagnosis and "matches none" not in bad.diagnosis
+
+
+def test_a_bias_gradient_with_keepdim_is_right_with_a_shape_note(graded):
+    g = graded["lt-db-keepdim"]
+    assert g.exit_code == 0 and [r.name for r in g.rows if r.mark == "shape"] == ["db"], g.table()
+    s = graded["lt-db-keepdim-strict"]
+    assert [r.name for r in s.rows if not r.ok] == ["db"] and s.rows[-1].kind == K.SHAPE
 
 
 def test_learner_exception_reports_their_line(graded):
@@ -356,8 +382,8 @@ def test_infinite_loop_is_stopped_with_one_line_exit_2(tmp_path, capsys):
 def test_cli_list_start_grade_hint_solution(tmp_path, capsys):
     assert cli.main(["dojo", "list"]) == 0
     out = capsys.readouterr().out
-    assert all(c.key in out for c in C.CHALLENGES.values()) and "ex1_atomic" in out
-    for c in C.CHALLENGES.values():
+    assert all(c.key in out for c in CHALLENGES) and "ex1_atomic" in out
+    for c in CHALLENGES:
         assert cli.main(["dojo", "start", c.key, "--dir", str(tmp_path)]) == 0
     path = tmp_path / "ch_linear_tanh.py"
     path.write_text(path.read_text() + "# my work\n")
@@ -367,10 +393,13 @@ def test_cli_list_start_grade_hint_solution(tmp_path, capsys):
     assert cli.main(["dojo", "grade", str(path)]) == 1
     assert "0 of 4 right; next: dz" in capsys.readouterr().out
     for level in (1, 2):
-        assert cli.main(["dojo", "hint", str(path), "db", "--level", str(level)]) == 0
-        assert "dz.sum(0)" not in capsys.readouterr().out  # not given away before the last hint
-    assert cli.main(["dojo", "hint", str(path), "db", "--level", "3"]) == 0
+        assert cli.main(["dojo", "hint", str(path), "db"]) == 0  # the next level each time
+        out = capsys.readouterr().out
+        assert out.startswith(f"hint {level} of 3 for db") and "dz.sum(0)" not in out  # not given away yet
+    assert cli.main(["dojo", "hint", str(path), "db"]) == 0
     assert "dz.sum(0)" in capsys.readouterr().out
+    assert cli.main(["dojo", "hint", str(path), "dx", "--level", "3"]) == 0
+    assert "dz @ W.T" in capsys.readouterr().out
     assert cli.main(["dojo", "hint", str(path), "dQ"]) == 2
     assert cli.main(["dojo", "solution", "linear-tanh"]) == 0
     sol = tmp_path / "sol.py"
@@ -379,8 +408,8 @@ def test_cli_list_start_grade_hint_solution(tmp_path, capsys):
 
 
 def test_every_hint_hides_the_answer_until_the_last():
-    for c in C.CHALLENGES.values():
-        for s in c.specs:
+    for c in CHALLENGES:
+        for s in c.rows:
             assert len(s.hints) == 3 and all(s.hints)
             assert s.hints[2] not in s.hints[0] + s.hints[1], (c.key, s.name)
 
@@ -389,7 +418,10 @@ def test_checkpoint_memory_row_reports_what_was_kept(graded):
     """The memory row of the reference says what one probe kept; storing every activation fails it
     with the elements kept against the checkpoints'; a wrong dW names the blocks that are wrong."""
     ref = next(r for r in graded["ref-checkpoint"].rows if r.name == "stored")
-    assert ref.ok and "kept 3 tensors, 60 elements (checkpoints: 3, 60; every activation: 6, 120)" in ref.diagnosis
+    assert (
+        ref.ok
+        and "kept 3 tensors, 60 elements (checkpoints: 3, 60; every activation: 6, 120)" in ref.diagnosis
+    )
     bad = next(r for r in graded["ck-store-all"].rows if r.name == "stored")
     assert bad.status == "wrong" and "kept 7 tensors, 140 elements" in bad.diagnosis, bad.diagnosis
     assert "no memory saved" in bad.diagnosis
@@ -437,7 +469,10 @@ def test_checkpoint_every_variant_is_a_real_mistake():
     ps = CK.probes()
     for row in ("dx", "dW"):
         for v in CK.VARIANTS[row]:
-            assert any(not torch.allclose(v.fn(p.inputs, p.refs), p.refs[row]) for p in ps), (row, v.key)
+            assert any(not torch.allclose(v.fn(Vals(p.inputs, {}, None, p.refs)), p.refs[row]) for p in ps), (
+                row,
+                v.key,
+            )
 
 
 def test_checkpoint_stash_keeps_tensors_only(tmp_path):
@@ -445,7 +480,7 @@ def test_checkpoint_stash_keeps_tensors_only(tmp_path):
     src = _edit("checkpoint", [("stash[l] = h  # the checkpoint", "stash[l] = [h]  # the checkpoint")])
     p = tmp_path / "ck_list.py"
     p.write_text(src)
-    g = C.grade_file(p)
+    g = dojo.grade_file(p)
     assert g.exit_code == 1
     bad = [r for r in g.rows if not r.ok]
     assert {r.status for r in bad} == {"error"} and "stash keeps tensors" in bad[0].diagnosis

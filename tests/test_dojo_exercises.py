@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from handgrad import dojo
 from handgrad.dojo import catalogue as K
-from handgrad.dojo import exercises as E
-from handgrad.dojo.grade import grade_files
+from handgrad.dojo.framework import render
+from handgrad.dojo.items import get
 
 CE, BN, TR = "dlogits /= n\n", "n / (n - 1) * bnraw", "dbngain = (bnraw * dhpreact).sum(0, keepdim=True)"
 CE_ALL = "dlogits = F.softmax(logits, 1)\ndlogits[range(n), Yb] -= 1\ndlogits /= n\n"
@@ -21,47 +22,93 @@ MISTAKES = [
     ("ce-sign", "2", [(CE, "dlogits /= -n\n")], ["dlogits"], K.SIGN),
     ("ce-dim0", "2", [("F.softmax(logits, 1)", "F.softmax(logits, 0)")], ["dlogits"], K.WRONG_DIM),
     ("ce-hard-coded", "2", [(CE, "dlogits /= 32\n")], ["dlogits"], K.HARDCODED),
-    ("ce-keepdim", "2", [("dlogits = F.softmax(logits, 1)\n",
-                          "counts = logits.exp()\ndlogits = counts / counts.sum(1)\n")], ["dlogits"], K.SHAPE),
-    ("ce-one-hot-classes", "2", [(CE_ALL, "dlogits = (F.softmax(logits, 1) - F.one_hot(Yb)) / n\n")], ["dlogits"],
-     K.SHAPE),
-    ("ce-minus-one-assigned", "2", [("dlogits[range(n), Yb] -= 1", "dlogits[range(n), Yb] = -1")], ["dlogits"],
-     K.SOFTMAX_MINUS_ONE),
-    ("ce-sum-all", "2", [("dlogits = F.softmax(logits, 1)\n", "dlogits = logits.exp() / logits.exp().sum()\n")],
-     ["dlogits"], K.WRONG_DIM),
+    (
+        "ce-keepdim",
+        "2",
+        [("dlogits = F.softmax(logits, 1)\n", "counts = logits.exp()\ndlogits = counts / counts.sum(1)\n")],
+        ["dlogits"],
+        K.SHAPE,
+    ),
+    (
+        "ce-one-hot-classes",
+        "2",
+        [(CE_ALL, "dlogits = (F.softmax(logits, 1) - F.one_hot(Yb)) / n\n")],
+        ["dlogits"],
+        K.SHAPE,
+    ),
+    (
+        "ce-minus-one-assigned",
+        "2",
+        [("dlogits[range(n), Yb] -= 1", "dlogits[range(n), Yb] = -1")],
+        ["dlogits"],
+        K.SOFTMAX_MINUS_ONE,
+    ),
+    (
+        "ce-sum-all",
+        "2",
+        [("dlogits = F.softmax(logits, 1)\n", "dlogits = logits.exp() / logits.exp().sum()\n")],
+        ["dlogits"],
+        K.WRONG_DIM,
+    ),
     ("ce-no-mean-keepdim", "2", [(CE, "dlogits = dlogits.mean(0, keepdim=True)\n")], ["dlogits"], K.SHAPE),
     ("bn-bessel-n", "3", [(BN, "bnraw")], ["dhprebn"], K.BESSEL),
     ("bn-bessel-whole", "3", [("bnvar_inv / n *", "bnvar_inv / (n - 1) *")], ["dhprebn"], K.BESSEL),
     ("bn-no-eps", "3", [("bngain * bnvar_inv", "bngain * bnvar**-0.5")], ["dhprebn"], K.EPS_LEFT_OUT),
     ("bn-no-mean-term", "3", [(" - dhpreact.sum(0)", "")], ["dhprebn"], K.MISSING_BRANCH),
-    ("bn-sum-dim1", "3", [(" - dhpreact.sum(0)", " - dhpreact.sum(1, keepdim=True)")], ["dhprebn"], K.WRONG_DIM),
+    (
+        "bn-sum-dim1",
+        "3",
+        [(" - dhpreact.sum(0)", " - dhpreact.sum(1, keepdim=True)")],
+        ["dhprebn"],
+        K.WRONG_DIM,
+    ),
     ("bn-no-gain", "3", [("bngain * bnvar_inv", "bnvar_inv")], ["dhprebn"], K.WRONG_FACTOR),
     ("bn-var-sign", "3", [(f" - {BN}", f" + {BN}")], ["dhprebn"], K.SIGN),
     ("bn-bessel-reversed", "3", [(BN, "(n - 1) / n * bnraw")], ["dhprebn"], K.BESSEL),
-    ("bn-var-dim1", "3", [("(dhpreact * bnraw).sum(0)", "(dhpreact * bnraw).sum(1, keepdim=True)")], ["dhprebn"],
-     K.WRONG_DIM),
+    (
+        "bn-var-dim1",
+        "3",
+        [("(dhpreact * bnraw).sum(0)", "(dhpreact * bnraw).sum(1, keepdim=True)")],
+        ["dhprebn"],
+        K.WRONG_DIM,
+    ),
     ("bn-no-1/n", "3", [("bnvar_inv / n *", "bnvar_inv *")], ["dhprebn"], K.SCALE_N),
     ("bn-hard-coded", "3", [(BN, "n / (32 - 1) * bnraw")], ["dhprebn"], K.HARDCODED),
-    ("bn-bndiff", "3", [(BN + " * (dhpreact * bnraw)", "n / (n - 1) * bndiff * (dhpreact * bndiff)")], ["dhprebn"],
-     K.WRONG_FACTOR),
+    (
+        "bn-bndiff",
+        "3",
+        [(BN + " * (dhpreact * bnraw)", "n / (n - 1) * bndiff * (dhpreact * bndiff)")],
+        ["dhprebn"],
+        K.WRONG_FACTOR,
+    ),
     ("tr-no-mean", "4", [(CE, "")], ["dlogits", "loss curve", "loss reached"], K.SCALE_N),
     ("tr-tanh", "4", [("(1.0 - h**2)", "(1.0 - h)")], ["dhpreact", "loss curve", "loss reached"], K.TANH),
-    ("tr-keepdim", "4", [(TR, TR.replace(", keepdim=True", ""))], ["dbngain", "loss curve", "loss reached"],
-     K.SHAPE),
+    (
+        "tr-not-summed",
+        "4",
+        [(TR, "dbngain = bnraw * dhpreact")],
+        ["dbngain", "loss curve", "loss reached"],
+        K.SHAPE,
+    ),
     # a Bessel slip barely changes the training: the curve shows it, the loss reached does not
     ("tr-bessel", "4", [(BN, "bnraw")], ["dhprebn", "loss curve"], K.BESSEL),
-    ("tr-overwrite", "4", [("dC.index_add_(0, Xb.view(-1), demb.view(-1, n_embd))", "dC[Xb] += demb")],
-     ["dC", "loss curve", "loss reached"], K.OVERWRITE),
+    (
+        "tr-overwrite",
+        "4",
+        [("dC.index_add_(0, Xb.view(-1), demb.view(-1, n_embd))", "dC[Xb] += demb")],
+        ["dC", "loss curve", "loss reached"],
+        K.OVERWRITE,
+    ),
 ]
 
 
 def _edit(key: str, edits: list[tuple[str, str]]) -> str:
-    ex = E.get(key)
-    src = ex.solution
+    ex = get(key)
+    src = ex.solution[0]
     for old, new in edits:
         assert old in src, old
         src = src.replace(old, new)
-    return E.template(ex, src)
+    return render(ex, (src,))
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +117,20 @@ def graded(tmp_path_factory):
     d = tmp_path_factory.mktemp("dojo-ex")
     files = {}
     for k in "234":
-        ex = E.get(k)
-        files[f"reference{k}"] = E.template(ex, ex.solution)
-        files[f"blank{k}"] = E.template(ex)
+        files[f"reference{k}"] = dojo.solution(k)
+        files[f"blank{k}"] = render(get(k))
     files |= {m[0]: _edit(m[1], m[2]) for m in MISTAKES}
-    files["ce-float32"] = _edit("2", [("dlogits = F.softmax(logits, 1)", "dlogits = (F.softmax(logits, 1) + 1e3) - 1e3")])
+    files["tr-keepdim"] = _edit("4", [(TR, TR.replace(", keepdim=True", ""))])
+    files["ce-float32"] = _edit(
+        "2", [("dlogits = F.softmax(logits, 1)", "dlogits = (F.softmax(logits, 1) + 1e3) - 1e3")]
+    )
     files["tr-diverges"] = _edit("4", [("dW2 = h.T @ dlogits", "dW2 = -1e4 * (h.T @ dlogits)")])
     paths = []
     for name, text in files.items():
         p = d / f"{name.replace('/', '_')}.py"
         p.write_text(text)
         paths.append(p)
-    return dict(zip(files, grade_files(paths)))
+    return dict(zip(files, dojo.grade_files(paths)))
 
 
 @pytest.mark.parametrize("key, rows", [("2", 1), ("3", 1), ("4", 15)])
@@ -120,8 +169,14 @@ def test_mistake_is_flagged_and_named(graded, mid, key, edits, wrong, kind):
 
 
 def test_training_stops_on_a_wrong_shape(graded):
-    curve, reached = graded["tr-keepdim"].rows[-2:]
-    assert "dbngain has shape (64,)" in curve.diagnosis and "step 0" in reached.diagnosis
+    curve, reached = graded["tr-not-summed"].rows[-2:]
+    assert "dbngain has shape (32, 64)" in curve.diagnosis and "step 0" in reached.diagnosis
+
+
+def test_a_keepdim_left_out_trains_and_is_right_with_a_shape_note(graded):
+    """(64,) for the (1, 64) dbngain: the update broadcasts it as the learner's own loop does."""
+    g = graded["tr-keepdim"]
+    assert g.exit_code == 0 and [r.name for r in g.rows if r.mark == "shape"] == ["dbngain"], g.table()
 
 
 def test_diverging_training_is_named(graded):

@@ -733,59 +733,75 @@ def _cmd_diagnose(args) -> int:
 # ---- end diagnose
 
 
-# ---- dojo (owned by the dojo)
-def _cmd_dojo_list(args) -> int:
-    from handgrad.dojo import exercises
+# ---- dojo
+def _dojo_item(name: str):
+    from handgrad import dojo
 
-    w = max(len(ex.slug) for ex in exercises.EXERCISES.values())
-    for ex in exercises.EXERCISES.values():
-        print(f"{ex.key}  {ex.slug:<{w}}  {ex.about}")
-    rc = _dojo_challenge("list", args)
+    try:
+        return dojo.api.get(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _cmd_dojo_list(args) -> int:
+    from handgrad import dojo
+
+    exercises, others = dojo.items("exercise"), [it for it in dojo.items() if it.kind != "exercise"]
+    w = max(len(it.slug) for it in exercises)
+    for it in exercises:
+        print(f"{it.key}  {it.slug:<{w}}  {it.about}")
+    for it in others:
+        print(f"{it.alias or '-'}  {it.key:<17}  {it.about}")
     _dojo_questions_list(args)
-    return rc
+    return 0
 
 
 def _cmd_dojo_start(args) -> int:
-    from handgrad.dojo import exercises
+    from handgrad import dojo
 
-    if (rc := _dojo_challenge("start", args)) is not None:
-        return rc
+    item = _dojo_item(args.exercise)
     try:
-        path = exercises.start(args.exercise, args.dir)
-    except ValueError as e:
-        raise UsageError(f"dojo start {args.exercise}: {e}") from None
+        path = dojo.start(item.key, args.dir)
     except FileExistsError:
-        ex = exercises.get(args.exercise)
-        raise UsageError(f"{Path(args.dir) / (ex.slug + '.py')} exists already and is never overwritten; "
-                         "grade it, or start in another --dir") from None
+        raise UsageError(f"{Path(args.dir) / (item.slug + '.py')} exists already and is never "
+                         "overwritten; grade it, "
+                         "or start in another --dir") from None
     except OSError as e:
         raise UsageError(f"--dir {args.dir}: {e.strerror or e}") from None
-    print(f"wrote {path}: fill in the gradients between '# >>>' and '# <<<', then run: "
-          f"handgrad dojo grade {path}")
+    print(f"wrote {path}: fill in the blanks marked TODO, then run: handgrad dojo grade {path}")
     return 0
+
+
+def _dojo_names(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        lecture, sep, yours = pair.partition("=")
+        if not sep or not lecture.strip().isidentifier() or not yours.strip().isidentifier():
+            raise UsageError(f"--name {pair}: write LECTURE=YOURS, e.g. --name dlogprobs=dL_dlogprobs")
+        out[lecture.strip()] = yours.strip()
+    return out
 
 
 def _cmd_dojo_grade(args) -> int:
     import json
 
-    from handgrad.dojo.grade import grade_file  # (handgrad.dojo.grade the name is the notebook's function)
+    from handgrad import dojo
 
+    if not (math.isfinite(args.time_limit) and 0 < args.time_limit <= 3600):
+        raise UsageError(f"--time-limit {args.time_limit:g}: give seconds between 0 and 3600 (default 20)")
     if args.graph and not args.graph.endswith(".svg"):
         raise UsageError(f"--graph {args.graph}: the picture is SVG; name the file something.svg")
     if args.graph and not Path(args.graph).resolve().parent.is_dir():
         raise UsageError(f"--graph {args.graph}: the folder {Path(args.graph).parent} does not exist")
-    if (rc := _dojo_challenge("grade", args)) is not None:
-        return rc
-    g = grade_file(args.file, args.exercise, args.time_limit)
+    g = dojo.grade_file(args.file, args.exercise, strict=args.strict, names=_dojo_names(args.name),
+                        time_limit=args.time_limit)
     if g.problem:
-        _err(f"dojo grade {g.table().split(': ', 1)[0]}: {g.problem}")
+        _err(f"dojo grade {args.file}: {g.problem}")
         return 2
     print(json.dumps(g.to_json(), indent=1) if args.json else g.table())
-    if args.graph:
-        from handgrad.dojo import picture
-
+    if args.graph and dojo.api.get(g.item).graph is not None:
         try:
-            picture.write(g, args.graph)
+            dojo.draw(g, args.graph)
         except OSError as e:
             raise UsageError(f"--graph {args.graph}: {e.strerror or e}") from None
         if not args.json:
@@ -794,76 +810,67 @@ def _cmd_dojo_grade(args) -> int:
 
 
 def _cmd_dojo_hint(args) -> int:
-    from handgrad.dojo import hints
+    from handgrad import dojo
 
-    if (rc := _dojo_challenge("hint", args)) is not None:
-        return rc
     try:
-        level, what, text = hints.next_hint(args.file, args.name, args.exercise)
+        level, what, text = dojo.next_hint(args.file, args.name, args.exercise, args.level)
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"dojo hint {args.file}: cannot read it ({e.__class__.__name__})") from None
+        raise UsageError(f"dojo hint {args.file}: cannot read it ({type(e).__name__})") from None
     except ValueError as e:
-        raise UsageError(f"dojo hint: {e}") from None
-    name = args.name if args.name.startswith("d") else "d" + args.name
-    print(f"hint {level} of {len(hints.LEVELS)} for {name}, {what}:\n{text}")
-    if level < len(hints.LEVELS):
-        print(f"(ask again for hint {level + 1}: handgrad dojo hint {args.file} {name})")
+        raise UsageError(f"dojo hint {args.file}: {e}") from None
+    print(f"hint {level} of 3 for {args.name}, {what}:\n{text}")
+    if level < 3:
+        print(f"(ask again for hint {level + 1}: handgrad dojo hint {args.file} {args.name})")
     return 0
 
 
 def _cmd_dojo_solution(args) -> int:
-    from handgrad.dojo import hints
+    from handgrad import dojo
 
-    if (rc := _dojo_challenge("solution", args)) is not None:
-        return rc
-    try:
-        print(hints.solution(args.exercise), end="")
-    except ValueError as e:
-        raise UsageError(f"dojo solution {args.exercise}: {e}") from None
+    print(dojo.solution(_dojo_item(args.exercise).key), end="")
     return 0
 
 
 def _add_dojo_parser(sub) -> None:
-    p = sub.add_parser("dojo", help="the Backprop Ninja exercises: start one, fill it in, get it graded",
-                       description="The lecture's exercises as files you fill in, graded gradient by "
-                       "gradient, each with the correct upstream gradients fed in, with the mistake named.")
+    p = sub.add_parser("dojo", help="the Backprop Ninja exercises and challenges: start one, fill it in, "
+                       "get it graded",
+                       description="The lecture's exercises and coding challenges as files you fill in, "
+                                   "graded row by "
+                       "row with the right upstream gradients fed in, each mistake named.")
     dsub = p.add_subparsers(dest="dojo_command", required=True, metavar="ACTION")
     q = dsub.add_parser("list", help="the exercises, challenges and questions")
     q.add_argument("--dir", default=".", help="where your questions' progress is kept (default: here)")
     q.set_defaults(func=_cmd_dojo_list)
-    q = dsub.add_parser("start", help="write an exercise's file (never overwrites)")
-    q.add_argument("exercise", help="its number or name (see `handgrad dojo list`)")
+    q = dsub.add_parser("start", help="write an exercise's or challenge's file (never overwrites)")
+    q.add_argument("exercise", help="its key, letter or name (see `handgrad dojo list`)")
     q.add_argument("--dir", default=".", help="where to write it (default: here)")
     q.set_defaults(func=_cmd_dojo_start)
     q = dsub.add_parser("grade", help="grade a file: exit 0 all right, 1 something wrong, 2 cannot grade")
-    q.add_argument("file", help="the exercise file")
-    q.add_argument("--exercise", help="grade it as this exercise (default: its '# handgrad dojo' line)")
+    q.add_argument("file", help="the exercise or challenge file")
+    q.add_argument("--exercise", help="grade it as this exercise or challenge (default: its "
+                   "'# handgrad dojo' line)")
+    q.add_argument("--strict", action="store_true",
+                   help="shapes exactly: a right value in a shape that broadcasts alike ((64,) for (1, "
+                        "64)) is wrong")
+    q.add_argument("--name", action="append", metavar="LECTURE=YOURS",
+                   help="your name for one of the lecture's (repeatable), e.g. dlogprobs=dL_dlogprobs")
     q.add_argument("--time-limit", type=float, default=20.0,
                    help="seconds for your code (default %(default)s)")
     q.add_argument("--json", action="store_true", help="print JSON instead of the table")
     q.add_argument("--graph", metavar="OUT.svg", help="also draw the graph, each tensor coloured by grade")
     q.set_defaults(func=_cmd_dojo_grade)
-    q = dsub.add_parser("hint", help="the next of three hints for a gradient: the rule, the shapes, the form")
+    q = dsub.add_parser("hint", help="the next of three hints for a row: the rule, the shapes, the form")
     q.add_argument("file", help="your exercise or challenge file (the count of hints is kept beside it)")
     q.add_argument("name", help="the gradient or row, e.g. dprobs")
-    q.add_argument("--exercise", help="the exercise (default: the file's '# handgrad dojo' line)")
+    q.add_argument("--exercise", help="the exercise or challenge (default: the file's '# handgrad dojo' "
+                   "line)")
     q.add_argument("--level", type=int, choices=(1, 2, 3),
-                   help="challenges: how much to give away (3 gives the answer; default 1)")
+                   help="this hint instead of the next (3 gives the answer)")
     q.set_defaults(func=_cmd_dojo_hint)
-    q = dsub.add_parser("solution", help="print an exercise's or a challenge's reference")
-    q.add_argument("exercise", help="its number or name (see `handgrad dojo list`)")
+    q = dsub.add_parser("solution", help="print an exercise's or a challenge's reference file")
+    q.add_argument("exercise", help="its key, letter or name (see `handgrad dojo list`)")
     q.set_defaults(func=_cmd_dojo_solution)
     _add_dojo_question_parsers(dsub)
-
-
-# ---- dojo challenges (owned by dojo/challenges): the handlers above ask it first; None: not a challenge
-def _dojo_challenge(action: str, args) -> int | None:
-    from handgrad.dojo import challenges
-
-    if action == "hint" and getattr(args, "level", None) is None:
-        args.level = 1
-    return challenges.cli(action, args, print, _err)
-# ---- end dojo challenges
 
 
 # ---- dojo questions (dojo/quiz.py): ask, answer, quiz, and their lines in `dojo list`

@@ -1,9 +1,10 @@
 """The mistake catalogue, as data: for each gradient of each exercise, the named wrong answers a
 learner is known to write, each computed from the probe's forward values and the upstream gradients
-fed in. The grader holds a wrong answer against every entry and names the one it equals. Generic
-entries (sign, a missing branch of a tensor used twice, the sum over a broadcast dimension, a scale
-of 1/n or n/(n-1), ...) are derived from the graph for every gradient; the tables add each op's
-wrong local derivatives.
+fed in (a challenge's entries live in its own file). The grader holds a wrong answer against every
+entry and names the one it equals. Generic entries (sign, a missing branch of a tensor used twice, the
+sum over a broadcast dimension, a scale of 1/n or n/(n-1), ...) are derived for every row, from the
+graph where there is one; the tables add each op's wrong local derivatives. Where the catalogue is
+silent the edit search (edits.py) reads the learner's own line.
 """
 
 from __future__ import annotations
@@ -39,15 +40,23 @@ ROWS = "rows"  # wrong on some rows or columns only
 SCALE = "scale"  # scaled by some other constant
 NONFINITE = "nonfinite"
 ZERO = "zero"
+ALIAS = "alias"  # two names for one tensor (no .clone()), so a change through one changes the other
 OTHER = "other"
 
 
 class Vals:
-    """What a catalogue entry reads: forward values by name (`v.probs`), the upstream gradients fed in
-    (`v.dprobs`), the sizes (`v.n`), and the correct answer of the gradient being graded (`v.ref`)."""
+    """What a catalogue entry reads: forward values by name (`v.probs`, or `v["x"]`), the upstream
+    gradients fed in (`v.dprobs`), the sizes (`v.n`), the right answer of the row being graded (`v.ref`)
+    and every row's right answer (`v.refs`)."""
 
-    def __init__(self, values: Mapping[str, object], feeds: Mapping[str, Tensor], ref: Tensor | None = None):
-        self._values, self._feeds, self.ref = values, feeds, ref
+    def __init__(
+        self,
+        values: Mapping[str, object],
+        feeds: Mapping[str, Tensor],
+        ref: Tensor | None = None,
+        refs: Mapping[str, object] | None = None,
+    ):
+        self._values, self._feeds, self.ref, self.refs = values, feeds, ref, refs or {}
 
     def __getattr__(self, k: str):
         if k.startswith("d") and k[1:] in self._feeds:
@@ -55,6 +64,9 @@ class Vals:
         if k in self._values:
             return self._values[k]
         raise AttributeError(k)
+
+    def __getitem__(self, k: str):
+        return self._values[k]
 
 
 @dataclass(frozen=True)
@@ -95,10 +107,6 @@ def _minus_one(x: Tensor) -> Tensor:
 
 def _softmax(x: Tensor) -> Tensor:
     return F.softmax(x, 1)
-
-
-def _ce_grad(logits: Tensor, Y: Tensor, n: int) -> Tensor:
-    return (_softmax(logits) - onehot(Y, logits)) / n
 
 
 def _bn_closed(
@@ -638,79 +646,6 @@ TRAINING_TABLE: dict[str, tuple[Variant, ...]] = {
     "bnbias": (),
 }
 
-LINEAR_TANH_TABLE: dict[str, tuple[Variant, ...]] = {
-    "a": (
-        Variant(
-            "zeros",
-            OTHER,
-            "zeros: loss = a.sum() gives every element of a gradient 1",
-            lambda v: torch.zeros_like(v.a),
-        ),
-    ),
-    "z": (
-        Variant(
-            "one-minus-a",
-            TANH,
-            "(1 - a) * da: the derivative of tanh is 1 - a**2",
-            lambda v: (1.0 - v.a) * v.da,
-        ),
-        Variant(
-            "at-input",
-            INPUT_OUTPUT,
-            "(1 - z**2) * da: 1 - tanh(z)**2 is 1 - a**2 at the output a, not 1 - z**2 at the input",
-            lambda v: (1.0 - v.z**2) * v.da,
-        ),
-        Variant(
-            "tanh-of-a",
-            INPUT_OUTPUT,
-            "(1 - tanh(a)**2) * da: tanh applied to the output again",
-            lambda v: (1.0 - torch.tanh(v.a) ** 2) * v.da,
-        ),
-    ),
-}
-
-EMBEDDING_TABLE: dict[str, tuple[Variant, ...]] = {
-    "C": (
-        Variant(
-            "overwrite",
-            OVERWRITE,
-            "overwritten instead of accumulated: dC[X] += demb keeps only one "
-            "contribution where an index repeats in X; accumulate (a loop with +=, or dC.index_add_(0, "
-            "X.reshape(-1), demb.reshape(-1, demb.shape[-1])))",
-            lambda v: _overwrite(v.C, v.X, v.demb),
-        ),
-        Variant(
-            "last-wins",
-            OVERWRITE,
-            "assigned instead of accumulated: dC[ix] = demb[...] keeps only the last use of each row; use +=",
-            lambda v: _last_wins(v.C, v.X, v.demb),
-        ),
-        Variant(
-            "index-transposed",
-            OTHER,
-            "the index and the gradient are paired in different orders: pair X[k, j] with demb[k, j]",
-            lambda v: _index_transposed(v),
-        ),
-    ),
-}
-
-
-def _index_transposed(v: Vals) -> Tensor:
-    if v.X.dim() != 2:
-        raise ValueError("1-D index")
-    return torch.zeros_like(v.C).index_add_(0, v.X.T.reshape(-1), v.demb.reshape(-1, v.C.shape[1]))
-
-
-TABLES: dict[str, dict[str, tuple[Variant, ...]]] = {
-    "lecture": LECTURE_TABLE,
-    "cross-entropy": CE_TABLE,
-    "batchnorm": BN_TABLE,
-    "training": TRAINING_TABLE,
-    "linear-tanh": LINEAR_TANH_TABLE,
-    "ce-one-liner": CE_TABLE,
-    "embedding": EMBEDDING_TABLE,
-}
-
 
 # ---------------------------------------------------------------------------- generic entries
 def _size_names(n: int) -> list[tuple[str, float, str, str]]:
@@ -735,11 +670,45 @@ def _size_names(n: int) -> list[tuple[str, float, str, str]]:
 
 
 def generic(
-    graph: Graph, g: str, values: Mapping[str, object], feeds: Mapping[str, Tensor], loc: Local, ref: Tensor
+    key: str,
+    values: Mapping[str, object],
+    feeds: Mapping[str, Tensor],
+    ref: Tensor,
+    graph: Graph | None = None,
+    loc: Local | None = None,
 ) -> list[Variant]:
-    """Entries every gradient gets, derived from the graph: each missing branch of a tensor used twice,
-    the local derivative without the upstream, the upstream without the local derivative, the sum over a
-    broadcast dimension done wrong, a transposed or flipped answer, a scale of 1/n or n/(n-1)."""
+    """Entries every row gets: a sign flip, a transpose, a scale of 1/n, n/(n-1), 2 (n the batch size,
+    else the answer's first dimension); and from the graph, where there is one, each missing branch of a
+    tensor used twice, the local derivative without the upstream, the upstream without the local
+    derivative, the sum over a broadcast dimension done wrong."""
+    out: list[Variant] = []
+    if graph is not None and loc is not None:
+        out += _graph_variants(graph, key, feeds, loc, ref)
+    out.append(
+        Variant("sign", SIGN, "sign flipped: your answer is exactly minus the right one", lambda v: -v.ref)
+    )
+    if ref.dim() == 2:
+        out.append(
+            Variant(
+                "transposed",
+                TRANSPOSED,
+                f"transposed: your d{key}.T is the right answer (x.T @ dout "
+                "where dout.T @ x was meant, or the operands of @ swapped)",
+                lambda v: v.ref.T,
+            )
+        )
+    n = values.get("n")
+    if not isinstance(n, int):
+        n = ref.shape[0] if ref.dim() else 0
+    if n > 2:
+        for k, factor, kind, words in _size_names(n):
+            out.append(Variant(f"scale-{k}", kind, words, lambda v, f=factor: v.ref * f))
+    return out
+
+
+def _graph_variants(
+    graph: Graph, g: str, feeds: Mapping[str, Tensor], loc: Local, ref: Tensor
+) -> list[Variant]:
     out: list[Variant] = []
     users = graph.consumers(g)
     terms = loc.contrib.get(g, {})
@@ -781,23 +750,6 @@ def generic(
     u = loc.unreduced.get(g)
     if u is not None:
         out += _reduction_variants(g, users[0], u, ref)
-    out.append(
-        Variant("sign", SIGN, "sign flipped: your answer is exactly minus the right one", lambda v: -v.ref)
-    )
-    if ref.dim() == 2:
-        out.append(
-            Variant(
-                "transposed",
-                TRANSPOSED,
-                f"transposed: your d{g}.T is the right answer "
-                "(x.T @ dout where dout.T @ x was meant, or the operands of @ swapped)",
-                lambda v: v.ref.T,
-            )
-        )
-    n = values.get("n")
-    if isinstance(n, int) and n > 2:
-        for key, k, kind, words in _size_names(n):
-            out.append(Variant(f"scale-{key}", kind, words, lambda v, k=k: v.ref * k))
     return out
 
 

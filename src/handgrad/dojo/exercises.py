@@ -1,45 +1,18 @@
-"""The dojo's exercises as data (Karpathy, "Becoming a Backprop Ninja"): what each is, the graph and
-mistake table it is graded with, and the plain Python file `handgrad dojo start` writes for it.
+"""The lecture's four exercises as dojo items (Karpathy, "Becoming a Backprop Ninja"): the graph and
+mistake table each is graded with, its probes, its rows with three hints each, and the plain Python file
+`handgrad dojo start` writes for it (setup and forward given, the backward left to fill in).
 """
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
 import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from handgrad.dojo import catalogue as K
 from handgrad.dojo import graph as G
+from handgrad.dojo import hints as H
+from handgrad.dojo import loop
 from handgrad.dojo import probes as P
-
-MARK = re.compile(r"^# handgrad dojo: exercise (\S+)\s*$", re.M)  # the line that names a file's exercise
-BLANK = "None  # TODO"  # how a gradient starts out in a fresh file
-
-
-@dataclass(frozen=True)
-class Exercise:
-    key: str  # "1", as typed on the command line
-    slug: str  # the file name's stem
-    title: str
-    about: str  # one line for `dojo list`
-    graph: G.Graph
-    table: dict[str, tuple[K.Variant, ...]]
-    probes: Callable[[], list[P.Probe]]
-    forward: str  # the given forward pass, the lecture's lines
-    shapes: dict[str, str]  # gradient name -> its shape in words, for the blank's comment
-    solution: str  # the reference backward, the lines between the markers
-    kind: str = "graph"  # how the child runs it: "graph" (local grading), "training" (also the loop)
-    given: str = ""  # lines after the forward pass and before the region (exercise 3's dhpreact)
-    hints: dict[str, tuple[str, ...]] = field(default_factory=dict)  # gradient -> rule, shapes, form
-
-    @property
-    def grads(self) -> tuple[str, ...]:
-        return self.graph.grads
-
+from handgrad.dojo.framework import BLANK, Item, RowSpec
 
 _SETUP = """import torch
 import torch.nn.functional as F
@@ -205,11 +178,165 @@ dC.index_add_(0, Xb.view(-1), demb.view(-1, n_embd))
 """
 )
 
-TRAIN_STEPS, TRAIN_LR, TRAIN_SEED = 100, 0.1, 42  # the grader's training run (exercise 4)
-CURVE_STEPS = 20  # the first steps, where the loss must follow autograd's step for step
+TRAIN_STEPS = loop.STEPS  # the grader's training run of exercise 4
 
-EXERCISES: dict[str, Exercise] = {
-    "1": Exercise(
+# The rule behind each gradient, in the lecture's names. None says the answer: it names the local
+# derivative and how the uses and broadcasts combine.
+RULES: dict[str, str] = {
+    "logprobs": "loss = -(mean of the picked entries logprobs[range(n), Yb]): each picked entry moves the "
+    "loss by -1/n; an entry that is not picked does not enter the loss at all",
+    "probs": "logprobs = log(probs): the local derivative of log(x) is 1/x, taken at the input; the chain "
+    "rule multiplies it by the upstream gradient",
+    "counts_sum_inv": "probs = counts * counts_sum_inv: the derivative of a product with respect to one "
+    "factor is the other factor; counts_sum_inv is broadcast across the columns",
+    "counts_sum": "counts_sum_inv = counts_sum**-1: the power rule, d(x**k)/dx = k * x**(k-1), at the input",
+    "counts": "counts is used twice, in probs = counts * counts_sum_inv and in counts_sum = counts.sum(1): "
+    "its gradient is the sum of one term per use; a sum hands its upstream gradient to every element it "
+    "added up",
+    "norm_logits": "counts = exp(norm_logits): the derivative of exp is exp itself, a value you already have",
+    "logit_maxes": "norm_logits = logits - logit_maxes: subtraction hands -1 times the upstream gradient to "
+    "what is subtracted; logit_maxes is broadcast across the columns",
+    "logits": "logits is used twice: directly in norm_logits (derivative 1) and in logit_maxes, the max of "
+    "each row, which passes its gradient only to the entry that was largest",
+    "h": "logits = h @ W2 + b2: the gradient with respect to one operand of @ is the upstream gradient "
+    "times the other operand, transposed so that the shapes fit",
+    "W2": "logits = h @ W2 + b2: the gradient with respect to one operand of @ is the other operand, "
+    "transposed, times the upstream gradient, in the order that makes the shapes fit",
+    "b2": "b2 is added to every row of h @ W2 (broadcast along dim 0): its gradient adds up the upstream "
+    "gradient over the rows",
+    "hpreact": "h = tanh(hpreact): d tanh(x)/dx = 1 - tanh(x)**2, and tanh(x) is the output you already have",
+    "bngain": "hpreact = bngain * bnraw + bnbias: the other factor times the upstream gradient; bngain is "
+    "broadcast over the rows",
+    "bnbias": "hpreact = bngain * bnraw + bnbias: a sum passes the upstream gradient through; bnbias is "
+    "broadcast over the rows",
+    "bnraw": "hpreact = bngain * bnraw + bnbias: the derivative with respect to bnraw is the other factor",
+    "bnvar_inv": "bnraw = bndiff * bnvar_inv: the other factor times the upstream gradient; bnvar_inv is "
+    "broadcast over the rows",
+    "bnvar": "bnvar_inv = (bnvar + 1e-5)**-0.5: the power rule at the input, with the eps where the "
+    "forward has it",
+    "bndiff2": "bnvar = 1/(n-1) * bndiff2.sum(0): the sum hands the upstream gradient to every row it "
+    "added up, times the constant in front (Bessel's n-1, as in the forward)",
+    "bndiff": "bndiff is used twice, in bndiff2 = bndiff**2 and in bnraw = bndiff * bnvar_inv: one term "
+    "per use, added",
+    "bnmeani": "bndiff = hprebn - bnmeani: subtraction hands -1 times the upstream gradient to bnmeani, "
+    "which is broadcast over the rows",
+    "hprebn": "hprebn is used twice: directly in bndiff (derivative 1) and in bnmeani = 1/n * "
+    "hprebn.sum(0), which hands its upstream to every row, times 1/n",
+    "embcat": "hprebn = embcat @ W1 + b1: the upstream gradient times the other operand, transposed so "
+    "that the shapes fit",
+    "W1": "hprebn = embcat @ W1 + b1: the other operand, transposed, times the upstream gradient, in the "
+    "order that makes the shapes fit",
+    "b1": "b1 is added to every row (broadcast along dim 0): add up the upstream gradient over the rows",
+    "emb": "embcat = emb.view(n, -1) only rearranges the numbers: the gradient is the upstream one, "
+    "rearranged back to emb's shape",
+    "C": "emb = C[Xb]: every row of emb is a copy of a row of C; a row of C gets the sum of the gradients "
+    "of all its copies, and a character can be picked many times in one batch",
+}
+
+# Exercises 2-4 write two gradients in closed form: their rules differ from the atomic ones.
+CLOSED_RULES: dict[str, str] = {
+    "logits": "loss = mean over the rows of -log softmax(logits)[Yb]: for one row, the derivative of "
+    "-log softmax(x)[y] with respect to x is the softmax of x, minus 1 at the target y; the mean over the "
+    "batch divides by n",
+    "hprebn": "hpreact = bngain * (hprebn - mean) / sqrt(var + 1e-5) + bnbias, with the variance over n-1: "
+    "hprebn reaches hpreact three ways (directly, through the mean, through the variance), so the closed "
+    "form has one term per way, all scaled by bngain * bnvar_inv",
+}
+
+
+def _rows(graph: G.Graph, shapes: dict[str, str], solution: str, closed: bool) -> tuple[RowSpec, ...]:
+    out = []
+    for g in graph.grads:
+        rule = CLOSED_RULES[g] if closed and g in CLOSED_RULES else RULES[g]
+        hints = (rule, H.shapes_hint(graph, shapes, g), H.form_hint(solution, g))
+        out.append(RowSpec(g, f"d{g}", f"d{g}", shapes.get(g, ""), hints))
+    return tuple(out)
+
+
+def _blanks(graph: G.Graph, shapes: dict[str, str]) -> str:
+    """The region of a fresh file: one marked blank per gradient, with the shape it must have."""
+    return "\n".join(f"d{g} = {BLANK} {shapes.get(g, '')}".rstrip() for g in graph.grads) + "\n"
+
+
+def _text(title: str, slug: str, forward: str, given: str = "") -> str:
+    return (
+        f'"""{title}.\n\nFill in every gradient between the `# >>>` and `# <<<` lines (replace each '
+        f"None), then run\n    handgrad dojo grade {slug}.py\nThe grader runs only the lines between "
+        "the markers, statement by statement, and feeds each\nof your gradients the correct upstream "
+        'gradients, so a mistake shows once, where it is.\n"""\n'
+        f"{_SETUP}{forward}{given}\n"
+        "# >>> your backward pass: d<name> is the gradient of loss with respect to <name>, same shape\n"
+        "@@0@@\n# <<<\n\n"
+        'if __name__ == "__main__":\n'
+        f'    print(f"loss {{loss.item():.6f}}; grade it: handgrad dojo grade {{__file__}}")\n'
+    )
+
+
+def _loop_text(title: str, slug: str, forward: str) -> str:
+    """Exercise 4's file: the lecture's training loop with the backward pass left to fill in."""
+    fwd = textwrap.indent(forward.strip("\n"), "    ")
+    return (
+        f'"""{title}.\n\nFill in every gradient between the `# >>>` and `# <<<` lines, then run\n'
+        f"    handgrad dojo grade {slug}.py\n"
+        "The grader runs your lines once per gradient with the correct upstream gradients fed in, then "
+        f"trains\n{TRAIN_STEPS} steps with them alone and holds the loss curve against autograd's.\n"
+        '"""\n'
+        f"{_SETUP}"
+        "\nfrom handgrad.dojo.setup import lecture_dataset  # noqa: E402\n\n"
+        "parameters = [C, W1, b1, W2, b2, bngain, bnbias]\n"
+        'X, Y = lecture_dataset("train")\n'
+        "g = torch.Generator().manual_seed(42)\n"
+        "max_steps, lr = 2000, 0.1\n"
+        "for i in range(max_steps):\n"
+        "    ix = torch.randint(0, X.shape[0], (batch_size,), generator=g)\n"
+        "    Xb, Yb = X[ix], Y[ix]  # the minibatch\n"
+        f"{fwd}\n\n"
+        "    # >>> your backward pass: d<name> is the gradient of loss with respect to <name>, same shape\n"
+        "    @@0@@\n    # <<<\n\n"
+        "    grads = [dC, dW1, db1, dW2, db2, dbngain, dbnbias]\n"
+        "    for p, grad in zip(parameters, grads):\n"
+        "        p -= lr * grad  # plain SGD\n"
+        "    if i % 100 == 0:\n"
+        '        print(f"{i:5d}/{max_steps}: loss {loss.item():.4f}")\n'
+    )
+
+
+def _exercise(
+    key: str,
+    slug: str,
+    title: str,
+    about: str,
+    graph: G.Graph,
+    table: dict,
+    probes,
+    forward: str,
+    shapes: dict[str, str],
+    solution: str,
+    given: str = "",
+    training: bool = False,
+) -> Item:
+    text = _loop_text(title, slug, forward) if training else _text(title, slug, forward, given)
+    return Item(
+        key,
+        "exercise",
+        slug,
+        title,
+        about,
+        text,
+        (_blanks(graph, shapes),),
+        (solution,),
+        _rows(graph, shapes, solution, key != "1"),
+        probes,
+        "region",
+        variants=table,
+        graph=graph,
+        training=training,
+        notebook={"graph": G.LECTURE if key == "1" else G.CROSS_ENTROPY},
+    )
+
+
+EXERCISES: tuple[Item, ...] = (
+    _exercise(
         "1",
         "ex1_atomic",
         "Exercise 1: backprop through the whole graph, one atomic step at a time",
@@ -221,7 +348,7 @@ EXERCISES: dict[str, Exercise] = {
         _LECTURE_SHAPES,
         _LECTURE_SOLUTION,
     ),
-    "2": Exercise(
+    _exercise(
         "2",
         "ex2_cross_entropy",
         "Exercise 2: the backward of cross-entropy in one expression",
@@ -233,7 +360,7 @@ EXERCISES: dict[str, Exercise] = {
         {"logits": "(n, vocab_size)"},
         _CE_SOLUTION,
     ),
-    "3": Exercise(
+    _exercise(
         "3",
         "ex3_batchnorm",
         "Exercise 3: the backward of batchnorm in one expression",
@@ -246,7 +373,7 @@ EXERCISES: dict[str, Exercise] = {
         _BN_SOLUTION,
         given=_BN_GIVEN,
     ),
-    "4": Exercise(
+    _exercise(
         "4",
         "ex4_training",
         "Exercise 4: train the network with your backward pass, no loss.backward()",
@@ -257,92 +384,6 @@ EXERCISES: dict[str, Exercise] = {
         _COMPACT_FORWARD,
         {k: _LECTURE_SHAPES[k] for k in G.TRAINING.grads},
         _TRAINING_SOLUTION,
-        kind="training",
+        training=True,
     ),
-}
-
-
-def get(key: str) -> Exercise:
-    """The exercise called `key` ("1", or its slug); ValueError names the ones there are."""
-    for ex in EXERCISES.values():
-        if key in (ex.key, ex.slug):
-            return ex
-    raise ValueError(f"no exercise {key!r}; there are: {', '.join(EXERCISES)} (see `handgrad dojo list`)")
-
-
-def blanks(ex: Exercise) -> str:
-    """The region of a fresh file: one marked blank per gradient, with the shape it must have."""
-    return "\n".join(f"d{g} = {BLANK} {ex.shapes.get(g, '')}".rstrip() for g in ex.graph.grads) + "\n"
-
-
-def template(ex: Exercise, region: str | None = None) -> str:
-    """The file `dojo start` writes: setup and forward given, then `region` between the markers (by
-    default each gradient a marked blank; `solution` passes the reference)."""
-    region = blanks(ex) if region is None else region
-    if ex.kind == "training":
-        return _loop_template(ex, region)
-    return (
-        f'"""{ex.title}.\n\nFill in every gradient between the `# >>>` and `# <<<` lines (replace each '
-        f"None), then run\n    handgrad dojo grade {ex.slug}.py\nThe grader runs only the lines between "
-        "the markers, statement by statement, and feeds each\nof your gradients the correct upstream "
-        'gradients, so a mistake shows once, where it is.\n"""\n'
-        f"# handgrad dojo: exercise {ex.key}\n{_SETUP}{ex.forward}{ex.given}\n"
-        f"# >>> your backward pass: d<name> is the gradient of loss with respect to <name>, same shape\n"
-        f"{region}# <<<\n\n"
-        'if __name__ == "__main__":\n'
-        f'    print(f"loss {{loss.item():.6f}}; grade it: handgrad dojo grade {{__file__}}")\n'
-    )
-
-
-def _loop_template(ex: Exercise, region: str) -> str:
-    """Exercise 4's file: the lecture's training loop with the backward pass left to fill in."""
-    fwd = textwrap.indent(ex.forward.strip("\n"), "    ")
-    body = textwrap.indent(region, "    ")
-    return (
-        f'"""{ex.title}.\n\nFill in every gradient between the `# >>>` and `# <<<` lines, then run\n'
-        f"    handgrad dojo grade {ex.slug}.py\n"
-        "The grader runs your lines once per gradient with the correct upstream gradients fed in, then "
-        f"trains\n{TRAIN_STEPS} steps with them alone and holds the loss curve against autograd's.\n"
-        '"""\n'
-        f"# handgrad dojo: exercise {ex.key}\n{_SETUP}"
-        "\nfrom handgrad.dojo.setup import lecture_dataset  # noqa: E402\n\n"
-        "parameters = [C, W1, b1, W2, b2, bngain, bnbias]\n"
-        'X, Y = lecture_dataset("train")\n'
-        "g = torch.Generator().manual_seed(42)\n"
-        "max_steps, lr = 2000, 0.1\n"
-        "for i in range(max_steps):\n"
-        "    ix = torch.randint(0, X.shape[0], (batch_size,), generator=g)\n"
-        "    Xb, Yb = X[ix], Y[ix]  # the minibatch\n"
-        f"{fwd}\n\n"
-        "    # >>> your backward pass: d<name> is the gradient of loss with respect to <name>, same shape\n"
-        f"{body}    # <<<\n\n"
-        "    grads = [dC, dW1, db1, dW2, db2, dbngain, dbnbias]\n"
-        "    for p, grad in zip(parameters, grads):\n"
-        "        p -= lr * grad  # plain SGD\n"
-        "    if i % 100 == 0:\n"
-        '        print(f"{i:5d}/{max_steps}: loss {loss.item():.4f}")\n'
-    )
-
-
-def start(key: str, directory: str | Path = ".") -> Path:
-    """Write exercise `key`'s file into `directory` and return its path. FileExistsError if a file of
-    that name is there already: a learner's work is never overwritten."""
-    ex = get(key)
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{ex.slug}.py"
-    text = template(ex)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{ex.slug}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.link(tmp, path)  # atomic, and fails if the file exists (never overwrites)
-    finally:
-        os.unlink(tmp)
-    return path
-
-
-def exercise_of(source: str) -> str | None:
-    """The exercise a file says it is (its `# handgrad dojo: exercise K` line), or None."""
-    m = MARK.search(source)
-    return m.group(1) if m else None
+)

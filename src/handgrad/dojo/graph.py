@@ -39,6 +39,13 @@ class Graph:
         return [op.out for op in self.ops if name in op.ins]
 
 
+def vjp(out: Tensor, dout: Tensor | None) -> Tensor:
+    """The scalar whose gradient is the vector-Jacobian product with `dout`: (out * dout).sum(). The
+    same numbers as autograd.grad(out, x, dout) (the sum's gradient is ones, and ones * dout is dout),
+    without its grad_outputs check, whose first call imports sympy (~2 s of a grade)."""
+    return out if dout is None else (out * dout).sum()
+
+
 def forward(graph: Graph, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Every value of the forward pass, no autograd: inputs plus one entry per op."""
     vals = dict(inputs)
@@ -64,7 +71,7 @@ def true_grads(
             live[op.out] = op.fn(*(live[i] for i in op.ins))
         targets = [live[g] for g in graph.grads]
         out = live[graph.seed]
-        gs = torch.autograd.grad(out, targets, seed_grad, allow_unused=True)
+        gs = torch.autograd.grad(vjp(out, seed_grad), targets, allow_unused=True)
     return {g: (torch.zeros_like(vals[g]) if t is None else t.detach()) for g, t in zip(graph.grads, gs)}
 
 
@@ -100,11 +107,9 @@ def local_vjps(graph: Graph, vals: Mapping[str, Tensor], feeds: Mapping[str, Ten
         with torch.enable_grad():
             leaves = [vals[i].detach().clone().requires_grad_(i in diff) for i in op.ins]
             out = op.fn(*leaves)
-            gs = torch.autograd.grad(out, [lf for i, lf in zip(op.ins, leaves) if i in diff], dout)
+            gs = torch.autograd.grad(vjp(out, dout), [lf for i, lf in zip(op.ins, leaves) if i in diff])
             ones = (
-                torch.autograd.grad(
-                    op.fn(*leaves), [lf for i, lf in zip(op.ins, leaves) if i in diff], torch.ones_like(out)
-                )
+                torch.autograd.grad(op.fn(*leaves).sum(), [lf for i, lf in zip(op.ins, leaves) if i in diff])
                 if out.dim()
                 else gs
             )
@@ -119,10 +124,40 @@ def local_vjps(graph: Graph, vals: Mapping[str, Tensor], feeds: Mapping[str, Ten
     return loc
 
 
+def same_broadcast(graph: Graph, vals: Mapping[str, object], g: str, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor of `shape` in place of vals[g] gives every op that uses g an output of the same
+    shape: then a gradient of that shape is the tensor's own, up to a size-1 dimension."""
+    v = vals[g]
+    z = torch.zeros(shape, dtype=v.dtype)
+    for op in graph.ops:
+        if g not in op.ins:
+            continue
+        try:
+            out = op.fn(*(z if i == g else vals[i] for i in op.ins))
+        except Exception:  # does not broadcast at all
+            return False
+        if tuple(out.shape) != tuple(vals[op.out].shape):
+            return False
+    return True
+
+
+def broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape the given shapes broadcast to; ValueError when they do not. (torch.broadcast_shapes
+    gives the same answer, but its first call imports torch._refs and sympy: ~2 s of a grade.)"""
+    n = max((len(s) for s in shapes), default=0)
+    out = [1] * n
+    for s in shapes:
+        for i, d in enumerate((1,) * (n - len(s)) + tuple(s)):
+            if d != 1 and out[i] not in (1, d):
+                raise ValueError(f"shapes {shapes} do not broadcast")
+            out[i] = d if d != 1 else out[i]
+    return tuple(out)
+
+
 def _broadcasts(small: tuple[int, ...], big: tuple[int, ...]) -> bool:
     try:
-        return tuple(torch.broadcast_shapes(small, big)) == big
-    except RuntimeError:
+        return broadcast(small, big) == big
+    except ValueError:
         return False
 
 
@@ -138,7 +173,7 @@ def _unreduced(
             return None
         if tuple(out.shape) != shape:
             return None
-        (u,) = torch.autograd.grad(out, [leaf], dout)
+        (u,) = torch.autograd.grad(vjp(out, dout), [leaf])
     return u.detach()
 
 
@@ -238,20 +273,6 @@ TRAINING = Graph(
         "C",
     ),
 )  # exercise 4
-
-# Challenge: linear + tanh, z = x @ W + b; a = tanh(z); loss = a.sum().
-LINEAR_TANH = Graph(
-    ops=(
-        Op("z", ("x", "W", "b"), lambda x, W, b: x @ W + b),  # (N, out)
-        Op("a", ("z",), torch.tanh),  # (N, out)
-        Op("loss", ("a",), lambda a: a.sum()),
-    ),  # ()
-    grads=("a", "z", "W", "b", "x"),
-)
-# Challenge: the cross-entropy one-liner (any N and V, logits of any scale).
-CE_ONE_LINER = Graph(ops=(Op("loss", ("logits", "Y"), F.cross_entropy),), grads=("logits",))
-# Challenge: the embedding backward with repeated indices, fed a random demb.
-EMBEDDING = Graph(ops=(Op("emb", ("C", "X"), lambda C, X: C[X]),), grads=("C",), seed="emb")
 
 
 def bn_extras(hprebn: Tensor) -> dict[str, Tensor]:

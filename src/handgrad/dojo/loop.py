@@ -1,12 +1,14 @@
 """Exercise 4's training run (Karpathy, "Becoming a Backprop Ninja", the last exercise): SGD on the
 lecture's network with the learner's backward alone, held against the same run with autograd's
-gradients: step for step over the first steps, and by the loss it reaches. The child runs the
-learner's steps (`run_training`); the parent draws the batches, runs autograd's steps and judges.
+gradients: step for step over the first steps, and by the loss it reaches. The learner's steps run
+where their code runs (`run_training`: the child for a file, the notebook's process for a notebook);
+the grader draws the batches, runs autograd's steps and judges.
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -17,6 +19,8 @@ from handgrad.dojo import setup
 from handgrad.dojo.judge import Row
 
 PARAMS = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")  # what SGD updates, the lecture's order
+STEPS, LR, SEED = 100, 0.1, 42  # the grader's training run
+CURVE_STEPS = 20  # the first steps, where the loss must follow autograd's step for step
 CURVE_RTOL = 1e-6  # float64: a right backward follows autograd's loss to ~1e-12
 REACHED_RTOL = 1e-3  # the mean loss of the last steps, relative to autograd's
 LAST = 10  # the steps averaged for "the loss it reaches"
@@ -31,7 +35,17 @@ def training_inputs(steps: int, seed: int) -> dict[str, Tensor]:
     return {**{f"p|{k}": t.clone() for k, t in p.items()}, "Xs": X[ix], "Ys": Y[ix]}
 
 
-def _values(params: dict[str, Tensor], Xb: Tensor, Yb: Tensor) -> dict[str, object]:
+@lru_cache(maxsize=1)
+def _inputs() -> dict[str, Tensor]:
+    return training_inputs(STEPS, SEED)
+
+
+def inputs() -> dict[str, Tensor]:
+    """The grader's run (computed once per process; a copy each time)."""
+    return {k: v.clone() for k, v in _inputs().items()}
+
+
+def values(params: dict[str, Tensor], Xb: Tensor, Yb: Tensor) -> dict[str, object]:
     """The learner's namespace at one step: parameters, batch, sizes and every forward value."""
     vals = G.forward(G.TRAINING, {**params, "Xb": Xb, "Yb": Yb})
     n = Xb.shape[0]
@@ -47,51 +61,59 @@ def _values(params: dict[str, Tensor], Xb: Tensor, Yb: Tensor) -> dict[str, obje
     }
 
 
-# ---------------------------------------------------------------------------- child side
-def run_training(job: dict, parsed, base: dict, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
+# ---------------------------------------------------------------------------- where the learner's code runs
+def run_training(
+    parsed, base: dict, tensors: dict[str, Tensor], rows: dict[str, str], lr: float
+) -> tuple[dict[str, Tensor], dict]:
     """Train with the learner's region (nothing fed in) until the steps run out or a step cannot be
     taken; returns the losses and, if it stopped early, why."""
     from handgrad.dojo.runner import run_region
 
     params = {k: tensors[f"p|{k}"].clone() for k in PARAMS}
-    lr = float(job["lr"])
+    wanted = {k: rows.get(k, f"d{k}") for k in PARAMS}
     losses: list[float] = []
     stop = ""
     for s in range(tensors["Xs"].shape[0]):
-        values = _values(params, tensors["Xs"][s], tensors["Ys"][s])
-        losses.append(float(values["loss"]))
-        out, meta, _ = run_region(parsed, base, values, {}, list(PARAMS), feed=False)
-        bad = next((k for k in PARAMS if k not in out), None)
+        vals = values(params, tensors["Xs"][s], tensors["Ys"][s])
+        losses.append(float(vals["loss"]))
+        run = run_region(parsed, base, vals, {}, wanted, feed=False)
+        bad = next((k for k in PARAMS if k not in run.out), None)
         if bad is not None:
-            m = meta[bad]
+            m = run.meta[bad]
             why = m.get("msg") or ("still blank" if m.get("status") == "missing" else m.get("status", "?"))
-            stop = f"step {s}: d{bad} cannot be used: {why}"
+            stop = f"step {s}: {wanted[bad]} cannot be used: {why}"
             break
-        shaped = next((k for k in PARAMS if tuple(out[k].shape) != tuple(params[k].shape)), None)
+        shaped = next((k for k in PARAMS if run.out[k].numel() != params[k].numel()), None)
         if shaped is not None:
             stop = (
-                f"step {s}: d{shaped} has shape {tuple(out[shaped].shape)} but {shaped} is "
+                f"step {s}: {wanted[shaped]} has shape {tuple(run.out[shaped].shape)} but {shaped} is "
                 f"{tuple(params[shaped].shape)}: the update would change the parameter's shape"
             )
             break
-        params = {k: params[k] - lr * out[k].to(params[k].dtype) for k in PARAMS}
-    return {"train|losses": torch.tensor(losses, dtype=torch.float64)}, {"training": {"stop": stop}}
+        params = {k: params[k] - lr * run.out[k].reshape(params[k].shape).to(params[k].dtype) for k in PARAMS}
+    return {"losses": torch.tensor(losses, dtype=torch.float64)}, {"stop": stop}
 
 
-# ---------------------------------------------------------------------------- parent side
-def reference_losses(tensors: dict[str, Tensor], lr: float) -> Tensor:
-    """The same run with autograd's gradients (the reference)."""
+# ---------------------------------------------------------------------------- the grader's side
+@lru_cache(maxsize=1)
+def _reference() -> Tensor:
+    tensors = _inputs()
     params = {k: tensors[f"p|{k}"].clone() for k in PARAMS}
     out = []
     for s in range(tensors["Xs"].shape[0]):
         vals = G.forward(G.TRAINING, {**params, "Xb": tensors["Xs"][s], "Yb": tensors["Ys"][s]})
         out.append(float(vals["loss"]))
         grads = G.true_grads(G.TRAINING, vals)
-        params = {k: params[k] - lr * grads[k] for k in PARAMS}
+        params = {k: params[k] - LR * grads[k] for k in PARAMS}
     return torch.tensor(out, dtype=torch.float64)
 
 
-def judge_training(mine: Tensor, ref: Tensor, stop: str, curve_steps: int) -> list[Row]:
+def reference() -> Tensor:
+    """The same run with autograd's gradients: the loss at each step."""
+    return _reference().clone()
+
+
+def judge_training(mine: Tensor, ref: Tensor, stop: str, curve_steps: int = CURVE_STEPS) -> list[Row]:
     """Two rows: the loss curve over the first `curve_steps` steps, and the loss reached at the end."""
     steps = ref.shape[0]
     curve = Row("loss curve", (curve_steps,), "ok", grad=False)
@@ -126,8 +148,8 @@ def judge_training(mine: Tensor, ref: Tensor, stop: str, curve_steps: int) -> li
         reached.status, reached.kind, reached.key = "wrong", K.OTHER, "reached"
         worse = "higher" if a > b else "lower"
         reached.diagnosis = (
-            f"mean loss of the last {LAST} of {steps} steps {a:.4f}, autograd's {b:.4f} ({worse}; started at "
-            f"{float(ref[0]):.4f})"
+            f"mean loss of the last {LAST} of {steps} steps {a:.4f}, autograd's {b:.4f} ({worse}; "
+            f"started at {float(ref[0]):.4f})"
         )
     else:
         reached.diagnosis = (

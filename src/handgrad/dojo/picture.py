@@ -6,13 +6,12 @@ laid out by depth: the forward pass runs top to bottom, as in the lecture's note
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from pathlib import Path
 
-from handgrad.dojo import exercises as E
-from handgrad.dojo.grade import COLOURS, VERDICTS, Grade
+from handgrad import io
 from handgrad.dojo.graph import Graph
+from handgrad.dojo.items import get
+from handgrad.dojo.report import COLOURS, VERDICTS, Grade
 
 ROW_H, COL_W, NODE_W, NODE_H, MARGIN, TOP = 64, 170, 140, 40, 40, 90  # px
 NOTE_CHARS = 90  # the longest diagnosis written beside the graph (the full one is the node's tooltip)
@@ -38,9 +37,11 @@ def layout(graph: Graph) -> dict[str, tuple[int, int]]:
 
 
 def svg(grade: Grade) -> str:
-    """The picture of a graded exercise (any exercise with a graph)."""
-    ex = E.get(grade.exercise)
+    """The picture of a graded exercise (any item with a graph)."""
+    ex = get(grade.item)
     graph = ex.graph
+    if graph is None:
+        raise ValueError(f"{ex.kind} {ex.key} has no graph to draw")
     rows = {r.name[1:]: r for r in grade.rows if r.grad}
     pos = layout(graph)
     ncols = 1 + max(c for _, c in pos.values())
@@ -97,8 +98,12 @@ def svg(grade: Grade) -> str:
             f'height="{NODE_H}" rx="8" fill="{fill}" stroke="{stroke}" stroke-width="{2 if r else 1}"/>'
             f'<text x="{cx}" y="{cy - 3 if label else cy + 4}" text-anchor="middle" font-weight="bold">'
             f"{_h(name)}</text>"
-            + (f'<text x="{cx}" y="{cy + 13}" text-anchor="middle" font-size="10">d{_h(name)}: {label}</text>'
-               if label else "")
+            + (
+                f'<text x="{cx}" y="{cy + 13}" text-anchor="middle" font-size="10">'
+                f"d{_h(name)}: {label}</text>"
+                if label
+                else ""
+            )
             + "</g>"
         )
     for name in said:  # the diagnosis beside the chain, level with its tensor
@@ -116,16 +121,7 @@ def svg(grade: Grade) -> str:
 def write(grade: Grade, path: str | Path) -> Path:
     """Write the picture atomically (a temporary file in the same folder, then renamed)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(svg(grade))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    io.atomic_write_bytes(path, svg(grade).encode())
     return path
 
 

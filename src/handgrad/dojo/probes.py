@@ -1,15 +1,14 @@
-"""The points at which a learner's gradients are graded (the parent side: no learner code here).
-A probe is a namespace of forward values, the upstream gradients fed in after each of the learner's
-gradients, and the correct local answer for each. Probes that cannot be fooled: the lecture's batch,
-random upstream gradients (a branch whose upstream is ~0 in the lecture, like logit_maxes, shows),
-a batch of another size after some training (hard-coded sizes show), float64 for the verdict and
-float32 against autograd bit for bit (the lecture's "exact" column).
+"""The points at which a learner's gradients are graded, for the exercises (the grader's side: no
+learner code here). A probe is a namespace of forward values, the upstream gradients fed in after each of
+the learner's gradients, and the right local answer for each. Probes that cannot be fooled: the lecture's
+batch, random upstream gradients (a branch whose upstream is ~0 in the lecture, like logit_maxes, shows),
+a batch of another size after some training (hard-coded sizes show), float64 for the verdict and float32
+against autograd bit for bit (the lecture's "exact" column).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -19,21 +18,9 @@ from handgrad import atomic
 from handgrad.atomic import Params
 from handgrad.dojo import graph as G
 from handgrad.dojo import setup
+from handgrad.dojo.framework import Probe
 
 F64, F32 = torch.float64, torch.float32
-
-
-@dataclass
-class Probe:
-    name: str
-    about: str  # in words, for the report
-    values: dict[str, object]  # the learner's namespace: tensors and sizes
-    feeds: dict[str, Tensor]  # gradient name -> what d<name> holds below the learner's line for it
-    refs: dict[str, Tensor]  # the right answer for each graded gradient, given the feeds
-    local: G.Local = field(default_factory=G.Local)
-    feed: bool = True  # False: the learner's own chain (end to end)
-    verdict: bool = True  # counts for ok / wrong (float64)
-    exact: bool = False  # refs are autograd's own float32 values: the exact column
 
 
 def _params_dict(p: Params, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -77,6 +64,7 @@ def graph_probe(
     }
     vals = G.forward(graph, {k: v for k, v in ins.items() if isinstance(v, Tensor)})
     gen = torch.Generator().manual_seed(seed)
+    random_up = random or (graph.seed != "loss" and seed_grad is None)
     if graph.seed != "loss" and seed_grad is None:
         seed_grad = torch.randn(vals[graph.seed].shape, generator=gen, dtype=F64).to(dtype)
     if seed_grad is not None:
@@ -98,7 +86,7 @@ def graph_probe(
         values.update(extras(values))
     if graph.seed != "loss":
         values[f"d{graph.seed}"] = feeds[graph.seed]
-    return Probe(name, about, values, feeds, refs, loc, **flags)
+    return Probe(name, about, values, refs, feeds, loc, dtype=dtype, random=random_up, **flags)
 
 
 # ---------------------------------------------------------------------------- the lecture's probes
@@ -117,36 +105,61 @@ def _lecture_inputs(p: Params, X: Tensor, Y: Tensor) -> dict[str, object]:
     }
 
 
-def _points() -> list[tuple[str, str, dict[str, object]]]:
-    """(name, words, inputs): the lecture's init and batch; after 40 steps, a batch of 24."""
-    lecture = _lecture_inputs(setup.lecture_params(), *setup.lecture_batch())
+def point(p: Params | dict[str, Tensor], X: Tensor, Y: Tensor) -> dict[str, object]:
+    """A probe's inputs: the 7 parameters (float64), a batch and the sizes they imply."""
+    ps = p if isinstance(p, dict) else dict(p.items())
+    return _lecture_inputs(
+        Params(**{k: ps[k] for k in ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")}), X, Y
+    )
+
+
+def _points(own: dict | None = None) -> list[tuple[str, str, dict[str, object]]]:
+    """(name, words, inputs): the lecture's init and batch (or a notebook's own point); after 40 steps, a
+    batch of 24."""
     trained = _lecture_inputs(trained_params(), *setup.lecture_batch(seed=11, batch_size=24))
-    return [
-        ("lecture", "the lecture's init and batch (n=32)", lecture),
-        ("trained", "after 40 training steps, a batch of n=24", trained),
-    ]
+    if own is not None:
+        first = ("yours", f"your parameters and batch (n={own['n']})", own)
+    else:
+        first = (
+            "lecture",
+            "the lecture's init and batch (n=32)",
+            _lecture_inputs(setup.lecture_params(), *setup.lecture_batch()),
+        )
+    return [first, ("trained", "after 40 training steps, a batch of n=24", trained)]
 
 
 def _bn_extras(values: dict) -> dict:
     return G.bn_extras(values["hprebn"])
 
 
-def lecture_probes(graph: G.Graph = G.LECTURE, extras: Callable[[dict], dict] | None = None) -> list[Probe]:
-    """Exercises 1 and 4 (local grading of many gradients)."""
-    (_, lw, lecture), (_, tw, trained) = _points()
-    return [
+def lecture_probes(
+    graph: G.Graph = G.LECTURE, extras: Callable[[dict], dict] | None = None, own: dict | None = None
+) -> list[Probe]:
+    """Exercises 1 and 4 (local grading of many gradients). With `own` (a notebook's point) the first
+    probes are at it, and there is no chain probe: the notebook's own values are the chain."""
+    (ln, lw, lecture), (_, tw, trained) = _points(own)
+    mine = own is not None
+    out = [
         graph_probe(
-            graph, "lecture", f"{lw}, true upstream, float64", lecture, random=False, dtype=F64, extras=extras
+            graph,
+            ln,
+            f"{lw}, true upstream, float64",
+            lecture,
+            random=False,
+            dtype=F64,
+            extras=extras,
+            own=mine,
         ),
         graph_probe(
             graph,
-            "random",
+            f"{ln}-random" if mine else "random",
             f"{lw}, random upstream gradients, float64",
             lecture,
             random=True,
             dtype=F64,
             seed=1,
             extras=extras,
+            own=mine,
         ),
         graph_probe(
             graph,
@@ -168,28 +181,34 @@ def lecture_probes(graph: G.Graph = G.LECTURE, extras: Callable[[dict], dict] | 
             extras=extras,
             verdict=False,
             exact=True,
-        ),
-        graph_probe(
-            graph,
-            "chain",
-            f"{lw}: your own chain, nothing fed in, float64",
-            lecture,
-            random=False,
-            dtype=F64,
-            extras=extras,
-            feed=False,
-            verdict=False,
+            own=mine,
         ),
     ]
+    if not mine:
+        out.append(
+            graph_probe(
+                graph,
+                "chain",
+                f"{lw}: your own chain, nothing fed in, float64",
+                lecture,
+                random=False,
+                dtype=F64,
+                extras=extras,
+                feed=False,
+                verdict=False,
+            )
+        )
+    return out
 
 
-def cross_entropy_probes() -> list[Probe]:
+def cross_entropy_probes(own: dict | None = None) -> list[Probe]:
     """Exercise 2: dlogits of F.cross_entropy (only the loss seed exists: no random upstream)."""
-    (_, lw, lecture), (_, tw, trained) = _points()
+    (ln, lw, lecture), (_, tw, trained) = _points(own)
     g = G.CROSS_ENTROPY
     ex = _bn_extras
+    mine = own is not None
     return [
-        graph_probe(g, "lecture", f"{lw}, float64", lecture, random=False, dtype=F64, extras=ex),
+        graph_probe(g, ln, f"{lw}, float64", lecture, random=False, dtype=F64, extras=ex, own=mine),
         graph_probe(g, "trained", f"{tw}, float64", trained, random=False, dtype=F64, extras=ex),
         graph_probe(
             g,
@@ -201,22 +220,24 @@ def cross_entropy_probes() -> list[Probe]:
             extras=ex,
             verdict=False,
             exact=True,
+            own=mine,
         ),
     ]
 
 
-def batchnorm_probes() -> list[Probe]:
-    """Exercise 3: dhprebn given dhpreact (the lecture's, then random ones)."""
-    (_, lw, lecture), (_, tw, trained) = _points()
-    fwd = G.forward(G.LECTURE, {k: v for k, v in lecture.items() if isinstance(v, Tensor)})
-    true_dhpreact = G.true_grads(G.LECTURE, fwd)["hpreact"]
+def batchnorm_probes(own: dict | None = None, seed_grad: Tensor | None = None) -> list[Probe]:
+    """Exercise 3: dhprebn given dhpreact (the lecture's, or a notebook's own; then random ones)."""
+    (ln, lw, lecture), (_, tw, trained) = _points(own)
+    if seed_grad is None:
+        fwd = G.forward(G.LECTURE, {k: v for k, v in lecture.items() if isinstance(v, Tensor)})
+        seed_grad = G.true_grads(G.LECTURE, fwd)["hpreact"]
+    mine = own is not None
 
-    def ins(point: dict) -> dict:
-        vals = G.forward(G.CROSS_ENTROPY, {k: v for k, v in point.items() if isinstance(v, Tensor)})
-        return {**point, "hprebn": vals["hprebn"]}
+    def ins(pt: dict) -> dict:
+        vals = G.forward(G.CROSS_ENTROPY, {k: v for k, v in pt.items() if isinstance(v, Tensor)})
+        return {**pt, "hprebn": vals["hprebn"]}
 
     def ex(values: dict) -> dict:
-        hp = values["hprebn"]
         vals = G.forward(
             G.CROSS_ENTROPY,
             {
@@ -227,26 +248,36 @@ def batchnorm_probes() -> list[Probe]:
             },
         )
         return {
-            **G.bn_extras(hp),
+            **G.bn_extras(values["hprebn"]),
             **{k: vals[k] for k in ("emb", "embcat", "h", "logits", "loss")},
             "hpreact_fast": values["hpreact"],
         }
 
     g = G.BATCHNORM
     li, ti = ins(lecture), ins(trained)
+    up = "your dhpreact" if mine else "the lecture's dhpreact"
     return [
         graph_probe(
             g,
-            "lecture",
-            f"{lw}, the lecture's dhpreact, float64",
+            ln,
+            f"{lw}, {up}, float64",
             li,
             random=False,
             dtype=F64,
-            seed_grad=true_dhpreact,
+            seed_grad=seed_grad,
             extras=ex,
+            own=mine,
         ),
         graph_probe(
-            g, "random", f"{lw}, a random dhpreact, float64", li, random=False, dtype=F64, seed=3, extras=ex
+            g,
+            f"{ln}-random" if mine else "random",
+            f"{lw}, a random dhpreact, float64",
+            li,
+            random=False,
+            dtype=F64,
+            seed=3,
+            extras=ex,
+            own=mine,
         ),
         graph_probe(
             g, "trained", f"{tw}, a random dhpreact, float64", ti, random=False, dtype=F64, seed=4, extras=ex
@@ -258,14 +289,15 @@ def batchnorm_probes() -> list[Probe]:
             li,
             random=False,
             dtype=F32,
-            seed_grad=true_dhpreact,
+            seed_grad=seed_grad,
             extras=ex,
             verdict=False,
             exact=True,
+            own=mine,
         ),
     ]
 
 
-def training_probes() -> list[Probe]:
+def training_probes(own: dict | None = None) -> list[Probe]:
     """Exercise 4's local grading: the compact graph, like exercise 1."""
-    return lecture_probes(G.TRAINING, _bn_extras)
+    return lecture_probes(G.TRAINING, _bn_extras, own)

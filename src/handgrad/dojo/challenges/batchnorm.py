@@ -8,7 +8,11 @@ from __future__ import annotations
 import torch
 
 from handgrad.dojo import catalogue as K
-from handgrad.dojo.challenges.core import F64, Challenge, CProbe, Recorder, Skip, Spec, Variant
+from handgrad.dojo.catalogue import Variant
+from handgrad.dojo.framework import Item, Probe, RowSpec
+from handgrad.dojo.runner import Recorder, Skip
+
+F64 = torch.float64
 
 EPS = 1e-5
 NOT_UPDATED = "stats-not-updated"  # the running statistics left as they were in training mode
@@ -95,9 +99,11 @@ SOLUTION = (
     "dx = self.gamma * var_inv / n * (n * dout - dbeta - n / (n - 1) * xhat * dgamma)\n# <<<",
 )
 
-SPECS = (
-    Spec(
+ROWS = (
+    RowSpec(
         "out(train)",
+        "out(train)",
+        "out",
         "(N, D)",
         (
             "Training mode normalises each column with the batch's own mean and variance, then scales by "
@@ -106,29 +112,34 @@ SPECS = (
             "mean and var over dim 0 with keepdim: (1, D); var is Bessel-corrected (n-1), as in the lecture.",
             "out = gamma * (x - x.mean(0, keepdim=True)) * (x.var(0, keepdim=True) + eps) ** -0.5 + beta",
         ),
-        "out",
     ),
-    Spec(
+    RowSpec(
         "running_mean",
+        "running_mean",
+        "self.running_mean",
         "(D,)",
         (
             "Each training step moves the running mean a fraction momentum of the way to the batch mean.",
             "running_mean stays (D,): the batch mean is (1, D), take its row [0].",
             "self.running_mean = (1 - momentum) * self.running_mean + momentum * xmean[0]",
         ),
-        "xmean",
+        blank="xmean",
     ),
-    Spec(
+    RowSpec(
         "running_var",
+        "running_var",
+        "self.running_var",
         "(D,)",
         (
             "The same exponential moving average for the variance, with the variance used to normalise.",
             "(D,), from the (1, D) batch variance with Bessel's n-1.",
             "self.running_var = (1 - momentum) * self.running_var + momentum * xvar[0]",
         ),
-        "xvar",
+        blank="xvar",
     ),
-    Spec(
+    RowSpec(
+        "dgamma",
+        "dgamma",
         "dgamma",
         "(D,)",
         (
@@ -138,7 +149,9 @@ SPECS = (
             "dgamma = (xhat * dout).sum(0)",
         ),
     ),
-    Spec(
+    RowSpec(
+        "dbeta",
+        "dbeta",
         "dbeta",
         "(D,)",
         (
@@ -147,7 +160,9 @@ SPECS = (
             "dbeta = dout.sum(0)",
         ),
     ),
-    Spec(
+    RowSpec(
+        "dx",
+        "dx",
         "dx",
         "(N, D)",
         (
@@ -158,8 +173,10 @@ SPECS = (
             "dx = gamma * var_inv / n * (n * dout - dout.sum(0) - n / (n - 1) * xhat * (xhat * dout).sum(0))",
         ),
     ),
-    Spec(
+    RowSpec(
         "out(eval)",
+        "out(eval)",
+        "out",
         "(N, D)",
         (
             "Eval mode normalises with the running statistics: the output of one example must not depend on "
@@ -167,10 +184,11 @@ SPECS = (
             "running_mean and running_var are (D,); they broadcast over the N rows.",
             "xmean, xvar = self.running_mean, self.running_var (then the same normalisation)",
         ),
-        "out",
     ),
-    Spec(
+    RowSpec(
         "stats(eval)",
+        "stats(eval)",
+        "self.running_mean",
         "(2, D)",
         (
             "Eval mode reads the running statistics and never writes them.",
@@ -178,7 +196,7 @@ SPECS = (
             "before it.",
             "in the else branch: only xmean = self.running_mean and xvar = self.running_var, no update",
         ),
-        "xmean",
+        blank="xmean",
     ),
 )
 
@@ -191,7 +209,7 @@ def _norm(x, mean, var, gamma, beta, eps=EPS):
     return gamma * (x - mean) * (var + eps) ** -0.5 + beta  # (N, D)
 
 
-def probes() -> list[CProbe]:
+def probes() -> list[Probe]:
     out = []
     for name, (n, d), m, seed in (("a", (16, 5), 0.1, 1), ("b", (9, 3), 0.25, 2)):
         g = torch.Generator().manual_seed(seed)
@@ -232,14 +250,18 @@ def probes() -> list[CProbe]:
             "out(eval)": _norm(x2, rm1, rv1, gamma, beta),
             "stats(eval)": torch.stack([rm1, rv1]),
         }
-        out.append(CProbe(name, f"N={n}, D={d}, momentum {m}, random dout", inputs, refs))
+        uses = {"dgamma": [(n, d)], "dbeta": [(n, d)]}
+        out.append(
+            Probe(name, f"N={n}, D={d}, momentum {m}, random dout", inputs, refs, uses=uses, random=True)
+        )
     return out
 
 
-def drive(rec: Recorder, base, i, probe) -> None:
-    cls = rec.fn(base, "BatchNorm1d", [s.name for s in SPECS])
+def drive(rec: Recorder, base, i) -> None:
+    """The child's side: build the learner's layer, train forward, backward, eval forward."""
+    cls = rec.fn(base, "BatchNorm1d", [s.key for s in ROWS])
     d = i["x1"].shape[1]
-    bn = rec.call([s.name for s in SPECS], cls, d)
+    bn = rec.call([s.key for s in ROWS], cls, d)
     bn.gamma, bn.beta, bn.momentum = i["gamma"].clone(), i["beta"].clone(), float(i["m"])
     bn.running_mean, bn.running_var = i["rm"].clone(), i["rv"].clone()
     rows = ["out(train)", "running_mean", "running_var"]
@@ -281,21 +303,19 @@ VARIANTS = {
             K.BESSEL,
             "normalised with the variance over n; the lecture's batchnorm divides by "
             "n-1 (Bessel): x.var(0, keepdim=True)",
-            lambda i, r: _norm(
-                i["x1"], i["x1"].mean(0, keepdim=True), _biased(i["x1"]), i["gamma"], i["beta"]
-            ),
+            lambda i: _norm(i["x1"], i["x1"].mean(0, keepdim=True), _biased(i["x1"]), i["gamma"], i["beta"]),
         ),
         Variant(
             "no-eps",
             K.EPS_LEFT_OUT,
             "eps left out: (var + eps) ** -0.5",
-            lambda i, r: _norm(i["x1"], *_stats(i["x1"]), i["gamma"], i["beta"], 0.0),
+            lambda i: _norm(i["x1"], *_stats(i["x1"]), i["gamma"], i["beta"], 0.0),
         ),
         Variant(
             "running",
             BATCH_IN_EVAL,
             "normalised with the running statistics in training mode; training uses the batch's own",
-            lambda i, r: _norm(i["x1"], i["rm"], i["rv"], i["gamma"], i["beta"]),
+            lambda i: _norm(i["x1"], i["rm"], i["rv"], i["gamma"], i["beta"]),
         ),
     ),
     "running_mean": (
@@ -303,19 +323,19 @@ VARIANTS = {
             "not-updated",
             NOT_UPDATED,
             "not updated in training mode: the running mean must move towards the batch mean",
-            lambda i, r: i["rm"],
+            lambda i: i["rm"],
         ),
         Variant(
             "momentum-swapped",
             MOMENTUM,
             "momentum the wrong way round: momentum * running + (1 - momentum) * batch",
-            lambda i, r: i["m"] * i["rm"] + (1 - i["m"]) * i["x1"].mean(0),
+            lambda i: i["m"] * i["rm"] + (1 - i["m"]) * i["x1"].mean(0),
         ),
         Variant(
             "momentum-0.1",
             MOMENTUM,
             "uses momentum 0.1 whatever self.momentum is",
-            lambda i, r: 0.9 * i["rm"] + 0.1 * i["x1"].mean(0),
+            lambda i: 0.9 * i["rm"] + 0.1 * i["x1"].mean(0),
         ),
     ),
     "running_var": (
@@ -323,25 +343,25 @@ VARIANTS = {
             "not-updated",
             NOT_UPDATED,
             "not updated in training mode: the running variance must move towards the batch variance",
-            lambda i, r: i["rv"],
+            lambda i: i["rv"],
         ),
         Variant(
             "biased",
             K.BESSEL,
             "updated with the variance over n; use the n-1 variance (Bessel)",
-            lambda i, r: (1 - i["m"]) * i["rv"] + i["m"] * _biased(i["x1"])[0],
+            lambda i: (1 - i["m"]) * i["rv"] + i["m"] * _biased(i["x1"])[0],
         ),
         Variant(
             "momentum-swapped",
             MOMENTUM,
             "momentum the wrong way round: momentum * running + (1 - momentum) * batch",
-            lambda i, r: i["m"] * i["rv"] + (1 - i["m"]) * i["x1"].var(0),
+            lambda i: i["m"] * i["rv"] + (1 - i["m"]) * i["x1"].var(0),
         ),
         Variant(
             "momentum-0.1",
             MOMENTUM,
             "uses momentum 0.1 whatever self.momentum is",
-            lambda i, r: 0.9 * i["rv"] + 0.1 * i["x1"].var(0),
+            lambda i: 0.9 * i["rv"] + 0.1 * i["x1"].var(0),
         ),
     ),
     "dgamma": (
@@ -349,19 +369,19 @@ VARIANTS = {
             "at-x",
             K.INPUT_OUTPUT,
             "multiplied by x, the input; gamma multiplies xhat: (xhat * dout).sum(0)",
-            lambda i, r: (i["x1"] * i["dout"]).sum(0),
+            lambda i: (i["x1"] * i["dout"]).sum(0),
         ),
         Variant(
             "swapped",
             K.WRONG_FACTOR,
             "dout.sum(0) is dbeta's; dgamma also needs xhat",
-            lambda i, r: i["dout"].sum(0),
+            lambda i: i["dout"].sum(0),
         ),
         Variant(
             "no-sum",
             K.SHAPE,
             "not summed over the batch: gamma is shared by every row (D,)",
-            lambda i, r: i["xhat"] * i["dout"],
+            lambda i: i["xhat"] * i["dout"],
         ),
     ),
     "dbeta": (
@@ -369,13 +389,13 @@ VARIANTS = {
             "no-sum",
             K.SHAPE,
             "not summed over the batch: beta is added to every row (D,)",
-            lambda i, r: i["dout"].clone(),
+            lambda i: i["dout"].clone(),
         ),
         Variant(
             "mean",
             K.SCALE_N,
             "averaged over the batch; the gradient sums: dout.sum(0)",
-            lambda i, r: i["dout"].mean(0),
+            lambda i: i["dout"].mean(0),
         ),
     ),
     "dx": (
@@ -383,26 +403,26 @@ VARIANTS = {
             "biased",
             K.BESSEL,
             "the n/(n-1) factor is missing: the forward variance divides by n-1",
-            lambda i, r: _dx(i, bessel=False),
+            lambda i: _dx(i, bessel=False),
         ),
         Variant(
             "no-mean-var",
             K.MISSING_BRANCH,
             "only the direct path gamma * var_inv * dout: x also reaches "
             "the output through the mean and the variance",
-            lambda i, r: i["gamma"] * i["var_inv"] * i["dout"],
+            lambda i: i["gamma"] * i["var_inv"] * i["dout"],
         ),
         Variant(
             "no-var",
             K.MISSING_BRANCH,
             "the path through the variance is missing (the xhat * dgamma term)",
-            lambda i, r: i["gamma"] * i["var_inv"] * (i["dout"] - i["dout"].mean(0)),
+            lambda i: i["gamma"] * i["var_inv"] * (i["dout"] - i["dout"].mean(0)),
         ),
         Variant(
             "no-mean",
             K.MISSING_BRANCH,
             "the path through the mean is missing (the - dout.sum(0) term)",
-            lambda i, r: _dx(i, mean=False),
+            lambda i: _dx(i, mean=False),
         ),
     ),
     "out(eval)": (
@@ -410,13 +430,13 @@ VARIANTS = {
             "batch",
             BATCH_IN_EVAL,
             "eval mode used the batch's statistics; it must use the running ones",
-            lambda i, r: _norm(i["x2"], *_stats(i["x2"]), i["gamma"], i["beta"]),
+            lambda i: _norm(i["x2"], *_stats(i["x2"]), i["gamma"], i["beta"]),
         ),
         Variant(
             "no-eps",
             K.EPS_LEFT_OUT,
             "eps left out: (running_var + eps) ** -0.5",
-            lambda i, r: _norm(i["x2"], i["rm1"], i["rv1"], i["gamma"], i["beta"], 0.0),
+            lambda i: _norm(i["x2"], i["rm1"], i["rv1"], i["gamma"], i["beta"], 0.0),
         ),
     ),
     "stats(eval)": (
@@ -424,7 +444,7 @@ VARIANTS = {
             "updated",
             UPDATED_IN_EVAL,
             "the running statistics changed in eval mode; only training updates them",
-            lambda i, r: torch.stack(
+            lambda i: torch.stack(
                 [
                     (1 - i["m"]) * i["rm1"] + i["m"] * i["x2"].mean(0),
                     (1 - i["m"]) * i["rv1"] + i["m"] * i["x2"].var(0),
@@ -447,29 +467,33 @@ def _dx(i, bessel=True, mean=True):
     )
 
 
-def _judge(spec, probes, outs, meta):
+def _judge(spec, probes, outs, meta, row):
     """stats(eval): any change in eval mode is the mistake, whatever the values."""
-    from handgrad.dojo.challenges.core import judge_tensor
-
-    row = judge_tensor(CHALLENGE, spec, probes, outs, meta)
-    if spec.name == "stats(eval)" and row.status == "wrong" and row.kind not in (UPDATED_IN_EVAL, K.SHAPE):
+    if (
+        row is not None
+        and spec.key == "stats(eval)"
+        and row.status == "wrong"
+        and row.kind not in (UPDATED_IN_EVAL, K.SHAPE)
+    ):
         row.kind, row.key = UPDATED_IN_EVAL, "changed"
         row.diagnosis = "the running statistics changed in eval mode; only training updates them"
     return row
 
 
-CHALLENGE = Challenge(
+ITEM = Item(
     "batchnorm",
-    "c",
+    "challenge",
     "ch_batchnorm",
     "a BatchNorm1d class: train and eval forward, running statistics, backward",
     "BatchNorm1d: forward in train/eval mode with running stats (momentum), backward -> dx, dgamma, dbeta",
     TEXT,
     BLANKS,
     SOLUTION,
-    SPECS,
+    ROWS,
     probes,
-    drive,
+    "call",
+    f"{__name__}:drive",
     VARIANTS,
-    _judge,
+    judge=_judge,
+    alias="c",
 )

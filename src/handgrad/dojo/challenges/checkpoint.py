@@ -11,7 +11,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from handgrad.dojo.challenges.core import F64, Challenge, CProbe, Recorder, Row, Spec, Variant, behaviour
+from handgrad.dojo.catalogue import Variant
+from handgrad.dojo.framework import Item, Probe, RowSpec
+from handgrad.dojo.judge import Row, behaviour
+from handgrad.dojo.runner import Recorder
+
+F64 = torch.float64
 
 STORES_ALL = "stores-everything"  # every activation kept: no memory saved
 TOO_MUCH = "stores-too-much"  # more than one checkpoint per segment
@@ -118,37 +123,72 @@ SOLUTION = (
     "# <<<",
 )
 
-SPECS = (
-    Spec("out", "(N, D)", (
-        "out is the last block's output: h[0] = x, h[l+1] = block_forward(h[l], Ws[l]).",
-        "Every h[l] is (N, D); block l's input is a checkpoint when l % every == 0.",
-        "h = x; for l, W in enumerate(Ws): (if l % every == 0: stash[l] = h); h = block_forward(h, W)",
-    )),
-    Spec("dx", "(N, D)", (
-        "Walk the segments from the last; each one's backward starts from the gradient the segment after "
-        "it produced (dout for the last), and its block 0's dx is the segment's result.",
-        "Segments start at s = 0, every, 2*every, ...; the last may be shorter: e = min(s + every, L).",
-        "for s in reversed(range(0, L, every)): recompute hs from stash[s]; for l in reversed(range(s, e)): "
-        "dh, dWs[l] = block_backward(dh, hs[l - s], Ws[l], hs[l - s + 1])",
-    ), "dx"),
-    Spec("dW", "(L, D, D)", (
-        "block_backward needs block l's input and output as forward computed them: recompute the segment "
-        "from its checkpoint, one block after the other, before backpropagating through it.",
-        "For a segment [s, e): hs = [stash[s]] then e - s calls of block_forward give hs[0 .. e-s], block "
-        "l's input hs[l - s] and output hs[l - s + 1].",
-        "hs = [stash[s]]; for l in range(s, e): hs.append(block_forward(hs[-1], Ws[l])); then "
-        "dh, dWs[l] = block_backward(dh, hs[l - s], Ws[l], hs[l - s + 1]) from l = e - 1 down to s",
-    ), "dWs"),
-    Spec("stored", "", (
-        "Keep only what backward cannot recompute cheaply: one tensor per segment, the segment's input.",
-        "ceil(L / every) tensors of (N, D), against L for plain backprop; nothing kept outside the stash.",
-        "in forward, before block l: if l % every == 0: stash[l] = h",
-    ), "out"),
-    Spec("recompute", "", (
-        "Each block runs once in forward and once more when backward recomputes its segment: 2L calls.",
-        "A segment [s, e) is recomputed from stash[s], not from x: e - s calls of block_forward.",
-        "hs = [stash[s]]; for l in range(s, e): hs.append(block_forward(hs[-1], Ws[l]))",
-    ), "dWs"),
+ROWS = (
+    RowSpec(
+        "out",
+        "out",
+        "out",
+        "(N, D)",
+        (
+            "out is the last block's output: h[0] = x, h[l+1] = block_forward(h[l], Ws[l]).",
+            "Every h[l] is (N, D); block l's input is a checkpoint when l % every == 0.",
+            "h = x; for l, W in enumerate(Ws): (if l % every == 0: stash[l] = h); h = block_forward(h, W)",
+        ),
+    ),
+    RowSpec(
+        "dx",
+        "dx",
+        "dx",
+        "(N, D)",
+        (
+            "Walk the segments from the last; each one's backward starts from the gradient the segment after "
+            "it produced (dout for the last), and its block 0's dx is the segment's result.",
+            "Segments start at s = 0, every, 2*every, ...; the last may be shorter: e = min(s + every, L).",
+            "for s in reversed(range(0, L, every)): recompute hs from stash[s]; for l in "
+            "reversed(range(s, e)): "
+            "dh, dWs[l] = block_backward(dh, hs[l - s], Ws[l], hs[l - s + 1])",
+        ),
+    ),
+    RowSpec(
+        "dW",
+        "dW",
+        "dWs",
+        "(L, D, D)",
+        (
+            "block_backward needs block l's input and output as forward computed them: recompute the segment "
+            "from its checkpoint, one block after the other, before backpropagating through it.",
+            "For a segment [s, e): hs = [stash[s]] then e - s calls of block_forward give hs[0 .. e-s], "
+            "block "
+            "l's input hs[l - s] and output hs[l - s + 1].",
+            "hs = [stash[s]]; for l in range(s, e): hs.append(block_forward(hs[-1], Ws[l])); then "
+            "dh, dWs[l] = block_backward(dh, hs[l - s], Ws[l], hs[l - s + 1]) from l = e - 1 down to s",
+        ),
+    ),
+    RowSpec(
+        "stored",
+        "stored",
+        "out",
+        "",
+        (
+            "Keep only what backward cannot recompute cheaply: one tensor per segment, the segment's input.",
+            "ceil(L / every) tensors of (N, D), against L for plain backprop; nothing kept outside the "
+            "stash.",
+            "in forward, before block l: if l % every == 0: stash[l] = h",
+        ),
+        tensor=False,
+    ),
+    RowSpec(
+        "recompute",
+        "recompute",
+        "dWs",
+        "",
+        (
+            "Each block runs once in forward and once more when backward recomputes its segment: 2L calls.",
+            "A segment [s, e) is recomputed from stash[s], not from x: e - s calls of block_forward.",
+            "hs = [stash[s]]; for l in range(s, e): hs.append(block_forward(hs[-1], Ws[l]))",
+        ),
+        tensor=False,
+    ),
 )
 
 
@@ -199,9 +239,14 @@ def _acts(x: Tensor, Ws: list[Tensor]) -> list[Tensor]:
     return hs
 
 
-def _sim(i: dict, start: Callable[[int, int, int, int], int] | None = None, acts: str = "x",
-         reset: bool = False, chain_blocks: bool = True, chain_recompute: bool = True
-         ) -> tuple[Tensor, Tensor]:
+def _sim(
+    i: dict,
+    start: Callable[[int, int, int, int], int] | None = None,
+    acts: str = "x",
+    reset: bool = False,
+    chain_blocks: bool = True,
+    chain_recompute: bool = True,
+) -> tuple[Tensor, Tensor]:
     """(dx, dW (L, D, D)) of a checkpointed backward, right by default, or with one mistake planted:
     start(s, e, L, every) the h index segment [s, e) is recomputed from; acts 'x2' the activations of
     the other batch; reset: each segment starts from dout; chain_blocks False: each block gets the segment's
@@ -226,7 +271,7 @@ def _sim(i: dict, start: Callable[[int, int, int, int], int] | None = None, acts
     return dh, torch.stack(dWs)
 
 
-def probes() -> list[CProbe]:
+def probes() -> list[Probe]:
     out = []
     for name, (L, every, n, d), seed in (
         ("L6-every2", (6, 2, 4, 5), 1),
@@ -244,13 +289,18 @@ def probes() -> list[CProbe]:
         }
         dx, dW = _sim(i)
         about = f"L={L}, every={every}, N={n}, D={d}, random dout"
-        refs = {"out": _acts(i["x"], list(i["Ws"]))[-1], "dx": dx, "dW": dW,
-                "stored": -(-L // every), "recompute": 2 * L}
-        out.append(CProbe(name, about, i, refs))
+        refs = {
+            "out": _acts(i["x"], list(i["Ws"]))[-1],
+            "dx": dx,
+            "dW": dW,
+            "stored": -(-L // every),
+            "recompute": 2 * L,
+        }
+        out.append(Probe(name, about, i, refs, random=True))
     return out
 
 
-def drive(rec: Recorder, base: dict, i: dict, probe: str) -> None:
+def drive(rec: Recorder, base: dict, i: dict) -> None:
     """forward(x), forward(x2) on a second stash, then backward with the first stash; block_forward
     replaced by a counting copy of the grader's, block_backward by the grader's."""
     calls = [0]
@@ -294,9 +344,12 @@ def _stacked(rec: Recorder, dWs: object, L: int) -> object:
         return None
     bad = [k for k, t in enumerate(dWs) if not isinstance(t, Tensor)]
     if bad:
-        rec.meta["dW"] = {"status": "error", "line": None,
-                          "msg": f"dWs[{bad[0]}] is a {type(dWs[bad[0]]).__name__}, not a tensor: "
-                          "each block's backward must fill its entry"}
+        rec.meta["dW"] = {
+            "status": "error",
+            "line": None,
+            "msg": f"dWs[{bad[0]}] is a {type(dWs[bad[0]]).__name__}, not a tensor: "
+            "each block's backward must fill its entry",
+        }
         return None
     try:
         return torch.stack(list(dWs))
@@ -307,33 +360,68 @@ def _stacked(rec: Recorder, dWs: object, L: int) -> object:
 
 
 VARIANT_TABLE = (  # (key, kind, words, the planted mistake as _sim's arguments)
-    ("ckpt-output", WRONG_CHECKPOINT, "each segment recomputed from the output of its first block, not its "
-     "input: the checkpoint was stored after block_forward instead of before (off by one block)",
-     {"start": lambda s, e, L, k: s + 1}),
-    ("ckpt-last-input", WRONG_CHECKPOINT, "each segment recomputed from the input of its last block: the "
-     "checkpoint was overwritten at every block of the segment (store it only when l % every == 0)",
-     {"start": lambda s, e, L, k: e - 1}),
-    ("ckpt-next", WRONG_CHECKPOINT, "each segment recomputed from the next segment's checkpoint (off by "
-     "one segment): segment [s, s + every) starts from its own, the input of block s",
-     {"start": lambda s, e, L, k: e if e < L else s}),
-    ("ckpt-prev", WRONG_CHECKPOINT, "each segment recomputed from the previous segment's checkpoint (off by "
-     "one segment): segment [s, s + every) starts from its own, the input of block s",
-     {"start": lambda s, e, L, k: s - k if s > 0 else s}),
-    ("stale", NOT_RECOMPUTED, "these are the gradients of the other batch the grader ran through forward "
-     "before your backward: activations kept outside the stash (a global, an attribute) went stale; keep "
-     "the checkpoints in the stash and recompute the rest", {"acts": "x2"}),
-    ("no-chain-recompute", NOT_RECOMPUTED, "every block of a segment recomputed from the segment's "
-     "checkpoint itself: recompute block after block, each from the previous block's output",
-     {"chain_recompute": False}),
-    ("reset", NOT_CHAINED, "each segment's backward starts from dout, not from the dx of the segment after "
-     "it: the segments' gradients are not chained", {"reset": True}),
-    ("no-chain-blocks", NOT_CHAINED, "every block of a segment was given the segment's incoming gradient: "
-     "pass each block's dx on to the block before it", {"chain_blocks": False}),
+    (
+        "ckpt-output",
+        WRONG_CHECKPOINT,
+        "each segment recomputed from the output of its first block, not its "
+        "input: the checkpoint was stored after block_forward instead of before (off by one block)",
+        {"start": lambda s, e, L, k: s + 1},
+    ),
+    (
+        "ckpt-last-input",
+        WRONG_CHECKPOINT,
+        "each segment recomputed from the input of its last block: the "
+        "checkpoint was overwritten at every block of the segment (store it only when l % every == 0)",
+        {"start": lambda s, e, L, k: e - 1},
+    ),
+    (
+        "ckpt-next",
+        WRONG_CHECKPOINT,
+        "each segment recomputed from the next segment's checkpoint (off by "
+        "one segment): segment [s, s + every) starts from its own, the input of block s",
+        {"start": lambda s, e, L, k: e if e < L else s},
+    ),
+    (
+        "ckpt-prev",
+        WRONG_CHECKPOINT,
+        "each segment recomputed from the previous segment's checkpoint (off by "
+        "one segment): segment [s, s + every) starts from its own, the input of block s",
+        {"start": lambda s, e, L, k: s - k if s > 0 else s},
+    ),
+    (
+        "stale",
+        NOT_RECOMPUTED,
+        "these are the gradients of the other batch the grader ran through forward "
+        "before your backward: activations kept outside the stash (a global, an attribute) went stale; keep "
+        "the checkpoints in the stash and recompute the rest",
+        {"acts": "x2"},
+    ),
+    (
+        "no-chain-recompute",
+        NOT_RECOMPUTED,
+        "every block of a segment recomputed from the segment's "
+        "checkpoint itself: recompute block after block, each from the previous block's output",
+        {"chain_recompute": False},
+    ),
+    (
+        "reset",
+        NOT_CHAINED,
+        "each segment's backward starts from dout, not from the dx of the segment after "
+        "it: the segments' gradients are not chained",
+        {"reset": True},
+    ),
+    (
+        "no-chain-blocks",
+        NOT_CHAINED,
+        "every block of a segment was given the segment's incoming gradient: "
+        "pass each block's dx on to the block before it",
+        {"chain_blocks": False},
+    ),
 )
 
 
 def _variant(words_key: str, kind: str, says: str, kw: dict, which: int) -> Variant:
-    return Variant(words_key, kind, says, lambda i, r: _sim(i, **kw)[which])
+    return Variant(words_key, kind, says, lambda i: _sim(i, **kw)[which])
 
 
 VARIANTS = {
@@ -342,7 +430,7 @@ VARIANTS = {
 }
 
 
-def _blocks(probes: list[CProbe], outs: dict) -> str:
+def _blocks(probes: list[Probe], outs: dict) -> str:
     """Which blocks' dW are wrong, on the first probe where some are."""
     from handgrad.check import autograd_tolerance
 
@@ -351,26 +439,29 @@ def _blocks(probes: list[CProbe], outs: dict) -> str:
         a, ref = outs.get(f"{p.name}|dW"), p.refs["dW"]
         if a is None or a.shape != ref.shape:
             return ""
-        bad = [k for k in range(ref.shape[0]) if not bool(((a[k] - ref[k]).abs() <= tol.atol + tol.rtol
-                                                            * ref[k].abs()).all())]
+        bad = [
+            k
+            for k in range(ref.shape[0])
+            if not bool(((a[k] - ref[k]).abs() <= tol.atol + tol.rtol * ref[k].abs()).all())
+        ]
         if bad:
             right = [k for k in range(ref.shape[0]) if k not in bad]
-            return (f"wrong on blocks {', '.join(map(str, bad))} of {ref.shape[0]}"
-                    + (f" (right: {', '.join(map(str, right))})" if right else "") + f" at {p.about}")
+            return (
+                f"wrong on blocks {', '.join(map(str, bad))} of {ref.shape[0]}"
+                + (f" (right: {', '.join(map(str, right))})" if right else "")
+                + f" at {p.about}"
+            )
     return ""
 
 
-def _judge(spec: Spec, probes: list[CProbe], outs: dict, meta: dict) -> Row | None:
-    if spec.name == "dW":
-        from handgrad.dojo.challenges.core import judge_tensor
-
-        row = judge_tensor(CHALLENGE, spec, probes, outs, meta)
-        if row.status == "wrong" and (where := _blocks(probes, outs)):
-            rows_only = row.key == "rows"  # core's words name rows; here a row of dW is a block
+def _judge(spec: RowSpec, probes: list[Probe], outs: dict, meta: dict, row: Row | None) -> Row | None:
+    if spec.key == "dW":
+        if row is not None and row.status == "wrong" and (where := _blocks(probes, outs)):
+            rows_only = row.key == "where"  # the generic words name rows; here a row of dW is a block
             row.diagnosis = f"{where}: {row.diagnosis}" if rows_only else f"{row.diagnosis}; {where}"
         return row
-    if spec.name not in ("stored", "recompute"):
-        return None
+    if spec.key not in ("stored", "recompute"):
+        return row
     got = behaviour(spec, probes, meta)
     if isinstance(got, Row):
         return got
@@ -381,7 +472,7 @@ def _judge(spec: Spec, probes: list[CProbe], outs: dict, meta: dict) -> Row | No
             continue
         L, every = p.inputs["Ws"].shape[0], int(p.inputs["every"])
         n, d = p.inputs["x"].shape
-        words = (_stored if spec.name == "stored" else _calls)(row, v, L, every, n * d, p.about)
+        words = (_stored if spec.key == "stored" else _calls)(row, v, L, every, n * d, p.about)
         row.diagnosis = row.diagnosis or words  # when right: what the first probe kept
         if row.status == "wrong":
             row.diagnosis = words
@@ -392,15 +483,19 @@ def _judge(spec: Spec, probes: list[CProbe], outs: dict, meta: dict) -> Row | No
 def _stored(row: Row, v: list, L: int, every: int, size: int, about: str) -> str:
     k, elems = v
     kmax = math.ceil(L / every)
-    kept = (f"kept {k} tensor{'s' * (k != 1)}, {elems} elements (checkpoints: {kmax}, {kmax * size}; "
-            f"every activation: {L}, {L * size}) at {about}")
+    kept = (
+        f"kept {k} tensor{'s' * (k != 1)}, {elems} elements (checkpoints: {kmax}, {kmax * size}; "
+        f"every activation: {L}, {L * size}) at {about}"
+    )
     if k <= kmax and elems <= kmax * size:
         return kept
     row.status = "wrong"
     if k >= L or elems >= L * size:
         row.kind, row.key = STORES_ALL, "stores-all"
-        return (f"{kept}: every activation stored, no memory saved; keep only block l's input when "
-                "l % every == 0 and recompute the rest in backward")
+        return (
+            f"{kept}: every activation stored, no memory saved; keep only block l's input when "
+            "l % every == 0 and recompute the rest in backward"
+        )
     row.kind, row.key = TOO_MUCH, "too-much"
     return f"{kept}: more than one (N, D) checkpoint per segment"
 
@@ -419,9 +514,21 @@ def _calls(row: Row, v: list, L: int, every: int, size: int, about: str) -> str:
     return f"{said}: recompute each segment once, from its checkpoint"
 
 
-CHALLENGE = Challenge(
-    "checkpoint", "f", "ch_checkpoint", "gradient checkpointing (recompute instead of store)",
+ITEM = Item(
+    "checkpoint",
+    "challenge",
+    "ch_checkpoint",
+    "gradient checkpointing (recompute instead of store)",
     "a stack of L blocks: keep a checkpoint every k blocks, recompute in backward; graded on the "
     "gradients and on what is kept",
-    TEXT, BLANKS, SOLUTION, SPECS, probes, drive, VARIANTS, _judge,
+    TEXT,
+    BLANKS,
+    SOLUTION,
+    ROWS,
+    probes,
+    "call",
+    f"{__name__}:drive",
+    VARIANTS,
+    judge=_judge,
+    alias="f",
 )

@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from handgrad.dojo import catalogue as K
-from handgrad.dojo.challenges.core import F64, Challenge, CProbe, Spec, Variant
+from handgrad.dojo.catalogue import Variant
+from handgrad.dojo.framework import Item, Probe, RowSpec
+
+F64 = torch.float64
 
 TEXT = '''"""Challenge: the cross-entropy backward as a one-liner.
 
@@ -49,13 +52,20 @@ SOLUTION = (
     "# <<<",
 )
 
-SPECS = (
-    Spec("dlogits", "(n, V)", (
-        "The loss is the mean of -log p[i, Y[i]] with p = softmax(logits): each row gets p minus the "
-        "one-hot of its target, and the mean divides by n.",
-        "softmax is over each row (dim 1), so p is (n, V); the one-hot of Y is (n, V); dloss is a number.",
-        "dlogits = dloss * (F.softmax(logits, 1) - F.one_hot(Y, V)) / n",
-    )),
+ROWS = (
+    RowSpec(
+        "dlogits",
+        "dlogits",
+        "dlogits",
+        "(n, V)",
+        (
+            "The loss is the mean of -log p[i, Y[i]] with p = softmax(logits): each row gets p minus the "
+            "one-hot of its target, and the mean divides by n.",
+            "softmax is over each row (dim 1), so p is (n, V); the one-hot of Y is (n, V); dloss is a "
+            "number.",
+            "dlogits = dloss * (F.softmax(logits, 1) - F.one_hot(Y, V)) / n",
+        ),
+    ),
 )
 
 
@@ -72,7 +82,7 @@ def _ref(logits, Y, dloss):
     return dloss * (_softmax(logits) - F.one_hot(Y, logits.shape[1]).to(F64)) / n  # (n, V)
 
 
-def probes() -> list[CProbe]:
+def probes() -> list[Probe]:
     out = []
     for name, (n, v), dloss, big, seed in (
         ("lecture", (32, 27), 1.0, 0.0, 1),
@@ -86,11 +96,12 @@ def probes() -> list[CProbe]:
         d = torch.tensor(dloss, dtype=F64)
         about = f"n={n}, V={v}, dloss={dloss:g}" + (", logits near 800" if big else "")
         refs = {"dlogits": _ref(logits, Y, dloss)}
-        out.append(CProbe(name, about, {"logits": logits, "Y": Y, "dloss": d}, refs))
+        out.append(Probe(name, about, {"logits": logits, "Y": Y, "dloss": d}, refs, random=dloss != 1.0))
     return out
 
 
-def drive(rec, base, i, probe) -> None:
+def drive(rec, base, i) -> None:
+    """The child's side: call the learner's function on one probe's inputs."""
     f = rec.fn(base, "cross_entropy_backward", ["dlogits"])
     rec.put("dlogits", rec.call(["dlogits"], f, i["logits"], i["Y"], float(i["dloss"])))
 
@@ -101,42 +112,79 @@ def _n(i):
 
 VARIANTS = {
     "dlogits": (
-        Variant("no-minus-one", K.SOFTMAX_MINUS_ONE, "softmax without the -1: subtract the one-hot of Y "
-                "(1 at each row's target) from the probabilities",
-                lambda i, r: i["dloss"] * _softmax(i["logits"]) / _n(i)),
-        Variant("no-1/n", K.SCALE_N, "the 1/n of the mean is missing: the loss averages over the n rows",
-                lambda i, r: i["dloss"] * (_softmax(i["logits"]) - _onehot(i))),
-        Variant("softmax-dim0", K.WRONG_DIM, "softmax over dim 0 (the batch); each row's probabilities "
-                "are over its V classes: dim 1", lambda i, r: i["dloss"] * (_softmax(i["logits"], 0)
-                                                                            - _onehot(i)) / _n(i)),
-        Variant("no-dloss", K.NO_UPSTREAM, "the upstream gradient dloss is not multiplied in (chain rule)",
-                lambda i, r: (_softmax(i["logits"]) - _onehot(i)) / _n(i)),
-        Variant("minus-one-all", K.SOFTMAX_MINUS_ONE, "1 subtracted from every entry; only the target "
-                "entry of each row gets the -1",
-                lambda i, r: i["dloss"] * (_softmax(i["logits"]) - 1) / _n(i)),
-        Variant("log-softmax", K.OTHER, "log_softmax where the gradient needs softmax (the probabilities)",
-                lambda i, r: i["dloss"] * (F.log_softmax(i["logits"], 1) - _onehot(i)) / _n(i)),
-        Variant("mean-over-all", K.SCALE_N, "divided by n*V (numel); the mean is over the n rows only",
-                lambda i, r: i["dloss"] * (_softmax(i["logits"]) - _onehot(i)) / i["logits"].numel()),
+        Variant(
+            "no-minus-one",
+            K.SOFTMAX_MINUS_ONE,
+            "softmax without the -1: subtract the one-hot of Y "
+            "(1 at each row's target) from the probabilities",
+            lambda i: i["dloss"] * _softmax(i["logits"]) / _n(i),
+        ),
+        Variant(
+            "no-1/n",
+            K.SCALE_N,
+            "the 1/n of the mean is missing: the loss averages over the n rows",
+            lambda i: i["dloss"] * (_softmax(i["logits"]) - _onehot(i)),
+        ),
+        Variant(
+            "softmax-dim0",
+            K.WRONG_DIM,
+            "softmax over dim 0 (the batch); each row's probabilities are over its V classes: dim 1",
+            lambda i: i["dloss"] * (_softmax(i["logits"], 0) - _onehot(i)) / _n(i),
+        ),
+        Variant(
+            "no-dloss",
+            K.NO_UPSTREAM,
+            "the upstream gradient dloss is not multiplied in (chain rule)",
+            lambda i: (_softmax(i["logits"]) - _onehot(i)) / _n(i),
+        ),
+        Variant(
+            "minus-one-all",
+            K.SOFTMAX_MINUS_ONE,
+            "1 subtracted from every entry; only the target entry of each row gets the -1",
+            lambda i: i["dloss"] * (_softmax(i["logits"]) - 1) / _n(i),
+        ),
+        Variant(
+            "log-softmax",
+            K.OTHER,
+            "log_softmax where the gradient needs softmax (the probabilities)",
+            lambda i: i["dloss"] * (F.log_softmax(i["logits"], 1) - _onehot(i)) / _n(i),
+        ),
+        Variant(
+            "mean-over-all",
+            K.SCALE_N,
+            "divided by n*V (numel); the mean is over the n rows only",
+            lambda i: i["dloss"] * (_softmax(i["logits"]) - _onehot(i)) / i["logits"].numel(),
+        ),
     ),
 }
 
 
-def _overflow(spec, probes, outs, meta):
+def _overflow(spec, probes, outs, meta, row):
     """Exp overflow shows only at large logits: name it there before the generic diagnosis."""
-    from handgrad.dojo.challenges.core import judge_tensor
-
-    row = judge_tensor(CHALLENGE, spec, probes, outs, meta)
-    a = outs.get(f"large|{spec.name}")
-    if row.status == "wrong" and a is not None and not torch.isfinite(a).all():
+    a = outs.get(f"large|{spec.key}")
+    if row is not None and row.status == "wrong" and a is not None and not torch.isfinite(a).all():
         row.kind, row.key = K.NONFINITE, "overflow"
-        row.diagnosis = ("NaN/inf at logits near 800: exp overflowed; subtract each row's max before exp "
-                         "(softmax does not change), or use F.softmax")
+        row.diagnosis = (
+            "NaN/inf at logits near 800: exp overflowed; subtract each row's max before exp "
+            "(softmax does not change), or use F.softmax"
+        )
     return row
 
 
-CHALLENGE = Challenge(
-    "cross-entropy", "b", "ch_cross_entropy", "the cross-entropy backward in one line",
+ITEM = Item(
+    "cross-entropy",
+    "challenge",
+    "ch_cross_entropy",
+    "the cross-entropy backward in one line",
     "dlogits of F.cross_entropy(logits, Y) as a one-liner (softmax - onehot) / n",
-    TEXT, BLANKS, SOLUTION, SPECS, probes, drive, VARIANTS, _overflow,
+    TEXT,
+    BLANKS,
+    SOLUTION,
+    ROWS,
+    probes,
+    "call",
+    f"{__name__}:drive",
+    VARIANTS,
+    judge=_overflow,
+    alias="b",
 )

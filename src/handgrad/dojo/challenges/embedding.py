@@ -7,7 +7,10 @@ from __future__ import annotations
 import torch
 
 from handgrad.dojo import catalogue as K
-from handgrad.dojo.challenges.core import F64, Challenge, CProbe, Spec, Variant
+from handgrad.dojo.catalogue import Variant
+from handgrad.dojo.framework import Item, Probe, RowSpec
+
+F64 = torch.float64
 
 TEXT = '''"""Challenge: backprop through an embedding lookup, where indices repeat.
 
@@ -48,13 +51,19 @@ SOLUTION = (
     "# <<<",
 )
 
-SPECS = (
-    Spec("dC", "(V, E)", (
-        "Each position (i, t) copied row X[i, t] of C, so that row receives demb[i, t]; a row used k "
-        "times receives the sum of k gradients, and an unused row gets zero.",
-        "Start from zeros shaped like C (V, E); X flattened is (N*T,), demb flattened is (N*T, E).",
-        "dC = torch.zeros_like(C); dC.index_add_(0, X.view(-1), demb.view(-1, E))  (or a loop with +=)",
-    )),
+ROWS = (
+    RowSpec(
+        "dC",
+        "dC",
+        "dC",
+        "(V, E)",
+        (
+            "Each position (i, t) copied row X[i, t] of C, so that row receives demb[i, t]; a row used k "
+            "times receives the sum of k gradients, and an unused row gets zero.",
+            "Start from zeros shaped like C (V, E); X flattened is (N*T,), demb flattened is (N*T, E).",
+            "dC = torch.zeros_like(C); dC.index_add_(0, X.view(-1), demb.view(-1, E))  (or a loop with +=)",
+        ),
+    ),
 )
 
 
@@ -73,7 +82,7 @@ def _assign(C, X, demb):
     return dC
 
 
-def probes() -> list[CProbe]:
+def probes() -> list[Probe]:
     out = []
     for name, (v, e, n, t), seed in (("lecture", (27, 10, 32, 3), 1), ("small", (6, 4, 9, 2), 2)):
         g = torch.Generator().manual_seed(seed)
@@ -82,11 +91,12 @@ def probes() -> list[CProbe]:
         X[0, 0] = X[1, 0] = X[2, 1] = 3  # an index used three times, at least
         demb = torch.randn(n, t, e, generator=g, dtype=F64)
         about = f"V={v}, E={e}, X {n}x{t} with repeats, random demb"
-        out.append(CProbe(name, about, {"C": C, "X": X, "demb": demb}, {"dC": _ref(C, X, demb)}))
+        out.append(Probe(name, about, {"C": C, "X": X, "demb": demb}, {"dC": _ref(C, X, demb)}, random=True))
     return out
 
 
-def drive(rec, base, i, probe) -> None:
+def drive(rec, base, i) -> None:
+    """The child's side: call the learner's function on one probe's inputs."""
     f = rec.fn(base, "embedding_backward", ["dC"])
     rec.put("dC", rec.call(["dC"], f, i["C"], i["X"], i["demb"]))
 
@@ -98,25 +108,33 @@ def _repeated(X) -> set[int]:
 
 VARIANTS = {
     "dC": (
-        Variant("overwrite", K.OVERWRITE, "overwritten instead of accumulated: dC[X] = demb (or "
-                "dC[X] += demb, which also keeps one contribution per repeated index); use index_add_ or a "
-                "loop with +=",
-                lambda i, r: _assign(i["C"], i["X"], i["demb"])),
-        Variant("mean", K.SCALE_N, "averaged the contributions of a repeated index; they add up",
-                lambda i, r: r["dC"] / torch.bincount(i["X"].reshape(-1), minlength=i["C"].shape[0])
-                .clamp(min=1).to(F64)[:, None]),
+        Variant(
+            "overwrite",
+            K.OVERWRITE,
+            "overwritten instead of accumulated: dC[X] = demb (or "
+            "dC[X] += demb, which also keeps one contribution per repeated index); use index_add_ or a "
+            "loop with +=",
+            lambda i: _assign(i["C"], i["X"], i["demb"]),
+        ),
+        Variant(
+            "mean",
+            K.SCALE_N,
+            "averaged the contributions of a repeated index; they add up",
+            lambda i: (
+                i.refs["dC"]
+                / torch.bincount(i["X"].reshape(-1), minlength=i["C"].shape[0]).clamp(min=1).to(F64)[:, None]
+            ),
+        ),
     ),
 }
 
 
-def _judge(spec, probes, outs, meta):
+def _judge(spec, probes, outs, meta, row):
     """Name overwriting by where it is wrong: only rows of C whose index repeats in X (which of the
     repeated contributions survives an indexed assignment is not specified, so no variant fixes it)."""
     from handgrad.check import autograd_tolerance
-    from handgrad.dojo.challenges.core import judge_tensor
 
-    row = judge_tensor(CHALLENGE, spec, probes, outs, meta)
-    if row.status != "wrong" or row.kind == K.OVERWRITE:
+    if row is None or row.status != "wrong" or row.kind == K.OVERWRITE:
         return row
     tol = autograd_tolerance(F64)
     for p in probes:
@@ -128,21 +146,37 @@ def _judge(spec, probes, outs, meta):
         rep = _repeated(p.inputs["X"])
         if rows and set(rows) <= rep:
             row.kind, row.key = K.OVERWRITE, "overwrite-rows"
-            row.diagnosis = (f"wrong only on rows {', '.join(map(str, rows[:8]))} of dC, each an index "
-                             "that repeats in X: contributions were overwritten instead of accumulated "
-                             "(use += in a loop, or index_add_)")
+            row.diagnosis = (
+                f"wrong only on rows {', '.join(map(str, rows[:8]))} of dC, each an index "
+                "that repeats in X: contributions were overwritten instead of accumulated "
+                "(use += in a loop, or index_add_)"
+            )
             return row
         unused = set(range(ref.shape[0])) - set(p.inputs["X"].reshape(-1).tolist())
         if rows and set(rows) <= unused:
             row.kind, row.key = K.ROWS, "unused-rows"
-            row.diagnosis = (f"wrong only on rows {', '.join(map(str, rows[:8]))} of dC, which no position "
-                             "looked up: they must be zero (start from torch.zeros_like(C), not torch.empty)")
+            row.diagnosis = (
+                f"wrong only on rows {', '.join(map(str, rows[:8]))} of dC, which no position "
+                "looked up: they must be zero (start from torch.zeros_like(C), not torch.empty)"
+            )
             return row
     return row
 
 
-CHALLENGE = Challenge(
-    "embedding", "e", "ch_embedding", "the embedding backward with repeated indices",
+ITEM = Item(
+    "embedding",
+    "challenge",
+    "ch_embedding",
+    "the embedding backward with repeated indices",
     "dC for emb = C[X] when X repeats indices (accumulate, do not overwrite)",
-    TEXT, BLANKS, SOLUTION, SPECS, probes, drive, VARIANTS, _judge,
+    TEXT,
+    BLANKS,
+    SOLUTION,
+    ROWS,
+    probes,
+    "call",
+    f"{__name__}:drive",
+    VARIANTS,
+    judge=_judge,
+    alias="e",
 )

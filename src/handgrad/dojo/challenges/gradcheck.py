@@ -7,7 +7,11 @@ from __future__ import annotations
 import torch
 
 from handgrad.dojo import catalogue as K
-from handgrad.dojo.challenges.core import F64, Challenge, CProbe, Recorder, Row, Skip, Spec, behaviour
+from handgrad.dojo.framework import Item, Probe, RowSpec
+from handgrad.dojo.judge import Row, behaviour
+from handgrad.dojo.runner import Recorder, Skip
+
+F64 = torch.float64
 
 TOO_STRICT = "rejects-right"  # a right gradient rejected
 FOOLED = "accepts-wrong"  # a wrong gradient accepted
@@ -110,31 +114,24 @@ CASES = (
         "accepted a single number (1,) for a (5,) gradient of 2.5 * x.sum(): compare shapes first",
     ),
 )
-SPECS = tuple(
-    Spec(
-        c[0],
-        "",
-        (
-            "Perturb one element of x at a time by +eps and -eps, call f, and difference; then compare each "
-            "element with the rule |a - n| <= atol + rtol * |n|.",
-            "The numeric gradient has x's shape; a claimed gradient of another shape is wrong even if it "
-            "broadcasts.",
-            "shape check; for k: x.view(-1)[k] +- eps, numeric[k] = (fp - fm) / (2 eps); restore x; "
-            "compare all",
-        ),
-        "verdict",
-    )
-    for c in CASES
-) + (
-    Spec(
+_HINTS = (
+    "Perturb one element of x at a time by +eps and -eps, call f, and difference; then compare each "
+    "element with the rule |a - n| <= atol + rtol * |n|.",
+    "The numeric gradient has x's shape; a claimed gradient of another shape is wrong even if it broadcasts.",
+    "shape check; for k: x.view(-1)[k] +- eps, numeric[k] = (fp - fm) / (2 eps); restore x; compare all",
+)
+ROWS = tuple(RowSpec(c[0], c[0], "verdict", "", _HINTS, tensor=False) for c in CASES) + (
+    RowSpec(
         "x unchanged",
+        "x unchanged",
+        "verdict",
         "",
         (
             "A checker that moves x and forgets to move it back checks the next element at the wrong point.",
             "Keep the old value of the element (a Python float), and write it back after the two calls.",
             "old = flat[k].item(); ...; flat[k] = old",
         ),
-        "verdict",
+        tensor=False,
     ),
 )
 
@@ -160,7 +157,7 @@ def _analytic(fun: str, x, kind: str):
     return g
 
 
-def probes() -> list[CProbe]:
+def probes() -> list[Probe]:
     g = torch.Generator().manual_seed(1)
     xs = {
         "sin": torch.randn(5, generator=g, dtype=F64),
@@ -172,11 +169,12 @@ def probes() -> list[CProbe]:
         inputs[f"x{k}"] = xs[fun].clone()
         inputs[f"a{k}"] = _analytic(fun, xs[fun], kind)
     refs: dict = {c[0]: c[3] for c in CASES} | {"x unchanged": True}
-    return [CProbe("cases", "right and planted wrong gradients", inputs, refs)]
+    return [Probe("cases", "right and planted wrong gradients", inputs, refs)]
 
 
-def drive(rec: Recorder, base, i, probe) -> None:
-    f = rec.fn(base, "gradcheck", [s.name for s in SPECS])
+def drive(rec: Recorder, base, i) -> None:
+    """The child's side: the learner's checker on each planted case."""
+    f = rec.fn(base, "gradcheck", [s.key for s in ROWS])
     unchanged = True
     for k, (row, fun, *_rest) in enumerate(CASES):
         x = i[f"x{k}"].clone()
@@ -197,17 +195,19 @@ def drive(rec: Recorder, base, i, probe) -> None:
     )
 
 
-def _judge(spec: Spec, probes, outs, meta) -> Row:
+def _judge(spec: RowSpec, probes, outs, meta, row) -> Row | None:
+    if spec.tensor:
+        return row
     got = behaviour(spec, probes, meta)
     if isinstance(got, Row):
         return got
     row, vals = got
     v = vals["cases"]
-    want = probes[0].refs[spec.name]
+    want = probes[0].refs[spec.key]
     if not isinstance(v, bool):
         row.status, row.kind, row.diagnosis = "wrong", K.OTHER, f"returned {v!r}, not True or False"
     elif v != want:
-        case = next((c for c in CASES if c[0] == spec.name), None)
+        case = next((c for c in CASES if c[0] == spec.key), None)
         row.status = "wrong"
         row.kind, row.diagnosis = (
             (case[4], case[5])
@@ -217,18 +217,20 @@ def _judge(spec: Spec, probes, outs, meta) -> Row:
     return row
 
 
-CHALLENGE = Challenge(
+ITEM = Item(
     "gradcheck",
-    "d",
+    "challenge",
     "ch_gradcheck",
     "a finite-difference gradient checker",
     "gradcheck(f, x, analytic) by central differences: accept right, reject planted wrong gradients",
     TEXT,
     BLANKS,
     SOLUTION,
-    SPECS,
+    ROWS,
     probes,
-    drive,
+    "call",
+    f"{__name__}:drive",
     {},
-    _judge,
+    judge=_judge,
+    alias="d",
 )

@@ -7,7 +7,10 @@ from __future__ import annotations
 import torch
 
 from handgrad.dojo import catalogue as K
-from handgrad.dojo.challenges.core import F64, Challenge, CProbe, Spec, Variant
+from handgrad.dojo.catalogue import Variant
+from handgrad.dojo.framework import Item, Probe, RowSpec
+
+F64 = torch.float64
 
 TEXT = '''"""Challenge: backprop through a linear layer and a tanh by hand.
 
@@ -62,27 +65,51 @@ SOLUTION = (
     "# >>> your code\ndx = dz @ W.T\ndW = x.T @ dz\ndb = dz.sum(0)  # b is broadcast over the N rows\n# <<<",
 )
 
-SPECS = (
-    Spec("dz", "(N, H)", (
-        "The chain rule: dz = (local derivative da/dz) * da, element by element.",
-        "tanh'(z) = 1 - tanh(z)**2, and tanh(z) is already computed: it is a. Everything here is (N, H).",
-        "dz = (1 - a**2) * da",
-    )),
-    Spec("dx", "(N, D)", (
-        "z = x @ W: each x[i, k] meets every W[k, j]; sum dz[i, j] * W[k, j] over j.",
-        "dz is (N, H) and W is (D, H); the answer is (N, D): which product of those two gives (N, D)?",
-        "dx = dz @ W.T",
-    )),
-    Spec("dW", "(D, H)", (
-        "Each W[k, j] is used by every row i: sum x[i, k] * dz[i, j] over the batch.",
-        "x is (N, D) and dz is (N, H); the answer is (D, H): contract over N.",
-        "dW = x.T @ dz",
-    )),
-    Spec("db", "(H,)", (
-        "b is added to every row of x @ W (broadcast), so its gradient collects every row's dz.",
-        "dz is (N, H) and b is (H,): the batch dimension must be summed away, not kept.",
-        "db = dz.sum(0)",
-    )),
+ROWS = (
+    RowSpec(
+        "dz",
+        "dz",
+        "dz",
+        "(N, H)",
+        (
+            "The chain rule: dz = (local derivative da/dz) * da, element by element.",
+            "tanh'(z) = 1 - tanh(z)**2, and tanh(z) is already computed: it is a. Everything here is (N, H).",
+            "dz = (1 - a**2) * da",
+        ),
+    ),
+    RowSpec(
+        "dx",
+        "dx",
+        "dx",
+        "(N, D)",
+        (
+            "z = x @ W: each x[i, k] meets every W[k, j]; sum dz[i, j] * W[k, j] over j.",
+            "dz is (N, H) and W is (D, H); the answer is (N, D): which product of those two gives (N, D)?",
+            "dx = dz @ W.T",
+        ),
+    ),
+    RowSpec(
+        "dW",
+        "dW",
+        "dW",
+        "(D, H)",
+        (
+            "Each W[k, j] is used by every row i: sum x[i, k] * dz[i, j] over the batch.",
+            "x is (N, D) and dz is (N, H); the answer is (D, H): contract over N.",
+            "dW = x.T @ dz",
+        ),
+    ),
+    RowSpec(
+        "db",
+        "db",
+        "db",
+        "(H,)",
+        (
+            "b is added to every row of x @ W (broadcast), so its gradient collects every row's dz.",
+            "dz is (N, H) and b is (H,): the batch dimension must be summed away, not kept.",
+            "db = dz.sum(0)",
+        ),
+    ),
 )
 
 
@@ -93,7 +120,7 @@ def _ref(x, W, b, da):
     return z, a, dz, {"dz": dz, "dx": dz @ W.T, "dW": x.T @ dz, "db": dz.sum(0)}
 
 
-def probes() -> list[CProbe]:
+def probes() -> list[Probe]:
     out = []
     for name, (n, d, h), ones, seed in (
         ("ones", (5, 4, 3), True, 1),  # the loss as written: da = 1
@@ -107,11 +134,13 @@ def probes() -> list[CProbe]:
         da = torch.ones(n, h, dtype=F64) if ones else torch.randn(n, h, generator=g, dtype=F64)
         z, a, dz, refs = _ref(x, W, b, da)
         about = f"N={n}, D={d}, H={h}, " + ("da = 1" if ones else "random da")
-        out.append(CProbe(name, about, {"x": x, "W": W, "b": b, "z": z, "a": a, "da": da, "dz": dz}, refs))
+        inputs = {"x": x, "W": W, "b": b, "z": z, "a": a, "da": da, "dz": dz}
+        out.append(Probe(name, about, inputs, refs, uses={"db": [(n, h)]}, random=not ones))
     return out
 
 
-def drive(rec, base, i, probe) -> None:
+def drive(rec, base, i) -> None:
+    """The child's side: call the learner's two functions on one probe's inputs."""
     f = rec.fn(base, "tanh_backward", ["dz"])
     rec.put("dz", rec.call(["dz"], f, i["z"], i["a"], i["da"]))
     rows = ["dx", "dW", "db"]
@@ -123,49 +152,125 @@ def drive(rec, base, i, probe) -> None:
 
 VARIANTS = {
     "dz": (
-        Variant("1-a", K.TANH, "uses 1 - a where tanh' is 1 - a**2 (= 1 - tanh(z)**2)",
-                lambda i, r: (1 - i["a"]) * i["da"]),
-        Variant("at-input", K.INPUT_OUTPUT, "the local derivative 1 - (.)**2 taken at the input z; it "
-                "needs the output a = tanh(z)", lambda i, r: (1 - i["z"] ** 2) * i["da"]),
-        Variant("tanh-of-a", K.INPUT_OUTPUT, "1 - tanh(a)**2 applies tanh to the output again; a is "
-                "already tanh(z): 1 - a**2", lambda i, r: (1 - torch.tanh(i["a"]) ** 2) * i["da"]),
-        Variant("sigmoid", K.WRONG_FACTOR, "a * (1 - a) is sigmoid's derivative; tanh's is 1 - a**2",
-                lambda i, r: i["a"] * (1 - i["a"]) * i["da"]),
-        Variant("no-upstream", K.NO_UPSTREAM, "the local derivative 1 - a**2 alone: multiply by da "
-                "(chain rule)", lambda i, r: 1 - i["a"] ** 2),
-        Variant("no-local", K.NO_LOCAL, "passes da through unchanged: tanh's local derivative "
-                "1 - a**2 is missing", lambda i, r: i["da"].clone()),
+        Variant(
+            "1-a",
+            K.TANH,
+            "uses 1 - a where tanh' is 1 - a**2 (= 1 - tanh(z)**2)",
+            lambda i: (1 - i["a"]) * i["da"],
+        ),
+        Variant(
+            "at-input",
+            K.INPUT_OUTPUT,
+            "the local derivative 1 - (.)**2 taken at the input z; it needs the output a = tanh(z)",
+            lambda i: (1 - i["z"] ** 2) * i["da"],
+        ),
+        Variant(
+            "tanh-of-a",
+            K.INPUT_OUTPUT,
+            "1 - tanh(a)**2 applies tanh to the output again; a is already tanh(z): 1 - a**2",
+            lambda i: (1 - torch.tanh(i["a"]) ** 2) * i["da"],
+        ),
+        Variant(
+            "sigmoid",
+            K.WRONG_FACTOR,
+            "a * (1 - a) is sigmoid's derivative; tanh's is 1 - a**2",
+            lambda i: i["a"] * (1 - i["a"]) * i["da"],
+        ),
+        Variant(
+            "no-upstream",
+            K.NO_UPSTREAM,
+            "the local derivative 1 - a**2 alone: multiply by da (chain rule)",
+            lambda i: 1 - i["a"] ** 2,
+        ),
+        Variant(
+            "no-local",
+            K.NO_LOCAL,
+            "passes da through unchanged: tanh's local derivative 1 - a**2 is missing",
+            lambda i: i["da"].clone(),
+        ),
     ),
     "dx": (
-        Variant("dz@W", K.TRANSPOSED, "W used untransposed: dz @ W; it must be dz @ W.T",
-                lambda i, r: i["dz"] @ i["W"]),
-        Variant("W@dzT", K.TRANSPOSED, "transposed: W @ dz.T is (D, N); dx is dz @ W.T (N, D)",
-                lambda i, r: i["W"] @ i["dz"].T),
+        Variant(
+            "dz@W",
+            K.TRANSPOSED,
+            "W used untransposed: dz @ W; it must be dz @ W.T",
+            lambda i: i["dz"] @ i["W"],
+        ),
+        Variant(
+            "W@dzT",
+            K.TRANSPOSED,
+            "transposed: W @ dz.T is (D, N); dx is dz @ W.T (N, D)",
+            lambda i: i["W"] @ i["dz"].T,
+        ),
     ),
     "dW": (
-        Variant("dzT@x", K.TRANSPOSED, "transposed: dz.T @ x is (H, D); dW is x.T @ dz (D, H)",
-                lambda i, r: i["dz"].T @ i["x"]),
-        Variant("x@dz", K.TRANSPOSED, "x used untransposed: x @ dz; it must be x.T @ dz",
-                lambda i, r: i["x"] @ i["dz"]),
-        Variant("mean", K.SCALE_N, "averaged over the batch; the loss is a sum, so dW sums: x.T @ dz",
-                lambda i, r: i["x"].T @ i["dz"] / i["x"].shape[0]),
+        Variant(
+            "dzT@x",
+            K.TRANSPOSED,
+            "transposed: dz.T @ x is (H, D); dW is x.T @ dz (D, H)",
+            lambda i: i["dz"].T @ i["x"],
+        ),
+        Variant(
+            "x@dz",
+            K.TRANSPOSED,
+            "x used untransposed: x @ dz; it must be x.T @ dz",
+            lambda i: i["x"] @ i["dz"],
+        ),
+        Variant(
+            "mean",
+            K.SCALE_N,
+            "averaged over the batch; the loss is a sum, so dW sums: x.T @ dz",
+            lambda i: i["x"].T @ i["dz"] / i["x"].shape[0],
+        ),
     ),
     "db": (
-        Variant("no-sum", K.SHAPE, "dz not summed over the batch: b is added to each of the N rows, so db "
-                "is dz.sum(0) with shape (H,)", lambda i, r: i["dz"].clone()),
-        Variant("keepdim", K.SHAPE, "summed with keepdim=True: (1, H), but b is (H,)",
-                lambda i, r: i["dz"].sum(0, keepdim=True)),
-        Variant("sum-dim1", K.WRONG_DIM, "summed over dim 1 (the features); the batch is dim 0",
-                lambda i, r: i["dz"].sum(1)),
-        Variant("mean", K.SCALE_N, "averaged over the batch (mean); the loss is a sum: dz.sum(0)",
-                lambda i, r: i["dz"].mean(0)),
-        Variant("sum-all", K.WRONG_DIM, "summed over everything (a number); sum over the batch only",
-                lambda i, r: i["dz"].sum()),
+        Variant(
+            "no-sum",
+            K.SHAPE,
+            "dz not summed over the batch: b is added to each of the N rows, so db "
+            "is dz.sum(0) with shape (H,)",
+            lambda i: i["dz"].clone(),
+        ),
+        Variant(
+            "keepdim",
+            K.SHAPE,
+            "summed with keepdim=True: (1, H), but b is (H,)",
+            lambda i: i["dz"].sum(0, keepdim=True),
+        ),
+        Variant(
+            "sum-dim1",
+            K.WRONG_DIM,
+            "summed over dim 1 (the features); the batch is dim 0",
+            lambda i: i["dz"].sum(1),
+        ),
+        Variant(
+            "mean",
+            K.SCALE_N,
+            "averaged over the batch (mean); the loss is a sum: dz.sum(0)",
+            lambda i: i["dz"].mean(0),
+        ),
+        Variant(
+            "sum-all",
+            K.WRONG_DIM,
+            "summed over everything (a number); sum over the batch only",
+            lambda i: i["dz"].sum(),
+        ),
     ),
 }
 
-CHALLENGE = Challenge(
-    "linear-tanh", "a", "ch_linear_tanh", "linear + tanh backward: dz, dx, dW, db",
+ITEM = Item(
+    "linear-tanh",
+    "challenge",
+    "ch_linear_tanh",
+    "linear + tanh backward: dz, dx, dW, db",
     "z = x @ W + b; a = tanh(z); loss = a.sum(): dW, db, dx by hand",
-    TEXT, BLANKS, SOLUTION, SPECS, probes, drive, VARIANTS,
+    TEXT,
+    BLANKS,
+    SOLUTION,
+    ROWS,
+    probes,
+    "call",
+    f"{__name__}:drive",
+    VARIANTS,
+    alias="a",
 )
