@@ -38,8 +38,50 @@ CASES: dict[str, list[list[str]]] = {
     "resume-lr": [["train", "--steps", "1000", "--out", OUT],
                   ["train", "--resume", OUT, "--steps", "3000", "--lr", "0.05"]],
 }
+# What every command prints and returns, recorded too (no tensors): help, refusals, the other commands.
+BAD = "{out}/bad"  # a directory that is never a checkpoint
+OUTPUT_CASES: dict[str, list[list[str]]] = {
+    "help": [[c, "--help"] for c in ("train", "sample", "eval", "check", "bench", "diagnose", "dojo")]
+    + [["--help"], ["dojo", "grade", "--help"]],
+    "train-refusals": [["train", "--out", f"{OUT}/r{i}", *flags] for i, flags in enumerate((
+        ["--steps", "0"], ["--batch-size", "1"], ["--lr", "-1"], ["--lr-decayed", "nan"], ["--n-hidden", "0"],
+        ["--n-embd", str(1 << 21)], ["--model", "wavenet", "--block-size", "3"],
+        ["--model", "wavenet", "--n-layers", "2"], ["--seed", "-1"], ["--split-seed", str(2**63)],
+        ["--dtype", "float16"], ["--threads", "0"], ["--samples", "-1"], ["--chunk-steps", "0"],
+        ["--checkpoint-every", "0"], ["--recompute-tile", "-1"], ["--bn-stats", "x"], ["--engine", "x"],
+        ["--model", "x"], ["--nproc", "0"], ["--nproc", "2", "--diagnostics"],
+        ["--nproc", "2", "--batch-size", "33"], ["--engine", "fast", "--dtype", "float64"],
+        ["--diag-every", "7"], ["--verify-autograd", "0"], ["--data", BAD], ["--resume", BAD],
+        ["--lr-decay-step", "-1", "--steps", "10", "--quiet", "--samples", "0"], ["--w1-scale", "0"],
+        ["--steps", str(10**9)], ["--batch-size", str(10**9)], ["--resume", OUT, "--force"]))],
+    "commands": [
+        ["train", "--steps", "2000", "--checkpoint-every", "1000", "--quiet", "--out", OUT],
+        ["sample", "--checkpoint", OUT, "-n", "5", "--seed", "7"],
+        ["sample", "--checkpoint", OUT, "-n", "0"], ["sample", "--checkpoint", OUT, "--seed", "-1"],
+        ["sample", "--checkpoint", BAD], ["eval", "--checkpoint", OUT], ["eval", "--checkpoint", BAD],
+        ["check", "--checkpoint", OUT], ["check", "--checkpoint", OUT, "--model", "mlp"],
+        ["check", "--batch-size", "1"], ["check", "--seed", "-1"], ["check"], ["check", "--dtype", "float64"],
+        ["check", "--model", "wavenet", "--batch-size", "8"],
+        ["diagnose", "--checkpoint", OUT, "--out", OUT + "/diag"],
+        ["train", "--out", OUT, "--steps", "10"],
+        ["train", "--resume", OUT, "--n-hidden", "5"], ["train", "--resume", OUT, "--steps", "10"],
+        ["train", "--resume", OUT, "--lr", "0"], ["train", "--resume", OUT, "--model", "deep"],
+        ["train", "--resume", OUT, "--steps", "3000", "--lr", "0.02", "--quiet", "--samples", "2"],
+        ["train", "--verify-autograd", "30", "--engine", "eager"],
+        ["train", "--verify-autograd", "30", "--model", "deep", "--dtype", "float64"],
+        ["train", "--steps", "2000", "--quiet", "--diagnostics", "--diag-every", "1000", "--samples", "0",
+         "--out", OUT + "/d"],
+        ["train", "--steps", "1000", "--quiet", "--model", "deep", "--no-batchnorm", "--samples", "0",
+         "--out", OUT + "/nobn"],
+        ["train", "--steps", "1000", "--quiet", "--lr", "1e6", "--out", OUT + "/diverge"],
+        ["bench", "--batch-size", "1"], ["bench", "--steps", "0"], ["bench", "--large-batch", "1"],
+        ["bench", "--recompute-tile", "-1"], ["bench", "--n-hidden", "0"],
+        ["bench", "--full-train", "fast", "--full-steps", "10"],
+        ["dojo", "list"], ["dojo", "solution", "1"], ["dojo", "start", "99"]],
+}
 TQDM = re.compile(r"\d+%\||\|\s*\d+/\d+ \[")  # a progress-bar frame
-TIMES = [(re.compile(r"training loop [0-9.]+(s|min)"), "training loop <time>")]
+TIMES = [(re.compile(r"training loop [0-9.]+(s|min)"), "training loop <time>"),
+         (re.compile(r"(process|held by) [0-9]+"), r"\1 <pid>")]
 
 
 def machine() -> dict:
@@ -75,15 +117,15 @@ def _saved(out: Path) -> dict:
 
 def run_case(name: str, workdir: Path) -> dict:
     out = workdir / name
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "PYTHONHASHSEED": "0", "COLUMNS": "100"}
     runs = []
-    for cmd in CASES[name]:
+    for cmd in {**CASES, **OUTPUT_CASES}[name]:
         argv = [a.replace(OUT, str(out)) for a in cmd]
         r = subprocess.run([sys.executable, "-m", "handgrad", *argv], capture_output=True, text=True, env=env,
                            timeout=1800)
         runs.append({"argv": cmd, "rc": r.returncode, "stdout": _masked(r.stdout, str(out)),
                      "stderr": _masked(r.stderr, str(out)),
-                     "saved": _saved(out) if r.returncode == 0 else None})
+                     "saved": _saved(out) if r.returncode == 0 and name in CASES else None})
     return {"runs": runs}
 
 
@@ -114,21 +156,23 @@ def main(argv: list[str] | None = None) -> int:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--record", action="store_true", help=f"run every case and write {RECORD.name}")
     mode.add_argument("--check", action="store_true", help="run the cases and compare with the record")
-    p.add_argument("--cases", help=f"comma-separated subset of {', '.join(CASES)}")
+    known = {**CASES, **OUTPUT_CASES}
+    p.add_argument("--cases", help=f"comma-separated subset of {', '.join(known)} (default: all)")
     p.add_argument("--file", type=Path, default=RECORD, help="the record (default %(default)s)")
     args = p.parse_args(argv)
-    names = args.cases.split(",") if args.cases else list(CASES)
-    unknown = [n for n in names if n not in CASES]
+    names = args.cases.split(",") if args.cases else list(known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        p.error(f"--cases: unknown case {unknown[0]!r}; known: {', '.join(CASES)}")
+        p.error(f"--cases: unknown case {unknown[0]!r}; known: {', '.join(known)}")
     with tempfile.TemporaryDirectory(prefix="same-bits-") as tmp:
         got = {}
         for n in names:
             print(f"running {n} ...", file=sys.stderr, flush=True)
             got[n] = run_case(n, Path(tmp))
-    if args.record:
+    if args.record:  # the cases run now replace theirs; the others are kept
         args.file.parent.mkdir(parents=True, exist_ok=True)
-        args.file.write_text(json.dumps({"machine": machine(), "cases": got}, indent=1) + "\n")
+        cases = json.loads(args.file.read_text())["cases"] if args.file.exists() else {}
+        args.file.write_text(json.dumps({"machine": machine(), "cases": {**cases, **got}}, indent=1) + "\n")
         print(f"recorded {', '.join(names)} in {args.file}")
         return 0
     record = json.loads(args.file.read_text())
