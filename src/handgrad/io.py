@@ -13,6 +13,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from handgrad.config import ConfigError, ref
+
 TMP_SUFFIX = ".handgrad-tmp"
 TMP_RE = re.compile(r"\..+\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX))  # .NAME.RANDOM.handgrad-tmp
 LOCK_FILE = ".handgrad.lock"
@@ -25,8 +27,9 @@ class UnsafeFileError(ValueError):
     large, unreadable); the message is one line for the user."""
 
 
-class OutputError(ValueError):
-    """An output location that cannot be written; the message is one line for the user."""
+class OutputError(ConfigError):
+    """An output location that cannot be written; one line for the user, naming the config field that
+    chose the location."""
 
 
 class LockedError(OutputError):
@@ -128,18 +131,6 @@ def open_inside(directory: Path, name: str) -> int:
         os.close(dir_fd)
 
 
-def read_regular(path: Path, max_bytes: int) -> bytes:
-    """The bytes of the regular file at `path` (symlinks followed, as for a path the user named), or
-    UnsafeFileError for a device, FIFO, directory or a file over `max_bytes`; never blocks."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise UnsafeFileError(f"{path}: cannot open ({describe(e)})") from None
-    return read_fd(fd, Path(path), max_bytes)
-
-
 def read_fd(fd: int, where: Path, max_bytes: int) -> bytes:
     """The bytes of the regular file open as `fd` (closed here), or UnsafeFileError for anything
     else or for more than `max_bytes`."""
@@ -166,10 +157,10 @@ def read_fd(fd: int, where: Path, max_bytes: int) -> bytes:
 
 
 # ---------------------------------------------------------------------------- output directories
-def prepare_dir(path: Path, flag: str) -> Path:
+def prepare_dir(path: Path, field: str) -> Path:
     """Create `path` (and its parents) if needed and check that it is a directory this process can
-    create files in, before any work is spent. Raises OutputError naming `flag`."""
-    path = Path(path)
+    create files in, before any work is spent. Raises OutputError naming the config field `field`."""
+    path, flag = Path(path), ref(field)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -223,9 +214,9 @@ class RunLock:
     DIR/.handgrad.lock, which holds the holder's pid (to name it in the refusal). The kernel drops
     a flock when its holder dies, so a lock file left by a killed run is simply taken over."""
 
-    def __init__(self, directory: Path, flag: str = "--out"):
+    def __init__(self, directory: Path, field: str = "out"):
         self.path = Path(directory) / LOCK_FILE
-        self.flag, self.fd = flag, None
+        self.flag, self.fd = ref(field), None
 
     def acquire(self) -> RunLock:
         try:
