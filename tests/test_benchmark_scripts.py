@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from handgrad import fast
+from handgrad.engines import native
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-needs_fast = pytest.mark.skipif(not fast.have_compiler(), reason="no C++ compiler: the fast path cannot be built")
+needs_fast = pytest.mark.skipif(not native.have_compiler(), reason="no C++ compiler: the fast path cannot be built")
 
 
 def run_script(name: str, *args: str) -> list[str]:
@@ -34,7 +34,7 @@ def test_memory_script():
     for line, variant in zip(lines, variants):
         assert line.split()[0] == variant
         assert "peak RSS delta" in line and "workspace" in line and "ms/step" in line
-    assert lines[2].endswith("[fused step]")  # below fast.COUNTED_ROWS, handgrad train runs the fused step
+    assert lines[2].endswith("[fused step]")  # below engines.COUNTED_ROWS, handgrad train runs the fused step
     assert lines[4].startswith("checkpointing: peak ")
     assert lines[5].startswith("fast-train vs fast: peak ")
     results = json.loads(lines[6])

@@ -23,6 +23,7 @@ from torch import Tensor
 from handgrad import atomic, ops
 from handgrad.atomic import LectureConfig, Params, init_params
 from handgrad.data import default_data_path, make_splits, read_words
+from handgrad.report import Column, Table
 
 
 # ---------------------------------------------------------------------------- tolerances
@@ -607,33 +608,29 @@ def _fmt_shape(s: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"
 
 
+def _notes(r: Comparison | FDResult, diagnosis: str) -> list[str]:
+    return ([f"-> {diagnosis}"] if not r.passed else []) + ([f"note: {r.note}"] if r.note else [])
+
+
 def _render_comparisons(rows: list[Comparison]) -> list[str]:
-    w = max([len(r.name) for r in rows] + [6])
-    sw = max([len(_fmt_shape(r.ref_shape)) for r in rows] + [5])
-    out = [f"{'tensor':<{w}}  {'shape':<{sw}}  exact  approx  maxdiff    rel err    atol       verdict"]
+    t = Table([Column("tensor", width=6), *(Column(c, width=w, gap="  ") for c, w in (
+        ("shape", 5), ("exact", 5), ("approx", 6), ("maxdiff", 9), ("rel err", 9), ("atol", 9),
+        ("verdict", 0)))])
     for r in rows:
-        out.append(f"{r.name:<{w}}  {_fmt_shape(r.ref_shape):<{sw}}  {'yes' if r.exact else 'no':<5}  "
-                   f"{'yes' if r.allclose else 'no':<6}  {r.max_abs_diff:<9.2e}  {r.rel_err:<9.2e}  "
-                   f"{r.tol.atol:<9.2e}  {'ok' if r.passed else 'FAIL'}")
-        if not r.passed:
-            out.append(f"{'':<{w}}  -> {r.diagnosis}")
-        if r.note:
-            out.append(f"{'':<{w}}  note: {r.note}")
-    return out
+        t.add(r.name, _fmt_shape(r.ref_shape), "yes" if r.exact else "no", "yes" if r.allclose else "no",
+              f"{r.max_abs_diff:.2e}", f"{r.rel_err:.2e}", f"{r.tol.atol:.2e}", "ok" if r.passed else "FAIL",
+              notes=_notes(r, r.diagnosis))
+    return t.lines()
 
 
 def _render_fd(rows: list[FDResult]) -> list[str]:
-    w = max([len(r.name) for r in rows] + [6])
-    out = [f"{'tensor':<{w}}  {'checked':<24}  max|a-n|   atol       worst/tol  verdict"]
+    t = Table([Column("tensor", width=6), *(Column(c, width=w, gap="  ") for c, w in (
+        ("checked", 24), ("max|a-n|", 9), ("atol", 9), ("worst/tol", 9), ("verdict", 0)))])
     for r in rows:
         what = f"{r.elements} of {r.numel}" + (f" + {r.directions} dirs" if r.directions else "")
-        out.append(f"{r.name:<{w}}  {what:<24}  {r.max_abs_err:<9.2e}  {r.tol.atol:<9.2e}  "
-                   f"{r.worst_ratio:<9.2e}  {'ok' if r.passed else 'FAIL'}")
-        if not r.passed:
-            out.append(f"{'':<{w}}  -> {r.diagnosis or 'mismatch'}")
-        if r.note:
-            out.append(f"{'':<{w}}  note: {r.note}")
-    return out
+        t.add(r.name, what, f"{r.max_abs_err:.2e}", f"{r.tol.atol:.2e}", f"{r.worst_ratio:.2e}",
+              "ok" if r.passed else "FAIL", notes=_notes(r, r.diagnosis or "mismatch"))
+    return t.lines()
 
 
 @dataclass

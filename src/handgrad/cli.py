@@ -39,8 +39,8 @@ def _err(msg: str) -> None:
     print(f"handgrad: error: {config.named(msg, _flag)}", file=sys.stderr)
 
 
-EVENTS = run.Events(warn=lambda line: print(f"warning: {config.named(line, _flag)}", file=sys.stderr),
-                    note=lambda line: print(config.named(line, _flag), file=sys.stderr))
+EVENTS = run.Events(warn=lambda line: print(f"warning: {line}", file=sys.stderr),
+                    note=lambda line: print(line, file=sys.stderr), field_name=_flag)
 
 
 # ---------------------------------------------------------------------------- flags from config fields
@@ -60,8 +60,9 @@ def add_fields(parser, classes: tuple) -> dict:
     fields = [(cls, f) for cls in classes for f in dataclasses.fields(cls) if f.metadata.get("option")]
     group = lambda cls, f: f.metadata["option"].group or getattr(cls, "GROUP", None)  # noqa: E731
     made = {None: parser}
-    home = lambda cls, f: group(cls, f) != getattr(cls, "GROUP", None)  # noqa: E731
-    for cls, f in sorted(fields, key=lambda cf: (GROUPS.index(group(*cf)), home(*cf))):
+    order = lambda cls, f: (GROUPS.index(group(cls, f)) if group(cls, f) in GROUPS else len(GROUPS),  # noqa: E731
+                            group(cls, f) != getattr(cls, "GROUP", None))  # a guest of another class's group
+    for cls, f in sorted(fields, key=lambda cf: order(*cf)):
         opt = f.metadata["option"]
         if opt.flag == "":
             continue
@@ -97,7 +98,7 @@ def _cmd_train(args) -> int:
         r = run.new(mcfg, tcfg, opts, EVENTS)
     if opts.verify_autograd is not None:
         v = reference.verify(r.splits, r.ckpt.model_config, r.ckpt.train_config, opts.verify_autograd,
-                             opts.threads, EVENTS.warn)
+                             opts.threads, EVENTS.warning)
         print(v)
         return 0 if v.agree else 1
     outcome = run.go(r, dataclasses.replace(EVENTS, on_start=None if args.quiet else _start), args.argv)

@@ -1,7 +1,8 @@
 """Hand-written optimizers: how every named parameter moves given its gradient, with no autograd and
 no torch.optim. SGD is the lectures' update (`p.data += -lr * p.grad`, Karpathy, "Building makemore
-Part 3/4"). An optimizer with state of its own (AdamW's moments, to come) keeps it as named tensors,
-which checkpoints save beside the parameters; SGD keeps none.
+Part 3/4"); the eager engine (train.sgd_steps) takes any object with update(model, grads, lr) and
+state(). An optimizer with state of its own (AdamW's moments, to come) returns it from state() as named
+tensors, for checkpoints to save beside the parameters; SGD keeps none.
 """
 
 from __future__ import annotations
@@ -26,5 +27,3 @@ class SGD:
     def state(self) -> dict[str, Tensor]:
         return {}
 
-
-OPTIMIZERS: dict[str, type] = {SGD.name: SGD}  # a new optimizer: one class here, registered by its name

@@ -25,7 +25,18 @@ import torch
 
 from handgrad import budget, checkpoint, data, diagnostics, engines, io, models, train
 from handgrad.checkpoint import Checkpoint, CheckpointError
-from handgrad.config import REQUIRED, ConfigError, Expect, OneOf, flag_of, option, options, ref, validate
+from handgrad.config import (
+    REQUIRED,
+    ConfigError,
+    Expect,
+    OneOf,
+    flag_of,
+    named,
+    option,
+    options,
+    ref,
+    validate,
+)
 from handgrad.data import DataError
 from handgrad.engines import parallel
 from handgrad.layers import numel
@@ -83,13 +94,21 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Events:
-    """What a run reports, all optional. warn(line) and note(line): one line each (fields named with
-    config.ref); on_start(Started) once before training: whatever it returns, if callable, is called
-    with the train.Progress after every chunk, and closed (if it has close()) when training ends."""
+    """What a run reports, all optional. warn(line) and note(line): one line each, a config field named
+    as field_name(field) says (default: its name; the CLI: its flag); on_start(Started) once before
+    training: whatever it returns, if callable, is called with the train.Progress after every chunk,
+    and closed (if it has close()) when training ends."""
 
     warn: Callable[[str], None] = lambda line: None
     note: Callable[[str], None] = lambda line: None
     on_start: Callable[[Started], object] | None = None
+    field_name: Callable[[str], str] = str
+
+    def warning(self, text: str) -> None:
+        self.warn(named(text, self.field_name))
+
+    def notice(self, text: str) -> None:
+        self.note(named(text, self.field_name))
 
 
 SILENT = Events()  # reports nothing
@@ -177,7 +196,7 @@ class Stopped(Exception):
     `resume` is the directory to continue from (None when there is nothing to continue)."""
 
     def __init__(self, code: int, message: str, resume: Path | None = None):
-        super().__init__(message)
+        super().__init__(named(message))
         self.code, self.message, self.resume = code, message, resume
 
 
@@ -257,7 +276,7 @@ def new(mcfg: ModelConfig, tcfg: TrainConfig, opts: RunConfig = RunConfig(), eve
     """A fresh run of these configs: the data is read and checked (and the memory the run needs) before
     any directory is created; the model's vocabulary size is the data's."""
     _begin(opts, tcfg)
-    splits = load_splits(opts.data, mcfg.block_size, tcfg.split_seed, warn=events.warn,
+    splits = load_splits(opts.data, mcfg.block_size, tcfg.split_seed, warn=events.warning,
                          fits=lambda n: budget.check_train(mcfg, tcfg, n),
                          kind=models.PRESETS[mcfg.name].data)
     mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
@@ -293,7 +312,7 @@ def resume(directory: str | Path, changes: dict | None = None, opts: RunConfig =
     fits = None if ck.model_config is None else (
         lambda n: budget.check_train(ck.model_config, ck.train_config, n))
     kind = models.PRESETS[ck.model_config.name].data if ck.model_config else "context"
-    splits = load_splits(path, ck.block_size, tc.split_seed, ck.vocab, events.warn, fits, kind)
+    splits = load_splits(path, ck.block_size, tc.split_seed, ck.vocab, events.warning, fits, kind)
     return Run(ck, splits, Path(opts.out or directory), opts, Path(directory))
 
 
@@ -449,7 +468,7 @@ def _train(run: Run, plan: engines.Plan, events: Events) -> Outcome:
     ckpt, splits, out, opts = run.ckpt, run.splits, run.out, run.opts
     mcfg, tcfg, state = ckpt.model_config, ckpt.train_config, ckpt.state
     if plan.warning:
-        events.warn(plan.warning)
+        events.warning(plan.warning)
     started = Started(mcfg.name if mcfg else None, numel(state.model), splits.Xtr.shape[0], plan.name,
                       tcfg.dtype, state.step, tcfg.steps, out)
     callbacks = [cb for cb in [events.on_start and events.on_start(started)] if callable(cb)]
@@ -507,13 +526,13 @@ def _train(run: Run, plan: engines.Plan, events: Events) -> Outcome:
     except SaveError as e:
         raise Stopped(1, f"{e}; {kept()}") from None
     if results["val"] is None:
-        events.warn(f"the val split is empty ({len(splits.vocab)}-character data with too few items); "
-                    "no val loss to report")
+        events.warning(f"the val split is empty ({len(splits.vocab)}-character data with too few "
+                       "items); no val loss to report")
     uniform = math.log(len(splits.vocab))  # the loss of guessing every character equally
     if results["train"] > uniform + 1.0:
-        events.warn(f"the final train loss {results['train']:.4g} is far above {uniform:.2f}, the loss of a "
-                    f"uniform guess: training did not learn; try a smaller {ref('lr')} (this run: "
-                    f"{tcfg.lr:g})")
+        events.warning(f"the final train loss {results['train']:.4g} is far above {uniform:.2f}, the loss "
+                       f"of a uniform guess: training did not learn; try a smaller {ref('lr')} (this run: "
+                       f"{tcfg.lr:g})")
     return Outcome(0, "", Finished(ckpt, out, loop_time, plan.name, opts.samples))
 
 
@@ -549,11 +568,11 @@ class _Diagnostics:
                                       self.state.losses)
         failed = [c for c in report.checks if c.failed]
         for w in report.warnings:
-            self.events.warn(str(w))
+            self.events.warning(str(w))
         for c in failed:
-            self.events.warn(f"sanity check {c}; {c.detail}")
-        self.events.note(f"diagnostics: {len(report.warnings)} warning(s), {len(failed)} failed check(s); "
-                         f"PNGs and diagnostics.json in {self.out}/")
+            self.events.warning(f"sanity check {c}; {c.detail}")
+        self.events.notice(f"diagnostics: {len(report.warnings)} warning(s), {len(failed)} failed "
+                           f"check(s); PNGs and diagnostics.json in {self.out}/")
 
 
 # ---------------------------------------------------------------------------- reading a saved run
@@ -566,8 +585,8 @@ def load_finished(path: str | Path, allow_unfinished: bool = False, events: Even
             raise ConfigError(f"{path}: training has not finished (step {ck.state.step} of "
                               f"{ck.train_config.steps}); continue it with: handgrad train {ref('resume')} "
                               f"{path}, or add {ref('allow_unfinished')} to use it as it is")
-        events.warn(f"{path}: unfinished run (step {ck.state.step} of {ck.train_config.steps}); batchnorm "
-                    "uses its running statistics")
+        events.warning(f"{path}: unfinished run (step {ck.state.step} of {ck.train_config.steps}); "
+                       "batchnorm uses its running statistics")
     return ck
 
 

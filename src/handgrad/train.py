@@ -104,9 +104,11 @@ def first_non_finite(grads: dict[str, Tensor]) -> str | None:
     return None if bool(finite.all()) else names[int((~finite).nonzero()[0])]
 
 
-def sgd_steps(grad_fn: GradFn) -> StepsFn:
+def sgd_steps(grad_fn: GradFn, optimizer=None) -> StepsFn:
     """A step engine that takes its gradients from grad_fn (hand_grads here; the autograd
-    reference in reference.py uses the same loop, so the two differ only in their gradients)."""
+    reference in reference.py uses the same loop, so the two differ only in their gradients) and
+    moves the parameters with `optimizer` (an optim class instance; default optim.SGD())."""
+    update = (optimizer or optim.SGD()).update
 
     def steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
         """Run K = len(idx) SGD steps in place. idx (K, B) row indices into Xtr/Ytr; lrs (K,)
@@ -122,7 +124,7 @@ def sgd_steps(grad_fn: GradFn) -> StepsFn:
             bad = first_non_finite(step.grads)
             if bad is not None:
                 raise NonFiniteError(k, "d" + bad)
-            optim.sgd_update(model, step.grads, float(lrs[k]))
+            update(model, step.grads, float(lrs[k]))
             if hasattr(model, "update_buffers"):
                 model.update_buffers(step.caches)
         return losses

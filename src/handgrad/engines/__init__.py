@@ -8,7 +8,7 @@ engines.native (csrc/), engines.parallel (torch.distributed).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from handgrad import train
 from handgrad.config import ConfigError, ref
@@ -37,8 +37,7 @@ class EngineUnavailable(ConfigError):
     """engine "fast" was asked for but cannot run here; the message says why (one line)."""
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """How the steps run: the engine (train.StepsFn), its name for the header and the results, and one
     line (fields named with config.ref) when it is not what tcfg.engine asked for ("" otherwise)."""
 
