@@ -354,7 +354,7 @@ def go(run: Run, events: Events = SILENT, command: Sequence[str] = ()) -> Outcom
     with _output_dir(run) as lock:  # noqa: F841 - held while the run writes
         if comm is None:
             plan = engines.plan(model, tcfg, None, run.opts.threads)
-        return _train(run, plan, events)
+        return _train(run, plan, engines.title(plan, model, comm), events)
 
 
 # Why a run cannot be data-parallel, as rules: (refused?, why). One process measures diagnostics.
@@ -461,7 +461,7 @@ def save(out: Path, ckpt: Checkpoint) -> None:
                         f"({io.describe(e)})") from None
 
 
-def _train(run: Run, plan: engines.Plan, events: Events) -> Outcome:
+def _train(run: Run, plan: engines.Plan, engine: str, events: Events) -> Outcome:
     """Train the run's state to its train_config's steps with `plan`, saving into run.out (locked by
     the caller): every checkpoint_every steps and at the end, with the inference statistics and the
     train and val losses."""
@@ -469,7 +469,7 @@ def _train(run: Run, plan: engines.Plan, events: Events) -> Outcome:
     mcfg, tcfg, state = ckpt.model_config, ckpt.train_config, ckpt.state
     if plan.warning:
         events.warning(plan.warning)
-    started = Started(mcfg.name if mcfg else None, numel(state.model), splits.Xtr.shape[0], plan.name,
+    started = Started(mcfg.name if mcfg else None, numel(state.model), splits.Xtr.shape[0], engine,
                       tcfg.dtype, state.step, tcfg.steps, out)
     callbacks = [cb for cb in [events.on_start and events.on_start(started)] if callable(cb)]
     resumed_here = run.resumed_from is not None and _same_dir(out, run.resumed_from)
@@ -520,7 +520,7 @@ def _train(run: Run, plan: engines.Plan, events: Events) -> Outcome:
     with torch.no_grad():
         results = {split: models.evaluate(ckpt.inference_model(), *splits.split(split))
                    for split in ("train", "val")}
-    ckpt.results = {**results, "loop_seconds": loop_time, "engine": plan.name}
+    ckpt.results = {**results, "loop_seconds": loop_time, "engine": engine}
     try:
         save(out, ckpt)
     except SaveError as e:
@@ -533,7 +533,7 @@ def _train(run: Run, plan: engines.Plan, events: Events) -> Outcome:
         events.warning(f"the final train loss {results['train']:.4g} is far above {uniform:.2f}, the loss "
                        f"of a uniform guess: training did not learn; try a smaller {ref('lr')} (this run: "
                        f"{tcfg.lr:g})")
-    return Outcome(0, "", Finished(ckpt, out, loop_time, plan.name, opts.samples))
+    return Outcome(0, "", Finished(ckpt, out, loop_time, engine, opts.samples))
 
 
 class _Diagnostics:

@@ -42,7 +42,7 @@ class Plan(NamedTuple):
     line (fields named with config.ref) when it is not what tcfg.engine asked for ("" otherwise)."""
 
     steps: StepsFn
-    name: str  # "fast", "eager", "2-rank data-parallel fast (gloo)"
+    name: str  # "fast" (native) or "eager"
     warning: str = ""
 
 
@@ -105,14 +105,14 @@ def plan(model, tcfg: TrainConfig, world=None, threads: int = 1) -> Plan:
     if tcfg.engine != "eager":
         steps = native_steps(model, tcfg, world, threads)
         if not isinstance(steps, str):
-            return Plan(steps, _name("fast", model, world))
+            return Plan(steps, "fast")
         if tcfg.engine == "fast":
             raise unavailable(steps)
         warnings.append(f"fast path unavailable ({steps}); using the eager path")
     if tcfg.recompute_tile:
         warnings.append(f"activation checkpointing ({ref('recompute_tile')}) needs the fast engine; ignored")
     eager = train.eager_steps if world is None else parallel.data_parallel_steps(world)
-    return Plan(eager, _name("eager", model, world), "; ".join(warnings))
+    return Plan(eager, "eager", "; ".join(warnings))
 
 
 def unavailable(reason: str) -> EngineUnavailable:
@@ -121,11 +121,12 @@ def unavailable(reason: str) -> EngineUnavailable:
                              f"{ref('engine')} auto or eager")
 
 
-def _name(engine: str, model, world) -> str:
+def title(plan: Plan, model, world=None) -> str:
+    """The engine as a run reports it: "fast", "eager", "2-rank data-parallel fast (gloo)"."""
     if world is None:
-        return engine
+        return plan.name
     device = next(iter(model.params().values())).device.type
-    return f"{world.world}-rank data-parallel {engine} ({BACKENDS[device]})"
+    return f"{world.world}-rank data-parallel {plan.name} ({BACKENDS[device]})"
 
 
 def fit(splits: Splits, mcfg: ModelConfig | None, tcfg: TrainConfig, state: TrainState | None = None,

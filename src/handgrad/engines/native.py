@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,24 +42,13 @@ _lock = threading.Lock()
 _loaded: dict[Path, ctypes.CDLL] = {}  # source -> its library, bound (once per process)
 
 
-@dataclass
-class MLP:
-    """The lecture MLP as csrc/step.cpp reads it: its 7 trainable tensors in this order (the lecture's
-    names), sharing memory with the model's layers."""
-
-    C: Tensor  # (V, E) embedding table
-    W1: Tensor  # (T*E, H)
-    b1: Tensor  # (H,)
-    W2: Tensor  # (H, V)
-    b2: Tensor  # (V,)
-    bngain: Tensor  # (1, H)
-    bnbias: Tensor  # (1, H)
-
-    def items(self) -> list[tuple[str, Tensor]]:
-        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+class MLP(dict):
+    """The lecture MLP as csrc/step.cpp reads it: its 7 trainable tensors by the lecture's names, in
+    models.LECTURE_NAMES's order (C (V, E), W1 (T*E, H), b1 (H,), W2 (H, V), b2 (V,), bngain (1, H),
+    bnbias (1, H)), sharing memory with the model's layers."""
 
     def tensors(self) -> list[Tensor]:
-        return [getattr(self, f.name) for f in fields(self)]
+        return list(self.values())
 
 
 class BNStats:
@@ -265,8 +254,8 @@ def _ptr(t: Tensor) -> int:
 
 
 def _dims(p: MLP, B: int, T: int, K: int, tile: int, n: int) -> ctypes.Array:
-    V, E = p.C.shape
-    H = p.W1.shape[1]
+    V, E = p["C"].shape
+    H = p["W1"].shape[1]
     return (ctypes.c_int * 8)(B, T, E, H, V, tile, K, n)
 
 
@@ -343,7 +332,7 @@ def mlp_view(model) -> tuple[MLP, BNStats, float] | str:
         got = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
         return f"the fast path is float32 only (got {got})"
     H = tensors["W1"].shape[1]
-    return MLP(**tensors), BNStats(bn.running_mean.view(1, H), bn.running_var.view(1, H)), bn.momentum
+    return MLP(tensors), BNStats(bn.running_mean.view(1, H), bn.running_var.view(1, H)), bn.momentum
 
 
 def make_steps_fn(lib: ctypes.CDLL, tile: int = 0) -> Callable:
@@ -694,5 +683,5 @@ def workspace_bytes(model, batch_size: int, tile: int = 0, T: int | None = None)
         return int(load_program_library().hg_program_bytes(desc.data_ptr(), fdesc.data_ptr()))
     p = view[0]
     lib = load_library()
-    T = p.W1.shape[0] // p.C.shape[1]
+    T = p["W1"].shape[0] // p["C"].shape[1]
     return int(lib.hg_workspace_bytes(_dims(p, batch_size, T, 1, tile, 1)))
