@@ -52,33 +52,39 @@ class _Keep(dict):
 GROUPS = (None, "model", "optimisation", "output", "diagnostics")  # help groups in order (None: ungrouped)
 
 
+def _group(cls, f: dataclasses.Field) -> str | None:
+    return f.metadata["option"].group or getattr(cls, "GROUP", None)
+
+
+def _order(cls, f: dataclasses.Field) -> tuple[int, bool]:
+    """GROUPS order; within a group, the fields of the class it belongs to first."""
+    g = _group(cls, f)
+    return GROUPS.index(g) if g in GROUPS else len(GROUPS), g != getattr(cls, "GROUP", None)
+
+
 def add_fields(parser, classes: tuple) -> dict:
-    """A flag for each field of `classes` that has one (Option.flag not ""), grouped in GROUPS order by its
-    Option.group (else its class's GROUP; a class's own group lists its fields first), with its help,
-    type or choices. Flags default to None: only what is given reaches a config."""
+    """A flag for each field of `classes` that has one (Option.flag not ""), in its help group, with its
+    help, type or choices. Flags default to None: only what is given reaches a config. Returns the
+    groups by title (None: the parser)."""
     values = _Keep(**models.help_values(), **engines.THRESHOLDS)
+    groups = {None: parser}
     fields = [(cls, f) for cls in classes for f in dataclasses.fields(cls) if f.metadata.get("option")]
-    group = lambda cls, f: f.metadata["option"].group or getattr(cls, "GROUP", None)  # noqa: E731
-    made = {None: parser}
-    order = lambda cls, f: (GROUPS.index(group(cls, f)) if group(cls, f) in GROUPS else len(GROUPS),  # noqa: E731
-                            group(cls, f) != getattr(cls, "GROUP", None))  # a guest of another class's group
-    for cls, f in sorted(fields, key=lambda cf: order(*cf)):
+    for cls, f in sorted(fields, key=lambda cf: _order(*cf)):
         opt = f.metadata["option"]
         if opt.flag == "":
             continue
-        flag = FLAGS.setdefault(f.name, config.flag_of(f.name, opt))
-        kind = config.value_type(cls, f.name)
         kw = {"dest": f.name, "help": opt.help.format_map(_Keep(values, default=f.default))}
-        if kind is bool:
+        if config.value_type(cls, f.name) is bool:
             kw.update(action="store_const", const=not f.default)
         else:
-            kw.update(type=kind, metavar=opt.metavar, choices=getattr(opt.rule, "options", None))
+            kw.update(type=config.value_type(cls, f.name), metavar=opt.metavar,
+                      choices=getattr(opt.rule, "options", None))
         if f.default is config.REQUIRED:
             kw["required"] = True
-        g = group(cls, f)
-        where = made[g] if g in made else made.setdefault(g, parser.add_argument_group(g))
-        where.add_argument(flag, **kw)
-    return made
+        g = _group(cls, f)
+        where = groups[g] if g in groups else groups.setdefault(g, parser.add_argument_group(g))
+        where.add_argument(FLAGS.setdefault(f.name, config.flag_of(f.name, opt)), **kw)
+    return groups
 
 
 def given(args, cls) -> dict:
@@ -89,13 +95,11 @@ def given(args, cls) -> dict:
 # ---------------------------------------------------------------------------- the commands
 def _cmd_train(args) -> int:
     opts = RunConfig(**given(args, RunConfig))
+    model, training = given(args, ModelConfig), given(args, TrainConfig)
     if opts.resume and opts.verify_autograd is None:
-        r = run.resume(opts.resume, {**given(args, ModelConfig), **given(args, TrainConfig)}, opts, EVENTS)
+        r = run.resume(opts.resume, {**model, **training}, opts, EVENTS)
     else:
-        mvals = given(args, ModelConfig)
-        name = mvals.pop("name", ModelConfig().name)
-        mcfg, tcfg = models.preset(name, **mvals), TrainConfig.for_model(name, **given(args, TrainConfig))
-        r = run.new(mcfg, tcfg, opts, EVENTS)
+        r = run.new(*run.configs(model, training), opts, EVENTS)
     if opts.verify_autograd is not None:
         v = reference.verify(r.splits, r.ckpt.model_config, r.ckpt.train_config, opts.verify_autograd,
                              opts.threads, EVENTS.warning)

@@ -272,6 +272,14 @@ def _same_data(ck: Checkpoint, ckdir: str | Path, path: str | None) -> tuple[str
 
 
 # ---------------------------------------------------------------------------- a new run, a resumed one
+def configs(model: dict, training: dict) -> tuple[ModelConfig, TrainConfig]:
+    """The configs of a new run from the fields given: the preset model["name"] (default: ModelConfig's)
+    with the model values, and that preset's training defaults with the training values."""
+    model = dict(model)
+    name = model.pop("name", ModelConfig().name)
+    return models.preset(name, **model), TrainConfig.for_model(name, **training)
+
+
 def new(mcfg: ModelConfig, tcfg: TrainConfig, opts: RunConfig = RunConfig(), events: Events = SILENT) -> Run:
     """A fresh run of these configs: the data is read and checked (and the memory the run needs) before
     any directory is created; the model's vocabulary size is the data's."""
