@@ -11,6 +11,7 @@ it cannot take ("steps must be a positive integer, got 0").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -171,9 +172,14 @@ def flag_of(name: str, opt: Option | None = None) -> str:
     return "--" + name.replace("_", "-")
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def value_type(cls, name: str) -> type:
     """The field's type without Optional (int | None -> int)."""
-    hint = typing.get_type_hints(cls)[name]
+    hint = _hints(cls)[name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
@@ -204,7 +210,7 @@ def validate(obj) -> None:
 
 
 def _optional(cls, name: str) -> bool:
-    hint = typing.get_type_hints(cls)[name]
+    hint = _hints(cls)[name]
     return type(None) in typing.get_args(hint)
 
 

@@ -30,7 +30,6 @@ TILE_ROWS = 1024
 CACHE_TILE = 128
 THRESHOLDS = {"counted_rows": COUNTED_ROWS, "tile_rows": TILE_ROWS, "cache_tile": CACHE_TILE}  # for help
 MAX_NATIVE_THREADS = 2  # the native program splits its large products over at most two threads
-BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # the model's device type -> torch.distributed backend
 
 
 class EngineUnavailable(ConfigError):
@@ -38,8 +37,8 @@ class EngineUnavailable(ConfigError):
 
 
 class Plan(NamedTuple):
-    """How the steps run: the engine (train.StepsFn), its name for the header and the results, and one
-    line (fields named with config.ref) when it is not what tcfg.engine asked for ("" otherwise)."""
+    """How the steps run: the engine (train.StepsFn), which one it is (title() says it for a header), and
+    one line (fields named with config.ref) when it is not what tcfg.engine asked for ("" otherwise)."""
 
     steps: StepsFn
     name: str  # "fast" (native) or "eager"
@@ -126,7 +125,7 @@ def title(plan: Plan, model, world=None) -> str:
     if world is None:
         return plan.name
     device = next(iter(model.params().values())).device.type
-    return f"{world.world}-rank data-parallel {plan.name} ({BACKENDS[device]})"
+    return f"{world.world}-rank data-parallel {plan.name} ({parallel.BACKENDS[device]})"
 
 
 def fit(splits: Splits, mcfg: ModelConfig | None, tcfg: TrainConfig, state: TrainState | None = None,
