@@ -53,14 +53,18 @@ def test_resume_with_a_new_learning_rate_keeps_the_rest_and_refuses_other_change
 
 
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    mcfg, tcfg = _small(steps=2000, checkpoint_every=100, lr=1e4)
-    r = run.new(mcfg, tcfg, RunConfig(out=str(tmp_path / "r")))
+    out = tmp_path / "r"
+    run.go(run.new(*_small(steps=100), RunConfig(out=str(out), samples=0)))
+    r = run.resume(out, {"steps": 300})
     with torch.no_grad():
-        r.ckpt.state.model.params()["5.weight"].fill_(1e38)  # overflows within the first chunks
+        r.ckpt.state.model.params()["5.weight"].fill_(1e38)  # the logits overflow at the next step
     with pytest.raises(Stopped) as e:
         run.go(r)
-    assert e.value.code == 1 and "training diverged at step" in e.value.message
-    assert "Try a smaller \x00lr\x00" in e.value.message  # the field, named for the CLI to show as --lr
+    assert e.value.code == 1 and e.value.resume is None
+    assert str(e.value) == (f"training diverged at step 100: loss is NaN or infinite; the last good checkpoint "
+                            f"(step 100) is kept in {out}/. Try a smaller lr or check the init.")
+    assert "Try a smaller \x00lr\x00" in e.value.message  # the field, for the CLI to show as --lr
+    assert checkpoint.load(out).state.step == 100
 
 
 def test_a_second_run_into_a_directory_that_holds_one_is_refused_naming_the_fields(tmp_path):
