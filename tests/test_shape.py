@@ -1,4 +1,4 @@
-"""The package keeps its shape (issue 20): only the CLI reads a command line or prints, train.py imports no
+"""The package keeps its shape: only the CLI reads a command line or prints, train.py imports no
 engine, and no import cycle exists among handgrad's modules, lazy imports (inside functions) included.
 Read from the source with `ast`, so an import in any function counts."""
 

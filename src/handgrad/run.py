@@ -30,7 +30,6 @@ from handgrad.config import (
     ConfigError,
     Expect,
     OneOf,
-    flag_of,
     named,
     option,
     options,
@@ -758,14 +757,4 @@ def diagnose(cfg: DiagnoseConfig) -> Diagnosis:
     report = diagnostics.write_report(out, collector, ck.state.model, ck.state.step, ck.state.losses,
                                       extra={"checkpoint": str(cfg.checkpoint)})
     return Diagnosis(cfg.checkpoint, ck, history, report, out)
-
-
-def flags() -> dict[str, str]:
-    """Every config field's flag by its name (for rendering config.ref marks), from the option tables."""
-    table: dict[str, str] = {}
-    for cls in (ModelConfig, TrainConfig, RunConfig, SampleConfig, EvalConfig, CheckConfig, DiagnoseConfig):
-        for name, opt in options(cls).items():
-            if opt.flag != "":
-                table.setdefault(name, flag_of(name, opt))
-    return table
 
