@@ -276,6 +276,9 @@ class LayerNorm(_Base):
         self.bias.zero_()
 
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        if x.dim() < 1 or x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"LayerNorm({self.weight.shape[0]}) normalises a last dimension of "
+                             f"{self.weight.shape[0]}, got shape {tuple(x.shape)}")
         return ops.layernorm_forward(x, self.weight, self.bias, self.eps)
 
     def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
@@ -498,6 +501,7 @@ class Block(_Composite):
         self.mlp = FeedForward(n_embd, 4 * n_embd, "gelu", dtype=dtype)
 
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        _need_sequence("Block", x, self.ln_1.weight.shape[0], self.attn.block_size)
         a, ln_1 = self.ln_1.forward(x)  # (B, T, E)
         y, attn = self.attn.forward(a)  # (B, T, E)
         x = x + y  # (B, T, E)
@@ -547,6 +551,7 @@ class BoWBlock(_Composite):
         self.mlp = FeedForward(n_embd, n_embd2, "tanh", dtype=dtype)
 
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        _need_sequence("BoWBlock", x, self.mlp.c_fc.weight.shape[0], self.cbow.block_size)
         y, cbow = self.cbow.forward(x)  # (B, T, E)
         x = x + y  # (B, T, E)
         f, mlp = self.mlp.forward(x)  # (B, T, E)
