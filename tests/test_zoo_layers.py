@@ -298,6 +298,18 @@ def test_bad_input_is_refused_in_one_line_naming_the_sizes(make, x, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_check_layer_on_an_index_layer_checks_its_contract_only():
+    from handgrad.check import check_layer
+
+    class Leaky(ContextWindows):
+        def backward(self, dout, cache):
+            return torch.zeros(1), {}
+    X = torch.tensor([[0, 1, 2]])
+    assert check_layer(ContextWindows(3, 5), X).passed
+    bad = check_layer(Leaky(3, 5), X)
+    assert not bad.passed and "must return (None, {})" in bad.row("output").diagnosis
+
+
 def test_index_layers_must_lead_the_sequential():
     model = Sequential([Linear(2, 2), ContextWindows(2, 3), Embedding(4, 2)])
     with pytest.raises(ValueError, match="only the first layer may take indices"):
