@@ -151,6 +151,14 @@ def test_each_model_has_makemores_parameter_count_and_gives_logits_per_position(
     assert dx is None and set(g) == set(model.params())
 
 
+def test_each_model_runs_on_the_meta_device_as_a_checkpoint_load_does():
+    """checkpoint.py rebuilds a spec on the meta device and runs a forward to check its sizes."""
+    for name, model in zoo().items():
+        with torch.device("meta"):
+            out = from_spec(model.spec()).forward(torch.zeros((2, 16), dtype=torch.long))[0]
+        assert out.shape == (2, 16, 27) and out.device.type == "meta", name
+
+
 # ---------------------------------------------------------------------------- names, specs, init
 def test_dotted_names_reach_the_tensors_and_specs_rebuild_them():
     model = noisy(Sequential([PositionEmbedding(6, 4, dtype=D), Block(4, 2, 6, dtype=D), LayerNorm(4, dtype=D),

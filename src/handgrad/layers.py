@@ -13,6 +13,12 @@ The protocol every layer (built-in or a user's own) follows:
 
 Optional: update_buffers(cache) (running statistics after a training step), init_(generator)
 (the default random initialisation, drawn in a fixed order).
+
+makemore's zoo (karpathy/makemore, makemore.py) adds sequence layers: (B, T, E) floats in and out,
+or (B, T) ids. A composite layer (Block, BoWBlock, Recurrent, ...) holds its children as attributes
+and names their tensors "child.name" ("attn.c_attn.weight"; in a Sequential "3.attn.c_attn.weight"),
+which set_tensor, checkpoints and check_layer follow. A layer whose output is ids (ContextWindows)
+sets INDEX_OUTPUT and must come first: no gradient reaches it.
 """
 
 from __future__ import annotations
