@@ -125,7 +125,7 @@ def zoo(V=27, bs=16, E=64, H=64, n_layer=4, n_head=4):
     return {
         "bigram": Sequential([Embedding(V, V)]),
         "bow": Sequential([Embedding(V, E), PositionEmbedding(bs, E), BoWBlock(E, H, bs), Linear(E, V)]),
-        "mlp": Sequential([ContextWindows(bs, V), Embedding(V + 1, E), FlattenLast(), Linear(bs * E, H), Tanh(),
+        "mlp": Sequential([ContextWindows(bs, V), Embedding(V + 1, E), FlattenLast(bs * E), Linear(bs * E, H), Tanh(),
                            Linear(H, V)]),
         "rnn": Sequential([Embedding(V, E), Recurrent("rnn", E, H), Linear(H, V)]),
         "gru": Sequential([Embedding(V, E), Recurrent("gru", E, H), Linear(H, V)]),
@@ -292,14 +292,17 @@ def test_recomputing_the_attention_matrix_gives_the_same_gradients():
     (lambda: Block(4, 2, 3), torch.zeros(2, 5, 4), "5 positions is longer than the block size 3"),
     (lambda: PositionEmbedding(3, 4), torch.zeros(2, 5, 4), "longer than the block size 3"),
     (lambda: CausalBoW(3), torch.zeros(1, 4, 2), "longer than the block size 3"),
-    (lambda: Block(4, 2, 8), torch.zeros(2, 5, 6), "Block needs a float (B, T, 4) input"),
+    (lambda: Block(4, 2, 8), torch.zeros(2, 5, 6), "Block needs a float (B, T, 4) input with T >= 1"),
     (lambda: LayerNorm(4), torch.zeros(2, 5, 6), "LayerNorm(4) normalises a last dimension of 4"),
     (lambda: Recurrent("gru", 4, 3), torch.zeros(2, 4), "needs a float (B, T, 4) input"),
     (lambda: Recurrent("lstm", 4, 3), None, "cell must be one of rnn, gru"),
     (lambda: ContextWindows(3, 27), torch.zeros(2, 4), "needs integer ids (B, T)"),
     (lambda: FlattenLast(), torch.zeros(3), "at least 2 dimensions"),
+    (lambda: FlattenLast(12), torch.zeros(2, 4, 2), "k*E = 12, got shape (2, 4, 2)"),
+    (lambda: Recurrent("rnn", 4, 3), torch.zeros(2, 0, 4), "with T >= 1"),
 ], ids=["attention n_head", "block n_head", "block too long", "positions too long", "bow too long",
-        "wrong width", "layernorm width", "recurrent 2-D", "cell", "windows of floats", "flatten 1-D"])
+        "wrong width", "layernorm width", "recurrent 2-D", "cell", "windows of floats", "flatten 1-D", "flatten size",
+        "empty sequence"])
 def test_bad_input_is_refused_in_one_line_naming_the_sizes(make, x, words):
     with pytest.raises(ValueError) as e:
         make().forward(x)

@@ -257,9 +257,9 @@ class PositionEmbedding(_Base):
 
 def _need_sequence(who: str, x: Tensor, n_embd: int, block_size: int | None = None) -> None:
     """A sequence layer's input is (B, T, n_embd) floats with T <= block_size; else one ValueError."""
-    if x.dim() != 3 or x.shape[-1] != n_embd or not x.is_floating_point():
-        raise ValueError(f"{who} needs a float (B, T, {n_embd}) input, got {str(x.dtype)[6:]} shape "
-                         f"{tuple(x.shape)}")
+    if x.dim() != 3 or x.shape[-1] != n_embd or not x.is_floating_point() or x.shape[1] == 0:
+        raise ValueError(f"{who} needs a float (B, T, {n_embd}) input with T >= 1, got {str(x.dtype)[6:]} "
+                         f"shape {tuple(x.shape)}")
     if block_size is not None and x.shape[1] > block_size:
         raise ValueError(f"{who}: a sequence of {x.shape[1]} positions is longer than the block size "
                          f"{block_size}")
@@ -329,18 +329,23 @@ class CausalBoW(_Base):
 
 @builtin
 class FlattenLast(_Base):
-    """(..., k, E) -> (..., k*E): makemore's MLP concatenates its k context embeddings."""
+    """(..., k, E) -> (..., k*E): makemore's MLP concatenates its k context embeddings. `size`, when
+    given, is the k*E it expects (a shape check with a clear error)."""
+
+    def __init__(self, size: int | None = None):
+        self.size = size
 
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
-        if x.dim() < 2:
-            raise ValueError(f"FlattenLast needs at least 2 dimensions, got shape {tuple(x.shape)}")
+        if x.dim() < 2 or self.size is not None and x.shape[-1] * x.shape[-2] != self.size:
+            want = "at least 2 dimensions" if self.size is None else f"(..., k, E) with k*E = {self.size}"
+            raise ValueError(f"FlattenLast needs {want}, got shape {tuple(x.shape)}")
         return ops.flatten_last_forward(x)
 
     def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
         return ops.flatten_last_backward(dout, cache), {}
 
     def spec(self) -> dict:
-        return {"type": "FlattenLast"}
+        return {"type": "FlattenLast"} if self.size is None else {"type": "FlattenLast", "size": self.size}
 
 
 @builtin
