@@ -329,3 +329,35 @@ def test_index_layers_must_lead_the_sequential():
 
 def test_gelu_layer_has_no_parameters_and_specs():
     assert GELU().params() == {} and from_spec(GELU().spec()).spec() == {"type": "GELU"}
+
+
+# ---------------------------------------------------------------------------- check_layer on more shapes
+EDGE_CASES = [  # (id, layer, x shape): the edges of each sequence layer's shapes
+    ("Block one position", lambda: Block(4, 1, 4, dtype=D), (3, 1, 4)),
+    ("CausalSelfAttention heads of one channel", lambda: CausalSelfAttention(4, 4, 3, dtype=D), (1, 3, 4)),
+    ("BoWBlock one sequence", lambda: BoWBlock(3, 2, 6, dtype=D), (1, 6, 3)),
+    ("Recurrent gru one position", lambda: Recurrent("gru", 2, 3, dtype=D), (4, 1, 2)),
+    ("Recurrent rnn long", lambda: Recurrent("rnn", 2, 2, dtype=D), (2, 9, 2)),
+    ("PositionEmbedding full block", lambda: PositionEmbedding(3, 2, dtype=D), (2, 3, 2)),
+]
+
+
+@pytest.mark.parametrize("make, shape", [c[1:] for c in EDGE_CASES], ids=[c[0] for c in EDGE_CASES])
+def test_check_layer_passes_the_sequence_layers_at_the_edges_of_their_shapes(make, shape):
+    from handgrad.check import check_layer
+    layer = noisy(make(), seed=5)
+    report = check_layer(layer, randn(6, *shape, scale=1.5), seed=5)
+    assert report.passed, str(report)
+
+
+def test_check_layer_names_the_wrong_parameter_inside_a_composite():
+    from handgrad.check import check_layer
+
+    class HalfGain(LayerNorm):
+        def backward(self, dout, cache):
+            dx, g = super().backward(dout, cache)
+            return dx, {**g, "weight": 0.5 * g["weight"]}
+    block = noisy(Block(4, 2, 4, dtype=D))
+    block.ln_2 = noisy(HalfGain(4, dtype=D), seed=1)
+    report = check_layer(block, randn(7, 2, 4, 4), name_mistakes=False)
+    assert not report.passed and {r.name for r in report.failures()} == {"ln_2.weight"}
