@@ -587,12 +587,12 @@ class Recurrent(_Composite):
     rnn: xh_to_h; gru: xh_to_z, xh_to_r, xh_to_hbar (ops.gru_cell_forward)."""
 
     PARAMS = ("start",)
-    CELLS = {"rnn": ("xh_to_h",), "gru": ("xh_to_z", "xh_to_r", "xh_to_hbar")}
+    LINEARS = {"rnn": ("xh_to_h",), "gru": ("xh_to_z", "xh_to_r", "xh_to_hbar")}  # in the op's order
 
     def __init__(self, cell: str, n_embd: int, n_embd2: int, dtype: torch.dtype = torch.float32):
-        if cell not in self.CELLS:
-            raise ValueError(f"Recurrent: cell must be one of {', '.join(self.CELLS)}, got {cell!r:.40}")
-        self.cell, self.CHILDREN = cell, self.CELLS[cell]
+        if cell not in self.LINEARS:
+            raise ValueError(f"Recurrent: cell must be one of {', '.join(self.LINEARS)}, got {cell!r:.40}")
+        self.cell, self.CHILDREN = cell, self.LINEARS[cell]
         self.start = torch.zeros((1, n_embd2), dtype=dtype)  # (1, H)
         for name in self.CHILDREN:
             setattr(self, name, Linear(n_embd + n_embd2, n_embd2, init="torch", dtype=dtype))

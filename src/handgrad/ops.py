@@ -445,10 +445,10 @@ def gru_cell_backward(dht: Tensor, cache: tuple) -> tuple[Tensor, ...]:
     return dxt, dhprev, dWz, dbz, dWr, dbr, dWh, dbh
 
 
-# A cell by name: its forward, its backward, and how many parameters both take after (xt, hprev).
+# A cell by name: its forward and its backward (both take the cell's weights after (xt, hprev)).
 CELLS = {
-    "rnn": (rnn_cell_forward, rnn_cell_backward, 2),
-    "gru": (gru_cell_forward, gru_cell_backward, 6),
+    "rnn": (rnn_cell_forward, rnn_cell_backward),
+    "gru": (gru_cell_forward, gru_cell_backward),
 }
 
 
