@@ -20,21 +20,20 @@ SETUP = [
     "import random",
     f"names_file = {str(default_data_path())!r}\nwith open(names_file) as f:\n    words = f.read().split()\n"
     "print(len(words), 'names, the first few:', words[:5])",
-    "# index 0 is '.', the end-of-name mark; the letters follow in alphabetical order\n"
+    "# index 0 is '.', which pads a name's start and marks its end; the letters follow, a to z\n"
     "letters = sorted(set(''.join(words)))\nstoi = {'.': 0}\n"
     "stoi.update({ch: i + 1 for i, ch in enumerate(letters)})\nitos = {i: ch for ch, i in stoi.items()}\n"
     "vocab_size = len(stoi)",
     """block_size = 3  # how many previous characters the model sees
 
 def examples(names):
-    \"\"\"Every (context, next character) pair of the names, the context padded with '.' at the start.\"\"\"
+    \"\"\"Every (context, next character) pair of the names; a context starts padded with '.' (index 0).\"\"\"
     xs, ys = [], []
     for name in names:
-        window = [0] * block_size
-        for ch in name + '.':
-            xs.append(window)
-            ys.append(stoi[ch])
-            window = window[1:] + [stoi[ch]]
+        ids = [stoi[ch] for ch in name] + [0]
+        padded = [0] * block_size + ids
+        xs += [padded[i:i + block_size] for i in range(len(ids))]
+        ys += ids
     return torch.tensor(xs), torch.tensor(ys)
 
 random.seed(42)
@@ -200,7 +199,7 @@ dlogits /= n
 check(dlogits, logits, 'logits')"""
 EX3_FORWARD = (
     "mu = hprebn.mean(0, keepdim=True)\nvar = hprebn.var(0, keepdim=True)  # unbiased, as bnvar\n"
-    "hpreact_fast = bngain * (hprebn - mu) * (var + 1e-5)**-0.5 + bnbias\n"
+    "hpreact_fast = bngain * (hprebn - mu) / (var + 1e-5).sqrt() + bnbias\n"
     "print('largest gap to hpreact:', (hpreact_fast - hpreact).abs().max().item())"
 )
 EX3 = """# exercise 3: batchnorm's backward at once, from dhpreact to dhprebn
