@@ -289,6 +289,7 @@ def test_recomputing_the_attention_matrix_gives_the_same_gradients():
 @pytest.mark.parametrize("make, x, words", [
     (lambda: CausalSelfAttention(64, 3, 8), None, "n_head 3 does not divide n_embd 64"),
     (lambda: Block(10, 4, 8), None, "n_head 4 does not divide n_embd 10"),
+    (lambda: Block(8, 0, 8), None, "n_head must be at least 1, got 0"),
     (lambda: Block(4, 2, 3), torch.zeros(2, 5, 4), "5 positions is longer than the block size 3"),
     (lambda: PositionEmbedding(3, 4), torch.zeros(2, 5, 4), "longer than the block size 3"),
     (lambda: CausalBoW(3), torch.zeros(1, 4, 2), "longer than the block size 3"),
@@ -300,7 +301,7 @@ def test_recomputing_the_attention_matrix_gives_the_same_gradients():
     (lambda: FlattenLast(), torch.zeros(3), "at least 2 dimensions"),
     (lambda: FlattenLast(12), torch.zeros(2, 4, 2), "k*E = 12, got shape (2, 4, 2)"),
     (lambda: Recurrent("rnn", 4, 3), torch.zeros(2, 0, 4), "with T >= 1"),
-], ids=["attention n_head", "block n_head", "block too long", "positions too long", "bow too long",
+], ids=["attention n_head", "block n_head", "no heads", "block too long", "positions too long", "bow too long",
         "wrong width", "layernorm width", "recurrent 2-D", "cell", "windows of floats", "flatten 1-D", "flatten size",
         "empty sequence"])
 def test_bad_input_is_refused_in_one_line_naming_the_sizes(make, x, words):

@@ -317,7 +317,7 @@ class CausalBoW(_Base):
         self.block_size = block_size
 
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
-        _need_sequence("CausalBoW", x, x.shape[-1], self.block_size)
+        _need_sequence("CausalBoW", x, x.shape[-1] if x.dim() else 1, self.block_size)
         return ops.causal_average_forward(x)
 
     def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
@@ -422,7 +422,9 @@ class CausalSelfAttention(_Composite):
 
     def __init__(self, n_embd: int, n_head: int, block_size: int, recompute: bool = False,
                  dtype: torch.dtype = torch.float32):
-        if n_head < 1 or n_embd % n_head:
+        if n_head < 1:
+            raise ValueError(f"n_head must be at least 1, got {n_head}")
+        if n_embd % n_head:
             raise ValueError(f"n_head {n_head} does not divide n_embd {n_embd}: each head takes n_embd / "
                              "n_head channels")
         self.n_head, self.block_size, self.recompute = n_head, block_size, recompute
