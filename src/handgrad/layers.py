@@ -255,10 +255,13 @@ class PositionEmbedding(_Base):
         return {"type": "PositionEmbedding", "block_size": block_size, "n_embd": n_embd}
 
 
-def _need_sequence(who: str, x: Tensor, n_embd: int, block_size: int | None = None) -> None:
-    """A sequence layer's input is (B, T, n_embd) floats with T <= block_size; else one ValueError."""
-    if x.dim() != 3 or x.shape[-1] != n_embd or not x.is_floating_point() or x.shape[1] == 0:
-        raise ValueError(f"{who} needs a float (B, T, {n_embd}) input with T >= 1, got {str(x.dtype)[6:]} "
+def _need_sequence(who: str, x: Tensor, n_embd: int | None, block_size: int | None = None) -> None:
+    """A sequence layer's input is (B, T, n_embd) floats (any width when n_embd is None) with
+    1 <= T <= block_size; else one ValueError."""
+    wrong_width = n_embd is not None and x.dim() == 3 and x.shape[-1] != n_embd
+    if x.dim() != 3 or wrong_width or not x.is_floating_point() or x.shape[1] == 0:
+        width = "C" if n_embd is None else n_embd
+        raise ValueError(f"{who} needs a float (B, T, {width}) input with T >= 1, got {str(x.dtype)[6:]} "
                          f"shape {tuple(x.shape)}")
     if block_size is not None and x.shape[1] > block_size:
         raise ValueError(f"{who}: a sequence of {x.shape[1]} positions is longer than the block size "
@@ -317,7 +320,7 @@ class CausalBoW(_Base):
         self.block_size = block_size
 
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
-        _need_sequence("CausalBoW", x, x.shape[-1] if x.dim() else 1, self.block_size)
+        _need_sequence("CausalBoW", x, None, self.block_size)
         return ops.causal_average_forward(x)
 
     def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
