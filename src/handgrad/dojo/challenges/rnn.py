@@ -332,14 +332,6 @@ VARIANTS: dict[str, tuple[Variant, ...]] = {
             lambda v: v.dz.sum(1),
         ),
     ),
-    "x": (
-        Variant(
-            "Wxh-untransposed",
-            K.TRANSPOSED,
-            "Wxh untransposed: each step computes x_t @ Wxh, so dx = dz @ Wxh.T",
-            lambda v: v.dz @ v.Wxh,
-        ),
-    ),
     "h0": (
         Variant(
             "not-summed",
