@@ -507,3 +507,10 @@ def test_every_catalogue_entry_is_wrong_on_some_probe():
 def test_the_module_docstrings_state_the_maths():
     for m in (LN, AT, RN):
         assert m.__doc__ and len(m.__doc__.splitlines()) >= 3
+
+
+@pytest.mark.parametrize("key", ZOO)
+def test_a_notebook_grade_says_in_one_line_to_grade_the_file(key):
+    g = dojo.grade(key, {})
+    assert g.problem.startswith(f"challenge {key} is graded from its file") and "\n" not in g.problem
+    assert g.exit_code == 2
