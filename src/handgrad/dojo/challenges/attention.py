@@ -14,7 +14,7 @@ from handgrad.dojo import catalogue as K
 from handgrad.dojo import graph as G
 from handgrad.dojo.catalogue import Vals, Variant
 from handgrad.dojo.challenges import region
-from handgrad.dojo.framework import Item, RowSpec
+from handgrad.dojo.framework import RowSpec
 from handgrad.dojo.judge import shape_words
 
 
@@ -170,10 +170,12 @@ def _point(name: str, b: int, t: int, hs: int, seed: int) -> region.Point:
     return name, f"q, k, v {shape_words((b, t, hs))}, random dy", inputs
 
 
-def probes():
-    return region.probes(
-        GRAPH, [_point("a", 2, 5, 4, 1), _point("b", 3, 6, 3, 2), _point("square", 2, 4, 4, 3)]
-    )
+def points() -> list[region.Point]:
+    return [_point("a", 2, 5, 4, 1), _point("b", 3, 6, 3, 2), _point("square", 2, 4, 4, 3)]
+
+
+def probes(random: bool = True):
+    return region.probes(GRAPH, points(), random=random)
 
 
 # ---------------------------------------------------------------------------- the catalogue
@@ -340,19 +342,7 @@ VARIANTS: dict[str, tuple[Variant, ...]] = {
     ),
 }
 
-ITEM = Item(
-    "attention",
-    "challenge",
-    "ch_attention",
-    "one causal attention head's backward: datt, dv, dmasked (softmax), dscores (mask), dq, dk",
-    "one causal self-attention head: the softmax backward, the mask, the 1/sqrt(hs) scale; dq, dk, dv",
-    region.text("one causal self-attention head's backward pass", "ch_attention", ABOUT, SETUP, FORWARD),
-    (region.blanks(GRAPH.grads, SHAPES),),
-    (SOLUTION,),
-    ROWS,
-    probes,
-    "region",
-    variants=VARIANTS,
-    graph=GRAPH,
-    alias="h",
-)
+TITLE = "one causal attention head's backward: datt, dv, dmasked (softmax), dscores (mask), dq, dk"
+LISTED = "one causal self-attention head: the softmax backward, the mask, the 1/sqrt(hs) scale; dq, dk, dv"
+PAGE = ("one causal self-attention head's backward pass", ABOUT, SETUP, FORWARD)
+ITEM = region.item("attention", "h", TITLE, LISTED, PAGE, GRAPH, SHAPES, SOLUTION, ROWS, probes, VARIANTS)

@@ -13,7 +13,7 @@ from handgrad.dojo import catalogue as K
 from handgrad.dojo import graph as G
 from handgrad.dojo.catalogue import Vals, Variant
 from handgrad.dojo.challenges import region
-from handgrad.dojo.framework import Item, RowSpec
+from handgrad.dojo.framework import RowSpec
 from handgrad.dojo.judge import shape_words
 
 EPS = 1e-5
@@ -146,12 +146,12 @@ def _point(name: str, shape: tuple[int, ...], seed: int) -> region.Point:
     return name, f"x {shape_words(shape)}, random dout", inputs
 
 
-def probes():
-    return region.probes(
-        GRAPH,
-        [_point("btc", (4, 5, 8), 1), _point("btc2", (3, 6, 5), 2), _point("nc", (7, 6), 3)],
-        _stats,
-    )
+def points() -> list[region.Point]:
+    return [_point("btc", (4, 5, 8), 1), _point("btc2", (3, 6, 5), 2), _point("nc", (7, 6), 3)]
+
+
+def probes(random: bool = True):
+    return region.probes(GRAPH, points(), _stats, random)
 
 
 # ---------------------------------------------------------------------------- the catalogue
@@ -346,19 +346,7 @@ VARIANTS: dict[str, tuple[Variant, ...]] = {
     ),
 }
 
-ITEM = Item(
-    "layernorm",
-    "challenge",
-    "ch_layernorm",
-    "layernorm backward in closed form: dbias, dweight, dxhat, dx",
-    "LayerNorm over the last dim of (B, T, C) or (N, C): dx in closed form (no Bessel), dweight, dbias",
-    region.text("layernorm's backward pass in closed form", "ch_layernorm", ABOUT, SETUP, FORWARD),
-    (region.blanks(GRAPH.grads, SHAPES),),
-    (SOLUTION,),
-    ROWS,
-    probes,
-    "region",
-    variants=VARIANTS,
-    graph=GRAPH,
-    alias="g",
-)
+TITLE = "layernorm backward in closed form: dbias, dweight, dxhat, dx"
+LISTED = "LayerNorm over the last dim of (B, T, C) or (N, C): dx in closed form (no Bessel), dweight, dbias"
+PAGE = ("layernorm's backward pass in closed form", ABOUT, SETUP, FORWARD)
+ITEM = region.item("layernorm", "g", TITLE, LISTED, PAGE, GRAPH, SHAPES, SOLUTION, ROWS, probes, VARIANTS)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from handgrad.dojo import graph as G
-from handgrad.dojo.framework import BLANK, Probe
+from handgrad.dojo.framework import BLANK, Item, Probe, RowSpec
 from handgrad.dojo.probes import graph_probe
 
 F64 = torch.float64
@@ -41,6 +41,40 @@ def text(title: str, slug: str, about: str, setup: str, forward: str) -> str:
 def blanks(grads: tuple[str, ...], shapes: dict[str, str]) -> str:
     """One marked blank per gradient, with the shape it must have."""
     return "\n".join(f"d{g} = {BLANK} {shapes[g]}" for g in grads) + "\n"
+
+
+def item(
+    key: str,
+    alias: str,
+    title: str,
+    about: str,
+    page: tuple[str, str, str, str],
+    graph: G.Graph,
+    shapes: dict[str, str],
+    solution: str,
+    rows: tuple[RowSpec, ...],
+    probes: Callable[[], list[Probe]],
+    variants: dict,
+) -> Item:
+    """A region challenge: `page` is (the file's heading, its words, its setup, its forward)."""
+    slug = f"ch_{key}"
+    heading, words, setup, forward = page
+    return Item(
+        key,
+        "challenge",
+        slug,
+        title,
+        about,
+        text(heading, slug, words, setup, forward),
+        (blanks(graph.grads, shapes),),
+        (solution,),
+        rows,
+        probes,
+        "region",
+        variants=variants,
+        graph=graph,
+        alias=alias,
+    )
 
 
 Point = tuple[str, str, dict[str, object]]  # (name, words, the namespace's inputs)

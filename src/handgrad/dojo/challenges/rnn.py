@@ -17,7 +17,7 @@ from handgrad.dojo import catalogue as K
 from handgrad.dojo import graph as G
 from handgrad.dojo.catalogue import Vals, Variant
 from handgrad.dojo.challenges import region
-from handgrad.dojo.framework import Item, RowSpec
+from handgrad.dojo.framework import RowSpec
 
 
 def shift(hprev: Tensor, h0: Tensor) -> Tensor:
@@ -84,7 +84,7 @@ loss = (hs * dhs).sum()"""
 
 SOLUTION = """\
 dz = torch.zeros_like(z)
-dh_next = torch.zeros(B, H)  # what step t+1 sends back to h_t
+dh_next = torch.zeros(B, H, dtype=z.dtype)  # what step t+1 sends back to h_t
 for t in reversed(range(T)):
     dh = dhs[:, t] + dh_next  # (B, H) from the loss at step t and from step t+1
     dz[:, t] = (1 - hs[:, t] ** 2) * dh
@@ -106,8 +106,8 @@ ROWS = (
             "Backprop through time: h_t is used by the loss (dhs[:, t]) and by step t+1, so its gradient "
             "adds what step t+1 sends back; go from the last step to the first, and at each step multiply "
             "by tanh's local derivative.",
-            "dz, dhs and hs are (B, T, H); one step is (B, H); step t+1 sends dz[:, t+1] @ Whh.T (B, H) "
-            "back to h_t.",
+            "dz, dhs and hs are (B, T, H); one step is (B, H); what step t+1 sends back to h_t is (B, H), "
+            "made from dz[:, t+1] (B, H) and Whh (H, H).",
             "for t in reversed(range(T)): dh = dhs[:, t] + dh_next; dz[:, t] = (1 - hs[:, t] ** 2) * dh; "
             "dh_next = dz[:, t] @ Whh.T",
         ),
@@ -207,11 +207,14 @@ def _point(name: str, bsz: int, t: int, d: int, h: int, seed: int) -> region.Poi
     return name, f"B={bsz}, T={t}, D={d}, H={h}, random dhs", inputs
 
 
-def probes():
-    """The upstream dz every row below it reads is the true one for a random dhs: a learner may
-    accumulate dWhh, dx, ... inside the loop, from their own dz."""
-    points = [_point("a", 3, 5, 4, 6, 1), _point("b", 2, 7, 3, 5, 2), _point("c", 4, 3, 5, 2, 3)]
-    return region.probes(GRAPH, points, random=False)
+def points() -> list[region.Point]:
+    return [_point("a", 3, 5, 4, 6, 1), _point("b", 2, 7, 3, 5, 2), _point("c", 4, 3, 5, 2, 3)]
+
+
+def probes(random: bool = False):
+    """The upstream dz every row below it reads is the true one for a random dhs (random=False): a
+    learner may accumulate dWhh, dx, ... inside the loop, from their own dz."""
+    return region.probes(GRAPH, points(), random=random)
 
 
 # ---------------------------------------------------------------------------- the catalogue
@@ -367,19 +370,7 @@ VARIANTS: dict[str, tuple[Variant, ...]] = {
     ),
 }
 
-ITEM = Item(
-    "rnn",
-    "challenge",
-    "ch_rnn",
-    "an RNN cell through time: dz (backprop through time), dWxh, dWhh, db, dx, dh0",
-    "an RNN cell unrolled over T with a learned start state h0: backprop through time by hand",
-    region.text("an RNN cell backpropagated through time", "ch_rnn", ABOUT, SETUP, FORWARD),
-    (region.blanks(GRAPH.grads, SHAPES),),
-    (SOLUTION,),
-    ROWS,
-    probes,
-    "region",
-    variants=VARIANTS,
-    graph=GRAPH,
-    alias="i",
-)
+TITLE = "an RNN cell through time: dz (backprop through time), dWxh, dWhh, db, dx, dh0"
+LISTED = "an RNN cell unrolled over T with a learned start state h0: backprop through time by hand"
+PAGE = ("an RNN cell backpropagated through time", ABOUT, SETUP, FORWARD)
+ITEM = region.item("rnn", "i", TITLE, LISTED, PAGE, GRAPH, SHAPES, SOLUTION, ROWS, probes, VARIANTS)
