@@ -219,6 +219,20 @@ CHALLENGES = [
         [("dz = (1 - a**2) * da", "dz = 1 - a**2 * da")],
         ["dz"],
     ),
+    # the makemore zoo's challenges (more of them in tests/test_dojo_zoo.py)
+    ("ln-bias-for-weight", "layernorm", [("dxhat = weight * dout", "dxhat = bias * dout")], ["dxhat"]),
+    (
+        "at-y-for-dy",
+        "attention",
+        [("dv = att.transpose(-2, -1) @ dy", "dv = att.transpose(-2, -1) @ y")],
+        ["dv"],
+    ),
+    (
+        "rnn-z-for-dz",
+        "rnn",
+        [("dWhh = hprev.reshape(-1, H).T @ dz", "dWhh = hprev.reshape(-1, H).T @ z")],
+        ["dWhh"],
+    ),
 ]
 
 # ---------------------------------------------------------------------------- unusual but right solutions
