@@ -6,6 +6,7 @@ wrong or missing, 2 could not grade.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass, field
 
 from handgrad.dojo.judge import Row, shape_words
@@ -130,5 +131,33 @@ class Grade:
         }
 
 
+# control characters (terminal escapes, backspace, carriage return, C1), Unicode's invisible format
+# characters (bidirectional overrides, zero-width ones), line and paragraph separators, lone surrogates
+UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f"
+    "\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001-\U000e007f\ud800-\udfff]"
+)
+
+
+def _escape(m: re.Match) -> str:
+    c = ord(m.group(0))
+    named = {9: "\\t", 10: "\\n", 13: "\\r"}.get(c)
+    if named:
+        return named
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}"
+
+
+def safe_text(text: object, limit: int | None = None) -> str:
+    """`text` as one line that shows what it holds and does nothing to a terminal: every control or
+    invisible character written as its escape (ESC as \\x1b, a newline as \\n), cut to `limit`
+    characters with an ellipsis. Every byte a grade prints that came from a learner's file or its
+    process goes through here (names, lines, messages)."""
+    out = UNSAFE.sub(_escape, str(text))
+    if limit is not None and len(out) > limit:
+        out = out[: max(limit - 1, 0)] + "\u2026"
+    return out
+
+
 def _h(text: str) -> str:
-    return html.escape(str(text))
+    return html.escape(safe_text(text))
