@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from handgrad import data, diagnostics, models, train
+from handgrad import data, diagnostics, engines, models, train
 from handgrad.train import TrainConfig
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = data.make_splits(words.items, 3, 42)
     mcfg = models.with_vocab(models.preset("mlp"), len(splits.vocab))
     tcfg = TrainConfig(steps=args.steps, engine=args.engine)
-    steps_fn, engine, fallback = train.select_engine(train.new_state(mcfg, tcfg).model, tcfg)
+    steps_fn, engine, fallback = engines.plan(train.new_state(mcfg, tcfg).model, tcfg)
     if fallback:
         print(f"note: {fallback}", file=sys.stderr)
 

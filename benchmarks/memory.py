@@ -2,15 +2,15 @@
 the engine `handgrad train` picks at that batch.
 
 Variants: "fast" (the lecture MLP's fused native step, untiled), "fast-checkpointed" (the fused step
-with --tile rows per recompute tile), "fast-train" (train.select_engine's engine at --batch: from
-fast.COUNTED_ROWS examples per step the native program with its first batchnorm counted, in tiles of
-fast.CACHE_TILE; below that the fused step) and "eager" (train.eager_steps).
+with --tile rows per recompute tile), "fast-train" (engines.plan's engine at --batch: from
+engines.COUNTED_ROWS examples per step the native program with its first batchnorm counted, in tiles of
+engines.CACHE_TILE; below that the fused step) and "eager" (train.eager_steps).
 
 Each variant runs in a fresh subprocess: it builds the data, the model (models.build, same seed in
 every child, so the last losses are comparable), the batch indices and loads the native library
 first, then resets the kernel's peak-RSS counter (writes 5 to /proc/self/clear_refs), reads VmRSS,
 runs the steps and reads VmHWM. The reported peak is VmHWM - VmRSS(before): the memory the steps
-themselves touched. The fused step's native workspace is also counted exactly (fast.workspace_bytes);
+themselves touched. The fused step's native workspace is also counted exactly (native.workspace_bytes);
 the program's is not (shown as -).
 
     .venv/bin/python benchmarks/memory.py [--batch 65536] [--steps 3] [--tile 1024]
@@ -54,27 +54,29 @@ def _reset_hwm() -> bool:
 
 def _steps_fn(variant: str, model, batch: int, tile: int) -> tuple:
     """(steps_fn, engine label, tile) of a variant, the native library loaded."""
-    from handgrad import fast, train
+    from handgrad import engines, train
+    from handgrad.engines import native
     from handgrad.train import TrainConfig
 
     if variant == "eager":
         return train.eager_steps, "eager", 0
     if variant == "fast-train":
-        fn, engine, warning = train.select_engine(model, TrainConfig(batch_size=batch))
+        fn, engine, warning = engines.plan(model, TrainConfig(batch_size=batch))
         assert engine == "fast", warning
-        if fn.__name__ == "program_steps":  # fast.plan: the counted program in cache_tile's tiles
-            t = fast.cache_tile(model, batch)
+        if fn.__name__ == "program_steps":  # engines.native_steps: the counted program in cache_tile's tiles
+            t = engines.cache_tile(model, batch)
             return fn, f"program, counted, tile {t}", t
         return fn, "fused step", 0
     t = tile if variant == "fast-checkpointed" else 0
-    return fast.make_steps_fn(fast.load_library(), t), "fused step", t
+    return native.make_steps_fn(native.load_library(), t), "fused step", t
 
 
 def child(variant: str, batch: int, steps: int, tile: int) -> dict:
     """Run `steps` steps of one variant in this process; its peak memory, time and last loss."""
     import torch
 
-    from handgrad import data, fast, models
+    from handgrad import data, models
+    from handgrad.engines import native
 
     torch.set_num_threads(1)
     splits = data.make_splits(data.read_words(data.default_data_path()).items, 3, 42)
@@ -95,7 +97,7 @@ def child(variant: str, batch: int, steps: int, tile: int) -> dict:
     if variant != "eager":
         out["engine"], out["tile"] = engine, t
     if variant in ("fast", "fast-checkpointed"):
-        out["workspace_mib"] = fast.workspace_bytes(model, batch, t) / 2**20
+        out["workspace_mib"] = native.workspace_bytes(model, batch, t) / 2**20
     return out
 
 

@@ -5,8 +5,8 @@ the faster rank sees it.
 
     python benchmarks/rank_lag.py --batch 16384 --steps 200
 
-Both ranks run the mlp's native program (as `handgrad train --nproc 2` does: tiles of fast.CACHE_TILE
-from fast.TILE_ROWS rows per rank), each timestamping its hook with time.perf_counter (one clock
+Both ranks run the mlp's native program (as `handgrad train --nproc 2` does: tiles of engines.CACHE_TILE
+from engines.TILE_ROWS rows per rank), each timestamping its hook with time.perf_counter (one clock
 for the processes of one machine). docs/scale.md reads the numbers.
 """
 
@@ -19,16 +19,18 @@ import time
 
 import torch
 
-from handgrad import distributed, distributed_bench, fast
+import distributed_bench  # benchmarks/distributed_bench.py, beside this script
+from handgrad import engines
+from handgrad.engines import native, parallel
 
 
-class TimedCollectives(distributed.NativeCollectives):
+class TimedCollectives(parallel.NativeCollectives):
     """NativeCollectives that records (what, entered, left) for every call of the hook."""
 
     def __init__(self, comm):
         super().__init__(comm)
         self.marks: list[tuple[int, float, float]] = []
-        self.fn = fast.SYNC_FN(self._timed)  # replaces the untimed hook
+        self.fn = native.SYNC_FN(self._timed)  # replaces the untimed hook
 
     def _timed(self, what: int, buf: int, n: int, out: int) -> int:
         t0 = time.perf_counter()
@@ -42,14 +44,14 @@ def _worker(comm, B: int, tile: int, K: int) -> list[tuple[float, float]]:
     cfg = distributed_bench.BenchConfig(batches=(B,), nproc=comm.world)
     splits, model = distributed_bench._problem(cfg)
     hook = TimedCollectives(comm)
-    run = fast.make_program_fn(fast.load_program_library(), tile, 1, sync=hook.fn)
+    run = native.make_program_fn(native.load_program_library(), tile, 1, sync=hook.fn)
     idx, lrs = distributed_bench._batches(cfg, splits.Xtr.shape[0], B, K + 1)
     with torch.no_grad():
         run(model, splits.Xtr, splits.Ytr, idx[:1], lrs[:1], ranks=comm.world, rank=comm.rank)
         hook.marks.clear()
         comm.all_reduce_(torch.zeros(1), "barrier")
         run(model, splits.Xtr, splits.Ytr, idx[1:], lrs[1:], ranks=comm.world, rank=comm.rank)
-    return [(a, b) for what, a, b in hook.marks if what == fast.SYNC_GRADS]
+    return [(a, b) for what, a, b in hook.marks if what == native.SYNC_GRADS]
 
 
 def split(marks: list[list[tuple[float, float]]]) -> dict[str, list[float]]:
@@ -83,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank_lag: error: {error}", file=sys.stderr)
         return 2
     cfg = distributed_bench.BenchConfig(batches=(args.batch,), nproc=args.nproc)
-    tile = args.tile if args.tile >= 0 else fast.cache_tile(distributed_bench._problem(cfg)[1],
+    tile = args.tile if args.tile >= 0 else engines.cache_tile(distributed_bench._problem(cfg)[1],
                                                             args.batch // args.nproc)
-    marks = distributed.spawn(_worker, args.nproc, args.batch, tile, args.steps, timeout=300)
+    marks = parallel.spawn(_worker, args.nproc, args.batch, tile, args.steps, timeout=300)
     print(f"mlp, global batch {args.batch:,} over {args.nproc} ranks, tiles of {tile or 'all'} rows, "
           f"{args.steps} steps; ms per step:")
     print(f"{'':<36} {'median':>7} {'mean':>7} {'p10':>7} {'p90':>7} {'p99':>7}")

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from handgrad import data, models, train
+from handgrad import data, engines, models, train
 from handgrad.train import TrainConfig
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     mcfg, tcfg, splits = configs(args.engine, args.steps)
     state = train.new_state(mcfg, tcfg)
-    steps_fn, engine, warning = train.select_engine(state.model, tcfg)
+    steps_fn, engine, warning = engines.plan(state.model, tcfg)
     last = {}
     t0 = time.perf_counter()
     state = train.train(splits, mcfg, tcfg, state, callback=lambda p: last.update(t=p.elapsed),

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from handgrad import bench, fast, models
+from handgrad import bench, engines, models
 from handgrad.cli import main
 
 
@@ -31,12 +31,12 @@ def test_run_bench_reports_every_engine(name):
 
 
 def test_the_mlp_at_a_large_batch_is_timed_as_handgrad_train_runs_it():
-    """From fast.COUNTED_ROWS the mlp's fast rows are the counted program in tiles (train.select_engine's
+    """From engines.COUNTED_ROWS the mlp's fast rows are the counted program in tiles (engines.plan's
     choice), and the threads table says why a second thread does not help it."""
-    r = bench.run_bench("mlp", batch_size=8, n_hidden=20, steps=6, large_batch=fast.COUNTED_ROWS, large_steps=2,
+    r = bench.run_bench("mlp", batch_size=8, n_hidden=20, steps=6, large_batch=engines.COUNTED_ROWS, large_steps=2,
                         tile=0)
     notes = {t.name: t.note for t in r.threads_rows}
-    assert f"tiles of {fast.CACHE_TILE}" in notes["fast, 2 thread(s)"]
+    assert f"tiles of {engines.CACHE_TILE}" in notes["fast, 2 thread(s)"]
     assert [row.name for row in r.large][:2] == ["fast", "fast, fused lecture step"]
     assert all(row.us_per_step > 0 for row in r.large) and "x fast" in r.table()
 

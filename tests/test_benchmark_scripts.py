@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from handgrad import fast
+from handgrad.engines import native
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-needs_fast = pytest.mark.skipif(not fast.have_compiler(), reason="no C++ compiler: the fast path cannot be built")
+needs_fast = pytest.mark.skipif(not native.have_compiler(), reason="no C++ compiler: the fast path cannot be built")
 
 
 def run_script(name: str, *args: str) -> list[str]:
@@ -34,7 +34,7 @@ def test_memory_script():
     for line, variant in zip(lines, variants):
         assert line.split()[0] == variant
         assert "peak RSS delta" in line and "workspace" in line and "ms/step" in line
-    assert lines[2].endswith("[fused step]")  # below fast.COUNTED_ROWS, handgrad train runs the fused step
+    assert lines[2].endswith("[fused step]")  # below engines.COUNTED_ROWS, handgrad train runs the fused step
     assert lines[4].startswith("checkpointing: peak ")
     assert lines[5].startswith("fast-train vs fast: peak ")
     results = json.loads(lines[6])
@@ -69,3 +69,25 @@ def test_diagnostics_overhead_script():
     assert len(lines) == 1 + len(prefixes)
     for line, prefix in zip(lines[1:], prefixes):
         assert line.startswith(prefix)
+
+
+def _same_bits():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("same_bits", BENCHMARKS / "same_bits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_same_bits_names_the_first_step_whose_loss_differs_and_masks_only_times_and_bars():
+    sb = _same_bits()
+    want = {"runs": [{"rc": 0, "saved": {"losses": [1.0, float("nan"), 3.0], "tensors": {"a": "x"}}}]}
+    assert sb.differences(want, want) == []
+    got = {"runs": [{"rc": 0, "saved": {"losses": [1.0, float("nan"), 3.5], "tensors": {"a": "y"}}}]}
+    assert sb.differences(want, got) == [".runs[0].saved.losses: first difference at step 2",
+                                         ".runs[0].saved.tensors.a: recorded 'x', now 'y'"]
+    text = " 40%|####  | 400/1000 [00:01<00:01, 300.0step/s]\rstep 5: loss 2.0 (training loop 1.5s, fast)\n"
+    assert sb._masked(text + "in /tmp/o/\n", "/tmp/o") == "step 5: loss 2.0 (training loop <time>, fast)\nin <out>/"
+    record = json.loads((BENCHMARKS / "results" / "same_bits.json").read_text())
+    assert set(record["cases"]) == set(sb.CASES) | set(sb.OUTPUT_CASES)

@@ -23,29 +23,35 @@ def test_model_sizes_count_the_real_parameters_and_cached_activations(name):
         assert real == per_example
 
 
-def test_a_plan_grows_with_each_flag_and_names_the_largest():
+def test_a_plan_grows_with_each_field_and_names_the_largest():
     cfg, tcfg = models.preset("mlp", vocab_size=27), TrainConfig()
     base = budget.train_plan(cfg, tcfg, 200_000)
     big_batch = budget.train_plan(cfg, TrainConfig(batch_size=1 << 22), 200_000)
-    assert big_batch.largest() == "--batch-size" and big_batch.total > base.total
+    assert big_batch.largest() == "batch_size" and big_batch.total > base.total
     wide = ModelConfig(name="mlp", vocab_size=27, n_hidden=1 << 20)
-    assert budget.train_plan(wide, tcfg, 200_000).parts["--n-hidden"] > 1000 * base.parts["--n-hidden"]
+    assert budget.train_plan(wide, tcfg, 200_000).parts["n_hidden"] > 1000 * base.parts["n_hidden"]
 
 
-def test_check_train_refuses_naming_the_flag_and_passes_the_defaults():
+def _flag(field):
+    return "-n" if field == "n" else "--" + field.replace("_", "-")
+
+
+def test_check_train_refuses_naming_the_field_and_passes_the_defaults():
     cfg, tcfg = models.preset("wavenet", vocab_size=27), TrainConfig(batch_size=32)
     assert budget.check_train(cfg, tcfg, 228_146).total < 2**30
-    with pytest.raises(BudgetError, match=r"^--batch-size: this run would need about .* make --batch-size"):
+    with pytest.raises(BudgetError, match=r"^batch_size: this run would need about .* make batch_size") as e:
         budget.check_train(cfg, TrainConfig(batch_size=1 << 20), 228_146, available=8 << 30)
-    with pytest.raises(BudgetError, match="^--block-size:"):
+    assert e.value.render(_flag).startswith("--batch-size: ") and "make --batch-size smaller" in e.value.render(_flag)
+    with pytest.raises(BudgetError, match="^block_size:"):
         budget.check_train(ModelConfig(name="mlp", vocab_size=27, block_size=1 << 16), tcfg, 228_146,
                            available=8 << 30)
 
 
 def test_check_samples_says_how_many_would_fit():
     budget.check_samples(100, 3, 27, 300, 4, available=1 << 30)
-    with pytest.raises(BudgetError, match=r"^-n 100000000: .* at most about [0-9,]+$"):
+    with pytest.raises(BudgetError, match=r"^n 100000000: .* at most about [0-9,]+$") as e:
         budget.check_samples(10**8, 3, 27, 300, 4, available=1 << 30)
+    assert e.value.render(_flag).startswith("-n 100000000: ")
 
 
 @pytest.mark.parametrize("name, overrides", [

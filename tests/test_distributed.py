@@ -1,4 +1,4 @@
-"""Data-parallel training (handgrad.distributed): synchronized batchnorm against the single-process
+"""Data-parallel training (handgrad.engines.parallel): synchronized batchnorm against the single-process
 BatchNorm1d on the concatenated batch, autograd and finite differences; N ranks against one process
 step for step; the --nproc launcher, its refusals, a killed and a hung rank. Ranks are real processes
 talking gloo over 127.0.0.1 only."""
@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from handgrad import checkpoint, data, distributed, fast, models, ops, train
+from handgrad import checkpoint, config, data, engines, models, ops, train
 from handgrad.check import FD_EPS, FD_TOL, autograd_tolerance
 from handgrad.cli import main
-from handgrad.distributed import DistUsageError, RankEnv, SyncBatchNorm1d
+from handgrad.engines import native, parallel
+from handgrad.engines.parallel import DistUsageError, RankEnv, SyncBatchNorm1d
 from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Sequential, Tanh
 from handgrad.train import NonFiniteError, TrainConfig
 
@@ -42,7 +43,7 @@ def test_merged_moments_equal_the_two_pass_statistics_of_the_whole_batch(sizes, 
         mean = part.mean(0)
         rows.append(torch.cat([torch.tensor([float(part.shape[0])], dtype=torch.float64), mean,
                                ((part - mean) ** 2).sum(0)]))
-    mean, m2, n = distributed.merge_moments(torch.stack(rows))
+    mean, m2, n = parallel.merge_moments(torch.stack(rows))
     var = m2 / (n - 1)
     _, _, (bnmeani, bnvar) = ops.batchnorm_forward(x, torch.ones(C, dtype=x.dtype), torch.zeros(C, dtype=x.dtype))
     assert n == sum(sizes)
@@ -51,9 +52,10 @@ def test_merged_moments_equal_the_two_pass_statistics_of_the_whole_batch(sizes, 
 
 
 def test_a_batch_the_ranks_do_not_divide_is_refused_in_one_line():
-    assert distributed.shard(32, 4, 3) == slice(24, 32)
-    with pytest.raises(DistUsageError, match=r"^--batch-size 30 is not divisible by 4 ranks; use a multiple of 4"):
-        distributed.shard(30, 4, 0)
+    assert parallel.shard(32, 4, 3) == slice(24, 32)
+    with pytest.raises(DistUsageError, match=r"^batch_size 30 is not divisible by 4 ranks; use a multiple of 4") as e:
+        parallel.shard(30, 4, 0)
+    assert e.value.render(lambda field: "--" + field.replace("_", "-")).startswith("--batch-size 30 is not")
 
 
 def test_rank_env_reads_torchrun_variables_and_refuses_bad_ones():
@@ -65,7 +67,7 @@ def test_rank_env_reads_torchrun_variables_and_refuses_bad_ones():
     with pytest.raises(DistUsageError, match="expected integers"):
         RankEnv.from_env({**env, "WORLD_SIZE": "two"})
     with pytest.raises(DistUsageError, match="HANDGRAD_DIST_TIMEOUT='0'"):
-        distributed.timeout_seconds({distributed.TIMEOUT_ENV: "0"})
+        parallel.timeout_seconds({parallel.TIMEOUT_ENV: "0"})
 
 
 def _sleepers(*seconds):
@@ -77,21 +79,21 @@ def test_supervisor_names_a_killed_rank_and_stops_within_the_grace_period():
     procs = _sleepers((0.2, 0), (30, 0))  # rank 1 is killed; rank 0 had finished
     time.sleep(0.5)
     procs[1].kill()
-    outcome = distributed.supervise(procs, grace=1.0)
+    outcome = parallel.supervise(procs, grace=1.0)
     assert outcome.code == 1 and outcome.message == "rank 1 was killed by SIGKILL; rank(s) 0 had already finished"
 
 
 def test_supervisor_stops_and_names_a_hung_rank():
     procs = _sleepers((0.2, 1), (60, 0))  # rank 0 gave up (timeout); rank 1 never answers
     t0 = time.monotonic()
-    outcome = distributed.supervise(procs, grace=1.0)
+    outcome = parallel.supervise(procs, grace=1.0)
     assert time.monotonic() - t0 < 10 and procs[1].returncode is not None
     assert outcome.code == 1 and outcome.message.startswith("rank 1 stopped responding (rank 0 gave up")
 
 
 def test_supervisor_stays_quiet_when_every_rank_failed_alike():
-    assert distributed.supervise(_sleepers((0.1, 2), (0.3, 2)), grace=5.0) == distributed.Outcome(2, "")
-    assert distributed.supervise(_sleepers((0.1, 0), (0.2, 0)), grace=5.0) == distributed.Outcome(0, "")
+    assert parallel.supervise(_sleepers((0.1, 2), (0.3, 2)), grace=5.0) == parallel.Outcome(2, "")
+    assert parallel.supervise(_sleepers((0.1, 0), (0.2, 0)), grace=5.0) == parallel.Outcome(0, "")
 
 
 def _one_line_error(capsys, argv, expected):
@@ -104,7 +106,7 @@ def _one_line_error(capsys, argv, expected):
 @pytest.mark.parametrize("flags, expected", [
     (["--nproc", "3"], "--batch-size 32 is not divisible by 3 ranks; use a multiple of 3"),
     (["--nproc", "2", "--engine", "fast", "--dtype", "float64"],
-     "--engine fast: the native program cannot run here (the fast path is float32 only"),
+     "--engine fast: the fast engine is unavailable (the fast path is float32 only"),
     (["--nproc", "2", "--diagnostics"], "--diagnostics measures one process"),
     (["--nproc", "0"], "--nproc 0: expected a positive number"),
 ])
@@ -114,7 +116,7 @@ def test_flags_that_cannot_run_on_several_ranks_exit_2_before_starting_any(tmp_p
 
 
 def test_nproc_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
-    for k, v in distributed.rank_env(0, 2, 1).items():
+    for k, v in parallel.rank_env(0, 2, 1).items():
         monkeypatch.setenv(k, v)
     _one_line_error(capsys, ["train", "--nproc", "2", "--steps", "10", "--quiet", "--out", str(tmp_path / "o")],
                     "--nproc starts its own processes; under torchrun")
@@ -180,7 +182,7 @@ def _syncbn_worker(comm, cases):
 
 @pytest.fixture(scope="module")
 def syncbn_ranks():
-    return distributed.spawn(_syncbn_worker, 2, SYNC_BN_CASES)
+    return parallel.spawn(_syncbn_worker, 2, SYNC_BN_CASES)
 
 
 @pytest.mark.parametrize("case", range(len(SYNC_BN_CASES)))
@@ -235,8 +237,8 @@ def test_a_wrong_global_count_would_be_caught():
 
 
 # ---------------------------------------------------------------------------- the native program's hook
-class _OneRank(distributed.WorldOfOne):
-    """distributed.WorldOfOne whose n-th collective (counting from 0) raises `fail` instead."""
+class _OneRank(parallel.WorldOfOne):
+    """parallel.WorldOfOne whose n-th collective (counting from 0) raises `fail` instead."""
 
     def __init__(self, fail: BaseException | None = None, at: int = 0):
         super().__init__()
@@ -286,7 +288,7 @@ def test_the_native_hook_on_one_rank_is_the_plain_program(name, tile, bns, count
     rank, changes nothing but rounding: the losses and parameters of the plain program, also where the
     first batchnorm's statistics come from counts instead of the rows (a bias before it, 1 to 4 rows
     per example; 3 x 800^2 pair counts are too many and fall back to the collective)."""
-    lib = fast.load_program_library()
+    lib = native.load_program_library()
     if name.startswith("custom"):
         V = 800 if name == "custom-large-vocab" else 27
         model, X, Y = _custom(V, 3, 4, name != "custom-bn-later")
@@ -300,8 +302,8 @@ def test_the_native_hook_on_one_rank_is_the_plain_program(name, tile, bns, count
                              torch.float32)
     one = _OneRank()
     with torch.no_grad():
-        got = distributed.native_data_parallel_steps(one, lib, tile)(model, X, Y, idx, lrs)
-        want = fast.make_program_fn(lib, tile)(plain, X, Y, idx, lrs)
+        got = parallel.native_data_parallel_steps(one, lib, tile)(model, X, Y, idx, lrs)
+        want = native.make_program_fn(lib, tile)(plain, X, Y, idx, lrs)
     assert (got - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max()))
     assert all(torch.allclose(model.params()[k], v, rtol=1e-5, atol=1e-6) for k, v in plain.params().items())
     K = idx.shape[0]
@@ -350,9 +352,9 @@ def test_the_deferred_first_batchnorm_backward_matches_float64_autograd(name, se
     params = model.params()
     out = torch.zeros(sum(t.numel() for t in params.values()))
     one = _OneRank()
-    hook = distributed.NativeCollectives(one)
+    hook = parallel.NativeCollectives(one)
     with torch.no_grad():
-        losses, status, prog = fast._run_program(fast.load_program_library(), model, X, Y,
+        losses, status, prog = native._run_program(native.load_program_library(), model, X, Y,
                                                  torch.arange(X.shape[0])[None], torch.zeros(1, dtype=torch.float64),
                                                  tile, out, sync=hook.fn if via == "hook" else None,
                                                  count=via != "hook")
@@ -380,13 +382,13 @@ def test_a_character_outside_the_vocabulary_in_another_ranks_rows_stops_every_ra
     before it kept, untiled and tiled. Rank 0 of 2 of the mlp runs here alone (WorldOfOne sums over
     one rank, so the losses are not the 2-rank ones; the mlp's one batchnorm makes no other
     collective)."""
-    lib = fast.load_program_library()
+    lib = native.load_program_library()
     splits, model, idx, lrs = _native_problem("mlp")
     _, before, _, _ = _native_problem("mlp")
     X = splits.Xtr.clone()
     X[idx[2, 20], 1] = bad  # idx (6, 32): columns 16.. are rank 1's
-    one = distributed.WorldOfOne()
-    run = fast.make_program_fn(lib, tile, sync=distributed.NativeCollectives(one).fn)
+    one = parallel.WorldOfOne()
+    run = native.make_program_fn(lib, tile, sync=parallel.NativeCollectives(one).fn)
     with torch.no_grad():
         run(before, X, splits.Ytr, idx[:2], lrs[:2], ranks=2, rank=0)
         with pytest.raises(IndexError, match="at step 2"):
@@ -401,13 +403,13 @@ def test_a_row_outside_x_in_another_ranks_columns_stops_every_rank_at_that_step(
     """Every rank reads every row of the global batch to count it, so an index outside Xtr in rank 1's
     columns of step 2 stops rank 0 at step 2 too (IndexError naming the step, the state before it
     kept), rather than reading outside X; idx (6, 32): columns 16.. are rank 1's."""
-    lib = fast.load_program_library()
+    lib = native.load_program_library()
     splits, model, idx, lrs = _native_problem("mlp")
     _, before, _, _ = _native_problem("mlp")
     idx = idx.clone()
     idx[2, 20] = {"-1": -1, "n": splits.Xtr.shape[0], "2^40": 2 ** 40}[row]
-    one = distributed.WorldOfOne()
-    run = fast.make_program_fn(lib, tile, sync=distributed.NativeCollectives(one).fn)
+    one = parallel.WorldOfOne()
+    run = native.make_program_fn(lib, tile, sync=parallel.NativeCollectives(one).fn)
     with torch.no_grad():
         run(before, splits.Xtr, splits.Ytr, idx[:2], lrs[:2], ranks=2, rank=0)
         with pytest.raises(IndexError, match="at step 2"):
@@ -416,17 +418,17 @@ def test_a_row_outside_x_in_another_ranks_columns_stops_every_rank_at_that_step(
     assert all(torch.equal(model.params()[k], v) for k, v in before.params().items())
 
 
-@pytest.mark.parametrize("error, at", [(distributed.PeerLost("rank 0: the gradients collective failed"), 1),
+@pytest.mark.parametrize("error, at", [(parallel.PeerLost("rank 0: the gradients collective failed"), 1),
                                        (KeyboardInterrupt(), 0), (KeyboardInterrupt(), 3)])
 def test_a_failed_collective_in_the_native_step_is_raised_and_keeps_the_state_before_that_step(error, at):
-    lib = fast.load_program_library()
+    lib = native.load_program_library()
     splits, model, idx, lrs = _native_problem("mlp")
     _, before, _, _ = _native_problem("mlp")
     done = at  # per step one collective: the gradients (the first batchnorm's are counted and deferred)
     with torch.no_grad():
-        fast.make_program_fn(lib)(before, splits.Xtr, splits.Ytr, idx[:done], lrs[:done])
+        native.make_program_fn(lib)(before, splits.Xtr, splits.Ytr, idx[:done], lrs[:done])
         with pytest.raises(type(error)) as e:
-            distributed.native_data_parallel_steps(_OneRank(error, at), lib)(model, splits.Xtr, splits.Ytr, idx,
+            parallel.native_data_parallel_steps(_OneRank(error, at), lib)(model, splits.Xtr, splits.Ytr, idx,
                                                                              lrs)
     assert e.value is error
     assert all(torch.allclose(model.params()[k], v, atol=1e-6) for k, v in before.params().items())
@@ -448,13 +450,16 @@ def _train(name, dtype, steps, comm=None, batch=32, lr=0.1, block_size=None, eng
     tcfg = TrainConfig.for_model(name, steps=steps, batch_size=batch, lr=lr, dtype=dtype, engine=engine,
                                  chunk_steps=250, recompute_tile=tile)
     if comm is None:
-        steps_fn = None  # train.select_engine
+        steps_fn = None  # engines.plan's
     elif engine == "fast":
-        steps_fn = distributed.native_data_parallel_steps(comm, fast.load_program_library(), tile)
+        steps_fn = parallel.native_data_parallel_steps(comm, native.load_program_library(), tile)
     else:
-        steps_fn = distributed.data_parallel_steps(comm)
+        steps_fn = parallel.data_parallel_steps(comm)
     try:
-        state = train.train(splits, mcfg, tcfg, None, None, steps_fn)
+        if steps_fn is None:
+            state = engines.fit(splits, mcfg, tcfg)
+        else:
+            state = train.train(splits, mcfg, tcfg, None, None, steps_fn)
     except NonFiniteError as e:
         return {"error": [e.step, e.tensor]}
     return {"losses": state.losses, "params": state.model.params(), "buffers": state.model.buffers()}
@@ -508,7 +513,7 @@ def single_process():
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return distributed.spawn(_dp_worker, 2, RUNS, timeout=120)
+    return parallel.spawn(_dp_worker, 2, RUNS, timeout=120)
 
 
 def _max_step_diff(got, one, run, ranks) -> float:
@@ -559,7 +564,7 @@ def _dp4_worker(comm, runs):
 
 @pytest.fixture(scope="module")
 def four_ranks():
-    return distributed.spawn(_dp4_worker, 4, RUNS, timeout=300)
+    return parallel.spawn(_dp4_worker, 4, RUNS, timeout=300)
 
 
 @pytest.mark.slow
@@ -702,7 +707,7 @@ def test_nproc_2_on_the_native_engine_trains_the_single_process_model_and_surviv
 def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
     out = tmp_path / "hung"
     p = _handgrad("train", "--nproc", "2", "--steps", "100000", "--out", str(out), *RUN_FLAGS,
-                  env={distributed.TIMEOUT_ENV: "3"})
+                  env={parallel.TIMEOUT_ENV: "3"})
     _wait_for_checkpoint(out, 100, p)
     hung = _rank_pids(p.pid)[1]
     os.kill(hung, signal.SIGSTOP)
@@ -720,14 +725,15 @@ def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
 @pytest.mark.parametrize("dtype, engine, tile, want, warns", [
     (torch.float32, "auto", 8, "fast", []),
     (torch.float64, "auto", 0, "eager", ["fast path unavailable"]),
-    (torch.float64, "auto", 8, "eager", ["fast path unavailable", "--recompute-tile"]),
-    (torch.float32, "eager", 8, "eager", ["--recompute-tile"]),
+    (torch.float64, "auto", 8, "eager", ["fast path unavailable", "(recompute_tile)"]),
+    (torch.float32, "eager", 8, "eager", ["(recompute_tile)"]),
 ])
 def test_a_rank_runs_the_native_program_where_one_process_would_and_says_why_not(dtype, engine, tile, want,
                                                                                    warns):
     model = models.build(models.preset("mlp"), 0, dtype)
     tcfg = TrainConfig(engine=engine, recompute_tile=tile)
-    steps_fn, name, warning = distributed.select_engine(distributed.WorldOfOne(), model, tcfg)
+    steps_fn, name, warning = engines.plan(model, tcfg, parallel.WorldOfOne())
+    warning = config.named(warning)  # the fields the warning names, by their names
     assert name == want and callable(steps_fn) and "\n" not in warning
     assert [w for w in warns if w in warning] == warns and (warning == "") == (not warns)
 
@@ -741,9 +747,9 @@ def test_one_process_asked_to_count_runs_the_ranks_counted_step(name, tile):
     model, X, Y = _deferred_case(name, 0)
     idx = torch.randint(0, X.shape[0], (3, 24), generator=torch.Generator().manual_seed(1))
     lrs = torch.full((3,), 0.1, dtype=torch.float64)
-    lib = fast.load_program_library()
-    runs = {"hook": distributed.native_data_parallel_steps(distributed.WorldOfOne(), lib, tile),
-            "count": fast.make_program_fn(lib, tile, count=True), "plain": fast.make_program_fn(lib, tile)}
+    lib = native.load_program_library()
+    runs = {"hook": parallel.native_data_parallel_steps(parallel.WorldOfOne(), lib, tile),
+            "count": native.make_program_fn(lib, tile, count=True), "plain": native.make_program_fn(lib, tile)}
     after = {}
     for what, steps in runs.items():
         m = copy.deepcopy(model)
@@ -756,15 +762,15 @@ def test_one_process_asked_to_count_runs_the_ranks_counted_step(name, tile):
 
 
 @pytest.mark.parametrize("model_name, world, batch, want", [
-    ("mlp", 1, fast.TILE_ROWS, fast.CACHE_TILE), ("mlp", 2, 2 * fast.TILE_ROWS - 2, 0),
-    ("mlp", 2, 2 * fast.TILE_ROWS, fast.CACHE_TILE), ("mlp", 1, 32, 0), ("deep", 1, 10 ** 5, 0)])
+    ("mlp", 1, engines.TILE_ROWS, engines.CACHE_TILE), ("mlp", 2, 2 * engines.TILE_ROWS - 2, 0),
+    ("mlp", 2, 2 * engines.TILE_ROWS, engines.CACHE_TILE), ("mlp", 1, 32, 0), ("deep", 1, 10 ** 5, 0)])
 def test_a_rank_runs_the_mlp_in_cache_tiles_from_tile_rows_per_rank(monkeypatch, model_name, world, batch,
                                                                         want):
-    """distributed.select_engine tiles the mlp's native program (fast.CACHE_TILE) as one process does,
-    from fast.TILE_ROWS examples per rank (fast.cache_tile); deep never unasked."""
+    """engines.plan tiles the mlp's native program (engines.CACHE_TILE) as one process does,
+    from engines.TILE_ROWS examples per rank (engines.cache_tile); deep never unasked."""
     asked = []
-    monkeypatch.setattr(distributed, "native_data_parallel_steps", lambda comm, lib, tile: asked.append(tile))
-    one = distributed.WorldOfOne()
+    monkeypatch.setattr(parallel, "native_data_parallel_steps", lambda comm, lib, tile: asked.append(tile))
+    one = parallel.WorldOfOne()
     one.world = world  # the rule reads the number of ranks only
-    distributed.select_engine(one, models.build(models.preset(model_name), 0), TrainConfig(batch_size=batch))
+    engines.plan(models.build(models.preset(model_name), 0), TrainConfig(batch_size=batch), one)
     assert asked == [want]

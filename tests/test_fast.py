@@ -1,5 +1,5 @@
-"""The fast path (fast.py + csrc/) against float64 autograd (one-step gradients) and the eager engine
-of train.py (per-step losses over hundreds of steps, running statistics, non-finite detection);
+"""The native engine (engines/native.py + csrc/) against float64 autograd (one-step gradients) and the
+eager engine of train.py (per-step losses over hundreds of steps, running statistics, non-finite detection);
 activation checkpointing, argument errors, the build cache and the fallback to eager."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import dataclasses
 import pytest
 import torch
 
-from handgrad import fast, models, native_cache, reference, train
+from handgrad import engines, models, native_cache, reference, train
+from handgrad.engines import native
 from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, ReLU, Sequential, Tanh
 from handgrad.models import ModelConfig
 from handgrad.train import NonFiniteError, TrainConfig
 
-pytestmark = pytest.mark.skipif(not fast.have_compiler(), reason="no C++ compiler: the fast path cannot be built")
+pytestmark = pytest.mark.skipif(not native.have_compiler(), reason="no C++ compiler: the fast path cannot be built")
 
 
 @pytest.fixture(autouse=True)
@@ -51,8 +52,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
     return float((a.double() - b.double()).abs().max()) / max(s, 1e-30)
 
 
+def _plan(model, tile=0):
+    """(the native engine for `model`, "") or (None, why there is none): engines.native_steps."""
+    fn = engines.native_steps(model, TrainConfig(recompute_tile=tile))
+    return (None, fn) if isinstance(fn, str) else (fn, "")
+
+
 def _steps_fn(model, tile=0):
-    fn, reason = fast.plan(model, tile=tile)
+    fn, reason = _plan(model, tile=tile)
     assert fn is not None, reason
     return fn
 
@@ -65,7 +72,7 @@ def test_fast_grads_match_float64_autograd(shape, tile):
     B = shape[0]
     Xb, Yb = X[:B], Y[:B]
     before = {k: v.clone() for k, v in m.params().items()}
-    loss, grads = fast.fast_grads(m, Xb, Yb, tile=tile)
+    loss, grads = native.fast_grads(m, Xb, Yb, tile=tile)
     assert all(torch.equal(v, before[k]) for k, v in m.params().items()), "fast_grads modified the model"
     ref = reference.autograd_grads(models.cast(_copy(m), torch.float64), Xb, Yb)  # float64 autograd
     assert abs(loss - float(ref.loss)) <= 1e-5 * abs(float(ref.loss))
@@ -82,7 +89,7 @@ def test_repeated_rows_accumulate_in_the_embedding_gradient():
     cfg, m, X, Y = _mlp(8, 3, 4, 20, 6)
     X = torch.randint(0, 2, (8, 3), generator=torch.Generator().manual_seed(5))  # rows 0, 1 only
     assert any(len(set(r.tolist())) < 3 for r in X)  # some context repeats a row
-    _, grads = fast.fast_grads(m, X, Y[:8])
+    _, grads = native.fast_grads(m, X, Y[:8])
     ref = reference.autograd_grads(models.cast(_copy(m), torch.float64), X, Y[:8])
     assert _rel(grads["0.weight"], ref.grads["0.weight"]) <= 1e-5
     assert float(grads["0.weight"][2:].abs().max()) == 0.0
@@ -251,58 +258,58 @@ class Scale:
 
 
 def test_unsupported_models_give_a_one_line_reason():
-    fn, reason = fast.plan(models.build(ModelConfig(), 0, torch.float64))
+    fn, reason = _plan(models.build(ModelConfig(), 0, torch.float64))
     assert fn is None and "float32" in reason
-    fn, reason = fast.plan(models.build(ModelConfig(vocab_size=129), 0))
+    fn, reason = _plan(models.build(ModelConfig(vocab_size=129), 0))
     assert fn is not None, reason  # beyond the MLP step's vocabulary: the native program runs it
     m = models.build(ModelConfig(), 0)
     user = Sequential([*m.layers[:4], Scale(), Tanh(), Linear(200, 27)])
-    fn, reason = fast.plan(user)
+    fn, reason = _plan(user)
     assert fn is None and "Scale" in reason and "\n" not in reason
 
 
 def test_engine_fast_on_an_unknown_layer_is_an_error():
     m = models.build(ModelConfig(), 0)
     user = Sequential([*m.layers[:4], Scale(), Tanh(), Linear(200, 27)])
-    steps_fn, name, warning = train.select_engine(user, TrainConfig())
+    steps_fn, name, warning = engines.plan(user, TrainConfig())
     assert name == "eager" and "Scale" in warning
-    with pytest.raises(train.EngineUnavailable, match="Scale"):
-        train.select_engine(user, TrainConfig(engine="fast"))
+    with pytest.raises(engines.EngineUnavailable, match="Scale"):
+        engines.plan(user, TrainConfig(engine="fast"))
 
 
 def test_build_writes_one_library_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("HANDGRAD_CACHE", str(tmp_path))
-    path = fast.build()
+    path = native.build()
     assert path.parent == tmp_path and path.exists()
     # no temporary files left behind: the library and its sha256
     assert sorted(q.name for q in tmp_path.iterdir()) == sorted([path.name, native_cache.digest_path(path).name])
-    assert fast.build() == path  # cached
+    assert native.build() == path  # cached
 
 
 def test_missing_compiler_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("HANDGRAD_CACHE", str(tmp_path))
     monkeypatch.setenv("HANDGRAD_CC", "/nonexistent/c++")
-    fast._reset_for_tests()
+    native._reset_for_tests()
     try:
         mcfg = ModelConfig(n_hidden=20)
         model = models.build(mcfg, 0)
-        fn, reason = fast.plan(model)
+        fn, reason = _plan(model)
         assert fn is None and "compiler" in reason and "\n" not in reason
         tcfg = TrainConfig(steps=30, chunk_steps=10, batch_size=8)
-        steps_fn, name, warning = train.select_engine(model, tcfg)
+        steps_fn, name, warning = engines.plan(model, tcfg)
         assert name == "eager" and steps_fn is train.eager_steps and "fast path unavailable" in warning
-        with pytest.raises(train.EngineUnavailable, match="unavailable"):
-            train.select_engine(model, TrainConfig(engine="fast"))
+        with pytest.raises(engines.EngineUnavailable, match="unavailable"):
+            engines.plan(model, TrainConfig(engine="fast"))
         X = torch.randint(0, 27, (100, 3))
         splits = type("S", (), {"Xtr": X, "Ytr": torch.randint(0, 27, (100,))})()
         state = train.train(splits, mcfg, tcfg, steps_fn=steps_fn)
         assert state.step == 30 and bool(state.losses.isfinite().all())
     finally:
-        fast._reset_for_tests()
+        native._reset_for_tests()
 
 
 def test_auto_engine_selects_fast():
-    steps_fn, name, warning = train.select_engine(models.build(ModelConfig(), 0), TrainConfig())
+    steps_fn, name, warning = engines.plan(models.build(ModelConfig(), 0), TrainConfig())
     assert name == "fast" and warning == ""
 
 
@@ -310,12 +317,12 @@ def test_unwritable_cache_falls_back(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("HANDGRAD_CACHE", str(blocker / "cache"))
-    fast._reset_for_tests()
+    native._reset_for_tests()
     try:
-        fn, reason = fast.plan(models.build(ModelConfig(), 0))
+        fn, reason = _plan(models.build(ModelConfig(), 0))
         assert fn is None and "cache" in reason
     finally:
-        fast._reset_for_tests()
+        native._reset_for_tests()
 
 
 # ---------------------------------------------------------------------------- the native program
@@ -352,9 +359,9 @@ def test_program_grads_match_float64_autograd(case, tile, seed):
     name, overrides, B = PROGRAM_CASES[case]
     m, X, Y = _model(name, overrides, seed)
     _perturb(m, seed)
-    assert fast.mlp_view(m).__class__ is str  # not the MLP step: the program runs it
+    assert native.mlp_view(m).__class__ is str  # not the MLP step: the program runs it
     before = {k: v.clone() for k, v in m.params().items()}
-    loss, grads = fast.fast_grads(m, X[:B], Y[:B], tile=tile)
+    loss, grads = native.fast_grads(m, X[:B], Y[:B], tile=tile)
     assert all(torch.equal(v, before[k]) for k, v in m.params().items()), "fast_grads modified the model"
     ref = reference.autograd_grads(models.cast(_copy(m), torch.float64), X[:B], Y[:B])
     assert abs(loss - float(ref.loss)) <= 1e-5 * abs(float(ref.loss))
@@ -376,7 +383,7 @@ def test_program_biases_in_front_of_a_batchnorm(tile, seed):
     for t in m.params().values():
         t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (1.0 if t.dim() == 1 else 0.0))
     X, Y = torch.randint(0, 13, (40, 3), generator=g), torch.randint(0, 13, (40,), generator=g)
-    loss, grads = fast.fast_grads(m, X[:24], Y[:24], tile=tile)
+    loss, grads = native.fast_grads(m, X[:24], Y[:24], tile=tile)
     ref = reference.autograd_grads(models.cast(_copy(m), torch.float64), X[:24], Y[:24])
     assert abs(loss - float(ref.loss)) <= 1e-5 * abs(float(ref.loss))
     scale = max(float(r.abs().max()) for r in ref.grads.values())
@@ -410,16 +417,16 @@ def test_program_checkpointing_gives_the_same_steps(tile):
 def test_flatten_is_a_reinterpretation_not_a_copy():
     """Every FlattenConsecutive of wavenet becomes an alias of the tensor before it: no op, no buffer."""
     m, X, _ = _model("wavenet", dict(n_hidden=20, block_size=8, n_embd=6))
-    prog = fast.compile_program(m, 8)
+    prog = native.compile_program(m, 8)
     nt, nop, _ = prog.counts
     tensors = [prog.body[5 * i:5 * i + 5] for i in range(nt)]
     aliases = [t for t in tensors if t[4] >= 0]
     assert len(aliases) == 3  # log2(8) flattens
     kinds = [prog.body[5 * nt + 6 * i] for i in range(nop)]
     # embedding, then (linear, batchnorm+tanh) x 3, then the output linear
-    assert kinds == [fast.OP_KINDS[k] for k in ["embed", *["linear", "bn_tanh"] * 3, "linear"]]
+    assert kinds == [native.OP_KINDS[k] for k in ["embed", *["linear", "bn_tanh"] * 3, "linear"]]
     assert [t[0] for t in aliases] == [4, 2, 1]  # rows per example after each flatten
-    flat_bytes = fast.workspace_bytes(m, 32, T=8)
+    flat_bytes = native.workspace_bytes(m, 32, T=8)
     assert flat_bytes > 0
 
 
@@ -434,7 +441,7 @@ def test_user_model_with_relu_and_unfused_layers_matches_eager():
     model.layers[4].weight.add_(0.3)
     X = torch.randint(0, V, (100, 4), generator=g)
     Y = torch.randint(0, V, (100,), generator=g)
-    loss, grads = fast.fast_grads(model, X[:10], Y[:10])
+    loss, grads = native.fast_grads(model, X[:10], Y[:10])
     ref = reference.autograd_grads(models.cast(_copy(model), torch.float64), X[:10], Y[:10])
     for k, r in ref.grads.items():
         assert _rel(grads[k], r) <= 2e-5, k
@@ -477,7 +484,7 @@ def test_program_index_error_names_the_step():
 
 @pytest.mark.parametrize("name", ["deep", "wavenet"])
 def test_auto_engine_runs_deep_and_wavenet_natively(name):
-    steps_fn, engine, warning = train.select_engine(models.build(models.preset(name), 0), TrainConfig())
+    steps_fn, engine, warning = engines.plan(models.build(models.preset(name), 0), TrainConfig())
     assert engine == "fast" and warning == ""
 
 
@@ -487,9 +494,9 @@ def test_program_training_resumes_bit_identically():
     g = torch.Generator().manual_seed(2)
     splits = type("S", (), {"Xtr": torch.randint(0, 9, (300, 4), generator=g),
                             "Ytr": torch.randint(0, 9, (300,), generator=g)})()
-    full = train.train(splits, mcfg, TrainConfig(steps=60, chunk_steps=20, batch_size=8, engine="fast"))
-    half = train.train(splits, mcfg, TrainConfig(steps=40, chunk_steps=20, batch_size=8, engine="fast"))
-    again = train.train(splits, mcfg, TrainConfig(steps=60, chunk_steps=20, batch_size=8, engine="fast"),
+    full = engines.fit(splits, mcfg, TrainConfig(steps=60, chunk_steps=20, batch_size=8, engine="fast"))
+    half = engines.fit(splits, mcfg, TrainConfig(steps=40, chunk_steps=20, batch_size=8, engine="fast"))
+    again = engines.fit(splits, mcfg, TrainConfig(steps=60, chunk_steps=20, batch_size=8, engine="fast"),
                         state=half)
     assert torch.equal(full.losses, again.losses)
     for k, t in {**full.model.params(), **full.model.buffers()}.items():
@@ -516,8 +523,8 @@ def test_cli_verify_autograd_on_the_fast_engine_agrees_over_200_steps(name, caps
 def test_profile_phases_add_up_to_at_most_the_step():
     m, X, Y = _model("wavenet", dict(n_hidden=20, block_size=8, n_embd=6))
     idx = torch.randint(0, X.shape[0], (5, 16), generator=torch.Generator().manual_seed(0))  # (5, 16)
-    prof = fast.profile_program(m, X, Y, idx, torch.full((5,), 0.1, dtype=torch.float64))
-    assert set(prof) == set(fast.PROFILE_PHASES) and all(v >= 0 for v in prof.values())
+    prof = native.profile_program(m, X, Y, idx, torch.full((5,), 0.1, dtype=torch.float64))
+    assert set(prof) == set(native.PROFILE_PHASES) and all(v >= 0 for v in prof.values())
     parts = sum(v for k, v in prof.items() if k != "step")
     assert prof["linear"] > 0 and prof["linear dx"] > 0 and 0 < parts <= prof["step"] * 1.001
 
@@ -528,17 +535,17 @@ def test_two_threads_give_bit_identical_steps_at_a_large_batch():
     m, X, Y = _model("wavenet", dict(n_hidden=128, block_size=8, n_embd=24), n=600)
     idx = torch.randint(0, X.shape[0], (3, 256), generator=torch.Generator().manual_seed(3))  # (3, 256)
     lrs = torch.full((3,), 0.1, dtype=torch.float64)  # (3,)
-    lib = fast.load_program_library()
+    lib = native.load_program_library()
     runs = []
     for threads in (1, 2):
         mt = _copy(m)
-        runs.append((fast.make_program_fn(lib, threads=threads)(mt, X, Y, idx, lrs), mt))
+        runs.append((native.make_program_fn(lib, threads=threads)(mt, X, Y, idx, lrs), mt))
     (l1, m1), (l2, m2) = runs
     assert torch.equal(l1, l2) and bool(torch.isfinite(l1).all())
     assert all(torch.equal(a, b) for a, b in zip(m1.params().values(), m2.params().values()))
     name = next(iter(m.params()))
     assert not torch.equal(m1.params()[name], m.params()[name])  # the steps did update the model
-    assert 2 * 256 * 256 * 128 >= fast.load_program_library().hg_program_par_min_macs()  # layer 2 is split
+    assert 2 * 256 * 256 * 128 >= native.load_program_library().hg_program_par_min_macs()  # layer 2 is split
 
 
 def test_a_corrupt_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
@@ -552,17 +559,17 @@ def test_a_corrupt_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     except native_cache.NativeUnavailable:
         pytest.skip("no C++ compiler")
     monkeypatch.setenv("HANDGRAD_CACHE", str(tmp_path))
-    path = fast.build()
+    path = native.build()
     size = path.stat().st_size
     assert not native_cache.cached_problem(path)
     with open(path, "r+b") as f:
         f.truncate(1000)
     assert native_cache.cached_problem(path)
-    assert fast.build() == path and path.stat().st_size == size and not native_cache.cached_problem(path)
+    assert native.build() == path and path.stat().st_size == size and not native_cache.cached_problem(path)
     probe = f"import ctypes; ctypes.CDLL({str(path)!r}).hg_abi_version()"
     assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
     native_cache.digest_path(path).unlink()  # a cache from before the digests: rebuilt once, then trusted
-    assert native_cache.cached_problem(path) and fast.build() == path and not native_cache.cached_problem(path)
+    assert native_cache.cached_problem(path) and native.build() == path and not native_cache.cached_problem(path)
 
 
 # ---------------------------------------------------------------------------- large batches: counted, tiled
@@ -572,20 +579,20 @@ def _large_mlp(n_hidden=24, n=9000):
 
 
 @pytest.mark.parametrize("batch, tile, want", [
-    (32, 0, "fused"), (fast.COUNTED_ROWS // 2, 0, "fused"), (fast.COUNTED_ROWS // 2, 64, "fused"),
-    (fast.COUNTED_ROWS, 0, fast.CACHE_TILE), (fast.COUNTED_ROWS, 1000, 1000)])
+    (32, 0, "fused"), (engines.COUNTED_ROWS // 2, 0, "fused"), (engines.COUNTED_ROWS // 2, 64, "fused"),
+    (engines.COUNTED_ROWS, 0, engines.CACHE_TILE), (engines.COUNTED_ROWS, 1000, 1000)])
 def test_the_mlp_engine_counts_in_cache_tiles_from_counted_rows(batch, tile, want):
-    """train.select_engine for the lecture MLP: below fast.COUNTED_ROWS examples per step the fused step
+    """train.select_engine for the lecture MLP: below engines.COUNTED_ROWS examples per step the fused step
     (with the tile asked for); from there the native program with its first batchnorm counted and
-    deferred, in tiles of fast.CACHE_TILE or of the --recompute-tile asked for: the same bits, 2 SGD
+    deferred, in tiles of engines.CACHE_TILE or of the --recompute-tile asked for: the same bits, 2 SGD
     steps, as that step run directly, and not the other's."""
     _, model, X, Y = _large_mlp()
     idx = torch.randint(0, X.shape[0], (2, batch), generator=torch.Generator().manual_seed(0))
     lrs = torch.full((2,), 0.1, dtype=torch.float64)
-    lib = fast.load_program_library()
-    fused = fast.make_steps_fn(fast.load_library(), tile)
-    counted = fast.make_program_fn(lib, want if want != "fused" else tile, count=True)
-    chosen = train.select_engine(model, TrainConfig(batch_size=batch, recompute_tile=tile))[0]
+    lib = native.load_program_library()
+    fused = native.make_steps_fn(native.load_library(), tile)
+    counted = native.make_program_fn(lib, want if want != "fused" else tile, count=True)
+    chosen = engines.plan(model, TrainConfig(batch_size=batch, recompute_tile=tile))[0]
     after = {}
     for what, steps in {"chosen": chosen, "fused": fused, "counted": counted}.items():
         m = _copy(model)
@@ -598,48 +605,48 @@ def test_the_mlp_engine_counts_in_cache_tiles_from_counted_rows(batch, tile, wan
 
 
 def test_cache_tiles_only_for_the_lecture_mlp():
-    """fast.cache_tile: the tile asked for always; else CACHE_TILE for the lecture MLP from TILE_ROWS
+    """engines.cache_tile: the tile asked for always; else CACHE_TILE for the lecture MLP from TILE_ROWS
     rows per process (its counted tiled step is one pass); never for deep or wavenet, whose tiles cost a
     pass per later batchnorm (activation checkpointing, only when asked)."""
     mlp = models.build(ModelConfig(), 0)
-    assert fast.cache_tile(mlp, fast.TILE_ROWS - 1) == 0
-    assert fast.cache_tile(mlp, fast.TILE_ROWS) == fast.CACHE_TILE
-    assert fast.cache_tile(mlp, 10 ** 6, 300) == 300 and fast.cache_tile(mlp, 32, 8) == 8
+    assert engines.cache_tile(mlp, engines.TILE_ROWS - 1) == 0
+    assert engines.cache_tile(mlp, engines.TILE_ROWS) == engines.CACHE_TILE
+    assert engines.cache_tile(mlp, 10 ** 6, 300) == 300 and engines.cache_tile(mlp, 32, 8) == 8
     for name in ("deep", "wavenet"):
-        assert fast.cache_tile(models.build(models.preset(name), 0), 10 ** 6) == 0
-    assert fast.cache_tile(models.build(ModelConfig(), 0, torch.float64), 10 ** 6) == 0
+        assert engines.cache_tile(models.build(models.preset(name), 0), 10 ** 6) == 0
+    assert engines.cache_tile(models.build(ModelConfig(), 0, torch.float64), 10 ** 6) == 0
 
 
 def test_the_counted_engine_trains_as_autograd_does():
-    """handgrad train's engine at fast.COUNTED_ROWS examples per step (the counted program in tiles)
+    """handgrad train's engine at engines.COUNTED_ROWS examples per step (the counted program in tiles)
     against autograd from the same init on the same batches: per-step losses within float32 rounding,
     and a run split into two train() calls gives the same bits as one."""
     cfg, _, X, Y = _large_mlp()
     splits = type("S", (), {"Xtr": X, "Ytr": Y})()
-    tcfg = TrainConfig(steps=12, chunk_steps=4, batch_size=fast.COUNTED_ROWS, lr=0.5)
-    hand = train.train(splits, cfg, tcfg)
+    tcfg = TrainConfig(steps=12, chunk_steps=4, batch_size=engines.COUNTED_ROWS, lr=0.5)
+    hand = engines.fit(splits, cfg, tcfg)
     ref = train.train(splits, cfg, tcfg, steps_fn=reference.autograd_steps)
     assert float((hand.losses - ref.losses).abs().max()) <= 1e-5
-    half = train.train(splits, cfg, dataclasses.replace(tcfg, steps=8))
-    rest = train.train(splits, cfg, tcfg, state=half)
+    half = engines.fit(splits, cfg, dataclasses.replace(tcfg, steps=8))
+    rest = engines.fit(splits, cfg, tcfg, state=half)
     assert torch.equal(rest.losses, hand.losses)
     assert all(torch.equal(a, b) for a, b in zip(rest.model.params().values(), hand.model.params().values()))
 
 
 @pytest.mark.parametrize("bad", ["character", "row"])
 def test_the_counted_engine_stops_at_a_bad_index_and_keeps_the_state_before_it(bad):
-    """The counted program (handgrad train's engine from fast.COUNTED_ROWS) reads every row of the batch
+    """The counted program (handgrad train's engine from engines.COUNTED_ROWS) reads every row of the batch
     to count it before any forward: a character outside the vocabulary in one row of step 1, or a row
     outside Xtr there, stops at step 1 with IndexError, the parameters those after step 0."""
     _, model, X, Y = _large_mlp()
-    idx = torch.randint(0, X.shape[0], (3, fast.COUNTED_ROWS), generator=torch.Generator().manual_seed(2))
+    idx = torch.randint(0, X.shape[0], (3, engines.COUNTED_ROWS), generator=torch.Generator().manual_seed(2))
     lrs = torch.full((3,), 0.1, dtype=torch.float64)
     X = X.clone()
     if bad == "character":
         X[idx[1, 100], 2] = 27  # vocab 27: ids 0..26
     else:
         idx[1, 100] = X.shape[0]
-    steps = train.select_engine(model, TrainConfig(batch_size=fast.COUNTED_ROWS))[0]
+    steps = engines.plan(model, TrainConfig(batch_size=engines.COUNTED_ROWS))[0]
     before = _copy(model)
     with torch.no_grad():
         steps(before, X, Y, idx[:1], lrs[:1])

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from handgrad import fast, models, native_cache, train
+from handgrad import engines, models, native_cache, train
+from handgrad.engines import native as fast
 from handgrad.models import ModelConfig
 
 pytestmark = pytest.mark.skipif(not fast.have_compiler(), reason="no C++ compiler: the fast path cannot be built")
@@ -209,7 +210,8 @@ def test_a_refused_cache_and_a_refused_temporary_directory_fall_back_in_one_line
     monkeypatch.setattr("tempfile.tempdir", str(tmpdir))
     fast._reset_for_tests()
     try:
-        fn, reason = fast.plan(fast_mlp())
+        steps = engines.native_steps(fast_mlp(), train.TrainConfig())
+        fn, reason = (None, steps) if isinstance(steps, str) else (steps, "")
     finally:
         fast._reset_for_tests()
     assert not (tmp_path / "planted-code-ran").exists()
@@ -345,10 +347,10 @@ def test_a_cached_library_that_fails_its_checks_is_rebuilt_and_the_fast_engine_r
     caplog.set_level(logging.WARNING)
     fast._reset_for_tests()
     try:
-        steps_fn, engine, warning = train.select_engine(fast_mlp(), train.TrainConfig())
+        plan = engines.plan(fast_mlp(), train.TrainConfig())
     finally:
         fast._reset_for_tests()
-    assert engine == "fast" and warning == ""
+    assert plan.name == "fast" and plan.warning == ""
     assert _builds(log) == 1 and not native_cache.cached_problem(cache / name) and not (cache / name).is_symlink()
     assert libs["libm"].read_bytes() == libm_bytes
     [rebuilt] = _warnings(caplog)
@@ -357,7 +359,7 @@ def test_a_cached_library_that_fails_its_checks_is_rebuilt_and_the_fast_engine_r
 
 PROBE = """
 import json, sys, time
-from handgrad import fast
+from handgrad.engines import native as fast
 t0 = time.monotonic()
 try:
     out = {"abi": fast.load_library().hg_abi_version()}
@@ -451,7 +453,8 @@ def test_a_bad_build_limit_is_named_in_the_fallback_reason(value, tmp_path, cc, 
     monkeypatch.setenv("HANDGRAD_BUILD_TIMEOUT", value)
     fast._reset_for_tests()
     try:
-        fn, reason = fast.plan(fast_mlp())
+        steps = engines.native_steps(fast_mlp(), train.TrainConfig())
+        fn, reason = (None, steps) if isinstance(steps, str) else (steps, "")
     finally:
         fast._reset_for_tests()
     assert fn is None and f"HANDGRAD_BUILD_TIMEOUT={value!r}" in reason and "\n" not in reason

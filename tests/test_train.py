@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from handgrad import layers, models, reference, train
+from handgrad import engines, layers, models, reference, train
 from handgrad.models import ModelConfig
 from handgrad.train import NonFiniteError, TrainConfig
 
@@ -149,7 +149,7 @@ def test_a_users_own_sequential_trains_through_the_same_api(names_splits):
                                layers.BatchNorm1d(32), Gelu(), layers.Linear(32, 27)])
     model.init_(torch.Generator().manual_seed(0))
     tcfg = TrainConfig(steps=400, engine="auto", chunk_steps=100)
-    assert train.select_engine(model, tcfg)[1] == "eager"  # not a pattern the native step knows
+    assert engines.plan(model, tcfg)[1] == "eager"  # not a pattern the native step knows
     ref = reference.autograd_steps
     twin = models.with_buffers(model, {k: v.clone() for k, v in model.buffers().items()})
     for k, v in twin.params().items():
@@ -161,12 +161,11 @@ def test_a_users_own_sequential_trains_through_the_same_api(names_splits):
 
 
 def test_activation_checkpointing_trains_like_keeping_all_activations(names_splits):
-    fast = pytest.importorskip("handgrad.fast")
     mcfg = ModelConfig(vocab_size=len(names_splits.vocab))
-    if fast.plan(models.build(mcfg))[0] is None:
+    if isinstance(engines.native_steps(models.build(mcfg), TrainConfig()), str):
         pytest.skip("the fast engine is unavailable here")
-    runs = [train.train(names_splits, mcfg, TrainConfig(steps=300, batch_size=256, engine="fast",
-                                                        recompute_tile=tile)) for tile in (0, 64)]
+    runs = [engines.fit(names_splits, mcfg, TrainConfig(steps=300, batch_size=256, engine="fast",
+                                                       recompute_tile=tile)) for tile in (0, 64)]
     assert (runs[0].losses - runs[1].losses).abs().max().item() < 1e-4
-    assert train.select_engine(models.build(mcfg), TrainConfig(engine="eager", recompute_tile=64))[2].startswith(
+    assert engines.plan(models.build(mcfg), TrainConfig(engine="eager", recompute_tile=64))[2].startswith(
         "activation checkpointing")

@@ -12,7 +12,7 @@ __version__ = "0.2.0"
 # name -> the module that defines it (a module's own name: the module itself)
 _PUBLIC = {
     "ops": "ops",
-    "check_backward": "check", "check_function": "check", "check_op": "check", "compare": "check",
+    "check_backward": "check", "check_function": "functions", "check_op": "functions", "compare": "check",
     "run_lecture_check": "check",
     "DataError": "data", "Splits": "data", "Vocab": "data", "default_data_path": "data",
     "make_splits": "data", "read_words": "data",

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from handgrad import models
 from handgrad.ops import BN_EPS
 
 
@@ -80,18 +81,11 @@ class Params:
 def init_params(cfg: LectureConfig = LectureConfig(), seed: int = 42, dtype: torch.dtype = torch.float32
                 ) -> Params:
     """The lecture's initialisation (deliberately non-zero b1/W2/b2 and noisy gain/bias, so a wrong
-    backward cannot hide behind zeros), drawn in float32 from a seeded generator, then cast. The
-    same numbers as models.build of an mlp with these sizes and seed."""
-    g = torch.Generator().manual_seed(seed)
-    V, T, E, H = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_hidden
-    C = torch.randn((V, E), generator=g)
-    W1 = torch.randn((T * E, H), generator=g) * (5 / 3) / (T * E) ** 0.5
-    b1 = torch.randn(H, generator=g) * 0.1
-    W2 = torch.randn((H, V), generator=g) * 0.1
-    b2 = torch.randn(V, generator=g) * 0.1
-    bngain = torch.randn((1, H), generator=g) * 0.1 + 1.0
-    bnbias = torch.randn((1, H), generator=g) * 0.1
-    return Params(C, W1, b1, W2, b2, bngain, bnbias).to(dtype)
+    backward cannot hide behind zeros): the mlp preset's (models.init_lecture4, drawn in float32 from a
+    seeded generator, then cast) of a model with these sizes, by the lecture's names."""
+    mcfg = models.preset("mlp", vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_embd=cfg.n_embd,
+                         n_hidden=cfg.n_hidden)
+    return Params(**models.lecture_tensors(models.build(mcfg, seed, dtype)))
 
 
 # The 26 tensors whose gradients the lecture compares, in its order (backward order).

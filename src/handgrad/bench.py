@@ -18,8 +18,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from handgrad import data, fast, models, ops, reference, train
+from handgrad import data, engines, models, ops, reference, train
+from handgrad.config import Expect, OneOf, option, validate
+from handgrad.engines import native
 from handgrad.layers import Linear, Sequential
+from handgrad.report import Column, Table
 
 
 @dataclass
@@ -59,58 +62,58 @@ class BenchResult:
                  f"{c['threads']} thread(s), median of {c['steps']} steps, {CLOCKS[c['clock']][1]}; "
                  f"{self.machine}",
                  f"matrix products per step: {self.gemm_flop / 1e6:.2f} MFLOP; FMA peak "
-                 f"{self.peak_flops / 1e9:.1f} GFLOP/s ({self.peak_note})",
-                 f"{'engine':<27} {'us/step':>9} {'q25-q75':>15} {'x fast':>7} {'x floor':>8} {'GFLOP/s':>8} "
-                 f"{'%peak':>6}  what",
-                 "-" * 120]
+                 f"{self.peak_flops / 1e9:.1f} GFLOP/s ({self.peak_note})"]
+        t = Table([Column("engine", "<", 27), Column("us/step", ">", 9), Column("q25-q75", ">", 15),
+                   Column("x fast", ">", 7), Column("x floor", ">", 8), Column("GFLOP/s", ">", 8),
+                   Column("%peak", ">", 6), Column("what", gap="  ")], rule="-" * 120)
         for r in self.rows:
             if r.us_per_step is None:
-                lines.append(f"{r.name:<27} {'-':>9} {'':>15} {'-':>7} {'-':>8} {'-':>8} {'-':>6}  {r.note}")
+                t.add(r.name, "-", "", "-", "-", "-", "-", r.note)
                 continue
-            x = f"{r.us_per_step / fast_us:.2f}" if fast_us else "-"
-            xf = f"{r.us_per_step / floor_us:.2f}" if floor_us else "-"
-            spread = f"{r.q25:.1f}-{r.q75:.1f}" if r.q25 is not None else ""
             gflops = self.gemm_flop / (r.us_per_step * 1e-6) / 1e9
-            pct = f"{100 * gflops * 1e9 / self.peak_flops:.0f}" if self.peak_flops else "-"
-            lines.append(f"{r.name:<27} {r.us_per_step:>9.1f} {spread:>15} {x:>7} {xf:>8} {gflops:>8.1f} "
-                         f"{pct:>6}  {r.note}")
+            t.add(r.name, f"{r.us_per_step:.1f}", f"{r.q25:.1f}-{r.q75:.1f}" if r.q25 is not None else "",
+                  f"{r.us_per_step / fast_us:.2f}" if fast_us else "-",
+                  f"{r.us_per_step / floor_us:.2f}" if floor_us else "-", f"{gflops:.1f}",
+                  f"{100 * gflops * 1e9 / self.peak_flops:.0f}" if self.peak_flops else "-", r.note)
+        lines += t.lines()
         floor_fast = self.ratio("fast", FLOOR)
         auto_fast = self.ratio("autograd eager")
         if floor_fast is not None and auto_fast is not None:
             lines += ["", f"ratios (this run): native / GEMM floor = {floor_fast:.2f}, "
                       f"autograd eager / native = {auto_fast:.2f}"]
         if self.checkpointing:
-            lines += ["", "activation checkpointing (--recompute-tile, examples per tile): time, and the "
-                      "bytes the native step allocates (parameters, gradients, activations kept)",
-                      f"{'run':<24} {'us/step':>10} {'MiB':>9} {'time x':>7} {'mem x':>6}", "-" * 60]
+            t = Table([Column("run", "<", 24), Column("us/step", ">", 10), Column("MiB", ">", 9),
+                       Column("time x", ">", 7), Column("mem x", ">", 6), Column("", gap="  ")],
+                      rule="-" * 60,
+                      title="activation checkpointing (--recompute-tile, examples per tile): time, and the "
+                      "bytes the native step allocates (parameters, gradients, activations kept)")
             base = {}
             for r in self.checkpointing:
-                key = r.name.split(",")[0]
-                base.setdefault(key, r)
-                b = base[key]
-                us = f"{r.us_per_step:>10.1f}" if r.us_per_step is not None else f"{'-':>10}"
-                mib = f"{r.bytes / 2**20:>9.2f}" if r.bytes else f"{'-':>9}"
-                tx = (f"{r.us_per_step / b.us_per_step:>7.2f}" if r.us_per_step and b.us_per_step
-                      else f"{'-':>7}")
-                mx = f"{r.bytes / b.bytes:>6.2f}" if r.bytes and b.bytes else f"{'-':>6}"
-                lines.append(f"{r.name:<24} {us} {mib} {tx} {mx}  {r.note}")
+                b = base.setdefault(r.name.split(",")[0], r)
+                t.add(r.name, f"{r.us_per_step:.1f}" if r.us_per_step is not None else "-",
+                      f"{r.bytes / 2**20:.2f}" if r.bytes else "-",
+                      f"{r.us_per_step / b.us_per_step:.2f}" if r.us_per_step and b.us_per_step else "-",
+                      f"{r.bytes / b.bytes:.2f}" if r.bytes and b.bytes else "-", r.note)
+            lines += ["", *t.lines()]
         if self.threads_rows:
-            lines += ["", f"threads at batch {self.large_batch} (wall clock, median ms per step)",
-                      f"{'engine':<40} {'ms/step':>9}", "-" * 52]
+            t = Table([Column("engine", "<", 40), Column("ms/step", ">", 9), Column("", gap="  ")],
+                      rule="-" * 52,
+                      title=f"threads at batch {self.large_batch} (wall clock, median ms per step)")
             for r in self.threads_rows:
-                ms = f"{r.us_per_step / 1e3:>9.2f}" if r.us_per_step is not None else f"{'-':>9}"
-                lines.append(f"{r.name:<40} {ms}  {r.note}")
+                t.add(r.name, f"{r.us_per_step / 1e3:.2f}" if r.us_per_step is not None else "-", r.note)
+            lines += ["", *t.lines()]
         if self.large:
-            lines += ["", f"large batch {self.large_batch}: examples per second",
-                      f"{'engine':<27} {'ex/s':>12} {'ms/step':>9} {'x fast':>7}", "-" * 56]
+            t = Table([Column("engine", "<", 27), Column("ex/s", ">", 12), Column("ms/step", ">", 9),
+                       Column("x fast", ">", 7), Column("", gap="  ")], rule="-" * 56,
+                      title=f"large batch {self.large_batch}: examples per second")
             fast_l = next((r.us_per_step for r in self.large if r.name == "fast"), None)
             for r in self.large:
                 if r.us_per_step is None:
-                    lines.append(f"{r.name:<27} {'-':>12} {'-':>9} {'-':>7}  {r.note}")
+                    t.add(r.name, "-", "-", "-", r.note)
                 else:
-                    x = f"{r.us_per_step / fast_l:.2f}" if fast_l else "-"
-                    lines.append(f"{r.name:<27} {self.large_batch / r.us_per_step * 1e6:>12,.0f} "
-                                 f"{r.us_per_step / 1e3:>9.2f} {x:>7}  {r.note}")
+                    t.add(r.name, f"{self.large_batch / r.us_per_step * 1e6:,.0f}",
+                          f"{r.us_per_step / 1e3:.2f}", f"{r.us_per_step / fast_l:.2f}" if fast_l else "-")
+            lines += ["", *t.lines()]
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -186,10 +189,10 @@ def fma_peak() -> tuple[float, str]:
     reaches, turbo included), else the nominal estimate."""
     nominal, how = nominal_fma_peak()
     try:
-        lib = fast.load_program_library()
-    except fast.FastUnavailable:
+        lib = native.load_program_library()
+    except native.FastUnavailable:
         return nominal, how
-    iters, flop_per_iter = 2_000_000, 12 * fast.VW * 2
+    iters, flop_per_iter = 2_000_000, 12 * native.VW * 2
     best = 0.0
     lib.hg_fma_loop(10_000)
     for _ in range(5):
@@ -228,6 +231,15 @@ def nominal_fma_peak() -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------------------- timing
+def _native(model, batch: int = 32, tile: int = 0, threads: int = 1) -> tuple[Callable | None, str]:
+    """(the native engine `handgrad train` runs for `model` at `batch` examples per step, "") or
+    (None, why there is none): engines.native_steps."""
+    steps = engines.native_steps(model, train.TrainConfig(batch_size=batch, recompute_tile=tile),
+                                 threads=threads)
+    return (None, steps) if isinstance(steps, str) else (steps, "")
+
+
+
 def _quartiles(times: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return statistics.median(times), q[0], q[2]
@@ -293,7 +305,7 @@ def _engines(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, 
     rows = []
 
     progress("fast")
-    fn, reason = fast.plan(model0, batch=B)  # as handgrad train runs it at batch B
+    fn, reason = _native(model0, B)  # as handgrad train runs it at batch B
     if fn is None:
         rows.append(Row("fast", None, f"unavailable: {reason}"))
     else:
@@ -313,14 +325,14 @@ def _engines(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, 
         one_step = lambda i: fn(model, Xtr, Ytr, idx[i % n1:i % n1 + 1], one)  # noqa: E731
         rows.append(_row("fast, 1 step per call", _time_each(one_step, n1, warmup=20),
                          "the same native program called once per step (ctypes, copy-in/out)"))
-        lecture_mlp = not isinstance(fast.mlp_view(model0), str)
-        fused = fast.plan(model0)[0] if B >= fast.COUNTED_ROWS and lecture_mlp else None
+        lecture_mlp = not native.mlp_reason(model0)
+        fused = _native(model0)[0] if B >= engines.COUNTED_ROWS and lecture_mlp else None
         if fused is not None:  # what "fast" is below COUNTED_ROWS, for the ratio
             model = fresh()
             rows.append(_row("fast, fused lecture step", _time_each(
                 lambda i: fused(model, Xtr, Ytr, idx[i % nchunks * chunk:i % nchunks * chunk + chunk], lrs),
                 nchunks, warmup=1, per=chunk), f"the lecture MLP's fused step, {chunk} steps per call "
-                f"(handgrad train's below {fast.COUNTED_ROWS:,} examples per step)"))
+                f"(handgrad train's below {engines.COUNTED_ROWS:,} examples per step)"))
 
     progress("eager")
     model = fresh()
@@ -369,12 +381,12 @@ def _checkpointing(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps:
     rows = []
     for t in (0, tile):
         model = models.build(mcfg, seed)
-        fn, reason = fast.plan(model, tile=t)
+        fn, reason = _native(model, tile=t)
         name = f"{label}, " + (f"tile {t}" if t else "no tile")
         if fn is None:
             rows.append(Row(name, None, f"unavailable: {reason}"))
             continue
-        nbytes = fast.workspace_bytes(model, B, tile=t, T=Xtr.shape[1])
+        nbytes = native.workspace_bytes(model, B, tile=t, T=Xtr.shape[1])
         times = _time_each(lambda i, fn=fn, m=model: fn(m, Xtr, Ytr, idx[i * chunk:(i + 1) * chunk], lrs),
                            nchunks, warmup=1, per=chunk)
         rows.append(Row(name, *_quartiles(times)[:1], "recompute every activation tile by tile" if t else
@@ -397,14 +409,14 @@ def _threads(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, 
     try:
         for t in (1, 2):
             model = models.build(mcfg, seed)
-            fn, reason = fast.plan(model, threads=t, batch=B)
+            fn, reason = _native(model, B, threads=t)
             if fn is None:
                 rows.append(Row(f"fast, {t} thread(s)", None, f"unavailable: {reason}"))
             else:
-                mlp = not isinstance(fast.mlp_view(model), str)
+                mlp = not native.mlp_reason(model)
                 note = ("products of >= 8M multiply-adds split in two" if not mlp else
-                        "the MLP step runs on one thread" if B < fast.COUNTED_ROWS else
-                        f"the MLP in tiles of {fast.CACHE_TILE}: no product large enough to split")
+                        "the MLP step runs on one thread" if B < engines.COUNTED_ROWS else
+                        f"the MLP in tiles of {engines.CACHE_TILE}: no product large enough to split")
                 rows.append(_row(f"fast, {t} thread(s)", _time_each(
                     lambda i, fn=fn, m=model: fn(m, Xtr, Ytr, idx[i * chunk:(i + 1) * chunk], lrs), nchunks,
                     warmup=1, per=chunk), note if t == 2 else ""))
@@ -492,7 +504,7 @@ def full_training(model: str = "wavenet", engine: str = "fast", steps: int | Non
                                        **({"steps": steps} if steps else {}))
     state = train.new_state(mcfg, tcfg)
     if engine == "fast":
-        steps_fn, reason = fast.plan(state.model)
+        steps_fn, reason = _native(state.model)
         if steps_fn is None:
             raise RuntimeError(f"the fast engine is unavailable: {reason}")
     else:
@@ -514,3 +526,74 @@ def full_training(model: str = "wavenet", engine: str = "fast", steps: int | Non
             "last_1000_train_loss": float(state.losses[-1000:].mean()),
             "train_loss": losses["train"], "val_loss": losses["val"]}
 
+
+
+# ---------------------------------------------------------------------------- the command's options
+def _count(at_least: int, expected: str) -> Expect:
+    return Expect(lambda v: v >= at_least, expected)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Time the training step of every engine on one model in one process on the same data (median per step
+    after warm-up, quartiles as the spread) and report the ratio of each to the fast path and to the GEMM
+    floor (the step's matrix products alone), then examples per second at a large batch."""
+
+    # run_bench's arguments, or full_training's with full_train
+
+    model: str = option("mlp", "model preset (default {default})", OneOf(models.PRESETS))
+    batch_size: int = option(32, "examples per step (default {default})",
+                             _count(2, "a positive integer of at least 2 (batchnorm's n-1)"))
+    n_hidden: int | None = option(None, "hidden units (default: the model's preset)")
+    n_embd: int | None = option(None, "embedding size (default: the model's preset)")
+    block_size: int | None = option(None, "context length (default: the model's preset)")
+    steps: int = option(5000, "timed steps per engine (default {default})", _count(1, "a positive integer"))
+    threads: int = option(1, "torch threads (default {default})", _count(1, "a positive integer"))
+    large_batch: int = option(4096, "batch of the examples/second table (0 skips it; default {default})",
+                              Expect(lambda v: v == 0 or v >= 2, "0 (skip) or at least 2"))
+    no_compile: bool = option(False, "skip the torch.compile row")
+    recompute_tile: int = option(8, "examples per tile of the activation checkpointing table (0 skips it; "
+                                 "default {default}; at the large batch: max(this, large batch / 16))",
+                                 _count(0, "0 (skip the table) or a positive number of examples per tile"),
+                                 metavar="EXAMPLES")
+    clock: str | None = option(None, "cpu: CPU time of the timing thread (default with one thread: other "
+                               "processes on a shared core do not count); wall: wall clock",
+                               OneOf(tuple(CLOCKS)))
+    full_train: str | None = option(None, "instead: time one whole training run of the model's preset "
+                                    "(200k steps) on ENGINE (fast, eager or autograd) and print its time and "
+                                    "losses",
+                                    OneOf(FULL_ENGINES), metavar="ENGINE")
+    full_steps: int | None = option(None, "steps of --full-train (default: the preset's)",
+                                    _count(1000, "at least 1000 (the last 1000 steps' loss is reported)"))
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def run(o: BenchOptions, say: Callable[[str], None] | None = None) -> BenchResult | dict:
+    """What `handgrad bench` measures: full_training's dict with o.full_train, else run_bench's result.
+    say(line) hears what is being timed ("timing eager ..."), or every 5% of a full training run."""
+    say = say or (lambda line: None)
+    if o.full_train:
+        shown = [-1]
+
+        def every_5_percent(step: int, total: int) -> None:
+            if step * 20 // total != shown[0]:
+                shown[0] = step * 20 // total
+                say(f"step {step:,} of {total:,}")
+
+        return full_training(o.model, o.full_train, o.full_steps, progress=every_5_percent)
+    overrides = {k: getattr(o, k) for k in ("n_hidden", "n_embd", "block_size") if getattr(o, k) is not None}
+    return run_bench(model=o.model, batch_size=o.batch_size, steps=o.steps, threads=o.threads,
+                     large_batch=o.large_batch, compile=not o.no_compile, clock=o.clock,
+                     progress=lambda s: say(f"timing {s} ..."),
+                     tile=o.recompute_tile, **overrides)
+
+
+def full_text(r: dict) -> str:
+    """full_training's result in one line."""
+    loss = lambda v: "n/a (empty split)" if v is None else f"{v:.4f}"  # noqa: E731
+    return (f"{r['model']}, {r['steps']:,} steps on the {r['engine']} engine, one thread: training loop "
+            f"{r['wall_s']:.1f} s wall ({r['cpu_s']:.1f} s CPU), {r['us_per_step']:.1f} us/step; last 1000 "
+            f"steps' train loss {r['last_1000_train_loss']:.4f}; train {loss(r['train_loss'])}, val "
+            f"{loss(r['val_loss'])}")

@@ -1,4 +1,4 @@
-"""What a run will allocate, worked out before anything is allocated, so that a flag too big for this
+"""What a run will allocate, worked out before anything is allocated, so that a field too big for this
 machine is named in one line instead of failing deep inside an allocation (or swapping for minutes).
 
 Sizes come from the model's layers built on PyTorch's "meta" device (shapes, no storage): the
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from handgrad import models
+from handgrad.config import ConfigError, ref
 from handgrad.models import ModelConfig
 from handgrad.train import TrainConfig
 
@@ -28,8 +29,8 @@ HEADROOM = 0.8  # a run may plan to use this share of the machine's memory
 MAX_SAMPLE_LEN = 64  # models.sample's max_len
 
 
-class BudgetError(ValueError):
-    """A run that cannot fit in memory; the message names the flag and is one line for the user."""
+class BudgetError(ConfigError):
+    """A run that cannot fit in memory; the message names the field to make smaller, in one line."""
 
 
 def machine_bytes() -> int:
@@ -84,9 +85,9 @@ def size_bounds(mcfg: ModelConfig) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Plan:
-    """Bytes a training run will hold at its peak, by the flag that sets each part."""
+    """Bytes a training run will hold at its peak, by the config field that sets each part."""
 
-    parts: dict[str, int]  # flag -> bytes
+    parts: dict[str, int]  # field -> bytes
 
     @property
     def total(self) -> int:
@@ -112,16 +113,16 @@ def train_plan(mcfg: ModelConfig, tcfg: TrainConfig, n_examples: int,
     dtype_bytes = torch.finfo(tcfg.torch_dtype).bits // 8
     n_params, per_example = sizes if sizes is not None else model_sizes(mcfg)
     return Plan({
-        "--n-hidden": PARAM_COPIES * n_params * dtype_bytes,
-        "--batch-size": ACTIVATION_COPIES * per_example * tcfg.batch_size * dtype_bytes
+        "n_hidden": PARAM_COPIES * n_params * dtype_bytes,
+        "batch_size": ACTIVATION_COPIES * per_example * tcfg.batch_size * dtype_bytes
         + 8 * tcfg.chunk_steps * tcfg.batch_size,  # + the chunk's (K, B) batch indices
-        "--steps": 8 * tcfg.steps,  # the per-step loss curve, float64
-        "--block-size": dataset_bytes(n_examples, mcfg.block_size),
+        "steps": 8 * tcfg.steps,  # the per-step loss curve, float64
+        "block_size": dataset_bytes(n_examples, mcfg.block_size),
     })
 
 
 def check_train(mcfg: ModelConfig, tcfg: TrainConfig, n_examples: int, available: int | None = None) -> Plan:
-    """Raise BudgetError naming the flag that takes the most memory if the run cannot fit. The
+    """Raise BudgetError naming the field that takes the most memory if the run cannot fit. The
     exact sizes are worked out only when the quick upper bounds do not already fit."""
     limit = HEADROOM * (available if available is not None else machine_bytes())
     plan = train_plan(mcfg, tcfg, n_examples, size_bounds(mcfg))
@@ -129,8 +130,9 @@ def check_train(mcfg: ModelConfig, tcfg: TrainConfig, n_examples: int, available
         return plan
     plan = train_plan(mcfg, tcfg, n_examples)
     if plan.total > limit:
-        flag = plan.largest()
-        raise BudgetError(f"{flag}: this run would need about {gib(plan.total)} ({gib(plan.parts[flag])} "
+        field = plan.largest()
+        flag = ref(field)
+        raise BudgetError(f"{flag}: this run would need about {gib(plan.total)} ({gib(plan.parts[field])} "
                           f"of it for {flag}), more than the {gib(limit)} this machine can give it; "
                           f"make {flag} smaller")
     return plan
@@ -143,5 +145,6 @@ def check_samples(n: int, block_size: int, vocab_size: int, per_example: int, dt
     limit = HEADROOM * (available if available is not None else machine_bytes())
     if need > limit:
         most = int(limit // max(need // max(n, 1), 1))
-        raise BudgetError(f"-n {n}: drawing that many samples at once needs about {gib(need)}, more than "
+        raise BudgetError(f"{ref('n')} {n}: drawing that many samples at once needs about {gib(need)}, more "
+                          "than "
                           f"the {gib(limit)} this machine can give; at most about {most:,}")

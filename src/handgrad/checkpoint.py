@@ -28,11 +28,12 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from handgrad import __version__, io
+from handgrad.config import int_bounds
 from handgrad.data import Vocab, vocab_problem
-from handgrad.io import atomic_write_bytes  # noqa: F401  (diagnostics and plots write through it)
+from handgrad.io import atomic_write_bytes
 from handgrad.layers import Embedding, SpecError, from_spec, set_tensor
-from handgrad.models import ModelConfig, layers_for
-from handgrad.train import MAX_SEED, TrainConfig, TrainState
+from handgrad.models import ModelConfig, layers_for, with_buffers
+from handgrad.train import TrainConfig, TrainState
 
 FORMAT = "handgrad-checkpoint"
 FORMAT_VERSION = 2
@@ -43,13 +44,6 @@ MAX_META_BYTES = 64 << 20
 MAX_FILES = 64  # tensor files a meta.json may list as its run's own
 READ_ATTEMPTS = 5  # a writer may replace the checkpoint between reading meta.json and its tensor file
 
-# Inclusive ranges of the integer config fields of meta.json (the seeds' as TrainConfig allows them).
-LIMITS: dict[str, tuple[int, int]] = {
-    "steps": (1, 10**12), "batch_size": (2, 1 << 40), "lr_decay_step": (0, 10**12), "seed": (0, MAX_SEED),
-    "split_seed": (0, MAX_SEED), "chunk_steps": (1, 10**12), "checkpoint_every": (1, 10**12),
-    "recompute_tile": (0, 1 << 40), "vocab_size": (2, 1 << 20), "block_size": (1, 1 << 20),
-    "n_embd": (1, 1 << 20), "n_hidden": (1, 1 << 20), "n_layers": (1, 1 << 20),
-}
 LR_FIELDS = ("lr", "lr_decayed", "lr_decay_step")  # what a resumed run may change
 
 
@@ -73,8 +67,6 @@ class Checkpoint:
 
     def inference_model(self):
         """The model with its inference statistics (calibrated or running) in place of the running ones."""
-        from handgrad.models import with_buffers
-
         return with_buffers(self.state.model, self.inference or {})
 
 
@@ -262,7 +254,7 @@ def _char(v, where):
 
 def _fields(cls) -> Check:
     """A frozen config dataclass from a JSON object: no unknown fields, each field of its annotated
-    type (and within LIMITS), then the dataclass's own validation."""
+    type (an integer within its rule's bounds, config.int_bounds), then the dataclass's own validation."""
     hints = typing.get_type_hints(cls)
     kinds = {int: None, float: _number, str: _str(max_len=100), bool: _bool}
 
@@ -274,7 +266,7 @@ def _fields(cls) -> Check:
         for name, x in v.items():
             kind = hints[name]
             if kind is int:
-                _int(*LIMITS.get(name, (-(2**63), 2**63 - 1)))(x, f"{where}.{name}")
+                _int(*int_bounds(cls, name))(x, f"{where}.{name}")
             else:
                 kinds[kind](x, f"{where}.{name}")
         try:
@@ -288,15 +280,16 @@ def _lr_entry(v, where):
     _object(v, where)
     if set(v) != {"from_step", *LR_FIELDS}:
         _fail(where, f"an object with the keys from_step, {', '.join(LR_FIELDS)}", v)
-    _int(0, LIMITS["steps"][1])(v["from_step"], f"{where}.from_step")
+    _int(0, MAX_STEPS)(v["from_step"], f"{where}.from_step")
     for k in ("lr", "lr_decayed"):
         if not _number(v[k], f"{where}.{k}") > 0:
             _fail(f"{where}.{k}", "a positive number", v[k])
-    _int(*LIMITS["lr_decay_step"])(v["lr_decay_step"], f"{where}.lr_decay_step")
+    _int(*int_bounds(TrainConfig, "lr_decay_step"))(v["lr_decay_step"], f"{where}.lr_decay_step")
     return v
 
 
-MAX_VOCAB = LIMITS["vocab_size"][1]
+MAX_STEPS = int_bounds(TrainConfig, "steps")[1]
+MAX_VOCAB = int_bounds(ModelConfig, "vocab_size")[1]
 # Every field of meta.json: its check, and whether it must be present (rules as data).
 SCHEMA: dict[str, tuple[Check, bool]] = {
     "format": (_str(re.compile(re.escape(FORMAT))), True),
@@ -304,10 +297,10 @@ SCHEMA: dict[str, tuple[Check, bool]] = {
     "tensors_file": (_str(TENSORS_RE), True),
     "sha256": (_str(HEX64), True),
     "files": (_list(_str(TENSORS_RE), 1, MAX_FILES), False),
-    "step": (_int(0, LIMITS["steps"][1]), True),
+    "step": (_int(0, MAX_STEPS), True),
     "model": (_object, True),
     "model_config": (_nullable(_fields(ModelConfig)), True),
-    "block_size": (_int(*LIMITS["block_size"]), True),
+    "block_size": (_int(*int_bounds(ModelConfig, "block_size")), True),
     "train_config": (_fields(TrainConfig), True),
     "lr_history": (_list(_lr_entry, 1, 10_000), False),
     "vocab": (_list(_char, 2, MAX_VOCAB), True),

@@ -369,3 +369,7 @@ def make_splits(words: list[str], block_size: int = 3, seed: int = 42,
                   *build_dataset(words[n1:n2], block_size, vocab),
                   *build_dataset(words[n2:], block_size, vocab),
                   n_items=(n1, n2 - n1, len(words) - n2))
+
+
+# The kinds of data a model reads, by name (models.Preset.data): how the items become its splits.
+KINDS = {"context": make_splits}  # (N, T) contexts of block_size characters -> (N,) next characters

@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from handgrad import models, ops
+from handgrad import atomic, models, ops
 from handgrad.check import RUN_TOL, run_tolerance
-from handgrad.checkpoint import CheckpointError, atomic_write_bytes
+from handgrad.checkpoint import CheckpointError
+from handgrad.io import atomic_write_bytes
 from handgrad.layers import Sequential, Tanh
+from handgrad.train import NonFiniteError
 
 FORMAT = "handgrad-diagnostics"
 FORMAT_VERSION = 2  # version 2: per-layer statistics and parameters named by position ("2.weight")
@@ -86,6 +88,10 @@ class GradStats:
     grad_data: float  # std(grad) / std(param), the lecture's grad:data ratio (NaN if std(param) is 0)
     update_ratio: float  # log10 std(lr * grad) / std(param), averaged over the K batch-size gradients
 
+    def label(self, name: str) -> str:
+        """The parameter `name` with the class of its layer: "2.weight (Linear)"."""
+        return f"{name} ({self.kind})"
+
 
 @dataclass
 class Snapshot:
@@ -104,10 +110,6 @@ class Snapshot:
     def weights(self) -> list[str]:
         """The parameters with 2 dims, in model order: those whose update ratio part 3 plots."""
         return [name for name, g in self.grads.items() if len(g.shape) == 2]
-
-
-def weight_label(name: str, kind: str) -> str:
-    return f"{name} ({kind})"
 
 
 @dataclass
@@ -273,7 +275,7 @@ def _tanh(s: Snapshot) -> dict[str, LayerStats]:
 
 
 def _weights(s: Snapshot) -> dict[str, GradStats]:
-    return {weight_label(n, s.grads[n].kind): s.grads[n] for n in s.weights()}
+    return {s.grads[n].label(n): s.grads[n] for n in s.weights()}
 
 
 def _below_last(s: Snapshot) -> dict[str, float]:
@@ -446,18 +448,9 @@ def logit_maxes_backward(logits: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
 
 def lecture_params(model):
     """The lecture's 7-tensor struct (atomic.Params) sharing the model's memory when the model has
-    the lecture MLP's layers (fast.MLP_PATTERN, both Linears with a bias), else None."""
-    from handgrad import atomic
-    from handgrad.fast import MLP_NAMES, MLP_PATTERN
-
-    if tuple(type(layer) for layer in layers_of(model)) != MLP_PATTERN:
-        return None
-    params = model.params()
-    if not all(name in params for name in MLP_NAMES.values()):
-        return None
-    p = {lecture: params[name] for lecture, name in MLP_NAMES.items()}
-    H = p["bngain"].shape[0]
-    return atomic.Params(**{**p, "bngain": p["bngain"].view(1, H), "bnbias": p["bnbias"].view(1, H)})
+    the lecture MLP's layers (models.lecture_tensors), else None."""
+    tensors = models.lecture_tensors(model)
+    return None if tensors is None else atomic.Params(**tensors)
 
 
 ATOMIC_CHECK = "op-by-op backward (atomic.py) equals the layers' closed forms"
@@ -467,9 +460,7 @@ def check_atomic_graph(model, X: Tensor, Y: Tensor) -> Check:
     """The lecture's Exercise 1 graph (26 intermediates, one local derivative per line) against the
     closed-form backward the layers use, on the lecture MLP only: worst relative difference over
     the 7 parameter gradients. Any other model: n/a."""
-    from handgrad import atomic
-    from handgrad.fast import MLP_NAMES
-
+    names = models.LECTURE_NAMES
     p = lecture_params(model)
     if p is None:
         return not_applicable(ATOMIC_CHECK, "n/a for this model (the op-by-op graph is the lecture MLP's "
@@ -481,13 +472,13 @@ def check_atomic_graph(model, X: Tensor, Y: Tensor) -> Check:
     closed = models.loss_and_grads(model, X, Y).grads
     # relative to the largest entry of any of the 7 gradients: db1 is 0 up to rounding in front of
     # batchnorm, so an error relative to its own size would be noise over noise
-    scale = max(closed[name].abs().max().item() for name in MLP_NAMES.values())
+    scale = max(closed[name].abs().max().item() for name in names.values())
     worst, where = 0.0, ""
-    for lecture, name in MLP_NAMES.items():
+    for lecture, name in names.items():
         diff = (getattr(op_by_op, lecture).reshape(closed[name].shape) - closed[name]).abs().max().item()
         if not diff <= worst:  # NaN wins
             worst, where = diff, f"d{lecture} ({name})"
-    dtype = closed[MLP_NAMES["W1"]].dtype
+    dtype = closed[names["W1"]].dtype
     nan = "" if math.isfinite(worst) else "; NaN: the op-by-op chain divides by probs, which underflowed to 0"
     return Check(ATOMIC_CHECK, worst / scale if scale > 0 else worst, 0.0, run_tolerance(dtype),
                  f"max |op-by-op - closed| over the 7 parameter gradients (worst: {where}) / the largest "
@@ -579,8 +570,6 @@ class Collector:
 
     def watch(self, steps_fn):
         """Wrap a train steps_fn so that a NonFiniteError is recorded (and re-raised)."""
-        from handgrad.train import NonFiniteError
-
         def wrapped(*args):
             try:
                 return steps_fn(*args)
@@ -636,7 +625,7 @@ def summary(history: list[Snapshot], checks: list[Check], warnings: list[DiagWar
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    """Write atomically (checkpoint.atomic_write_bytes: temporary file, fsync, rename)."""
+    """Write atomically (io.atomic_write_bytes: temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(data, indent=1, allow_nan=False) + "\n").encode("utf-8"))

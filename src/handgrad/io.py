@@ -13,6 +13,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from handgrad.config import ConfigError, ref
+
 TMP_SUFFIX = ".handgrad-tmp"
 TMP_RE = re.compile(r"\..+\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX))  # .NAME.RANDOM.handgrad-tmp
 LOCK_FILE = ".handgrad.lock"
@@ -25,8 +27,9 @@ class UnsafeFileError(ValueError):
     large, unreadable); the message is one line for the user."""
 
 
-class OutputError(ValueError):
-    """An output location that cannot be written; the message is one line for the user."""
+class OutputError(ConfigError):
+    """An output location that cannot be written; one line for the user, naming the config field that
+    chose the location."""
 
 
 class LockedError(OutputError):
@@ -166,10 +169,10 @@ def read_fd(fd: int, where: Path, max_bytes: int) -> bytes:
 
 
 # ---------------------------------------------------------------------------- output directories
-def prepare_dir(path: Path, flag: str) -> Path:
+def prepare_dir(path: Path, field: str) -> Path:
     """Create `path` (and its parents) if needed and check that it is a directory this process can
-    create files in, before any work is spent. Raises OutputError naming `flag`."""
-    path = Path(path)
+    create files in, before any work is spent. Raises OutputError naming the config field `field`."""
+    path, flag = Path(path), ref(field)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -223,9 +226,9 @@ class RunLock:
     DIR/.handgrad.lock, which holds the holder's pid (to name it in the refusal). The kernel drops
     a flock when its holder dies, so a lock file left by a killed run is simply taken over."""
 
-    def __init__(self, directory: Path, flag: str = "--out"):
+    def __init__(self, directory: Path, field: str = "out"):
         self.path = Path(directory) / LOCK_FILE
-        self.flag, self.fd = flag, None
+        self.flag, self.fd = ref(field), None
 
     def acquire(self) -> RunLock:
         try:

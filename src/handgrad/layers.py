@@ -35,6 +35,15 @@ class Layer(Protocol):
     def spec(self) -> dict: ...
 
 
+BUILTIN: dict[str, type] = {}  # class name -> class: the built-in layers, the ones a spec may name
+
+
+def builtin(cls: type) -> type:
+    """Make a layer class built in: specs (checkpoints) may name it, and from_spec builds it."""
+    BUILTIN[cls.__name__] = cls
+    return cls
+
+
 class _Base:
     """Defaults for layers without parameters or buffers. PARAMS and BUFFERS name the attributes."""
 
@@ -56,6 +65,7 @@ class _Base:
 
 
 # ---------------------------------------------------------------------------- layers
+@builtin
 class Embedding(_Base):
     """weight (V, E); x integer indices (N, ...) -> (N, ..., E)."""
 
@@ -78,6 +88,7 @@ class Embedding(_Base):
         return {"type": "Embedding", "num_embeddings": V, "embedding_dim": E}
 
 
+@builtin
 class Linear(_Base):
     """out = x @ weight + bias over any leading dims; weight (fan_in, fan_out), bias optional."""
 
@@ -103,6 +114,7 @@ class Linear(_Base):
         return {"type": "Linear", "fan_in": fan_in, "fan_out": fan_out, "bias": self.bias is not None}
 
 
+@builtin
 class BatchNorm1d(_Base):
     """Batchnorm over every dim but the last, Bessel's n-1 variance in training, running statistics
     (same n-1 variance) in eval mode. weight is the gain (bngain), bias the shift (bnbias)."""
@@ -145,6 +157,7 @@ class BatchNorm1d(_Base):
                 "momentum": self.momentum}
 
 
+@builtin
 class Tanh(_Base):
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
         return ops.tanh_forward(x)
@@ -156,6 +169,7 @@ class Tanh(_Base):
         return {"type": "Tanh"}
 
 
+@builtin
 class ReLU(_Base):
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
         return ops.relu_forward(x)
@@ -167,6 +181,7 @@ class ReLU(_Base):
         return {"type": "ReLU"}
 
 
+@builtin
 class FlattenConsecutive(_Base):
     """(N, T, C) -> (N, T/n, C*n), squeezing a middle dimension of 1 (makemore part 5)."""
 
@@ -256,10 +271,6 @@ def numel(model) -> int:
 
 
 # ---------------------------------------------------------------------------- from a spec
-BUILTIN: dict[str, type] = {cls.__name__: cls for cls in
-                            (Embedding, Linear, BatchNorm1d, Tanh, ReLU, FlattenConsecutive)}
-
-
 class SpecError(ValueError):
     """A layer spec that cannot be built; the message is one line for the user."""
 

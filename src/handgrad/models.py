@@ -8,97 +8,147 @@ Shape legend: N batch, T block_size, E n_embd, H n_hidden, V vocab.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
 
 from handgrad import ops
+from handgrad.config import FieldError, OneOf, Positive, Range, option, ref, validate
 from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Sequential, Tanh, set_tensor
 
-MODELS = ("mlp", "deep", "wavenet")
+SIZE = Range(1, 1 << 20)  # a model dimension
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A built-in model described by itself: its name and one line for --model's help, the ModelConfig
+    and TrainConfig values that differ from the defaults, its layer stack, its initialisation, fields
+    that follow from others (and may not be given), a rule its config must keep, and the kind of data
+    it reads. Registering one
+    (`register`) is all a new model needs: the CLI, the checkpoint validator and budget read PRESETS."""
+
+    name: str
+    doc: str
+    model: dict  # ModelConfig values
+    train: dict  # TrainConfig values
+    layers: Callable[[ModelConfig, torch.dtype], list]  # the stack, parameters not yet drawn
+    init: Callable[[Sequential, ModelConfig, torch.Generator], None]  # draws the parameters in place
+    derived: dict[str, tuple[Callable[[dict], object], str]] = field(default_factory=dict)  # field ->
+    # (its value from the others, why it cannot be given)
+    check: Callable[[ModelConfig], tuple[str, str] | None] = lambda cfg: None  # (field, problem) or None
+    data: str = "context"  # the data kind it reads (data.KINDS): context windows -> the next character
+
+
+PRESETS: dict[str, Preset] = {}  # name -> Preset, in registration order (mlp first: the default)
+
+
+def register(p: Preset) -> Preset:
+    PRESETS[p.name] = p
+    return p
+
+
+def help_values() -> dict:
+    """What ModelConfig's help texts refer to: each preset's doc (`preset_docs`), the values each sets
+    (`preset_values`) and each preset's config (`presets`)."""
+    default = ModelConfig().name
+    values = {k: ", ".join(f"{a}={b}" for a, b in p.model.items()) or "the defaults"
+              for k, p in PRESETS.items()}
+    return {"preset_docs": "; ".join(f"{k}: {p.doc}" + (" (default)" if k == default else "")
+                                     for k, p in PRESETS.items()),
+            "preset_values": "; ".join(f"{k}: {v}" for k, v in values.items()),
+            "presets": {k: preset(k) for k in PRESETS}}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "mlp"  # "mlp" (lecture 4), "deep" (part 3, torchified) or "wavenet" (part 5)
-    vocab_size: int = 27  # V: characters including the '.' start/end token
-    block_size: int = 3  # T: how many previous characters predict the next one
-    n_embd: int = 10  # E: embedding dimension per character
-    n_hidden: int = 200  # H: hidden units per layer
-    n_layers: int = 1  # hidden Linear -> BatchNorm -> Tanh blocks (deep); mlp has 1, wavenet log2(T)
-    bn_eps: float = ops.BN_EPS  # batchnorm epsilon
-    bn_momentum: float = 0.001  # running-statistics update rate (lecture 4: 0.001; parts 3 and 5: 0.1)
-    batchnorm: bool = True  # False drops every batchnorm layer (to show what it protects against)
-    w1_scale: float = 1.0  # multiplier on the first Linear's init (large values saturate tanh on purpose)
+    GROUP = "model"  # the help group of its flags
+    name: str = option("mlp", "{preset_docs}", OneOf(PRESETS), flag="--model")  # a registered Preset
+    vocab_size: int = option(27, "characters including the '.' start/end token", Range(2, 1 << 20), flag="")
+    # V: from the data
+    n_embd: int = option(10, "embedding size per character (default {default}; {preset_values})", SIZE)  # E
+    n_hidden: int = option(200, "hidden units per layer (default {default})", SIZE)  # H
+    block_size: int = option(3, "context length in characters (default {default}; a power of two for "
+                             "wavenet)", SIZE)  # T: how many previous characters predict the next one
+    n_layers: int = option(1, "hidden blocks of the deep model (default {presets[deep].n_layers})", SIZE)
+    # hidden Linear -> BatchNorm -> Tanh blocks (deep); mlp has 1, wavenet log2(T)
+    batchnorm: bool = option(True, "drop the batchnorm layer (for experiments)", flag="--no-batchnorm")
+    # False drops every batchnorm layer (to show what it protects against)
+    w1_scale: float = option(1.0, "multiply W1's init by this (default {default:g}; large values saturate "
+                             "tanh on purpose)", Positive())  # large values saturate tanh on purpose
+    bn_eps: float = option(ops.BN_EPS, "batchnorm epsilon", Positive(), flag="")
+    bn_momentum: float = option(0.001, "running-statistics update rate (lecture 4: 0.001; parts 3 and 5: "
+                                "0.1)", Positive(hi=1), flag="")
 
     def __post_init__(self) -> None:
-        if self.name not in MODELS:
-            raise ValueError(f"name must be one of {MODELS}, got {self.name!r}")
-        for name in ("vocab_size", "block_size", "n_embd", "n_hidden", "n_layers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 20:
-                raise ValueError(f"{name} must be an integer from 1 to {1 << 20}, got {v!r}")
-        if self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
-        if self.name == "wavenet" and (self.block_size < 2 or self.block_size & (self.block_size - 1)):
-            raise ValueError(f"block_size must be a power of two for wavenet (it is halved by each "
-                             f"FlattenConsecutive(2)), got {self.block_size}")
-        for name in ("bn_eps", "bn_momentum", "w1_scale"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-        if self.bn_momentum > 1:
-            raise ValueError(f"bn_momentum must be at most 1, got {self.bn_momentum}")
-
-
-# Each model's defaults, as data: makemore part 3 (deep) and part 5 (wavenet) hyperparameters.
-PRESETS: dict[str, dict] = {
-    "mlp": {},
-    "deep": {"n_hidden": 100, "n_layers": 5, "bn_momentum": 0.1},
-    "wavenet": {"block_size": 8, "n_embd": 24, "n_hidden": 128, "n_layers": 3, "bn_momentum": 0.1},
-}
+        validate(self)
+        problem = PRESETS[self.name].check(self)
+        if problem is not None:
+            raise FieldError(*problem)
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    """The model's defaults with `overrides` applied; wavenet's n_layers follows its block size."""
+    """The model's defaults with `overrides` applied; a derived field (wavenet's n_layers) follows
+    the others and may not be overridden."""
     if name not in PRESETS:
-        raise ValueError(f"name must be one of {MODELS}, got {name!r}")
-    values = {**PRESETS[name], **overrides, "name": name}
-    if name == "wavenet":
-        values["n_layers"] = int(values.get("block_size", 8)).bit_length() - 1  # log2(T)
+        raise FieldError("name", f"must be one of {tuple(PRESETS)}, got {name!r}")
+    p = PRESETS[name]
+    for k, (_, why) in p.derived.items():
+        if k in overrides:
+            raise FieldError(k, why)
+    values = {**p.model, **overrides, "name": name}
+    values.update({k: rule(values) for k, (rule, _) in p.derived.items()})
     return ModelConfig(**values)
 
 
-# ---------------------------------------------------------------------------- building
+def layers_for(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Sequential:
+    """The layer stack of a model config (parameters not yet initialised)."""
+    return Sequential(PRESETS[cfg.name].layers(cfg, dtype))
+
+
+def build(cfg: ModelConfig, g: torch.Generator | int = 42, dtype: torch.dtype = torch.float32) -> Sequential:
+    """A freshly initialised model. Parameters are drawn in float32 from `g` (a generator, or a
+    seed for a new one), then cast, so float64 runs start from the same numbers."""
+    g = torch.Generator().manual_seed(g) if isinstance(g, int) else g
+    model = layers_for(cfg, torch.float32)
+    PRESETS[cfg.name].init(model, cfg, g)
+    return cast(model, dtype)
+
+
+# ---------------------------------------------------------------------------- the presets
 def _block(fan_in: int, cfg: ModelConfig, dtype: torch.dtype, bias: bool) -> list:
     """Linear -> BatchNorm1d -> Tanh (the batchnorm dropped when cfg.batchnorm is False)."""
     bn = [BatchNorm1d(cfg.n_hidden, cfg.bn_eps, cfg.bn_momentum, dtype)] if cfg.batchnorm else []
     return [Linear(fan_in, cfg.n_hidden, bias=bias, dtype=dtype), *bn, Tanh()]
 
 
-def layers_for(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Sequential:
-    """The layer stack of a model config (parameters not yet initialised)."""
+# The lecture MLP's 7 tensors by the lecture's names, and where they sit in the mlp preset's layers
+# (Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh, Linear): the one home of that layout.
+LECTURE_LAYERS = (Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh, Linear)
+LECTURE_NAMES = {"C": "0.weight", "W1": "2.weight", "b1": "2.bias", "W2": "5.weight", "b2": "5.bias",
+                 "bngain": "3.weight", "bnbias": "3.bias"}
+
+
+def lecture_tensors(model) -> dict[str, Tensor] | None:
+    """The lecture MLP's 7 tensors by the lecture's names (C, W1, b1, W2, b2, bngain (1, H), bnbias
+    (1, H)), sharing the model's memory, when the model has the lecture's layers with both biases;
+    else None."""
+    if tuple(type(layer) for layer in getattr(model, "layers", ())) != LECTURE_LAYERS:
+        return None
+    params = model.params()
+    if not all(name in params for name in LECTURE_NAMES.values()):
+        return None
+    t = {lecture: params[name] for lecture, name in LECTURE_NAMES.items()}
+    H = t["bngain"].shape[0]
+    return {**t, "bngain": t["bngain"].view(1, H), "bnbias": t["bnbias"].view(1, H)}
+
+
+def mlp_layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+    """Lecture 4: b1 kept in front of batchnorm, as the lecture does ("for fun")."""
     V, T, E, H = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_hidden
-    if cfg.name == "mlp":  # lecture 4: b1 kept in front of batchnorm, as the lecture does ("for fun")
-        return Sequential([Embedding(V, E, dtype), FlattenConsecutive(T), *_block(T * E, cfg, dtype, True),
-                           Linear(H, V, dtype=dtype)])
-    if cfg.name == "deep":  # part 3: no biases, a batchnorm after the output layer too
-        hidden = [layer for i in range(cfg.n_layers)
-                  for layer in _block(T * E if i == 0 else H, cfg, dtype, False)]
-        last_bn = [BatchNorm1d(V, cfg.bn_eps, cfg.bn_momentum, dtype)] if cfg.batchnorm else []
-        return Sequential([Embedding(V, E, dtype), FlattenConsecutive(T), *hidden,
-                           Linear(H, V, bias=False, dtype=dtype), *last_bn])
-    # wavenet, part 5: pairs of positions merged log2(T) times
-    stages = [layer for i in range(cfg.n_layers)
-              for layer in [FlattenConsecutive(2), *_block(2 * (E if i == 0 else H), cfg, dtype, False)]]
-    return Sequential([Embedding(V, E, dtype), *stages, Linear(H, V, dtype=dtype)])
-
-
-def _first_linear(model: Sequential) -> Linear:
-    return next(layer for layer in model.layers if isinstance(layer, Linear))
+    return [Embedding(V, E, dtype), FlattenConsecutive(T), *_block(T * E, cfg, dtype, True),
+            Linear(H, V, dtype=dtype)]
 
 
 def init_lecture4(model: Sequential, cfg: ModelConfig, g: torch.Generator) -> None:
@@ -121,30 +171,76 @@ def init_lecture4(model: Sequential, cfg: ModelConfig, g: torch.Generator) -> No
         t.copy_(draw())
 
 
-def init_makemore(model: Sequential, cfg: ModelConfig, g: torch.Generator) -> None:
+def deep_layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+    """Part 3: no biases, a batchnorm after the output layer too."""
+    V, T, E, H = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_hidden
+    hidden = [layer for i in range(cfg.n_layers)
+              for layer in _block(T * E if i == 0 else H, cfg, dtype, False)]
+    last_bn = [BatchNorm1d(V, cfg.bn_eps, cfg.bn_momentum, dtype)] if cfg.batchnorm else []
+    return [Embedding(V, E, dtype), FlattenConsecutive(T), *hidden, Linear(H, V, bias=False, dtype=dtype),
+            *last_bn]
+
+
+def wavenet_layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+    """Part 5: pairs of positions merged log2(T) times."""
+    V, E, H = cfg.vocab_size, cfg.n_embd, cfg.n_hidden
+    stages = [layer for i in range(cfg.n_layers)
+              for layer in [FlattenConsecutive(2), *_block(2 * (E if i == 0 else H), cfg, dtype, False)]]
+    return [Embedding(V, E, dtype), *stages, Linear(H, V, dtype=dtype)]
+
+
+def _linears(model: Sequential) -> list[Linear]:
+    return [layer for layer in model.layers if isinstance(layer, Linear)]
+
+
+def _init_makemore(model: Sequential, cfg: ModelConfig, g: torch.Generator) -> list[Linear]:
     """Parts 3 and 5: each layer's default init in layer order (embedding N(0,1), Linear
-    N(0,1)/sqrt(fan_in), batchnorm gain 1 bias 0), then part 3's tanh gain 5/3 on the hidden Linears
-    and its last batchnorm gain x0.1, or part 5's last Linear weight x0.1."""
+    N(0,1)/sqrt(fan_in), batchnorm gain 1 bias 0), the first Linear times w1_scale. Returns the Linears."""
     model.init_(g)
-    linears = [layer for layer in model.layers if isinstance(layer, Linear)]
+    linears = _linears(model)
     with torch.no_grad():
-        _first_linear(model).weight.mul_(cfg.w1_scale)
-        if cfg.name == "deep":
-            for layer in linears[:-1]:
-                layer.weight.mul_(5 / 3)
-            last = model.layers[-1]
-            (last.weight if isinstance(last, BatchNorm1d) else linears[-1].weight).mul_(0.1)
-        else:
-            linears[-1].weight.mul_(0.1)
+        linears[0].weight.mul_(cfg.w1_scale)
+    return linears
 
 
-def build(cfg: ModelConfig, g: torch.Generator | int = 42, dtype: torch.dtype = torch.float32) -> Sequential:
-    """A freshly initialised model. Parameters are drawn in float32 from `g` (a generator, or a
-    seed for a new one), then cast, so float64 runs start from the same numbers."""
-    g = torch.Generator().manual_seed(g) if isinstance(g, int) else g
-    model = layers_for(cfg, torch.float32)
-    (init_lecture4 if cfg.name == "mlp" else init_makemore)(model, cfg, g)
-    return cast(model, dtype)
+def init_deep(model: Sequential, cfg: ModelConfig, g: torch.Generator) -> None:
+    """Part 3: then the tanh gain 5/3 on the hidden Linears, and the last batchnorm's gain x0.1 (the
+    output Linear's weight x0.1 without batchnorm)."""
+    linears = _init_makemore(model, cfg, g)
+    with torch.no_grad():
+        for layer in linears[:-1]:
+            layer.weight.mul_(5 / 3)
+        last = model.layers[-1]
+        (last.weight if isinstance(last, BatchNorm1d) else linears[-1].weight).mul_(0.1)
+
+
+def init_wavenet(model: Sequential, cfg: ModelConfig, g: torch.Generator) -> None:
+    """Part 5: then the last Linear's weight x0.1."""
+    linears = _init_makemore(model, cfg, g)
+    with torch.no_grad():
+        linears[-1].weight.mul_(0.1)
+
+
+def _power_of_two(cfg: ModelConfig) -> tuple[str, str] | None:
+    T = cfg.block_size
+    if T >= 2 and not T & (T - 1):
+        return None
+    return "block_size", (f"must be a power of two for wavenet (it is halved by each FlattenConsecutive(2)), "
+                          f"got {T}")
+
+
+# makemore parts 3 and 5 decay at 150k and evaluate with the running statistics (momentum 0.1).
+register(Preset("mlp", "lecture 4's MLP", {}, {}, mlp_layers, init_lecture4))
+register(Preset("deep", "makemore part 3's 5-layer batchnorm net",
+                {"n_hidden": 100, "n_layers": 5, "bn_momentum": 0.1},
+                {"lr_decay_step": 150_000, "bn_stats": "running"}, deep_layers, init_deep))
+register(Preset("wavenet", "makemore part 5's hierarchical net",
+                {"block_size": 8, "n_embd": 24, "n_hidden": 128, "n_layers": 3, "bn_momentum": 0.1},
+                {"lr_decay_step": 150_000, "bn_stats": "running"}, wavenet_layers, init_wavenet,
+                derived={"n_layers": (lambda v: int(v.get("block_size", 8)).bit_length() - 1,
+                                      f"wavenet's depth follows {ref('block_size')} (log2 of it); give "
+                                      f"{ref('block_size')}")},
+                check=_power_of_two))
 
 
 def cast(model, dtype: torch.dtype):
@@ -185,12 +281,6 @@ def loss_and_grads(model, X: Tensor, Y: Tensor, dloss: float = 1.0) -> Step:
     dlogits = ops.cross_entropy_backward(dloss, ce_cache)  # (N, V)
     _, grads = model.backward(dlogits, caches)
     return Step(loss, grads, caches)
-
-
-def sgd_update(model, grads: dict[str, Tensor], lr: float) -> None:
-    """Plain SGD in place: p -= lr * grad, for every named parameter."""
-    for name, p in model.params().items():
-        p.add_(grads[name], alpha=-lr)
 
 
 # ---------------------------------------------------------------------------- inference

@@ -73,26 +73,46 @@ def batchnorm_forward(
     bnmeani = x.sum(dims, keepdim=True) / n  # (1, ..., C)
     bndiff = x - bnmeani  # (..., C)
     bnvar = (bndiff**2).sum(dims, keepdim=True) / (n - 1)  # (1, ..., C)  Bessel's n-1
+    out, cache = batchnorm_normalise(bndiff, bnvar, bngain, bnbias, eps)  # (..., C)
+    return out, cache, (bnmeani, bnvar)
+
+
+def batchnorm_normalise(bndiff: Tensor, bnvar: Tensor, bngain: Tensor, bnbias: Tensor,
+                        eps: float = BN_EPS) -> tuple[Tensor, tuple]:
+    """The normalisation given the batch statistics (bndiff = x - bnmeani, bnvar the n-1 variance):
+    out = bngain * bndiff / sqrt(bnvar + eps) + bnbias. The synchronized batchnorm of
+    engines/parallel.py calls it with statistics over every rank's rows."""
     bnvar_inv = (bnvar + eps) ** -0.5  # (1, ..., C)
     bnraw = bndiff * bnvar_inv  # (..., C)
     out = bngain * bnraw + bnbias  # (..., C)
-    return out, (bnraw, bnvar_inv, bngain), (bnmeani, bnvar)
+    return out, (bnraw, bnvar_inv, bngain)
 
 
 def batchnorm_backward(dout: Tensor, cache: tuple) -> tuple[Tensor, Tensor, Tensor]:
     """Closed-form batchnorm backward (the lecture's Exercise 3), sums over every dimension but
-    the last:
+    the last (batchnorm_sums, then batchnorm_dx). dbngain and dbnbias get bngain's shape."""
+    bnraw, bnvar_inv, bngain = cache
+    n = dout.numel() // dout.shape[-1]
+    dbngain, dbnbias = batchnorm_sums(dout, bnraw)  # (1, ..., C) (1, ..., C)
+    dx = batchnorm_dx(dout, cache, n, dbngain, dbnbias)  # (..., C)
+    return dx, dbngain.reshape(bngain.shape), dbnbias.reshape(bngain.shape)
+
+
+def batchnorm_sums(dout: Tensor, bnraw: Tensor) -> tuple[Tensor, Tensor]:
+    """dbngain = sum(dout * bnraw) and dbnbias = sum(dout) over every dimension but the last."""
+    dims = _batch_dims(dout)
+    return (bnraw * dout).sum(dims, keepdim=True), dout.sum(dims, keepdim=True)  # (1, ..., C) x 2
+
+
+def batchnorm_dx(dout: Tensor, cache: tuple, n: int, dbngain: Tensor, dbnbias: Tensor) -> Tensor:
+    """The closed form of dx, n the rows of the batch and dbngain, dbnbias its sums (over every rank's
+    rows in the synchronized batchnorm):
 
         dx = gain * var_inv / n * (n * dout - sum(dout) - n/(n-1) * bnraw * sum(dout * bnraw))
 
-    The n/(n-1) comes from the Bessel-corrected variance. dbngain and dbnbias get bngain's shape."""
+    The n/(n-1) comes from the Bessel-corrected variance."""
     bnraw, bnvar_inv, bngain = cache
-    dims = _batch_dims(dout)
-    n = dout.numel() // dout.shape[-1]
-    dbngain = (bnraw * dout).sum(dims, keepdim=True)  # (1, ..., C)
-    dbnbias = dout.sum(dims, keepdim=True)  # (1, ..., C)
-    dx = bngain * bnvar_inv / n * (n * dout - dbnbias - n / (n - 1) * bnraw * dbngain)  # (..., C)
-    return dx, dbngain.reshape(bngain.shape), dbnbias.reshape(bngain.shape)
+    return bngain * bnvar_inv / n * (n * dout - dbnbias - n / (n - 1) * bnraw * dbngain)  # (..., C)
 
 
 def batchnorm_inference(x: Tensor, bngain: Tensor, bnbias: Tensor, bnmean: Tensor,

@@ -1,5 +1,6 @@
 """PNG plots of training health for any model of layers, drawn with matplotlib's Agg canvas (no screen,
-no pyplot state) and written atomically (checkpoint.atomic_write_bytes). The pictures are the lecture's:
+no pyplot state) and written atomically (io.atomic_write_bytes), from what handgrad.diagnostics measured
+(its Snapshot history, ProbeTensors and DiagConfig, read by attribute). The pictures are the lecture's:
 Karpathy, "Building makemore Part 3" (per-layer histograms of the Tanh outputs and their gradients with
 mean/std/saturation in the legend, the 2-D weights' gradients, update:data ratios with the 1e-3 guide,
 `plt.imshow(h.abs() > 0.99, cmap='gray')`) and "Part 4" (`plt.imshow(dlogits, cmap='gray')`).
@@ -16,11 +17,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from handgrad.checkpoint import atomic_write_bytes
-from handgrad.diagnostics import DiagConfig, ProbeTensors, Snapshot, weight_label
+from handgrad.io import atomic_write_bytes
 
 DPI = 100
-DEFAULT = DiagConfig()
 SIZES = {  # file name -> figure size in inches (pixels = inches * DPI)
     "loss.png": (8, 5), "activations.png": (11, 5), "gradients.png": (11, 5),
     "weight_gradients.png": (13, 5), "update_ratios.png": (11, 5), "saturation.png": (12, 7),
@@ -36,7 +35,7 @@ def _figure(name: str) -> Figure:
 
 
 def save_png(fig: Figure, path: str | Path) -> Path:
-    """Render in memory, then write atomically (checkpoint.atomic_write_bytes)."""
+    """Render in memory, then write atomically (io.atomic_write_bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -103,7 +102,7 @@ def _no_tanh(ax) -> None:
     ax.text(0.5, 0.5, "this model has no Tanh layer", ha="center", va="center", transform=ax.transAxes)
 
 
-def activation_histograms(probe: ProbeTensors, snap: Snapshot, path: str | Path,
+def activation_histograms(probe, snap, path: str | Path,
                           saturated: float = 0.97) -> Path:
     """Part 3's activation distribution: the output of every Tanh layer on the probe, one curve
     per layer, with its mean, std and saturated share in the legend."""
@@ -126,7 +125,7 @@ def activation_histograms(probe: ProbeTensors, snap: Snapshot, path: str | Path,
     return save_png(fig, path)
 
 
-def gradient_histograms(probe: ProbeTensors, snap: Snapshot, path: str | Path) -> Path:
+def gradient_histograms(probe, snap, path: str | Path) -> Path:
     """Part 3's gradient distribution: d loss / d output of every Tanh layer, one curve per layer.
     Similar curves across layers: the gradient neither vanishes nor explodes on its way down."""
     fig = _figure("gradients.png")
@@ -146,7 +145,7 @@ def gradient_histograms(probe: ProbeTensors, snap: Snapshot, path: str | Path) -
     return save_png(fig, path)
 
 
-def weight_gradient_histograms(probe: ProbeTensors, snap: Snapshot, path: str | Path) -> Path:
+def weight_gradient_histograms(probe, snap, path: str | Path) -> Path:
     """Part 3's weight gradient distribution: the probe gradient of every 2-D parameter, with its
     shape, mean, std and grad:data ratio (std(grad) / std(weight))."""
     fig = _figure("weight_gradients.png")
@@ -154,7 +153,7 @@ def weight_gradient_histograms(probe: ProbeTensors, snap: Snapshot, path: str | 
     names = snap.weights()
     for name in names:
         g = snap.grads[name]
-        _density(ax, probe.grads[name], f"{weight_label(name, g.kind)} {tuple(g.shape)}: mean {g.mean:+.1e}, "
+        _density(ax, probe.grads[name], f"{g.label(name)} {tuple(g.shape)}: mean {g.mean:+.1e}, "
                  f"std {g.std:.1e}, grad:data {g.grad_data:.1e}")
     _legend(ax, len(names))
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
@@ -165,7 +164,7 @@ def weight_gradient_histograms(probe: ProbeTensors, snap: Snapshot, path: str | 
     return save_png(fig, path)
 
 
-def update_ratios(history: list[Snapshot], path: str | Path, cfg: DiagConfig = DEFAULT) -> Path:
+def update_ratios(history: list, path: str | Path, cfg) -> Path:
     """log10 of std(lr * grad) / std(param) over time for every 2-D parameter, with the lecture's
     -3 guide and the warning band."""
     fig = _figure("update_ratios.png")
@@ -174,8 +173,8 @@ def update_ratios(history: list[Snapshot], path: str | Path, cfg: DiagConfig = D
     names = list(dict.fromkeys(n for s in history for n in s.weights()))
     for name in names:
         ys = [s.grads[name].update_ratio if name in s.grads else math.nan for s in history]
-        kind = next(s.grads[name].kind for s in history if name in s.grads)
-        ax.plot(steps, ys, marker="o" if len(steps) < 30 else None, ms=3, label=weight_label(name, kind))
+        label = next(s.grads[name].label(name) for s in history if name in s.grads)
+        ax.plot(steps, ys, marker="o" if len(steps) < 30 else None, ms=3, label=label)
     ax.axhline(-3, color="black", ls="--", lw=1, label="guide: 1e-3")
     ax.axhspan(cfg.ratio_low, cfg.ratio_high, color="tab:green", alpha=0.08,
                label=f"no-warning band\n[{cfg.ratio_low}, {cfg.ratio_high}]")
@@ -187,7 +186,7 @@ def update_ratios(history: list[Snapshot], path: str | Path, cfg: DiagConfig = D
     return save_png(fig, path)
 
 
-def saturation_map(probe: ProbeTensors, snap: Snapshot, path: str | Path, saturated: float = 0.97) -> Path:
+def saturation_map(probe, snap, path: str | Path, saturated: float = 0.97) -> Path:
     """One panel per Tanh layer, white where |h| > saturated (probe rows x units), as the lecture's
     `plt.imshow(h.abs() > 0.99, cmap='gray')`; an all-white column is a dead unit."""
     fig = _figure("saturation.png")
@@ -225,8 +224,8 @@ def dlogits_image(dlogits: Tensor, path: str | Path, step: int | None = None) ->
     return save_png(fig, path)
 
 
-def write_all(out: str | Path, losses: Tensor | None, history: list[Snapshot], probe: ProbeTensors,
-              cfg: DiagConfig = DEFAULT, lr_decay_step: int | None = None) -> list[Path]:
+def write_all(out: str | Path, losses: Tensor | None, history: list, probe, cfg,
+              lr_decay_step: int | None = None) -> list[Path]:
     """Every plot into the directory `out`; returns the paths written. `probe` and history[-1]
     must be from the same measurement."""
     out = Path(out)

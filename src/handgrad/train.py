@@ -1,12 +1,12 @@
 """The training loop for any model of layers: minibatch SGD with the lecture's step schedule, run
-in chunks of steps by an engine (the eager hand-written step below, or the fused native step in
-fast.py). No autograd, no printing: progress goes to a callback. Reference: Karpathy, "Building
-makemore Part 4" (and Parts 3 and 5 for the deeper models).
+in chunks of steps by an engine it is given (the eager hand-written step below by default; the native
+and data-parallel ones are picked by handgrad.engines.plan, which this module never imports). No
+autograd, no printing: progress goes to a callback. Reference: Karpathy, "Building makemore Part 4"
+(and Parts 3 and 5 for the deeper models).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from handgrad import models
+from handgrad import models, optim
+from handgrad.config import Count, OneOf, Positive, Range, option, validate
 from handgrad.data import Splits
 from handgrad.models import ModelConfig, Step
 
@@ -23,50 +24,43 @@ BN_STATS = ("calibrate", "running")
 ENGINES = ("auto", "fast", "eager")
 MAX_SEED = 2**63 - 1 - 16  # torch seeds are int64
 MAX_STEPS = 10**8  # the loss curve keeps one float64 per step (800 MB at the limit)
+SEED = Range(0, MAX_SEED)  # seed + 1 and seed + 10 are used too: they stay in int64
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 200_000  # total SGD steps
-    batch_size: int = 32  # examples per step, drawn uniformly with replacement
-    lr: float = 0.1  # learning rate before lr_decay_step
-    lr_decay_step: int = 100_000  # the step from which lr_decayed is used
-    lr_decayed: float = 0.01  # learning rate from lr_decay_step on
-    seed: int = 42  # parameter init and batch sampling
-    split_seed: int = 42  # shuffle of the words before the 80/10/10 split
-    bn_stats: str = "calibrate"  # inference statistics: "calibrate" (whole train set) or "running"
-    engine: str = "auto"  # "auto" (fast, else eager with a warning), "fast" or "eager"
-    dtype: str = "float32"  # "float32" or "float64"
-    chunk_steps: int = 1000  # steps per engine call; progress and checkpoints happen between chunks
-    checkpoint_every: int = 10_000  # steps between checkpoints (a multiple of chunk_steps is exact)
-    recompute_tile: int = 0  # activation checkpointing (fast engine): if > 0, keep only embcat and
-    # per-feature statistics, and recompute the rest in backward in tiles of this many rows
-    lecture_rng: bool = False  # one generator for init and batches (the lecture's torch.manual_seed(seed)
-    # before the init, then one randint per step); False: init from seed, batches from seed + 1
+    GROUP = "optimisation"  # the help group of its flags
+    steps: int = option(200_000, "total SGD steps (default {default})", Count(hi=MAX_STEPS), resume="kept")
+    batch_size: int = option(32, "examples per step (default {default})",
+                             Count(lo=2, hi=1 << 40, why="batchnorm's n-1"))  # drawn with replacement
+    lr: float = option(0.1, "learning rate (default {default})", Positive(), resume="kept")  # before decay
+    lr_decay_step: int = option(100_000, "step from which --lr-decayed is used (default {default})",
+                                Range(0, 10**12), resume="kept")
+    lr_decayed: float = option(0.01, "learning rate after the decay (default {default})", Positive(),
+                               resume="kept")
+    seed: int = option(42, "seed for init and batch sampling (default {default})", SEED)  # init and batches
+    split_seed: int = option(42, "seed of the 80/10/10 word shuffle (default {default})", SEED)
+    bn_stats: str = option("calibrate", "batchnorm statistics for inference: calibrate over the training set "
+                           "after training (default) or the running averages", OneOf(BN_STATS))
+    dtype: str = option("float32", "float32 (default) or float64", OneOf(DTYPES))
+    engine: str = option("auto", "auto: the fused native step, falling back to eager with a warning "
+                         "(default); fast; eager", OneOf(ENGINES), resume="given")  # read by engines.plan
+    chunk_steps: int = option(1000, "steps per engine call (default {default})", Count(hi=10**12))
+    # progress and checkpoints happen between chunks
+    lecture_rng: bool = option(False, "draw the init and then the batches from one generator seeded --seed, "
+                               "as the lectures' torch.manual_seed does (with --model wavenet --seed 42 this "
+                               "reproduces makemore part 5's run)")  # False: init from seed, batches seed + 1
+    recompute_tile: int = option(0, "activation checkpointing (fast engine): keep only embcat and recompute "
+                                 "the hidden activations in backward, ROWS rows at a time; saves memory at "
+                                 "large --batch-size (default {default}: keep all; the mlp runs in tiles of "
+                                 "{cache_tile} anyway from {counted_rows:,} examples in one process and "
+                                 "{tile_rows:,} per rank: counted, nothing recomputed)",
+                                 Range(0, 1 << 40, "0 (off) or a positive number of rows"), metavar="ROWS")
+    checkpoint_every: int = option(10_000, "steps between checkpoints (default {default})", Count(hi=10**12),
+                                   resume="given")  # a multiple of chunk_steps is exact
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "chunk_steps", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.recompute_tile < 0:
-            raise ValueError(f"recompute_tile must be 0 (off) or a positive number of rows, "
-                             f"got {self.recompute_tile}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2 (batchnorm's n-1), got {self.batch_size}")
-        if self.bn_stats not in BN_STATS:
-            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        for name in ("lr", "lr_decayed"):
-            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
-                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)}")
-        for name in ("seed", "split_seed"):  # seed + 1 and seed + 10 are used too: keep them in int64
-            if not 0 <= getattr(self, name) <= MAX_SEED:
-                raise ValueError(f"{name} must be an integer from 0 to {MAX_SEED}, got {getattr(self, name)}")
-        if self.steps > MAX_STEPS:
-            raise ValueError(f"steps must be at most {MAX_STEPS:,}, got {self.steps:,}")
+        validate(self)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -74,20 +68,13 @@ class TrainConfig:
 
     @classmethod
     def for_model(cls, name: str, **overrides) -> TrainConfig:
-        """The model's training defaults (TRAIN_PRESETS) with `overrides` applied."""
-        return cls(**{**TRAIN_PRESETS.get(name, {}), **overrides})
+        """The model preset's training defaults (models.PRESETS[name].train) with `overrides` applied."""
+        preset = models.PRESETS.get(name)
+        return cls(**{**(preset.train if preset else {}), **overrides})
 
     def lr_at(self, step: int) -> float:
         """The lecture's schedule: lr, then lr_decayed from lr_decay_step on."""
         return self.lr if step < self.lr_decay_step else self.lr_decayed
-
-
-# makemore parts 3 and 5 decay at 150k and evaluate with the running statistics (momentum 0.1).
-TRAIN_PRESETS: dict[str, dict] = {
-    "mlp": {},
-    "deep": {"lr_decay_step": 150_000, "bn_stats": "running"},
-    "wavenet": {"lr_decay_step": 150_000, "bn_stats": "running"},
-}
 
 
 class NonFiniteError(RuntimeError):
@@ -97,10 +84,6 @@ class NonFiniteError(RuntimeError):
     def __init__(self, step: int, tensor: str):
         super().__init__(f"step {step}: {tensor} is not finite (NaN or inf)")
         self.step, self.tensor = step, tensor
-
-
-class EngineUnavailable(RuntimeError):
-    """engine="fast" was asked for but cannot run here; the message says why (one line)."""
 
 
 # ---------------------------------------------------------------------------- the eager engine
@@ -121,9 +104,11 @@ def first_non_finite(grads: dict[str, Tensor]) -> str | None:
     return None if bool(finite.all()) else names[int((~finite).nonzero()[0])]
 
 
-def sgd_steps(grad_fn: GradFn) -> StepsFn:
+def sgd_steps(grad_fn: GradFn, optimizer=None) -> StepsFn:
     """A step engine that takes its gradients from grad_fn (hand_grads here; the autograd
-    reference in reference.py uses the same loop, so the two differ only in their gradients)."""
+    reference in reference.py uses the same loop, so the two differ only in their gradients) and
+    moves the parameters with `optimizer` (an optim class instance; default optim.SGD())."""
+    update = (optimizer or optim.SGD()).update
 
     def steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
         """Run K = len(idx) SGD steps in place. idx (K, B) row indices into Xtr/Ytr; lrs (K,)
@@ -139,7 +124,7 @@ def sgd_steps(grad_fn: GradFn) -> StepsFn:
             bad = first_non_finite(step.grads)
             if bad is not None:
                 raise NonFiniteError(k, "d" + bad)
-            models.sgd_update(model, step.grads, float(lrs[k]))
+            update(model, step.grads, float(lrs[k]))
             if hasattr(model, "update_buffers"):
                 model.update_buffers(step.caches)
         return losses
@@ -148,28 +133,6 @@ def sgd_steps(grad_fn: GradFn) -> StepsFn:
 
 
 eager_steps = sgd_steps(hand_grads)  # the eager engine: PyTorch ops, hand-written gradients
-
-
-def select_engine(model, tcfg: TrainConfig) -> tuple[StepsFn, str, str]:
-    """Pick the step engine: returns (steps_fn, name, warning). The warning is "" unless engine
-    "auto" had to fall back to the eager path; engine "fast" raises EngineUnavailable instead."""
-    if tcfg.engine == "eager":
-        return eager_steps, "eager", ("activation checkpointing (recompute_tile) needs the fast engine; "
-                                      "ignored" if tcfg.recompute_tile else "")
-    try:
-        from handgrad import fast  # the native step; may be unavailable (no compiler, ...)
-    except ImportError as e:
-        fn, reason = None, f"cannot import handgrad.fast: {e}"
-    else:
-        # the native program uses a second thread for large products when torch may use two (--threads)
-        fn, reason = fast.plan(model, tile=tcfg.recompute_tile, threads=min(2, torch.get_num_threads()),
-                               batch=tcfg.batch_size)
-    if fn is not None:
-        return fn, "fast", ""
-    if tcfg.engine == "fast":
-        raise EngineUnavailable(f"--engine fast: the fast engine is unavailable ({reason}); "
-                                "use --engine auto or eager")
-    return eager_steps, "eager", f"fast path unavailable ({reason}); using the eager path"
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -211,14 +174,20 @@ class Progress:
 def train(splits: Splits, mcfg: ModelConfig | None, tcfg: TrainConfig, state: TrainState | None = None,
           callback: Callable[[Progress], None] | None = None, steps_fn: StepsFn | None = None
           ) -> TrainState:
-    """Train from `state` (or a fresh model of mcfg) up to tcfg.steps, in chunks that end on
-    multiples of tcfg.chunk_steps, so a run resumed from any chunk boundary draws the same batches.
-    Runs under torch.no_grad(): nothing here builds an autograd graph."""
+    """Train from `state` (or a fresh model of mcfg) up to tcfg.steps with the engine `steps_fn` (default:
+    the eager engine; handgrad.engines.plan(model, tcfg).steps is the one tcfg.engine asks for, and
+    engines.fit trains with it), in chunks that end on multiples of tcfg.chunk_steps, so a run resumed
+    from any chunk boundary draws the same batches. Runs under torch.no_grad(): nothing here builds an
+    autograd graph."""
     if state is None:
         if mcfg is None:
             raise ValueError("train() needs a model config or a state (train.state_for(model, tcfg))")
         state = new_state(mcfg, tcfg)
-    steps_fn = steps_fn or select_engine(state.model, tcfg)[0]
+    if steps_fn is None:
+        if tcfg.engine == "fast":
+            raise ValueError("train() runs the eager engine unless it is given one; for engine 'fast' use "
+                             "handgrad.engines.fit (or steps_fn=engines.plan(model, tcfg).steps)")
+        steps_fn = eager_steps
     if state.losses.shape[0] < tcfg.steps:  # a resumed run may be extended
         grown = torch.full((tcfg.steps,), float("nan"), dtype=torch.float64)
         grown[: state.losses.shape[0]] = state.losses

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from handgrad.check import VARIANT_DISTINCT, VARIANT_MATCH
+from handgrad.tolerances import VARIANT_DISTINCT, VARIANT_MATCH
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -5,7 +5,7 @@
 // detection. The math is ops.py's pairs written out once; loaded with ctypes, no torch headers.
 // At a large batch the long sums are blocked for the cache and the large products may be split over
 // two threads; neither changes the order in which any element is summed. Data-parallel, each rank runs
-// its rows of the global batch and a hook (SyncFn) makes the step's collectives (handgrad.distributed).
+// its rows of the global batch and a hook (SyncFn) makes the step's collectives (handgrad.engines.parallel).
 //
 // Every activation is a row-major matrix (rows, ld): all leading dims are rows, the last dim is the row.
 // A row holds nseg segments of c floats, segment s starting at s*segstride (nseg 1 unless flattened):
@@ -180,7 +180,7 @@ struct Op {
 };
 
 // Data-parallel hook (null in one process): the collectives of a step among `ranks` processes, made
-// by the caller (handgrad.distributed, over torch.distributed). It only moves floats; the maths stays
+// by the caller (handgrad.engines.parallel, over torch.distributed). It only moves floats; the maths stays
 // here. buf holds n floats:
 //   SYNC_STATS: all-gather: out (ranks, n) receives every rank's buf in rank order (batchnorm mean|M2);
 //   SYNC_SUMS:  all-reduce (sum) in place, out null (batchnorm backward sums), *started* only: the

@@ -8,6 +8,7 @@ the grader draws the batches, runs autograd's steps and judges.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -63,12 +64,11 @@ def values(params: dict[str, Tensor], Xb: Tensor, Yb: Tensor) -> dict[str, objec
 
 # ---------------------------------------------------------------------------- where the learner's code runs
 def run_training(
-    parsed, base: dict, tensors: dict[str, Tensor], rows: dict[str, str], lr: float
+    parsed, base: dict, tensors: dict[str, Tensor], rows: dict[str, str], lr: float, run_region: Callable
 ) -> tuple[dict[str, Tensor], dict]:
     """Train with the learner's region (nothing fed in) until the steps run out or a step cannot be
-    taken; returns the losses and, if it stopped early, why."""
-    from handgrad.dojo.runner import run_region
-
+    taken; returns the losses and, if it stopped early, why. `run_region` is runner.run_region, which
+    runs the region once (passed in: the runner calls this module, not the other way round)."""
     params = {k: tensors[f"p|{k}"].clone() for k in PARAMS}
     wanted = {k: rows.get(k, f"d{k}") for k in PARAMS}
     losses: list[float] = []

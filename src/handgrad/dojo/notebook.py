@@ -799,7 +799,7 @@ def _last_step(
 def _train_here(p: R.Parsed, base: dict, vars_: dict[str, str], time_limit: float) -> list[Row]:
     try:
         with R.time_limit(time_limit), redirect_stdout(io.StringIO()):
-            out, meta = loop.run_training(p, base, loop.inputs(), vars_, loop.LR)
+            out, meta = loop.run_training(p, base, loop.inputs(), vars_, loop.LR, R.run_region)
         mine, stop = out["losses"], meta["stop"]
     except R.OutOfTime:
         mine, stop = torch.zeros(0, dtype=torch.float64), f"still running after {time_limit:g} s"

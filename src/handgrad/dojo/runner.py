@@ -809,7 +809,7 @@ class Session:
         from handgrad.dojo.loop import run_training
 
         out, meta = run_training(
-            self.p, self.base, _load_tensors(req["inputs"]), req["rows"], float(req["lr"])
+            self.p, self.base, _load_tensors(req["inputs"]), req["rows"], float(req["lr"]), run_region
         )
         _save_tensors(out, req["outputs"])
         return meta

@@ -1,4 +1,4 @@
-"""`python -m handgrad.distributed_bench`: examples/s of N data-parallel processes against one across batch
+"""`python benchmarks/distributed_bench.py`: examples/s of N data-parallel processes against one across batch
 sizes, where each step's time goes (compute, batchnorm collectives, the gradient all-reduce), and one
 all-reduce alone from 1 float to millions, fitted to the latency + bytes/bandwidth model (Hockney 1994;
 ring all-reduce: Patarasuk & Yuan 2009). docs/scale.md reads the numbers.
@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from handgrad import checkpoint, data, distributed, fast, models, train
-from handgrad.distributed import Comm
+from handgrad import data, engines, io, models, train
+from handgrad.engines import native, parallel
+from handgrad.engines.parallel import Comm
 from handgrad.layers import numel
 
 DEFAULT_BATCHES = tuple(2 ** k for k in range(5, 17))  # 32 .. 65,536
@@ -44,11 +45,11 @@ class BenchConfig:
     seed: int = 42
     engine: str = "fast"  # fast: the ranks' native program vs one process's best native step; eager: eager
     repeat: int = 1  # alternate one process and nproc processes this many times; medians are reported
-    tile: int = 0  # examples per tile of the native program; 0: as handgrad train chooses (fast.cache_tile)
+    tile: int = 0  # examples per tile of the native program; 0: as handgrad train does (engines.cache_tile)
 
     def __post_init__(self) -> None:
-        if self.model not in models.MODELS:
-            raise BenchUsageError(f"--model {self.model}: expected one of {', '.join(models.MODELS)}")
+        if self.model not in models.PRESETS:
+            raise BenchUsageError(f"--model {self.model}: expected one of {', '.join(models.PRESETS)}")
         if self.nproc < 2:
             raise BenchUsageError(f"--nproc {self.nproc}: expected 2 or more processes to compare with one")
         for B in self.batches:
@@ -120,13 +121,13 @@ class BenchResult:
     def table(self) -> str:
         c, R = self.config, self.config["nproc"]
         tiles = (f", tiles of {c['tile']} examples" if c.get("tile") else
-                 f" (the {c['model']} in tiles of {fast.CACHE_TILE} from {fast.TILE_ROWS:,} examples per "
-                 "rank, as handgrad train)" if c["model"] == "mlp" else "")
+                 f" (the {c['model']} in tiles of {engines.CACHE_TILE} from {engines.TILE_ROWS:,} examples "
+                 "per rank, as handgrad train)" if c["model"] == "mlp" else "")
         one = "the native program as 1 rank" + (" (untiled or tiled)" if c.get("tile") else "")
-        engines = (f"1 process: the fastest of its fast engine and {one}, ranks: the native program{tiles}"
-                   if c["engine"] == "fast" else "both eager")
-        lines = [f"python -m handgrad.distributed_bench: {c['model']} ({self.params:,} floats all-reduced "
-                 f"per step, {c['dtype']}), {R} processes vs 1 ({engines}), gloo on 127.0.0.1, 1 thread each"
+        sides = (f"1 process: the fastest of its fast engine and {one}, ranks: the native program{tiles}"
+                 if c["engine"] == "fast" else "both eager")
+        lines = [f"benchmarks/distributed_bench.py: {c['model']} ({self.params:,} floats all-reduced "
+                 f"per step, {c['dtype']}), {R} processes vs 1 ({sides}), gloo on 127.0.0.1, 1 thread each"
                  + (f", median of {c['repeat']} alternating runs" if c["repeat"] > 1 else ""),
                  self.machine,
                  f"{'batch':>7} {'steps':>5} {'1 proc ex/s':>12} {f'{R} proc ex/s':>12} {'speedup':>7} "
@@ -195,16 +196,16 @@ def _steps_for(seconds_per_step: float, budget: float) -> int:
 
 def one_process_steps(cfg: BenchConfig, model, B: int) -> dict[str, object]:
     """The single-process steps to compare with at batch B, by name; the faster one counts.
-    --engine eager: the eager step. fast: the step a user gets (train.select_engine's at batch B: for the
-    mlp the fused lecture step, or from fast.COUNTED_ROWS the counted program in tiles; the native
-    program for the others), and the ranks' native program as one rank (distributed.WorldOfOne: the first
+    --engine eager: the eager step. fast: the step a user gets (engines.plan's at batch B: for the
+    mlp the fused lecture step, or from engines.COUNTED_ROWS the counted program in tiles; the native
+    program for the others), and the ranks' native program as one rank (parallel.WorldOfOne: the first
     batchnorm counted and deferred, no collective), untiled and with the ranks' --tile, which a single
     process can run too: the ranks must beat the best of them."""
     if cfg.engine == "eager":
         return {"eager": train.eager_steps}
-    lib = fast.load_program_library()
-    as_one_rank = functools.partial(distributed.native_data_parallel_steps, distributed.WorldOfOne(), lib)
-    engine = train.select_engine(model, train.TrainConfig(engine="fast", batch_size=B))[0]
+    lib = native.load_program_library()
+    as_one_rank = functools.partial(parallel.native_data_parallel_steps, parallel.WorldOfOne(), lib)
+    engine = engines.plan(model, train.TrainConfig(engine="fast", batch_size=B))[0]
     steps = {"engine": engine, "1 rank": as_one_rank()}
     if cfg.tile:
         steps["1 rank tiled"] = as_one_rank(cfg.tile)
@@ -253,7 +254,7 @@ def _rank_worker(comm: Comm, cfg: BenchConfig, plan: list[tuple[int, int]], size
     for B, K in plan:
         _, model = _problem(cfg)
         tcfg = train.TrainConfig(engine=cfg.engine, batch_size=B, recompute_tile=cfg.tile)
-        steps_fn, engine, warning = distributed.select_engine(comm, model, tcfg)  # as handgrad train's ranks
+        steps_fn, engine, warning = engines.plan(model, tcfg, comm)  # as handgrad train's ranks
         if engine != cfg.engine:
             raise RuntimeError(f"--engine {cfg.engine}: {warning}")
         idx, lrs = _batches(cfg, splits.Xtr.shape[0], B, K)
@@ -310,8 +311,8 @@ def run(cfg: BenchConfig, sizes: tuple[int, ...] = ALLREDUCE_SIZES) -> BenchResu
     samples: list[list[Point]] = [[] for _ in cfg.batches]
     allreduce_runs = []
     for _ in range(cfg.repeat):  # alternate, so a noisy minute falls on both sides
-        (one,) = distributed.spawn(_one_process_worker, 1, cfg, steps, timeout=300)
-        ranks = distributed.spawn(_rank_worker, cfg.nproc, cfg, list(zip(cfg.batches, steps)), all_sizes,
+        (one,) = parallel.spawn(_one_process_worker, 1, cfg, steps, timeout=300)
+        ranks = parallel.spawn(_rank_worker, cfg.nproc, cfg, list(zip(cfg.batches, steps)), all_sizes,
                                   timeout=300)
         for j, ((B, K, t1, losses1, name), *per_rank) in enumerate(zip(one, *(r["points"] for r in ranks))):
             slowest = max(per_rank, key=lambda p: p["seconds"])
@@ -340,7 +341,7 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = BenchConfig()
-    p = argparse.ArgumentParser(prog="python -m handgrad.distributed_bench",
+    p = argparse.ArgumentParser(prog="python benchmarks/distributed_bench.py",
                                 description="examples/s of N data-parallel processes vs 1; the all-reduce")
     p.add_argument("--model", default=d.model, help=f"mlp, deep or wavenet (default {d.model})")
     p.add_argument("--nproc", type=int, default=d.nproc,
@@ -359,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples per tile of the ranks' native program (activation checkpointing: the mlp's "
                         "step is then one pass over tiles that stay in cache); the single process is timed "
                         f"with it too (default 0: as handgrad train chooses, the mlp in tiles of "
-                        f"{fast.CACHE_TILE} from {fast.TILE_ROWS:,} examples per rank and the single process "
-                        f"counted from {fast.COUNTED_ROWS:,})")
+                        f"{engines.CACHE_TILE} from {engines.TILE_ROWS:,} examples per rank and the single "
+                        f"process counted from {engines.COUNTED_ROWS:,})")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
     return p
 
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BenchConfig(args.model, args.nproc, args.batches, args.seconds, args.dtype, engine=args.engine,
                           repeat=args.repeat, tile=args.tile)
     except BenchUsageError as e:
-        print(f"handgrad.distributed_bench: error: {e}", file=sys.stderr)
+        print(f"distributed_bench.py: error: {e}", file=sys.stderr)
         return 2
     result = run(cfg)
     print(result.table())
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                              for p in result.points],
                   "allreduce_seconds": {str(n): t for n, t in result.allreduce.items()},
                   "fit": asdict(result.fit), "speedups_of_each_run": result.speedups}
-        checkpoint.atomic_write_bytes(Path(args.json), (json.dumps(record, indent=1) + "\n").encode())
+        io.atomic_write_bytes(Path(args.json), (json.dumps(record, indent=1) + "\n").encode())
     return 0
 
 

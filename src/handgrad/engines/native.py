@@ -1,10 +1,10 @@
-"""The fast path: the training step (forward, closed-form backward, SGD) in native code that runs many
-steps per call on preallocated padded buffers. The lecture MLP has its own fused step (csrc/step.cpp);
-any other stack of known layers (deep, wavenet, a user's) is compiled into a program of ops that
-csrc/program.cpp runs. Both are built at first use with the system compiler into a per-user cache and
-loaded with ctypes; no torch headers. The math is ops.py's pairs + SGD; tests/test_fast.py proves it.
-`plan(model)` picks the MLP step, else the program, else says in one line why neither fits; the
-program may split its large products (a large batch) over two threads.
+"""The native engine: the training step (forward, closed-form backward, SGD) in native code that runs
+many steps per call on preallocated padded buffers. The lecture MLP has its own fused step
+(csrc/step.cpp, on its own 7-tensor struct MLP); any other stack of layers with a lowering (LOWERING,
+one entry per layer type) is compiled into a program of ops that csrc/program.cpp runs. Both are built
+at first use with the system compiler into a per-user cache and loaded with ctypes; no torch headers.
+The math is ops.py's pairs + SGD; tests/test_fast.py proves it. Which of them runs, in what tiles, is
+handgrad.engines.plan's choice; this module says why a model does not fit (mlp_reason, program_reason).
 
 Environment: HANDGRAD_CC (the C++ compiler; default c++ or g++ on PATH), HANDGRAD_CACHE (the build
 cache; default $XDG_CACHE_HOME/handgrad or ~/.cache/handgrad), HANDGRAD_BUILD_TIMEOUT (native_cache).
@@ -21,18 +21,27 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from handgrad import native_cache, ops
-from handgrad.atomic import Params
+from handgrad import models, native_cache, ops
 from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, ReLU, Tanh
+from handgrad.train import NonFiniteError
 
-SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
-PROGRAM_SOURCE = Path(__file__).parent / "csrc" / "program.cpp"
+SOURCE = Path(__file__).parents[1] / "csrc" / "step.cpp"
+PROGRAM_SOURCE = Path(__file__).parents[1] / "csrc" / "program.cpp"
 ABI_VERSION = 1
 PROGRAM_ABI = 4
 GRAD_NAMES = ("loss", "dC", "dW1", "db1", "dW2", "db2", "dbngain", "dbnbias")  # status codes of hg_steps
 
 _lock = threading.Lock()
 _loaded: dict[Path, ctypes.CDLL] = {}  # source -> its library, bound (once per process)
+
+
+class MLP(dict):
+    """The lecture MLP as csrc/step.cpp reads it: its 7 trainable tensors by the lecture's names, in
+    models.LECTURE_NAMES's order (C (V, E), W1 (T*E, H), b1 (H,), W2 (H, V), b2 (V,), bngain (1, H),
+    bnbias (1, H)), sharing memory with the model's layers."""
+
+    def tensors(self) -> list[Tensor]:
+        return list(self.values())
 
 
 class BNStats:
@@ -83,7 +92,7 @@ def load_library() -> ctypes.CDLL:
 
 # program.cpp's data-parallel hook, int sync(int what, float* buf, long n, float* out): the collectives
 # of a step (an all-gather of buf into out, or an all-reduce of buf in place), made in Python
-# (handgrad.distributed) while the native step waits.
+# (handgrad.engines.parallel) while the native step waits.
 SYNC_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p)
 SYNC_STATS, SYNC_SUMS, SYNC_GRADS, SYNC_WAIT = 0, 1, 2, 3  # program.cpp's SyncWhat
 NO_SYNC = ctypes.cast(None, SYNC_FN)  # the null hook: one process
@@ -136,9 +145,9 @@ def _ptr(t: Tensor) -> int:
     return t.data_ptr()
 
 
-def _dims(p: Params, B: int, T: int, K: int, tile: int, n: int) -> ctypes.Array:
-    V, E = p.C.shape
-    H = p.W1.shape[1]
+def _dims(p: MLP, B: int, T: int, K: int, tile: int, n: int) -> ctypes.Array:
+    V, E = p["C"].shape
+    H = p["W1"].shape[1]
     return (ctypes.c_int * 8)(B, T, E, H, V, tile, K, n)
 
 
@@ -154,7 +163,7 @@ def _step_inputs(Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> tuple[Te
     return X, Y, ix, lr
 
 
-def _run(lib: ctypes.CDLL, p: Params, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
+def _run(lib: ctypes.CDLL, p: MLP, bn_running: BNStats | None, Xtr: Tensor, Ytr: Tensor, idx: Tensor,
          lrs: Tensor, momentum: float, tile: int, grads_out: Tensor | None) -> tuple[Tensor, int]:
     for name, t in p.items():
         if t.dtype != torch.float32:
@@ -185,43 +194,42 @@ def _run(lib: ctypes.CDLL, p: Params, bn_running: BNStats | None, Xtr: Tensor, Y
     return losses, int(status)
 
 
-# The lecture MLP's layer pattern, and the position of each of the native step's tensors in it.
-MLP_PATTERN = (Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh, Linear)
-MLP_NAMES = {"C": "0.weight", "W1": "2.weight", "b1": "2.bias", "W2": "5.weight", "b2": "5.bias",
-             "bngain": "3.weight", "bnbias": "3.bias"}
+def mlp_reason(model) -> str:
+    """"" when the fused step (csrc/step.cpp) runs the model: the lecture MLP's layers
+    (models.LECTURE_LAYERS) with both biases, batchnorm eps 1e-5, vocab <= 128, float32; else why not."""
+    view = mlp_view(model)
+    return view if isinstance(view, str) else ""
 
 
-def mlp_view(model) -> tuple[Params, BNStats, float] | str:
-    """The native step's view of a model with the lecture MLP's layers (sharing memory, so the
-    native updates land in the model), or the one-line reason it does not fit."""
+def mlp_view(model) -> tuple[MLP, BNStats, float] | str:
+    """The fused step's view of a model with the lecture MLP's layers (sharing memory, so the native
+    updates land in the model), or the one-line reason it does not fit."""
     layers = getattr(model, "layers", None)
     kinds = tuple(type(layer) for layer in layers) if layers is not None else ()
-    if kinds != MLP_PATTERN:
+    if kinds != models.LECTURE_LAYERS:
         names = ", ".join(type(layer).__name__ for layer in layers) if layers else type(model).__name__
-        return (f"the native step implements the lecture MLP (Embedding, FlattenConsecutive, Linear, "
-                f"BatchNorm1d, Tanh, Linear), not this model ({names})")
-    emb, flat, lin1, bn, _, lin2 = layers
-    if lin1.bias is None or lin2.bias is None:
+        want = ", ".join(k.__name__ for k in models.LECTURE_LAYERS)
+        return f"the native step implements the lecture MLP ({want}), not this model ({names})"
+    tensors = models.lecture_tensors(model)
+    if tensors is None:
         return "the native step needs both Linear layers with a bias"
+    bn = layers[3]
     if bn.eps != ops.BN_EPS:
         return f"the native step uses batchnorm eps {ops.BN_EPS:g} (this model: {bn.eps:g})"
-    V = emb.weight.shape[0]
+    V = tensors["C"].shape[0]
     if V > 128:
         return f"the fast path supports vocab_size <= 128 (got {V})"
     dtypes = {t.dtype for t in (*model.params().values(), *model.buffers().values())}
     if dtypes != {torch.float32}:
         got = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
         return f"the fast path is float32 only (got {got})"
-    H = lin1.weight.shape[1]
-    p = Params(emb.weight, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
-               bn.weight.view(1, H), bn.bias.view(1, H))
-    return p, BNStats(bn.running_mean.view(1, H), bn.running_var.view(1, H)), bn.momentum
+    H = tensors["W1"].shape[1]
+    return MLP(tensors), BNStats(bn.running_mean.view(1, H), bn.running_var.view(1, H)), bn.momentum
 
 
 def make_steps_fn(lib: ctypes.CDLL, tile: int = 0) -> Callable:
     """The steps function of train.py's contract (model, Xtr, Ytr, idx, lrs) -> losses, running
     on the native library. tile > 0 turns on activation checkpointing with that many rows per tile."""
-    from handgrad.train import NonFiniteError  # train imports fast lazily; no cycle at import time
 
     def fast_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
         """Run K = len(idx) SGD steps in place in native code (see train.eager_steps for the contract)."""
@@ -232,7 +240,8 @@ def make_steps_fn(lib: ctypes.CDLL, tile: int = 0) -> Callable:
         losses, status = _run(lib, p, bn, Xtr, Ytr, idx, lrs, momentum, tile, None)
         if status >= 0:
             name = GRAD_NAMES[status % 8]
-            raise NonFiniteError(status // 8, name if name == "loss" else "d" + MLP_NAMES[name[1:]])
+            tensor = "loss" if name == "loss" else "d" + models.LECTURE_NAMES[name[1:]]
+            raise NonFiniteError(status // 8, tensor)
         return losses
 
     return fast_steps
@@ -243,7 +252,6 @@ def make_steps_fn(lib: ctypes.CDLL, tile: int = 0) -> Callable:
 # Op and parameter kinds of csrc/program.cpp, as data.
 OP_KINDS = {"embed": 1, "linear": 2, "batchnorm": 3, "tanh": 4, "relu": 5, "bn_tanh": 6}
 PARAM_KINDS = {"table": 1, "weight": 2, "bias": 3, "feature": 4}
-PROGRAM_LAYERS = (Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh, ReLU)
 VW = 16  # floats per vector in program.cpp: Linear outputs are padded to a multiple of it
 
 
@@ -289,17 +297,115 @@ class Program:
                              *self.body], dtype=torch.int64)
 
 
+# ---------------------------------------------------------------------------- lowering layers to ops
+@dataclass
+class _Lowering:
+    """A program being built, layer by layer: its activations (the last is the current one), ops
+    (kind, in, out, p0, p1, batchnorm index), parameters (kind, n0, n1, op, name), each batchnorm's
+    eps and momentum and its buffers' names."""
+
+    T: int
+    tensors: list[Layout]
+    ops: list[list[int]]
+    params: list[tuple[int, int, int, int, str]]
+    fdesc: list[float]
+    buffers: list[str]
+    rank3: bool = True  # the current activation is (N, t, C) rather than (N, C)
+
+    def param(self, kind: str, shape: tuple[int, ...], name: str) -> int:
+        n0, n1 = (1, shape[0]) if len(shape) == 1 else shape
+        self.params.append((PARAM_KINDS[kind], n0, n1, len(self.ops), name))
+        return len(self.params) - 1
+
+    def op(self, kind: str, out: Layout, p0: int = -1, p1: int = -1, bn: int = -1) -> None:
+        """An op from the current activation into a new one, `out`."""
+        cur = len(self.tensors) - 1
+        self.ops.append([OP_KINDS[kind], cur, cur + 1, p0, p1, bn])
+        self.tensors.append(out)
+
+
+def _where(i: int, layer) -> str:
+    return f"layer {i} ({type(layer).__name__})"
+
+
+def _embed(b: _Lowering, layers: list, i: int) -> int:
+    """The first layer: its rows are packed (E floats) when a Linear reads them, else padded."""
+    E = layers[0].weight.shape[1]
+    first = next((x for x in layers[1:] if not isinstance(x, FlattenConsecutive)), None)
+    b.tensors.append(Layout(b.T, 1, E, E if isinstance(first, Linear) else _pad16(E)))
+    table = b.param("table", tuple(layers[0].weight.shape), "0.weight")
+    b.ops.append([OP_KINDS["embed"], -1, 0, table, -1, -1])
+    return 1
+
+
+def _flatten(b: _Lowering, layers: list, i: int) -> int:
+    """No op: a new view of the memory of the tensor before it."""
+    x, n = b.tensors[-1], layers[i].n
+    if not b.rank3 or x.rpe % n:
+        raise ValueError(f"{_where(i, layers[i])} needs (N, T, C) input with T divisible by {n}, got "
+                         f"{'T=' + str(x.rpe) if b.rank3 else '(N, C)'}")
+    b.tensors.append(Layout(x.rpe // n, x.nseg * n, x.c, x.segstride, len(b.tensors) - 1))
+    b.rank3 = x.rpe // n > 1  # (N, 1, C) is squeezed to (N, C)
+    return 1
+
+
+def _linear(b: _Lowering, layers: list, i: int) -> int:
+    layer, x = layers[i], b.tensors[-1]
+    fan_in, fan_out = layer.weight.shape
+    if fan_in != x.width:
+        raise ValueError(f"{_where(i, layer)} has fan_in {fan_in} but its input has {x.width} features")
+    p0 = b.param("weight", (fan_in, fan_out), f"{i}.weight")
+    p1 = b.param("bias", (fan_out,), f"{i}.bias") if layer.bias is not None else -1
+    b.op("linear", Layout(x.rpe, 1, fan_out, _pad16(fan_out)), p0, p1)
+    return 1
+
+
+def _batchnorm(b: _Lowering, layers: list, i: int) -> int:
+    """BatchNorm1d, fused with a Tanh right after it into one op."""
+    layer, x = layers[i], b.tensors[-1]
+    if layer.weight.shape[0] != x.width:
+        raise ValueError(f"{_where(i, layer)} has {layer.weight.shape[0]} features but its input {x.width}")
+    fused = i + 1 < len(layers) and isinstance(layers[i + 1], Tanh)
+    p0 = b.param("feature", tuple(layer.weight.shape), f"{i}.weight")
+    p1 = b.param("feature", tuple(layer.bias.shape), f"{i}.bias")
+    out = Layout(x.rpe, x.nseg, x.c, x.segstride)
+    b.op("bn_tanh" if fused else "batchnorm", out, p0, p1, len(b.fdesc) // 2)
+    b.fdesc += [float(layer.eps), float(layer.momentum)]
+    b.buffers += [f"{i}.running_mean", f"{i}.running_var"]
+    return 2 if fused else 1
+
+
+def _elementwise(kind: str) -> Callable[[_Lowering, list, int], int]:
+    def lower(b: _Lowering, layers: list, i: int) -> int:
+        x = b.tensors[-1]
+        b.op(kind, Layout(x.rpe, x.nseg, x.c, x.segstride))
+        return 1
+    return lower
+
+
+# How each layer type becomes program.cpp ops: one entry per layer type (rules as data). Which layers
+# the native program runs, and the reason it gives for any other, are read from this table.
+LOWERING: dict[type, Callable[[_Lowering, list, int], int]] = {
+    Embedding: _embed, FlattenConsecutive: _flatten, Linear: _linear, BatchNorm1d: _batchnorm,
+    Tanh: _elementwise("tanh"), ReLU: _elementwise("relu"),
+}
+
+
+def _and(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+
+
 def program_reason(model) -> str:
-    """"" when program.cpp knows every layer of the model and its dtypes and settings, else a one-line
-    reason (shapes are checked later by compile_program, which needs the input's T)."""
+    """"" when program.cpp knows every layer of the model (LOWERING) and its dtypes and settings, else a
+    one-line reason (shapes are checked later by compile_program, which needs the input's T)."""
     layers = getattr(model, "layers", None)
     if not layers:
         return f"the native program runs a Sequential of layers, not {type(model).__name__}"
     names = ", ".join(type(layer).__name__ for layer in layers)
-    unknown = [type(layer).__name__ for layer in layers if type(layer) not in PROGRAM_LAYERS]
+    unknown = [type(layer).__name__ for layer in layers if type(layer) not in LOWERING]
     if unknown:
-        return (f"the native program knows Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh and "
-                f"ReLU, not {', '.join(dict.fromkeys(unknown))} (model: {names})")
+        return (f"the native program knows {_and([k.__name__ for k in LOWERING])}, not "
+                f"{', '.join(dict.fromkeys(unknown))} (model: {names})")
     if not isinstance(layers[0], Embedding) or any(isinstance(x, Embedding) for x in layers[1:]):
         return f"the native program needs one Embedding, as the first layer (model: {names})"
     if not any(isinstance(x, Linear) for x in layers):
@@ -312,76 +418,24 @@ def program_reason(model) -> str:
 
 
 def compile_program(model, T: int) -> Program:
-    """The program of a model whose layers program_reason accepts, for inputs (N, T); raises ValueError
-    (one line) when the shapes do not chain. BatchNorm1d followed by Tanh becomes one fused op;
-    FlattenConsecutive only reinterprets the memory of the tensor before it."""
+    """The program of a model whose layers program_reason accepts, for inputs (N, T): each layer
+    lowered by its LOWERING entry; raises ValueError (one line) when the shapes do not chain."""
     layers = model.layers
-    tensors: list[Layout] = []
-    ops_: list[list[int]] = []  # kind, in, out, p0, p1, batchnorm index
-    params: list[tuple[int, int, int, int, str]] = []  # kind, n0, n1, op, name
-    fdesc: list[float] = []
-    buffers: list[str] = []
-
-    def param(kind: str, shape: tuple[int, ...], name: str) -> int:
-        n0, n1 = (1, shape[0]) if len(shape) == 1 else shape
-        params.append((PARAM_KINDS[kind], n0, n1, len(ops_), name))
-        return len(params) - 1
-
-    emb = layers[0]
-    E = emb.weight.shape[1]
-    # the embedding's rows are packed (E floats) when a Linear reads them, else padded (whole vectors)
-    first = next(x for x in layers[1:] if not isinstance(x, FlattenConsecutive)) if len(layers) > 1 else None
-    tensors.append(Layout(T, 1, E, E if isinstance(first, Linear) else _pad16(E)))
-    ops_.append([OP_KINDS["embed"], -1, 0, param("table", tuple(emb.weight.shape), "0.weight"), -1, -1])
-    rank3 = True  # (N, t, C) rather than (N, C)
-    i = 1
+    b = _Lowering(T, [], [], [], [], [])
+    i = 0
     while i < len(layers):
-        layer, cur = layers[i], len(tensors) - 1
-        x = tensors[cur]
-        where = f"layer {i} ({type(layer).__name__})"
-        if isinstance(layer, FlattenConsecutive):
-            if not rank3 or x.rpe % layer.n:
-                raise ValueError(f"{where} needs (N, T, C) input with T divisible by {layer.n}, got "
-                                 f"{'T=' + str(x.rpe) if rank3 else '(N, C)'}")
-            tensors.append(Layout(x.rpe // layer.n, x.nseg * layer.n, x.c, x.segstride, cur))
-            rank3 = x.rpe // layer.n > 1  # (N, 1, C) is squeezed to (N, C)
-            i += 1
-            continue
-        if isinstance(layer, Linear):
-            fan_in, fan_out = layer.weight.shape
-            if fan_in != x.width:
-                raise ValueError(f"{where} has fan_in {fan_in} but its input has {x.width} features")
-            p0 = param("weight", (fan_in, fan_out), f"{i}.weight")
-            p1 = param("bias", (fan_out,), f"{i}.bias") if layer.bias is not None else -1
-            tensors.append(Layout(x.rpe, 1, fan_out, _pad16(fan_out)))
-            ops_.append([OP_KINDS["linear"], cur, cur + 1, p0, p1, -1])
-        elif isinstance(layer, BatchNorm1d):
-            if layer.weight.shape[0] != x.width:
-                raise ValueError(f"{where} has {layer.weight.shape[0]} features but its input {x.width}")
-            fused = i + 1 < len(layers) and isinstance(layers[i + 1], Tanh)
-            p0 = param("feature", tuple(layer.weight.shape), f"{i}.weight")
-            p1 = param("feature", tuple(layer.bias.shape), f"{i}.bias")
-            kind = "bn_tanh" if fused else "batchnorm"
-            ops_.append([OP_KINDS[kind], cur, cur + 1, p0, p1, len(fdesc) // 2])
-            tensors.append(Layout(x.rpe, x.nseg, x.c, x.segstride))
-            fdesc += [float(layer.eps), float(layer.momentum)]
-            buffers += [f"{i}.running_mean", f"{i}.running_var"]
-            i += 2 if fused else 1
-            continue
-        else:  # Tanh, ReLU
-            ops_.append([OP_KINDS["tanh" if isinstance(layer, Tanh) else "relu"], cur, cur + 1, -1, -1, -1])
-            tensors.append(Layout(x.rpe, x.nseg, x.c, x.segstride))
-        i += 1
-    out = tensors[-1]
+        i += LOWERING[type(layers[i])](b, layers, i)
+    out = b.tensors[-1]
     if out.rpe != 1 or out.nseg != 1 or out.segstride % VW:
         raise ValueError(f"the model's output must be logits (N, V), got {out.rpe} rows of {out.width} "
                          "features per example")
+    params = b.params
     # gradients are checked in the order backward produces them: last layer first, weight before bias
     order = sorted(range(len(params)), key=lambda j: (-int(params[j][4].split(".")[0]), j))
-    body = [v for t in tensors for v in (t.rpe, t.nseg, t.c, t.segstride, t.alias)]
-    body += [v for o in ops_ for v in o] + [v for p in params for v in p[:4]] + order
-    return Program(T, (len(tensors), len(ops_), len(params)), tuple(body), tuple(fdesc),
-                   tuple(p[4] for p in params), tuple(buffers))
+    body = [v for t in b.tensors for v in (t.rpe, t.nseg, t.c, t.segstride, t.alias)]
+    body += [v for o in b.ops for v in o] + [v for p in params for v in p[:4]] + order
+    return Program(T, (len(b.tensors), len(b.ops), len(params)), tuple(body), tuple(b.fdesc),
+                   tuple(p[4] for p in params), tuple(b.buffers))
 
 
 def _run_program(lib: ctypes.CDLL, model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, tile: int,
@@ -431,10 +485,9 @@ def make_program_fn(lib: ctypes.CDLL, tile: int = 0, threads: int = 1, sync=None
     turns on activation checkpointing with that many examples per tile; threads 2 splits the large
     matrix products (program.cpp's PAR_MIN_MACS: a large batch) over two threads, bit-identically.
     sync (a SYNC_FN) makes it rank `rank` of `ranks` in a data-parallel step: idx holds each step's
-    global batch, of which it takes its columns (handgrad.distributed.native_data_parallel_steps).
+    global batch, of which it takes its columns (handgrad.engines.parallel.native_data_parallel_steps).
     count: in one process too, the first batchnorm's statistics from character counts and its backward
     deferred to the end of the step (as the ranks do; data-parallel it is always on)."""
-    from handgrad.train import NonFiniteError
 
     def program_steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, ranks: int = 1,
                       rank: int = 0) -> Tensor:
@@ -473,56 +526,6 @@ def profile_program(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor,
     return {name: out[i] / 1e3 / K for i, name in enumerate(PROFILE_PHASES)}
 
 
-# ---------------------------------------------------------------------------- planning
-# From COUNTED_ROWS examples per step in a process, the lecture MLP's step is faster as the native program
-# with its first batchnorm counted and deferred, in tiles of CACHE_TILE examples: one pass over tiles that
-# stay in the cache, nothing recomputed (program.cpp's Counted). Measured here, one thread, against the
-# fused step: 0.95x at 2,048, 1.15x at 3,072, 1.1x at 4,096, 1.6x at 8,192, 1.8x at 16,384, 2.8x at
-# 65,536 (benchmarks/PERFORMANCE.md); tiles of 64 to 512 all within 5% of each other. The program itself
-# (the ranks run nothing else) is faster in those tiles from TILE_ROWS rows: 0.95x its untiled time at
-# 1,024 in one process, and 2 ranks sharing one memory system gain more (2 processes at 4,096 with tiles:
-# 1.38x one, untiled 0.99x; docs/scale.md).
-COUNTED_ROWS = 4096
-TILE_ROWS = 1024
-CACHE_TILE = 128
-
-
-def cache_tile(model, rows: int, tile: int = 0) -> int:
-    """The tile of the native program for `rows` examples per step in this process: `tile` when one is
-    asked for; else CACHE_TILE for the lecture MLP from TILE_ROWS rows (its tiled step, counted, is one
-    pass: tiles cost nothing there); else 0 (untiled)."""
-    if tile or rows < TILE_ROWS or isinstance(mlp_view(model), str):
-        return tile
-    return CACHE_TILE
-
-
-def plan(model, tile: int = 0, threads: int = 1, batch: int = 0) -> tuple[Callable | None, str]:
-    """(steps_fn, "") when the fast path can run this model, else (None, one-line reason). The lecture
-    MLP: its fused step (one thread), or from COUNTED_ROWS examples per step (`batch`) the native
-    program with its first batchnorm counted, in cache_tile's tiles. Other models: their native program.
-    threads: 1 or 2 for the native program (see make_program_fn)."""
-    view = mlp_view(model)
-    if not isinstance(view, str):
-        if batch >= COUNTED_ROWS and not program_reason(model):
-            try:
-                return make_program_fn(load_program_library(), cache_tile(model, batch, tile), threads,
-                                       count=True), ""
-            except FastUnavailable:
-                pass  # the fused step below still runs it
-        try:
-            return make_steps_fn(load_library(), tile), ""
-        except FastUnavailable as e:
-            return None, str(e)
-    reason = program_reason(model)
-    if reason:
-        return None, reason
-    try:
-        lib = load_program_library()
-    except FastUnavailable as e:
-        return None, str(e)
-    return make_program_fn(lib, tile, threads), ""
-
-
 def fast_grads(model, X: Tensor, Y: Tensor, tile: int = 0) -> tuple[float, dict[str, Tensor]]:
     """One step's loss and gradients from the native code, for the batch X (N, T), Y (N,); the
     model is not modified. Returns (loss, {parameter name: gradient})."""
@@ -537,7 +540,8 @@ def fast_grads(model, X: Tensor, Y: Tensor, tile: int = 0) -> tuple[float, dict[
     lrs = torch.zeros(1, dtype=torch.float64)  # (1,) unused: no update is made
     losses, _ = _run(lib, p, None, X, Y, idx, lrs, 0.0, tile, out)  # with grads_out p is only read
     params = model.params()
-    grads = {MLP_NAMES[f]: g.view(params[MLP_NAMES[f]].shape)
+    names = models.LECTURE_NAMES
+    grads = {names[f]: g.view(params[names[f]].shape)
              for (f, _), g in zip(p.items(), torch.split(out, sizes))}
     return float(losses[0]), grads
 
@@ -571,5 +575,5 @@ def workspace_bytes(model, batch_size: int, tile: int = 0, T: int | None = None)
         return int(load_program_library().hg_program_bytes(desc.data_ptr(), fdesc.data_ptr()))
     p = view[0]
     lib = load_library()
-    T = p.W1.shape[0] // p.C.shape[1]
+    T = p["W1"].shape[0] // p["C"].shape[1]
     return int(lib.hg_workspace_bytes(_dims(p, batch_size, T, 1, tile, 1)))

@@ -1,8 +1,11 @@
-"""Data-parallel training on torch.distributed (gloo on CPU, NCCL for CUDA tensors; torchrun or
+"""The data-parallel engine on torch.distributed (gloo on CPU, NCCL for CUDA tensors; torchrun or
 `handgrad train --nproc N` to launch) with every gradient still written by hand, synchronized
-batchnorm included. References: Ioffe & Szegedy 2015 (batchnorm), the lecture's closed-form backward,
-Chan, Golub & LeVeque 1979 (combining per-rank means and squared deviations), Li et al. 2020
-("PyTorch Distributed": one flat all-reduce instead of one per tensor).
+batchnorm included (ops.py's maths with the global counts and sums): the process group, the
+synchronized step (eager and native), the ranks' agreement at the start, and local ranks' launch and
+supervision. Which step a rank runs is handgrad.engines.plan's choice. References: Ioffe & Szegedy
+2015 (batchnorm), the lecture's closed-form backward, Chan, Golub & LeVeque 1979 (combining per-rank
+means and squared deviations), Li et al. 2020 ("PyTorch Distributed": one flat all-reduce instead of
+one per tensor).
 
 Shape legend: N rows of this rank's slice, n rows of the global batch, C channels, R ranks.
 """
@@ -30,7 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from handgrad import fast, models, train
+from handgrad import models, ops, optim, train
+from handgrad.config import ConfigError, ref
+from handgrad.engines import native
 from handgrad.layers import BatchNorm1d, Sequential
 from handgrad.train import NonFiniteError, StepsFn, TrainConfig, TrainState
 
@@ -44,8 +49,8 @@ class PeerLost(RuntimeError):
     """A collective failed: another rank died, hung past the timeout, or never joined. One line."""
 
 
-class DistUsageError(ValueError):
-    """Flags that cannot run on several ranks; the message is one line for the user."""
+class DistUsageError(ConfigError):
+    """Fields that cannot run on several ranks (or a bad rendezvous variable); one line for the user."""
 
 
 # ---------------------------------------------------------------------------- the process group
@@ -245,8 +250,8 @@ def global_moments(comm: Comm, rows: int, mean: Tensor, m2: Tensor) -> tuple[Ten
 def sync_batchnorm_forward(x: Tensor, bngain: Tensor, bnbias: Tensor, eps: float, comm: Comm
                            ) -> tuple[Tensor, tuple, tuple[Tensor, Tensor]]:
     """Training-mode batchnorm whose statistics are over the rows of every rank (one all-gather of
-    [N, mean, M2] per call); the normalisation itself is local. Returns ops.batchnorm_forward's
-    (out, cache, (bnmeani, bnvar)) with the global row count n added to the cache."""
+    [N, mean, M2] per call); the normalisation itself is ops.batchnorm_normalise, local. Returns
+    ops.batchnorm_forward's (out, cache, (bnmeani, bnvar)), the cache paired with the global row count n."""
     dims = tuple(range(x.dim() - 1))
     C = x.shape[-1]
     N = x.numel() // C
@@ -257,30 +262,21 @@ def sync_batchnorm_forward(x: Tensor, bngain: Tensor, bnbias: Tensor, eps: float
     keep = (1,) * (x.dim() - 1) + (C,)
     bnmeani = mean.reshape(keep)  # (1, ..., C)
     bnvar = var.reshape(keep)  # (1, ..., C)
-    bndiff = x - bnmeani  # (..., C)
-    bnvar_inv = (bnvar + eps) ** -0.5  # (1, ..., C)
-    bnraw = bndiff * bnvar_inv  # (..., C)
-    out = bngain * bnraw + bnbias  # (..., C)
-    return out, (bnraw, bnvar_inv, bngain, n), (bnmeani, bnvar)
+    out, cache = ops.batchnorm_normalise(x - bnmeani, bnvar, bngain, bnbias, eps)  # (..., C)
+    return out, (cache, n), (bnmeani, bnvar)
 
 
 def sync_batchnorm_backward(dout: Tensor, cache: tuple, comm: Comm) -> tuple[Tensor, Tensor, Tensor]:
-    """The closed form with the global n and the global sums (one all-reduce of [sum(dout),
-    sum(dout * bnraw)]):
-
-        dx = gain * var_inv / n * (n * dout - sum(dout) - n/(n-1) * bnraw * sum(dout * bnraw))
-
-    so this rank's rows of dx are the rows of the single-process dx on the whole batch. The returned
-    dbngain and dbnbias are this rank's share (its local sums): the data-parallel all-reduce of the
-    gradients adds the shares, as for every other parameter."""
-    bnraw, bnvar_inv, bngain, n = cache
-    dims = tuple(range(dout.dim() - 1))
+    """ops.batchnorm_dx with the global n and the global sums (one all-reduce of [sum(dout),
+    sum(dout * bnraw)]), so this rank's rows of dx are the rows of the single-process dx on the whole
+    batch. The returned dbngain and dbnbias are this rank's share (its local sums): the data-parallel
+    all-reduce of the gradients adds the shares, as for every other parameter."""
+    bn_cache, n = cache
+    bnraw, _, bngain = bn_cache
     C = dout.shape[-1]
-    dbngain = (bnraw * dout).sum(dims)  # (C,) this rank's share
-    dbnbias = dout.sum(dims)  # (C,)
-    sums = comm.all_reduce_(torch.cat([dbnbias, dbngain]), "batchnorm backward")  # (2C,) over all ranks
-    dbnbias_all, dbngain_all = sums[:C], sums[C:]  # (C,) (C,)
-    dx = bngain * bnvar_inv / n * (n * dout - dbnbias_all - n / (n - 1) * bnraw * dbngain_all)  # (..., C)
+    dbngain, dbnbias = ops.batchnorm_sums(dout, bnraw)  # (1, ..., C) this rank's share
+    sums = comm.all_reduce_(torch.cat([dbnbias.reshape(-1), dbngain.reshape(-1)]), "batchnorm backward")
+    dx = ops.batchnorm_dx(dout, bn_cache, n, sums[C:], sums[:C])  # (..., C) from the sums over all ranks
     return dx, dbngain.reshape(bngain.shape), dbnbias.reshape(bngain.shape)
 
 
@@ -330,8 +326,8 @@ def synchronized(model, comm: Comm):
 def shard(B: int, world: int, rank: int) -> slice:
     """Rank r's columns of a global batch of B: [r*B/R, (r+1)*B/R)."""
     if B % world:
-        raise DistUsageError(f"--batch-size {B} is not divisible by {world} ranks; use a multiple of {world} "
-                             f"(each rank takes batch-size/{world} rows)")
+        raise DistUsageError(f"{ref('batch_size')} {B} is not divisible by {world} ranks; use a multiple of "
+                             f"{world} (each rank takes batch-size/{world} rows)")
     b = B // world
     return slice(rank * b, (rank + 1) * b)
 
@@ -363,7 +359,7 @@ def data_parallel_steps(comm: Comm) -> StepsFn:
                 raise NonFiniteError(k, _first_bad(flat, names, sizes))
             losses[k] = flat[0]
             grads = {n: g.view(params[n].shape) for n, g in zip(names, flat[1:].split(sizes))}
-            models.sgd_update(model, grads, float(lrs[k]))
+            optim.sgd_update(model, grads, float(lrs[k]))
             synced.update_buffers(step.caches)
         return losses
 
@@ -371,7 +367,7 @@ def data_parallel_steps(comm: Comm) -> StepsFn:
 
 
 class NativeCollectives:
-    """The Python side of program.cpp's data-parallel hook (fast.SYNC_FN), which only moves floats (the
+    """The Python side of program.cpp's data-parallel hook (native.SYNC_FN), which only moves floats (the
     native step does the maths): SYNC_STATS all-gathers each rank's batchnorm mean|M2 (program.cpp
     merges them in rank order, Chan et al.), SYNC_SUMS starts the all-reduce of the batchnorm backward
     sums (SYNC_WAIT finishes it: the step computes a dW meanwhile), SYNC_GRADS all-reduces the flat
@@ -379,25 +375,25 @@ class NativeCollectives:
     An exception (PeerLost, KeyboardInterrupt) cannot cross the C frames: it is kept, the hook returns
     1, the native step stops, and `reraise` raises it in the caller."""
 
-    WHAT = {fast.SYNC_STATS: "batchnorm forward", fast.SYNC_SUMS: "batchnorm backward",
-            fast.SYNC_GRADS: "gradients"}  # the purposes Comm times, as for the eager step
+    WHAT = {native.SYNC_STATS: "batchnorm forward", native.SYNC_SUMS: "batchnorm backward",
+            native.SYNC_GRADS: "gradients"}  # the purposes Comm times, as for the eager step
 
     def __init__(self, comm: Comm):
         self.comm = comm
         self.error: BaseException | None = None
         self.pending = None  # the started SYNC_SUMS
-        self.fn = fast.SYNC_FN(self._call)  # kept alive as long as this object
+        self.fn = native.SYNC_FN(self._call)  # kept alive as long as this object
 
     def _call(self, what: int, buf: int, n: int, out: int) -> int:
         try:
-            if what == fast.SYNC_WAIT:
+            if what == native.SYNC_WAIT:
                 pending, self.pending = self.pending, None
                 self.comm.finish(pending)
                 return 0
-            mine = fast.floats_at(buf, n)  # (n,)
-            if what == fast.SYNC_STATS:
-                self.comm.all_gather_into(fast.floats_at(out, self.comm.world * n), mine, self.WHAT[what])
-            elif what == fast.SYNC_SUMS:
+            mine = native.floats_at(buf, n)  # (n,)
+            if what == native.SYNC_STATS:
+                self.comm.all_gather_into(native.floats_at(out, self.comm.world * n), mine, self.WHAT[what])
+            elif what == native.SYNC_SUMS:
                 self.pending = self.comm.start_all_reduce_(mine, self.WHAT[what])
             else:
                 self.comm.all_reduce_(mine, self.WHAT[what])
@@ -418,13 +414,13 @@ def native_data_parallel_steps(comm: Comm, lib, tile: int = 0, threads: int = 1)
     gradients), the collectives made through NativeCollectives while the native step waits.
     tile > 0: activation checkpointing per rank, the batchnorm sums still global."""
     hook = NativeCollectives(comm)
-    run = fast.make_program_fn(lib, tile, threads, sync=hook.fn)
+    run = native.make_program_fn(lib, tile, threads, sync=hook.fn)
 
     def steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
         shard(idx.shape[1], comm.world, comm.rank)  # refuses a batch the ranks do not divide
         try:  # the native step takes its columns of idx, and counts the whole batch (program.cpp)
             return run(model, Xtr, Ytr, idx, lrs, ranks=comm.world, rank=comm.rank)
-        except fast.SyncFailed:
+        except native.SyncFailed:
             hook.reraise()
 
     return steps
@@ -465,7 +461,7 @@ def check_same(comm: Comm, state: TrainState, tcfg: TrainConfig, Xtr: Tensor, Yt
         for what, mine, theirs in zip(prints, table[0].tolist(), table[r].tolist()):
             if mine != theirs:
                 raise DistUsageError(f"rank {r}: {what} differs from rank 0's; every rank needs the same "
-                                     "--data, flags and --resume checkpoint")
+                                     f"{ref('data')}, flags and {ref('resume')} checkpoint")
 
 
 # ---------------------------------------------------------------------------- running local ranks
@@ -595,9 +591,9 @@ def supervise(procs: list, grace: float, poll: float = 0.05) -> Outcome:
     return Outcome(exit_code, msg)
 
 
-def launch(argv: list[str], nproc: int, timeout: float) -> int:
+def launch(argv: list[str], nproc: int, timeout: float) -> Outcome:
     """`handgrad train --nproc N`: run `python -m handgrad ARGV` as N local ranks (gloo on
-    127.0.0.1, a free port) and supervise them. Returns the exit code."""
+    127.0.0.1, a free port) and supervise them. Returns the exit code and what to say about it."""
     port = free_port()
     base = {**os.environ, LAUNCHED_ENV: str(nproc), TIMEOUT_ENV: str(timeout)}
     cmd = [sys.executable, "-m", "handgrad", *argv]
@@ -610,129 +606,5 @@ def launch(argv: list[str], nproc: int, timeout: float) -> int:
                 p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 p.kill()
-        return 130
-    if outcome.message:
-        print(f"handgrad: error: {outcome.message}", file=sys.stderr)
-    return outcome.code
-
-
-# ---------------------------------------------------------------------------- the train command
-@dataclass
-class Rank:
-    """One rank of a data-parallel `handgrad train`: what cli._cmd_train needs to run it."""
-
-    comm: Comm
-    steps_fn: StepsFn
-    engine: str  # for the header and results: "2-rank data-parallel fast (gloo)"
-    warning: str  # "" or one line for rank 0 to print
-
-    @property
-    def is_main(self) -> bool:
-        return self.comm.is_main
-
-    def follow(self, splits, mcfg, tcfg: TrainConfig, state: TrainState) -> int:
-        """Train as a rank other than 0: no progress, no checkpoints, no output but a lost peer."""
-        try:
-            train.train(splits, mcfg, tcfg, state, None, self.steps_fn)
-        except PeerLost as e:
-            print(f"handgrad: error: {e}", file=sys.stderr)
-            return 1
-        except NonFiniteError:  # rank 0 reports it; every rank sees the same summed buffer
-            return 1
-        except KeyboardInterrupt:
-            return 130
-        return 0
-
-
-def _refusals(args, tcfg: TrainConfig, world: int, model) -> str:
-    """The first flag that cannot run on `world` ranks, as one line ("" when none)."""
-    rules = [  # (refused?, why): rules as data
-        (bool(getattr(args, "diagnostics", False) or getattr(args, "diag_every", None) is not None),
-         "--diagnostics measures one process; leave out --nproc (or run without torchrun)"),
-    ]
-    for refused, why in rules:
-        if refused:
-            return why
-    if tcfg.engine == "fast":
-        reason = native_reason(model, tcfg)
-        if reason:
-            return f"--engine fast: the native program cannot run here ({reason}); use --engine auto or eager"
-    try:
-        shard(tcfg.batch_size, world, 0)
-    except DistUsageError as e:
-        return str(e)
-    return ""
-
-
-def for_train(args, tcfg: TrainConfig, state: TrainState, splits, before_launch=None) -> Rank | int | None:
-    """The `handgrad train` hook. None: an ordinary single process. An int: the exit code (after
-    `--nproc N` ran and supervised N ranks, or a refusal printed by rank 0). A Rank: this process is
-    one of several (started by --nproc or torchrun) and has joined the group. `before_launch()` runs
-    in the --nproc process once the flags are accepted, before any rank starts (to check --out)."""
-    nproc = getattr(args, "nproc", None)
-
-    def refuse(msg: str, code: int = 2) -> int:
-        if env is None or env.rank == 0 or code != 2:  # bad input: one line, not one per rank
-            print(f"handgrad: error: {msg}", file=sys.stderr)
-        return code
-
-    env = None
-    try:
-        env = RankEnv.from_env()
-        timeout = timeout_seconds()
-    except DistUsageError as e:
-        return refuse(str(e))
-    launched = env is not None and os.environ.get(LAUNCHED_ENV) == str(nproc)
-    if nproc is not None and env is not None and not launched:
-        return refuse("--nproc starts its own processes; under torchrun (RANK and WORLD_SIZE are set) "
-                      "leave it out")
-    if nproc is not None and nproc < 1:
-        return refuse(f"--nproc {nproc}: expected a positive number of processes")
-    world = nproc if nproc is not None else env.world_size if env is not None else 1
-    if world == 1:
-        return None
-    why = _refusals(args, tcfg, world, state.model)
-    if why:
-        return refuse(why)
-    if not launched and env is None:
-        if before_launch is not None:
-            before_launch()
-        return launch(getattr(args, "argv", None) or sys.argv[1:], nproc, timeout)
-    device = next(iter(state.model.params().values())).device.type
-    try:
-        comm = init(env, device, timeout)
-        check_same(comm, state, tcfg, splits.Xtr, splits.Ytr)
-    except PeerLost as e:
-        return refuse(str(e), 1)
-    except DistUsageError as e:
-        return refuse(str(e))
-    steps_fn, engine, warning = select_engine(comm, state.model, tcfg)
-    return Rank(comm, steps_fn, f"{world}-rank data-parallel {engine} ({BACKENDS[device]})", warning)
-
-
-def native_reason(model, tcfg: TrainConfig) -> str:
-    """"" when the ranks can run the native program (as one process would), else why not (one line)."""
-    if tcfg.engine == "eager":
-        return "--engine eager"
-    reason = fast.program_reason(model)
-    if not reason:
-        try:
-            fast.load_program_library()
-        except fast.FastUnavailable as e:
-            reason = str(e)
-    return reason
-
-
-def select_engine(comm: Comm, model, tcfg: TrainConfig) -> tuple[StepsFn, str, str]:
-    """train.select_engine for one rank: (steps_fn, "fast" or "eager", warning). The native program
-    (one thread per rank: a rank is a core) when it can run the model, as in one process, the lecture
-    MLP in tiles from fast.TILE_ROWS examples per rank (fast.cache_tile); else the eager step, with a
-    warning under --engine auto (--engine fast is refused before, by _refusals)."""
-    reason = native_reason(model, tcfg)
-    if not reason:
-        tile = fast.cache_tile(model, tcfg.batch_size // comm.world, tcfg.recompute_tile)
-        return native_data_parallel_steps(comm, fast.load_program_library(), tile), "fast", ""
-    warnings = [] if tcfg.engine == "eager" else [f"fast path unavailable ({reason}); using the eager path"]
-    if tcfg.recompute_tile:
-        warnings.append("activation checkpointing (--recompute-tile) needs the fast engine; ignored")
-    return data_parallel_steps(comm), "eager", "; ".join(warnings)
+        return Outcome(130, "")
+    return outcome
