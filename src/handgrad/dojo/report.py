@@ -36,6 +36,9 @@ class Grade:
     probes: list[str] = field(default_factory=list)  # the verdict probes, in words, for the legend
     strict: bool = False
     seconds: float = 0.0  # how long grading took
+    flags: list = field(default_factory=list)  # scan.Flag: what the file does besides its gradients
+    events: list[str] = field(default_factory=list)  # what the grader did to its process (killed, ...)
+    sandbox: str = ""  # how its process was held: "bwrap", "basic" ('' for a notebook, run in-process)
 
     @property
     def right(self) -> int:
@@ -80,14 +83,15 @@ class Grade:
 
     def table(self) -> str:
         if self.problem:
-            return f"{self.file}: cannot grade: {self.problem}"
-        cells = [self._cells(r) for r in self.rows]
+            return f"{safe_text(self.file)}: cannot grade: {safe_text(self.problem)}"
+        cells = [tuple(safe_text(c) for c in self._cells(r)) for r in self.rows]
         heads = ("row", "shape", "verdict", "exact", "chain", "where", "diagnosis")
         widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(heads[:-1])]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
-        out = [f"{self.file}: {self.title}" + ("  [strict]" if self.strict else ""), fmt.format(*heads)]
+        out = [f"{safe_text(self.file)}: {self.title}" + ("  [strict]" if self.strict else ""),
+               fmt.format(*heads)]
         out += [fmt.format(*c) for c in cells]
-        out += [f"note: {nt}" for nt in self.notes]
+        out += [f"note: {safe_text(nt)}" for nt in self.notes]
         out += [
             "",
             "verdict: " + "; ".join(self.probes or ["float64 probes"]),
@@ -128,6 +132,10 @@ class Grade:
             "rows": [r.to_json() for r in self.rows],
             "summary": "" if self.problem else self.summary(),
             "exit_code": self.exit_code,
+            "flags": [f.to_json() for f in self.flags],
+            "events": self.events,
+            "sandbox": self.sandbox,
+            "seconds": round(self.seconds, 3),
         }
 
 

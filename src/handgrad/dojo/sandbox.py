@@ -68,10 +68,12 @@ class Sandbox:
         return self.kind == "bwrap"
 
 
-def choose(mode: str = "auto", limits: Limits | None = None) -> Sandbox:
-    """The sandbox for `mode`: "auto" (bwrap if it works here, else basic with a warning), "require"
+def choose(mode: str | None = None, limits: Limits | None = None) -> Sandbox:
+    """The sandbox for `mode` (None: $HANDGRAD_DOJO_SANDBOX, else "auto"): "auto" (bwrap if it works
+    here, else basic with a warning), "require"
     (bwrap, else SandboxError naming why not), "basic" (rlimits only, no warning)."""
     limits = limits or Limits()
+    mode = mode or os.environ.get("HANDGRAD_DOJO_SANDBOX") or "auto"
     if mode not in MODES:
         raise SandboxError(f"--sandbox {mode}: choose one of {', '.join(MODES)}")
     if mode == "basic":
