@@ -2,20 +2,26 @@
 The child only computes: requests and replies are frames on the channel (channel.py: JSON and
 safetensors, sizes checked), and the grader checks every reply again before it uses a byte of it.
 
-Under bubblewrap (sandbox.py) the child is a new `python -m handgrad.dojo.runner` in the sandbox, its
-standard input, output and error /dev/null, its only other descriptors the channel's two pipes; it is
-killed with its whole PID namespace. The basic child is forked from the grader (which has imported
-torch already: a new interpreter spends 2-4 s importing it again) into a new session and a private
-temporary directory, and what it leaves behind is swept up by the grader as its subreaper.
+Under bubblewrap (sandbox.py) one sandbox is started per grading session, holding the zygote
+(zygote.py), which has imported torch once and forks each file's child inside the sandbox (its
+standard input, output and error /dev/null, its only other descriptors the channel's two pipes, passed
+in over the zygote's control socket); after each file the zygote kills every process in the sandbox
+but itself and empties its /tmp, and a zygote that does not answer has the whole sandbox killed and a
+new one started. The basic child is forked from the grader (which has imported torch already: a new
+interpreter spends 2-4 s importing it again) into a new session and a private temporary directory, and
+what it leaves behind is swept up by the grader as its subreaper.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +36,131 @@ SLACK = 10.0  # seconds a reply may take beyond the learner's time limit (the ch
 START_SLACK = 60.0  # and, for a new interpreter, its start (importing torch: 3-6 s on a busy machine)
 
 
+class Zygote:
+    """One bubblewrap sandbox and the zygote in it (zygote.py), asked over its control socket to fork a
+    file's child (`fork`) and, after the file, to kill all it left (`end`). `dead` once it failed to
+    answer: it is killed, and `zygote_for` starts a new one."""
+
+    def __init__(self, box: SB.Sandbox):
+        self.box, self.dead = box, False
+        self.ctl, inner = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._info_r, info_w = os.pipe()
+        argv = [SB.bwrap_binary(), *SB.bwrap_args(box.limits, info_w),
+                "--setenv", "PYTHONPATH", SB.python_path(),
+                "--setenv", "HANDGRAD_DOJO_CTL", str(inner.fileno()),
+                "--", sys.executable, "-s", "-m", "handgrad.dojo.zygote"]
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(inner.fileno(), info_w), start_new_session=True,
+            )
+        finally:
+            inner.close()
+            os.close(info_w)
+        self.init = 0
+        if not (self._answer(START_SLACK) or {}).get("ready"):
+            self.kill()
+
+    def _answer(self, wait: float) -> dict | None:
+        try:
+            ready, _, _ = select.select([self.ctl], [], [], wait)
+            data = self.ctl.recv(1 << 16) if ready else b""
+            out = json.loads(data) if data else None
+        except (OSError, ValueError):
+            out = None
+        return out if isinstance(out, dict) else None
+
+    def fork(self, r: int, w: int, time_limit: float) -> int:
+        """The child's pid in the sandbox, 0 when the zygote does not answer (it is killed)."""
+        if self.dead:
+            return 0
+        try:
+            socket.send_fds(self.ctl, [json.dumps({"op": "fork", "time_limit": time_limit}).encode()], [r, w])
+        except OSError:
+            self.kill()
+            return 0
+        pid = (self._answer(SLACK) or {}).get("pid")
+        if not isinstance(pid, int) or pid <= 1:
+            self.kill()
+            return 0
+        return pid
+
+    def end(self, pid: int) -> int | None:
+        """Kill everything the file's child left in the sandbox; its exit status (None: not known). A
+        zygote that does not answer, or cannot leave the sandbox empty, is killed with its sandbox."""
+        if self.dead:
+            return None
+        try:
+            self.ctl.sendall(json.dumps({"op": "end", "pid": pid}).encode())
+        except OSError:
+            self.kill()
+            return None
+        rep = self._answer(SLACK)
+        if rep is None or rep.get("clean") is not True:
+            self.kill()
+        status = rep.get("status") if rep else None
+        return status if isinstance(status, int) else None
+
+    def _sandbox_init(self) -> int:
+        """The host pid of the first process in bwrap's PID namespace (killing it ends the namespace)."""
+        if not self.init and self._info_r >= 0:
+            os.set_blocking(self._info_r, False)
+            try:
+                pid = json.loads(os.read(self._info_r, 4096).decode()).get("child-pid", 0)
+                self.init = pid if isinstance(pid, int) and pid > 1 else 0
+            except (OSError, ValueError, AttributeError):
+                pass
+        return self.init
+
+    def kill(self) -> None:
+        """The whole sandbox, every process in it."""
+        self.dead = True
+        init = self._sandbox_init()
+        if init:
+            _signal(init, signal.SIGKILL, group=False)
+        _signal(self.proc.pid, signal.SIGKILL, group=True)
+        try:
+            self.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self.dead = True
+        try:
+            self.ctl.close()
+        except OSError:
+            pass
+        if self._info_r >= 0:
+            os.close(self._info_r)
+            self._info_r = -1
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(5.0)  # the zygote ends when its control socket closes
+            except subprocess.TimeoutExpired:
+                _signal(self.proc.pid, signal.SIGKILL, group=True)
+                self.proc.wait()
+
+
+_ZYGOTES: dict[SB.Limits, Zygote] = {}
+
+
+def zygote_for(box: SB.Sandbox) -> Zygote:
+    """The running sandbox for these limits, or a new one (the first file pays for its start)."""
+    z = _ZYGOTES.get(box.limits)
+    if z is None or z.dead:
+        z = _ZYGOTES[box.limits] = Zygote(box)
+    return z
+
+
+@atexit.register
+def close_zygotes() -> None:
+    """End every sandbox this process started (bwrap's --die-with-parent would, too)."""
+    for z in list(_ZYGOTES.values()):
+        z.close()
+    _ZYGOTES.clear()
+
+
 class Child:
     """One child process for one learner's file: `request(dict, time_limit, tensors)` -> (reply,
     tensors), then `close()`. `events` says what the grader did to it (killed at the time limit, ...)."""
@@ -40,8 +171,8 @@ class Child:
         self.alive = True
         self._gone = ""
         self.pid = 0
-        self.proc: subprocess.Popen | None = None
-        self._info_r = -1
+        self.zygote: Zygote | None = None
+        self.spawned = False
         self._tmp = ""
         self._keep: set[int] = set()
         self.time_limit = time_limit
@@ -59,25 +190,16 @@ class Child:
 
     # ------------------------------------------------------------------------ starting
     def _start_bwrap(self, req_r: int, rep_w: int, time_limit: float) -> None:
-        self._info_r, info_w = os.pipe()
-        argv = [SB.bwrap_binary(), *SB.bwrap_args(self.box.limits, info_w),
-                "--setenv", "PYTHONPATH", SB.python_path(),
-                "--setenv", "HANDGRAD_DOJO_FDS", f"{req_r},{rep_w}",
-                "--", sys.executable, "-s", "-m", "handgrad.dojo.runner"]
-        limits = self.box.limits
-        try:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(req_r, rep_w, info_w), start_new_session=True,
-                preexec_fn=lambda: SB.set_limits(limits, time_limit),
-            )
-        finally:
-            os.close(info_w)
-        self.pid = self.proc.pid
-        self.spawned = True
+        for _ in range(2):  # a sandbox that a previous file broke is replaced once
+            self.zygote = zygote_for(self.box)
+            self.pid = self.zygote.fork(req_r, rep_w, time_limit)
+            if self.pid:
+                return
+        self.alive = False
+        self._gone = "the sandbox (bubblewrap) did not start a process for this file"
+        self.events.append("the sandbox did not start")
 
     def _start_basic(self, req_r: int, rep_w: int, time_limit: float) -> None:
-        self.spawned = False
         self._tmp = tempfile.mkdtemp(prefix="handgrad-dojo-")
         self._keep = SB.children()
         SB.subreaper(True)
@@ -167,13 +289,14 @@ class Child:
 
     # ------------------------------------------------------------------------ ending
     def _reap(self, wait: float) -> int | None:
-        if self.proc is not None:
-            try:
-                return self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                return None
+        """The child's exit status once it has ended (None: still running after `wait` s, or not known).
+        In the sandbox the zygote reaps it, after killing all it left."""
         if not self.pid:
             return None
+        if self.zygote is not None:
+            self._eof(wait)
+            pid, self.pid = self.pid, 0
+            return self.zygote.end(pid)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             try:
@@ -187,33 +310,33 @@ class Child:
             time.sleep(0.01)
         return None
 
-    def _sandbox_init(self) -> int:
-        """The host pid of the first process in bwrap's PID namespace (killing it ends the namespace)."""
-        if self._info_r < 0:
-            return 0
-        os.set_blocking(self._info_r, False)
-        try:
-            data = os.read(self._info_r, 4096)
-        except OSError:
-            return 0
-        try:
-            pid = json.loads(data.decode()).get("child-pid", 0)
-        except (ValueError, AttributeError):
-            return 0
-        return pid if isinstance(pid, int) and pid > 1 else 0
+    def _eof(self, wait: float) -> None:
+        """Wait up to `wait` s for the child to close its end of the channel (it has ended)."""
+        deadline = time.monotonic() + wait
+        while self._rep_r >= 0 and time.monotonic() < deadline:
+            ready, _, _ = select.select([self._rep_r], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                return
+            try:
+                if not os.read(self._rep_r, 1 << 16):
+                    return
+            except OSError:
+                return
 
     def _kill(self) -> None:
-        """Kill the child and everything it started: bwrap's namespace, or the basic child's session
-        and the processes it left to this process (the subreaper)."""
+        """Kill the child and everything it started: in the sandbox, the zygote kills all but itself (or
+        the whole sandbox goes); basic, the child's session and the processes it left to this process
+        (the subreaper)."""
         self.alive = False
-        init = self._sandbox_init() if self.proc is not None else 0
-        if init:
-            _signal(init, signal.SIGKILL, group=False)
+        if self.zygote is not None:
+            if self.pid:
+                pid, self.pid = self.pid, 0
+                self.zygote.end(pid)
+            return
         if self.pid:
             _signal(self.pid, signal.SIGKILL, group=True)
             self._reap(5.0)
-        if self.proc is None:
-            SB.sweep(self._keep)
+        SB.sweep(self._keep)
 
     def close(self) -> None:
         if self.alive:
@@ -221,17 +344,20 @@ class Child:
                 channel.send(self._req_w, {"op": "quit"})
             except OSError:
                 pass
-            self._reap(2.0)
+            if self.zygote is not None:
+                self._eof(2.0)
+            else:
+                self._reap(2.0)
             self._kill()
-        elif self.proc is None:
+        elif self.zygote is None:
             SB.sweep(self._keep)
-        for fd in (self._req_w, self._rep_r, self._info_r):
+        for fd in (self._req_w, self._rep_r):
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self._req_w = self._rep_r = self._info_r = -1
+        self._req_w = self._rep_r = -1
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = ""

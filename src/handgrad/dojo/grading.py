@@ -580,19 +580,17 @@ def file_flags(item: Item, parsed: R.Parsed, vars_: dict[str, str], events: list
 CHEATS = ("autograd", "handgrad")  # the kinds of flag that mean a row is not the learner's own work
 
 
-def apply_flags(grade: Grade, flags: list[S.Flag]) -> None:
+def apply_flags(grade: Grade, item: Item, flags: list[S.Flag]) -> None:
     """Each flag a note on its line; a row whose own lines hold autograd or handgrad's code says so, and
     in strict mode is wrong (a cheat outside any row's lines, in strict mode, makes every row wrong)."""
     grade.flags = flags
-    by_key = {r.key or r.name: r for r in grade.rows}
-    names = {r.name: r for r in grade.rows}
+    by_key = {spec.key: row for spec, row in zip(item.rows, grade.rows)}
     loose = []
     for f in flags:
         grade.notes.append(f.words())
         if f.kind not in CHEATS:
             continue
-        hit = [names.get(k) or by_key.get(k) for k in f.rows]
-        hit = [r for r in hit if r is not None]
+        hit = [by_key[k] for k in f.rows if k in by_key]
         if not hit:
             loose.append(f)
         for r in hit:
@@ -711,7 +709,7 @@ def _grade_path(
             grade.events = list(ch.events)
     if grade.problem:
         return grade
-    apply_flags(grade, file_flags(item, parsed, vars_, watch))
+    apply_flags(grade, item, file_flags(item, parsed, vars_, watch))
     for note in (said, said_item):
         if note:
             grade.notes.insert(0, note)

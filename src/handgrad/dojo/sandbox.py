@@ -17,6 +17,7 @@ end a fork bomb).
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import resource
 import shutil
@@ -132,15 +133,12 @@ def readonly_paths() -> list[str]:
     ]
     want += [sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")]
     for name in PACKAGES:
-        mod = sys.modules.get(name)
-        if mod is None:
-            try:
-                mod = __import__(name)
-            except ImportError:
-                continue
-        f = getattr(mod, "__file__", None)
-        if f:
-            want.append(str(Path(f).resolve().parent.parent))
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.origin:
+            want.append(str(Path(spec.origin).resolve().parent.parent))
     out: list[str] = []
     for p in want:
         for q in {os.path.abspath(p), os.path.realpath(p)}:
