@@ -99,7 +99,8 @@ def entry(g: Grade) -> Entry:
 
 
 def summary(grades: list[Grade]) -> list[dict]:
-    """The rows the class gets wrong most: (item, row), how many submissions, their commonest diagnoses."""
+    """The rows the class gets wrong most (a blank left blank is not counted): (item, row), how many
+    submissions, their commonest diagnoses."""
     wrong: Counter = Counter()
     why: dict[tuple[str, str], Counter] = {}
     graded: Counter = Counter()
@@ -108,7 +109,7 @@ def summary(grades: list[Grade]) -> list[dict]:
             continue
         graded[g.item] += 1
         for r in g.rows:
-            if not r.ok:
+            if not r.ok and r.status != "missing":  # a blank is not a mistake
                 k = (g.item, r.name)
                 wrong[k] += 1
                 why.setdefault(k, Counter())[safe_text(_short(r.diagnosis or r.status), 160)] += 1

@@ -841,9 +841,10 @@ class Watch:
 
         return watched
 
-    def _line(self) -> int | None:
+    def _line(self, direct: bool = False) -> int | None:
         """The learner's line running now, when it is the learner's code that called (not the grader's
-        own code: the nearer of the two on the stack decides)."""
+        own code: the nearer of the two on the stack decides). `direct`: only when the learner's line
+        itself did it (an audit event), not torch's code that the line called (its lazy imports, say)."""
         if self.filename is None:
             return None
         f = sys._getframe(2)
@@ -853,7 +854,7 @@ class Watch:
             name = f.f_code.co_filename
             if name == self.filename:
                 return f.f_lineno
-            if name.startswith(self._ours):
+            if name.startswith(self._ours) or (direct and not name.startswith("<frozen importlib")):
                 return None
             f = f.f_back
         return None
@@ -871,7 +872,7 @@ class Watch:
                     return
             elif event == "object.__getattr__":
                 detail = str(args[1]) if len(args) > 1 else ""
-            line = self._line()
+            line = self._line(direct=True)
             if line is not None:
                 self.add(event, line, detail)
         except Exception:  # noqa: BLE001, S110  a watch that fails must not change what the learner's code does
