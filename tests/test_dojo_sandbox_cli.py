@@ -238,3 +238,23 @@ def test_require_refuses_to_grade_without_bubblewrap_and_auto_says_what_is_not_i
     assert r.returncode == 0, r.stderr
     (warning,) = r.stderr.splitlines()
     assert "warning: no bubblewrap" in warning and "rlimits" in warning and "26 of 26 right" in r.stdout
+
+
+def test_each_row_from_the_graders_own_autograd_helper_is_flagged_and_strict_fails_them_all(tmp_path):
+    rows = [(r.name, r.key) for r in dojo.api.get("1").rows]
+    lines = REF.splitlines()
+    a = next(i for i, ln in enumerate(lines) if ln.startswith("# >>>")) + 1
+    b = next(i for i, ln in enumerate(lines) if ln.startswith("# <<<"))
+    region = ["g_ = lecture_gradients(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb)"]
+    region += [f"{name} = g_['{key}']" for name, key in rows]
+    text = "\n".join(lines[:a] + region + lines[b:]) + "\n"
+    p = tmp_path / "helper.py"
+    p.write_text(text.replace("import lecture_setup", "import lecture_gradients, lecture_setup"))
+    g = dojo.grade_file(p)  # autograd's values for the true upstream gradient only: wrong on a random one
+    assert any("the grader's own autograd helper" in f.what and f.line == a + 1 for f in g.flags)
+    first = g.rows[0]
+    assert first.name == "dlogprobs" and first.ok, g.table()
+    assert "dlogprobs comes from autograd, not from your code (line 50: uses a value from line 49" in first.note
+    assert all(not r.ok for r in g.rows[1:]), g.table()
+    strict = dojo.grade_file(p, strict=True)
+    assert strict.right == 0 and "strict mode fails it" in strict.rows[0].diagnosis, strict.table()

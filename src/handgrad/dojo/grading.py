@@ -574,10 +574,34 @@ def file_flags(item: Item, parsed: R.Parsed, vars_: dict[str, str], events: list
         graded = [st for st in body if not isinstance(st, R.DEFS)]
         rows_of = {}
     lines = parsed.text.splitlines()
-    return S.merge(S.scan(parsed.text, graded, setup, rows_of), S.seen(events, lines, rows_of))
+    flags = S.merge(S.scan(parsed.text, graded, setup, rows_of), S.seen(events, lines, rows_of))
+    return flags + carried(parsed, flags, rows_of) if item.mode == "region" else flags
 
 
 CHEATS = ("autograd", "handgrad")  # the kinds of flag that mean a row is not the learner's own work
+
+
+def carried(parsed: R.Parsed, flags: list[S.Flag], rows_of: dict[int, tuple[str, ...]]) -> list[S.Flag]:
+    """A row whose statement reads a value that a flagged statement made (`g = lecture_gradients(...)`
+    then `dlogprobs = g['logprobs']`) carries that flag: one per such statement, naming where it came
+    from. The region's statements in order; a statement that writes no row passes its taint on to what
+    it writes (a row does not: the lines below it build on the learner's own value)."""
+    cheats = [f for f in flags if f.kind in CHEATS]
+    tainted: dict[str, S.Flag] = {}
+    out = []
+    for st in parsed.region:
+        end = getattr(st.node, "end_lineno", st.line)
+        own = next((f for f in cheats if st.line <= f.line <= end), None)
+        via = next((tainted[v] for v in sorted(st.reads) if v in tainted), None)
+        source = own or via
+        if source is None:
+            continue
+        if not rows_of.get(st.line):  # a row is the learner's next step's input, not autograd's
+            tainted.update({w: source for w in st.writes})
+        if via is not None and own is None and rows_of.get(st.line):
+            what = f"uses a value from line {source.line}, which {source.what}"
+            out.append(S.Flag(st.line, source.kind, what, st.text[:120], rows_of[st.line]))
+    return out
 
 
 def apply_flags(grade: Grade, item: Item, flags: list[S.Flag]) -> None:
