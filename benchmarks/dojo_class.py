@@ -105,6 +105,7 @@ def main() -> int:
           "file, the sandbox's start included)")
     extra = []
     if args.out:
+        args.out = args.out.resolve()  # the command runs beside the class
         args.out.mkdir(parents=True, exist_ok=True)
         extra = ["--csv", str(args.out / "class.csv"), "--html", str(args.out / "class.html")]
     t_all, rc, out = grade(d, "require", extra)

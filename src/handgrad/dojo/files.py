@@ -10,6 +10,8 @@ import os
 import stat
 from pathlib import Path
 
+from handgrad import io
+
 MAX_BYTES = 1 << 20  # a dojo file is a few KB; a MiB is far more than any real one
 
 
@@ -53,25 +55,9 @@ def read(path: Path, max_bytes: int = MAX_BYTES) -> str:
         why = "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be read ({e.strerror or e})"
         raise SubmissionError(why) from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # replaced between the two looks
-            raise SubmissionError("is not a regular file")
-        if st.st_size > max_bytes:
-            raise SubmissionError(f"is {st.st_size:,} bytes; a dojo file is at most {max_bytes:,}")
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > max_bytes:
-                raise SubmissionError(f"grew past {max_bytes:,} bytes while it was read")
-            chunks.append(chunk)
-    except OSError as e:
-        raise SubmissionError(f"cannot be read ({e.strerror or e})") from None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
+        data = io.read_fd(fd, Path(""), max_bytes)  # closes fd
+    except io.UnsafeFileError as e:
+        raise SubmissionError(str(e).removeprefix(": ").removeprefix(".: ")) from None
     if b"\0" in data:
         line = data[: data.index(b"\0")].count(b"\n") + 1
         raise SubmissionError(f"line {line} holds a NUL byte: not a Python source file")
