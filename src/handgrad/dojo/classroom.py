@@ -75,7 +75,7 @@ class Entry:
     seconds: float
     sandbox: str
     events: str  # what the grader did to its process, and what the file does besides its gradients
-    status: str  # "all right", "flagged" (right, with autograd or the dojo's code), "wrong", "cannot grade"
+    status: str  # "all right", "flagged" (right, and scan.py flagged its code), "wrong", "cannot grade"
 
     @property
     def score(self) -> str:
@@ -90,9 +90,9 @@ def entry(g: Grade) -> Entry:
         first, status = f"{bad.name}: {bad.diagnosis or bad.status}", "wrong"
     else:
         first, status = "", "all right"
-    cheat = next((f for f in g.flags if f.kind in CHEATS), None)
-    if status == "all right" and cheat is not None:
-        first, status = f"line {cheat.line}: {cheat.what}", "flagged"
+    flag = next((f for f in g.flags if f.kind in CHEATS), g.flags[0] if g.flags else None)
+    if status == "all right" and flag is not None:  # right, but not only by hand: the teacher looks
+        first, status = f"line {flag.line}: {flag.what}", "flagged"
     said = list(g.events) + [f.words() for f in g.flags]
     return Entry(safe_text(g.file, 200), g.item, g.right, len(g.rows), safe_text(first, 240),
                  round(g.seconds, 2), g.sandbox, safe_text("; ".join(said), 400), status)
