@@ -230,7 +230,7 @@ def add_parser(sub) -> None:
                    "its '# handgrad dojo' line)")
     q.add_argument("--strict", action="store_true",
                    help="shapes exactly: a right value in a shape that broadcasts alike ((64,) for (1, "
-                        "64)) is wrong")
+                        "64)) is wrong; and a row made by autograd or the dojo's own code is wrong")
     q.add_argument("--name", action="append", metavar="LECTURE=YOURS",
                    help="your name for one of the lecture's (repeatable), e.g. dlogprobs=dL_dlogprobs")
     q.add_argument("--time-limit", type=float, default=20.0,
