@@ -135,3 +135,21 @@ def test_a_grandchild_in_its_own_session_is_killed_at_the_time_limit(tmp_path):
     g = dojo.grade_file(paths["setsid_grandchild"], time_limit=2.0, sandbox="require")
     assert "still running" in g.problem and g.sandbox == "bwrap", g.problem  # its own alarm, or killed
     assert survivors() == []
+
+
+@pytest.mark.slow
+def test_more_processes_than_the_limit_are_all_killed_even_as_root(tmp_path):
+    from dojo_hostile import inject
+    from handgrad import dojo
+
+    p = tmp_path / "many.py"
+    p.write_text(inject(dojo.api.render(dojo.api.get("1")), f"""
+        import os, time
+        for _ in range(300):
+            if os.fork() == 0:
+                os.execv("/bin/sleep", ["sleep", "{MARK}"])
+        time.sleep(60)
+    """))
+    g = dojo.grade_file(p, time_limit=30.0, sandbox="require")
+    assert g.problem == "your file ended the grader's process: it was killed: it started more than 64 processes", g.problem
+    assert survivors() == []

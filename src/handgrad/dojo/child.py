@@ -42,7 +42,7 @@ class Zygote:
     answer: it is killed, and `zygote_for` starts a new one."""
 
     def __init__(self, box: SB.Sandbox):
-        self.box, self.dead = box, False
+        self.box, self.dead, self.why = box, False, ""
         self.ctl, inner = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._info_r, info_w = os.pipe()
         argv = [SB.bwrap_binary(), *SB.bwrap_args(box.limits, info_w),
@@ -98,6 +98,7 @@ class Zygote:
         rep = self._answer(SLACK)
         if rep is None or rep.get("clean") is not True:
             self.kill()
+        self.why = rep.get("why") if rep and isinstance(rep.get("why"), str) else ""
         status = rep.get("status") if rep else None
         return status if isinstance(status, int) else None
 
@@ -143,6 +144,7 @@ class Zygote:
 
 
 _ZYGOTES: dict[SB.Limits, Zygote] = {}
+ZYGOTE_WHYS = (f"it started more than {SB.Limits().processes} processes",)  # what a zygote may say
 
 
 def zygote_for(box: SB.Sandbox) -> Zygote:
@@ -271,7 +273,10 @@ class Child:
 
     def _died(self) -> dict:
         code = self._reap(5.0)
-        if code is None:
+        why = self.zygote.why if self.zygote is not None else ""
+        if why in ZYGOTE_WHYS:
+            how = f"was killed: {why}"
+        elif code is None:
             how = "closed the grader's channel"
         elif code < 0:
             try:

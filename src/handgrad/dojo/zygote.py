@@ -8,7 +8,10 @@ It takes two requests on its control socket (a socketpair: one JSON message each
   only descriptors its channel (0-2 are /dev/null), and answer {"pid": ...};
 - {"op": "end", "pid": ...}: kill every process in the sandbox but itself and bubblewrap's init (the
   child, and whatever it started: a `setsid` grandchild included, since the PID namespace shows them
-  all), reap the child, empty /tmp, and answer {"status": its exit status}.
+  all), reap the child, empty /tmp, and answer {"status": its exit status, "why": ...}.
+
+While a child runs the zygote counts the sandbox's processes every 50 ms, and more than the limit
+(a fork bomb; the kernel's RLIMIT_NPROC does not hold root) kills them all ("why" says so).
 
 Nothing of one file's run is left for the next: no process, no file. The zygote makes itself
 non-dumpable (its children inherit that), so with no capabilities a child can neither trace it nor open
@@ -21,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -30,6 +34,15 @@ import time
 
 PR_SET_DUMPABLE = 4
 TMP = "/tmp"
+WATCH = 0.05  # seconds between two counts of the processes while a file's child runs
+
+
+def most_processes() -> int:
+    """The most processes a file's child may have running at once (sandbox.Limits.processes): counted
+    here, since the kernel does not apply RLIMIT_NPROC to root."""
+    from handgrad.dojo import sandbox as SB
+
+    return SB.Limits().processes
 
 
 def _others() -> list[int]:
@@ -59,8 +72,9 @@ def _reap_all() -> dict[int, int]:
         got[pid] = os.waitstatus_to_exitcode(status)
 
 
-def end(pid: int, statuses: dict[int, int]) -> dict:
-    """Kill everything but this process and init, until nothing is left; the child's exit status."""
+def end(pid: int, statuses: dict[int, int], wipe: bool = True) -> dict:
+    """Kill everything but this process and init, until nothing is left; the child's exit status (and,
+    `wipe`, /tmp emptied)."""
     clean = False
     for _ in range(200):
         others = _others()
@@ -75,6 +89,8 @@ def end(pid: int, statuses: dict[int, int]) -> dict:
         statuses.update(_reap_all())
         time.sleep(0.005)
     statuses.update(_reap_all())
+    if not wipe:
+        return {"status": None, "clean": clean}
     for name in os.listdir(TMP):
         path = os.path.join(TMP, name)
         try:
@@ -142,9 +158,17 @@ def main() -> int:
             except OSError:
                 pass
     statuses: dict[int, int] = {}
-    n = 0
+    n, active, why = 0, False, ""
+    most = most_processes()
     ctl.sendall(json.dumps({"ready": True}).encode())
     while True:
+        ready, _, _ = select.select([ctl], [], [], WATCH if active else None)
+        if not ready:  # a file's child is running: more processes than the limit ends them all
+            if len(_others()) > most:
+                why = f"it started more than {most} processes"
+                end(0, statuses, wipe=False)
+                active = False
+            continue
         try:
             msg, fds, _, _ = socket.recv_fds(ctl, 1 << 16, 2)
         except OSError:
@@ -154,9 +178,11 @@ def main() -> int:
         req = json.loads(msg)
         if req.get("op") == "fork" and len(fds) == 2:
             n += 1
+            active, why = True, ""
             ctl.sendall(json.dumps({"pid": fork(ctl, req, fds[0], fds[1], n)}).encode())
         elif req.get("op") == "end":
-            ctl.sendall(json.dumps(end(int(req.get("pid", 0)), statuses)).encode())
+            active = False
+            ctl.sendall(json.dumps({**end(int(req.get("pid", 0)), statuses), "why": why}).encode())
         else:
             for fd in fds:
                 os.close(fd)
