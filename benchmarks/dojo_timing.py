@@ -1,7 +1,8 @@
 """Where a dojo grade's time goes: a file through the command line (a fresh process, as a learner runs
 it) and a notebook (in its own process), each split into its phases, with wall and CPU time, the median
-of --repeat runs. The baselines are measured in the same run: importing torch alone, and the child as a
-new interpreter (HANDGRAD_DOJO_SPAWN=exec) against the forked one.
+of --repeat runs. The baselines are measured in the same run: importing torch alone, and the basic
+sandbox (a child forked from the grader) against bubblewrap (a sandbox started, its zygote importing
+torch, the child forked by it).
 
     .venv/bin/python benchmarks/dojo_timing.py [--repeat 3]
 """
@@ -55,20 +56,17 @@ parsed = runner.parse(text, sys.argv[1], "region"); vars_, _ = grading.region_va
 mark("parse the file")
 probes = list(grading.probes_of("1"))
 mark("the probes")
-import tempfile
-tmp = tempfile.mkdtemp()
-ch = CH.Child()
-inputs, outputs = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
-scalars = grading.write_inputs(probes, inputs)
-rep = ch.request({"op": "load", "source": text, "filename": sys.argv[1], "mode": "region", "driver": "",
-                  "inputs": inputs, "scalars": scalars}, 20)
+from handgrad.dojo import sandbox as SB, trust as T
+tensors, scalars = grading.probe_inputs(probes)
+ch = CH.Child(SB.Sandbox("basic"), 20)
+rep, _ = ch.request({"op": "load", "source": text, "filename": sys.argv[1], "mode": "region", "driver": "",
+                     "scalars": scalars}, 20, tensors)
 mark("child: start and load")
-rep = ch.request({"op": "run", "rows": vars_, "outputs": outputs,
-                  "probes": [{"name": p.name, "feed": p.feed, "dtype": grading._dt(p)} for p in probes]}, 20)
+asked = [{"name": p.name, "feed": p.feed, "dtype": grading._dt(p)} for p in probes]
+rep, got = ch.request({"op": "run", "rows": vars_, "probes": asked}, 20)
 mark("child: run on the probes")
-from safetensors.torch import load_file
-outs = load_file(outputs)
-rows, notes = grading.assess(item, probes, outs, rep, vars_, parsed, grading.ChildRun(ch, vars_, 20, tmp),
+meta, outs = T.run_reply(rep, got, [p.name for p in probes], [r.key for r in item.rows], T.Lines(text))
+rows, notes = grading.assess(item, probes, outs, meta, vars_, parsed, grading.ChildRun(ch, vars_, 20, []),
                              lines=blank_lines(text))
 mark("judge, diagnose, edit search")
 ch.close()
@@ -94,10 +92,12 @@ def main() -> int:
     cli = [PY, "-m", "handgrad.cli", "dojo", "grade"]
     runs = {
         "import torch alone (baseline)": lambda: timed_process([PY, "-c", "import torch"]),
-        "file: `dojo grade` of the reference, forked child": lambda: timed_process(cli + [str(ref)]),
-        "file: `dojo grade` of the reference, new interpreter": lambda: timed_process(
-            cli + [str(ref)], {"HANDGRAD_DOJO_SPAWN": "exec"}),
-        "file: `dojo grade`, two mistakes (edit search), forked": lambda: timed_process(cli + [str(wrong)]),
+        "file: `dojo grade` of the reference, --sandbox basic": lambda: timed_process(
+            cli + [str(ref), "--sandbox", "basic"]),
+        "file: `dojo grade` of the reference, --sandbox require": lambda: timed_process(
+            cli + [str(ref), "--sandbox", "require"]),
+        "file: `dojo grade`, two mistakes (edit search), basic": lambda: timed_process(
+            cli + [str(wrong), "--sandbox", "basic"]),
     }
     print(f"{'what':58s} {'wall s':>8s} {'CPU s':>8s}   (median of {args.repeat})")
     for name, fn in runs.items():

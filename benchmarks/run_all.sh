@@ -16,3 +16,4 @@ $PY benchmarks/train_full.py --engine fast | tee benchmarks/results/train_full_f
 $PY benchmarks/train_full.py --engine eager | tee benchmarks/results/train_full_eager.json
 $PY benchmarks/gradcheck_side_by_side.py --repeat 3 --out benchmarks/results/gradcheck_side_by_side.md > /dev/null
 $PY benchmarks/dojo_timing.py --repeat 3 | tee benchmarks/results/dojo_timing.txt
+$PY benchmarks/dojo_class.py | tee benchmarks/results/dojo_class.txt

@@ -4,6 +4,7 @@ each a few lines that call handgrad.dojo and print what it returns."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -60,28 +61,121 @@ def _dojo_names(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _new_output(path: str | None, flag: str, ext: str) -> None:
+    """An output the grade writes: named something.EXT, in a folder that exists, never over a file."""
+    if path is None or path == "-":
+        return
+    p = Path(path)
+    if not path.endswith(ext):
+        raise UsageError(f"{flag} {data.show_path(path)}: name the file something{ext}")
+    if not p.resolve().parent.is_dir():
+        raise UsageError(f"{flag} {data.show_path(path)}: the folder {data.show_path(p.parent)} does not "
+                         "exist")
+    if os.path.lexists(p):
+        raise UsageError(f"{flag} {data.show_path(path)}: a file of that name exists already and is never "
+                         "overwritten; name a new one")
+
+
+def _write_new(path: str, text: str, flag: str) -> None:
+    """Write `text` to the new file `path` atomically, failing (one line) if it appeared meanwhile."""
+    p = Path(path)
+    tmp = p.parent / f".{p.name}.grade{io.TMP_SUFFIX}"
+    try:
+        io.atomic_write_bytes(tmp, text.encode())
+        try:
+            os.link(tmp, p)  # atomic, and fails if the file appeared meanwhile (never overwrites)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except FileExistsError:
+        raise UsageError(f"{flag} {data.show_path(path)}: a file of that name appeared meanwhile; it is "
+                         "never overwritten") from None
+    except OSError as e:
+        raise UsageError(f"{flag} {data.show_path(path)}: {e.strerror or e}") from None
+
+
 def _cmd_dojo_grade(args) -> int:
     import json
 
     from handgrad import dojo
+    from handgrad.dojo import classroom, sandbox
 
     if not (math.isfinite(args.time_limit) and 0 < args.time_limit <= 3600):
         raise UsageError(f"--time-limit {args.time_limit:g}: give seconds between 0 and 3600 (default 20)")
+    try:
+        paths = classroom.collect(args.file)
+    except classroom.ClassError as e:
+        raise UsageError(f"dojo grade {e}") from None
+    one = len(args.file) == 1 and len(paths) == 1 and not Path(args.file[0]).is_dir()
+    if args.graph and not one:
+        raise UsageError("--graph: draws one file's graph; give one file")
     if args.graph and not args.graph.endswith(".svg"):
-        raise UsageError(f"--graph {args.graph}: the picture is SVG; name the file something.svg")
-    if args.graph and not Path(args.graph).resolve().parent.is_dir():
-        raise UsageError(f"--graph {args.graph}: the folder {Path(args.graph).parent} does not exist")
-    g = dojo.grade_file(args.file, args.exercise, strict=args.strict, names=_dojo_names(args.name),
-                        time_limit=args.time_limit)
+        raise UsageError(f"--graph {data.show_path(args.graph)}: the picture is SVG; name the file "
+                         "something.svg")
+    _new_output(args.graph, "--graph", ".svg")
+    _new_output(args.csv, "--csv", ".csv")
+    _new_output(args.html, "--html", ".html")
+    try:
+        box = sandbox.choose(args.sandbox)
+    except sandbox.SandboxError as e:
+        raise UsageError(str(e)) from None
+    if box.warning:
+        _err(f"warning: {box.warning}")
+    names = _dojo_names(args.name)
+    if one:
+        return _grade_one(args, paths[0], box, names)
+    shown = not (args.json or args.csv == "-")
+
+    def each(g) -> None:  # its child is dead: what is printed is the grader's alone
+        if shown:
+            e = classroom.entry(g)
+            print(f"{e.file}: {e.item}: {e.status} {e.score} ({e.seconds:.1f} s)"
+                  + (f": {e.first}" if e.first else ""), flush=True)
+
+    grades = dojo.grade_files(paths, args.exercise, strict=args.strict, names=names,
+                              time_limit=args.time_limit, sandbox=box, each=each)
+    if args.json:
+        print(json.dumps(classroom.to_json(grades), indent=1))
+    elif args.csv == "-":
+        print(classroom.to_csv(grades), end="")
+    else:
+        print()
+        print(classroom.table(grades))
+    if args.csv and args.csv != "-":
+        _write_new(args.csv, classroom.to_csv(grades), "--csv")
+    if args.html:
+        _write_new(args.html, classroom.to_html(grades), "--html")
+    return classroom.exit_code(grades)
+
+
+def _grade_one(args, path: Path, box, names: dict[str, str]) -> int:
+    import json
+
+    from handgrad import dojo
+    from handgrad.dojo import classroom
+    from handgrad.dojo.report import safe_text
+
+    g = dojo.grade_file(path, args.exercise, strict=args.strict, names=names, time_limit=args.time_limit,
+                        sandbox=box)
     if g.problem:
-        _err(f"dojo grade {args.file}: {g.problem}")
+        _err(f"dojo grade {safe_text(path)}: {safe_text(g.problem)}")
         return 2
     print(json.dumps(g.to_json(), indent=1) if args.json else g.table())
+    if args.csv:
+        if args.csv == "-":
+            print(classroom.to_csv([g]), end="")
+        else:
+            _write_new(args.csv, classroom.to_csv([g]), "--csv")
+    if args.html:
+        _write_new(args.html, classroom.to_html([g]), "--html")
     if args.graph and dojo.api.get(g.item).graph is not None:
+        tmp = Path(args.graph).with_name(f".{Path(args.graph).name}.draw.svg")
         try:
-            dojo.draw(g, args.graph)
+            dojo.draw(g, tmp)
+            _write_new(args.graph, tmp.read_text(encoding="utf-8"), "--graph")
         except OSError as e:
-            raise UsageError(f"--graph {args.graph}: {e.strerror or e}") from None
+            raise UsageError(f"--graph {data.show_path(args.graph)}: {e.strerror or e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
         if not args.json:
             print(f"graph: {args.graph}")
     return g.exit_code
@@ -123,18 +217,31 @@ def add_parser(sub) -> None:
     q.add_argument("exercise", help="its key, letter or name (see `handgrad dojo list`)")
     q.add_argument("--dir", default=".", help="where to write it (default: here)")
     q.set_defaults(func=_cmd_dojo_start)
-    q = dsub.add_parser("grade", help="grade a file: exit 0 all right, 1 something wrong, 2 cannot grade")
-    q.add_argument("file", help="the exercise or challenge file")
-    q.add_argument("--exercise", help="grade it as this exercise or challenge (default: its "
-                   "'# handgrad dojo' line)")
+    q = dsub.add_parser("grade", help="grade a file, or a class's files: exit 0 all right, 1 something "
+                        "wrong, 2 cannot grade",
+                        description="Grade one file (its table), or several files and directories of .py "
+                        "files at once (a row each, then the gradients the class gets wrong most). Each file "
+                        "runs in a sandbox (bubblewrap where it is installed) and one that crashes, loops or "
+                        "attacks never stops the others. Exit 0: every file all right; 1: something wrong "
+                        "(or, for a class, a file that cannot be graded); 2: bad flags, or one file that "
+                        "cannot be graded.")
+    q.add_argument("file", nargs="+", metavar="FILE|DIR", help="the exercise or challenge files, or folders")
+    q.add_argument("--exercise", help="grade it as this exercise or challenge (default: its content and "
+                   "its '# handgrad dojo' line)")
     q.add_argument("--strict", action="store_true",
                    help="shapes exactly: a right value in a shape that broadcasts alike ((64,) for (1, "
-                        "64)) is wrong")
+                        "64)) is wrong; and a row made by autograd or the dojo's own code is wrong")
     q.add_argument("--name", action="append", metavar="LECTURE=YOURS",
                    help="your name for one of the lecture's (repeatable), e.g. dlogprobs=dL_dlogprobs")
     q.add_argument("--time-limit", type=float, default=20.0,
                    help="seconds for your code (default %(default)s)")
     q.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    q.add_argument("--csv", metavar="OUT.csv", help="also write a row per file as CSV (- : print it instead)")
+    q.add_argument("--html", metavar="OUT.html", help="also write the grades as an HTML page")
+    q.add_argument("--sandbox", choices=("auto", "require", "basic"), default=None,
+                   help="auto: bubblewrap where it works, else rlimits with a warning; require: refuse to "
+                        "grade without bubblewrap; basic: rlimits only (default: $HANDGRAD_DOJO_SANDBOX, "
+                        "else auto)")
     q.add_argument("--graph", metavar="OUT.svg", help="also draw the graph, each tensor coloured by grade")
     q.set_defaults(func=_cmd_dojo_grade)
     q = dsub.add_parser("hint", help="the next of three hints for a row: the rule, the shapes, the form")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import ast
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from functools import cache
@@ -26,10 +24,14 @@ from handgrad.dojo import graph as G
 from handgrad.dojo import judge as J
 from handgrad.dojo import names as N
 from handgrad.dojo import runner as R
-from handgrad.dojo.framework import Item, Probe, blank_lines, item_of
-from handgrad.dojo.items import find, get
+from handgrad.dojo import sandbox as SB
+from handgrad.dojo import scan as S
+from handgrad.dojo import submission as SUB
+from handgrad.dojo import trust as T
+from handgrad.dojo.framework import Item, Probe, blank_lines
+from handgrad.dojo.items import get
 from handgrad.dojo.judge import Row
-from handgrad.dojo.report import Grade
+from handgrad.dojo.report import Grade, safe_text
 
 TIME_LIMIT = 20.0  # seconds for the learner's code per request (a complete file takes well under 1 s)
 SEED = 20250901  # the random projections candidate values are compared by
@@ -491,10 +493,10 @@ def assess(
 
 
 class ChildRun:
-    """The edit search's runs in the file's child process."""
+    """The edit search's runs in the file's child process (its replies checked by trust.py)."""
 
-    def __init__(self, child, vars_: dict[str, str], time_limit: float, tmp: str):
-        self.child, self.vars_, self.time_limit, self.tmp = child, vars_, time_limit, tmp
+    def __init__(self, child, vars_: dict[str, str], time_limit: float, watch: list):
+        self.child, self.vars_, self.time_limit, self.watch = child, vars_, time_limit, watch
 
     def __call__(
         self,
@@ -505,8 +507,7 @@ class ChildRun:
         full: bool = False,
         owners: list[str] | None = None,
     ) -> dict[str, list]:
-        out = os.path.join(self.tmp, "edits.safetensors")
-        rep = self.child.request(
+        rep, got = self.child.request(
             {
                 "op": "edits",
                 "key": key,
@@ -515,19 +516,22 @@ class ChildRun:
                 "seed": SEED,
                 "rows": self.vars_,
                 "full": full,
-                "outputs": out,
                 "owners": owners,
                 "probes": [{"name": p.name, "dtype": _dt(p)} for p in probes],
             },
             self.time_limit,
         )
+        self.watch += rep.get("watch", []) if isinstance(rep.get("watch"), list) else []
         if not rep.get("ok"):
             return {}
-        if not full or key.startswith("*"):
-            return rep.get("results", {})
-        from safetensors.torch import load_file
-
-        got = load_file(out)
+        values = full and not key.startswith("*")
+        res = T.edits_reply(rep, [p.name for p in probes], len(sources), values)
+        if not values:
+            return res
+        try:
+            got = T.tensors(got, {f"{p.name}|{k}" for p in probes for k in range(len(sources))})
+        except T.ReplyError:
+            return {}
         return {p.name: [got.get(f"{p.name}|{k}") for k in range(len(sources))] for p in probes}
 
 
@@ -535,10 +539,8 @@ def _dt(p: Probe) -> str:
     return str(p.dtype).removeprefix("torch.")
 
 
-def write_inputs(probes: list[Probe] | tuple[Probe, ...], path: str) -> dict:
-    """Probe tensors into one safetensors file (`probe|v|name`, `probe|f|key`); their numbers returned."""
-    from safetensors.torch import save_file
-
+def probe_inputs(probes: list[Probe] | tuple[Probe, ...]) -> tuple[dict[str, Tensor], dict]:
+    """Probe tensors for the child (`probe|v|name`, `probe|f|key`), and their numbers."""
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, dict] = {}
     for p in probes:
@@ -551,26 +553,99 @@ def write_inputs(probes: list[Probe] | tuple[Probe, ...], path: str) -> dict:
         if p.feed:
             for k, t in p.feeds.items():
                 tensors[f"{p.name}|f|{k}"] = t.detach().clone().contiguous()
-    save_file(tensors, path)
-    return scalars
+    return tensors, scalars
+
+
+# ---------------------------------------------------------------------------- what the file does besides
+def file_flags(item: Item, parsed: R.Parsed, vars_: dict[str, str], events: list) -> list[S.Flag]:
+    """What the file's graded code does besides hand-written gradients (scan.py): read from the source
+    by the grader, plus what the child's watch saw it do as it ran, each on its line."""
+    tree = ast.parse(parsed.text, parsed.filename)
+    by_var = {v: k for k, v in vars_.items()}
+    if item.mode == "region":
+        a, b = R.region_bounds(parsed.text.splitlines())
+        setup = [st for st in tree.body if isinstance(st, R.DEFS) and not a < st.lineno <= b]
+        graded = [st.node for st in parsed.region]
+        rows_of = {st.line: tuple(sorted(by_var[w] for w in st.writes if w in by_var))
+                   for st in parsed.region}
+    else:
+        body = [st for st in tree.body if not R._is_main_guard(st)]
+        setup = [st for st in body if isinstance(st, R.DEFS)]
+        graded = [st for st in body if not isinstance(st, R.DEFS)]
+        rows_of = {}
+    lines = parsed.text.splitlines()
+    flags = S.merge(S.scan(parsed.text, graded, setup, rows_of), S.seen(events, lines, rows_of))
+    return flags + carried(parsed, flags, rows_of) if item.mode == "region" else flags
+
+
+CHEATS = ("autograd", "handgrad")  # the kinds of flag that mean a row is not the learner's own work
+
+
+def carried(parsed: R.Parsed, flags: list[S.Flag], rows_of: dict[int, tuple[str, ...]]) -> list[S.Flag]:
+    """A row whose statement reads a value that a flagged statement made (`g = lecture_gradients(...)`
+    then `dlogprobs = g['logprobs']`) carries that flag: one per such statement, naming where it came
+    from. The region's statements in order; a statement that writes no row passes its taint on to what
+    it writes (a row does not: the lines below it build on the learner's own value)."""
+    cheats = [f for f in flags if f.kind in CHEATS]
+    tainted: dict[str, S.Flag] = {}
+    out = []
+    for st in parsed.region:
+        end = getattr(st.node, "end_lineno", st.line)
+        own = next((f for f in cheats if st.line <= f.line <= end), None)
+        via = next((tainted[v] for v in sorted(st.reads) if v in tainted), None)
+        source = own or via
+        if source is None:
+            continue
+        if not rows_of.get(st.line):  # a row is the learner's next step's input, not autograd's
+            tainted.update({w: source for w in st.writes})
+        if via is not None and own is None and rows_of.get(st.line):
+            what = f"uses a value from line {source.line}, which {source.what}"
+            out.append(S.Flag(st.line, source.kind, what, st.text[:120], rows_of[st.line]))
+    return out
+
+
+def apply_flags(grade: Grade, item: Item, flags: list[S.Flag]) -> None:
+    """Each flag a note on its line; a row whose own lines hold autograd or handgrad's code says so, and
+    in strict mode is wrong (a cheat outside any row's lines, in strict mode, makes every row wrong)."""
+    grade.flags = flags
+    by_key = {spec.key: row for spec, row in zip(item.rows, grade.rows)}
+    loose = []
+    for f in flags:
+        grade.notes.append(f.words())
+        if f.kind not in CHEATS:
+            continue
+        hit = [by_key[k] for k in f.rows if k in by_key]
+        if not hit:
+            loose.append(f)
+        for r in hit:
+            _cheat(r, f, grade.strict)
+    if grade.strict and loose:
+        for r in grade.rows:
+            if r.status == "ok":
+                _cheat(r, loose[0], True)
+
+
+def _cheat(row: Row, f: S.Flag, strict: bool) -> None:
+    source = "autograd" if f.kind == "autograd" else "the dojo's own code"
+    words = f"{row.name} comes from {source}, not from your code (line {f.line}: {f.what})"
+    if strict:
+        row.status, row.kind, row.key = "wrong", "cheat", f"cheat-{f.kind}"
+        row.chain = None
+        row.diagnosis = f"{words}; strict mode fails it"
+    elif words not in row.note:
+        row.note = f"{row.note}; {words}" if row.note else words
+        if row.status != "ok":
+            row.diagnosis = f"{row.diagnosis}; {words}" if row.diagnosis else words
 
 
 # ---------------------------------------------------------------------------- files
 def identify(text: str, name: str | None) -> Item | str:
-    """The file's item (its `# handgrad dojo: KEY` line, or `name`), or why there is none."""
-    key = name or item_of(text)
-    if key is None:
-        return (
-            "no '# handgrad dojo: ...' line: start from a file that `handgrad dojo start` wrote, or name the "
-            "exercise (--exercise)"
-        )
-    item = find(key)
-    if item is None:
-        try:
-            get(key)
-        except ValueError as e:
-            return str(e)
-    return item
+    """The file's item (from its content and its `# handgrad dojo: KEY` line, or `name`), or why there
+    is none (submission.identify says how)."""
+    try:
+        return SUB.identify(text, name)[0]
+    except (SUB.SubmissionError, ValueError) as e:
+        return str(e)
 
 
 def grade_file(
@@ -580,9 +655,12 @@ def grade_file(
     strict: bool = False,
     names: dict[str, str] | None = None,
     time_limit: float = TIME_LIMIT,
+    sandbox: str | SB.Sandbox | None = None,
 ) -> Grade:
-    """Grade one learner file, its item read from its `# handgrad dojo: KEY` line unless given."""
-    return grade_files([path], item, strict=strict, names=names, time_limit=time_limit)[0]
+    """Grade one learner file, its item read from its content and `# handgrad dojo: KEY` line unless
+    given. `sandbox`: "auto", "require" (SandboxError without bubblewrap), "basic", a Sandbox, or None
+    ($HANDGRAD_DOJO_SANDBOX, else "auto")."""
+    return grade_files([path], item, strict=strict, names=names, time_limit=time_limit, sandbox=sandbox)[0]
 
 
 def grade_files(
@@ -592,99 +670,106 @@ def grade_files(
     strict: bool = False,
     names: dict[str, str] | None = None,
     time_limit: float = TIME_LIMIT,
+    sandbox: str | SB.Sandbox | None = None,
+    each: Callable[[Grade], None] | None = None,
 ) -> list[Grade]:
-    """Grade files one after the other, each in its own child process with its own time limit. The probes
-    are tiny: one torch thread (on a busy machine OpenMP's waiting made them 100x slower)."""
+    """Grade files one after the other, each in its own sandboxed child process with its own time limit
+    (`each` is called with every grade as it is done, its child dead). The probes are tiny: one torch
+    thread (on a busy machine OpenMP's waiting made them 100x slower)."""
+    box = sandbox if isinstance(sandbox, SB.Sandbox) else SB.choose(sandbox)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    out = []
     try:
-        return [_guarded(Path(p), item, strict, names, time_limit) for p in paths]
+        for p in paths:
+            out.append(_guarded(Path(p), item, strict, names, time_limit, box))
+            if each is not None:
+                each(out[-1])
+        return out
     finally:
         torch.set_num_threads(threads)
 
 
 def _guarded(path: Path, name: str | None, strict: bool, explicit: dict[str, str] | None,
-             time_limit: float) -> Grade:
+             time_limit: float, box: SB.Sandbox) -> Grade:
     """One file's grade; the grader's own failure on something unforeseen is one line, never a traceback."""
+    start = time.perf_counter()
     try:
-        return _grade_path(path, name, strict, explicit, time_limit)
+        grade = _grade_path(path, name, strict, explicit, time_limit, box)
     except Exception as e:
-        return Grade(str(path), name or "?",
-                     problem=f"the grader failed on this file ({type(e).__name__}: {e}); please report it")
+        grade = Grade(str(path), name or "?", problem=f"the grader failed on this file "
+                      f"({type(e).__name__}: {safe_text(e, 200)}); please report it")
+    grade.sandbox = box.kind
+    grade.seconds = time.perf_counter() - start
+    return grade
 
 
 def _grade_path(
-    path: Path, name: str | None, strict: bool, explicit: dict[str, str] | None, time_limit: float
+    path: Path, name: str | None, strict: bool, explicit: dict[str, str] | None, time_limit: float,
+    box: SB.Sandbox,
 ) -> Grade:
-    start = time.perf_counter()
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        return Grade(str(path), name or "?", problem=f"cannot read it ({type(e).__name__}: {e})")
-    item = identify(text, name)
-    if isinstance(item, str):
-        return Grade(str(path), name or "?", problem=item)
+        text = SUB.read(path)
+        item, said_item = SUB.identify(text, name)
+    except (SUB.SubmissionError, ValueError) as e:
+        return Grade(str(path), name or "?", problem=str(e))
     grade = Grade(str(path), item.key, item.title, strict=strict)
     try:
         parsed = R.parse(text, str(path), item.mode)
     except R.FileProblem as e:
-        grade.problem = str(e)
+        grade.problem = safe_text(e)
         return grade
     vars_, said = region_vars(item, parsed, explicit)
     probes = list(probes_of(item.key))
     grade.probes = verdict_words(probes)
+    watch: list = []
     from handgrad.dojo.child import Child
 
-    with tempfile.TemporaryDirectory(prefix="dojo-") as tmp, Child() as ch:
-        inputs, outputs = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
-        scalars = write_inputs(probes, inputs)
-        rep = ch.request(
-            {
-                "op": "load",
-                "source": text,
-                "filename": str(path),
-                "mode": item.mode,
-                "driver": item.driver,
-                "inputs": inputs,
-                "scalars": scalars,
-            },
-            time_limit,
-        )
-        if rep.get("ok"):
-            rep = ch.request(
-                {
-                    "op": "run",
-                    "rows": vars_,
-                    "outputs": outputs,
-                    "probes": [{"name": p.name, "feed": p.feed, "dtype": _dt(p)} for p in probes],
-                },
-                time_limit,
-            )
-        if not rep.get("ok"):
-            grade.problem = rep.get("problem", "the grader's process failed")
-            return grade
-        from safetensors.torch import load_file
-
-        outs = load_file(outputs)
-        grade.rows, grade.notes = assess(
-            item,
-            probes,
-            outs,
-            rep,
-            vars_,
-            parsed,
-            ChildRun(ch, vars_, time_limit, tmp),
-            strict,
-            lines=blank_lines(text),
-        )
-        if item.training:
-            grade.rows += _training(ch, tmp, vars_, time_limit)
-    if said:
-        grade.notes.insert(0, said)
+    with Child(box, time_limit) as ch:
+        try:
+            _run_child(ch, grade, item, probes, text, path, parsed, vars_, time_limit, watch)
+        finally:
+            ch.close()
+            grade.events = list(ch.events)
+    if grade.problem:
+        return grade
+    apply_flags(grade, item, file_flags(item, parsed, vars_, watch))
+    for note in (said, said_item):
+        if note:
+            grade.notes.insert(0, note)
     _problem_rows(grade)
     _hints_used(grade, path)
-    grade.seconds = time.perf_counter() - start
     return grade
+
+
+def _run_child(ch, grade: Grade, item: Item, probes: list[Probe], text: str, path: Path,
+               parsed: R.Parsed, vars_: dict[str, str], time_limit: float, watch: list) -> None:
+    """Load the file in the child, run it on the probes, judge what came back (checked by trust.py)."""
+    tensors, scalars = probe_inputs(probes)
+    lines = T.Lines(text)
+    load = {"op": "load", "source": text, "filename": str(path), "mode": item.mode, "driver": item.driver,
+            "scalars": scalars}
+    rep, _ = ch.request(load, time_limit, tensors)
+    got: dict[str, Tensor] = {}
+    if rep.get("ok"):
+        run = {"op": "run", "rows": vars_,
+               "probes": [{"name": p.name, "feed": p.feed, "dtype": _dt(p)} for p in probes]}
+        rep, got = ch.request(run, time_limit)
+    watch += rep.get("watch", []) if isinstance(rep.get("watch"), list) else []
+    if not rep.get("ok"):
+        grade.problem = T.problem(rep)
+        return
+    try:
+        meta, outs = T.run_reply(rep, got, [p.name for p in probes], [r.key for r in item.rows], lines)
+    except T.ReplyError as e:
+        grade.problem = f"the grader's child process sent {e}: the grade stops here"
+        return
+    grade.rows, grade.notes = assess(
+        item, probes, outs, meta, vars_, parsed, ChildRun(ch, vars_, time_limit, watch), grade.strict,
+        lines=blank_lines(text),
+    )
+    if item.training:
+        grade.rows += _training(ch, vars_, time_limit, watch)
 
 
 def _problem_rows(grade: Grade) -> None:
@@ -705,20 +790,17 @@ def _hints_used(grade: Grade, path: Path) -> None:
         )
 
 
-def _training(ch, tmp: str, vars_: dict[str, str], time_limit: float) -> list[Row]:
+def _training(ch, vars_: dict[str, str], time_limit: float, watch: list) -> list[Row]:
     """Exercise 4: train with the learner's backward alone; the loss curve against autograd's."""
-    from safetensors.torch import load_file, save_file
-
     from handgrad.dojo import loop
 
-    tensors = loop.inputs()
-    path, out = os.path.join(tmp, "train.safetensors"), os.path.join(tmp, "train-out.safetensors")
-    save_file(tensors, path)
-    rep = ch.request(
-        {"op": "train", "inputs": path, "outputs": out, "lr": loop.LR, "rows": vars_}, time_limit
-    )
-    if not rep.get("ok"):
-        mine, stop = torch.zeros(0, dtype=torch.float64), rep.get("problem", "the grader's process failed")
-    else:
-        mine, stop = load_file(out).get("losses", torch.zeros(0, dtype=torch.float64)), rep.get("stop", "")
+    rep, got = ch.request({"op": "train", "lr": loop.LR, "rows": vars_}, time_limit, loop.inputs())
+    watch += rep.get("watch", []) if isinstance(rep.get("watch"), list) else []
+    mine, stop = torch.zeros(0, dtype=torch.float64), T.problem(rep)
+    if rep.get("ok"):
+        try:
+            mine = T.tensors(got, {"losses"}).get("losses", mine)
+            stop = T.text(rep.get("stop"))
+        except T.ReplyError as e:
+            stop = f"the grader's child process sent {e}"
     return loop.judge_training(mine, loop.reference(), stop)

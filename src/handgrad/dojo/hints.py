@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 from pathlib import Path
 
 from handgrad import io
@@ -83,9 +84,14 @@ def _counter_path(path: Path) -> Path:
 
 def used(path: str | Path) -> dict[str, int]:
     """{row: hints shown} for a learner's file (empty if none yet, or the counter is unreadable)."""
-    try:
-        data = json.loads(_counter_path(Path(path)).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from handgrad.dojo.files import SubmissionError, read
+
+    counter = _counter_path(Path(path))
+    if not os.path.lexists(counter):
+        return {}
+    try:  # a regular file of a few KB only: a FIFO, a link or /dev/zero put there is no counter
+        data = json.loads(read(counter, 64 << 10))
+    except (SubmissionError, ValueError, RecursionError):
         return {}
     if not isinstance(data, dict):
         return {}

@@ -6,6 +6,7 @@ wrong or missing, 2 could not grade.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass, field
 
 from handgrad.dojo.judge import Row, shape_words
@@ -35,6 +36,9 @@ class Grade:
     probes: list[str] = field(default_factory=list)  # the verdict probes, in words, for the legend
     strict: bool = False
     seconds: float = 0.0  # how long grading took
+    flags: list = field(default_factory=list)  # scan.Flag: what the file does besides its gradients
+    events: list[str] = field(default_factory=list)  # what the grader did to its process (killed, ...)
+    sandbox: str = ""  # how its process was held: "bwrap", "basic" ('' for a notebook, run in-process)
 
     @property
     def right(self) -> int:
@@ -79,14 +83,15 @@ class Grade:
 
     def table(self) -> str:
         if self.problem:
-            return f"{self.file}: cannot grade: {self.problem}"
-        cells = [self._cells(r) for r in self.rows]
+            return f"{safe_text(self.file)}: cannot grade: {safe_text(self.problem)}"
+        cells = [tuple(safe_text(c) for c in self._cells(r)) for r in self.rows]
         heads = ("row", "shape", "verdict", "exact", "chain", "where", "diagnosis")
         widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(heads[:-1])]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
-        out = [f"{self.file}: {self.title}" + ("  [strict]" if self.strict else ""), fmt.format(*heads)]
+        out = [f"{safe_text(self.file)}: {self.title}" + ("  [strict]" if self.strict else ""),
+               fmt.format(*heads)]
         out += [fmt.format(*c) for c in cells]
-        out += [f"note: {nt}" for nt in self.notes]
+        out += [f"note: {safe_text(nt)}" for nt in self.notes]
         out += [
             "",
             "verdict: " + "; ".join(self.probes or ["float64 probes"]),
@@ -127,8 +132,40 @@ class Grade:
             "rows": [r.to_json() for r in self.rows],
             "summary": "" if self.problem else self.summary(),
             "exit_code": self.exit_code,
+            "flags": [f.to_json() for f in self.flags],
+            "events": self.events,
+            "sandbox": self.sandbox,
+            "seconds": round(self.seconds, 3),
         }
 
 
+# control characters (terminal escapes, backspace, carriage return, C1), Unicode's invisible format
+# characters (bidirectional overrides, zero-width ones), line and paragraph separators, lone surrogates
+UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f"
+    "\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001-\U000e007f\ud800-\udfff]"
+)
+
+
+def _escape(m: re.Match) -> str:
+    c = ord(m.group(0))
+    named = {9: "\\t", 10: "\\n", 13: "\\r"}.get(c)
+    if named:
+        return named
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}"
+
+
+def safe_text(text: object, limit: int | None = None) -> str:
+    """`text` as one line that shows what it holds and does nothing to a terminal: every control or
+    invisible character written as its escape (ESC as \\x1b, a newline as \\n), cut to `limit`
+    characters with an ellipsis. Every byte a grade prints that came from a learner's file or its
+    process goes through here (names, lines, messages)."""
+    out = UNSAFE.sub(_escape, str(text))
+    if limit is not None and len(out) > limit:
+        out = out[: max(limit - 1, 0)] + "\u2026"
+    return out
+
+
 def _h(text: str) -> str:
-    return html.escape(str(text))
+    return html.escape(safe_text(text))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import importlib
 import io
-import json
 import os
 import signal
 import sys
@@ -20,13 +19,14 @@ import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from types import CodeType
 
 import torch
 from torch import Tensor
 
+from handgrad.dojo import channel
 from handgrad.dojo.framework import BEGIN, END
 
 DEFS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
@@ -385,6 +385,8 @@ class Region:
         if d["status"] == "value":
             self.run.out[k] = take(value)
             m["dtype"] = str(value.dtype)[6:]
+            if value.requires_grad or value.grad_fn is not None:
+                m["autograd"] = True
             if self.track:
                 self.watched[k] = (value, value._version, self.rows[k])
 
@@ -606,6 +608,8 @@ class Recorder:
         if d["status"] == "value":
             self.out[row] = take(value)
             d["dtype"] = str(value.dtype)[6:]
+            if value.requires_grad or value.grad_fn is not None:
+                d["autograd"] = True
         self.meta[row] = d
 
 
@@ -674,18 +678,6 @@ def call_edit_values(
 
 
 # ---------------------------------------------------------------------------- the child's requests
-def _load_tensors(path: str) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path)
-
-
-def _save_tensors(tensors: dict[str, Tensor], path: str) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-
-
 def split_probe(tensors: dict[str, Tensor], scalars: dict, probe: str) -> tuple[dict, dict[str, Tensor]]:
     """A probe's namespace values (`probe|v|name`, plus its numbers) and feeds (`probe|f|key`)."""
     values: dict[str, object] = dict(scalars.get(probe, {}))
@@ -698,22 +690,27 @@ def split_probe(tensors: dict[str, Tensor], scalars: dict, probe: str) -> tuple[
 
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+OPS = ("load", "run", "edits", "train")  # the requests a child answers
 
 
 class Session:
-    """The child's state across requests: the learner's file, parsed and defined, and the probes."""
+    """The child's state across requests: the learner's file, parsed and defined, and the probes. Each
+    request returns (its reply's fields, its tensors): they go back on the channel."""
 
-    def __init__(self):
+    def __init__(self, watch: Watch | None = None):
         self.p: Parsed | None = None
         self.base: dict = {}
         self.mode = "region"
         self.driver = ""
         self.tensors: dict[str, Tensor] = {}
         self.scalars: dict = {}
+        self.watch = watch
 
-    def load(self, req: dict) -> dict:
+    def load(self, req: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict]:
         self.mode, self.driver = req["mode"], req.get("driver", "")
         self.p = parse(req["source"], req["filename"], self.mode)
+        if self.watch is not None:
+            self.watch.filename = self.p.filename
         self.base = {"__name__": "__dojo__", "__file__": req["filename"]}
         try:
             exec(self.p.defs, self.base)  # noqa: S102  the learner's imports and definitions
@@ -724,13 +721,11 @@ class Session:
                 learner_error(e, self.p)["msg"] + " (in the file's imports or definitions, "
                 "before any row is graded)"
             ) from None
-        self.tensors = _load_tensors(req["inputs"])
+        self.tensors = tensors
         self.scalars = req.get("scalars", {})
-        return {
-            "region": [{"line": s.line, "writes": sorted(s.writes), "text": s.text} for s in self.p.region]
-        }
+        return {}, {}
 
-    def run(self, req: dict) -> dict:
+    def run(self, req: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict]:
         out: dict[str, Tensor] = {}
         meta: dict = {"probes": {}, "notes": [], "events": {}}
         for probe in req["probes"]:
@@ -755,14 +750,15 @@ class Session:
                     rec = run_call(self.p, self.base, self.driver, _inputs(values), name)
                 out.update({f"{name}|{k}": t for k, t in rec.out.items()})
                 meta["probes"][name] = rec.meta
-        _save_tensors(out, req["outputs"])
-        return meta
+            if self.watch is not None:
+                self.watch.values(meta["probes"][name])
+        return meta, out
 
-    def edits(self, req: dict) -> dict:
-        """Fingerprints of each candidate's value; with "full", the values themselves, in `outputs`."""
+    def edits(self, req: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict]:
+        """Fingerprints of each candidate's value; with "full", the values themselves as tensors."""
         results: dict[str, list] = {}
         full = bool(req.get("full"))
-        tensors: dict[str, Tensor] = {}
+        out: dict[str, Tensor] = {}
         for probe in req["probes"]:
             name = probe["name"]
             values, feeds = split_probe(self.tensors, self.scalars, name)
@@ -797,49 +793,142 @@ class Session:
                         req.get("owners"),
                     )
             if full and not req["key"].startswith("*"):
-                tensors.update({f"{name}|{k}": t for k, t in enumerate(got) if t is not None})
+                out.update({f"{name}|{k}": t for k, t in enumerate(got) if t is not None})
                 results[name] = [t is not None for t in got]
             else:
                 results[name] = got
-        if full:
-            _save_tensors(tensors, req["outputs"])
-        return {"results": results}
+        return {"results": results}, out
 
-    def train(self, req: dict) -> dict:
+    def train(self, req: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict]:
         from handgrad.dojo.loop import run_training
 
-        out, meta = run_training(
-            self.p, self.base, _load_tensors(req["inputs"]), req["rows"], float(req["lr"]), run_region
-        )
-        _save_tensors(out, req["outputs"])
-        return meta
+        out, meta = run_training(self.p, self.base, tensors, req["rows"], float(req["lr"]), run_region)
+        return meta, out
 
 
 def _inputs(values: dict) -> dict[str, Tensor]:
     return {k: v for k, v in values.items() if isinstance(v, Tensor)}
 
 
+# ---------------------------------------------------------------------------- the child's watch
+class Watch:
+    """What the learner's own code does while it runs in the child, as it happens: an audit event
+    (sys.addaudithook: exec, open, a process, the network, frames, gc; see scan.RUNTIME), autograd
+    called, or a value that requires grad, each with the learner's line. It can only add flags to what
+    the grader's own reading of the file finds (scan.py), never take one away, and the grader words
+    them itself: the child sends an event's name and a line number."""
+
+    def __init__(self):
+        from handgrad.dojo import scan
+
+        self.filename: str | None = None
+        self.events: list[dict] = []
+        self._seen: set[tuple] = set()
+        self._busy = False
+        self._audit, self._modules = scan.RUNTIME, scan.OUTSIDE_MODULES
+        self._ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+    def install(self) -> None:
+        sys.addaudithook(self._hook)
+        for name in ("backward", "grad"):
+            original = getattr(torch.autograd, name)
+            setattr(torch.autograd, name, self._wrap(original, f"autograd.{name}"))
+
+    def _wrap(self, fn: Callable, event: str) -> Callable:
+        def watched(*args, **kwargs):
+            self.add(event, self._line(), "")
+            return fn(*args, **kwargs)
+
+        return watched
+
+    def _line(self, direct: bool = False) -> int | None:
+        """The learner's line running now, when it is the learner's code that called (not the grader's
+        own code: the nearer of the two on the stack decides). `direct`: only when the learner's line
+        itself did it (an audit event), not torch's code that the line called (its lazy imports, say)."""
+        if self.filename is None:
+            return None
+        f = sys._getframe(2)
+        for _ in range(64):
+            if f is None:
+                return None
+            name = f.f_code.co_filename
+            if name == self.filename:
+                return f.f_lineno
+            if name.startswith(self._ours) or (direct and not name.startswith("<frozen importlib")):
+                return None
+            f = f.f_back
+        return None
+
+    def _hook(self, event: str, args: tuple) -> None:
+        if self._busy or (event not in self._audit and event != "import"):
+            return
+        self._busy = True
+        try:
+            detail = ""
+            if event == "import":
+                detail = str(args[0]) if args and isinstance(args[0], str) else ""
+                root = detail.split(".")[0]
+                if not (root in self._modules or (root == "handgrad" and detail != "handgrad.dojo.setup")):
+                    return
+            elif event == "object.__getattr__":
+                detail = str(args[1]) if len(args) > 1 else ""
+            line = self._line(direct=True)
+            if line is not None:
+                self.add(event, line, detail)
+        except Exception:  # noqa: BLE001, S110  a watch that fails must not change what the learner's code does
+            pass
+        finally:
+            self._busy = False
+
+    def add(self, event: str, line: int | None, detail: str) -> None:
+        key = (event, line, detail)
+        if line is not None and key not in self._seen and len(self.events) < 200:
+            self._seen.add(key)
+            self.events.append({"event": event, "line": line, "detail": detail[:80]})
+
+    def values(self, meta: dict) -> None:
+        """A row's value that required grad (autograd's graph on it) came from autograd."""
+        for key, m in meta.items():
+            if isinstance(m, dict) and m.get("autograd"):
+                self.add("requires_grad", m.get("line"), key)
+
+    def take(self) -> list[dict]:
+        out, self.events = self.events, []
+        return out
+
+
 def serve(rfd: int, wfd: int) -> None:
-    """Answer requests (one JSON line each) until "quit" or the end of input. Each request gets the time
-    limit it names; the learner's prints are not the grader's output."""
+    """Answer requests (one frame each) until "quit" or the end of input. Each request gets the time
+    limit it names; the learner's prints are not the grader's output, and the learner's exit() is one
+    line, as an exception is."""
     torch.set_num_threads(1)
-    session = Session()
-    reader = open(rfd, encoding="utf-8", closefd=False)
-    writer = open(wfd, "w", encoding="utf-8", closefd=False)
+    sys.dont_write_bytecode = True
+    watch = Watch()
+    watch.install()
+    session = Session(watch)
+    reader = channel.Reader(rfd)
 
     def alarm(signum, frame):
         raise OutOfTime()
 
     signal.signal(signal.SIGALRM, alarm)
-    for line in reader:
-        req = json.loads(line)
+    while True:
+        try:
+            req, tensors = reader.read()
+        except (EOFError, channel.ChannelError):
+            break
         if req.get("op") == "quit":
             break
         sink = io.StringIO()
+        out: dict[str, Tensor] = {}
         try:
+            if req.get("op") not in OPS:
+                op = str(req.get("op"))[:20]
+                raise FileProblem(f"the grader asked for {op!r}, which a child does not do")
             signal.setitimer(signal.ITIMER_REAL, float(req.get("time_limit", 20.0)))
-            with redirect_stdout(sink):
-                reply = {"ok": True, **getattr(session, req["op"])(req)}
+            with redirect_stdout(sink), redirect_stderr(sink):
+                fields, out = getattr(session, req["op"])(req, tensors)
+            reply = {"ok": True, **fields}
         except FileProblem as e:
             reply = {"ok": False, "problem": str(e)}
         except OutOfTime as e:
@@ -848,13 +937,26 @@ def serve(rfd: int, wfd: int) -> None:
                 "ok": False,
                 "problem": f"{err['msg']} (time limit {float(req.get('time_limit', 20)):g} s)",
             }
+        except (SystemExit, KeyboardInterrupt) as e:  # the learner's exit(), or a KeyboardInterrupt raised
+            err = learner_error(e, session.p) if session.p else {}
+            where = f"{err['where']}: " if err.get("where") else ""
+            reply = {
+                "ok": False,
+                "problem": f"{where}your file calls exit() or raises {type(e).__name__}, which ends a "
+                "program: the grader cannot grade past it",
+            }
         except Exception as e:  # the grader's own failure on this file: one line, never a traceback
             err = learner_error(e, session.p) if session.p else {"msg": f"{type(e).__name__}: {e}"}
             reply = {"ok": False, "problem": err["msg"]}
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        writer.write(json.dumps(reply) + "\n")
-        writer.flush()
+        reply["id"] = req.get("id")
+        reply["watch"] = watch.take()
+        try:
+            channel.send(wfd, reply, out)
+        except (ValueError, TypeError, RuntimeError):  # a reply that cannot be framed: say so instead
+            said = {"ok": False, "problem": "the child could not send its reply", "id": req.get("id")}
+            channel.send(wfd, said)
 
 
 @contextmanager
@@ -877,14 +979,23 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 
 def main() -> int:
-    """The child as its own process: requests on stdin, replies on the descriptor the grader names; the
-    learner's own writes to stdout go nowhere."""
-    wfd = int(os.environ.get("HANDGRAD_DOJO_REPLY_FD", "1"))
-    if wfd == 1:
+    """The child as its own process (under bubblewrap): its channel is the two descriptors the grader
+    names in HANDGRAD_DOJO_FDS; every other descriptor but 0-2 (/dev/null) is closed first."""
+    rfd, wfd = (int(x) for x in os.environ.get("HANDGRAD_DOJO_FDS", "0,1").split(","))
+    if wfd == 1:  # run by hand: replies on a copy of stdout, the learner's prints nowhere
         wfd = os.dup(1)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-    serve(0, wfd)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    try:
+        fds = [int(x) for x in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = []
+    for fd in fds:
+        if fd > 2 and fd not in (rfd, wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    serve(rfd, wfd)
     return 0
 
 
