@@ -60,8 +60,8 @@ ATTACKS = {  # name -> (start from "template" or "reference", the lines put firs
     # the grader's own autograd helper and the dojo's reference, exec'd
     "helper": ("template", """
         from handgrad.dojo.setup import lecture_gradients
-        from handgrad.dojo import items
-        exec(items.get("1").solution, globals())
+        from handgrad.dojo import registry
+        exec(registry.get("1").solution, globals())
     """),
     # writes next to itself, over a classmate's file, into the installed package, anywhere
     "write_outside": ("template", """

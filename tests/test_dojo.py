@@ -11,7 +11,7 @@ import pytest
 from handgrad import cli, dojo
 from handgrad.dojo import catalogue as K
 from handgrad.dojo.framework import render
-from handgrad.dojo.items import get
+from handgrad.dojo.registry import get
 
 EX1 = get("1")
 REF = EX1.solution[0]

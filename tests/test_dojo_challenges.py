@@ -15,7 +15,7 @@ from handgrad.dojo.challenges import batchnorm as B
 from handgrad.dojo.challenges import checkpoint as CK
 from handgrad.dojo.challenges import gradcheck as G
 from handgrad.dojo.framework import render
-from handgrad.dojo.items import get
+from handgrad.dojo.registry import get
 
 CE = "dlogits = dloss * (F.softmax(logits, 1) - F.one_hot(Y, logits.shape[1]).to(logits.dtype)) / n"
 EMB = (

@@ -15,7 +15,7 @@ import dojo_corpus as D
 import dojo_notebook as NB
 from handgrad import dojo
 from handgrad.dojo import catalogue as K
-from handgrad.dojo.items import ITEMS, get
+from handgrad.dojo.registry import ITEMS, get
 
 NB_CELLS = {"1": NB.EX1, "2": NB.EX2, "3": NB.EX3, "4": NB.EX4.replace("STEPS", "30")}
 NB_BEFORE = {"1": [], "2": [NB.EX2_FORWARD], "3": [NB.EX2_FORWARD, NB.EX3_FORWARD], "4": []}

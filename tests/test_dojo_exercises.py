@@ -9,7 +9,7 @@ import pytest
 from handgrad import dojo
 from handgrad.dojo import catalogue as K
 from handgrad.dojo.framework import render
-from handgrad.dojo.items import get
+from handgrad.dojo.registry import get
 
 CE, BN, TR = "dlogits /= n\n", "n / (n - 1) * bnraw", "dbngain = (bnraw * dhpreact).sum(0, keepdim=True)"
 CE_ALL = "dlogits = F.softmax(logits, 1)\ndlogits[range(n), Yb] -= 1\ndlogits /= n\n"

@@ -268,7 +268,7 @@ def test_a_challenge_is_graded_from_the_functions_a_notebook_defines():
 
 def test_the_notebooks_solution_as_a_dojo_file_is_all_right_with_a_shape_note(tmp_path):
     from handgrad.dojo.framework import render
-    from handgrad.dojo.items import get
+    from handgrad.dojo.registry import get
 
     cell = NB.EX1_LINES  # the notebook's gradient lines, without its checks (a file has no .grad)
     p = tmp_path / "ex1_atomic.py"

@@ -14,7 +14,7 @@ from handgrad import cli, dojo
 from handgrad.dojo import hints as H
 from handgrad.dojo import sandbox
 from handgrad.dojo.framework import render
-from handgrad.dojo.items import ITEMS, get
+from handgrad.dojo.registry import ITEMS, get
 
 
 def _answer_lines(solution: str, g: str) -> list[str]:

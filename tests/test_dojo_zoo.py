@@ -21,7 +21,7 @@ from handgrad.dojo.challenges import layernorm as LN
 from handgrad.dojo.challenges import rnn as RN
 from handgrad.dojo.framework import render
 from handgrad.dojo.grading import upstream
-from handgrad.dojo.items import get
+from handgrad.dojo.registry import get
 
 ZOO = ("layernorm", "attention", "rnn")
 MODULES = {"layernorm": LN, "attention": AT, "rnn": RN}

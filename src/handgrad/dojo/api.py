@@ -11,7 +11,7 @@ from pathlib import Path
 from handgrad import io
 from handgrad.dojo import hints as H
 from handgrad.dojo.framework import Item, item_of, render
-from handgrad.dojo.items import ITEMS, get
+from handgrad.dojo.registry import ITEMS, get
 from handgrad.dojo.report import Grade
 
 

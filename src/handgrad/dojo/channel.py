@@ -14,8 +14,11 @@ import os
 import select
 import struct
 import time
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported by whoever sends or reads tensors, not by importing this
+    from torch import Tensor
+
 
 MAGIC = b"HGD1"
 HEAD = struct.Struct("<4sIQ")  # magic, header bytes, tensor bytes

@@ -26,11 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from handgrad.dojo import channel
 from handgrad.dojo import sandbox as SB
+
+if TYPE_CHECKING:  # torch is imported by whoever sends or reads tensors, not by importing this
+    from torch import Tensor
 
 SLACK = 10.0  # seconds a reply may take beyond the learner's time limit (the child's own work)
 START_SLACK = 60.0  # and, for a new interpreter, its start (importing torch: 3-6 s on a busy machine)
@@ -57,9 +59,16 @@ class Zygote:
         finally:
             inner.close()
             os.close(info_w)
-        self.init = 0
-        if not (self._answer(START_SLACK) or {}).get("ready"):
-            self.kill()
+        self.init, self.ready = 0, False  # ready: the zygote has said so (it imports torch first)
+
+    def _wait_ready(self) -> bool:
+        """Wait for the zygote's first word, once: a sandbox started early (handgrad.__main__) imports
+        torch while the grader does."""
+        if not self.ready and not self.dead:
+            self.ready = bool((self._answer(START_SLACK) or {}).get("ready"))
+            if not self.ready:
+                self.kill()
+        return self.ready
 
     def _answer(self, wait: float) -> dict | None:
         try:
@@ -72,7 +81,7 @@ class Zygote:
 
     def fork(self, r: int, w: int, time_limit: float) -> int:
         """The child's pid in the sandbox, 0 when the zygote does not answer (it is killed)."""
-        if self.dead:
+        if not self._wait_ready():
             return 0
         try:
             socket.send_fds(self.ctl, [json.dumps({"op": "fork", "time_limit": time_limit}).encode()], [r, w])
@@ -135,6 +144,8 @@ class Zygote:
         if self._info_r >= 0:
             os.close(self._info_r)
             self._info_r = -1
+        if self.proc.poll() is None and not self.ready:  # never used: still starting, nothing to end
+            _signal(self.proc.pid, signal.SIGKILL, group=True)
         if self.proc.poll() is None:
             try:
                 self.proc.wait(5.0)  # the zygote ends when its control socket closes

@@ -29,7 +29,7 @@ from handgrad.dojo import scan as S
 from handgrad.dojo import submission as SUB
 from handgrad.dojo import trust as T
 from handgrad.dojo.framework import Item, Probe, blank_lines
-from handgrad.dojo.items import get
+from handgrad.dojo.registry import get
 from handgrad.dojo.judge import Row
 from handgrad.dojo.report import Grade, safe_text
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from handgrad import io
 from handgrad.dojo.graph import Graph
-from handgrad.dojo.items import get
+from handgrad.dojo.registry import get
 from handgrad.dojo.report import COLOURS, VERDICTS, Grade
 
 ROW_H, COL_W, NODE_W, NODE_H, MARGIN, TOP = 64, 170, 140, 40, 40, 90  # px

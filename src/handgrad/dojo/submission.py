@@ -12,7 +12,7 @@ from functools import cache
 
 from handgrad.dojo.files import SubmissionError, read
 from handgrad.dojo.framework import BEGIN, END, SLOT, Item, item_of
-from handgrad.dojo.items import ITEMS, find, get
+from handgrad.dojo.registry import ITEMS, find, get
 
 MATCH = 0.5  # a file is an item's when at least half of the item's given lines and names are in it
 MARGIN = 0.25  # and the content overrides the file's own mark when it fits the other item this much better

@@ -1,5 +1,5 @@
 """The coding challenges given alongside "Becoming a Backprop Ninja" (Karpathy, nn-zero-to-hero), one
-file each: a plain Python file with marked blanks, graded like the exercises (items.py lists them).
+file each: a plain Python file with marked blanks, graded like the exercises (registry.py lists them).
 """
 
 from handgrad.dojo.challenges import (
