@@ -29,8 +29,8 @@ from handgrad.dojo import scan as S
 from handgrad.dojo import submission as SUB
 from handgrad.dojo import trust as T
 from handgrad.dojo.framework import Item, Probe, blank_lines
-from handgrad.dojo.registry import get
 from handgrad.dojo.judge import Row
+from handgrad.dojo.registry import get
 from handgrad.dojo.report import Grade, safe_text
 
 TIME_LIMIT = 20.0  # seconds for the learner's code per request (a complete file takes well under 1 s)

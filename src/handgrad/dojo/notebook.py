@@ -29,8 +29,8 @@ from handgrad.dojo import probes as P
 from handgrad.dojo import runner as R
 from handgrad.dojo.framework import Item, Probe
 from handgrad.dojo.grading import SEED, assess, given_note, probes_of, verdict_words
-from handgrad.dojo.registry import get
 from handgrad.dojo.judge import Row
+from handgrad.dojo.registry import get
 from handgrad.dojo.report import Grade
 
 PARAMS = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
