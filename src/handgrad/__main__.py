@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 
+from handgrad import lifeline
+
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
@@ -27,6 +29,7 @@ def _quit(message: bytes):
 
 
 def main() -> int:
+    lifeline.follow_launcher()  # a rank of --nproc ends with its launcher (before the heavy imports)
     ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # as `nohup` or `cmd &` in a script leave it
 
     def on_ctrl_c(handler) -> None:
