@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from handgrad import budget, checkpoint, data, diagnostics, engines, io, models, train
+from handgrad import budget, checkpoint, data, diagnostics, engines, io, models, preflight, train
 from handgrad.checkpoint import Checkpoint, CheckpointError
 from handgrad.config import (
     REQUIRED,
@@ -296,6 +296,9 @@ def new(mcfg: ModelConfig, tcfg: TrainConfig, opts: RunConfig = RunConfig(), eve
     data_path, fingerprint = data_identity(opts.data)  # data_path None: the bundled names
     ck = Checkpoint(mcfg, tcfg, splits.vocab, data_path, train.new_state(mcfg, tcfg), None, {},
                     mcfg.block_size, fingerprint, [checkpoint.lr_settings(tcfg, 0)])
+    launched = os.environ.get(parallel.LAUNCHED_ENV) is not None  # a --nproc rank: its launcher warned
+    preflight.check(ck.state.model, mcfg, tcfg, splits.Xtr, splits.Ytr,
+                    (lambda line: None) if launched else events.warning)
     return Run(ck, splits, Path(opts.out or DEFAULT_OUT.format(model=mcfg.name)), opts)
 
 
