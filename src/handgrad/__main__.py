@@ -11,8 +11,6 @@ import os
 import signal
 import sys
 
-from handgrad import lifeline
-
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
@@ -29,7 +27,6 @@ def _quit(message: bytes):
 
 
 def main() -> int:
-    lifeline.follow_launcher()  # a rank of --nproc ends with its launcher (before the heavy imports)
     ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # as `nohup` or `cmd &` in a script leave it
 
     def on_ctrl_c(handler) -> None:
@@ -37,6 +34,9 @@ def main() -> int:
             signal.signal(signal.SIGINT, handler)
 
     on_ctrl_c(_quit(b"handgrad: error: interrupted while starting; nothing was written\n"))
+    from handgrad import lifeline  # (ctypes: an extension module, loaded with the handler in place)
+
+    lifeline.follow_launcher()  # a rank of --nproc ends with its launcher, before the heavy imports
     from handgrad.cli import main as cli_main  # torch, numpy, ...
 
     try:
