@@ -132,16 +132,24 @@ def test_ranks_stop_with_their_launcher_which_holds_the_directory_for_them(tmp_p
     out = tmp_path / "run"
     p = _handgrad(*LONG, "--out", str(out))
     ranks = _training(out, p)
-    if sig == signal.SIGKILL:  # while the ranks run, a second run or a resume there names the launcher
-        for argv in (["--resume", str(out), "--steps", "2000000"], ["--out", str(out), "--force"]):
-            err = _one_line(capsys, ["train", *argv, "--quiet", "--samples", "0"])
-            assert f"in use by process {p.pid} " in err, err
-    os.kill(p.pid, sig)
-    _, err = p.communicate(timeout=60)
-    t0 = time.monotonic()
-    while any(_alive(r) for r in ranks):
-        assert time.monotonic() - t0 < 5, f"ranks still running {time.monotonic() - t0:.1f}s after the launcher"
-        time.sleep(0.02)
+    try:
+        if sig == signal.SIGKILL:  # while the ranks run, a second run or a resume there names the launcher
+            for argv in (["--resume", str(out), "--steps", "2000000"], ["--out", str(out), "--force"]):
+                err = _one_line(capsys, ["train", *argv, "--quiet", "--samples", "0"])
+                assert f"in use by process {p.pid} " in err, err
+        os.kill(p.pid, sig)
+        _, err = p.communicate(timeout=60)
+        t0 = time.monotonic()
+        while any(_alive(r) for r in ranks):
+            assert time.monotonic() - t0 < 5, f"ranks still running {time.monotonic() - t0:.1f}s after the launcher"
+            time.sleep(0.02)
+    finally:  # nothing left behind, whatever failed
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+        for r in ranks:
+            if _alive(r):
+                os.kill(r, signal.SIGKILL)
     if sig == signal.SIGTERM:
         assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
         assert err.strip().splitlines()[-1] == "handgrad: error: terminated (SIGTERM); stopped the 2 rank(s) it had started"
