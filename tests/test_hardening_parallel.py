@@ -143,13 +143,13 @@ def test_ranks_stop_with_their_launcher_which_holds_the_directory_for_them(tmp_p
         while any(_alive(r) for r in ranks):
             assert time.monotonic() - t0 < 5, f"ranks still running {time.monotonic() - t0:.1f}s after the launcher"
             time.sleep(0.02)
-    finally:  # nothing left behind, whatever failed
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    finally:  # nothing left behind, whatever failed (ranks first: they hold the launcher's pipes)
         for r in ranks:
             if _alive(r):
                 os.kill(r, signal.SIGKILL)
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=60)
     if sig == signal.SIGTERM:
         assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
         assert err.strip().splitlines()[-1] == "handgrad: error: terminated (SIGTERM); stopped the 2 rank(s) it had started"
