@@ -60,6 +60,9 @@ def main() -> int:
             signal.signal(signal.SIGINT, handler)
 
     on_ctrl_c(_quit(b"handgrad: error: interrupted while starting; nothing was written\n"))
+    from handgrad import lifeline  # (ctypes: an extension module, loaded with the handler in place)
+
+    lifeline.follow_launcher()  # a rank of --nproc ends with its launcher, before the heavy imports
     _start_sandbox_early(sys.argv[1:])
     from handgrad.cli import main as cli_main  # torch, numpy, ...
 

@@ -224,13 +224,34 @@ def output_subdir(run_dir: Path, name: str) -> Path:
 class RunLock:
     """An exclusive lock on a run directory, held while one process writes to it: flock on
     DIR/.handgrad.lock, which holds the holder's pid (to name it in the refusal). The kernel drops
-    a flock when its holder dies, so a lock file left by a killed run is simply taken over."""
+    a flock when its holder dies, so a lock file left by a killed run is simply taken over.
+    `inherited`: a descriptor of the lock file whose open file already holds the lock (a --nproc
+    rank's, from its launcher), adopted instead of a new lock."""
 
-    def __init__(self, directory: Path, field: str = "out"):
+    def __init__(self, directory: Path, field: str = "out", inherited: int | None = None):
         self.path = Path(directory) / LOCK_FILE
-        self.flag, self.fd = ref(field), None
+        self.flag, self.fd, self.inherited = ref(field), None, inherited
+
+    def _adopt(self) -> int | None:
+        """The inherited descriptor when it is this directory's lock file (its holder, a --nproc
+        launcher, shares the lock with its ranks: flock belongs to the open file, not the process)."""
+        fd, self.inherited = self.inherited, None
+        try:
+            mine, path = os.fstat(fd), os.lstat(self.path)
+        except (OSError, TypeError):
+            return None
+        if not stat.S_ISREG(path.st_mode) or (mine.st_dev, mine.st_ino) != (path.st_dev, path.st_ino):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the lock its open file already holds
+        except OSError:
+            return None
+        return fd
 
     def acquire(self) -> RunLock:
+        if self.inherited is not None and (fd := self._adopt()) is not None:
+            self.fd = fd  # the holder's pid stays in the file: it is the process to name
+            return self
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as e:

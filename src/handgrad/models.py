@@ -82,7 +82,13 @@ class ModelConfig:
                                 "0.1)", Positive(hi=1), flag="")
 
     def __post_init__(self) -> None:
-        validate(self)
+        try:
+            validate(self)
+        except FieldError as e:  # a derived field out of range: name the field it follows from
+            p = PRESETS.get(self.name)
+            if p is None or e.field not in p.derived or p.check(self) is None:
+                raise
+            raise FieldError(*p.check(self)) from None
         problem = PRESETS[self.name].check(self)
         if problem is not None:
             raise FieldError(*problem)
@@ -225,8 +231,8 @@ def _power_of_two(cfg: ModelConfig) -> tuple[str, str] | None:
     T = cfg.block_size
     if T >= 2 and not T & (T - 1):
         return None
-    return "block_size", (f"must be a power of two for wavenet (it is halved by each FlattenConsecutive(2)), "
-                          f"got {T}")
+    return "block_size", (f"must be a power of two for wavenet (2, 4, 8, ...: it is halved by each "
+                          f"FlattenConsecutive(2)), got {T}")
 
 
 # makemore parts 3 and 5 decay at 150k and evaluate with the running statistics (momentum 0.1).

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from handgrad import budget, checkpoint, data, diagnostics, engines, io, models, train
+from handgrad import budget, checkpoint, data, diagnostics, engines, io, models, preflight, train
 from handgrad.checkpoint import Checkpoint, CheckpointError
 from handgrad.config import (
     REQUIRED,
@@ -207,11 +207,12 @@ def loss_text(value: float | None) -> str:
 def load_splits(path: str | None, block_size: int, split_seed: int, vocab: data.Vocab | None = None,
                 warn=None, fits=None, kind: str = "context") -> data.Splits:
     """Read the data file (None: bundled names.txt) and build the splits of the data kind `kind`
-    (data.KINDS). `fits(n_examples)` is called before the examples are built, to refuse a run that
-    cannot fit in memory."""
+    (data.KINDS). `fits(n_examples, vocab_size)` is called before the examples are built, to refuse a
+    run that cannot fit in memory."""
     words = data.read_words(path or data.default_data_path())
     if fits is not None:
-        fits(sum(len(w) + 1 for w in words.items))
+        fits(sum(len(w) + 1 for w in words.items),
+             len(vocab) if vocab is not None else len(set().union(*words.items)) + 1)
     if words.blank_lines and warn:
         warn(f"{path or 'names.txt'}: skipped {words.blank_lines} blank line(s)")
     if vocab is not None:
@@ -224,6 +225,10 @@ def load_splits(path: str | None, block_size: int, split_seed: int, vocab: data.
         raise DataError(f"{path or 'names.txt'}: {len(words.items)} item(s) leave no training examples "
                         "after the 80/10/10 split; give at least 1 item for training")
     return splits
+
+
+def _data_name(path: str | None) -> str:
+    return "names.txt (bundled)" if path is None else data.show_path(path)
 
 
 def data_identity(path: str | None) -> tuple[str | None, str]:
@@ -284,12 +289,16 @@ def new(mcfg: ModelConfig, tcfg: TrainConfig, opts: RunConfig = RunConfig(), eve
     any directory is created; the model's vocabulary size is the data's."""
     _begin(opts, tcfg)
     splits = load_splits(opts.data, mcfg.block_size, tcfg.split_seed, warn=events.warning,
-                         fits=lambda n: budget.check_train(mcfg, tcfg, n),
+                         fits=lambda n, v: budget.check_train(dataclasses.replace(mcfg, vocab_size=v),
+                                                              tcfg, n, data=_data_name(opts.data)),
                          kind=models.PRESETS[mcfg.name].data)
     mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
     data_path, fingerprint = data_identity(opts.data)  # data_path None: the bundled names
     ck = Checkpoint(mcfg, tcfg, splits.vocab, data_path, train.new_state(mcfg, tcfg), None, {},
                     mcfg.block_size, fingerprint, [checkpoint.lr_settings(tcfg, 0)])
+    launched = os.environ.get(parallel.LAUNCHED_ENV) is not None  # a --nproc rank: its launcher warned
+    preflight.check(ck.state.model, mcfg, tcfg, splits.Xtr, splits.Ytr,
+                    (lambda line: None) if launched else events.warning)
     return Run(ck, splits, Path(opts.out or DEFAULT_OUT.format(model=mcfg.name)), opts)
 
 
@@ -317,7 +326,7 @@ def resume(directory: str | Path, changes: dict | None = None, opts: RunConfig =
     ck.train_config = dataclasses.replace(tc, **{**fresh, **changes})
     ck.lr_history = lr_history(ck.lr_history, ck.train_config, ck.state.step)
     fits = None if ck.model_config is None else (
-        lambda n: budget.check_train(ck.model_config, ck.train_config, n))
+        lambda n, v: budget.check_train(ck.model_config, ck.train_config, n, data=_data_name(path)))
     kind = models.PRESETS[ck.model_config.name].data if ck.model_config else "context"
     splits = load_splits(path, ck.block_size, tc.split_seed, ck.vocab, events.warning, fits, kind)
     return Run(ck, splits, Path(opts.out or directory), opts, Path(directory))
@@ -390,14 +399,16 @@ def _ranks(run: Run, command: Sequence[str]) -> parallel.Comm | Outcome | None:
             raise ConfigError(why)
         if tcfg.engine == "fast" and (reason := engines.program_ready(state.model)):
             raise engines.unavailable(reason)
+        if not launched and env is None:
+            budget.check_ranks(world, parallel.cores(), run.ckpt.model_config, tcfg,
+                               sum(run.splits.sizes().values()))
         parallel.shard(tcfg.batch_size, world, 0)
         if not launched and env is None:
             if not command:
                 raise ConfigError(f"{ref('nproc')} starts `handgrad train` in {world} processes: run it from "
                                   "the command line")
-            with _output_dir(run):  # --out is checked once, before any rank starts
-                pass
-            outcome = parallel.launch(list(command), world, timeout)
+            with _output_dir(run) as lock:  # held (with the ranks) until the last of them ends
+                outcome = parallel.launch(list(command), world, timeout, lock.fd)
             return Outcome(outcome.code, outcome.message)
         device = next(iter(state.model.params().values())).device.type
         try:
@@ -432,7 +443,7 @@ def _output_dir(run: Run) -> io.RunLock:
     holding another run unless `force` (or it is the run being resumed)."""
     out = run.out
     io.prepare_dir(out, "out")
-    lock = io.RunLock(out, "out").acquire()
+    lock = io.RunLock(out, "out", parallel.inherited_lock()).acquire()
     try:
         io.clean_temp_files(out)
         same = run.resumed_from is not None and _same_dir(out, run.resumed_from)

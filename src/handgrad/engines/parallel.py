@@ -37,11 +37,13 @@ from handgrad import models, ops, optim, train
 from handgrad.config import ConfigError, ref
 from handgrad.engines import native
 from handgrad.layers import BatchNorm1d, Sequential
+from handgrad.lifeline import LAUNCHER_ENV
 from handgrad.train import NonFiniteError, StepsFn, TrainConfig, TrainState
 
 TIMEOUT_ENV = "HANDGRAD_DIST_TIMEOUT"  # seconds a collective may wait for a peer before giving up
 DEFAULT_TIMEOUT = 60.0
 LAUNCHED_ENV = "HANDGRAD_NPROC"  # set by --nproc in the processes it starts (they see --nproc too)
+LOCK_FD_ENV = "HANDGRAD_LOCK_FD"  # the run directory's lock, an open descriptor the ranks inherit
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # the model's device type -> torch.distributed backend
 
 
@@ -591,15 +593,50 @@ def supervise(procs: list, grace: float, poll: float = 0.05) -> Outcome:
     return Outcome(exit_code, msg)
 
 
-def launch(argv: list[str], nproc: int, timeout: float) -> Outcome:
+class _Terminated(Exception):
+    """SIGTERM reached the launcher."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated
+
+
+def _stop(procs: list, wait: float) -> None:
+    """Interrupt the ranks still running (they stop as at Ctrl-C), kill those left after `wait` s."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + wait
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+STOP_SECONDS = 5.0  # how long ranks may take to stop when their launcher is terminated
+
+
+def launch(argv: list[str], nproc: int, timeout: float, lock_fd: int | None = None) -> Outcome:
     """`handgrad train --nproc N`: run `python -m handgrad ARGV` as N local ranks (gloo on
-    127.0.0.1, a free port) and supervise them. Returns the exit code and what to say about it."""
+    127.0.0.1, a free port) and supervise them. Returns the exit code and what to say about it.
+    The ranks never outlive the launcher: each binds itself to it (handgrad.lifeline) and a SIGTERM
+    here stops them before the launcher exits. `lock_fd`: the run directory's lock, held by the
+    launcher and shared with every rank (the same open file, so the lock is held while any of them
+    lives; rank 0 adopts it, LOCK_FD_ENV)."""
     port = free_port()
-    base = {**os.environ, LAUNCHED_ENV: str(nproc), TIMEOUT_ENV: str(timeout)}
+    base = {**os.environ, LAUNCHED_ENV: str(nproc), TIMEOUT_ENV: str(timeout), LAUNCHER_ENV: str(os.getpid())}
+    if lock_fd is not None:
+        base[LOCK_FD_ENV] = str(lock_fd)
     cmd = [sys.executable, "-m", "handgrad", *argv]
-    procs = [subprocess.Popen(cmd, env={**base, **rank_env(r, nproc, port)}) for r in range(nproc)]
+    procs: list = []
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        outcome = supervise(procs, grace=timeout)
+        for r in range(nproc):
+            procs.append(subprocess.Popen(cmd, env={**base, **rank_env(r, nproc, port)},
+                                          pass_fds=() if lock_fd is None else (lock_fd,)))
+        return supervise(procs, grace=timeout)
     except KeyboardInterrupt:  # the terminal sent SIGINT to the ranks too; let them save and stop
         for p in procs:
             try:
@@ -607,4 +644,18 @@ def launch(argv: list[str], nproc: int, timeout: float) -> Outcome:
             except subprocess.TimeoutExpired:
                 p.kill()
         return Outcome(130, "")
-    return outcome
+    except _Terminated:
+        _stop(procs, STOP_SECONDS)
+        return Outcome(128 + signal.SIGTERM, f"terminated (SIGTERM); stopped the {len(procs)} rank(s) it had "
+                                             "started")
+    except BaseException:  # a rank that could not be started, ...: none is left behind
+        _stop(procs, 0.0)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def inherited_lock() -> int | None:
+    """The run directory's lock descriptor a --nproc launcher passed to this rank, or None."""
+    raw = os.environ.get(LOCK_FD_ENV, "")
+    return int(raw) if raw.isdigit() and os.environ.get(LAUNCHER_ENV) else None
