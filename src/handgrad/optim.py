@@ -78,8 +78,9 @@ class AdamW:
             for k, mine in moments.items():
                 given = tensors.get(f"{kind}.{k}")
                 if given is None or given.shape != mine.shape or given.dtype != mine.dtype:
-                    raise ValueError(f"optimizer state {kind}.{k}: expected {tuple(mine.shape)} {mine.dtype}, "
-                                     f"got {None if given is None else (tuple(given.shape), given.dtype)}")
+                    got = None if given is None else (tuple(given.shape), given.dtype)
+                    raise ValueError(f"optimizer state {kind}.{k}: expected {tuple(mine.shape)} "
+                                     f"{mine.dtype}, got {got}")
                 mine.copy_(given)
         t = tensors.get("t")
         if t is None or t.numel() != 1 or int(t) < 0:
