@@ -214,3 +214,16 @@ def cross_entropy_masked_backward(dloss: Tensor | float, cache: tuple) -> Tensor
     dlogits[rows, y[rows]] -= 1.0
     dlogits *= keep[:, None].to(dlogits.dtype) * (dloss / count)
     return dlogits.reshape(shape)  # (..., V)
+
+
+# The loss pair by the targets' rank: next characters (N,) of context windows, or sequences (N, T) of
+# next characters with IGNORE after each word's end (the makemore zoo).
+LOSSES = {1: (cross_entropy_forward, cross_entropy_backward),
+          2: (cross_entropy_masked_forward, cross_entropy_masked_backward)}
+
+
+def loss_pair(Y: Tensor):
+    """(forward, backward) of the training loss for targets Y: LOSSES by Y's rank."""
+    if Y.dim() not in LOSSES:
+        raise ValueError(f"targets must be (N,) or (N, T), got shape {tuple(Y.shape)}")
+    return LOSSES[Y.dim()]
