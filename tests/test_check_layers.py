@@ -87,8 +87,8 @@ def test_closed_form_rows_are_not_blamed_for_a_mistake_upstream_of_them():
 def _init(layer, seed):
     g = torch.Generator().manual_seed(seed)
     layer.init_(g)
-    for name, t in layer.params().items():  # non-trivial: gains away from 1, biases away from 0
-        if name.endswith("bias") or isinstance(layer, layers.BatchNorm1d):
+    for name, t in layer.params().items():  # non-trivial: gains away from 1, biases and start states from 0
+        if name.endswith("bias") or isinstance(layer, layers.BatchNorm1d) or bool((t == t.flatten()[0]).all()):
             t.add_(0.5 * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype))
     return layer
 
@@ -109,6 +109,24 @@ BUILTIN_CASES = [  # (id, make layer(dtype), x shape or an index tensor)
     ("FlattenConsecutive", lambda d: layers.FlattenConsecutive(2), (3, 4, 5)),
     ("Sequential", lambda d: layers.Sequential([layers.Linear(5, 6, dtype=d), layers.BatchNorm1d(6, dtype=d),
                                                 layers.Tanh(), layers.Linear(6, 3, dtype=d)]), (8, 5)),
+    # makemore's zoo: sequences (B, T, E) and ids (B, T)
+    ("Embedding (B, T) bigram", lambda d: layers.Embedding(6, 6, dtype=d), torch.tensor([[0, 3, 3, 5], [1, 0, 2, 2]])),
+    ("Linear torch init (B, T, in)", lambda d: layers.Linear(5, 3, init="torch", dtype=d), (2, 4, 5)),
+    ("PositionEmbedding short", lambda d: layers.PositionEmbedding(6, 4, dtype=d), (3, 4, 4)),
+    ("LayerNorm", lambda d: layers.LayerNorm(5, dtype=d), (3, 4, 5)),
+    ("GELU", lambda d: layers.GELU(), (3, 4, 5)),
+    ("CausalSelfAttention", lambda d: layers.CausalSelfAttention(4, 2, 5, dtype=d), (2, 5, 4)),
+    ("CausalSelfAttention recompute", lambda d: layers.CausalSelfAttention(4, 1, 5, recompute=True, dtype=d),
+     (2, 3, 4)),
+    ("Block", lambda d: layers.Block(4, 2, 4, dtype=d), (2, 4, 4)),
+    ("CausalBoW", lambda d: layers.CausalBoW(5), (2, 5, 3)),
+    ("BoWBlock", lambda d: layers.BoWBlock(4, 6, 5, dtype=d), (2, 5, 4)),
+    ("Recurrent rnn", lambda d: layers.Recurrent("rnn", 3, 4, dtype=d), (2, 4, 3)),
+    ("Recurrent gru", lambda d: layers.Recurrent("gru", 3, 4, dtype=d), (2, 4, 3)),
+    ("Bengio MLP over a sequence", lambda d: layers.Sequential([
+        layers.ContextWindows(3, 5), layers.Embedding(6, 2, dtype=d), layers.FlattenLast(),
+        layers.Linear(6, 5, init="torch", dtype=d), layers.Tanh(), layers.Linear(5, 5, init="torch", dtype=d)]),
+     torch.tensor([[0, 1, 4, 2], [3, 3, 0, 1]])),
 ]
 
 

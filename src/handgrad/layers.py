@@ -18,6 +18,8 @@ Optional: update_buffers(cache) (running statistics after a training step), init
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -94,13 +96,27 @@ class Linear(_Base):
 
     PARAMS = ("weight", "bias")
 
-    def __init__(self, fan_in: int, fan_out: int, bias: bool = True, dtype: torch.dtype = torch.float32):
+    INITS = ("lecture", "torch")
+
+    def __init__(self, fan_in: int, fan_out: int, bias: bool = True, init: str = "lecture",
+                 dtype: torch.dtype = torch.float32):
+        if init not in self.INITS:
+            raise ValueError(f"Linear: init must be one of {', '.join(self.INITS)}, got {init!r:.40}")
+        self.init = init
         self.weight = torch.zeros((fan_in, fan_out), dtype=dtype)  # (in, out)
         self.bias = torch.zeros(fan_out, dtype=dtype) if bias else None  # (out,)
 
     def init_(self, g: torch.Generator) -> None:
-        """makemore: N(0, 1) / sqrt(fan_in), bias zeros."""
-        self.weight.copy_(torch.randn(self.weight.shape, generator=g) / self.weight.shape[0] ** 0.5)
+        """init "lecture" (makemore part 3): weight N(0, 1) / sqrt(fan_in), bias untouched (zeros).
+        init "torch" (nn.Linear's default, makemore.py's zoo): weight and bias U(-k, k), k =
+        1/sqrt(fan_in), drawn in that order."""
+        fan_in = self.weight.shape[0]
+        if self.init == "lecture":
+            self.weight.copy_(torch.randn(self.weight.shape, generator=g) / fan_in**0.5)
+            return
+        for t in (self.weight, self.bias):
+            if t is not None:
+                t.copy_((2 * torch.rand(t.shape, generator=g) - 1) / fan_in**0.5)
 
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
         return ops.linear_forward(x, self.weight, self.bias)
@@ -111,7 +127,8 @@ class Linear(_Base):
 
     def spec(self) -> dict:
         fan_in, fan_out = self.weight.shape
-        return {"type": "Linear", "fan_in": fan_in, "fan_out": fan_out, "bias": self.bias is not None}
+        spec = {"type": "Linear", "fan_in": fan_in, "fan_out": fan_out, "bias": self.bias is not None}
+        return spec if self.init == "lecture" else {**spec, "init": self.init}
 
 
 @builtin
@@ -203,6 +220,430 @@ class FlattenConsecutive(_Base):
         return {"type": "FlattenConsecutive", "n": self.n}
 
 
+# ---------------------------------------------------------------------------- makemore's zoo
+# Layers of makemore.py's sequence models (karpathy/makemore): inputs (B, T, E) float or (B, T) ids.
+# Initialisation follows PyTorch's defaults for the corresponding nn modules.
+@builtin
+class PositionEmbedding(_Base):
+    """x (B, T, E) -> x + weight[:T]: a learned vector per position (makemore's wpe, added to the
+    token embeddings); weight (block_size, E), N(0, 1) as nn.Embedding."""
+
+    PARAMS = ("weight",)
+
+    def __init__(self, block_size: int, n_embd: int, dtype: torch.dtype = torch.float32):
+        self.weight = torch.zeros((block_size, n_embd), dtype=dtype)  # (block_size, E)
+
+    def init_(self, g: torch.Generator) -> None:
+        self.weight.copy_(torch.randn(self.weight.shape, generator=g))
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        _need_sequence("PositionEmbedding", x, self.weight.shape[1])
+        return ops.position_embedding_forward(x, self.weight)
+
+    def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        dx, dwpe = ops.position_embedding_backward(dout, cache)
+        return dx, {"weight": dwpe}
+
+    def spec(self) -> dict:
+        block_size, n_embd = self.weight.shape
+        return {"type": "PositionEmbedding", "block_size": block_size, "n_embd": n_embd}
+
+
+def _need_sequence(who: str, x: Tensor, n_embd: int, block_size: int | None = None) -> None:
+    """A sequence layer's input is (B, T, n_embd) floats with T <= block_size; else one ValueError."""
+    if x.dim() != 3 or x.shape[-1] != n_embd or not x.is_floating_point():
+        raise ValueError(f"{who} needs a float (B, T, {n_embd}) input, got {str(x.dtype)[6:]} shape "
+                         f"{tuple(x.shape)}")
+    if block_size is not None and x.shape[1] > block_size:
+        raise ValueError(f"{who}: a sequence of {x.shape[1]} positions is longer than the block size "
+                         f"{block_size}")
+
+
+@builtin
+class LayerNorm(_Base):
+    """nn.LayerNorm over the last dim: weight (dim,) ones, bias (dim,) zeros; closed-form backward."""
+
+    PARAMS = ("weight", "bias")
+
+    def __init__(self, dim: int, eps: float = ops.LN_EPS, dtype: torch.dtype = torch.float32):
+        self.eps = eps
+        self.weight = torch.ones(dim, dtype=dtype)  # (C,)
+        self.bias = torch.zeros(dim, dtype=dtype)  # (C,)
+
+    def init_(self, g: torch.Generator) -> None:
+        """nn.LayerNorm: weight 1, bias 0 (nothing drawn)."""
+        self.weight.fill_(1.0)
+        self.bias.zero_()
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        if x.dim() < 1 or x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"LayerNorm({self.weight.shape[0]}) normalises a last dimension of "
+                             f"{self.weight.shape[0]}, got shape {tuple(x.shape)}")
+        return ops.layernorm_forward(x, self.weight, self.bias, self.eps)
+
+    def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        dx, dw, db = ops.layernorm_backward(dout, cache)
+        return dx, {"weight": dw, "bias": db}
+
+    def spec(self) -> dict:
+        return {"type": "LayerNorm", "dim": self.weight.shape[0], "eps": self.eps}
+
+
+@builtin
+class GELU(_Base):
+    """GELU, tanh approximation (makemore's NewGELU)."""
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        return ops.gelu_forward(x)
+
+    def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        return ops.gelu_backward(dout, cache), {}
+
+    def spec(self) -> dict:
+        return {"type": "GELU"}
+
+
+@builtin
+class CausalBoW(_Base):
+    """makemore's CausalBoW: position t becomes the average of positions 0..t. No parameters."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        _need_sequence("CausalBoW", x, x.shape[-1], self.block_size)
+        return ops.causal_average_forward(x)
+
+    def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        return ops.causal_average_backward(dout, cache), {}
+
+    def spec(self) -> dict:
+        return {"type": "CausalBoW", "block_size": self.block_size}
+
+
+@builtin
+class FlattenLast(_Base):
+    """(..., k, E) -> (..., k*E): makemore's MLP concatenates its k context embeddings."""
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        if x.dim() < 2:
+            raise ValueError(f"FlattenLast needs at least 2 dimensions, got shape {tuple(x.shape)}")
+        return ops.flatten_last_forward(x)
+
+    def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        return ops.flatten_last_backward(dout, cache), {}
+
+    def spec(self) -> dict:
+        return {"type": "FlattenLast"}
+
+
+@builtin
+class ContextWindows(_Base):
+    """Integer (B, T) -> integer (B, T, block_size): for each position t the ids at t, t-1, ...,
+    t-block_size+1, `blank` before the start (makemore's MLP, whose blank is the id vocab_size, one
+    row past the vocabulary in an Embedding(vocab_size + 1, E)). Indices in, indices out: it has no
+    gradient, so it comes first, and the Embedding after it ends the backward chain."""
+
+    INDEX_OUTPUT = True  # its output is indices: Sequential.backward stops before it
+
+    def __init__(self, block_size: int, blank: int):
+        if block_size < 1 or blank < 0:
+            raise ValueError(f"ContextWindows: block_size must be >= 1 and blank >= 0, got {block_size} "
+                             f"and {blank}")
+        self.block_size, self.blank = block_size, blank
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        if x.dim() != 2 or x.is_floating_point() or x.dtype == torch.bool:
+            raise ValueError(f"ContextWindows needs integer ids (B, T), got {str(x.dtype)[6:]} shape "
+                             f"{tuple(x.shape)}")
+        return ops.context_windows(x, self.block_size, self.blank), None
+
+    def backward(self, dout: Tensor | None, cache: Any) -> tuple[None, dict[str, Tensor]]:
+        return None, {}
+
+    def spec(self) -> dict:
+        return {"type": "ContextWindows", "block_size": self.block_size, "blank": self.blank}
+
+
+# ---------------------------------------------------------------------------- composite layers
+class _Composite(_Base):
+    """A layer made of named child layers (CHILDREN: attribute names) and perhaps parameters of its
+    own (PARAMS): a child's tensors are named "child.name" ("attn.c_attn.weight"), which set_tensor,
+    checkpoints and check_layer follow attribute by attribute."""
+
+    CHILDREN: tuple[str, ...] = ()
+
+    def children(self) -> dict[str, Any]:
+        return {c: getattr(self, c) for c in self.CHILDREN}
+
+    def params(self) -> dict[str, Tensor]:
+        nested = {f"{c}.{k}": t for c, child in self.children().items() for k, t in child.params().items()}
+        return {**super().params(), **nested}
+
+    def buffers(self) -> dict[str, Tensor]:
+        nested = {f"{c}.{k}": t for c, child in self.children().items() for k, t in child.buffers().items()}
+        return {**super().buffers(), **nested}
+
+    def init_(self, g: torch.Generator) -> None:
+        """Each child's own init, in CHILDREN order."""
+        for child in self.children().values():
+            child.init_(g)
+
+
+def _prefixed(prefix: str, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {f"{prefix}.{k}": v for k, v in grads.items()}
+
+
+@dataclass
+class AttentionCache:
+    c_attn: tuple  # the Linear's input x (B, T, E)
+    heads: tuple  # q, k, v (B, nh, T, hs): views of c_attn's output (B, T, 3E); att (B, nh, T, T) or None
+    c_proj: tuple  # the Linear's input: the heads merged (B, T, E)
+
+
+@builtin
+class CausalSelfAttention(_Composite):
+    """makemore's CausalSelfAttention: c_attn Linear(E, 3E) -> q, k, v split into n_head heads ->
+    causal softmax(q k^T / sqrt(hs)) v per head -> heads merged -> c_proj Linear(E, E).
+    recompute=True keeps no attention matrix (B, nh, T, T) for backward: it is recomputed there."""
+
+    CHILDREN = ("c_attn", "c_proj")
+
+    def __init__(self, n_embd: int, n_head: int, block_size: int, recompute: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        if n_head < 1 or n_embd % n_head:
+            raise ValueError(f"n_head {n_head} does not divide n_embd {n_embd}: each head takes n_embd / "
+                             "n_head channels")
+        self.n_head, self.block_size, self.recompute = n_head, block_size, recompute
+        self.c_attn = Linear(n_embd, 3 * n_embd, init="torch", dtype=dtype)
+        self.c_proj = Linear(n_embd, n_embd, init="torch", dtype=dtype)
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        _need_sequence("CausalSelfAttention", x, self.c_proj.weight.shape[1], self.block_size)
+        qkv, c_attn = self.c_attn.forward(x)  # (B, T, 3E)
+        y, heads = ops.multihead_attention_forward(qkv, self.n_head, keep_att=not self.recompute)  # (B, T, E)
+        out, c_proj = self.c_proj.forward(y)  # (B, T, E)
+        return out, AttentionCache(c_attn, heads, c_proj)
+
+    def backward(self, dout: Tensor, cache: AttentionCache) -> tuple[Tensor, dict[str, Tensor]]:
+        dy, g_proj = self.c_proj.backward(dout, cache.c_proj)  # (B, T, E)
+        dqkv = ops.multihead_attention_backward(dy, cache.heads)  # (B, T, 3E)
+        dx, g_attn = self.c_attn.backward(dqkv, cache.c_attn)  # (B, T, E)
+        return dx, {**_prefixed("c_attn", g_attn), **_prefixed("c_proj", g_proj)}
+
+    def spec(self) -> dict:
+        spec = {"type": "CausalSelfAttention", "n_embd": self.c_proj.weight.shape[0], "n_head": self.n_head,
+                "block_size": self.block_size}
+        return {**spec, "recompute": True} if self.recompute else spec
+
+
+@dataclass
+class FeedForwardCache:
+    c_fc: tuple  # the first Linear's input (B, T, E)
+    act: tuple  # the activation's cache: its input (B, T, H)
+    c_proj: tuple  # the second Linear's input: the activation's output (B, T, H)
+
+
+@builtin
+class FeedForward(_Composite):
+    """The position-wise MLP of makemore's blocks: c_fc Linear(E, H) -> act -> c_proj Linear(H, E);
+    act "gelu" (the transformer's Block, H = 4E) or "tanh" (BoWBlock, H = n_embd2)."""
+
+    CHILDREN = ("c_fc", "act", "c_proj")
+    ACTS = {"gelu": GELU, "tanh": Tanh}
+
+    def __init__(self, n_embd: int, n_hidden: int, act: str = "gelu", dtype: torch.dtype = torch.float32):
+        if act not in self.ACTS:
+            raise ValueError(f"FeedForward: act must be one of {', '.join(self.ACTS)}, got {act!r:.40}")
+        self.act_name = act
+        self.c_fc = Linear(n_embd, n_hidden, init="torch", dtype=dtype)
+        self.act = self.ACTS[act]()
+        self.c_proj = Linear(n_hidden, n_embd, init="torch", dtype=dtype)
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        h, c_fc = self.c_fc.forward(x)  # (B, T, H)
+        a, act = self.act.forward(h)  # (B, T, H)
+        out, c_proj = self.c_proj.forward(a)  # (B, T, E)
+        return out, FeedForwardCache(c_fc, act, c_proj)
+
+    def backward(self, dout: Tensor, cache: FeedForwardCache) -> tuple[Tensor, dict[str, Tensor]]:
+        da, g_proj = self.c_proj.backward(dout, cache.c_proj)  # (B, T, H)
+        dh, _ = self.act.backward(da, cache.act)  # (B, T, H)
+        dx, g_fc = self.c_fc.backward(dh, cache.c_fc)  # (B, T, E)
+        return dx, {**_prefixed("c_fc", g_fc), **_prefixed("c_proj", g_proj)}
+
+    def spec(self) -> dict:
+        E, H = self.c_fc.weight.shape
+        return {"type": "FeedForward", "n_embd": E, "n_hidden": H, "act": self.act_name}
+
+
+@dataclass
+class BlockCache:
+    ln_1: tuple  # LayerNorm's: xhat (B, T, E), rstd (B, T, 1)
+    attn: AttentionCache
+    ln_2: tuple  # LayerNorm's, of the stream after attention
+    mlp: FeedForwardCache
+
+
+@builtin
+class Block(_Composite):
+    """makemore's transformer Block (pre-norm, GPT-2): x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)),
+    mlp = c_fc Linear(E, 4E), GELU, c_proj Linear(4E, E). The residual stream needs no cache: an
+    addition passes its gradient to both branches."""
+
+    CHILDREN = ("ln_1", "attn", "ln_2", "mlp")
+
+    def __init__(self, n_embd: int, n_head: int, block_size: int, recompute: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        self.ln_1 = LayerNorm(n_embd, dtype=dtype)
+        self.attn = CausalSelfAttention(n_embd, n_head, block_size, recompute, dtype=dtype)
+        self.ln_2 = LayerNorm(n_embd, dtype=dtype)
+        self.mlp = FeedForward(n_embd, 4 * n_embd, "gelu", dtype=dtype)
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        _need_sequence("Block", x, self.ln_1.weight.shape[0], self.attn.block_size)
+        a, ln_1 = self.ln_1.forward(x)  # (B, T, E)
+        y, attn = self.attn.forward(a)  # (B, T, E)
+        x = x + y  # (B, T, E)
+        m, ln_2 = self.ln_2.forward(x)  # (B, T, E)
+        f, mlp = self.mlp.forward(m)  # (B, T, E)
+        return x + f, BlockCache(ln_1, attn, ln_2, mlp)
+
+    def backward(self, dout: Tensor, cache: BlockCache) -> tuple[Tensor, dict[str, Tensor]]:
+        dm, g_mlp = self.mlp.backward(dout, cache.mlp)  # (B, T, E)
+        dx_ln2, g_ln_2 = self.ln_2.backward(dm, cache.ln_2)  # (B, T, E)
+        dx = dout + dx_ln2  # (B, T, E)  the residual and the mlp branch
+        da, g_attn = self.attn.backward(dx, cache.attn)  # (B, T, E)
+        dx_ln1, g_ln_1 = self.ln_1.backward(da, cache.ln_1)  # (B, T, E)
+        grads = {**_prefixed("ln_1", g_ln_1), **_prefixed("attn", g_attn), **_prefixed("ln_2", g_ln_2),
+                 **_prefixed("mlp", g_mlp)}
+        return dx + dx_ln1, grads
+
+    def activation_bytes(self, B: int, T: int) -> int:
+        """Bytes of the activations forward caches for backward, for a (B, T, E) input:
+        16 B T E (ln_1's xhat and output, q k v, the merged heads, ln_2's xhat and output, GELU's input
+        and output of 4E each) + 2 B T (the two rstd) + nh B T T (the attention matrix, unless
+        recompute) elements of the layer's dtype. activation_bytes(layer, x) measures the same."""
+        E, nh = self.ln_1.weight.shape[0], self.attn.n_head
+        att = 0 if self.attn.recompute else nh * B * T * T
+        return (16 * B * T * E + 2 * B * T + att) * self.ln_1.weight.element_size()
+
+    def spec(self) -> dict:
+        attn = self.attn.spec()
+        return {**attn, "type": "Block"}
+
+
+@dataclass
+class BoWBlockCache:
+    cbow: tuple  # the counts (1, T, 1)
+    mlp: FeedForwardCache
+
+
+@builtin
+class BoWBlock(_Composite):
+    """makemore's BoWBlock: x = x + cbow(x); x = x + c_proj(tanh(c_fc(x))), c_fc Linear(E, H),
+    c_proj Linear(H, E) (the parameters "mlp.c_fc.weight" ...)."""
+
+    CHILDREN = ("cbow", "mlp")
+
+    def __init__(self, n_embd: int, n_embd2: int, block_size: int, dtype: torch.dtype = torch.float32):
+        self.cbow = CausalBoW(block_size)
+        self.mlp = FeedForward(n_embd, n_embd2, "tanh", dtype=dtype)
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        _need_sequence("BoWBlock", x, self.mlp.c_fc.weight.shape[0], self.cbow.block_size)
+        y, cbow = self.cbow.forward(x)  # (B, T, E)
+        x = x + y  # (B, T, E)
+        f, mlp = self.mlp.forward(x)  # (B, T, E)
+        return x + f, BoWBlockCache(cbow, mlp)
+
+    def backward(self, dout: Tensor, cache: BoWBlockCache) -> tuple[Tensor, dict[str, Tensor]]:
+        dx_mlp, g_mlp = self.mlp.backward(dout, cache.mlp)  # (B, T, E)
+        dx = dout + dx_mlp  # (B, T, E)
+        dx_cbow, _ = self.cbow.backward(dx, cache.cbow)  # (B, T, E)
+        return dx + dx_cbow, _prefixed("mlp", g_mlp)
+
+    def spec(self) -> dict:
+        E, H = self.mlp.c_fc.weight.shape
+        return {"type": "BoWBlock", "n_embd": E, "n_embd2": H, "block_size": self.cbow.block_size}
+
+
+@builtin
+class Recurrent(_Composite):
+    """makemore's RNN body: a cell ("rnn" or "gru") unrolled over x (B, T, E) from a learned start
+    state `start` (1, H) (zeros, as makemore), giving every hidden state (B, T, H); backward is
+    backpropagation through time. The cell's Linears read [x_t, h_{t-1}] (E + H inputs):
+    rnn: xh_to_h; gru: xh_to_z, xh_to_r, xh_to_hbar (ops.gru_cell_forward)."""
+
+    PARAMS = ("start",)
+    CELLS = {"rnn": ("xh_to_h",), "gru": ("xh_to_z", "xh_to_r", "xh_to_hbar")}
+
+    def __init__(self, cell: str, n_embd: int, n_embd2: int, dtype: torch.dtype = torch.float32):
+        if cell not in self.CELLS:
+            raise ValueError(f"Recurrent: cell must be one of {', '.join(self.CELLS)}, got {cell!r:.40}")
+        self.cell, self.CHILDREN = cell, self.CELLS[cell]
+        self.start = torch.zeros((1, n_embd2), dtype=dtype)  # (1, H)
+        for name in self.CHILDREN:
+            setattr(self, name, Linear(n_embd + n_embd2, n_embd2, init="torch", dtype=dtype))
+
+    def init_(self, g: torch.Generator) -> None:
+        """start zeros (makemore), each Linear as nn.Linear."""
+        self.start.zero_()
+        super().init_(g)
+
+    def _weights(self) -> list[Tensor]:
+        return [t for c in self.children().values() for t in (c.weight, c.bias)]  # the ops' order
+
+    def _n_embd(self) -> int:
+        return getattr(self, self.CHILDREN[0]).weight.shape[0] - self.start.shape[1]  # E + H inputs
+
+    def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
+        _need_sequence(f"Recurrent({self.cell})", x, self._n_embd())
+        return ops.recurrence_forward(x, self.start, self.cell, *self._weights())  # (B, T, H)
+
+    def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        dx, dstart, dws = ops.recurrence_backward(dout, cache)  # (B, T, E) (1, H)
+        grads = {"start": dstart}
+        for i, name in enumerate(self.CHILDREN):
+            grads.update({f"{name}.weight": dws[2 * i], f"{name}.bias": dws[2 * i + 1]})
+        return dx, grads
+
+    def spec(self) -> dict:
+        H = self.start.shape[1]
+        return {"type": "Recurrent", "cell": self.cell, "n_embd": self._n_embd(), "n_embd2": H}
+
+
+# ---------------------------------------------------------------------------- activation memory
+def _cache_tensors(cache: Any) -> Iterator[Tensor]:
+    """Every tensor in a cache: tuples, lists, dicts and dataclasses walked."""
+    if isinstance(cache, Tensor):
+        yield cache
+    elif isinstance(cache, (tuple, list)):
+        for c in cache:
+            yield from _cache_tensors(c)
+    elif isinstance(cache, dict):
+        for c in cache.values():
+            yield from _cache_tensors(c)
+    elif is_dataclass(cache) and not isinstance(cache, type):
+        for f in fields(cache):
+            yield from _cache_tensors(getattr(cache, f.name))
+
+
+def activation_bytes(layer: Any, x: Tensor, training: bool = True) -> int:
+    """Measured: the bytes of the tensors layer.forward(x) keeps in its cache for backward, each
+    storage counted once (q, k, v are views of one tensor), the layer's parameters and buffers (which
+    Linear caches reference) not counted."""
+    with torch.no_grad():
+        _, cache = layer.forward(x, training)
+    own = {t.untyped_storage().data_ptr() for t in {**layer.params(), **layer.buffers()}.values()}
+    seen: dict[int, int] = {}
+    for t in _cache_tensors(cache):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
 # ---------------------------------------------------------------------------- Sequential
 class Sequential(_Base):
     """Layers applied in order; parameters and buffers named by position ("2.weight"), backward
@@ -232,7 +673,7 @@ class Sequential(_Base):
     def backward(self, dout: Tensor, caches: list) -> tuple[Tensor | None, dict[str, Tensor]]:
         grads: dict[str, Tensor] = {}
         for i in reversed(range(len(self.layers))):
-            if dout is None:  # an integer input (indices) ended the chain
+            if dout is None and not getattr(self.layers[i], "INDEX_OUTPUT", False):  # indices ended the chain
                 raise ValueError(f"layer {i} ({type(self.layers[i]).__name__}) comes after a layer with "
                                  "integer input; only the first layer may take indices")
             dout, g = self.layers[i].backward(dout, caches[i])
@@ -258,11 +699,12 @@ class Sequential(_Base):
 
 # ---------------------------------------------------------------------------- named tensors
 def set_tensor(model, name: str, value: Tensor) -> None:
-    """Replace the parameter or buffer `name` ("2.weight" in a Sequential, "weight" in a layer)."""
-    obj, key = model, name
-    while "." in key:
-        head, key = key.split(".", 1)
-        obj = obj.layers[int(head)]
+    """Replace the parameter or buffer `name`: "weight" in a layer, "2.weight" in a Sequential,
+    "attn.c_attn.weight" in a composite layer (its child attributes), "3.attn.c_attn.weight" nested."""
+    *path, key = name.split(".")
+    obj = model
+    for part in path:
+        obj = obj.layers[int(part)] if part.isdigit() and hasattr(obj, "layers") else getattr(obj, part)
     setattr(obj, key, value)
 
 
@@ -290,14 +732,21 @@ def from_spec(spec: Any, dtype: torch.dtype = torch.float32, extra: dict[str, ty
     if kind not in classes:
         raise SpecError(f"unknown layer type {kind!r:.40}; known: {', '.join(sorted(classes))} (a layer of "
                         "your own is passed to the loader as layer_types={'Name': Class})")
-    for k, v in args.items():  # JSON scalars only: ints (not bools) for sizes, floats for eps/momentum
+    cls = classes[kind]
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # a class whose signature cannot be read: no names, no dtype
+        params = {}  # type: ignore[assignment]
+    for k, v in args.items():  # JSON scalars only: ints (not bools) for sizes, floats for eps/momentum,
+        # and short strings where the class takes a choice by name (a cell, an init), which it checks
+        if isinstance(v, str) and len(v) <= 16 and k in params and params[k].annotation in ("str", str):
+            continue
         if not isinstance(v, (bool, int, float)) or isinstance(v, float) and not v == v:
             raise SpecError(f"{kind}: argument {k!r:.40} must be a number or boolean, got {v!r:.40}")
         if isinstance(v, int) and not isinstance(v, bool) and not 0 < v <= 1 << 24:
             raise SpecError(f"{kind}: argument {k!r:.40} = {v} is out of range (1 .. {1 << 24})")
     try:
-        cls = classes[kind]
-        takes_dtype = "dtype" in inspect.signature(cls).parameters
+        takes_dtype = "dtype" in params
         return cls(**args, dtype=dtype) if takes_dtype else cls(**args)
     except (TypeError, ValueError) as e:
         raise SpecError(f"{kind}: cannot build from {args}: {e}") from None
