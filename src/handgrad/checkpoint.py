@@ -404,7 +404,7 @@ def _build(meta: dict, layer_types, where: str):
     if expected is not None and model.spec() != expected:
         raise CheckpointError(f"{where}: model_config ({mcfg.name}) does not describe the stored model spec; "
                               "one of the two was edited")
-    for emb in _embeddings(model):
+    for emb in _embeddings(model) if models.kind(mcfg) == "context" else []:  # Bengio's has V + 1 rows
         if emb.weight.shape[0] != V:
             raise CheckpointError(f"{where}: the model embeds {emb.weight.shape[0]} characters but the "
                                   f"vocabulary has {V}")

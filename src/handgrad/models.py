@@ -16,7 +16,22 @@ from torch import Tensor
 
 from handgrad import ops
 from handgrad.config import FieldError, OneOf, Positive, Range, option, ref, validate
-from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Sequential, Tanh, set_tensor
+from handgrad.layers import (
+    BatchNorm1d,
+    Block,
+    BoWBlock,
+    ContextWindows,
+    Embedding,
+    FlattenConsecutive,
+    FlattenLast,
+    LayerNorm,
+    Linear,
+    PositionEmbedding,
+    Recurrent,
+    Sequential,
+    Tanh,
+    set_tensor,
+)
 
 SIZE = Range(1, 1 << 20)  # a model dimension
 
@@ -285,7 +300,58 @@ def zoo(name: str, doc: str, layers, init, model: dict | None = None, check=_zoo
                            check=check, data="sequence"))
 
 
+def bow_layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+    """makemore's BoW: token and position embeddings, one BoWBlock (causal average + tanh MLP), lm_head."""
+    V, T, E, H = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_embd2
+    return [Embedding(V, E, dtype), PositionEmbedding(T, E, dtype), BoWBlock(E, H, T, dtype),
+            Linear(E, V, init="torch", dtype=dtype)]
+
+
+def bengio_layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+    """makemore's MLP (Bengio et al. 2003) over sequences: at each position the block_size ids up to it
+    (a blank id V before the start) embedded in an Embedding(V + 1, E), concatenated, tanh hidden layer."""
+    V, T, E, H = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_embd2
+    return [ContextWindows(T, V), Embedding(V + 1, E, dtype), FlattenLast(),
+            Linear(T * E, H, init="torch", dtype=dtype), Tanh(), Linear(H, V, init="torch", dtype=dtype)]
+
+
+def recurrent_layers(cell: str):
+    """makemore's RNN with an "rnn" or "gru" cell: embeddings, the cell unrolled from a learned start
+    state, lm_head on every hidden state."""
+    def layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+        V, E, H = cfg.vocab_size, cfg.n_embd, cfg.n_embd2
+        return [Embedding(V, E, dtype), Recurrent(cell, E, H, dtype), Linear(H, V, init="torch", dtype=dtype)]
+    return layers
+
+
+def transformer_layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+    """makemore's Transformer (GPT-2's layout): token + position embeddings, n_layers Blocks, a final
+    LayerNorm, lm_head without bias."""
+    V, T, E = cfg.vocab_size, cfg.block_size, cfg.n_embd
+    return [Embedding(V, E, dtype), PositionEmbedding(T, E, dtype),
+            *(Block(E, cfg.n_head, T, dtype=dtype) for _ in range(cfg.n_layers)), LayerNorm(E, dtype=dtype),
+            Linear(E, V, bias=False, init="torch", dtype=dtype)]
+
+
+def init_torch(model: Sequential, cfg: ModelConfig, g: torch.Generator) -> None:
+    """PyTorch's default inits as makemore.py leaves them, layer by layer in order: embeddings N(0, 1),
+    Linear U(-1/sqrt(fan_in), 1/sqrt(fan_in)), LayerNorm 1 and 0, the recurrent start state zeros."""
+    model.init_(g)
+
+
+def _heads_check(cfg: ModelConfig) -> tuple[str, str] | None:
+    if cfg.n_embd % cfg.n_head:
+        return "n_head", (f"{cfg.n_head} does not divide {ref('n_embd')} {cfg.n_embd}: each head takes "
+                          f"n_embd / n_head channels")
+    return _zoo_check(cfg)
+
+
 zoo("bigram", "makemore's bigram table (whole names as sequences, AdamW)", bigram_layers, init_zeros)
+zoo("bow", "makemore's causal bag of words", bow_layers, init_torch)
+zoo("bengio", "makemore's MLP (Bengio et al. 2003) on sequences", bengio_layers, init_torch)
+zoo("rnn", "makemore's vanilla RNN", recurrent_layers("rnn"), init_torch)
+zoo("gru", "makemore's GRU", recurrent_layers("gru"), init_torch)
+zoo("transformer", "makemore's GPT-2-style transformer", transformer_layers, init_torch, check=_heads_check)
 
 
 def cast(model, dtype: torch.dtype):
