@@ -165,3 +165,27 @@ def test_the_planner_says_why_the_zoo_runs_eager(seqs):
                                                                                lambda f: "--" + f.replace("_", "-"))
     sgd = dataclasses.replace(TrainConfig.for_model("transformer"), optimizer="sgd")
     assert engines.plan(model, sgd).name == "eager"  # the native program does not know its layers
+
+
+def test_diagnostics_refuse_a_zoo_model_in_one_line(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--model", "bigram", "--steps", "10", "--diagnostics", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("handgrad: error: --diagnostics: diagnostics measure the lectures'") and "\n" not in err
+    assert main(["train", "--model", "bigram", "--steps", "10", "--out", str(out), "--quiet", "--samples", "0"]) == 0
+    capsys.readouterr()
+    assert main(["diagnose", "--checkpoint", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the makemore zoo's sequence models are not measured yet (bigram)" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_two_ranks_train_a_zoo_model_as_one_process_does(tmp_path, capsys):
+    """--nproc 2 with AdamW on masked sequences: each rank's loss seeded by its share of the batch's
+    counted positions, so the summed gradient is the global mean's (equal to float32 rounding)."""
+    common = ["--model", "bigram", "--steps", "20", "--quiet", "--samples", "0", "--chunk-steps", "10"]
+    assert main(["train", *common, "--out", str(tmp_path / "one")]) == 0
+    assert main(["train", *common, "--nproc", "2", "--out", str(tmp_path / "two")]) == 0
+    one, two = checkpoint.load(tmp_path / "one"), checkpoint.load(tmp_path / "two")
+    assert (one.state.losses - two.state.losses).abs().max() <= 1e-5
+    assert two.state.optimizer.t == 20

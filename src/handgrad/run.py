@@ -292,7 +292,7 @@ def configs(model: dict, training: dict) -> tuple[ModelConfig, TrainConfig]:
 def new(mcfg: ModelConfig, tcfg: TrainConfig, opts: RunConfig = RunConfig(), events: Events = SILENT) -> Run:
     """A fresh run of these configs: the data is read and checked (and the memory the run needs) before
     any directory is created; the model's vocabulary size is the data's."""
-    _begin(opts, tcfg)
+    _begin(opts, tcfg, mcfg)
     splits = load_splits(opts.data, mcfg.block_size, tcfg.split_seed, warn=events.warning,
                          fits=lambda n: budget.check_train(mcfg, tcfg, n),
                          kind=models.PRESETS[mcfg.name].data)
@@ -318,7 +318,7 @@ def resume(directory: str | Path, changes: dict | None = None, opts: RunConfig =
         raise ConfigError(f"{ref(fixed[0])} cannot be changed when resuming; the run keeps the flags saved "
                           f"in {directory} (only {allowed}, {ref('out')} and output flags may be given)")
     tc = ck.train_config
-    _begin(opts, tc)
+    _begin(opts, tc, ck.model_config)
     path = run_data(ck, directory, opts.data)
     ck.data_path, ck.data_sha256 = _same_data(ck, directory, path)
     if changes.get("steps", ck.state.step) < ck.state.step:
@@ -333,8 +333,22 @@ def resume(directory: str | Path, changes: dict | None = None, opts: RunConfig =
     return Run(ck, splits, Path(opts.out or directory), opts, Path(directory))
 
 
-def _begin(opts: RunConfig, tcfg: TrainConfig) -> None:
-    """What holds before any work: torch's threads, and a diagnostics interval the chunks can keep."""
+# Why diagnostics cannot measure a model, by data kind: its probes read the lectures' (N, V) logits.
+NOT_DIAGNOSED = {"sequence": "diagnostics measure the lectures' context-window models ((N, V) logits, "
+                             "batchnorm); the makemore zoo's sequence models are not measured yet"}
+
+
+def _diagnosable(mcfg: ModelConfig | None, where: str, advice: str) -> None:
+    why = NOT_DIAGNOSED.get(models.kind(mcfg))
+    if why:
+        raise ConfigError(f"{where}: {why} ({mcfg.name}); {advice}")
+
+
+def _begin(opts: RunConfig, tcfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
+    """What holds before any work: torch's threads, a model diagnostics can measure, and a diagnostics
+    interval the chunks can keep."""
+    if opts.diagnosing:
+        _diagnosable(mcfg, ref("diagnostics"), f"leave out {ref('diagnostics')}")
     every = opts.diag_every if opts.diag_every is not None else diagnostics.DiagConfig().every
     if opts.diagnosing and (every < 1 or every % tcfg.chunk_steps):
         raise ConfigError(f"{ref('diag_every')} {every}: must be a positive multiple of {ref('chunk_steps')} "
@@ -814,6 +828,7 @@ def diagnose(cfg: DiagnoseConfig) -> Diagnosis:
     """`handgrad diagnose`: measure a saved run's probe at its parameters and write the report into
     cfg.out (a directory the user names) or a real directory inside the checkpoint."""
     ck = checkpoint.load(cfg.checkpoint)
+    _diagnosable(ck.model_config, str(cfg.checkpoint), "sample and eval read it")
     splits = splits_of(ck, cfg.checkpoint, cfg.data)
     out = io.prepare_dir(Path(cfg.out), "out") if cfg.out else io.output_subdir(cfg.checkpoint, "diagnostics")
     saved = Path(cfg.checkpoint) / "diagnostics" / diagnostics.HISTORY_FILE
