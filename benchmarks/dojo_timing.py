@@ -115,13 +115,13 @@ def main() -> int:
     for k in phases[0]:
         print(f"  {k:34s} {statistics.median(p[k][0] for p in phases):6.2f} wall  "
               f"{statistics.median(p[k][1] for p in phases):6.2f} CPU")
-    print("\na notebook grade, in the notebook's own process (the lecture's notebook, exercise 1):")
+    print("\na notebook grade, in the notebook's own process (tests/dojo_notebook.py, exercise 1):")
     import dojo_notebook as NB
 
     base = NB.setup_namespace()
     for case, cell in (("the solution", NB.EX1), ("two mistakes", NB.edit(NB.EX1, [
             ("dembcat = dhprebn @ W1.T", "dembcat = dhpreact @ W1.T"),
-            ("dhpreact = (1.0 - h**2) * dh", "dhpreact = 1.0 - h**2 * dh")]))):
+            ("dhpreact = (1 - h**2) * dh", "dhpreact = 1 - h**2 * dh")]))):
         ns = NB.fork(base)
         NB.run(ns, NB.FORWARD)
         NB.run(ns, cell)

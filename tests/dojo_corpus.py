@@ -1,5 +1,5 @@
 """Two corpora the dojo is held to, as data: realistic mistakes that its catalogue does not list (each
-typed into a reference file or into the lecture's notebook), and unusual but right solutions. Each
+typed into a reference file or into the notebook of tests/dojo_notebook.py), and unusual but right solutions. Each
 mistake: (id, item, "file" or "notebook", edits of the reference as (old, new), the rows that must be
 wrong, the first being the mistake's own row, whose line is the first line of the last `new`).
 """
@@ -66,20 +66,20 @@ EX1 = [
     ),
 ]
 
-# typed into the lecture's notebook cell (its own spelling: no spaces around / and **)
+# typed into the notebook's exercise 1 cell (its own spelling and forms, unlike the reference file's)
 NB1 = [
     ("nb-wrong-upstream", [("dembcat = dhprebn @ W1.T", "dembcat = dhpreact @ W1.T")], ["dembcat"]),
-    ("nb-dropped-parens", [("dhpreact = (1.0 - h**2) * dh", "dhpreact = 1.0 - h**2 * dh")], ["dhpreact"]),
-    ("nb-index-columns", [("dlogprobs[range(n), Yb] = -1.0/n", "dlogprobs[:, Yb] = -1.0/n")], ["dlogprobs"]),
+    ("nb-dropped-parens", [("dhpreact = (1 - h**2) * dh", "dhpreact = 1 - h**2 * dh")], ["dhpreact"]),
+    ("nb-index-columns", [("dlogprobs[range(n), Yb] = -1/n", "dlogprobs[:, Yb] = -1/n")], ["dlogprobs"]),
     ("nb-exponent-sign", [("(bnvar + 1e-5)**-1.5", "(bnvar + 1e-5)**1.5")], ["dbnvar"]),
-    ("nb-bessel-minus-2", [("dbndiff2 = (1.0/(n-1))", "dbndiff2 = (1.0/(n-2))")], ["dbndiff2"]),
+    ("nb-bessel-minus-2", [("dbndiff2 = 1/(n-1) *", "dbndiff2 = 1/(n-2) *")], ["dbndiff2"]),
     ("nb-sum-everything", [("db2 = dlogits.sum(0)", "db2 = dlogits.sum()")], ["db2"]),
     (
         "nb-power-of-counts",
-        [("dcounts_sum = (-counts_sum**-2)", "dcounts_sum = (-counts**-2)")],
+        [("dcounts_sum = -counts_sum**-2", "dcounts_sum = -counts**-2")],
         ["dcounts_sum"],
     ),
-    ("nb-bias-for-gain", [("dbnraw = bngain * dhpreact", "dbnraw = bnbias * dhpreact")], ["dbnraw"]),
+    ("nb-bias-for-gain", [("dbnraw = dhpreact * bngain", "dbnraw = dhpreact * bnbias")], ["dbnraw"]),
 ]
 
 EX2 = [
@@ -115,7 +115,7 @@ EX3 = [
         ["dhprebn"],
     ),
     ("bn-var-for-inv", "file", [("bngain * bnvar_inv / n", "bngain * bnvar / n")], ["dhprebn"]),
-    ("bn-nb-plus-one", "notebook", [("n/(n-1)*bnraw", "n/(n+1)*bnraw")], ["dhprebn"]),
+    ("bn-nb-plus-one", "notebook", [("n/(n-1) * bnraw", "n/(n+1) * bnraw")], ["dhprebn"]),
 ]
 
 LOSS = ["loss curve", "loss reached"]
@@ -131,7 +131,7 @@ EX4 = [
     (
         "tr-nb-dropped-parens",
         "notebook",
-        [("dhpreact = (1.0 - h**2) * dh", "dhpreact = 1.0 - h**2 * dh")],
+        [("dhpreact = (1 - h**2) * dh", "dhpreact = 1 - h**2 * dh")],
         ["dhpreact"] + LOSS,
     ),
     (
@@ -218,6 +218,20 @@ CHALLENGES = [
         "linear-tanh@notebook",
         [("dz = (1 - a**2) * da", "dz = 1 - a**2 * da")],
         ["dz"],
+    ),
+    # the makemore zoo's challenges (more of them in tests/test_dojo_zoo.py)
+    ("ln-bias-for-weight", "layernorm", [("dxhat = weight * dout", "dxhat = bias * dout")], ["dxhat"]),
+    (
+        "at-y-for-dy",
+        "attention",
+        [("dv = att.transpose(-2, -1) @ dy", "dv = att.transpose(-2, -1) @ y")],
+        ["dv"],
+    ),
+    (
+        "rnn-z-for-dz",
+        "rnn",
+        [("dWhh = hprev.reshape(-1, H).T @ dz", "dWhh = hprev.reshape(-1, H).T @ z")],
+        ["dWhh"],
     ),
 ]
 
@@ -324,7 +338,7 @@ RIGHT_NB1 = [
         "nb-index-add",
         [
             (
-                "for k in range(Xb.shape[0]):\n  for j in range(Xb.shape[1]):\n    ix = Xb[k,j]\n    dC[ix] += demb[k,j]",
+                "for row, context in enumerate(Xb):\n    for pos, ch in enumerate(context):\n        dC[ch] += demb[row, pos]",
                 "dC.index_add_(0, Xb.view(-1), demb.view(-1, n_embd))",
             )
         ],
@@ -333,7 +347,7 @@ RIGHT_NB1 = [
         "nb-one-hot-float",
         [
             (
-                "dlogprobs = torch.zeros_like(logprobs)\ndlogprobs[range(n), Yb] = -1.0/n",
+                "dlogprobs = torch.zeros_like(logprobs)\ndlogprobs[range(n), Yb] = -1/n",
                 "dlogprobs = -F.one_hot(Yb, num_classes=vocab_size).float() / n",
             )
         ],

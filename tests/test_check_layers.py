@@ -123,6 +123,7 @@ BUILTIN_CASES = [  # (id, make layer(dtype), x shape or an index tensor)
     ("BoWBlock", lambda d: layers.BoWBlock(4, 6, 5, dtype=d), (2, 5, 4)),
     ("Recurrent rnn", lambda d: layers.Recurrent("rnn", 3, 4, dtype=d), (2, 4, 3)),
     ("Recurrent gru", lambda d: layers.Recurrent("gru", 3, 4, dtype=d), (2, 4, 3)),
+    ("ContextWindows alone", lambda d: layers.ContextWindows(3, 5), torch.tensor([[0, 1, 4, 2], [3, 3, 0, 1]])),
     ("Bengio MLP over a sequence", lambda d: layers.Sequential([
         layers.ContextWindows(3, 5), layers.Embedding(6, 2, dtype=d), layers.FlattenLast(),
         layers.Linear(6, 5, init="torch", dtype=d), layers.Tanh(), layers.Linear(5, 5, init="torch", dtype=d)]),

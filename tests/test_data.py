@@ -78,14 +78,15 @@ def test_context_windows_by_hand():
 
 
 def reference_dataset(words, block_size, stoi):
-    """The lecture's loop, one character at a time."""
+    """The lecture's algorithm as a plain loop, one example per character: the word's ids with block_size
+    '.' before and one after; each id after the padding is a target, the block_size ids before it its
+    context."""
     X, Y = [], []
     for w in words:
-        context = [0] * block_size
-        for ch in w + ".":
-            X.append(context)
-            Y.append(stoi[ch])
-            context = context[1:] + [stoi[ch]]
+        ids = [stoi["."]] * block_size + [stoi[c] for c in w] + [stoi["."]]
+        for i in range(block_size, len(ids)):
+            X.append(ids[i - block_size : i])
+            Y.append(ids[i])
     return X, Y
 
 

@@ -2,7 +2,7 @@
 across the classes learners make (a wrong upstream variable, dropped parentheses, another wrong local
 derivative, an exponent's sign, a slip in one term of a closed form, a wrong factor, an index pattern, a
 bare number for n/(n-1), a sum over everything, ...), in every exercise and challenge, in files and in
-the lecture's notebook: each is flagged, located on its own line, and at least 90% are named from the
+a notebook of the lecture's exercises: each is flagged, located on its own line, and at least 90% are named from the
 learner's own line by the edit search. And unusual but right solutions: all right."""
 
 from __future__ import annotations

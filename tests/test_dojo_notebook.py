@@ -1,8 +1,9 @@
-"""The dojo in the learner's own notebook: the lecture's finished notebook, run cell by cell with its
-sources kept as IPython keeps them, is graded right (with a shape note); each classic mistake typed into
-it is reported once, on its own row, every right line below it right given the learner's upstream; the
-learner's own names are found; exercises 2-4 are graded in place (4 with its loss curve); a .ipynb file
-runs without a kernel; a challenge is graded from the functions a notebook defines."""
+"""The dojo in the learner's own notebook: a finished notebook of the lecture's exercises
+(tests/dojo_notebook.py), run cell by cell with its sources kept as IPython keeps them, is graded right
+(with a shape note); each classic mistake typed into it is reported once, on its own row, every right
+line below it right given the learner's upstream; the learner's own names are found; exercises 2-4 are
+graded in place (4 with its loss curve); a .ipynb file runs without a kernel; a challenge is graded from
+the functions a notebook defines."""
 
 from __future__ import annotations
 
@@ -15,42 +16,42 @@ import dojo_notebook as NB
 from handgrad import dojo
 from handgrad.dojo import catalogue as K
 
-# The classic mistakes of the lecture, typed into its exercise 1 cell: (id, edits, the row, its kind)
+# The lecture's classic mistakes, typed into the notebook's exercise 1 cell: (id, edits, the row, its kind)
 CLASSIC = [
-    ("1-h", [("dhpreact = (1.0 - h**2) * dh", "dhpreact = (1.0 - h) * dh")], "dhpreact", K.TANH),
+    ("1-h", [("dhpreact = (1 - h**2) * dh", "dhpreact = (1 - h) * dh")], "dhpreact", K.TANH),
     ("sign", [("dh = dlogits @ W2.T", "dh = -dlogits @ W2.T")], "dh", K.SIGN),
     (
         "missing-branch",
-        [("dcounts += torch.ones_like(counts) * dcounts_sum\n", "")],
+        [("dcounts += dcounts_sum\n", "")],
         "dcounts",
         K.MISSING_BRANCH,
     ),
     (
         "-1-without-/n",
-        [("dlogprobs[range(n), Yb] = -1.0/n", "dlogprobs[range(n), Yb] = -1.0")],
+        [("dlogprobs[range(n), Yb] = -1/n", "dlogprobs[range(n), Yb] = -1")],
         "dlogprobs",
         K.SCALE_N,
     ),
     (
         "dlogprobs*probs",
-        [("dprobs = (1.0 / probs) * dlogprobs", "dprobs = dlogprobs * probs")],
+        [("dprobs = dlogprobs / probs", "dprobs = dlogprobs * probs")],
         "dprobs",
         K.INPUT_OUTPUT,
     ),
     (
         "unsummed-dbnvar_inv",
-        [("dbnvar_inv = (bndiff * dbnraw).sum(0, keepdim=True)", "dbnvar_inv = bndiff * dbnraw")],
+        [("dbnvar_inv = (dbnraw * bndiff).sum(0, keepdim=True)", "dbnvar_inv = dbnraw * bndiff")],
         "dbnvar_inv",
         K.SHAPE,
     ),
     ("alias", [("dhprebn = dbndiff.clone()", "dhprebn = dbndiff")], "dhprebn", K.ALIAS),
-    ("bessel", [("dbndiff2 = (1.0/(n-1))", "dbndiff2 = (1.0/n)")], "dbndiff2", K.BESSEL),
-    ("overwrite", [("dC[ix] += demb[k,j]", "dC[ix] = demb[k,j]")], "dC", K.OVERWRITE),
+    ("bessel", [("dbndiff2 = 1/(n-1) *", "dbndiff2 = 1/n *")], "dbndiff2", K.BESSEL),
+    ("overwrite", [("dC[ch] += demb[row, pos]", "dC[ch] = demb[row, pos]")], "dC", K.OVERWRITE),
     ("transposed", [("dW2 = h.T @ dlogits", "dW2 = dlogits.T @ h")], "dW2", K.TRANSPOSED),
     ("no-eps", [("(bnvar + 1e-5)**-1.5", "bnvar**-1.5")], "dbnvar", K.EPS_LEFT_OUT),
     (
         "no-max-branch",
-        [("dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1]) * dlogit_maxes\n", "")],
+        [("dlogits += F.one_hot(logits.argmax(1), logits.shape[1]) * dlogit_maxes\n", "")],
         "dlogits",
         K.MISSING_BRANCH,
     ),
@@ -77,7 +78,8 @@ def test_the_lectures_finished_notebook_is_all_right_with_a_shape_note(base):
     (marked,) = [r for r in g.rows if r.mark == "shape"]
     assert marked.name == "dbnmeani" and "(64,) where bnmeani is (1, 64)" in marked.note
     assert all(r.chain == "yes" for r in g.rows)
-    assert g.rows[0].where == "In [9] line 2"  # the learner's own cell and line
+    # the learner's own cell and line
+    assert g.rows[0].where == f"In [9] line {NB.line_of(NB.EX1, 'dlogprobs[range(n), Yb] =')}"
     assert g.seconds < 30  # recorded for the benchmark; the timing itself is measured there
     html = g._repr_html_()
     assert html.count("<tr") == 27 and "26 of 26 right" in html and "ok*" in html
@@ -113,14 +115,15 @@ def test_the_edit_search_reads_the_learners_cell(base):
         NB.EX1,
         [
             ("dembcat = dhprebn @ W1.T", "dembcat = dhpreact @ W1.T"),
-            ("dhpreact = (1.0 - h**2) * dh", "dhpreact = 1.0 - h**2 * dh"),
+            ("dhpreact = (1 - h**2) * dh", "dhpreact = 1 - h**2 * dh"),
         ],
     )
     g = dojo.grade(1, notebook(base, NB.FORWARD, cell))
     rows = {r.name: r for r in g.rows if not r.ok}
     assert set(rows) == {"dembcat", "dhpreact"}, g.table()
-    assert "your In [9] line 27 is right with `dhprebn` in place of `dhpreact`" in rows["dembcat"].edit
-    assert "`(1.0 - h ** 2) * dh` in place of `1.0 - h**2 * dh`" in rows["dhpreact"].edit
+    line = NB.line_of(cell, "dembcat = dhpreact @ W1.T")
+    assert f"your In [9] line {line} is right with `dhprebn` in place of `dhpreact`" in rows["dembcat"].edit
+    assert "`(1 - h ** 2) * dh` in place of `1 - h**2 * dh`" in rows["dhpreact"].edit
 
 
 def test_renamed_gradients_and_batch_are_found_and_said(base):
@@ -153,7 +156,7 @@ def test_an_explicit_mapping_is_taken(base):
 
 
 def test_a_hard_coded_size_right_at_the_notebooks_batch_is_right_with_a_note(base):
-    g = dojo.grade(1, notebook(base, NB.FORWARD, NB.edit(NB.EX1, [("= -1.0/n", "= -1.0/32")])))
+    g = dojo.grade(1, notebook(base, NB.FORWARD, NB.edit(NB.EX1, [("= -1/n", "= -1/32")])))
     assert g.exit_code == 0, g.table()
     assert "hard-coded" in g.rows[0].note and "`n` in place of `32`" in g.rows[0].note
 
@@ -199,7 +202,7 @@ def test_nothing_to_grade_says_what_is_missing(base):
         ("2", NB.EX2, [], []),
         ("2", NB.EX2, [("dlogits[range(n), Yb] -= 1\n", "")], ["dlogits"]),
         ("3", NB.EX3, [], []),
-        ("3", NB.EX3, [("n/(n-1)*bnraw", "bnraw")], ["dhprebn"]),
+        ("3", NB.EX3, [("n/(n-1) * bnraw", "bnraw")], ["dhprebn"]),
     ],
 )
 def test_exercises_2_and_3_in_the_notebook(base, key, cell, edits, wrong):
@@ -216,7 +219,7 @@ def test_exercises_2_and_3_in_the_notebook(base, key, cell, edits, wrong):
     [
         ([], []),
         (
-            [("dhpreact = (1.0 - h**2) * dh", "dhpreact = (1.0 - h) * dh")],
+            [("dhpreact = (1 - h**2) * dh", "dhpreact = (1 - h) * dh")],
             ["dhpreact", "loss curve", "loss reached"],
         ),
     ],
@@ -263,11 +266,11 @@ def test_a_challenge_is_graded_from_the_functions_a_notebook_defines():
     )
 
 
-def test_the_lectures_own_solution_as_a_dojo_file_is_all_right_with_a_shape_note(tmp_path):
+def test_the_notebooks_solution_as_a_dojo_file_is_all_right_with_a_shape_note(tmp_path):
     from handgrad.dojo.framework import render
     from handgrad.dojo.items import get
 
-    cell = NB.EX1.split("\n\ncmp(")[0]  # the lecture's lines, without its cmp calls (a file has no .grad)
+    cell = NB.EX1_LINES  # the notebook's gradient lines, without its checks (a file has no .grad)
     p = tmp_path / "ex1_atomic.py"
     p.write_text(render(get("1"), (cell,)))
     g = dojo.grade_file(p)

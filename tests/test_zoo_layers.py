@@ -125,7 +125,7 @@ def zoo(V=27, bs=16, E=64, H=64, n_layer=4, n_head=4):
     return {
         "bigram": Sequential([Embedding(V, V)]),
         "bow": Sequential([Embedding(V, E), PositionEmbedding(bs, E), BoWBlock(E, H, bs), Linear(E, V)]),
-        "mlp": Sequential([ContextWindows(bs, V), Embedding(V + 1, E), FlattenLast(), Linear(bs * E, H), Tanh(),
+        "mlp": Sequential([ContextWindows(bs, V), Embedding(V + 1, E), FlattenLast(bs * E), Linear(bs * E, H), Tanh(),
                            Linear(H, V)]),
         "rnn": Sequential([Embedding(V, E), Recurrent("rnn", E, H), Linear(H, V)]),
         "gru": Sequential([Embedding(V, E), Recurrent("gru", E, H), Linear(H, V)]),
@@ -149,6 +149,14 @@ def test_each_model_has_makemores_parameter_count_and_gives_logits_per_position(
     assert logits.shape == (2, 16, 27)
     dx, g = model.backward(randn(2, 2, 16, 27).float(), cache)
     assert dx is None and set(g) == set(model.params())
+
+
+def test_each_model_runs_on_the_meta_device_as_a_checkpoint_load_does():
+    """checkpoint.py rebuilds a spec on the meta device and runs a forward to check its sizes."""
+    for name, model in zoo().items():
+        with torch.device("meta"):
+            out = from_spec(model.spec()).forward(torch.zeros((2, 16), dtype=torch.long))[0]
+        assert out.shape == (2, 16, 27) and out.device.type == "meta", name
 
 
 # ---------------------------------------------------------------------------- names, specs, init
@@ -281,21 +289,37 @@ def test_recomputing_the_attention_matrix_gives_the_same_gradients():
 @pytest.mark.parametrize("make, x, words", [
     (lambda: CausalSelfAttention(64, 3, 8), None, "n_head 3 does not divide n_embd 64"),
     (lambda: Block(10, 4, 8), None, "n_head 4 does not divide n_embd 10"),
+    (lambda: Block(8, 0, 8), None, "n_head must be at least 1, got 0"),
     (lambda: Block(4, 2, 3), torch.zeros(2, 5, 4), "5 positions is longer than the block size 3"),
     (lambda: PositionEmbedding(3, 4), torch.zeros(2, 5, 4), "longer than the block size 3"),
     (lambda: CausalBoW(3), torch.zeros(1, 4, 2), "longer than the block size 3"),
-    (lambda: Block(4, 2, 8), torch.zeros(2, 5, 6), "Block needs a float (B, T, 4) input"),
+    (lambda: Block(4, 2, 8), torch.zeros(2, 5, 6), "Block needs a float (B, T, 4) input with T >= 1"),
     (lambda: LayerNorm(4), torch.zeros(2, 5, 6), "LayerNorm(4) normalises a last dimension of 4"),
     (lambda: Recurrent("gru", 4, 3), torch.zeros(2, 4), "needs a float (B, T, 4) input"),
     (lambda: Recurrent("lstm", 4, 3), None, "cell must be one of rnn, gru"),
     (lambda: ContextWindows(3, 27), torch.zeros(2, 4), "needs integer ids (B, T)"),
     (lambda: FlattenLast(), torch.zeros(3), "at least 2 dimensions"),
-], ids=["attention n_head", "block n_head", "block too long", "positions too long", "bow too long",
-        "wrong width", "layernorm width", "recurrent 2-D", "cell", "windows of floats", "flatten 1-D"])
+    (lambda: FlattenLast(12), torch.zeros(2, 4, 2), "k*E = 12, got shape (2, 4, 2)"),
+    (lambda: Recurrent("rnn", 4, 3), torch.zeros(2, 0, 4), "with T >= 1"),
+], ids=["attention n_head", "block n_head", "no heads", "block too long", "positions too long", "bow too long",
+        "wrong width", "layernorm width", "recurrent 2-D", "cell", "windows of floats", "flatten 1-D", "flatten size",
+        "empty sequence"])
 def test_bad_input_is_refused_in_one_line_naming_the_sizes(make, x, words):
     with pytest.raises(ValueError) as e:
         make().forward(x)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_check_layer_on_an_index_layer_checks_its_contract_only():
+    from handgrad.check import check_layer
+
+    class Leaky(ContextWindows):
+        def backward(self, dout, cache):
+            return torch.zeros(1), {}
+    X = torch.tensor([[0, 1, 2]])
+    assert check_layer(ContextWindows(3, 5), X).passed
+    bad = check_layer(Leaky(3, 5), X)
+    assert not bad.passed and "must return (None, {})" in bad.row("output").diagnosis
 
 
 def test_index_layers_must_lead_the_sequential():
@@ -306,3 +330,35 @@ def test_index_layers_must_lead_the_sequential():
 
 def test_gelu_layer_has_no_parameters_and_specs():
     assert GELU().params() == {} and from_spec(GELU().spec()).spec() == {"type": "GELU"}
+
+
+# ---------------------------------------------------------------------------- check_layer on more shapes
+EDGE_CASES = [  # (id, layer, x shape): the edges of each sequence layer's shapes
+    ("Block one position", lambda: Block(4, 1, 4, dtype=D), (3, 1, 4)),
+    ("CausalSelfAttention heads of one channel", lambda: CausalSelfAttention(4, 4, 3, dtype=D), (1, 3, 4)),
+    ("BoWBlock one sequence", lambda: BoWBlock(3, 2, 6, dtype=D), (1, 6, 3)),
+    ("Recurrent gru one position", lambda: Recurrent("gru", 2, 3, dtype=D), (4, 1, 2)),
+    ("Recurrent rnn long", lambda: Recurrent("rnn", 2, 2, dtype=D), (2, 9, 2)),
+    ("PositionEmbedding full block", lambda: PositionEmbedding(3, 2, dtype=D), (2, 3, 2)),
+]
+
+
+@pytest.mark.parametrize("make, shape", [c[1:] for c in EDGE_CASES], ids=[c[0] for c in EDGE_CASES])
+def test_check_layer_passes_the_sequence_layers_at_the_edges_of_their_shapes(make, shape):
+    from handgrad.check import check_layer
+    layer = noisy(make(), seed=5)
+    report = check_layer(layer, randn(6, *shape, scale=1.5), seed=5)
+    assert report.passed, str(report)
+
+
+def test_check_layer_names_the_wrong_parameter_inside_a_composite():
+    from handgrad.check import check_layer
+
+    class HalfGain(LayerNorm):
+        def backward(self, dout, cache):
+            dx, g = super().backward(dout, cache)
+            return dx, {**g, "weight": 0.5 * g["weight"]}
+    block = noisy(Block(4, 2, 4, dtype=D))
+    block.ln_2 = noisy(HalfGain(4, dtype=D), seed=1)
+    report = check_layer(block, randn(7, 2, 4, 4), name_mistakes=False)
+    assert not report.passed and {r.name for r in report.failures()} == {"ln_2.weight"}

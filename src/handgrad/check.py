@@ -1072,6 +1072,8 @@ def check_layer(layer: Any, x: Tensor, *, dout: Tensor | None = None, seed: int 
     before = _state(layer)
     with torch.no_grad():
         out = layer.forward(x, training)[0]
+    if not out.is_floating_point():
+        return _index_layer_report(layer, x, out, training, who, title)
     if dout is None:
         g = torch.Generator().manual_seed(seed)
         dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
@@ -1121,6 +1123,24 @@ def check_layer(layer: Any, x: Tensor, *, dout: Tensor | None = None, seed: int 
         _name_rows(sections, layer_out, inputs64, ["x", *pnames], [dout.to(torch.float64)], user64, ref64)
     return Report(title or f"check_layer: {who}, x {_fmt_shape(tuple(x.shape))}, "
                   f"{'training' if training else 'inference'}", sections)
+
+
+def _index_layer_report(layer: Any, x: Tensor, out: Tensor, training: bool, who: str, title: str | None
+                        ) -> Report:
+    """A layer whose output is integer ids (ContextWindows) has no gradient to check: its backward
+    must return (None, {}) and it must own no parameters; the layers after it are checked in a
+    Sequential that holds both."""
+    with torch.no_grad():
+        _, cache = layer.forward(x, training)
+        dx, grads = _unpack_backward(layer.backward(None, cache), who)
+    params = sorted(layer.params())
+    ok = dx is None and not grads and not params
+    why = "" if ok else (f"an index layer's backward must return (None, {{}}) and it may own no parameters; "
+                         f"got dx {type(dx).__name__}, gradients {sorted(grads)}, parameters {params}")
+    row = Finding("output", ok, why, note=f"integer output {_fmt_shape(tuple(out.shape))}: no gradient flows "
+                  "through it; check the layers after it in a Sequential that starts with it")
+    return Report(title or f"check_layer: {who}, x {_fmt_shape(tuple(x.shape))}",
+                  [Section(f"{who}: an index layer", [row])])
 
 
 def _layer_backward64(layer: Any, x: Tensor, dout: Tensor, training: bool, who: str

@@ -13,6 +13,12 @@ The protocol every layer (built-in or a user's own) follows:
 
 Optional: update_buffers(cache) (running statistics after a training step), init_(generator)
 (the default random initialisation, drawn in a fixed order).
+
+makemore's zoo (karpathy/makemore, makemore.py) adds sequence layers: (B, T, E) floats in and out,
+or (B, T) ids. A composite layer (Block, BoWBlock, Recurrent, ...) holds its children as attributes
+and names their tensors "child.name" ("attn.c_attn.weight"; in a Sequential "3.attn.c_attn.weight"),
+which set_tensor, checkpoints and check_layer follow. A layer whose output is ids (ContextWindows)
+sets INDEX_OUTPUT and must come first: no gradient reaches it.
 """
 
 from __future__ import annotations
@@ -249,11 +255,14 @@ class PositionEmbedding(_Base):
         return {"type": "PositionEmbedding", "block_size": block_size, "n_embd": n_embd}
 
 
-def _need_sequence(who: str, x: Tensor, n_embd: int, block_size: int | None = None) -> None:
-    """A sequence layer's input is (B, T, n_embd) floats with T <= block_size; else one ValueError."""
-    if x.dim() != 3 or x.shape[-1] != n_embd or not x.is_floating_point():
-        raise ValueError(f"{who} needs a float (B, T, {n_embd}) input, got {str(x.dtype)[6:]} shape "
-                         f"{tuple(x.shape)}")
+def _need_sequence(who: str, x: Tensor, n_embd: int | None, block_size: int | None = None) -> None:
+    """A sequence layer's input is (B, T, n_embd) floats (any width when n_embd is None) with
+    1 <= T <= block_size; else one ValueError."""
+    wrong_width = n_embd is not None and x.dim() == 3 and x.shape[-1] != n_embd
+    if x.dim() != 3 or wrong_width or not x.is_floating_point() or x.shape[1] == 0:
+        width = "C" if n_embd is None else n_embd
+        raise ValueError(f"{who} needs a float (B, T, {width}) input with T >= 1, got {str(x.dtype)[6:]} "
+                         f"shape {tuple(x.shape)}")
     if block_size is not None and x.shape[1] > block_size:
         raise ValueError(f"{who}: a sequence of {x.shape[1]} positions is longer than the block size "
                          f"{block_size}")
@@ -311,7 +320,7 @@ class CausalBoW(_Base):
         self.block_size = block_size
 
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
-        _need_sequence("CausalBoW", x, x.shape[-1], self.block_size)
+        _need_sequence("CausalBoW", x, None, self.block_size)
         return ops.causal_average_forward(x)
 
     def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
@@ -323,18 +332,23 @@ class CausalBoW(_Base):
 
 @builtin
 class FlattenLast(_Base):
-    """(..., k, E) -> (..., k*E): makemore's MLP concatenates its k context embeddings."""
+    """(..., k, E) -> (..., k*E): makemore's MLP concatenates its k context embeddings. `size`, when
+    given, is the k*E it expects (a shape check with a clear error)."""
+
+    def __init__(self, size: int | None = None):
+        self.size = size
 
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
-        if x.dim() < 2:
-            raise ValueError(f"FlattenLast needs at least 2 dimensions, got shape {tuple(x.shape)}")
+        if x.dim() < 2 or self.size is not None and x.shape[-1] * x.shape[-2] != self.size:
+            want = "at least 2 dimensions" if self.size is None else f"(..., k, E) with k*E = {self.size}"
+            raise ValueError(f"FlattenLast needs {want}, got shape {tuple(x.shape)}")
         return ops.flatten_last_forward(x)
 
     def backward(self, dout: Tensor, cache: Any) -> tuple[Tensor, dict[str, Tensor]]:
         return ops.flatten_last_backward(dout, cache), {}
 
     def spec(self) -> dict:
-        return {"type": "FlattenLast"}
+        return {"type": "FlattenLast"} if self.size is None else {"type": "FlattenLast", "size": self.size}
 
 
 @builtin
@@ -411,7 +425,9 @@ class CausalSelfAttention(_Composite):
 
     def __init__(self, n_embd: int, n_head: int, block_size: int, recompute: bool = False,
                  dtype: torch.dtype = torch.float32):
-        if n_head < 1 or n_embd % n_head:
+        if n_head < 1:
+            raise ValueError(f"n_head must be at least 1, got {n_head}")
+        if n_embd % n_head:
             raise ValueError(f"n_head {n_head} does not divide n_embd {n_embd}: each head takes n_embd / "
                              "n_head channels")
         self.n_head, self.block_size, self.recompute = n_head, block_size, recompute
@@ -576,12 +592,12 @@ class Recurrent(_Composite):
     rnn: xh_to_h; gru: xh_to_z, xh_to_r, xh_to_hbar (ops.gru_cell_forward)."""
 
     PARAMS = ("start",)
-    CELLS = {"rnn": ("xh_to_h",), "gru": ("xh_to_z", "xh_to_r", "xh_to_hbar")}
+    LINEARS = {"rnn": ("xh_to_h",), "gru": ("xh_to_z", "xh_to_r", "xh_to_hbar")}  # in the op's order
 
     def __init__(self, cell: str, n_embd: int, n_embd2: int, dtype: torch.dtype = torch.float32):
-        if cell not in self.CELLS:
-            raise ValueError(f"Recurrent: cell must be one of {', '.join(self.CELLS)}, got {cell!r:.40}")
-        self.cell, self.CHILDREN = cell, self.CELLS[cell]
+        if cell not in self.LINEARS:
+            raise ValueError(f"Recurrent: cell must be one of {', '.join(self.LINEARS)}, got {cell!r:.40}")
+        self.cell, self.CHILDREN = cell, self.LINEARS[cell]
         self.start = torch.zeros((1, n_embd2), dtype=dtype)  # (1, H)
         for name in self.CHILDREN:
             setattr(self, name, Linear(n_embd + n_embd2, n_embd2, init="torch", dtype=dtype))

@@ -275,18 +275,22 @@ GELU_K = 0.044715
 def gelu_forward(x: Tensor) -> tuple[Tensor, tuple]:
     """GELU, tanh approximation (Hendrycks & Gimpel 2016; makemore's NewGELU):
     0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Only x is cached: tanh is recomputed in backward
-    (one elementwise pass saves a tensor of 4E per position in a transformer block)."""
-    out = 0.5 * x * (1.0 + torch.tanh(GELU_C * (x + GELU_K * x**3)))  # (..., H)
-    return out, (x,)
+    (one elementwise pass saves a tensor of 4E per position in a transformer block). No in-place
+    ops here: checks run this forward under autograd."""
+    t = torch.tanh((x * x * GELU_K + 1.0) * x * GELU_C)  # (..., H)  the same order as backward's
+    return 0.5 * x * (1.0 + t), (x,)  # (..., H)
 
 
 def gelu_backward(dout: Tensor, cache: tuple) -> Tensor:
     """With u = sqrt(2/pi) (x + 0.044715 x^3) and t = tanh(u), the product rule on 0.5 x (1 + t):
-        d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+        d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    Computed in place on two temporaries (x^2, then du/dx; t, then the gradient)."""
     (x,) = cache
-    t = torch.tanh(GELU_C * (x + GELU_K * x**3))  # (..., H)  recomputed
-    du = GELU_C * (1.0 + 3.0 * GELU_K * x * x)  # (..., H)
-    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)  # (..., H)
+    x2 = x * x  # (..., H)
+    t = torch.tanh_(x2.mul(GELU_K).add_(1.0).mul_(x).mul_(GELU_C))  # (..., H)  recomputed: tanh(u)
+    du = x2.mul_(3.0 * GELU_K).add_(1.0).mul_(GELU_C)  # (..., H)  du/dx, in x2's memory
+    dx = du.mul_(x).mul_(1.0 - t * t).add_(t).add_(1.0).mul_(0.5)  # (..., H)  dgelu/dx
+    return dx.mul_(dout)  # (..., H)
 
 
 # ---------------------------------------------------------------------------- attention
@@ -441,10 +445,10 @@ def gru_cell_backward(dht: Tensor, cache: tuple) -> tuple[Tensor, ...]:
     return dxt, dhprev, dWz, dbz, dWr, dbr, dWh, dbh
 
 
-# A cell by name: its forward, its backward, and how many parameters both take after (xt, hprev).
+# A cell by name: its forward and its backward (both take the cell's weights after (xt, hprev)).
 CELLS = {
-    "rnn": (rnn_cell_forward, rnn_cell_backward, 2),
-    "gru": (gru_cell_forward, gru_cell_backward, 6),
+    "rnn": (rnn_cell_forward, rnn_cell_backward),
+    "gru": (gru_cell_forward, gru_cell_backward),
 }
 
 

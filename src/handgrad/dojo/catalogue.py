@@ -41,6 +41,11 @@ SCALE = "scale"  # scaled by some other constant
 NONFINITE = "nonfinite"
 ZERO = "zero"
 ALIAS = "alias"  # two names for one tensor (no .clone()), so a change through one changes the other
+SOFTMAX_ROW_SUM = "softmax-row-sum"  # a softmax backward without (or with a wrong) row-sum term
+MASKED = "masked"  # gradient through positions a mask filled with a constant
+ATTENTION_SCALE = "attention-scale"  # the 1/sqrt(head size) of the scores missing or wrong in dq or dk
+THROUGH_TIME = "through-time"  # the gradient from the next time step not accumulated into dh
+TIME_DIRECTION = "time-direction"  # gradient flowing from the wrong time step (forward in time, t-1 for t+1)
 OTHER = "other"
 
 

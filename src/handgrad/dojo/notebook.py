@@ -409,6 +409,11 @@ def grade(
     try:
         if item.mode == "call":
             _grade_calls(item, namespace, g, strict, time_limit)
+        elif item.kind != "exercise":  # a region challenge's probes are its own, not a notebook's point
+            raise NotebookError(
+                f"{item.kind} {item.key} is graded from its file: `handgrad dojo start {item.key}`, fill "
+                f"it in, then `handgrad dojo grade {item.slug}.py`"
+            )
         else:
             _grade_region(item, namespace, g, strict, dict(names or {}), time_limit)
     except NotebookError as e:

@@ -2,6 +2,29 @@
 file each: a plain Python file with marked blanks, graded like the exercises (items.py lists them).
 """
 
-from handgrad.dojo.challenges import batchnorm, checkpoint, cross_entropy, embedding, gradcheck, linear_tanh
+from handgrad.dojo.challenges import (
+    attention,
+    batchnorm,
+    checkpoint,
+    cross_entropy,
+    embedding,
+    gradcheck,
+    layernorm,
+    linear_tanh,
+    rnn,
+)
 
-CHALLENGES = tuple(m.ITEM for m in (linear_tanh, cross_entropy, batchnorm, gradcheck, embedding, checkpoint))
+CHALLENGES = tuple(
+    m.ITEM
+    for m in (
+        linear_tanh,
+        cross_entropy,
+        batchnorm,
+        gradcheck,
+        embedding,
+        checkpoint,
+        layernorm,
+        attention,
+        rnn,
+    )
+)
