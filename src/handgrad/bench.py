@@ -21,7 +21,7 @@ from torch import Tensor
 from handgrad import data, engines, models, ops, reference, train
 from handgrad.config import Expect, OneOf, option, validate
 from handgrad.engines import native
-from handgrad.layers import Linear, Sequential
+from handgrad.layers import Linear, Sequential, activation_bytes
 from handgrad.report import Column, Table
 
 
@@ -62,7 +62,9 @@ class BenchResult:
                  f"{c['threads']} thread(s), median of {c['steps']} steps, {CLOCKS[c['clock']][1]}; "
                  f"{self.machine}",
                  f"matrix products per step: {self.gemm_flop / 1e6:.2f} MFLOP; FMA peak "
-                 f"{self.peak_flops / 1e9:.1f} GFLOP/s ({self.peak_note})"]
+                 f"{self.peak_flops / 1e9:.1f} GFLOP/s ({self.peak_note})"
+                 + (f"; activations cached per step: {c['activation_bytes'] / 2**20:.2f} MiB"
+                    if c.get("activation_bytes") else "")]
         t = Table([Column("engine", "<", 27), Column("us/step", ">", 9), Column("q25-q75", ">", 15),
                    Column("x fast", ">", 7), Column("x floor", ">", 8), Column("GFLOP/s", ">", 8),
                    Column("%peak", ">", 6), Column("what", gap="  ")], rule="-" * 120)
@@ -133,8 +135,21 @@ CLOCKS = {"cpu": (time.thread_time, "CPU time of the timing thread"),
 # ---------------------------------------------------------------------------- the model's GEMMs
 def gemm_shapes(model, X: Tensor) -> list[tuple[int, int, int]]:
     """(M, K, N) of every Linear's forward product x @ W, x viewed as (M, K) = (numel / fan_in, fan_in),
-    found by one forward pass over the batch X (eval mode: the shapes are the same)."""
+    found by one forward pass over the batch X (eval mode: the shapes are the same). A composite layer
+    (a transformer Block, a BoWBlock, a Recurrent cell) counts the Linears inside it, each on the
+    composite's rows (all of them keep its (B, T) leading dims), and its attention's two batched
+    products per head, q k^T and att v, as (B nh T, hs, T) and (B nh T, T, hs)."""
     shapes: list[tuple[int, int, int]] = []
+
+    def inner(layer, rows: int, T: int) -> None:
+        for child in layer.children().values():
+            if isinstance(child, Linear):
+                shapes.append((rows, *child.weight.shape))
+            elif hasattr(child, "children"):
+                inner(child, rows, T)
+            if hasattr(child, "n_head"):  # causal self-attention
+                hs = child.c_proj.weight.shape[0] // child.n_head
+                shapes.extend([(rows * child.n_head, hs, T), (rows * child.n_head, T, hs)])
 
     def walk(layer, x: Tensor) -> Tensor:
         if isinstance(layer, Sequential):
@@ -144,6 +159,8 @@ def gemm_shapes(model, X: Tensor) -> list[tuple[int, int, int]]:
         if isinstance(layer, Linear):
             K, N = layer.weight.shape
             shapes.append((x.numel() // K, K, N))
+        elif hasattr(layer, "children"):
+            inner(layer, x.numel() // x.shape[-1], x.shape[1])
         out, _ = layer.forward(x, training=True)
         return out
 
@@ -298,7 +315,9 @@ def _engines(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, 
     Xtr, Ytr = splits.Xtr, splits.Ytr
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, Xtr.shape[0], (steps, B), generator=g)  # (steps, B)
-    lr = 0.01  # small, so thousands of timed steps stay well-behaved for every engine
+    lr = 0.01 if models.kind(mcfg) == "context" else 5e-4  # well-behaved over thousands of timed steps
+    tcfg = train.TrainConfig.for_model(mcfg.name)
+    opt = lambda m: {"optimizer": train.new_optimizer(m, tcfg)} if tcfg.optimizer != "sgd" else {}  # noqa: E731
     model0 = models.build(mcfg, seed)
     fresh = lambda: models.build(mcfg, seed)  # noqa: E731 - every engine starts from the same init
     one = torch.full((1,), lr, dtype=torch.float64)  # (1,)
@@ -336,17 +355,20 @@ def _engines(mcfg: models.ModelConfig, splits: data.Splits, B: int, steps: int, 
 
     progress("eager")
     model = fresh()
+    update = "SGD" if tcfg.optimizer == "sgd" else "AdamW"
+    kw = opt(model)
     with torch.no_grad():
-        times = _time_each(lambda i: train.eager_steps(model, Xtr, Ytr, idx[i % steps:i % steps + 1], one),
-                           steps, warmup=50)
-    rows.append(_row("eager hand-written", times, "train.eager_steps: layers' forward/backward + SGD, "
+        times = _time_each(lambda i: train.eager_steps(model, Xtr, Ytr, idx[i % steps:i % steps + 1], one,
+                                                       **kw), steps, warmup=50)
+    rows.append(_row("eager hand-written", times, f"train.eager_steps: layers' forward/backward + {update}, "
                      "PyTorch eager ops"))
 
     progress("autograd")
     model = fresh()
-    times = _time_each(lambda i: reference.autograd_steps(model, Xtr, Ytr, idx[i % steps:i % steps + 1], one),
-                       steps, warmup=50)
-    rows.append(_row("autograd eager", times, "reference.autograd_steps: the same SGD loop, gradients "
+    kw = opt(model)
+    times = _time_each(lambda i: reference.autograd_steps(model, Xtr, Ytr, idx[i % steps:i % steps + 1], one,
+                                                          **kw), steps, warmup=50)
+    rows.append(_row("autograd eager", times, f"reference.autograd_steps: the same {update} loop, gradients "
                      "from loss autograd"))
 
     if compile_:
@@ -446,7 +468,7 @@ def run_bench(model: str = "mlp", batch_size: int = 32, steps: int = 5000, threa
     progress = progress or (lambda s: None)
     words = data.read_words(data.default_data_path())
     probe = models.preset(model, **overrides)
-    splits = data.make_splits(words.items, probe.block_size, seed)
+    splits = data.KINDS[models.kind(probe)](words.items, probe.block_size, seed)
     mcfg = models.with_vocab(probe, len(splits.vocab))
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -472,12 +494,13 @@ def run_bench(model: str = "mlp", batch_size: int = 32, steps: int = 5000, threa
                                                      "autograd eager")]
         m = models.build(mcfg, seed)
         flop = gemm_flop(gemm_shapes(m, splits.Xtr[:batch_size]))
+        cached = activation_bytes(m, splits.Xtr[:batch_size].clone())  # a step keeps for backward
     finally:
         torch.set_num_threads(old_threads)
     sizes = {k: getattr(mcfg, k) for k in models.config_fields()}
     config = {"model": model, "batch_size": batch_size, **sizes,
               "params": sum(t.numel() for t in m.params().values()), "steps": steps, "threads": threads,
-              "torch": torch.__version__, "clock": clock}
+              "torch": torch.__version__, "clock": clock, "activation_bytes": cached}
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
     peak, how = fma_peak()
     return BenchResult(config, rows, large, large_batch, machine, flop, peak, how, ckpt, thread_rows)
@@ -498,7 +521,7 @@ def full_training(model: str = "wavenet", engine: str = "fast", steps: int | Non
         raise ValueError(f"engine must be one of {FULL_ENGINES}, got {engine!r}")
     words = data.read_words(data.default_data_path())
     probe = models.preset(model)
-    splits = data.make_splits(words.items, probe.block_size, seed)
+    splits = data.KINDS[models.kind(probe)](words.items, probe.block_size, seed)
     mcfg = models.with_vocab(probe, len(splits.vocab))
     tcfg = train.TrainConfig.for_model(model, seed=seed, split_seed=seed,
                                        **({"steps": steps} if steps else {}))

@@ -1174,29 +1174,32 @@ def _layer_fd(layer64: Any, x64: Tensor, dx64: Tensor | None, grads64: Mapping[s
 def check_model(model: Any, X: Tensor, Y: Tensor, *, seed: int = 0, fd: bool = True,
                 title: str | None = None, name_mistakes: bool = True) -> Report:
     """Check a model's backward on the mean cross-entropy of model.forward(X)[0] against Y: dlogits
-    from ops.cross_entropy_backward, then every named parameter gradient of
-    model.backward(dlogits, cache), against autograd in the model's dtype, then against float64
-    central differences of the loss on a float64 deep copy (a seeded sample of the elements of
-    tensors over FD_MAX_ELEMENTS, plus random directions). Training mode (batch statistics). A wrong
-    gradient is named from the model's own forward (`name_mistakes`, see handgrad.variants)."""
+    from ops.cross_entropy_backward (ops.loss_pair: the masked one for sequences Y (N, T)), then
+    every named parameter gradient of model.backward(dlogits, cache), against autograd in the
+    model's dtype, then against float64 central differences of the loss on a float64 deep copy (a
+    seeded sample of the elements of tensors over FD_MAX_ELEMENTS, plus random directions). Training
+    mode (batch statistics). A wrong gradient is named from the model's own forward
+    (`name_mistakes`, see handgrad.variants)."""
     who = type(model).__name__
     before = _state(model)
     sizes = {"n": X.shape[0], **_sizes(X=X)}
     index = [] if X.is_floating_point() else [X]
+    ce_forward, ce_backward = ops.loss_pair(Y)  # Y (N,): cross-entropy; (N, T): masked over sequences
+    ce_name = f"logits (ops.{ce_backward.__name__})"
 
     def loss(logits: Tensor) -> Tensor:
-        return ops.cross_entropy_forward(logits, Y)[0]
+        return ce_forward(logits, Y)[0]
     ref_dlogits, _, ref = _layer_autograd(model, X, loss)
     r32, r64 = _recomputed(model, X, loss, True)
     levels = _level_map(r32, r64, ref)
     with torch.no_grad():
         logits, cache = model.forward(X, True)
-        loss_value, ce_cache = ops.cross_entropy_forward(logits, Y)
-        dlogits = ops.cross_entropy_backward(1.0, ce_cache)  # (N, V)
+        loss_value, ce_cache = ce_forward(logits, Y)
+        dlogits = ce_backward(1.0, ce_cache)  # (N, V) or (N, T, V)
         _, grads = _unpack_backward(model.backward(dlogits, cache), who)
     lv = measured_level(r32[0], r64[0], ref_dlogits.dtype) if r32 is not None and r64 is not None else 0.0
     rows: list[Comparison | FDResult] = [
-        compare("logits (ops.cross_entropy_backward)", dlogits, ref_dlogits,
+        compare(ce_name, dlogits, ref_dlogits,
                 autograd_tolerance(ref_dlogits.dtype, ref_dlogits, lv), sizes)]
     rows += _param_rows(list(ref), grads, ref, levels, sizes, index)
     rows += _purity_rows(before, model)
@@ -1207,11 +1210,11 @@ def check_model(model: Any, X: Tensor, Y: Tensor, *, seed: int = 0, fd: bool = T
     X64 = _float_as(X, torch.float64)
     with torch.no_grad():
         logits64, cache64 = model64.forward(X64, True)
-        dlogits64 = ops.cross_entropy_backward(1.0, ops.cross_entropy_forward(logits64, Y)[1])  # (N, V)
+        dlogits64 = ce_backward(1.0, ce_forward(logits64, Y)[1])  # (N, V) or (N, T, V)
         _, grads64 = _unpack_backward(model64.backward(dlogits64, cache64), who)
     if r32 is not None and r64 is not None and dtype != torch.float64:
         lv64 = {k: measured_level(r32[2].get(k), t, torch.float64) for k, t in r64[2].items()}
-        replay = [compare("logits (ops.cross_entropy_backward)", dlogits64, r64[0], autograd_tolerance(
+        replay = [compare(ce_name, dlogits64, r64[0], autograd_tolerance(
             torch.float64, r64[0], measured_level(r32[0], r64[0], torch.float64)), sizes)]
         replay += _param_rows(list(r64[2]), grads64, r64[2], lv64, sizes, index)
         sections.append(Section(REPLAY_TITLE, replay,

@@ -27,13 +27,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from handgrad import __version__, io
+from handgrad import __version__, io, models
 from handgrad.config import int_bounds
 from handgrad.data import Vocab, vocab_problem
 from handgrad.io import atomic_write_bytes
 from handgrad.layers import Embedding, SpecError, from_spec, set_tensor
 from handgrad.models import ModelConfig, layers_for, with_buffers
-from handgrad.train import TrainConfig, TrainState
+from handgrad.train import TrainConfig, TrainState, new_optimizer
 
 FORMAT = "handgrad-checkpoint"
 FORMAT_VERSION = 2
@@ -87,6 +87,8 @@ def _tensors(ckpt: Checkpoint) -> dict[str, Tensor]:
     tensors.update({f"buffer.{name}": t.contiguous() for name, t in s.model.buffers().items()})
     if ckpt.inference is not None:
         tensors.update({f"inference.{name}": t.contiguous() for name, t in ckpt.inference.items()})
+    if s.optimizer is not None:
+        tensors.update({f"optim.{name}": t.contiguous() for name, t in s.optimizer.state().items()})
     tensors["rng_state"] = s.generator.get_state()
     tensors["losses"] = _losses(s.losses, ckpt.train_config.steps)
     return tensors
@@ -402,17 +404,19 @@ def _build(meta: dict, layer_types, where: str):
     if expected is not None and model.spec() != expected:
         raise CheckpointError(f"{where}: model_config ({mcfg.name}) does not describe the stored model spec; "
                               "one of the two was edited")
-    for emb in _embeddings(model):
+    for emb in _embeddings(model) if models.kind(mcfg) == "context" else []:  # Bengio's has V + 1 rows
         if emb.weight.shape[0] != V:
             raise CheckpointError(f"{where}: the model embeds {emb.weight.shape[0]} characters but the "
                                   f"vocabulary has {V}")
+    want = (2, T, V) if models.kind(mcfg) == "sequence" else (2, V)  # logits of 2 examples
     try:
         with torch.device("meta"):
             x = torch.zeros((2, T), dtype=torch.long)
             for training in (False, True):
                 logits, _ = model.forward(x, training=training)
-                if tuple(logits.shape) != (2, V):
-                    raise ValueError(f"it maps (N, {T}) to {tuple(logits.shape)}, expected (N, {V})")
+                if tuple(logits.shape) != want:
+                    raise ValueError(f"it maps (N, {T}) to {tuple(logits.shape)}, expected "
+                                     f"{('N', *want[1:])}".replace("'", ""))
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, NotImplementedError) as e:
         raise CheckpointError(f"{where}: the model spec does not fit its vocabulary and block size "
                               f"({str(e).splitlines()[0][:150] if str(e) else type(e).__name__})") from None
@@ -423,11 +427,17 @@ def _nbytes(tensors: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _tensor_checks(t: dict[str, Tensor], model, steps: int, where: Path) -> tuple[dict, dict | None]:
-    """Every tensor of the file against the model rebuilt from the spec: names, shapes, dtypes,
-    finite values (running variances non-negative). Returns (stored params+buffers, inference)."""
+def _tensor_checks(t: dict[str, Tensor], model, tcfg: TrainConfig, where: Path
+                   ) -> tuple[dict, dict | None, dict | None]:
+    """Every tensor of the file against the model rebuilt from the spec and the optimizer tcfg names:
+    names, shapes, dtypes, finite values (running and second-moment variances non-negative). Returns
+    (stored params+buffers, inference, optimizer state or None)."""
+    steps = tcfg.steps
     expected = {**{f"param.{k}": v for k, v in model.params().items()},
                 **{f"buffer.{k}": v for k, v in model.buffers().items()}}
+    if tcfg.optimizer != "sgd":  # AdamW's moments, one of each per parameter, and its update count
+        expected.update({f"optim.{m}.{k}": v for m in "mv" for k, v in model.params().items()})
+        expected["optim.t"] = torch.empty((), dtype=torch.int64)
     if any(k.startswith("inference.") for k in t):
         expected.update({f"inference.{k}": v for k, v in model.buffers().items()})
     expected["rng_state"] = torch.empty(torch.Generator().get_state().shape, dtype=torch.uint8)
@@ -443,14 +453,18 @@ def _tensor_checks(t: dict[str, Tensor], model, steps: int, where: Path) -> tupl
                                   f"expects {tuple(like.shape)}")
         if t[key].dtype != like.dtype:
             raise CheckpointError(f"{where}: tensor {key} is {t[key].dtype}, expected {like.dtype}")
-        if key.split(".", 1)[0] in ("param", "buffer", "inference"):
+        if key.startswith(("param.", "buffer.", "inference.", "optim.m.", "optim.v.")):
             if not bool(torch.isfinite(t[key]).all()):
                 raise CheckpointError(f"{where}: tensor {key} holds NaN or infinite values")
-            if key.endswith("running_var") and bool((t[key] < 0).any()):
-                raise CheckpointError(f"{where}: tensor {key} holds negative variances")
+            if key.endswith("running_var") or key.startswith("optim.v."):
+                if bool((t[key] < 0).any()):
+                    raise CheckpointError(f"{where}: tensor {key} holds negative variances")
+    if "optim.t" in t and not 0 <= int(t["optim.t"]) <= MAX_STEPS:
+        raise CheckpointError(f"{where}: tensor optim.t holds {int(t['optim.t'])}, not an update count")
     stored = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(("param.", "buffer."))}
     inference = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("inference.")} or None
-    return stored, inference
+    optimizer = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("optim.")} or None
+    return stored, inference, optimizer
 
 
 def load(directory: str | Path, layer_types: dict[str, type] | None = None) -> Checkpoint:
@@ -483,8 +497,8 @@ def load(directory: str | Path, layer_types: dict[str, type] | None = None) -> C
     except BaseException:
         os.close(fd)
         raise
-    size = (2 * _nbytes({**shapes.params(), **shapes.buffers()}) + 8 * tcfg.steps
-            + 8192 + 1024 * (len(shapes.params()) + 2 * len(shapes.buffers())) + (1 << 16))
+    size = (4 * _nbytes({**shapes.params(), **shapes.buffers()}) + 8 * tcfg.steps
+            + 8192 + 1024 * (3 * len(shapes.params()) + 2 * len(shapes.buffers()) + 1) + (1 << 16))
     try:
         blob = io.read_fd(fd, tensors_path, size)
     except io.UnsafeFileError as e:
@@ -496,7 +510,7 @@ def load(directory: str | Path, layer_types: dict[str, type] | None = None) -> C
         t = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{tensors_path}: not a valid safetensors file ({str(e)[:100]})") from None
-    stored, inference = _tensor_checks(t, shapes, tcfg.steps, tensors_path)
+    stored, inference, optimizer_state = _tensor_checks(t, shapes, tcfg, tensors_path)
     model = from_spec(meta["model"], tcfg.torch_dtype, layer_types)  # now on the CPU, sizes checked
     for name, tensor in stored.items():
         set_tensor(model, name, tensor)
@@ -505,7 +519,9 @@ def load(directory: str | Path, layer_types: dict[str, type] | None = None) -> C
         gen.set_state(t["rng_state"])
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{tensors_path}: invalid RNG state ({str(e)[:100]})") from None
-    state = TrainState(model, meta["step"], gen, t["losses"])
+    state = TrainState(model, meta["step"], gen, t["losses"], new_optimizer(model, tcfg))
+    if state.optimizer is not None:
+        state.optimizer.load_state(optimizer_state)  # names, shapes and dtypes checked above
     return Checkpoint(meta["model_config"], tcfg, Vocab(tuple(meta["vocab"])), meta["data_path"], state,
                       inference, meta["results"], meta["block_size"], meta.get("data_sha256"),
                       meta.get("lr_history") or [lr_settings(tcfg, 0)])

@@ -137,7 +137,23 @@ class Expect:
         return None if _is_int(v) and self.test(v) else f"expected {self.expected}"
 
 
-Rule = Count | Range | Positive | OneOf | Expect
+@dataclass(frozen=True)
+class Between:
+    """A finite number from lo to hi; `open_hi` excludes hi itself (Adam's betas stay below 1)."""
+
+    lo: float
+    hi: float
+    open_hi: bool = False
+
+    def problem(self, v: Any) -> str | None:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if number and self.lo <= v and (v < self.hi if self.open_hi else v <= self.hi):
+            return None
+        hi = f"{self.hi:g}" + (" (not included)" if self.open_hi else "")
+        return f"must be a number from {self.lo:g} to {hi}, got {v!r}"
+
+
+Rule = Count | Range | Positive | OneOf | Expect | Between
 
 
 # ---------------------------------------------------------------------------- declaring fields

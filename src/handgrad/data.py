@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from handgrad.config import ConfigError, ref
+
 END = "."  # the start/end token, always index 0
 SPLITS = ("train", "val", "test")
 # Each character of the file becomes one training example of block_size + 1 int64 values held in
@@ -371,5 +373,67 @@ def make_splits(words: list[str], block_size: int = 3, seed: int = 42,
                   n_items=(n1, n2 - n1, len(words) - n2))
 
 
+# ---------------------------------------------------------------------------- whole words as sequences
+IGNORE = -1  # a target position after a word's end token: not counted in the loss (ops.IGNORE)
+TEST_ITEMS = 1000  # makemore's test set: min(1000, 10% of the items)
+
+
+def sequence_problem(words: list[str], block_size: int) -> str | None:
+    """Why the words do not fit sequences of block_size positions (a start token, then each
+    character), or None."""
+    longest = max(words, key=len, default="")
+    if len(longest) + 1 <= block_size:
+        return None
+    return (f"item {show(longest)} has {len(longest)} characters, and a sequence of {ref('block_size')} "
+            f"{block_size} holds a start token and at most {block_size - 1}; give {ref('block_size')} "
+            f"{len(longest) + 1} or more")
+
+
+def build_sequences(words: list[str], block_size: int, vocab: Vocab) -> tuple[Tensor, Tensor]:
+    """makemore's CharDataset, all words at once: x = [0, c1 .. cL, 0 ...] and y = [c1 .. cL, 0, -1 ...]
+    (the next character at each position, the end token after the last, then IGNORE), each of
+    block_size positions. Returns X (n, T) and Y (n, T), int64."""
+    T = block_size
+    X = torch.zeros((len(words), T), dtype=torch.long)  # (n, T)
+    Y = torch.full((len(words), T), IGNORE, dtype=torch.long)  # (n, T)
+    if not words:
+        return X, Y
+    problem = sequence_problem(words, T)
+    if problem is not None:
+        raise ConfigError(problem)
+    text = "".join(words)
+    ids = encode(text, vocab)  # (characters,)
+    if (ids < 0).any():
+        i = int(torch.nonzero(ids < 0)[0, 0])
+        raise DataError(f"character {show(text[i])} is not in the vocabulary")
+    lengths = torch.tensor([len(w) for w in words], dtype=torch.long)  # (n,)
+    row = torch.repeat_interleave(torch.arange(len(words)), lengths)  # (characters,) its word
+    col = torch.arange(ids.shape[0]) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    X[row, col + 1] = ids  # the start token at 0, then the characters
+    Y[row, col] = ids
+    Y[torch.arange(len(words)), lengths] = 0  # the end token after the last character
+    return X, Y
+
+
+def make_sequences(words: list[str], block_size: int = 16, seed: int = 3407,
+                   vocab: Vocab | None = None) -> Splits:
+    """makemore's split: torch.randperm(n) from a generator seeded `seed` orders the items, the last
+    min(1000, n // 10) are the test set, the rest train; no val split. With makemore's seed 3407 on
+    names.txt this is makemore's own split (31,033 train, 1,000 test names)."""
+    if not words:
+        raise DataError("no items to split; expected at least one")
+    vocab = vocab or Vocab.from_words(words)
+    problem = sequence_problem(words, block_size)  # before anything is built
+    if problem is not None:
+        raise ConfigError(problem)
+    n_test = min(TEST_ITEMS, int(len(words) * 0.1))
+    order = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed)).tolist()
+    train = [words[i] for i in order[:len(words) - n_test]]
+    test = [words[i] for i in order[len(words) - n_test:]]
+    return Splits(vocab, *build_sequences(train, block_size, vocab), *build_sequences([], block_size, vocab),
+                  *build_sequences(test, block_size, vocab), n_items=(len(train), 0, len(test)))
+
+
 # The kinds of data a model reads, by name (models.Preset.data): how the items become its splits.
-KINDS = {"context": make_splits}  # (N, T) contexts of block_size characters -> (N,) next characters
+KINDS = {"context": make_splits,  # (N, T) contexts of block_size characters -> (N,) next characters
+         "sequence": make_sequences}  # (N, T) start token + word -> (N, T) next characters, IGNORE after

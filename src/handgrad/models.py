@@ -16,7 +16,22 @@ from torch import Tensor
 
 from handgrad import ops
 from handgrad.config import FieldError, OneOf, Positive, Range, option, ref, validate
-from handgrad.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Sequential, Tanh, set_tensor
+from handgrad.layers import (
+    BatchNorm1d,
+    Block,
+    BoWBlock,
+    ContextWindows,
+    Embedding,
+    FlattenConsecutive,
+    FlattenLast,
+    LayerNorm,
+    Linear,
+    PositionEmbedding,
+    Recurrent,
+    Sequential,
+    Tanh,
+    set_tensor,
+)
 
 SIZE = Range(1, 1 << 20)  # a model dimension
 
@@ -71,8 +86,13 @@ class ModelConfig:
     n_hidden: int = option(200, "hidden units per layer (default {default})", SIZE)  # H
     block_size: int = option(3, "context length in characters (default {default}; a power of two for "
                              "wavenet)", SIZE)  # T: how many previous characters predict the next one
-    n_layers: int = option(1, "hidden blocks of the deep model (default {presets[deep].n_layers})", SIZE)
-    # hidden Linear -> BatchNorm -> Tanh blocks (deep); mlp has 1, wavenet log2(T)
+    n_layers: int = option(1, "hidden blocks of the deep model (default {presets[deep].n_layers}), "
+                           "transformer blocks of the zoo's transformer (4)", SIZE)
+    # hidden Linear -> BatchNorm -> Tanh blocks (deep); mlp has 1, wavenet log2(T); transformer Blocks
+    n_embd2: int = option(64, "hidden size of the makemore zoo's bow, rnn, gru and bengio models (default "
+                          "{default})", SIZE)  # H of BoWBlock's MLP, the RNN/GRU state, Bengio's hidden layer
+    n_head: int = option(4, "attention heads of the transformer; must divide --n-embd (default {default})",
+                         SIZE)
     batchnorm: bool = option(True, "drop the batchnorm layer (for experiments)", flag="--no-batchnorm")
     # False drops every batchnorm layer (to show what it protects against)
     w1_scale: float = option(1.0, "multiply W1's init by this (default {default:g}; large values saturate "
@@ -249,6 +269,97 @@ register(Preset("wavenet", "makemore part 5's hierarchical net",
                 check=_power_of_two))
 
 
+# ---------------------------------------------------------------------------- the makemore zoo
+# karpathy/makemore's models on whole names as sequences (data kind "sequence"), with makemore.py's
+# defaults: n_embd 64, n_embd2 64, 4 layers of 4 heads, block size 16 (names.txt's longest name + its
+# start token), AdamW lr 5e-4, betas (0.9, 0.99), eps 1e-8, weight decay 0.01 on every parameter,
+# batch 32, seed 3407, a constant learning rate; the test loss evaluated every 500 steps.
+ZOO_MODEL = {"block_size": 16, "n_embd": 64, "n_embd2": 64, "n_layers": 4, "n_head": 4}
+ZOO_TRAIN = {"optimizer": "adamw", "lr": 5e-4, "lr_decayed": 5e-4, "lr_decay_step": 10**12, "beta1": 0.9,
+             "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.01, "batch_size": 32, "seed": 3407,
+             "split_seed": 3407, "steps": 20_000, "eval_every": 500, "chunk_steps": 500}
+MAX_ZOO_VOCAB = 4096  # characters: the bigram's table is V x V
+
+
+def _zoo_check(cfg: ModelConfig) -> tuple[str, str] | None:
+    """What every zoo model refuses: a vocabulary beyond MAX_ZOO_VOCAB (it comes from --data)."""
+    if cfg.vocab_size > MAX_ZOO_VOCAB:
+        return "data", (f"has {cfg.vocab_size - 1:,} distinct characters; the makemore zoo's {cfg.name} "
+                        f"takes at most {MAX_ZOO_VOCAB - 1:,} (a character-level model)")
+    return None
+
+
+def bigram_layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+    """makemore's Bigram: a (V, V) table of next-character logits, indexed by the current character."""
+    return [Embedding(cfg.vocab_size, cfg.vocab_size, dtype)]
+
+
+def init_zeros(model: Sequential, cfg: ModelConfig, g: torch.Generator) -> None:
+    """makemore's Bigram starts from a table of zeros (a uniform guess)."""
+    for p in model.params().values():
+        p.zero_()
+
+
+def zoo(name: str, doc: str, layers, init, model: dict | None = None, check=_zoo_check) -> Preset:
+    """A makemore zoo preset: ZOO_MODEL and ZOO_TRAIN with `model`'s values on top."""
+    return register(Preset(name, doc, {**ZOO_MODEL, **(model or {})}, dict(ZOO_TRAIN), layers, init,
+                           check=check, data="sequence"))
+
+
+def bow_layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+    """makemore's BoW: token and position embeddings, one BoWBlock (causal average + tanh MLP), lm_head."""
+    V, T, E, H = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_embd2
+    return [Embedding(V, E, dtype), PositionEmbedding(T, E, dtype), BoWBlock(E, H, T, dtype),
+            Linear(E, V, init="torch", dtype=dtype)]
+
+
+def bengio_layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+    """makemore's MLP (Bengio et al. 2003) over sequences: at each position the block_size ids up to it
+    (a blank id V before the start) embedded in an Embedding(V + 1, E), concatenated, tanh hidden layer."""
+    V, T, E, H = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_embd2
+    return [ContextWindows(T, V), Embedding(V + 1, E, dtype), FlattenLast(),
+            Linear(T * E, H, init="torch", dtype=dtype), Tanh(), Linear(H, V, init="torch", dtype=dtype)]
+
+
+def recurrent_layers(cell: str):
+    """makemore's RNN with an "rnn" or "gru" cell: embeddings, the cell unrolled from a learned start
+    state, lm_head on every hidden state."""
+    def layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+        V, E, H = cfg.vocab_size, cfg.n_embd, cfg.n_embd2
+        return [Embedding(V, E, dtype), Recurrent(cell, E, H, dtype), Linear(H, V, init="torch", dtype=dtype)]
+    return layers
+
+
+def transformer_layers(cfg: ModelConfig, dtype: torch.dtype) -> list:
+    """makemore's Transformer (GPT-2's layout): token + position embeddings, n_layers Blocks, a final
+    LayerNorm, lm_head without bias."""
+    V, T, E = cfg.vocab_size, cfg.block_size, cfg.n_embd
+    return [Embedding(V, E, dtype), PositionEmbedding(T, E, dtype),
+            *(Block(E, cfg.n_head, T, dtype=dtype) for _ in range(cfg.n_layers)), LayerNorm(E, dtype=dtype),
+            Linear(E, V, bias=False, init="torch", dtype=dtype)]
+
+
+def init_torch(model: Sequential, cfg: ModelConfig, g: torch.Generator) -> None:
+    """PyTorch's default inits as makemore.py leaves them, layer by layer in order: embeddings N(0, 1),
+    Linear U(-1/sqrt(fan_in), 1/sqrt(fan_in)), LayerNorm 1 and 0, the recurrent start state zeros."""
+    model.init_(g)
+
+
+def _heads_check(cfg: ModelConfig) -> tuple[str, str] | None:
+    if cfg.n_embd % cfg.n_head:
+        return "n_head", (f"{cfg.n_head} does not divide {ref('n_embd')} {cfg.n_embd}: each head takes "
+                          f"n_embd / n_head channels")
+    return _zoo_check(cfg)
+
+
+zoo("bigram", "makemore's bigram table (whole names as sequences, AdamW)", bigram_layers, init_zeros)
+zoo("bow", "makemore's causal bag of words", bow_layers, init_torch)
+zoo("bengio", "makemore's MLP (Bengio et al. 2003) on sequences", bengio_layers, init_torch)
+zoo("rnn", "makemore's vanilla RNN", recurrent_layers("rnn"), init_torch)
+zoo("gru", "makemore's GRU", recurrent_layers("gru"), init_torch)
+zoo("transformer", "makemore's GPT-2-style transformer", transformer_layers, init_torch, check=_heads_check)
+
+
 def cast(model, dtype: torch.dtype):
     """The model with every parameter and buffer in `dtype` (in place; returns the model)."""
     for name, t in {**model.params(), **model.buffers()}.items():
@@ -281,32 +392,40 @@ class Step:
 
 
 def loss_and_grads(model, X: Tensor, Y: Tensor, dloss: float = 1.0) -> Step:
-    """Forward in training mode, mean cross-entropy, hand-written backward from the loss seed."""
-    logits, caches = model.forward(X, training=True)  # (N, V)
-    loss, ce_cache = ops.cross_entropy_forward(logits, Y)  # ()
-    dlogits = ops.cross_entropy_backward(dloss, ce_cache)  # (N, V)
+    """Forward in training mode, mean cross-entropy (over the counted positions of sequences),
+    hand-written backward from the loss seed."""
+    forward, backward = ops.loss_pair(Y)
+    logits, caches = model.forward(X, training=True)  # (N, V) or (N, T, V)
+    loss, ce_cache = forward(logits, Y)  # ()
+    dlogits = backward(dloss, ce_cache)  # (N, V) or (N, T, V)
     _, grads = model.backward(dlogits, caches)
     return Step(loss, grads, caches)
 
 
 # ---------------------------------------------------------------------------- inference
 def logits_eval(model, X: Tensor) -> Tensor:
-    """Inference-mode forward (batchnorm with its fixed statistics). Returns logits (N, V)."""
+    """Inference-mode forward (batchnorm with its fixed statistics). Returns logits (N, V), or
+    (N, T, V) for sequences X (N, T) of a sequence model."""
     logits, _ = model.forward(X, training=False)
-    if logits.dim() != 2:
+    if logits.dim() != 2 and not (logits.dim() == 3 and logits.shape[:2] == X.shape):
         raise ValueError(f"the model's output must be logits (N, V), got shape {tuple(logits.shape)}")
     return logits
 
 
 def evaluate(model, X: Tensor, Y: Tensor, chunk: int = 32768) -> float | None:
-    """Mean cross-entropy over a whole split, in chunks; None for an empty split."""
+    """Mean cross-entropy over a whole split (every counted position of sequences), in chunks of
+    `chunk` targets; None for an empty split."""
     if X.shape[0] == 0:
         return None
-    total = 0.0
-    for i in range(0, X.shape[0], chunk):
-        loss, _ = ops.cross_entropy_forward(logits_eval(model, X[i:i + chunk]), Y[i:i + chunk])
-        total += loss.item() * min(chunk, X.shape[0] - i)
-    return total / X.shape[0]
+    forward, _ = ops.loss_pair(Y)
+    rows = max(1, chunk // (Y.shape[1] if Y.dim() == 2 else 1))
+    total, counted = 0.0, 0
+    for i in range(0, X.shape[0], rows):
+        y = Y[i:i + rows]
+        n = int((y != ops.IGNORE).sum()) if Y.dim() == 2 else y.shape[0]
+        loss, _ = forward(logits_eval(model, X[i:i + rows]), y)
+        total, counted = total + loss.item() * n, counted + n
+    return total / counted
 
 
 def calibrate(model: Sequential, X: Tensor, chunk: int = 32768) -> dict[str, Tensor]:
@@ -364,6 +483,40 @@ def sample(model, block_size: int, n: int = 20, seed: int = 2147483657, max_len:
     for row in drawn.tolist():  # each sequence up to its first '.' (token 0)
         out.append(row[:row.index(0)] if 0 in row else row)
     return out
+
+
+def sample_sequences(model, block_size: int, n: int = 20, seed: int = 2147483657) -> list[list[int]]:
+    """Sampling a sequence model (makemore's generate): every sequence starts with the start token 0;
+    each step runs the model on the sequences so far, (n_alive, t), and draws the next token from the
+    softmax of the last position's logits, until token 0 or block_size tokens in all. Returns the
+    tokens of each sequence without the start token and the end token."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.zeros((n, 1), dtype=torch.long)  # (n, t)
+    alive = torch.ones(n, dtype=torch.bool)  # (n,)
+    for _ in range(block_size - 1):
+        live = alive.nonzero()[:, 0]  # (n_alive,)
+        logits = logits_eval(model, seqs[live])[:, -1].to(torch.float64)  # (n_alive, V)
+        probs = torch.zeros((n, logits.shape[1]), dtype=torch.float64)  # (n, V)
+        probs[:, 0] = 1.0  # finished rows draw the end token, which is ignored
+        probs[live] = torch.softmax(logits, dim=1)
+        ix = torch.multinomial(probs, num_samples=1, generator=g)  # (n, 1)
+        seqs = torch.cat([seqs, ix], dim=1)  # (n, t + 1)
+        alive &= ix[:, 0] != 0
+        if not alive.any():
+            break
+    out = []
+    for row in seqs[:, 1:].tolist():
+        out.append(row[:row.index(0)] if 0 in row else row)
+    return out
+
+
+# How each kind of data is sampled (Preset.data): context windows slide; sequences grow from the start.
+SAMPLERS = {"context": sample, "sequence": sample_sequences}
+
+
+def kind(cfg: ModelConfig | None) -> str:
+    """The data kind a model config reads (a user's own model: context windows)."""
+    return "context" if cfg is None else PRESETS[cfg.name].data
 
 
 def config_fields() -> list[str]:

@@ -482,3 +482,45 @@ def recurrence_backward(dhidden: Tensor, cache: tuple) -> tuple[Tensor, Tensor, 
         dxs.append(dxt)
         dparams = dps if not dparams else [a + b for a, b in zip(dparams, dps)]
     return torch.stack(dxs[::-1], 1), dh.sum(0, keepdim=True), dparams  # (B, T, E) (1, H)
+
+# ---------------------------------------------------------------------------- masked sequence cross-entropy
+IGNORE = -1  # a target that is not counted (makemore's padding after a name's end token)
+
+
+def cross_entropy_masked_forward(logits: Tensor, Y: Tensor) -> tuple[Tensor, tuple]:
+    """Mean negative log-likelihood over the counted positions of a batch of sequences: logits
+    (..., V), targets Y (...) with IGNORE where nothing is predicted (F.cross_entropy's
+    ignore_index=-1, as makemore uses it). The mean is over the counted positions only."""
+    V = logits.shape[-1]
+    flat, y = logits.reshape(-1, V), Y.reshape(-1)  # (M, V), (M,)
+    keep = y != IGNORE  # (M,)
+    count = keep.sum().to(logits.dtype)  # ()  0 makes the loss NaN, as torch's
+    norm_logits = flat - flat.max(1, keepdim=True).values  # (M, V)
+    logprobs = norm_logits - norm_logits.exp().sum(1, keepdim=True).log()  # (M, V)
+    picked = logprobs.gather(1, y.clamp(min=0)[:, None])[:, 0]  # (M,) an ignored row picks class 0 ...
+    loss = -(picked * keep).sum() / count  # () ... and is multiplied away
+    return loss, (logprobs, y, keep, count, logits.shape)
+
+
+def cross_entropy_masked_backward(dloss: Tensor | float, cache: tuple) -> Tensor:
+    """dlogits = (softmax(logits) - one_hot(Y)) / count at a counted position, 0 at an ignored one,
+    times the upstream dloss; in the logits' shape."""
+    logprobs, y, keep, count, shape = cache
+    dlogits = logprobs.exp()  # (M, V) the softmax, recomputed from the saved logprobs
+    rows = keep.nonzero()[:, 0]  # (counted,)
+    dlogits[rows, y[rows]] -= 1.0
+    dlogits *= keep[:, None].to(dlogits.dtype) * (dloss / count)
+    return dlogits.reshape(shape)  # (..., V)
+
+
+# The loss pair by the targets' rank: next characters (N,) of context windows, or sequences (N, T) of
+# next characters with IGNORE after each word's end (the makemore zoo).
+LOSSES = {1: (cross_entropy_forward, cross_entropy_backward),
+          2: (cross_entropy_masked_forward, cross_entropy_masked_backward)}
+
+
+def loss_pair(Y: Tensor):
+    """(forward, backward) of the training loss for targets Y: LOSSES by Y's rank."""
+    if Y.dim() not in LOSSES:
+        raise ValueError(f"targets must be (N,) or (N, T), got shape {tuple(Y.shape)}")
+    return LOSSES[Y.dim()]

@@ -20,16 +20,17 @@ from handgrad.report import Column, Table
 
 
 def autograd_grads(model, X: Tensor, Y: Tensor) -> Step:
-    """Loss, gradients (by autograd) and caches of model.forward + cross-entropy. The parameters are
-    swapped for requires-grad copies during the call and put back afterwards."""
+    """Loss, gradients (by autograd) and caches of model.forward + cross-entropy (masked for
+    sequences). The parameters are swapped for requires-grad copies during the call and put back
+    afterwards."""
     params = model.params()
     leaves = {k: t.detach().clone().requires_grad_(True) for k, t in params.items()}
     for k, t in leaves.items():
         set_tensor(model, k, t)
     try:
         with torch.enable_grad():
-            logits, caches = model.forward(X, training=True)  # (N, V)
-            loss, _ = ops.cross_entropy_forward(logits, Y)  # ()
+            logits, caches = model.forward(X, training=True)  # (N, V) or (N, T, V)
+            loss, _ = ops.loss_pair(Y)[0](logits, Y)  # ()
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     finally:
         for k, t in params.items():

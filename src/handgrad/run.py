@@ -14,6 +14,7 @@ notes go to the Events callbacks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -43,6 +44,11 @@ from handgrad.models import ModelConfig
 from handgrad.train import DTYPES, MAX_SEED, NonFiniteError, TrainConfig
 
 DEFAULT_OUT = "runs/{model}"
+# The splits a finished run reports, and the one evaluated every eval_every steps, by data kind: the
+# lectures' val split; makemore's test split (its data has no val split).
+FINAL_SPLITS = {"context": ("train", "val"), "sequence": ("train", "test")}
+EVAL_SPLIT = {"context": "val", "sequence": "test"}
+EVALS = "evals.json"  # the periodic evaluations of a run: [{"step": int, "<split>": loss}, ...]
 UNFINISHED_HELP = "use a checkpoint whose training has not finished (batchnorm uses its running statistics)"
 DATA_HELP = "data file (default: the bundled names.txt; required for a run trained on its own data file)"
 
@@ -169,8 +175,11 @@ class Finished:
     def lines(self):
         """What `handgrad train` prints at the end, line by line (the samples drawn as they are shown)."""
         t, res = self.loop_seconds, self.results
-        yield (f"step {self.ckpt.state.step}: train loss {loss_text(res['train'])}, val loss "
-               f"{loss_text(res['val'])} (batchnorm stats: {self.bn_stats}; training loop "
+        first, second = FINAL_SPLITS[models.kind(self.ckpt.model_config)]
+        best = (f"; best {EVAL_SPLIT[models.kind(self.ckpt.model_config)]} loss {res['best']:.4f} at step "
+                f"{res['best_step']:,}" if res.get("best") is not None else "")
+        yield (f"step {self.ckpt.state.step}: {first} loss {loss_text(res[first])}, {second} loss "
+               f"{loss_text(res[second])}{best} (batchnorm stats: {self.bn_stats}; training loop "
                f"{f'{t:.1f}s' if t < 120 else f'{t / 60:.1f}min'}, {self.engine} engine)")
         if self.n_samples:
             yield "samples:"
@@ -261,7 +270,8 @@ def run_data(ck: Checkpoint, ckdir: str | Path, given: str | None) -> str | None
 
 def splits_of(ck: Checkpoint, ckdir: str | Path, given: str | None) -> data.Splits:
     """The splits a saved run was trained on (run_data's file)."""
-    return load_splits(run_data(ck, ckdir, given), ck.block_size, ck.train_config.split_seed, ck.vocab)
+    return load_splits(run_data(ck, ckdir, given), ck.block_size, ck.train_config.split_seed, ck.vocab,
+                       kind=models.kind(ck.model_config))
 
 
 def _same_data(ck: Checkpoint, ckdir: str | Path, path: str | None) -> tuple[str | None, str]:
@@ -287,7 +297,7 @@ def configs(model: dict, training: dict) -> tuple[ModelConfig, TrainConfig]:
 def new(mcfg: ModelConfig, tcfg: TrainConfig, opts: RunConfig = RunConfig(), events: Events = SILENT) -> Run:
     """A fresh run of these configs: the data is read and checked (and the memory the run needs) before
     any directory is created; the model's vocabulary size is the data's."""
-    _begin(opts, tcfg)
+    _begin(opts, tcfg, mcfg)
     splits = load_splits(opts.data, mcfg.block_size, tcfg.split_seed, warn=events.warning,
                          fits=lambda n, v: budget.check_train(dataclasses.replace(mcfg, vocab_size=v),
                                                               tcfg, n, data=_data_name(opts.data)),
@@ -317,7 +327,7 @@ def resume(directory: str | Path, changes: dict | None = None, opts: RunConfig =
         raise ConfigError(f"{ref(fixed[0])} cannot be changed when resuming; the run keeps the flags saved "
                           f"in {directory} (only {allowed}, {ref('out')} and output flags may be given)")
     tc = ck.train_config
-    _begin(opts, tc)
+    _begin(opts, tc, ck.model_config)
     path = run_data(ck, directory, opts.data)
     ck.data_path, ck.data_sha256 = _same_data(ck, directory, path)
     if changes.get("steps", ck.state.step) < ck.state.step:
@@ -327,13 +337,27 @@ def resume(directory: str | Path, changes: dict | None = None, opts: RunConfig =
     ck.lr_history = lr_history(ck.lr_history, ck.train_config, ck.state.step)
     fits = None if ck.model_config is None else (
         lambda n, v: budget.check_train(ck.model_config, ck.train_config, n, data=_data_name(path)))
-    kind = models.PRESETS[ck.model_config.name].data if ck.model_config else "context"
+    kind = models.kind(ck.model_config)
     splits = load_splits(path, ck.block_size, tc.split_seed, ck.vocab, events.warning, fits, kind)
     return Run(ck, splits, Path(opts.out or directory), opts, Path(directory))
 
 
-def _begin(opts: RunConfig, tcfg: TrainConfig) -> None:
-    """What holds before any work: torch's threads, and a diagnostics interval the chunks can keep."""
+# Why diagnostics cannot measure a model, by data kind: its probes read the lectures' (N, V) logits.
+NOT_DIAGNOSED = {"sequence": "diagnostics measure the lectures' context-window models ((N, V) logits, "
+                             "batchnorm); the makemore zoo's sequence models are not measured yet"}
+
+
+def _diagnosable(mcfg: ModelConfig | None, where: str, advice: str) -> None:
+    why = NOT_DIAGNOSED.get(models.kind(mcfg))
+    if why:
+        raise ConfigError(f"{where}: {why} ({mcfg.name}); {advice}")
+
+
+def _begin(opts: RunConfig, tcfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
+    """What holds before any work: torch's threads, a model diagnostics can measure, and a diagnostics
+    interval the chunks can keep."""
+    if opts.diagnosing:
+        _diagnosable(mcfg, ref("diagnostics"), f"leave out {ref('diagnostics')}")
     every = opts.diag_every if opts.diag_every is not None else diagnostics.DiagConfig().every
     if opts.diagnosing and (every < 1 or every % tcfg.chunk_steps):
         raise ConfigError(f"{ref('diag_every')} {every}: must be a positive multiple of {ref('chunk_steps')} "
@@ -499,7 +523,10 @@ def _train(run: Run, plan: engines.Plan, engine: str, events: Events) -> Outcome
             save(out, ckpt)
             last_saved[0] = since[0] = pr.state.step
 
+    evals = _Evaluations(run, events)
     callbacks.append(save_periodically)
+    if tcfg.eval_every:
+        callbacks.insert(len(callbacks) - 1, evals)  # before the save: a kill leaves both consistent
     steps_fn = plan.steps
     if opts.diagnosing:
         diag = _Diagnostics(run, events)
@@ -535,15 +562,16 @@ def _train(run: Run, plan: engines.Plan, engine: str, events: Events) -> Outcome
 
     ckpt.state = state
     ckpt.inference = train.inference_buffers(state, splits, tcfg)
+    kind = models.kind(mcfg)
     with torch.no_grad():
         results = {split: models.evaluate(ckpt.inference_model(), *splits.split(split))
-                   for split in ("train", "val")}
-    ckpt.results = {**results, "loop_seconds": loop_time, "engine": engine}
+                   for split in FINAL_SPLITS[kind]}
+    ckpt.results = {**results, **evals.best(), "loop_seconds": loop_time, "engine": engine}
     try:
         save(out, ckpt)
     except SaveError as e:
         raise Stopped(1, f"{e}; {kept()}") from None
-    if results["val"] is None:
+    if results.get("val", 0.0) is None:
         events.warning(f"the val split is empty ({len(splits.vocab)}-character data with too few "
                        "items); no val loss to report")
     uniform = math.log(len(splits.vocab))  # the loss of guessing every character equally
@@ -552,6 +580,54 @@ def _train(run: Run, plan: engines.Plan, engine: str, events: Events) -> Outcome
                        f"of a uniform guess: training did not learn; try a smaller {ref('lr')} (this run: "
                        f"{tcfg.lr:g})")
     return Outcome(0, "", Finished(ckpt, out, loop_time, engine, opts.samples))
+
+
+class _Evaluations:
+    """The train callback of TrainConfig.eval_every: the loss of the kind's EVAL_SPLIT (the whole
+    split) each time training passes a multiple of eval_every steps, kept in run.out/evals.json (a
+    resumed run continues the list it finds in the directory it resumes from); best() is the lowest."""
+
+    def __init__(self, run: Run, events: Events):
+        self.run, self.events = run, events
+        self.split = EVAL_SPLIT[models.kind(run.ckpt.model_config)]
+        self.every = run.ckpt.train_config.eval_every
+        self.history = _read_evals(run.resumed_from, run.ckpt.state.step) if run.resumed_from else []
+        self.done = run.ckpt.state.step
+
+    def __call__(self, pr: train.Progress) -> None:
+        step = pr.state.step
+        if not self.every or step // self.every == self.done // self.every:
+            return
+        self.done = step
+        with torch.no_grad():
+            loss = models.evaluate(self.run.ckpt.state.model, *self.run.splits.split(self.split))
+        if loss is None:
+            return
+        self.history.append({"step": step, self.split: loss})
+        io.atomic_write_bytes(self.run.out / EVALS, (json.dumps(self.history, indent=1) + "\n").encode())
+        self.events.notice(f"step {step:,}: {self.split} loss {loss:.4f}")
+
+    def best(self) -> dict:
+        """{"best": the lowest loss, "best_step": its step} ({} when nothing was evaluated)."""
+        if not self.history:
+            return {}
+        top = min(self.history, key=lambda e: e[self.split])
+        return {"best": top[self.split], "best_step": top["step"]}
+
+
+def _read_evals(directory: Path, step: int) -> list[dict]:
+    """The evaluations saved in `directory` up to `step`: entries that are not {"step": int, split:
+    finite number} are dropped (the file is the run's own, but read as untrusted)."""
+    try:
+        entries = json.loads(io.read_inside(Path(directory), EVALS, 1 << 24))
+    except (OSError, ValueError, RecursionError):
+        return []
+    good = []
+    for e in entries if isinstance(entries, list) else []:
+        if (isinstance(e, dict) and len(e) == 2 and isinstance(e.get("step"), int) and 0 < e["step"] <= step
+                and all(isinstance(v, float) and math.isfinite(v) for k, v in e.items() if k != "step")):
+            good.append(e)
+    return good
 
 
 class _Diagnostics:
@@ -612,7 +688,8 @@ def draw(ck: Checkpoint, n: int, seed: int, where: str = "the model") -> list[st
     """n names sampled from the checkpoint's inference model."""
     try:
         with torch.no_grad():
-            ids = models.sample(ck.inference_model(), ck.block_size, n=n, seed=seed)
+            sampler = models.SAMPLERS[models.kind(ck.model_config)]
+            ids = sampler(ck.inference_model(), ck.block_size, n=n, seed=seed)
     except RuntimeError as e:  # torch.multinomial refuses NaN/inf probabilities
         if "probability" not in str(e):
             raise
@@ -716,7 +793,9 @@ def model_to_check(cfg: CheckConfig):
         splits = splits_of(ck, cfg.checkpoint, cfg.data)
         model, what = ck.state.model, f"checkpoint {cfg.checkpoint} at step {ck.state.step}"
     else:
-        splits = load_splits(cfg.data, models.preset(cfg.model).block_size, 42)
+        mcfg = models.preset(cfg.model)
+        splits = load_splits(cfg.data, mcfg.block_size, TrainConfig.for_model(cfg.model).split_seed,
+                             kind=models.kind(mcfg))
         mcfg = models.preset(cfg.model, vocab_size=len(splits.vocab))
         model = models.build(mcfg, cfg.seed, DTYPES[cfg.dtype])
         what = f"{cfg.model} at its init (seed {cfg.seed}, {cfg.dtype})"
@@ -760,6 +839,7 @@ def diagnose(cfg: DiagnoseConfig) -> Diagnosis:
     """`handgrad diagnose`: measure a saved run's probe at its parameters and write the report into
     cfg.out (a directory the user names) or a real directory inside the checkpoint."""
     ck = checkpoint.load(cfg.checkpoint)
+    _diagnosable(ck.model_config, str(cfg.checkpoint), "sample and eval read it")
     splits = splits_of(ck, cfg.checkpoint, cfg.data)
     out = io.prepare_dir(Path(cfg.out), "out") if cfg.out else io.output_subdir(cfg.checkpoint, "diagnostics")
     saved = Path(cfg.checkpoint) / "diagnostics" / diagnostics.HISTORY_FILE

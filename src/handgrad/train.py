@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from handgrad import models, optim
-from handgrad.config import Count, OneOf, Positive, Range, option, validate
+from handgrad.config import Between, Count, OneOf, Positive, Range, option, validate
 from handgrad.data import Splits
 from handgrad.models import ModelConfig, Step
 
@@ -56,6 +56,19 @@ class TrainConfig:
                                  "{cache_tile} anyway from {counted_rows:,} examples in one process and "
                                  "{tile_rows:,} per rank: counted, nothing recomputed)",
                                  Range(0, 1 << 40, "0 (off) or a positive number of rows"), metavar="ROWS")
+    optimizer: str = option("sgd", "sgd: the lectures' p -= lr * grad (default); adamw: hand-written AdamW "
+                            "(the makemore zoo's default)", OneOf(optim.OPTIMIZERS))
+    beta1: float = option(0.9, "AdamW's first-moment decay (default {default:g})",
+                          Between(0, 1, open_hi=True))
+    beta2: float = option(0.999, "AdamW's second-moment decay (default {default:g}; the zoo: 0.99)",
+                          Between(0, 1, open_hi=True))
+    eps: float = option(1e-8, "AdamW's epsilon, added to sqrt(v) after its bias correction (default "
+                        "{default:g})", Positive(hi=1))
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay, on every parameter (default "
+                                 "{default:g}; the zoo: 0.01)", Between(0, 1))
+    eval_every: int = option(0, "steps between test-loss evaluations, the best kept in the results "
+                             "(default {default}: off; the zoo: 500, as makemore)", Range(0, 10**12),
+                             resume="kept")
     checkpoint_every: int = option(10_000, "steps between checkpoints (default {default})", Count(hi=10**12),
                                    resume="given")  # a multiple of chunk_steps is exact
 
@@ -87,7 +100,9 @@ class NonFiniteError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- the eager engine
-# steps(model, Xtr, Ytr, idx (K, B), lrs (K,)) -> losses (K,) float64; updates model in place
+# steps(model, Xtr, Ytr, idx (K, B), lrs (K,)) -> losses (K,) float64; updates model in place. An engine
+# that can run an optimizer with state (the eager ones) also takes it as optimizer=; train() passes it
+# only when the state has one (SGD runs pass nothing, so every engine runs them)
 StepsFn = Callable[[object, Tensor, Tensor, Tensor, Tensor], Tensor]
 GradFn = Callable[[object, Tensor, Tensor], Step]
 
@@ -110,10 +125,12 @@ def sgd_steps(grad_fn: GradFn, optimizer=None) -> StepsFn:
     moves the parameters with `optimizer` (an optim class instance; default optim.SGD())."""
     update = (optimizer or optim.SGD()).update
 
-    def steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
-        """Run K = len(idx) SGD steps in place. idx (K, B) row indices into Xtr/Ytr; lrs (K,)
-        per-step learning rates. Returns losses (K,) float64, each the loss before its step's
-        update. Raises NonFiniteError(k, name) at the first non-finite loss or gradient."""
+    def steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, optimizer=None) -> Tensor:
+        """Run K = len(idx) steps in place. idx (K, B) row indices into Xtr/Ytr; lrs (K,)
+        per-step learning rates; `optimizer` (a state's, e.g. its AdamW) moves the parameters when
+        given. Returns losses (K,) float64, each the loss before its step's update. Raises
+        NonFiniteError(k, name) at the first non-finite loss or gradient."""
+        move = update if optimizer is None else optimizer.update
         losses = torch.empty(idx.shape[0], dtype=torch.float64)  # (K,)
         for k in range(idx.shape[0]):
             ix = idx[k]  # (B,)
@@ -124,7 +141,7 @@ def sgd_steps(grad_fn: GradFn, optimizer=None) -> StepsFn:
             bad = first_non_finite(step.grads)
             if bad is not None:
                 raise NonFiniteError(k, "d" + bad)
-            update(model, step.grads, float(lrs[k]))
+            move(model, step.grads, float(lrs[k]))
             if hasattr(model, "update_buffers"):
                 model.update_buffers(step.caches)
         return losses
@@ -144,6 +161,14 @@ class TrainState:
     step: int  # steps done
     generator: torch.Generator  # batch sampling; its state is saved in checkpoints
     losses: Tensor  # (steps,) float64 per-step training loss (NaN beyond `step`)
+    optimizer: object = None  # an optimizer with state (optim.AdamW), saved in checkpoints; None: SGD
+
+
+def new_optimizer(model, tcfg: TrainConfig):
+    """The optimizer tcfg asks for, with fresh state; None for SGD (the engines' own update)."""
+    if tcfg.optimizer == "sgd":
+        return None
+    return optim.make(tcfg.optimizer, model.params(), (tcfg.beta1, tcfg.beta2), tcfg.eps, tcfg.weight_decay)
 
 
 def new_state(mcfg: ModelConfig, tcfg: TrainConfig) -> TrainState:
@@ -157,7 +182,8 @@ def new_state(mcfg: ModelConfig, tcfg: TrainConfig) -> TrainState:
 def state_for(model, tcfg: TrainConfig, generator: torch.Generator | None = None) -> TrainState:
     """A state that trains `model` (a user's own Sequential, say) from step 0."""
     gen = generator or torch.Generator().manual_seed(tcfg.seed + 1)
-    return TrainState(model, 0, gen, torch.full((tcfg.steps,), float("nan"), dtype=torch.float64))
+    return TrainState(model, 0, gen, torch.full((tcfg.steps,), float("nan"), dtype=torch.float64),
+                      new_optimizer(model, tcfg))
 
 
 @dataclass(frozen=True)
@@ -202,8 +228,9 @@ def train(splits: Splits, mcfg: ModelConfig | None, tcfg: TrainConfig, state: Tr
             t0 = time.perf_counter()
             idx = torch.randint(0, n, (k, tcfg.batch_size), generator=state.generator)  # (K, B)
             lrs = torch.tensor([tcfg.lr_at(i) for i in range(s, s + k)], dtype=torch.float64)  # (K,)
+            stateful = {} if state.optimizer is None else {"optimizer": state.optimizer}
             try:
-                losses = steps_fn(state.model, Xtr, Ytr, idx, lrs)
+                losses = steps_fn(state.model, Xtr, Ytr, idx, lrs, **stateful)
             except NonFiniteError as e:
                 raise NonFiniteError(s + e.step, e.tensor) from None
             state.losses[s:s + k] = losses

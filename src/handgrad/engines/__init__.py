@@ -60,6 +60,8 @@ def native_steps(model, tcfg: TrainConfig, world=None, threads: int = 1) -> Step
     cache_tile's tiles; any other model its native program (split over up to two threads). A rank of
     `world` (an engines.parallel.Comm): the native program on one thread (a rank is a core), the mlp in
     cache_tile's tiles of its own rows."""
+    if tcfg.optimizer != "sgd":
+        return f"the native engine updates with SGD; {ref('optimizer')} {tcfg.optimizer} runs eager"
     tile, rows = tcfg.recompute_tile, tcfg.batch_size // (1 if world is None else world.world)
     if world is not None:
         reason = program_ready(model)

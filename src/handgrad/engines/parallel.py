@@ -340,12 +340,15 @@ def data_parallel_steps(comm: Comm) -> StepsFn:
     of the synchronized model with the loss seeded as (local rows / global rows), so the summed
     gradients are the gradients of the global mean loss, and all-reduces [loss, every gradient] in
     one flat buffer. The buffer is the same on every rank after the sum, so the non-finite check and
-    the SGD update agree everywhere and the replicas stay bit-identical."""
+    the update agree everywhere and the replicas stay bit-identical. Sequences (targets (B, T)) seed
+    the loss with this rank's counted positions over the batch's (every rank has the whole batch's
+    targets, so no extra message); an optimizer with state (AdamW) moves every replica alike."""
 
-    def steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor) -> Tensor:
+    def steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, optimizer=None) -> Tensor:
         K, B = idx.shape
         cols = shard(B, comm.world, comm.rank)
         seed = (cols.stop - cols.start) / B  # local rows / global rows: scale, then SUM
+        move = optim.sgd_update if optimizer is None else optimizer.update
         synced = synchronized(model, comm)
         params = model.params()
         names, sizes = list(params), [t.numel() for t in params.values()]
@@ -354,6 +357,8 @@ def data_parallel_steps(comm: Comm) -> StepsFn:
         losses = torch.empty(K, dtype=torch.float64)  # (K,)
         for k in range(K):
             ix = idx[k, cols]  # (B/R,)
+            if Ytr.dim() == 2:  # masked sequences: the share of the batch's counted positions
+                seed = float((Ytr[ix] != ops.IGNORE).sum()) / float((Ytr[idx[k]] != ops.IGNORE).sum())
             step = models.loss_and_grads(synced, Xtr[ix], Ytr[ix], dloss=seed)
             torch.cat([(step.loss * seed).reshape(1), *(step.grads[n].reshape(-1) for n in names)], out=flat)
             comm.all_reduce_(flat, "gradients")
@@ -361,7 +366,7 @@ def data_parallel_steps(comm: Comm) -> StepsFn:
                 raise NonFiniteError(k, _first_bad(flat, names, sizes))
             losses[k] = flat[0]
             grads = {n: g.view(params[n].shape) for n, g in zip(names, flat[1:].split(sizes))}
-            optim.sgd_update(model, grads, float(lrs[k]))
+            move(model, grads, float(lrs[k]))
             synced.update_buffers(step.caches)
         return losses
 
