@@ -20,6 +20,7 @@ import torch
 from dojo_hostile import inject
 from handgrad import cli, dojo
 from handgrad.dojo import channel, classroom, report, trust
+from handgrad.dojo import scan as S
 
 REF = dojo.solution("1")
 TEMPLATE = dojo.api.render(dojo.api.get("1"))
@@ -136,6 +137,28 @@ def test_autograd_in_the_graded_region_is_flagged_on_its_line_and_strict_fails_t
     row = next(r for r in strict.rows if r.name == "dlogprobs")
     assert row.status == "wrong" and "strict mode fails it" in row.diagnosis
     assert strict.exit_code == 1
+
+
+@pytest.mark.parametrize("hidden", [
+    'lp_ = logprobs.detach().clone()\nsetattr(lp_, "requires" + "_grad", True)\n'
+    'dlogprobs = getattr(getattr(torch, "auto" + "grad"), "grad")((-lp_[range(n), Yb].mean(),), (lp_,))[0]',
+    'exec("lp_ = logprobs.detach().clone().requires_grad_()\\n"\n'
+    '     "dlogprobs = torch.autograd.grad((-lp_[range(n), Yb].mean(),), (lp_,))[0]")',
+], ids=["getattr", "exec"])
+def test_autograd_hidden_from_the_reading_is_noted_and_strict_mode_fails_it(tmp_path, hidden):
+    """Code the grader cannot read (names built from text, exec) is noted on its line; strict mode fails
+    the row it makes, and the reference, which reads plainly, stays right in strict mode."""
+    p = tmp_path / "hidden.py"
+    p.write_text(inject(REF, hidden)
+                 .replace("dlogprobs = torch.zeros_like(logprobs)\ndlogprobs[range(n), Yb] = -1.0 / n\n", ""))
+    g = dojo.grade_file(p)
+    assert any(S.opaque(f) and 49 <= f.line <= 51 for f in g.flags), g.flags
+    strict = dojo.grade_file(p, strict=True)
+    row = next(r for r in strict.rows if r.name == "dlogprobs")
+    assert not row.ok and strict.exit_code == 1, strict.table()
+    ref = tmp_path / "ref.py"
+    ref.write_text(REF)
+    assert dojo.grade_file(ref, strict=True).exit_code == 0
 
 
 def test_a_class_with_a_crash_a_loop_and_an_attack_grades_every_other_file(tmp_path, capsys):

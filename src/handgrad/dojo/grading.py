@@ -606,13 +606,14 @@ def carried(parsed: R.Parsed, flags: list[S.Flag], rows_of: dict[int, tuple[str,
 
 def apply_flags(grade: Grade, item: Item, flags: list[S.Flag]) -> None:
     """Each flag a note on its line; a row whose own lines hold autograd or handgrad's code says so, and
-    in strict mode is wrong (a cheat outside any row's lines, in strict mode, makes every row wrong)."""
+    in strict mode is wrong (a cheat outside any row's lines, in strict mode, makes every row wrong).
+    Strict mode also fails what it cannot read (scan.opaque: exec, getattr by name, frames, ...)."""
     grade.flags = flags
     by_key = {spec.key: row for spec, row in zip(item.rows, grade.rows)}
     loose = []
     for f in flags:
         grade.notes.append(f.words())
-        if f.kind not in CHEATS:
+        if f.kind not in CHEATS and not (grade.strict and S.opaque(f)):
             continue
         hit = [by_key[k] for k in f.rows if k in by_key]
         if not hit:
@@ -626,7 +627,8 @@ def apply_flags(grade: Grade, item: Item, flags: list[S.Flag]) -> None:
 
 
 def _cheat(row: Row, f: S.Flag, strict: bool) -> None:
-    source = "autograd" if f.kind == "autograd" else "the dojo's own code"
+    source = {"autograd": "autograd", "handgrad": "the dojo's own code"}.get(
+        f.kind, "code the grader cannot read")
     words = f"{row.name} comes from {source}, not from your code (line {f.line}: {f.what})"
     if strict:
         row.status, row.kind, row.key = "wrong", "cheat", f"cheat-{f.kind}"

@@ -235,6 +235,19 @@ RUNTIME = {
 }
 
 
+# Outside findings that hide what the code does from this reading: code built from text, names looked
+# up at run time, the interpreter's frames, internals and private attributes, a trace or an audit hook
+# that could switch the child's watch off. Strict mode cannot vouch for a row that holds one (opaque()).
+OPAQUE = ("code it builds", "code built", "compiles code", "compiled code", "by name", "namespace",
+          "internals", "frames", "private attribute", "audit hook", "traced the running",
+          "running program's objects", "every object")
+
+
+def opaque(flag: Flag) -> bool:
+    """An outside finding that hides what the code does (OPAQUE): autograd could be behind it."""
+    return flag.kind == "outside" and any(w in flag.what for w in OPAQUE)
+
+
 @dataclass(frozen=True)
 class Flag:
     """One finding on one line: what it is (kind), in words, and the rows it touches (none: the file)."""
