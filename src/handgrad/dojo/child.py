@@ -50,6 +50,7 @@ class Zygote:
         argv = [SB.bwrap_binary(), *SB.bwrap_args(box.limits, info_w),
                 "--setenv", "PYTHONPATH", SB.python_path(),
                 "--setenv", "HANDGRAD_DOJO_CTL", str(inner.fileno()),
+                "--setenv", "HANDGRAD_DOJO_BINDS", os.pathsep.join(SB.tmp_binds()),
                 "--", sys.executable, "-s", "-m", "handgrad.dojo.zygote"]
         try:
             self.proc = subprocess.Popen(

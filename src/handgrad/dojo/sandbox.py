@@ -159,6 +159,7 @@ def bwrap_args(limits: Limits, info_fd: int | None) -> list[str]:
     for f in LOADER:
         if os.path.exists(f):
             args += ["--ro-bind", f, f]
+    args += ["--size", str(limits.tmpfs), "--tmpfs", "/tmp"]  # before the binds: a venv under /tmp shows
     for d in readonly_paths():
         if not d.startswith(("/usr/", "/bin/", "/lib")):
             args += ["--ro-bind", d, d]
@@ -169,10 +170,6 @@ def bwrap_args(limits: Limits, info_fd: int | None) -> list[str]:
         "/dev",
         "--remount-ro",
         "/dev",
-        "--size",
-        str(limits.tmpfs),
-        "--tmpfs",
-        "/tmp",
         "--remount-ro",
         "/",
         "--chdir",
@@ -203,6 +200,12 @@ def bwrap_args(limits: Limits, info_fd: int | None) -> list[str]:
     if info_fd is not None:
         args += ["--info-fd", str(info_fd)]
     return args
+
+
+def tmp_binds() -> list[str]:
+    """The read-only directories that lie under /tmp (a project or venv there): the zygote keeps them
+    when it empties /tmp after each file."""
+    return [d for d in readonly_paths() if d.startswith("/tmp/")]
 
 
 def python_path() -> str:

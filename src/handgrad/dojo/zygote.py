@@ -72,6 +72,27 @@ def _reap_all() -> dict[int, int]:
         got[pid] = os.waitstatus_to_exitcode(status)
 
 
+# the grader's read-only directories under /tmp (sandbox.tmp_binds): kept when /tmp is emptied
+BINDS = tuple(p for p in os.environ.get("HANDGRAD_DOJO_BINDS", "").split(os.pathsep) if p)
+
+
+def _holds_bind(path: str) -> bool:
+    return any(b == path or b.startswith(path + "/") for b in BINDS)
+
+
+def _wipe(path: str) -> None:
+    """Remove `path`, except the grader's binds: a directory on the way to one is emptied around it."""
+    if path in BINDS:
+        return
+    if _holds_bind(path):
+        for name in os.listdir(path):
+            _wipe(os.path.join(path, name))
+    elif os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.unlink(path)
+
+
 def end(pid: int, statuses: dict[int, int], wipe: bool = True) -> dict:
     """Kill everything but this process and init, until nothing is left; the child's exit status (and,
     `wipe`, /tmp emptied)."""
@@ -92,15 +113,11 @@ def end(pid: int, statuses: dict[int, int], wipe: bool = True) -> dict:
     if not wipe:
         return {"status": None, "clean": clean}
     for name in os.listdir(TMP):
-        path = os.path.join(TMP, name)
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
+            _wipe(os.path.join(TMP, name))
         except OSError:
             clean = False
-    left = os.listdir(TMP)
+    left = [n for n in os.listdir(TMP) if not _holds_bind(os.path.join(TMP, n))]
     return {"status": statuses.pop(pid, None), "clean": clean and not left}
 
 
