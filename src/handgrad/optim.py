@@ -2,9 +2,9 @@
 no torch.optim. SGD is the lectures' update (`p.data += -lr * p.grad`, Karpathy, "Building makemore
 Part 3/4"); AdamW is makemore's optimizer (Loshchilov & Hutter, "Decoupled Weight Decay
 Regularization", 2019), written in torch.optim.AdamW's order of operations so that the two agree to
-the last bit on the CPU. The eager engine (train.sgd_steps) takes any object with
-update(model, grads, lr). An optimizer with state of its own keeps it as named tensors
-(`state()` / `load_state()`) that checkpoints save beside the parameters; SGD keeps none.
+the last bit on the CPU. The eager engine (train.sgd_steps) calls sgd_update, or the update(model,
+grads, lr) of the optimizer a run's state holds. An optimizer with state of its own keeps it as named
+tensors (`state()` / `load_state()`) that checkpoints save beside the parameters; SGD keeps none.
 """
 
 from __future__ import annotations
@@ -19,16 +19,6 @@ def sgd_update(model, grads: dict[str, Tensor], lr: float) -> None:
     """Plain SGD in place: p -= lr * grad, for every named parameter."""
     for name, p in model.params().items():
         p.add_(grads[name], alpha=-lr)
-
-
-class SGD:
-    """Stateless SGD (the lectures'): `update` is sgd_update."""
-
-    def update(self, model, grads: dict[str, Tensor], lr: float) -> None:
-        sgd_update(model, grads, lr)
-
-    def state(self) -> dict[str, Tensor]:
-        return {}
 
 
 class AdamW:
@@ -92,10 +82,11 @@ OPTIMIZERS = ("sgd", "adamw")
 
 
 def make(name: str, params: Mapping[str, Tensor], betas: tuple[float, float], eps: float,
-         weight_decay: float) -> SGD | AdamW:
-    """The optimizer `name` (OPTIMIZERS) for these parameters, with fresh state."""
+         weight_decay: float) -> AdamW | None:
+    """The optimizer `name` (OPTIMIZERS) for these parameters, with fresh state; None for "sgd", which
+    keeps none (the engines call sgd_update)."""
     if name == "sgd":
-        return SGD()
+        return None
     if name == "adamw":
         return AdamW(params, betas, eps, weight_decay)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")

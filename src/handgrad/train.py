@@ -119,18 +119,17 @@ def first_non_finite(grads: dict[str, Tensor]) -> str | None:
     return None if bool(finite.all()) else names[int((~finite).nonzero()[0])]
 
 
-def sgd_steps(grad_fn: GradFn, optimizer=None) -> StepsFn:
+def sgd_steps(grad_fn: GradFn) -> StepsFn:
     """A step engine that takes its gradients from grad_fn (hand_grads here; the autograd
     reference in reference.py uses the same loop, so the two differ only in their gradients) and
-    moves the parameters with `optimizer` (an optim class instance; default optim.SGD())."""
-    update = (optimizer or optim.SGD()).update
+    moves the parameters with SGD, or with the optimizer a state passes in."""
 
     def steps(model, Xtr: Tensor, Ytr: Tensor, idx: Tensor, lrs: Tensor, optimizer=None) -> Tensor:
         """Run K = len(idx) steps in place. idx (K, B) row indices into Xtr/Ytr; lrs (K,)
         per-step learning rates; `optimizer` (a state's, e.g. its AdamW) moves the parameters when
         given. Returns losses (K,) float64, each the loss before its step's update. Raises
         NonFiniteError(k, name) at the first non-finite loss or gradient."""
-        move = update if optimizer is None else optimizer.update
+        move = optim.sgd_update if optimizer is None else optimizer.update
         losses = torch.empty(idx.shape[0], dtype=torch.float64)  # (K,)
         for k in range(idx.shape[0]):
             ix = idx[k]  # (B,)
@@ -166,8 +165,6 @@ class TrainState:
 
 def new_optimizer(model, tcfg: TrainConfig):
     """The optimizer tcfg asks for, with fresh state; None for SGD (the engines' own update)."""
-    if tcfg.optimizer == "sgd":
-        return None
     return optim.make(tcfg.optimizer, model.params(), (tcfg.beta1, tcfg.beta2), tcfg.eps, tcfg.weight_decay)
 
 
