@@ -38,9 +38,12 @@ def _sandbox_flag(argv: list[str]) -> str | None:
 
 def _start_sandbox_early(argv: list[str]) -> None:
     """`handgrad dojo grade` under bubblewrap: start its sandbox now, so that the zygote in it imports
-    torch while this process does (side by side on two cores, not one after the other). A sandbox the
-    command does not use (a bad flag, --help, another --sandbox) is killed when it exits."""
+    torch while this process does (side by side on two cores, not one after the other). Not started for
+    --help or when no file named exists; one the command does not use (a bad flag, another --sandbox)
+    is killed when it exits."""
     if argv[:2] != ["dojo", "grade"] or {"-h", "--help"} & set(argv):
+        return
+    if not any(os.path.exists(a) for a in argv[2:] if not a.startswith("-")):  # a mistyped file: no sandbox
         return
     from handgrad.dojo import child, sandbox  # neither imports torch
 
