@@ -281,3 +281,35 @@ def test_a_run_with_the_largest_seed_saves_and_loads(names_splits, tmp_path):
     state = train.train(names_splits, mcfg, tcfg)
     checkpoint.save(tmp_path, Checkpoint(mcfg, tcfg, names_splits.vocab, None, state, None, {}, 3))
     assert checkpoint.load(tmp_path).train_config.seed == train.MAX_SEED
+
+
+@pytest.fixture(scope="module")
+def finished_adamw(tmp_path_factory):
+    """A short AdamW run (the zoo's bigram), whose checkpoint holds the optimizer's state."""
+    out = tmp_path_factory.mktemp("hc_adamw") / "run"
+    assert main(["train", "--model", "bigram", "--steps", "20", "--eval-every", "10", "--quiet",
+                 "--samples", "0", "--out", str(out)]) == 0
+    return out
+
+
+def _first_v(t):
+    return next(k for k in t if k.startswith("optim.v."))
+
+
+OPTIMIZER_CASES = [
+    (lambda t: t[_first_v(t)].fill_(-1.0), "holds negative variances"),
+    (lambda t: t[next(k for k in t if k.startswith("optim.m."))].fill_(float("inf")), "NaN or infinite"),
+    (lambda t: t.pop(_first_v(t)), "is missing"),
+    (lambda t: t.__setitem__("optim.t", torch.tensor(-3, dtype=torch.int64)), "not an update count"),
+    (lambda t: t.__setitem__("optim.t", torch.tensor(3.0)), "tensor optim.t is torch.float32"),
+]
+
+
+@pytest.mark.parametrize("edit, expected", OPTIMIZER_CASES)
+def test_an_adamw_checkpoints_optimizer_state_is_checked_before_a_resume(finished_adamw, tmp_path, capsys,
+                                                                        edit, expected):
+    d = tmp_path / "run"
+    shutil.copytree(finished_adamw, d)
+    _edit_tensors(d, edit)
+    _one_line_error(capsys, ["train", "--resume", str(d), "--steps", "30", "--quiet", "--samples", "0"],
+                    expected)
