@@ -301,7 +301,7 @@ def new(mcfg: ModelConfig, tcfg: TrainConfig, opts: RunConfig = RunConfig(), eve
     splits = load_splits(opts.data, mcfg.block_size, tcfg.split_seed, warn=events.warning,
                          fits=lambda n, v: budget.check_train(dataclasses.replace(mcfg, vocab_size=v),
                                                               tcfg, n, data=_data_name(opts.data)),
-                         kind=models.PRESETS[mcfg.name].data)
+                         kind=models.kind(mcfg))
     mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
     data_path, fingerprint = data_identity(opts.data)  # data_path None: the bundled names
     ck = Checkpoint(mcfg, tcfg, splits.vocab, data_path, train.new_state(mcfg, tcfg), None, {},
