@@ -97,7 +97,8 @@ def test_resume_is_bit_identical_with_adamw_state(tmp_path, name):
     assert saved.t == 40
     for k, t in whole.state.optimizer.state().items():
         assert torch.equal(t, saved.state()[k]), k
-    assert whole.results["best_step"] in (20, 40) and whole.results["best"] == resumed.results["best"]
+    # makemore_rng: evaluated after 21 updates (makemore's step index 20), in the resumed half
+    assert whole.results["best_step"] == 21 and whole.results["best"] == resumed.results["best"]
 
 
 def test_a_finished_zoo_run_samples_and_evaluates(tmp_path, capsys):

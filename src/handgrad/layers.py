@@ -24,6 +24,7 @@ sets INDEX_OUTPUT and must come first: no gradient reaches it.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -115,14 +116,19 @@ class Linear(_Base):
     def init_(self, g: torch.Generator) -> None:
         """init "lecture" (makemore part 3): weight N(0, 1) / sqrt(fan_in), bias untouched (zeros).
         init "torch" (nn.Linear's default, makemore.py's zoo): weight and bias U(-k, k), k =
-        1/sqrt(fan_in), drawn in that order."""
-        fan_in = self.weight.shape[0]
+        1/sqrt(fan_in), drawn as nn.Linear draws them: the weight in its (out, in) layout (kaiming_uniform_
+        with a = sqrt(5): k = sqrt(3) * sqrt(2 / (1 + a^2)) / sqrt(fan_in)), then the bias, so that the
+        same generator gives nn.Linear's numbers (makemore_rng)."""
+        fan_in, fan_out = self.weight.shape
         if self.init == "lecture":
             self.weight.copy_(torch.randn(self.weight.shape, generator=g) / fan_in**0.5)
             return
-        for t in (self.weight, self.bias):
-            if t is not None:
-                t.copy_((2 * torch.rand(t.shape, generator=g) - 1) / fan_in**0.5)
+        k = math.sqrt(3.0) * math.sqrt(2.0 / (1 + math.sqrt(5) ** 2)) / math.sqrt(fan_in)
+        w = torch.empty((fan_out, fan_in), dtype=torch.float32).uniform_(-k, k, generator=g)  # (out, in)
+        self.weight.copy_(w.T)
+        if self.bias is not None:
+            k = 1 / math.sqrt(fan_in)
+            self.bias.copy_(torch.empty(fan_out, dtype=torch.float32).uniform_(-k, k, generator=g))
 
     def forward(self, x: Tensor, training: bool = True) -> tuple[Tensor, Any]:
         return ops.linear_forward(x, self.weight, self.bias)

@@ -273,11 +273,13 @@ register(Preset("wavenet", "makemore part 5's hierarchical net",
 # karpathy/makemore's models on whole names as sequences (data kind "sequence"), with makemore.py's
 # defaults: n_embd 64, n_embd2 64, 4 layers of 4 heads, block size 16 (names.txt's longest name + its
 # start token), AdamW lr 5e-4, betas (0.9, 0.99), eps 1e-8, weight decay 0.01 on every parameter,
-# batch 32, seed 3407, a constant learning rate; the test loss evaluated every 500 steps.
+# batch 32, seed 3407, a constant learning rate; the test loss evaluated every 500 steps; init, batches and
+# evaluations drawn as makemore.py draws them (handgrad.makemore).
 ZOO_MODEL = {"block_size": 16, "n_embd": 64, "n_embd2": 64, "n_layers": 4, "n_head": 4}
 ZOO_TRAIN = {"optimizer": "adamw", "lr": 5e-4, "lr_decayed": 5e-4, "lr_decay_step": 10**12, "beta1": 0.9,
              "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.01, "batch_size": 32, "seed": 3407,
-             "split_seed": 3407, "steps": 20_000, "eval_every": 500, "chunk_steps": 500}
+             "split_seed": 3407, "steps": 20_000, "eval_every": 500, "chunk_steps": 500,
+             "makemore_rng": True}
 MAX_ZOO_VOCAB = 4096  # characters: the bigram's table is V x V
 
 

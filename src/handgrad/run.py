@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from handgrad import budget, checkpoint, data, diagnostics, engines, io, models, preflight, train
+from handgrad import budget, checkpoint, data, diagnostics, engines, io, makemore, models, preflight, train
 from handgrad.checkpoint import Checkpoint, CheckpointError
 from handgrad.config import (
     REQUIRED,
@@ -298,14 +298,19 @@ def new(mcfg: ModelConfig, tcfg: TrainConfig, opts: RunConfig = RunConfig(), eve
     """A fresh run of these configs: the data is read and checked (and the memory the run needs) before
     any directory is created; the model's vocabulary size is the data's."""
     _begin(opts, tcfg, mcfg)
+    if tcfg.makemore_rng and models.kind(mcfg) != "sequence":
+        zoo = ", ".join(p.name for p in models.PRESETS.values() if p.data == "sequence")
+        raise ConfigError(f"{ref('makemore_rng')} draws as makemore.py does for the zoo's models ({zoo}); "
+                          f"model {mcfg.name} reads the lectures' context windows: leave it off")
     splits = load_splits(opts.data, mcfg.block_size, tcfg.split_seed, warn=events.warning,
                          fits=lambda n, v: budget.check_train(dataclasses.replace(mcfg, vocab_size=v),
                                                               tcfg, n, data=_data_name(opts.data)),
                          kind=models.kind(mcfg))
     mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
     data_path, fingerprint = data_identity(opts.data)  # data_path None: the bundled names
-    ck = Checkpoint(mcfg, tcfg, splits.vocab, data_path, train.new_state(mcfg, tcfg), None, {},
-                    mcfg.block_size, fingerprint, [checkpoint.lr_settings(tcfg, 0)])
+    state = train.new_state(mcfg, tcfg, sum(splits.n_items))
+    ck = Checkpoint(mcfg, tcfg, splits.vocab, data_path, state, None, {}, mcfg.block_size, fingerprint,
+                    [checkpoint.lr_settings(tcfg, 0)])
     launched = os.environ.get(parallel.LAUNCHED_ENV) is not None  # a --nproc rank: its launcher warned
     preflight.check(ck.state.model, mcfg, tcfg, splits.Xtr, splits.Ytr,
                     (lambda line: None) if launched else events.warning)
@@ -585,22 +590,46 @@ def _train(run: Run, plan: engines.Plan, engine: str, events: Events) -> Outcome
 class _Evaluations:
     """The train callback of TrainConfig.eval_every: the loss of the kind's EVAL_SPLIT (the whole
     split) each time training passes a multiple of eval_every steps, kept in run.out/evals.json (a
-    resumed run continues the list it finds in the directory it resumes from); best() is the lowest."""
+    resumed run continues the list it finds in the directory it resumes from); best() is the lowest.
+    With makemore_rng the loss is makemore.py's evaluate() (10 shuffled batches of 100, drawn from its
+    stream) after 1 + a multiple of eval_every steps, as makemore's loop counts its step index from 0."""
 
     def __init__(self, run: Run, events: Events):
         self.run, self.events = run, events
-        self.split = EVAL_SPLIT[models.kind(run.ckpt.model_config)]
-        self.every = run.ckpt.train_config.eval_every
-        self.history = _read_evals(run.resumed_from, run.ckpt.state.step) if run.resumed_from else []
-        self.done = run.ckpt.state.step
+        ck = run.ckpt
+        self.split = EVAL_SPLIT[models.kind(ck.model_config)]
+        self.every = ck.train_config.eval_every
+        self.history = _read_evals(run.resumed_from, ck.state.step) if run.resumed_from else []
+        self.done = ck.state.step
+        self.stream = None
+        if ck.train_config.makemore_rng and self.every:
+            self.stream = train.makemore_eval_stream(ck.model_config, ck.train_config,
+                                                     sum(run.splits.n_items), self.done)
+
+    def _loss(self) -> float | None:
+        model, splits = self.run.ckpt.state.model, self.run.splits
+        if self.stream is None:
+            return models.evaluate(model, *splits.split(self.split))
+        n = {s: splits.split(s)[0].shape[0] for s in ("train", "test")}
+
+        def rows_loss(split: str, rows: torch.Tensor) -> float:
+            X, Y = splits.split(split)
+            return models.evaluate(model, X[rows], Y[rows])
+
+        return self.stream.evaluate(rows_loss, n["train"], n["test"], self.done)[1]
+
+    def _due(self, step: int) -> bool:
+        if self.stream is not None:  # exactly where makemore's loop evaluates (chunks end there)
+            return step > self.done and makemore.is_eval(step - 1, self.every)
+        return bool(self.every) and step // self.every != self.done // self.every
 
     def __call__(self, pr: train.Progress) -> None:
         step = pr.state.step
-        if not self.every or step // self.every == self.done // self.every:
+        if not self._due(step):
             return
         self.done = step
         with torch.no_grad():
-            loss = models.evaluate(self.run.ckpt.state.model, *self.run.splits.split(self.split))
+            loss = self._loss()
         if loss is None:
             return
         self.history.append({"step": step, self.split: loss})

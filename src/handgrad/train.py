@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from handgrad import models, optim
-from handgrad.config import Between, Count, OneOf, Positive, Range, option, validate
+from handgrad import makemore, models, optim
+from handgrad.config import Between, ConfigError, Count, OneOf, Positive, Range, option, ref, validate
 from handgrad.data import Splits
 from handgrad.models import ModelConfig, Step
 
@@ -50,6 +50,10 @@ class TrainConfig:
     lecture_rng: bool = option(False, "draw the init and then the batches from one generator seeded --seed, "
                                "as the lectures' torch.manual_seed does (with --model wavenet --seed 42 this "
                                "reproduces makemore part 5's run)")  # False: init from seed, batches seed + 1
+    makemore_rng: bool = option(False, "draw the init, the batches and the evaluations' shuffles as "
+                                "makemore.py does from torch.manual_seed(--seed), counting steps from 0 as "
+                                "its loop does (the zoo's default; with --split-seed equal to --seed a run "
+                                "reproduces makemore.py's run of the model)")  # handgrad.makemore
     recompute_tile: int = option(0, "activation checkpointing (fast engine): keep only embcat and recompute "
                                  "the hidden activations in backward, ROWS rows at a time; saves memory at "
                                  "large --batch-size (default {default}: keep all; the mlp runs in tiles of "
@@ -74,6 +78,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.lecture_rng and self.makemore_rng:
+            raise ConfigError(f"{ref('lecture_rng')} and {ref('makemore_rng')} draw the batches differently: "
+                              f"give one (a zoo model's default is {ref('makemore_rng')}: turn it off with "
+                              "--no-makemore-rng)")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -168,12 +176,43 @@ def new_optimizer(model, tcfg: TrainConfig):
     return optim.make(tcfg.optimizer, model.params(), (tcfg.beta1, tcfg.beta2), tcfg.eps, tcfg.weight_decay)
 
 
-def new_state(mcfg: ModelConfig, tcfg: TrainConfig) -> TrainState:
-    """A fresh model and batch generator. With lecture_rng the batches continue the init's stream."""
+def new_state(mcfg: ModelConfig, tcfg: TrainConfig, n_items: int | None = None) -> TrainState:
+    """A fresh model and batch generator. With lecture_rng the batches continue the init's stream; with
+    makemore_rng both come from makemore.py's global stream, which first shuffled the data's n_items
+    words (sum(splits.n_items))."""
+    model, gen, _ = _streams(mcfg, tcfg, n_items)
+    return state_for(model, tcfg, gen)
+
+
+def _streams(mcfg: ModelConfig, tcfg: TrainConfig, n_items: int | None):
+    """(model, batch generator, the init's generator after both were drawn)."""
+    if tcfg.makemore_rng:
+        if n_items is None:
+            raise ValueError("makemore_rng draws the init after makemore's shuffle of the data: give "
+                             "new_state the number of items (sum(splits.n_items))")
+        g = makemore.init_generator(tcfg.seed, n_items)
+        model = models.build(mcfg, g, tcfg.torch_dtype)
+        return model, makemore.batch_generator(g), g
     g = torch.Generator().manual_seed(tcfg.seed)
     model = models.build(mcfg, g, tcfg.torch_dtype)
-    gen = g if tcfg.lecture_rng else torch.Generator().manual_seed(tcfg.seed + 1)
-    return state_for(model, tcfg, gen)
+    return model, g if tcfg.lecture_rng else torch.Generator().manual_seed(tcfg.seed + 1), g
+
+
+def makemore_eval_stream(mcfg: ModelConfig, tcfg: TrainConfig, n_items: int, done: int
+                         ) -> makemore.EvalStream:
+    """makemore.py's global stream as its loop finds it after `done` steps (the init drawn again)."""
+    _, _, g = _streams(mcfg, tcfg, n_items)
+    return makemore.EvalStream(g, mcfg.vocab_size, mcfg.block_size, tcfg.eval_every, done)
+
+
+def chunk_end(tcfg: TrainConfig, step: int) -> int:
+    """Where the chunk that starts at `step` ends: the next multiple of chunk_steps or of eval_every (an
+    evaluation comes between chunks), or the last step. With makemore_rng the multiples are counted
+    from step 1, as makemore's loop counts its step index from 0: chunks end after 1, then 1 + a multiple
+    of chunk_steps or of eval_every updates, where makemore's loop evaluates."""
+    start = 1 if tcfg.makemore_rng else 0
+    ends = [step + every - (step - start) % every for every in (tcfg.chunk_steps, tcfg.eval_every) if every]
+    return min(*ends, tcfg.steps)
 
 
 def state_for(model, tcfg: TrainConfig, generator: torch.Generator | None = None) -> TrainState:
@@ -205,7 +244,7 @@ def train(splits: Splits, mcfg: ModelConfig | None, tcfg: TrainConfig, state: Tr
     if state is None:
         if mcfg is None:
             raise ValueError("train() needs a model config or a state (train.state_for(model, tcfg))")
-        state = new_state(mcfg, tcfg)
+        state = new_state(mcfg, tcfg, sum(splits.n_items))
     if steps_fn is None:
         if tcfg.engine == "fast":
             raise ValueError("train() runs the eager engine unless it is given one; for engine 'fast' use "
@@ -221,7 +260,7 @@ def train(splits: Splits, mcfg: ModelConfig | None, tcfg: TrainConfig, state: Tr
     with torch.no_grad():
         while state.step < tcfg.steps:
             s = state.step
-            k = min(tcfg.chunk_steps - s % tcfg.chunk_steps, tcfg.steps - s)
+            k = chunk_end(tcfg, s) - s
             t0 = time.perf_counter()
             idx = torch.randint(0, n, (k, tcfg.batch_size), generator=state.generator)  # (K, B)
             lrs = torch.tensor([tcfg.lr_at(i) for i in range(s, s + k)], dtype=torch.float64)  # (K,)

@@ -63,7 +63,9 @@ def add_fields(parser, classes: tuple) -> dict:
         if opt.flag == "":
             continue
         kw = {"dest": f.name, "help": opt.help.format_map(_Keep(values, default=f.default))}
-        if config.value_type(cls, f.name) is bool:
+        if config.value_type(cls, f.name) is bool and _preset_sets(f):  # on for some model: --no-X too
+            kw.update(action=argparse.BooleanOptionalAction)
+        elif config.value_type(cls, f.name) is bool:
             kw.update(action="store_const", const=not f.default)
         else:
             kw.update(type=config.value_type(cls, f.name), metavar=opt.metavar,
@@ -165,6 +167,11 @@ COMMANDS = {  # command -> (help, the dataclasses of its flags (the first's docs
 }
 MORE = {"train": ("output", "--quiet", "no progress bar (for scripts)"),  # flags of the CLI's own printing
         "bench": (None, "--json", "print JSON instead of a table")}
+
+
+def _preset_sets(f: dataclasses.Field) -> bool:
+    """Does some model's preset give this training field a value other than its default?"""
+    return any(p.train.get(f.name, f.default) != f.default for p in models.PRESETS.values())
 
 
 def build_parser() -> argparse.ArgumentParser:
