@@ -91,3 +91,14 @@ def test_same_bits_names_the_first_step_whose_loss_differs_and_masks_only_times_
     assert sb._masked(text + "in /tmp/o/\n", "/tmp/o") == "step 5: loss 2.0 (training loop <time>, fast)\nin <out>/"
     record = json.loads((BENCHMARKS / "results" / "same_bits.json").read_text())
     assert set(record["cases"]) == set(sb.CASES) | set(sb.OUTPUT_CASES)
+
+
+def test_zoo_vs_makemore_script():
+    """One short run each of handgrad and the replica of makemore.py: the same best test loss."""
+    lines = run_script("zoo_vs_makemore.py", "--models", "bigram", "--steps", "600", "--json")
+    assert lines[0].startswith("bigram ") and "replica / handgrad" in lines[0]
+    (r,) = json.loads(lines[-1])
+    assert r["model"] == "bigram" and r["steps"] == 600 and r["makemore"] == 2.4495
+    assert r["handgrad_best_step"] == r["replica_best_step"] == 501  # makemore's step index 500
+    assert abs(r["handgrad_best"] - r["replica_best"]) < 1e-5
+    assert r["handgrad_seconds"] > 0 and r["replica_seconds"] > 0

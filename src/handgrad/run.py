@@ -606,17 +606,19 @@ class _Evaluations:
             self.stream = train.makemore_eval_stream(ck.model_config, ck.train_config,
                                                      sum(run.splits.n_items), self.done)
 
-    def _loss(self) -> float | None:
+    def _loss(self) -> tuple[float | None, str]:
+        """(the loss, what to say beside it)."""
         model, splits = self.run.ckpt.state.model, self.run.splits
         if self.stream is None:
-            return models.evaluate(model, *splits.split(self.split))
+            return models.evaluate(model, *splits.split(self.split)), ""
         n = {s: splits.split(s)[0].shape[0] for s in ("train", "test")}
 
         def rows_loss(split: str, rows: torch.Tensor) -> float:
             X, Y = splits.split(split)
             return models.evaluate(model, X[rows], Y[rows])
 
-        return self.stream.evaluate(rows_loss, n["train"], n["test"], self.done)[1]
+        train_loss, test_loss = self.stream.evaluate(rows_loss, n["train"], n["test"], self.done)
+        return test_loss, f" (train {loss_text(train_loss)}; makemore's evaluate(), its step {self.done - 1})"
 
     def _due(self, step: int) -> bool:
         if self.stream is not None:  # exactly where makemore's loop evaluates (chunks end there)
@@ -629,12 +631,12 @@ class _Evaluations:
             return
         self.done = step
         with torch.no_grad():
-            loss = self._loss()
+            loss, aside = self._loss()
         if loss is None:
             return
         self.history.append({"step": step, self.split: loss})
         io.atomic_write_bytes(self.run.out / EVALS, (json.dumps(self.history, indent=1) + "\n").encode())
-        self.events.notice(f"step {step:,}: {self.split} loss {loss:.4f}")
+        self.events.notice(f"step {step:,}: {self.split} loss {loss:.4f}{aside}")
 
     def best(self) -> dict:
         """{"best": the lowest loss, "best_step": its step} ({} when nothing was evaluated)."""
