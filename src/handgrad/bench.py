@@ -525,7 +525,7 @@ def full_training(model: str = "wavenet", engine: str = "fast", steps: int | Non
     mcfg = models.with_vocab(probe, len(splits.vocab))
     tcfg = train.TrainConfig.for_model(model, seed=seed, split_seed=seed,
                                        **({"steps": steps} if steps else {}))
-    state = train.new_state(mcfg, tcfg, sum(splits.n_items))
+    state = train.state_of_splits(mcfg, tcfg, splits)
     if engine == "fast":
         steps_fn, reason = _native(state.model)
         if steps_fn is None:

@@ -89,7 +89,7 @@ def verify(splits, mcfg, tcfg: train.TrainConfig, steps: int, threads: int = 1, 
     """`handgrad train --verify-autograd STEPS`: train `steps` steps with the engine engines.plan picks
     (hand-written) and again with autograd's gradients, from the same init on the same batches."""
     tcfg = dataclasses.replace(tcfg, steps=steps)
-    plan = engines.plan(train.new_state(mcfg, tcfg, sum(splits.n_items)).model, tcfg, threads=threads)
+    plan = engines.plan(train.state_of_splits(mcfg, tcfg, splits).model, tcfg, threads=threads)
     if plan.warning and warn is not None:
         warn(plan.warning)
     hand = train.train(splits, mcfg, tcfg, steps_fn=plan.steps).losses

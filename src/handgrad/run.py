@@ -308,7 +308,7 @@ def new(mcfg: ModelConfig, tcfg: TrainConfig, opts: RunConfig = RunConfig(), eve
                          kind=models.kind(mcfg))
     mcfg = dataclasses.replace(mcfg, vocab_size=len(splits.vocab))
     data_path, fingerprint = data_identity(opts.data)  # data_path None: the bundled names
-    state = train.new_state(mcfg, tcfg, sum(splits.n_items))
+    state = train.state_of_splits(mcfg, tcfg, splits)
     ck = Checkpoint(mcfg, tcfg, splits.vocab, data_path, state, None, {}, mcfg.block_size, fingerprint,
                     [checkpoint.lr_settings(tcfg, 0)])
     launched = os.environ.get(parallel.LAUNCHED_ENV) is not None  # a --nproc rank: its launcher warned

@@ -184,6 +184,11 @@ def new_state(mcfg: ModelConfig, tcfg: TrainConfig, n_items: int | None = None) 
     return state_for(model, tcfg, gen)
 
 
+def state_of_splits(mcfg: ModelConfig, tcfg: TrainConfig, splits: Splits) -> TrainState:
+    """new_state for a run on these splits (makemore_rng reads how many items they hold)."""
+    return new_state(mcfg, tcfg, sum(splits.n_items) if tcfg.makemore_rng else None)
+
+
 def _streams(mcfg: ModelConfig, tcfg: TrainConfig, n_items: int | None):
     """(model, batch generator, the init's generator after both were drawn)."""
     if tcfg.makemore_rng:
@@ -244,7 +249,7 @@ def train(splits: Splits, mcfg: ModelConfig | None, tcfg: TrainConfig, state: Tr
     if state is None:
         if mcfg is None:
             raise ValueError("train() needs a model config or a state (train.state_for(model, tcfg))")
-        state = new_state(mcfg, tcfg, sum(splits.n_items))
+        state = state_of_splits(mcfg, tcfg, splits)
     if steps_fn is None:
         if tcfg.engine == "fast":
             raise ValueError("train() runs the eager engine unless it is given one; for engine 'fast' use "

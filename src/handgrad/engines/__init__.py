@@ -133,5 +133,5 @@ def title(plan: Plan, model, world=None) -> str:
 def fit(splits: Splits, mcfg: ModelConfig | None, tcfg: TrainConfig, state: TrainState | None = None,
         callback: Callable[[train.Progress], None] | None = None, threads: int = 1) -> TrainState:
     """train.train with the engine plan() picks for tcfg (as `handgrad train` runs one process)."""
-    state = state or train.new_state(mcfg, tcfg, sum(splits.n_items))
+    state = state or train.state_of_splits(mcfg, tcfg, splits)
     return train.train(splits, mcfg, tcfg, state, callback, plan(state.model, tcfg, threads=threads).steps)
