@@ -59,6 +59,12 @@ def shuffle(g: torch.Generator, n: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(_int64(g)))
 
 
+def skip_shuffle(g: torch.Generator) -> None:
+    """The draws shuffle() takes from g, without the order (a replayed evaluation)."""
+    _int64(g)
+    _int64(g)
+
+
 def is_eval(i: int, every: int) -> bool:
     """Does makemore's loop evaluate at step index i (after i + 1 updates)?"""
     return every > 0 and i > 0 and i % every == 0
@@ -80,11 +86,11 @@ class EvalStream:
                 torch.empty((SAMPLE_NAMES, self.V), dtype=torch.float32).exponential_(generator=self.g)
 
     def _replay(self, stop: int) -> None:
-        """Take the draws of step indices next .. stop-1, evaluations as bare shuffles."""
+        """Take the draws of step indices next .. stop-1, evaluations without their losses."""
         for i in range(self.next, stop):
             if is_eval(i, self.every):
-                shuffle(self.g, 1)
-                shuffle(self.g, 1)
+                skip_shuffle(self.g)  # train
+                skip_shuffle(self.g)  # test
             self._samples(i)
         self.next = max(self.next, stop)
 

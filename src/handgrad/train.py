@@ -180,8 +180,15 @@ def new_state(mcfg: ModelConfig, tcfg: TrainConfig, n_items: int | None = None) 
     """A fresh model and batch generator. With lecture_rng the batches continue the init's stream; with
     makemore_rng both come from makemore.py's global stream, which first shuffled the data's n_items
     words (sum(splits.n_items))."""
-    model, gen, _ = _streams(mcfg, tcfg, n_items)
-    return state_for(model, tcfg, gen)
+    if tcfg.makemore_rng:
+        if n_items is None:
+            raise ValueError("makemore_rng draws the init after makemore's shuffle of the data: give "
+                             "new_state the number of items (sum(splits.n_items))")
+        model, gen, _ = _makemore_streams(mcfg, tcfg, n_items)
+        return state_for(model, tcfg, gen)
+    g = torch.Generator().manual_seed(tcfg.seed)
+    model = models.build(mcfg, g, tcfg.torch_dtype)
+    return state_for(model, tcfg, g if tcfg.lecture_rng else torch.Generator().manual_seed(tcfg.seed + 1))
 
 
 def state_of_splits(mcfg: ModelConfig, tcfg: TrainConfig, splits: Splits) -> TrainState:
@@ -189,24 +196,18 @@ def state_of_splits(mcfg: ModelConfig, tcfg: TrainConfig, splits: Splits) -> Tra
     return new_state(mcfg, tcfg, sum(splits.n_items) if tcfg.makemore_rng else None)
 
 
-def _streams(mcfg: ModelConfig, tcfg: TrainConfig, n_items: int | None):
-    """(model, batch generator, the init's generator after both were drawn)."""
-    if tcfg.makemore_rng:
-        if n_items is None:
-            raise ValueError("makemore_rng draws the init after makemore's shuffle of the data: give "
-                             "new_state the number of items (sum(splits.n_items))")
-        g = makemore.init_generator(tcfg.seed, n_items)
-        model = models.build(mcfg, g, tcfg.torch_dtype)
-        return model, makemore.batch_generator(g), g
-    g = torch.Generator().manual_seed(tcfg.seed)
+def _makemore_streams(mcfg: ModelConfig, tcfg: TrainConfig, n_items: int):
+    """makemore.py's global generator through the split, the init and its training DataLoader:
+    (model, batch generator, the global generator after both)."""
+    g = makemore.init_generator(tcfg.seed, n_items)
     model = models.build(mcfg, g, tcfg.torch_dtype)
-    return model, g if tcfg.lecture_rng else torch.Generator().manual_seed(tcfg.seed + 1), g
+    return model, makemore.batch_generator(g), g
 
 
 def makemore_eval_stream(mcfg: ModelConfig, tcfg: TrainConfig, n_items: int, done: int
                          ) -> makemore.EvalStream:
     """makemore.py's global stream as its loop finds it after `done` steps (the init drawn again)."""
-    _, _, g = _streams(mcfg, tcfg, n_items)
+    _, _, g = _makemore_streams(mcfg, tcfg, n_items)
     return makemore.EvalStream(g, mcfg.vocab_size, mcfg.block_size, tcfg.eval_every, done)
 
 
