@@ -144,6 +144,26 @@ def test_the_eval_stream_shuffles_as_makemores_dataloaders(every, done):
     assert [split for split, _ in orders] == ["train", "test"] * (len(orders) // 2)
 
 
+def test_an_evaluation_reads_the_first_10_batches_of_100_of_the_shuffle():
+    """A split of 2,550 rows: loss() sees 10 batches of 100 rows, the first 1,000 of the DataLoader's
+    order, and the result is the mean of their losses (a split of 150: one batch of 100 and one of 50)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        order = next(iter(torch.utils.data.DataLoader(list(range(2550)), shuffle=True, batch_size=2550)))
+    seen = {"train": [], "test": []}
+
+    def loss(split, rows):
+        seen[split].append(rows.tolist())
+        return float(len(seen[split]))  # 1, 2, ... 10: the mean is 5.5
+
+    # the first evaluation of every 100 steps: no samples were drawn before it (the first come at 200)
+    train_loss, test_loss = makemore.EvalStream(g, 27, 16, 100).evaluate(loss, 2550, 150, 101)
+    assert [len(b) for b in seen["train"]] == [100] * 10 and [len(b) for b in seen["test"]] == [100, 50]
+    assert sum(seen["train"], []) == order[:1000].tolist()
+    assert (train_loss, test_loss) == (5.5, 1.5)
+
+
 def test_the_stream_refuses_a_step_that_is_not_an_evaluation():
     stream = makemore.EvalStream(torch.Generator().manual_seed(0), 27, 16, 500)
     with pytest.raises(ValueError, match="not the next evaluation"):
